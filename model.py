@@ -288,7 +288,7 @@ class DiT(nn.Module):
             x, emb_d, emb_3d = self.action_cond(actions, x, frame_mask[:, ::pt])
             sinusoid = sinusoid if emb_d is None else sinusoid + emb_d.float()
             adaln_lora = adaln_lora if emb_3d is None else adaln_lora + emb_3d
-        emb = self.t_norm(sinusoid).to(x.dtype)  # (B, Tp, D), the AdaLN input of every block
+        emb = F.rms_norm(sinusoid, (c.dim,), self.t_norm.weight.float(), 1e-6).to(x.dtype)  # (B, Tp, D)
 
         context = F.gelu(self.text_proj(text.to(x.dtype)))  # (B, L, context_dim)
         if self.semantic is not None and image_features is not None:
@@ -513,6 +513,16 @@ def convert_state_dict(sd, n_blocks):
     return {rename.get(k, k): v for k, v in sd.items()}
 
 
+def state_dict_as(sd, layout, n_blocks):
+    """Our keys -> the "official" (without the `net.` prefix) or the "diffusers" layout."""
+    fmt = {"official": 0, "diffusers": 1}[layout]
+    out = {}
+    for ours, names in KEY_MAPS.items():
+        for i in range(n_blocks) if "{i}" in ours else [None]:
+            out[names[fmt].format(i=i)] = sd[ours.format(i=i)]
+    return out
+
+
 def load_state_dict_checked(model, sd, source="checkpoint", allow_missing=()):
     """Load with every key and shape checked; one error lists missing, unexpected and mis-shaped tensors.
 
@@ -558,10 +568,15 @@ def load_dit(spec, config=None, revision=None, token=None, device="cpu", dtype=N
 def benchmark(args):
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    config = config_from_preset(args.preset)
+    # no padding-mask channel, so that diffusers' model (which resizes that mask with torchvision) runs the
+    # same computation without torchvision; it changes the patch embedding's width by 1/18 only
+    config = config_from_preset(args.preset, concat_padding_mask=not args.compare_diffusers)
     torch.manual_seed(0)
     with torch.device(device):
-        model = DiT(config).to(dtype)
+        model = DiT(config)
+        for p in model.parameters():  # random everywhere: the zero-initialized layers would make outputs 0
+            nn.init.normal_(p, std=0.02)
+        model.to(dtype)
     n_params = sum(p.numel() for p in model.parameters())
     T, H, W, B = args.frames, args.height, args.width, args.batch
     x = torch.randn(B, config.in_channels, T, H, W, device=device, dtype=dtype)
@@ -582,38 +597,44 @@ def benchmark(args):
             fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / args.iters
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        return (time.perf_counter() - t0) / args.iters, peak
 
-    def fwd():
-        with torch.no_grad():
-            model(x, sigma, text)
+    def report(name, fwd, fwd_bwd):
+        (t_f, _), (t_fb, peak) = timed(fwd), timed(fwd_bwd)
+        print(f"{name}: forward {t_f * 1e3:.1f} ms ({tokens / t_f:,.0f} tokens/s), forward+backward "
+              f"{t_fb * 1e3:.1f} ms ({tokens / t_fb:,.0f} tokens/s), peak memory {peak:.2f} GiB")
+        return t_fb
 
-    def fwd_bwd():
-        model(x, sigma, text).float().square().mean().backward()
-
-    t_f, t_fb = timed(fwd), timed(fwd_bwd)
-    peak = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
-    print(f"forward {t_f * 1e3:.1f} ms ({tokens / t_f:,.0f} tokens/s), forward+backward {t_fb * 1e3:.1f} ms "
-          f"({tokens / t_fb:,.0f} tokens/s){peak}")
+    ours = lambda: model(x, sigma, text)
+    t_ours = report("ours", torch.no_grad()(ours), lambda: ours().float().square().mean().backward())
     if args.compare_diffusers:
         from diffusers import CosmosTransformer3DModel
         c = config
-        ref = CosmosTransformer3DModel(
-            in_channels=c.in_channels + 1, out_channels=c.out_channels, num_attention_heads=c.n_heads,
-            attention_head_dim=c.dim // c.n_heads, num_layers=c.n_blocks, mlp_ratio=c.mlp_ratio,
-            text_embed_dim=c.context_dim, adaln_lora_dim=c.adaln_lora_dim, max_size=c.max_size,
-            patch_size=(c.patch_temporal, c.patch_spatial, c.patch_spatial), rope_scale=c.rope_ratios,
-            concat_padding_mask=False, extra_pos_embed_type=None, use_crossattn_projection=True,
-            crossattn_proj_in_channels=c.text_dim, encoder_hidden_states_channels=c.context_dim,
-        ).to(device=device, dtype=dtype)
-        xm = torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
-
-        def ref_fwd_bwd():
-            ref(xm, sigma.to(dtype), text, return_dict=False)[0].float().square().mean().backward()
-
-        t_ref = timed(ref_fwd_bwd)
-        print(f"diffusers CosmosTransformer3DModel forward+backward {t_ref * 1e3:.1f} ms; "
-              f"ours / diffusers = {t_fb / t_ref:.2f} (without its padding-mask channel, which needs torchvision)")
+        with torch.device(device):
+            ref = CosmosTransformer3DModel(
+                in_channels=c.in_channels + 1, out_channels=c.out_channels, num_attention_heads=c.n_heads,
+                attention_head_dim=c.dim // c.n_heads, num_layers=c.n_blocks, mlp_ratio=c.mlp_ratio,
+                text_embed_dim=c.context_dim, adaln_lora_dim=c.adaln_lora_dim, max_size=c.max_size,
+                patch_size=(c.patch_temporal, c.patch_spatial, c.patch_spatial), rope_scale=c.rope_ratios,
+                concat_padding_mask=False, extra_pos_embed_type=None, use_crossattn_projection=True,
+                crossattn_proj_in_channels=c.text_dim, encoder_hidden_states_channels=c.context_dim).to(dtype)
+        ref.load_state_dict(state_dict_as(model.state_dict(), "diffusers", c.n_blocks))
+        for m in ref.modules():  # the official q/k RMSNorm eps (diffusers uses 1e-5)
+            if getattr(m, "norm_q", None) is not None:
+                m.norm_q.eps = m.norm_k.eps = 1e-6
+        cond = torch.zeros_like(x[:, :1])
+        theirs = lambda: ref(x, sigma.to(dtype), text, condition_mask=cond, return_dict=False)[0]
+        with torch.no_grad():
+            a, b = ours().float(), theirs().float()
+            exact = b
+            if dtype != torch.float32:  # judge both low-precision outputs against an fp32 run of the same weights
+                exact = ref.float()(x.float(), sigma, text.float(), condition_mask=cond.float(), return_dict=False)[0]
+                ref.to(dtype)
+        err = lambda y: f"{((y - exact).norm() / exact.norm()).item():.2e}"
+        print(f"outputs, relative L2 error against fp32: ours {err(a)}, diffusers {err(b)}")
+        t_ref = report("diffusers", torch.no_grad()(theirs), lambda: theirs().float().square().mean().backward())
+        print(f"forward+backward time, ours / diffusers = {t_ours / t_ref:.2f}")
 
 
 if __name__ == "__main__":

@@ -41,13 +41,7 @@ def randomize(module, seed=0, std=0.2):
 
 
 def to_format(sd, fmt, n_blocks):
-    """Our keys -> official (fmt 0) or diffusers (fmt 1) keys, from the documented KEY_MAPS."""
-    out = {}
-    for ours, names in M.KEY_MAPS.items():
-        for i in range(n_blocks) if "{i}" in ours else [None]:
-            out[names[fmt].format(i=i)] = sd[ours.format(i=i)]
-    assert len(out) == len(sd)
-    return out
+    return M.state_dict_as(sd, ["official", "diffusers"][fmt], n_blocks)
 
 
 def diffusers_cosmos(c):
