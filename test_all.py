@@ -14,11 +14,16 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 import model as M
+import semantic
+from semantic import (DINO_PRESETS, DINO_REPO, DinoV3, SemanticProjector, TextEmbedder, TextEncoder,
+                      aggregate_hidden_states, conditioning_features, load_dino)
 
 torch.set_num_threads(2)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -124,7 +129,6 @@ def official_pt(model, path):
 
 
 def test_load_official_pt_diffusers_safetensors_and_hub_cache(tmp_path):
-    from safetensors.torch import save_file
     src = randomize(M.DiT(SMALL), seed=3).eval()
     g = torch.Generator().manual_seed(0)
     x, text, sigma = torch.randn(2, 16, 2, 4, 6, generator=g), torch.randn(2, 5, 48, generator=g), torch.rand(2)
@@ -322,3 +326,306 @@ def test_flow_loss_conditional_frames_and_sigma_distribution():
     assert torch.equal(*losses)
     no_mask = M.flow_loss(garbage, x0, None, generator=torch.Generator().manual_seed(5))[0]
     assert no_mask.mean() > 1e5  # ...while without the mask it would
+
+
+# -----------------------------------------------------------------------------
+# semantic.py: DINOv3 against transformers, weight layouts, Reason1 text embeddings, the projector
+
+DINO_TINY = DINO_PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def hf_dino(tmp_path_factory):
+    """Tiny transformers DINOv3 with every parameter random (LayerScale, norms, tokens too), saved
+    with save_pretrained: the genuine Hub layout."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.DINOv3ViTConfig(hidden_size=DINO_TINY.dim, num_hidden_layers=DINO_TINY.depth,
+                                       num_attention_heads=DINO_TINY.n_heads, intermediate_size=DINO_TINY.mlp_dim,
+                                       num_register_tokens=DINO_TINY.n_registers)
+    # defaults that must match DINOv3 ViT-L/16: no key bias, RoPE base 100, exact GELU, plain MLP, eps 1e-5
+    assert (cfg.key_bias, cfg.rope_theta, cfg.hidden_act, cfg.use_gated_mlp, cfg.layer_norm_eps) == \
+        (False, 100.0, "gelu", False, 1e-5)
+    torch.manual_seed(0)
+    model = transformers.DINOv3ViTModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.ndim == 1 else 0.0) * torch.rand(()))
+    folder = tmp_path_factory.mktemp("hub_layout")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def frames_and_pixels(B=2, H=48, W=80):
+    """Frames in [-1, 1] for semantic.py and the same frames normalized independently for transformers."""
+    frames = torch.rand(B, 3, H, W, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    return frames, ((frames + 1) / 2 - mean) / std
+
+
+def test_dino_matches_transformers(hf_dino):
+    """Same random weights, non-square 48x80 input (3x5 patches), batch 2 -> same patch features."""
+    model, folder = hf_dino
+    ours = load_dino(str(folder), preset="tiny")
+    frames, pixels = frames_and_pixels()
+    with torch.no_grad():
+        ref = model(pixel_values=pixels).last_hidden_state[:, 1 + DINO_TINY.n_registers:]
+    got = ours(frames)
+    assert got.shape == (2, 15, DINO_TINY.dim)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+
+
+def original_layout(model):
+    """The original dinov3 checkpoint layout, written by hand from the transformers modules: fused qkv
+    with a large key bias (DINOv3 masks it), bias_mask, storage_tokens, (1, D) mask token, periods."""
+    e, D = model.embeddings, DINO_TINY.dim
+    sd = {"cls_token": e.cls_token, "storage_tokens": e.register_tokens,
+          "mask_token": e.mask_token.reshape(1, D), "patch_embed.proj.weight": e.patch_embeddings.weight,
+          "patch_embed.proj.bias": e.patch_embeddings.bias, "norm.weight": model.norm.weight,
+          "norm.bias": model.norm.bias,
+          "rope_embed.periods": 100.0 ** (2 * torch.arange(4) / 8)}
+    for i, layer in enumerate(model.model.layer):
+        a, b = layer.attention, f"blocks.{i}."
+        sd[b + "attn.qkv.weight"] = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        sd[b + "attn.qkv.bias"] = torch.cat([a.q_proj.bias, 5 * torch.randn(D), a.v_proj.bias])
+        sd[b + "attn.qkv.bias_mask"] = torch.cat([torch.ones(D), torch.zeros(D), torch.ones(D)])
+        sd[b + "ls1.gamma"], sd[b + "ls2.gamma"] = layer.layer_scale1.lambda1, layer.layer_scale2.lambda1
+        for name, lin in (("norm1", layer.norm1), ("attn.proj", a.o_proj), ("norm2", layer.norm2),
+                          ("mlp.fc1", layer.mlp.up_proj), ("mlp.fc2", layer.mlp.down_proj)):
+            sd[b + name + ".weight"], sd[b + name + ".bias"] = lin.weight, lin.bias
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def test_original_pth_and_hub_layouts_agree(hf_dino, tmp_path):
+    model, folder = hf_dino
+    torch.save(original_layout(model), tmp_path / "dinov3_tiny.pth")
+    from_pth = load_dino(str(tmp_path / "dinov3_tiny.pth"), preset="tiny")
+    from_hub = load_dino(str(folder / "model.safetensors"), preset="tiny")
+    frames, _ = frames_and_pixels()
+    torch.testing.assert_close(from_pth(frames), from_hub(frames), atol=0, rtol=0)
+
+
+def test_dino_hub_cache_offline(hf_dino, tmp_path, monkeypatch):
+    """The real hf_hub_download path, resolving refs/main in a local cache with HF_HUB_OFFLINE=1."""
+    import huggingface_hub.constants as hub_constants
+    _, folder = hf_dino
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / ("models--" + DINO_REPO.replace("/", "--"))
+    (repo / "snapshots" / rev).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    (repo / "snapshots" / rev / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    frames, _ = frames_and_pixels()
+    from_cache = load_dino(DINO_REPO, preset="tiny")
+    from_folder = load_dino(str(folder), preset="tiny")
+    torch.testing.assert_close(from_cache(frames), from_folder(frames), atol=0, rtol=0)
+    with pytest.raises(FileNotFoundError, match="not in the local Hub cache"):
+        load_dino("facebook/not-cached", preset="tiny")
+
+
+@pytest.mark.parametrize("error_code", ["GatedRepo", "RepoNotFound"])
+def test_gated_repo_message(monkeypatch, error_code):
+    """A 401 from the Hub, turned into an exception by huggingface_hub's own status mapping
+    (GatedRepoError when logged in without the licence, RepositoryNotFoundError without a token)."""
+    from huggingface_hub.utils import hf_raise_for_status
+    try:
+        import httpx2 as httpx  # the HTTP client of huggingface_hub >= 2
+    except ImportError:
+        import httpx
+
+    def refuse(repo_id, filename, **kwargs):
+        url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
+        hf_raise_for_status(httpx.Response(401, headers={"X-Error-Code": error_code},
+                                           request=httpx.Request("GET", url)))
+    monkeypatch.setattr(semantic, "hf_hub_download", refuse)
+    with pytest.raises(PermissionError, match="(?s)accept the licence.*hf auth login.*HF_TOKEN"):
+        load_dino(DINO_REPO, preset="tiny")
+
+
+def test_semantic_bad_inputs(hf_dino, tmp_path):
+    dino = DinoV3(DINO_TINY)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        dino(torch.zeros(1, 3, 40, 64))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        dino(torch.zeros(1, 4, 32, 32))
+    with pytest.raises(ValueError, match="float frames"):
+        dino(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        load_dino(str(tmp_path / "missing.pth"), preset="tiny")
+    with pytest.raises(ValueError, match="unknown DINOv3 preset"):
+        load_dino(str(tmp_path), preset="vitb")
+    _, folder = hf_dino
+    sd = semantic.load_file(str(folder / "model.safetensors"))
+    sd.pop("layer.1.norm2.bias")
+    sd["layer.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    sd["layer.7.extra.weight"] = torch.zeros(1)
+    save_file(sd, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(ValueError, match=r"(?s)missing: \['blocks.1.norm2.bias'\].*"
+                                         r"unexpected: \['layer.7.extra.weight'\].*blocks.0.mlp.fc1.weight"):
+        load_dino(str(tmp_path / "broken.safetensors"), preset="tiny")
+    with pytest.raises(ValueError, match="do not fit preset 'vitl16'"):
+        load_dino(str(folder), preset="vitl16")
+
+
+def test_dino_frozen_and_per_clip_features():
+    torch.manual_seed(0)
+    dino = DinoV3(DINO_TINY)
+    assert not any(p.requires_grad for p in dino.parameters())
+    video = (torch.rand(3, 3, 5, 32, 48) * 2 - 1).requires_grad_(True)  # (B, C, T, H, W)
+    feats = conditioning_features(dino, video, chunk=2, dtype=torch.bfloat16)
+    assert feats.shape == (3, 6, DINO_TINY.dim) and feats.dtype == torch.bfloat16 and feats.grad_fn is None
+    torch.testing.assert_close(feats, dino(video[:, :, 0]).to(torch.bfloat16), atol=0, rtol=0)
+    assert not torch.equal(dino(video[:, :, 0]), dino(video[:, :, 1]))
+
+
+def test_dino_bf16_runs_close_to_fp32():
+    torch.manual_seed(0)
+    dino, frames = DinoV3(DINO_TINY), torch.rand(2, 3, 32, 64) * 2 - 1
+    half = DinoV3(DINO_TINY).to(torch.bfloat16)
+    half.load_state_dict(dino.state_dict())
+    got = half(frames)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), dino(frames), atol=0.1, rtol=0.05)
+
+
+def test_semantic_projector():
+    torch.manual_seed(0)
+    feats = torch.randn(2, 6, 32)
+    proj = SemanticProjector(32, 16, injection_weight=0.2)
+    out = proj(feats)
+    assert out.shape == (2, 6, 16) and all(p.requires_grad for p in proj.parameters())
+    torch.testing.assert_close(out, 0.2 * (feats @ proj.proj.weight.T + proj.proj.bias))
+    proj.injection_weight = 0.6
+    torch.testing.assert_close(proj(feats), 3 * out)
+    assert SemanticProjector(32, 16, zero_init=True)(feats).abs().max() == 0
+    with pytest.raises(ValueError, match=r"\(B, P, 32\)"):
+        proj(torch.randn(2, 6, 31))
+
+
+# ------------------------------------------------------------------------------------------------
+# text
+
+LM_WORDS = ["[UNK]", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "system", "user", "You", "are", "a",
+         "helpful", "assistant", "who", "will", "provide", "prompts", "to", "an", "image", "generator", ".",
+         "fold", "the", "towel", "pick", "up", "cup"]
+LM_CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{{ c['text'] }}"
+        "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# ^ Qwen2.5-VL's chat template, reduced to text parts
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(LM_WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+                                                     pad_token="<|endoftext|>",
+                                                     extra_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tokenizer.chat_template = LM_CHAT
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=len(LM_WORDS), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=512)
+    return transformers.Qwen2ForCausalLM(cfg).eval(), tokenizer
+
+
+def reference_embedding(model, tokenizer, prompt, max_tokens):
+    text = f"<|im_start|>system\n{semantic.SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
+    ids = tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
+    ids = ids + [tokenizer.pad_token_id] * (max_tokens - len(ids))
+    with torch.no_grad():
+        hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    layers = [h[0].double().numpy() for h in hs[1:]]
+    return np.concatenate([(h - h.mean(-1, keepdims=True)) / (h.std(-1, ddof=1, keepdims=True) + 1e-8)
+                           for h in layers], -1)
+
+
+def test_reason1_aggregation_matches_reference(tiny_lm):
+    model, tokenizer = tiny_lm
+    enc = TextEncoder(model, tokenizer, "tiny-qwen2", max_tokens=512)
+    prompts = ["fold the towel .", "pick up the cup"]
+    got = enc(prompts)
+    assert got.shape == (2, 512, 3 * 32) and got.dtype == torch.float32
+    for i, p in enumerate(prompts):
+        np.testing.assert_allclose(got[i].numpy(), reference_embedding(model, tokenizer, p, 512), atol=1e-5)
+    short = TextEncoder(model, tokenizer, "tiny-qwen2", max_tokens=8)([prompts[0]])  # truncation: the start
+    ref = reference_embedding(model, tokenizer, prompts[0], 8)
+    np.testing.assert_allclose(short[0].numpy(), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="embedding output"):
+        aggregate_hidden_states((torch.zeros(1, 2, 3),))
+
+
+def test_text_cache_hits_and_modes(tiny_lm, tmp_path, monkeypatch):
+    model, tokenizer = tiny_lm
+    calls = []
+
+    class CountingEncoder(TextEncoder):
+        def __call__(self, prompts):
+            calls.append(list(prompts))
+            return super().__call__(prompts)
+
+    enc = CountingEncoder(model, tokenizer, "tiny-qwen2", max_tokens=16)
+    embedder = TextEmbedder(cache_dir=str(tmp_path), encoder=enc, text_dim=96, max_tokens=16)
+    first = embedder(["fold the towel", ""])
+    assert first.shape == (2, 16, 96) and first.dtype == torch.bfloat16 and len(calls) == 2
+    assert torch.equal(embedder("fold the towel")[0], first[0]) and torch.equal(embedder.null(2)[1], first[1])
+    assert len(calls) == 2  # both hits came from disk
+    no_encoder = TextEmbedder(cache_dir=str(tmp_path), encoder_id="tiny-qwen2", text_dim=96, max_tokens=16)
+    assert torch.equal(no_encoder(["fold the towel"]), first[:1])
+    with pytest.raises(FileNotFoundError, match="no cached text embedding"):
+        no_encoder(["pick up the cup"])
+    other = TextEmbedder(cache_dir=str(tmp_path), encoder_id="another-encoder", text_dim=96, max_tokens=16)
+    with pytest.raises(FileNotFoundError):  # the encoder id is part of the cache key
+        other(["fold the towel"])
+    wrong_dim = TextEmbedder(cache_dir=str(tmp_path), encoder_id="tiny-qwen2", text_dim=64, max_tokens=16)
+    with pytest.raises(ValueError, match=r"expected \(16, 64\)"):
+        wrong_dim("fold the towel")
+    none = TextEmbedder(mode="none", text_dim=64, max_tokens=8, dtype=torch.float32)
+    assert none(["a", "b", "c"]).shape == (3, 8, 64) and none.null(2).abs().max() == 0
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install transformers"):
+        TextEncoder.from_pretrained("some/model")
+
+
+def test_from_pretrained_reason1_architecture(tiny_lm, tmp_path):
+    """A saved tiny Qwen2.5-VL (Reason1's architecture) loads through TextEncoder.from_pretrained (the
+    vision-language fallback) and gives the aggregation of its language model's hidden states."""
+    transformers = pytest.importorskip("transformers")
+    _, tokenizer = tiny_lm
+    text = dict(vocab_size=len(LM_WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=1,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32)
+    torch.manual_seed(0)
+    vl = transformers.Qwen2_5_VLForConditionalGeneration(
+        transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+    vl.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    enc = TextEncoder.from_pretrained(str(tmp_path), max_tokens=16)
+    assert enc.encoder_id == str(tmp_path)
+    ids = torch.tensor([semantic.prompt_token_ids(tokenizer, "fold the towel", 16)])
+    with torch.no_grad():
+        hs = vl.model.language_model(input_ids=ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(enc(["fold the towel"]), aggregate_hidden_states(hs), atol=1e-5, rtol=1e-5)
+
+
+def test_dit_semantic_branch_off_is_the_plain_dit_and_on_depends_on_the_frame():
+    backbone = randomize(M.DiT(SMALL), seed=4).eval()
+    with_branch = M.DiT(SMALL, semantic=SemanticProjector(in_dim=DINO_TINY.dim, out_dim=SMALL.context_dim)).eval()
+    with_branch.load_state_dict(backbone.state_dict(), strict=False)
+    g = torch.Generator().manual_seed(0)
+    x, text, sigma = torch.randn(2, 16, 2, 4, 6, generator=g), torch.randn(2, 5, 48, generator=g), torch.rand(2)
+    dino = DinoV3(DINO_TINY)
+    frames = torch.rand(2, 3, 32, 48, generator=g) * 2 - 1
+    feats, other = conditioning_features(dino, frames), conditioning_features(dino, frames.flip(-1))
+    with torch.no_grad():
+        plain = backbone(x, sigma, text)
+        assert torch.equal(with_branch(x, sigma, text), plain)  # branch off: no image features given
+        on = with_branch(x, sigma, text, image_features=feats)
+        assert not torch.allclose(on, plain, atol=1e-4)
+        assert not torch.allclose(on, with_branch(x, sigma, text, image_features=other), atol=1e-4)
