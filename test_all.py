@@ -8,18 +8,24 @@ scipy/analytic answers for numerics), and every loader is exercised on small ran
 the exact official layouts, including a local Hugging Face cache read with HF_HUB_OFFLINE=1.
 """
 
+import json
+import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import types
+from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+import data
 import model as M
 import semantic
 from semantic import (DINO_PRESETS, DINO_REPO, DinoV3, SemanticProjector, TextEmbedder, TextEncoder,
@@ -629,3 +635,545 @@ def test_dit_semantic_branch_off_is_the_plain_dit_and_on_depends_on_the_frame():
         on = with_branch(x, sigma, text, image_features=feats)
         assert not torch.allclose(on, plain, atol=1e-4)
         assert not torch.allclose(on, with_branch(x, sigma, text, image_features=other), atol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# data.py: the 57-D action, readers, corruption handling, clips and sharding, statistics, synthetic data
+
+def d_rot(axis, a):
+    return data._rot(axis, np.asarray(a, np.float64))
+
+
+def d_pose(R, t):
+    return data._pose(np.asarray(R, np.float64), np.asarray(t, np.float64))
+
+
+def random_rotations(rng, n):
+    q = rng.normal(size=(n, 4))
+    return data.quat_pose(np.concatenate([np.zeros((n, 3)), q], 1))[:, :3, :3]
+
+
+def static_track(rng, n):
+    """A track that does not move at all."""
+    W = d_pose(random_rotations(rng, 1), rng.normal(size=(1, 3)))
+    track = {"camera": np.repeat(d_pose(random_rotations(rng, 1), rng.normal(size=(1, 3))), n, 0)}
+    for s in data.HANDS:
+        track[f"{s}_wrist"] = np.repeat(W, n, 0)
+        track[f"{s}_tips"] = np.repeat(rng.normal(size=(1, 5, 3)), n, 0)
+    return track
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    data.write_synthetic(root, tasks=2, episodes=2, test_episodes=1, frames=40, workers=0)
+    return root
+
+
+def one_episode(tmp, frames=40, seed=0, name="part1/task_a"):
+    """Write one synthetic EgoDex episode by hand -> (hdf5 path, joints written, K)."""
+    d = Path(tmp) / name
+    d.mkdir(parents=True, exist_ok=True)
+    joints, _ = data.synth_track(np.random.default_rng(seed), frames)
+    K = np.array([[122.8, 0, 160], [0, 122.8, 90], [0, 0, 1]])
+    data.write_egodex_hdf5(d / "0.hdf5", joints, K, {"llm_description": "Do the thing."})
+    data.write_video(d / "0.mp4", (data.render_frame(joints, i, K, (180, 320), (90, 90, 90))
+                                   for i in range(frames)))
+    return d / "0.hdf5", joints, K
+
+
+# ------------------------------------------------------------------------------------------------
+# layout and the action
+
+
+def test_layout_constants():
+    assert data.ACTION_DIM == 57 and len(data.ACTION_NAMES) == 57 == len(set(data.ACTION_NAMES))
+    assert [n for n, _ in data.ACTION_LAYOUT] == ["left_wrist", "left_fingers", "right_wrist",
+                                                  "right_fingers", "head"]
+    assert [s for _, s in data.ACTION_LAYOUT] == [9, 15, 9, 15, 9]
+    fams = data.ACTION_FAMILIES
+    assert sorted(fams["wrist"] + fams["finger"] + fams["head"]) == list(range(57))
+    assert (len(fams["wrist"]), len(fams["finger"]), len(fams["head"])) == (18, 30, 9)
+    for name, sl in data.ACTION_SLICES.items():
+        family = {"wrist": "wrist", "fingers": "finger", "head": "head"}[name.split("_")[-1]]
+        assert set(range(sl.start, sl.stop)) <= set(fams[family])
+    assert json.loads(json.dumps(data.action_layout())) == data.action_layout()
+    assert len(data.KEYPOINT_NAMES) == len(data.KEYPOINT_COLORS) == 12
+    assert len({tuple(c) for c in data.KEYPOINT_COLORS}) == 12
+
+
+def test_rot6d_convention_numpy_and_torch():
+    Rz90 = d_rot(2, np.pi / 2)
+    np.testing.assert_allclose(data.rot6d_from_matrix(Rz90), [0, 1, 0, -1, 0, 0], atol=1e-12)
+    np.testing.assert_allclose(data.rot6d_from_matrix(np.eye(3)), data.IDENTITY_6D)
+    R = random_rotations(np.random.default_rng(0), 50)
+    np.testing.assert_allclose(data.matrix_from_rot6d(data.rot6d_from_matrix(R)), R, atol=1e-12)
+    Rt = torch.tensor(R)
+    assert torch.allclose(data.rot6d_from_matrix(Rt), torch.tensor(data.rot6d_from_matrix(R)))
+    noisy = data.rot6d_from_matrix(Rt) + 0.01 * torch.randn(50, 6, dtype=torch.float64)
+    M = data.matrix_from_rot6d(noisy)  # Gram-Schmidt always gives a proper rotation
+    assert torch.allclose(M.transpose(-1, -2) @ M, torch.eye(3, dtype=torch.float64).expand_as(M), atol=1e-12)
+    assert torch.allclose(torch.linalg.det(M), torch.ones(50, dtype=torch.float64))
+
+
+def test_action_identity_motion():
+    a = data.compute_actions(static_track(np.random.default_rng(1), 6))
+    assert a.shape == (5, 57) and a.dtype == np.float32
+    expected = np.zeros(57, np.float32)
+    for name in ("left_wrist", "right_wrist", "head"):
+        expected[data.ACTION_SLICES[name].start + 3:data.ACTION_SLICES[name].stop] = data.IDENTITY_6D
+    np.testing.assert_allclose(a, np.broadcast_to(expected, a.shape), atol=1e-6)
+
+
+def test_action_known_rotation_and_translation():
+    """A wrist that rotates 90 deg about z, then moves +y in the WORLD: the action is expressed in
+    the frame of P_t (inv(P_t) @ P_t+1), so the move shows up as +x of the wrist."""
+    track = static_track(np.random.default_rng(2), 3)
+    P0 = d_pose(np.eye(3), [1, 0, 0])
+    P1 = d_pose(d_rot(2, np.pi / 2), [1, 0, 0])
+    P2 = d_pose(d_rot(2, np.pi / 2), [1, 1, 0])
+    track["right_wrist"] = np.stack([P0, P1, P2])
+    tip = np.stack([(P @ np.array([0.1, 0.2, 0.0, 1]))[:3] for P in (P0, P1, P2)])  # rigid with the wrist
+    track["right_tips"] = tip[:, None].repeat(5, 1)
+    a = data.compute_actions(track)[:, data.ACTION_SLICES["right_wrist"]]
+    np.testing.assert_allclose(a[0], [0, 0, 0, 0, 1, 0, -1, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(a[1], [1, 0, 0, 1, 0, 0, 0, 1, 0], atol=1e-6)
+
+
+def test_fingertips_moving_with_the_wrist_give_zero_finger_action():
+    rng = np.random.default_rng(3)
+    n = 20
+    track = static_track(rng, n)
+    for s in data.HANDS:
+        W = d_pose(random_rotations(rng, n), rng.normal(size=(n, 3)))
+        local = rng.normal(size=(5, 3)) * 0.1
+        track[f"{s}_wrist"] = W
+        track[f"{s}_tips"] = np.einsum("tij,kj->tki", W[:, :3, :3], local) + W[:, None, :3, 3]
+    a = data.compute_actions(track)
+    assert np.abs(a[:, list(data.FINGER_IDX)]).max() < 1e-6
+    assert np.abs(a[:, list(data.WRIST_IDX)]).max() > 0.1  # the wrists did move
+
+
+def test_each_part_lands_in_its_slot():
+    """Move one fingertip in its wrist frame, then only the camera: only the named dims change."""
+    track = static_track(np.random.default_rng(4), 2)
+    W = track["right_wrist"][0]
+    track["right_tips"] = track["right_tips"].copy()
+    track["right_tips"][1, 1] += W[:3, :3] @ np.array([0.001, 0, 0])  # index finger +1 mm along wrist x
+    base = data.compute_actions(static_track(np.random.default_rng(4), 2))[0]
+    changed = np.nonzero(np.abs(data.compute_actions(track)[0] - base) > 1e-7)[0]
+    assert [data.ACTION_NAMES[i] for i in changed] == ["right_indexfinger.dx"]
+    track = static_track(np.random.default_rng(4), 2)
+    track["camera"] = track["camera"].copy()
+    track["camera"][1, :3, 3] += 0.05
+    changed = np.nonzero(np.abs(data.compute_actions(track)[0] - base) > 1e-7)[0]
+    assert set(changed) <= set(data.HEAD_IDX) and len(changed) > 0
+
+
+def test_prompt_rule_all_branches():
+    rule = data.egodex_prompt
+    rev = {"llm_type": "reversible", "llm_description": "open it", "llm_description2": "close it"}
+    assert rule({**rev, "which_llm_description": "1"}) == "open it"
+    assert rule({**rev, "which_llm_description": "2"}) == "close it"
+    assert rule({**rev, "which_llm_description": np.int64(1)}) == "open it"
+    assert rule({"llm_type": b"basic", "llm_description": b"pour", "llm_description2": "x"}) == "pour"
+    assert rule({"llm_description": "stack cups", "description": "old"}) == "stack cups"
+    assert rule({"description": "old style"}) == "old style"
+    assert rule({"task": "fold_shirt"}) == "fold shirt"
+    assert rule({}, task="wipe_table") == "wipe table"
+
+
+def test_prompt_rule_read_from_synthetic_files(synth_root):
+    episodes, _ = data.load_index(synth_root)
+    prompts = {e.id.split("/")[1]: data.read_track(e)[2] for e in episodes}
+    assert prompts["pick_place_cube"] == data.SYNTH_TASKS[0][3]
+    assert prompts["open_jar"] == "Open the jar by twisting its lid."  # reversible, which '1'
+
+
+# ------------------------------------------------------------------------------------------------
+# video, resize, intrinsics
+
+
+def test_resize_antialiases_and_intrinsics_follow_pixels():
+    board = (np.indices((64, 64)).sum(0) % 2 * 255).astype(np.uint8)[..., None].repeat(3, -1)
+    small = data.resize_frame(data.av.VideoFrame.from_ndarray(board, format="rgb24"), (16, 16))
+    assert np.abs(small.astype(int) - 128).max() <= 8  # aliasing would leave black/white pixels
+    assert np.abs(data.resize_image(board, (16, 16)).astype(int) - 128).max() <= 8
+    for src, size in (((180, 320), (288, 512)), ((480, 640), (288, 512)), ((1080, 1920), (90, 160))):
+        img = np.zeros(src + (3,), np.uint8)
+        y, x = src[0] // 3, src[1] // 3
+        img[y:y + 8, x:x + 8] = 255  # block centred on (x + 3.5, y + 3.5)
+        K = np.array([[100.0, 0, x + 3.5], [0, 100.0, y + 3.5], [0, 0, 1]])  # principal point on it
+        frame = data.av.VideoFrame.from_ndarray(img, format="rgb24")
+        out = data.resize_frame(frame, size)[..., 0].astype(float)
+        assert out.shape == size
+        vv, uu = np.mgrid[:size[0], :size[1]]
+        K2 = data.scale_intrinsics(K, src, size)
+        assert abs((out * uu).sum() / out.sum() - K2[0, 2]) < 0.3
+        assert abs((out * vv).sum() / out.sum() - K2[1, 2]) < 0.3
+
+
+def test_seek_decodes_exactly_the_requested_frames(tmp_path):
+    frames = [np.full((64, 96, 3), 5 * i, np.uint8) for i in range(45)]  # brightness encodes the index
+    data.write_video(tmp_path / "v.mp4", frames, gop=12)
+    for start in (0, 7, 13, 30):
+        clip, src = data.decode_frames(tmp_path / "v.mp4", start, 9)
+        assert clip.shape == (9, 64, 96, 3) and src == (64, 96)
+        np.testing.assert_allclose(clip.mean((1, 2, 3)), 5 * np.arange(start, start + 9), atol=2)
+    with pytest.raises(data.EpisodeError, match="video ended"):
+        data.decode_frames(tmp_path / "v.mp4", 40, 9)
+
+
+# ------------------------------------------------------------------------------------------------
+# synthetic writer -> reader round trip
+
+
+def test_synthetic_round_trip(tmp_path):
+    h5, joints, K = one_episode(tmp_path, frames=16)
+    track, K_read, prompt, conf, n = data.read_egodex(h5)
+    assert n == 16 and prompt == "Do the thing."
+    np.testing.assert_array_equal(K_read, K.astype(np.float32))
+    with h5py.File(h5) as f:
+        for name in data.POSE_JOINTS:
+            np.testing.assert_array_equal(f[f"transforms/{name}"][:], joints[name].astype(np.float32))
+    ref = data._track_from_joints({k: v.astype(np.float32).astype(np.float64) for k, v in joints.items()})
+    np.testing.assert_array_equal(data.compute_actions(track), data.compute_actions(ref))
+    ep = data.Episode("part1/task_a/0", str(h5), n, "egodex")
+    for size, tol in ((None, 1.0), ((288, 512), 2.5)):  # the colour marker sits at the projected keypoint
+        s = data.load_clip(ep, 2, 13, size)
+        H, W = size or (180, 320)
+        assert s["video"].shape == (3, 13, H, W) and s["video"].dtype == torch.uint8
+        assert s["actions"].shape == (12, 57) and s["keypoints"].shape == (13, 12, 2)
+        assert s["keypoint_valid"].all()
+        video = s["video"].permute(1, 2, 3, 0).numpy()
+        for t in (0, 6, 12):
+            err = np.linalg.norm(data.detect_keypoints(video[t]) - s["keypoints"][t].numpy(), axis=-1)
+            assert err.max() < tol, err
+
+
+def test_synthetic_motion_scales(synth_root):
+    """Large wrist/head motion, finger motion orders of magnitude smaller in the action, yet many
+    pixels in the image (fingertips move in the wrist frame by several pixels)."""
+    stats = data.compute_stats(synth_root, ("part1",))
+    mean, std = np.abs(np.array(stats["mean"])), np.array(stats["std"])
+    wrist_t = [i for i in data.WRIST_IDX if data.ACTION_NAMES[i].endswith(("tx", "ty", "tz"))]
+    assert std[wrist_t].mean() > 8 * std[list(data.FINGER_IDX)].mean()
+    assert mean[list(data.WRIST_IDX)].max() > 1000 * std[list(data.FINGER_IDX)].mean()
+    ep = data.load_index(synth_root, ("part1",))[0][0]
+    track, K, _, _, n = data.read_track(ep)
+    local = data.to_frame(track["right_wrist"], track["right_tips"])  # (T, 5, 3)
+    depth = data.to_frame(track["camera"], track["right_tips"])[..., 2].mean()
+    excursion_px = (local.max(0) - local.min(0)).max(-1).mean() * K[0, 0] / depth * 512 / 320
+    assert excursion_px > 4  # at 288x512
+
+
+def test_synthetic_is_deterministic(tmp_path):
+    for d in ("a", "b"):
+        data.main(["synth", "--out", str(tmp_path / d), "--tasks", "1", "--episodes", "1",
+                   "--test-episodes", "0", "--frames", "8", "--workers", "0"])
+    for name in ("0.hdf5", "0.mp4"):
+        a, b = (tmp_path / d / "part1" / "pick_place_cube" / name for d in "ab")
+        assert a.read_bytes() == b.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+
+
+def _corrupt(root, case):
+    """Copy a clean episode to root/part1/<case>/0.* and break it in one way."""
+    d = root / "part1" / case
+    h5, mp4 = d / "0.hdf5", d / "0.mp4"
+    if case == "missing_joint":
+        with h5py.File(h5, "a") as f:
+            del f["transforms/leftIndexFingerTip"]
+    elif case == "truncated_dataset":
+        with h5py.File(h5, "a") as f:
+            short = f["transforms/rightHand"][:-5]
+            del f["transforms/rightHand"]
+            f["transforms/rightHand"] = short
+    elif case == "truncated_hdf5":
+        h5.write_bytes(h5.read_bytes()[:1500])
+    elif case == "nan_pose":
+        with h5py.File(h5, "a") as f:
+            f["transforms/camera"][7, 0, 3] = np.nan
+    elif case == "short_video":
+        frames, _ = data.decode_frames(mp4, 0, 20)
+        data.write_video(mp4, frames)
+    elif case == "unreadable_video":
+        mp4.write_bytes(b"\x00not a video" * 100)
+    elif case == "missing_video":
+        mp4.unlink()
+
+
+CORRUPT_CASES = {"missing_joint": "missing pose dataset transforms/leftIndexFingerTip",
+         "truncated_dataset": "frame-count mismatch", "truncated_hdf5": "corrupt",
+         "nan_pose": "NaN/inf in transforms/camera", "short_video": "video has 20 frames but poses have 40",
+         "unreadable_video": "unreadable video", "missing_video": "missing video"}
+
+
+@pytest.fixture(scope="module")
+def corrupt_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corrupt")
+    h5, _, _ = one_episode(root, frames=40, name="part1/clean")
+    for case in CORRUPT_CASES:
+        shutil.copytree(h5.parent, root / "part1" / case)
+        _corrupt(root, case)
+    return root
+
+
+def test_index_skips_each_corruption_with_its_reason(corrupt_root, caplog):
+    with caplog.at_level(logging.WARNING, logger="dexac.data"):
+        episodes, skipped = data.load_index(corrupt_root, rebuild=True)
+    assert [e.id for e in episodes] == ["part1/clean/0"]
+    for case, reason in CORRUPT_CASES.items():
+        assert reason in skipped[f"part1/{case}/0"], (case, skipped[f"part1/{case}/0"])
+        assert f"part1/{case}/0" in caplog.text
+
+
+CORRUPT_DIRECT = {"missing_joint": "missing pose dataset", "truncated_dataset": "frame-count mismatch",
+          "truncated_hdf5": "corrupt", "nan_pose": "NaN/inf", "short_video": "video ended after 20 frames",
+          "unreadable_video": "unreadable video", "missing_video": "missing video"}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT_CASES))
+def test_direct_access_to_a_corrupt_episode_raises_a_clear_error(corrupt_root, case):
+    ep = data.Episode(f"part1/{case}/0", str(corrupt_root / "part1" / case / "0.hdf5"), 40, "egodex")
+    start = 15 if case == "short_video" else 0  # the clip must reach past the 20 frames there are
+    with pytest.raises(data.EpisodeError, match=f"episode part1/{case}/0: {CORRUPT_DIRECT[case]}.*rebuild"):
+        data.load_clip(ep, start, 13)
+
+
+def test_stats_skip_bad_episodes_and_never_die(corrupt_root):
+    stats = data.compute_stats(corrupt_root, ("part1",))
+    assert stats["count"] == 39 and stats["episodes"] == 1 and len(stats["skipped"]) == len(CORRUPT_CASES)
+    # an episode that broke after indexing (stale index) is skipped by the stats pass itself
+    stale = data.Episode("part1/stale/0", str(corrupt_root / "part1" / "nan_pose" / "0.hdf5"), 40, "egodex")
+    eid, moments, reason = data._episode_moments(stale)
+    assert moments is None and "NaN" in reason
+
+
+def test_failure_at_load_time_is_replaced_and_counted(tmp_path, caplog):
+    root = tmp_path / "root"
+    for k in range(2):
+        one_episode(root, frames=20, seed=k, name=f"part1/task{k}")
+    episodes, _ = data.load_index(root)
+    (root / "part1" / "task0" / "0.mp4").unlink()  # vanishes after indexing
+    ds = data.ClipDataset(episodes, 13, (72, 128))
+    with caplog.at_level(logging.WARNING, logger="dexac.data"):
+        s = ds[(0, 3)]
+    assert s["episode"] == "part1/task1/0" and s["skipped"] == 1 and "part1/task0/0" in caplog.text
+    assert ds[(0, 3)]["skipped"] == 0  # known bad now, skipped silently
+
+
+def test_wrong_or_empty_root_gives_one_clear_error(tmp_path):
+    with pytest.raises(data.DataError, match="does not exist.*expected an EgoDex root"):
+        data.load_index(tmp_path / "nope")
+    with pytest.raises(data.DataError, match="no usable episodes.*python data.py synth"):
+        data.load_index(tmp_path)
+    with pytest.raises(data.DataError, match="data.py stats"):
+        data.load_stats(tmp_path / "stats.json")
+
+
+def test_index_cache_makes_restarts_instant(synth_root, monkeypatch):
+    first = data.load_index(synth_root)
+    monkeypatch.setattr(data, "_probe", lambda args: pytest.fail("re-probed an unchanged episode"))
+    assert data.load_index(synth_root) == first
+    monkeypatch.undo()
+    d = synth_root / "part1" / "open_jar"
+    shutil.copy(d / "0.hdf5", d / "9.hdf5")
+    shutil.copy(d / "0.mp4", d / "9.mp4")
+    probed = []
+    real = data._probe
+    monkeypatch.setattr(data, "_probe", lambda args: probed.append(args[2]) or real(args))
+    episodes, _ = data.load_index(synth_root)
+    assert sorted(probed) == ["part1/open_jar/0", "part1/open_jar/1", "part1/open_jar/9"]  # only that dir
+    assert len(episodes) == len(first[0]) + 1
+    for suffix in ("hdf5", "mp4"):
+        (d / f"9.{suffix}").unlink()
+    data.load_index(synth_root)
+
+
+# ------------------------------------------------------------------------------------------------
+# clips, sharding, resume
+
+
+def test_train_clips_follow_the_window_protocol():
+    frames = [90, 45, 12, 30, 29]
+    s = data.ClipSampler(frames, clip_len=13, train=True, seed=3)
+    plan = s.plan()
+    # windows: 90 -> 3, 45 -> [0,30) and a 15-frame tail, 12 -> none, 30 -> 1, 29 -> 1 (tail only)
+    assert len(plan) == 2 * (3 + 2 + 0 + 1 + 1)
+    for ep, start in plan:
+        w = start // 30
+        assert start + 13 <= min(30 * (w + 1), frames[ep])  # inside one window and the episode
+    keys = {(ep, start // 30) for ep, start in plan}
+    assert len(keys) == 7 and len({tuple(c) for c in plan}) == len(plan)  # 2 distinct starts each
+    assert not np.array_equal(plan, (s.set_epoch(1), s.plan())[1])  # new random starts per epoch
+    s.set_epoch(0)
+    np.testing.assert_array_equal(plan, s.plan())  # deterministic
+
+
+@pytest.mark.parametrize("clip_len", [25, 65])
+def test_eval_clips_are_deterministic(clip_len):
+    frames = [200, 64, 65, 130]
+    plan = data.ClipSampler(frames, clip_len, train=False).plan()
+    expect = [(e, k * clip_len) for e, n in enumerate(frames) for k in range(n // clip_len)]
+    assert [tuple(p) for p in plan] == expect
+    shards = [list(data.ClipSampler(frames, clip_len, train=False, rank=r, world_size=3)) for r in range(3)]
+    assert sorted(sum(shards, [])) == sorted(expect)
+
+
+def test_sharding_is_disjoint_equal_and_deterministic():
+    frames = np.random.default_rng(0).integers(10, 400, 50)
+    shards = [list(data.ClipSampler(frames, seed=7, rank=r, world_size=3)) for r in range(3)]
+    again = [list(data.ClipSampler(frames, seed=7, rank=r, world_size=3)) for r in range(3)]
+    assert shards == again
+    assert len({len(s) for s in shards}) == 1
+    flat = sum(shards, [])
+    assert len(set(flat)) == len(flat)  # disjoint
+    plan = [tuple(p) for p in data.ClipSampler(frames, seed=7).plan()]
+    assert set(flat) <= set(plan) and len(plan) - len(flat) < 3
+    other = data.ClipSampler(frames, seed=7, rank=0, world_size=3)
+    other.set_epoch(1)
+    assert list(other) != shards[0]
+
+
+def test_resume_continues_with_the_same_samples():
+    frames = np.random.default_rng(1).integers(30, 300, 40)
+    full = list(data.ClipSampler(frames, seed=5, rank=1, world_size=2))
+    s = data.ClipSampler(frames, seed=5, rank=1, world_size=2)
+    it = iter(s)
+    seen = [next(it) for _ in range(11)]
+    state = s.state_dict(consumed=len(seen))
+    resumed = data.ClipSampler(frames, seed=5, rank=1, world_size=2)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    resumed.set_epoch(state["epoch"])  # a training loop calls this; it must not reset the position
+    assert seen + list(resumed) == full
+    # elastic: 2 ranks consumed 11 each; 4 ranks continue exactly with the rest of the global plan
+    plan = [tuple(map(int, p)) for p in data.ClipSampler(frames, seed=5).plan()]
+    rest = []
+    for r in range(4):
+        x = data.ClipSampler(frames, seed=5, rank=r, world_size=4)
+        x.load_state_dict(state)
+        rest += list(x)
+    assert sorted(rest) == sorted(plan[22:len(plan) - len(plan) % 4])
+    with pytest.raises(data.DataError, match="seed"):
+        data.ClipSampler(frames, seed=6).load_state_dict(state)
+
+
+def test_dataloader_with_workers_resumes_to_identical_batches(synth_root):
+    def loader():
+        ld, sp = data.make_loader(synth_root, batch_size=2, size=(72, 128), num_workers=2, seed=1)
+        return ld, sp
+
+    ld, sp = loader()
+    sp.set_epoch(1)
+    batches = list(ld)
+    assert len(batches) == len(sp) // 2 >= 3
+    b = batches[0]
+    assert b["video"].shape == (2, 3, 13, 72, 128) and b["actions"].shape == (2, 12, 57)
+    assert len(b["prompt"]) == 2 and isinstance(b["prompt"][0], str) and b["skipped"].sum() == 0
+    state = sp.state_dict(consumed=2 * 2)  # two steps of batch 2 were trained on
+    ld2, sp2 = loader()
+    sp2.load_state_dict(state)
+    sp2.set_epoch(1)
+    for x, y in zip(batches[2:], ld2):
+        assert x["episode"] == y["episode"] and torch.equal(x["start"], y["start"])
+        assert torch.equal(x["video"], y["video"]) and torch.equal(x["actions"], y["actions"])
+
+
+# ------------------------------------------------------------------------------------------------
+# statistics
+
+
+def test_stats_match_a_direct_computation(synth_root, tmp_path):
+    data.main(["stats", "--data", str(synth_root), "--out", str(tmp_path / "s.json"), "--splits", "part1",
+               "--workers", "0"])
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["layout"] == data.action_layout()
+    episodes, _ = data.load_index(synth_root, ("part1",))
+    a = np.concatenate([data.compute_actions(data.read_track(e)[0]).astype(np.float64) for e in episodes])
+    assert stats["count"] == len(a) == sum(e.frames - 1 for e in episodes)
+    np.testing.assert_allclose(stats["mean"], a.mean(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats["std"], a.std(0), rtol=1e-7, atol=1e-12)
+    mean, std = data.load_stats(tmp_path / "s.json")
+    assert mean.shape == std.shape == (57,) and mean.dtype == np.float32
+    stats["layout"]["blocks"][0][0] = "something_else"
+    (tmp_path / "bad.json").write_text(json.dumps(stats))
+    with pytest.raises(data.DataError, match="another action layout"):
+        data.load_stats(tmp_path / "bad.json")
+
+
+def test_streaming_merge_is_numerically_stable():
+    rng = np.random.default_rng(0)
+    x = 1e6 + 1e-3 * rng.normal(size=(5000, 57))  # huge mean, tiny spread: sum-of-squares fails here
+    total = None
+    for chunk in np.array_split(x, 37):
+        total = data.merge_moments(total, data.action_moments(chunk))
+    n, mean, m2, mn, mx = total
+    np.testing.assert_allclose(np.sqrt(m2 / n), x.std(0), rtol=1e-6)
+    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12)
+    assert n == 5000 and (mn == x.min(0)).all() and (mx == x.max(0)).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# EgoVerse
+
+
+def quat_wxyz(R):
+    """(T, 3, 3) -> (T, 4) unit quaternions wxyz (magnitudes from the diagonal, signs from w > 0)."""
+    d = np.stack([R[:, 0, 0], R[:, 1, 1], R[:, 2, 2]], 1)
+    mag = np.sqrt(np.maximum(0, 1 + d @ np.array([[1, 1, -1, -1], [1, -1, 1, -1], [1, -1, -1, 1]]))) / 2
+    sign = np.sign(np.stack([np.ones(len(R)), R[:, 2, 1] - R[:, 1, 2], R[:, 0, 2] - R[:, 2, 0],
+                             R[:, 1, 0] - R[:, 0, 1]], 1))
+    return mag * sign
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # zarr: variable-length bytes have no v3 spec yet
+def test_egoverse_reader_gives_the_same_actions(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    import io
+    from PIL import Image
+    n, pad = 16, 3
+    joints, track = data.synth_track(np.random.default_rng(9), n)
+    K = np.array([[122.8, 0, 160], [0, 122.8, 90], [0, 0, 1]])
+    g = zarr.open_group(str(tmp_path / "eps" / "abc123.zarr"), mode="w")
+    g.attrs.update({"fps": 30, "task_description": "Open the jar.", "total_frames": n,
+                    "intrinsics": {"front_1": np.concatenate([K, np.zeros((3, 1))], 1).tolist()}})
+
+    def put(key, a):
+        a = np.concatenate([a, np.zeros((pad,) + a.shape[1:])])  # zero padding past total_frames
+        g.create_array(key, shape=a.shape, dtype="float64")[:] = a
+
+    def xyz_wxyz(T):
+        return np.concatenate([T[:, :3, 3], quat_wxyz(T[:, :3, :3])], 1)
+
+    put("obs_head_pose", xyz_wxyz(track["camera"]))
+    for s in data.HANDS:
+        put(f"{s}.obs_wrist_pose", xyz_wxyz(track[f"{s}_wrist"]))
+        kp = np.zeros((n, 21, 3))
+        kp[:, [4, 8, 12, 16, 20]] = track[f"{s}_tips"]  # MANO fingertips, thumb..little
+        put(f"{s}.obs_keypoints", kp.reshape(n, 63))
+    jpegs = []
+    for i in range(n + pad):
+        buf = io.BytesIO()
+        frame = data.render_frame(joints, min(i, n - 1), K, (180, 320), (90, 90, 90))
+        Image.fromarray(frame).save(buf, "JPEG", quality=95)
+        jpegs.append(buf.getvalue())
+    img = g.create_array("images.front_1", shape=(n + pad,), dtype=zarr.dtype.VariableLengthBytes())
+    img[:] = np.array(jpegs, dtype=object)
+    episodes, _ = data.load_index(tmp_path / "eps")
+    assert [(e.id, e.frames, e.kind) for e in episodes] == [("egoverse/abc123", n, "egoverse")]
+    s = data.load_clip(episodes[0], 2, 13, (144, 256))
+    np.testing.assert_allclose(s["actions"].numpy(), data.compute_actions(track)[2:14], atol=1e-5)
+    assert s["prompt"] == "Open the jar." and s["video"].shape == (3, 13, 144, 256)
+    h5, _, _ = one_episode(tmp_path / "x", frames=13)
+    assert set(s) == set(data.load_clip(data.Episode("part1/task_a/0", str(h5), 13, "egodex"), 0, 13))
+    found = data.detect_keypoints(s["video"][:, 0].permute(1, 2, 0).numpy())
+    err = np.linalg.norm(found - s["keypoints"][0].numpy(), axis=-1)
+    assert err.max() < 2.5
+    g["left.obs_keypoints"][5, 0] = 1e9  # a missing value
+    with pytest.raises(data.EpisodeError, match="missing"):
+        data.load_clip(episodes[0], 0, 13)
+
