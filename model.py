@@ -15,7 +15,8 @@ Departures from the official code, all deliberate:
 - training sigmas are continuous (the official code snaps them to a 1/1000 grid).
 - the second-order sampler is DPM-Solver++(2M) on the flow ODE; the official sampler is UniPC (bh2).
 - two extension points the official network lacks: `action_cond` (DexAC, see conditioning.py) and
-  `semantic` (extra cross-attention context tokens, see semantic.py). Both default to None.
+  `semantic` (extra cross-attention context tokens, see semantic.py). Both default to None; the config's
+  `action_mode` builds the first (`mlp` loads the released `robot/action-cond` embedders).
 
 Run `python model.py --benchmark` for speed and memory figures.
 """
@@ -29,6 +30,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import conditioning
 
 # -----------------------------------------------------------------------------
 # small layers
@@ -176,6 +179,15 @@ class DiTConfig:
     rope_ratios: tuple = (1.0, 3.0, 3.0)  # NTK extrapolation ratios for (t, h, w)
     timestep_scale: float = 0.001  # the net sees t = sigma * 1000 * timestep_scale
     concat_padding_mask: bool = True
+    # action conditioning (conditioning.py); "none" keeps exactly the official network
+    action_mode: str = "none"  # "none" or one of conditioning.MODES
+    action_dim: int = 57  # N, the width of one action (7 for the released robot/action-cond model)
+    action_steps: int = 12  # T_a, actions per chunk
+    action_norm: str = "zscore"  # zscore (statistics travel in the state dict), none, or scale
+    action_scale: float = 200.0  # the factor of action_norm="scale" (the released robot model used 20)
+    actions_per_frame: int = 4  # actions per latent frame (the VAE's temporal compression): mlp, dexac-time
+    sat_dim: int = 256  # C, the SAT token width
+    action_dim_embedding: bool = True  # learned per-dimension embedding on the SAT tokens (our addition)
 
 
 PRESETS = {
@@ -199,6 +211,7 @@ class DiT(nn.Module):
         emb_d (B, T, D) is added to the raw timestep sinusoid before `t_norm` and emb_3d (B, T, 3D) to the
         AdaLN-LoRA term (either may be None): exactly where Cosmos' action models inject actions.
     semantic(image_features (B, P, C_img)) -> (B, P, context_dim) tokens appended to the text context.
+    Without an action_cond module, the config's action_mode builds one (conditioning.build_action_cond).
     """
 
     def __init__(self, config, action_cond=None, semantic=None):
@@ -215,6 +228,10 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(c.dim, c.context_dim, c.n_heads, c.mlp_ratio, c.adaln_lora_dim) for _ in range(c.n_blocks))
         self.final = FinalLayer(c.dim, c.adaln_lora_dim, c.patch_temporal * c.patch_spatial**2 * c.out_channels)
+        if action_cond is None:
+            action_cond = conditioning.build_action_cond(
+                c.action_mode, c.dim, c.n_heads, c.action_dim, c.action_steps, c.action_norm, c.action_scale,
+                c.sat_dim, c.action_dim_embedding, c.actions_per_frame)
         self.action_cond = action_cond
         self.semantic = semantic
         self.init_weights()
@@ -288,6 +305,9 @@ class DiT(nn.Module):
             x, emb_d, emb_3d = self.action_cond(actions, x, frame_mask[:, ::pt])
             sinusoid = sinusoid if emb_d is None else sinusoid + emb_d.float()
             adaln_lora = adaln_lora if emb_3d is None else adaln_lora + emb_3d
+        elif actions is not None:
+            raise ValueError("actions were given to a model without action conditioning (config action_mode "
+                             f"{c.action_mode!r}); build it with an action_mode from {sorted(conditioning.MODES)}")
         emb = F.rms_norm(sinusoid, (c.dim,), self.t_norm.weight.float(), 1e-6).to(x.dtype)  # (B, Tp, D)
 
         context = F.gelu(self.text_proj(text.to(x.dtype)))  # (B, L, context_dim)
@@ -439,6 +459,10 @@ for ours, official, n in [("mod_self_attn", "adaln_modulation_self_attn", 1),
         KEY_MAPS[f"blocks.{{i}}.{ours}.{a}.weight"] = (f"blocks.{{i}}.{official}.{b}.weight",
                                                        f"transformer_blocks.{{i}}.norm{n}.linear_{b}.weight")
 
+# the released action-conditioned model (robot/action-cond): our `mlp` mode <-> official names; diffusers has none
+ACTION_KEY_MAP = {f"action_cond.embed_{ours}.fc{i}.{p}": f"action_embedder_B_{theirs}.fc{i}.{p}"
+                  for ours, theirs in [("d", "D"), ("3d", "3D")] for i in (1, 2) for p in ("weight", "bias")}
+
 IGNORED = ("pos_embedder.", "accum_", "_extra_state")  # buffers and counters in the official .pt
 
 # short names for the files of DESIGN.md section 9
@@ -506,7 +530,7 @@ def convert_state_dict(sd, n_blocks):
     so the strict check in `load_state_dict_checked` names them."""
     sd = {k.removeprefix("net."): v for k, v in sd.items() if not any(s in k for s in IGNORED)}
     fmt = 1 if any(k.startswith("transformer_blocks.") for k in sd) else 0
-    rename = {}
+    rename = {} if fmt else {official: ours for ours, official in ACTION_KEY_MAP.items()}
     for ours, names in KEY_MAPS.items():
         for i in range(n_blocks) if "{i}" in ours else [None]:
             rename[names[fmt].format(i=i)] = ours.format(i=i)
@@ -514,9 +538,10 @@ def convert_state_dict(sd, n_blocks):
 
 
 def state_dict_as(sd, layout, n_blocks):
-    """Our keys -> the "official" (without the `net.` prefix) or the "diffusers" layout."""
+    """Our keys -> the "official" (without the `net.` prefix) or the "diffusers" layout. Backbone keys only,
+    plus the `mlp` action embedders in the official layout."""
     fmt = {"official": 0, "diffusers": 1}[layout]
-    out = {}
+    out = {} if fmt else {official: sd[ours] for ours, official in ACTION_KEY_MAP.items() if ours in sd}
     for ours, names in KEY_MAPS.items():
         for i in range(n_blocks) if "{i}" in ours else [None]:
             out[names[fmt].format(i=i)] = sd[ours.format(i=i)]
@@ -543,21 +568,56 @@ def load_state_dict_checked(model, sd, source="checkpoint", allow_missing=()):
     model.load_state_dict(sd, strict=False, assign=True)
 
 
+def materialize(module, device, name):
+    """Give every part of module that the checkpoint did not hold (still on the meta device) real memory on
+    `device` and its own initialization (`to_empty` + `init_weights`). A part must be missing whole."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    if not any(t.is_meta for t in tensors):
+        return
+    if all(t.is_meta for t in tensors) and hasattr(module, "init_weights"):
+        module.to_empty(device=device)
+        module.init_weights()
+        return
+    own = [n for n, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+           if t.is_meta]
+    if own:
+        raise ValueError(f"the checkpoint holds only part of {name}: missing {', '.join(own)}")
+    for child_name, child in module.named_children():
+        materialize(child, device, f"{name}.{child_name}")
+
+
 def load_dit(spec, config=None, revision=None, token=None, device="cpu", dtype=None, action_cond=None,
-             semantic=None):
+             semantic=None, action_stats=None):
     """Build the DiT on the meta device and load official weights into it (no second full copy).
 
     spec: local path (.pt, .safetensors, sharded folder or index .json), a short name from HUB_FILES, or
-    "org/repo/path". Extension modules passed in keep their own initialization, on `device`.
+    "org/repo/path". The config's action conditioning is loaded from the checkpoint when it holds it (our
+    checkpoints; the `mlp` embedders of robot/action-cond), otherwise initialized on `device`, zero-output.
+    action_stats: a stats.json (`python data.py stats`) to set the action normalization from. Extension
+    modules passed in keep their own initialization, on `device`.
     """
     path = resolve_file(spec, revision, token)
     config = config or PRESETS["cosmos2b"]
+    if action_cond is not None and config.action_mode != "none":
+        raise ValueError(f"pass either an action_cond module or a config action_mode, not both "
+                         f"(action_mode is {config.action_mode!r})")
     with torch.device("meta"):
         model = DiT(config)
     sd = convert_state_dict(read_state_dict(path), config.n_blocks)
-    load_state_dict_checked(model, sd, source=path)
+    if model.action_cond is None and any(k.startswith("action_cond.") for k in sd):
+        raise ValueError(f"{path} holds action-conditioning weights: set the config's action_mode (the released "
+                         f"robot/action-cond model: action_mode='mlp', action_dim=7)")
+    load_state_dict_checked(model, sd, source=path, allow_missing=("action_cond.",))
+    if model.action_cond is not None:
+        materialize(model.action_cond, device, "action_cond")
     model.to(device=device, dtype=dtype)
-    model.action_cond, model.semantic = action_cond, semantic
+    if action_cond is not None:
+        model.action_cond = action_cond
+    model.semantic = semantic
+    if action_stats is not None:
+        if model.action_cond is None:
+            raise ValueError("action_stats given for a model without action conditioning (config action_mode)")
+        model.action_cond.set_stats(*conditioning.load_stats_file(action_stats))
     return model
 
 

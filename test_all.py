@@ -16,15 +16,18 @@ import shutil
 import subprocess
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+import conditioning
 import data
 import model as M
 import semantic
@@ -1177,3 +1180,283 @@ def test_egoverse_reader_gives_the_same_actions(tmp_path):
     with pytest.raises(data.EpisodeError, match="missing"):
         data.load_clip(episodes[0], 0, 13)
 
+
+
+# -----------------------------------------------------------------------------
+# conditioning.py: DexAC, its ablations and the MLP baselines, wired into the DiT
+
+ACTION_MODES = list(conditioning.MODES)
+N_ACT, T_ACT = 57, 12
+B, T, H, W = 2, 4, 4, 6  # 12 actions = 4 per latent frame after the conditional one
+
+
+def action_config(mode, **kw):
+    return replace(SMALL, action_mode=mode, sat_dim=32, **kw)
+
+
+def stats(seed=0):
+    """Per-dimension statistics of very different scales, like the 57-D action (mm fingers, unit 6D entries)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N_ACT, generator=g), 10.0 ** (-4 * torch.rand(N_ACT, generator=g))  # std from 1e-4 to 1
+
+
+def batch(seed=0, mask_frames=(0,)):
+    g = torch.Generator().manual_seed(seed)
+    mean, std = stats()
+    actions = mean + std * torch.randn(B, T_ACT, N_ACT, generator=g)
+    mask = torch.zeros(B, T)
+    mask[:, list(mask_frames)] = 1
+    return (torch.randn(B, 16, T, H, W, generator=g), torch.rand(B, generator=g),
+            torch.randn(B, 3, SMALL.text_dim, generator=g), mask, actions)
+
+
+def load_with_actions(tmp_path, mode, base=None, **kw):
+    """A random-weight backbone in the official layout, loaded through the meta-device path with `mode` added."""
+    base = base or randomize(M.DiT(SMALL), seed=1).eval()
+    official_pt(base, tmp_path / "base.pt")
+    model = M.load_dit(str(tmp_path / "base.pt"), action_config(mode, **kw)).eval()
+    if model.action_cond.norm.mode == "zscore":
+        model.action_cond.set_stats(*stats())
+    return base, model
+
+
+@pytest.mark.parametrize("mode", ACTION_MODES)
+def test_identity_at_initialization(tmp_path, mode):
+    base, model = load_with_actions(tmp_path, mode)
+    x, sigma, text, mask, actions = batch()
+    with torch.no_grad():
+        expected = base(x, sigma, text, frame_mask=mask)
+        assert torch.equal(model(x, sigma, text, frame_mask=mask, actions=actions), expected)
+    # ...because the new modules were initialized after to_empty, not because they are all zero or garbage
+    fresh = conditioning.build_action_cond(mode, SMALL.dim, SMALL.n_heads, width=32)
+    loaded = dict(model.action_cond.named_parameters())
+    for name, p in fresh.named_parameters():
+        assert torch.isfinite(loaded[name]).all(), name
+        assert (loaded[name] == 0).all() == (p == 0).all(), name
+
+
+def train(model, steps, lr=1e-2):
+    """`steps` Adam steps on the new parameters only (random data); the names whose gradient was ever non-zero."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = dict(model.action_cond.named_parameters())
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    learned = set()
+    for step in range(steps):
+        x, _, text, mask, actions = batch(seed=10 + step)
+        fn = lambda x_in, s: model(x_in, s, text, frame_mask=mask, actions=actions)
+        loss, _ = M.flow_loss(fn, x, mask, cond_sigma=1e-4, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss.mean().backward()
+        learned |= {n for n, p in params.items() if p.grad is not None and p.grad.abs().sum() > 0}
+        opt.step()
+    return learned, set(params)
+
+
+@pytest.mark.parametrize("mode", ACTION_MODES)
+def test_every_new_parameter_learns_within_two_steps(tmp_path, mode):
+    _, model = load_with_actions(tmp_path, mode)
+    learned, params = train(model, 2)
+    assert learned == params, f"no gradient in two steps: {sorted(params - learned)}"
+
+
+@pytest.mark.parametrize("mode", ACTION_MODES)
+def test_no_action_dimension_or_step_ignored(tmp_path, mode):
+    _, model = load_with_actions(tmp_path, mode)
+    train(model, 3)
+    x, sigma, text, mask, actions = batch(seed=99)
+    actions.requires_grad_(True)
+    out = model(x, sigma, text, frame_mask=mask, actions=actions)
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
+    sensitivity = actions.grad.abs().sum(0)  # (T_a, N_ACT)
+    assert (sensitivity.sum(0) > 0).all(), f"ignored dimensions: {torch.nonzero(sensitivity.sum(0) == 0).flatten()}"
+    assert (sensitivity > 0).all(), f"ignored (step, dimension) entries: {torch.nonzero(sensitivity == 0).tolist()}"
+
+
+def official_action_file(base, path, seed=5, action_dim=7):
+    """base in the official robot/action-cond layout, with random action embedders (4 actions per latent frame)."""
+    official_pt(base, path)
+    sd, g, D = torch.load(path), torch.Generator().manual_seed(seed), SMALL.dim
+    for name, out in [("B_D", D), ("B_3D", 3 * D)]:
+        for key, shape in [("fc1.weight", (4 * D, 4 * action_dim)), ("fc1.bias", (4 * D,)),
+                           ("fc2.weight", (out, 4 * D)), ("fc2.bias", (out,))]:
+            sd[f"net.action_embedder_{name}.{key}"] = torch.randn(shape, generator=g) * 0.2
+    torch.save(sd, path)
+    return sd
+
+
+class OfficialActionTimeEmbed(nn.Module):
+    """diffusers' CosmosEmbedding with Cosmos' action injection: emb_3D added to the AdaLN-LoRA term, emb_D to
+    the raw sinusoid before t_embedding_norm. timestep (B*T,) as diffusers flattens it."""
+
+    def __init__(self, time_embed, emb_d, emb_3d):
+        super().__init__()
+        self.base, self.emb_d, self.emb_3d = time_embed, emb_d, emb_3d
+
+    def forward(self, hidden_states, timestep):
+        proj = self.base.time_proj(timestep).type_as(hidden_states)  # (B*T, D)
+        temb = self.base.t_embedder(proj) + self.emb_3d.flatten(0, 1)
+        return temb, self.base.norm(proj + self.emb_d.flatten(0, 1))
+
+
+def test_mlp_loads_official_action_cond_layout_and_matches_official_formula(tmp_path):
+    base = randomize(M.DiT(SMALL), seed=4).eval()
+    sd = official_action_file(base, tmp_path / "action_cond.pt")
+    config = replace(SMALL, action_mode="mlp", action_dim=7, action_norm="scale", action_scale=20.0)
+    model = M.load_dit(str(tmp_path / "action_cond.pt"), config).eval()
+    g = torch.Generator().manual_seed(6)
+    x, text = torch.randn(B, 16, T, H, W, generator=g), torch.randn(B, 5, SMALL.text_dim, generator=g)
+    actions = torch.randn(B, T_ACT, 7, generator=g) * 0.05
+    mask = torch.zeros(B, T)
+    mask[:, 0] = 1
+    sigma = torch.rand(B, 1).expand(B, T).clone()
+    sigma[:, 0] = 1e-4
+
+    # the official formula: x20 scaling, 4 actions per latent frame, GELU-tanh MLPs, zero for frame 0
+    a = (actions * 20).reshape(B, T - 1, 4 * 7)
+    mlp = lambda p: F.linear(F.gelu(F.linear(a, sd[p + "fc1.weight"], sd[p + "fc1.bias"]), approximate="tanh"),
+                             sd[p + "fc2.weight"], sd[p + "fc2.bias"])
+    zero_first = lambda e: torch.cat([torch.zeros_like(e[:, :1]), e], dim=1)
+    emb_d, emb_3d = zero_first(mlp("net.action_embedder_B_D.")), zero_first(mlp("net.action_embedder_B_3D."))
+    ref = diffusers_cosmos(SMALL)
+    ref.load_state_dict(to_format(base.state_dict(), 1, SMALL.n_blocks), strict=True)
+    ref.time_embed = OfficialActionTimeEmbed(ref.time_embed, emb_d, emb_3d)
+    with torch.no_grad():
+        out = model(x, sigma, text, frame_mask=mask, actions=actions)
+        expected = ref(x, sigma.view(B, 1, T, 1, 1), text,
+                       condition_mask=mask[:, None, :, None, None].expand(B, 1, T, H, W),
+                       padding_mask=torch.zeros(1, 1, H, W), return_dict=False)[0]
+        without = base(x, sigma, text, frame_mask=mask)
+    rel = (out - expected).abs().max() / expected.abs().max()
+    assert rel < 1e-5, f"relative error {rel:.2e}"
+    assert (out - without).abs().max() > 100 * (out - expected).abs().max()  # the actions matter here
+    # and our weights export back to the official names
+    exported = M.state_dict_as(model.state_dict(), "official", SMALL.n_blocks)
+    assert torch.equal(exported["action_embedder_B_3D.fc2.weight"], sd["net.action_embedder_B_3D.fc2.weight"])
+
+
+@pytest.mark.parametrize("mode", ACTION_MODES)
+def test_conditional_frames_receive_no_action_signal(mode):
+    module = randomize(conditioning.build_action_cond(mode, SMALL.dim, SMALL.n_heads, width=32))
+    module.set_stats(*stats())
+    _, _, _, _, actions = batch()
+    x = torch.randn(B, T, 2, 3, SMALL.dim)
+    mask = torch.tensor([[1.0, 0, 1, 0], [1, 1, 0, 0]])  # other conditional frames than the first, per sample
+    with torch.no_grad():
+        x_out, emb_d, emb_3d = module(actions, x, mask)
+    cond = mask.bool()
+    assert torch.equal(x_out[cond], x[cond])
+    for e in (emb_d, emb_3d):
+        if e is not None:
+            assert e.shape[:2] == (B, T) and torch.all(e[cond] == 0)
+            assert torch.all(e[~cond].abs().amax(-1) > 0)  # ...while every predicted frame gets a signal
+    if mode in ("mlp", "mlp-flat", "dexac-no-local"):
+        assert torch.equal(x_out, x)
+    else:
+        assert torch.all((x_out - x)[~cond].abs().flatten(1).amax(1) > 0)
+
+
+def test_normalization_is_applied():
+    mean, std = stats()
+    _, _, _, _, a = batch()
+    norm = conditioning.ActionNorm(N_ACT)
+    norm.set_stats(mean, std)
+    assert torch.allclose(norm(a), (a - mean) / (std + 1e-6))
+    assert torch.equal(conditioning.ActionNorm(N_ACT, "scale")(a), a * 200)
+    assert torch.equal(conditioning.ActionNorm(N_ACT, "none")(a), a)
+    # inside a module: zscore on raw actions == no normalization on normalized actions, same weights
+    x, mask = torch.randn(B, T, 2, 3, SMALL.dim), torch.zeros(B, T)
+    z = randomize(conditioning.build_action_cond("dexac", SMALL.dim, SMALL.n_heads, width=32))
+    z.set_stats(mean, std)
+    plain = conditioning.build_action_cond("dexac", SMALL.dim, SMALL.n_heads, norm="none", width=32)
+    plain.load_state_dict(z.state_dict())
+    with torch.no_grad():
+        for u, v in zip(z(a, x, mask), plain((a - mean) / (std + 1e-6), x, mask)):
+            assert torch.allclose(u, v, atol=1e-5)
+
+
+def test_statistics_travel_with_the_state_dict(tmp_path):
+    mean, std = stats()
+    mean[:6], std[:6] = 0.99991, 1e-4  # a 6D rotation entry near 1: bf16 would round the mean to 1.0
+    layout = {"dim": N_ACT, "names": [f"a{i}" for i in range(N_ACT)]}
+    src = randomize(M.DiT(action_config("dexac")), seed=2).eval()
+    src.action_cond.set_stats(mean, std, layout)
+    torch.save(src.state_dict(), tmp_path / "ckpt.pt")
+    loaded = M.load_dit(str(tmp_path / "ckpt.pt"), action_config("dexac")).eval()
+    assert all(torch.equal(u, v) for u, v in zip(loaded.action_cond.norm.stats(), (mean, std)))
+    x, sigma, text, mask, actions = batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, sigma, text, frame_mask=mask, actions=actions),
+                           src(x, sigma, text, frame_mask=mask, actions=actions))
+    loaded.action_cond.norm.check_layout(layout)
+    with pytest.raises(ValueError, match="another action layout"):
+        loaded.action_cond.norm.check_layout({"dim": N_ACT, "names": ["other"]})
+    # casting the model to bf16 leaves the statistics exact
+    loaded.to(torch.bfloat16)
+    assert torch.equal(loaded.action_cond.norm.stats()[0], mean)
+
+    # a stats.json (as `python data.py stats` writes it) given to load_dit sets them on a pretrained backbone
+    (tmp_path / "stats.json").write_text(json.dumps({"mean": mean.tolist(), "std": std.tolist(), "layout": layout}))
+    official_pt(randomize(M.DiT(SMALL)), tmp_path / "base.pt")
+    model = M.load_dit(str(tmp_path / "base.pt"), action_config("dexac"), action_stats=str(tmp_path / "stats.json"))
+    assert torch.equal(model.action_cond.norm.stats()[0], mean) and int(model.action_cond.norm.has_stats) == 1
+    assert int(model.action_cond.norm.layout_id) == conditioning.layout_fingerprint(layout)
+
+
+def test_bad_inputs_give_one_clear_error(tmp_path):
+    x, sigma, text, mask, actions = batch()
+    model = M.DiT(action_config("dexac"))
+    with pytest.raises(ValueError, match=r"holds no statistics: compute them with `python data.py stats"):
+        model(x, sigma, text, frame_mask=mask, actions=actions)
+    model.action_cond.set_stats(*stats())
+    with pytest.raises(ValueError, match=r"actions have 56 dimensions per step, this model was built for 57"):
+        model(x, sigma, text, frame_mask=mask, actions=actions[..., :56])
+    with pytest.raises(ValueError, match=r"actions have 8 steps, this model takes chunks of 12"):
+        model(x, sigma, text, frame_mask=mask, actions=actions[:, :8])
+    with pytest.raises(ValueError, match=r"pass actions"):
+        model(x, sigma, text, frame_mask=mask)
+    with pytest.raises(ValueError, match=r"12 actions need 4 latent frames, got 3"):
+        M.DiT(action_config("mlp", action_norm="none"))(x[:, :, :3], sigma, text, actions=actions)
+    with pytest.raises(ValueError, match=r"unknown action mode 'dexak'; choose one of none, mlp, mlp-flat, dexac"):
+        M.DiT(action_config("dexak"))
+    with pytest.raises(ValueError, match=r"unknown action normalization 'minmax'"):
+        M.DiT(action_config("dexac", action_norm="minmax"))
+    with pytest.raises(ValueError, match=r"action statistics have 7 means"):
+        model.action_cond.set_stats(torch.zeros(7), torch.ones(7))
+    with pytest.raises(FileNotFoundError, match=r"make it with `python data.py stats"):
+        conditioning.load_stats_file(str(tmp_path / "stats.json"))
+    with pytest.raises(ValueError, match=r"actions were given to a model without action conditioning"):
+        M.DiT(SMALL)(x, sigma, text, actions=actions)
+    # checkpoints: action weights into a model without actions, and a checkpoint with half a module
+    official_action_file(randomize(M.DiT(SMALL)), tmp_path / "action.pt")
+    with pytest.raises(ValueError, match=r"holds action-conditioning weights: set the config's action_mode"):
+        M.load_dit(str(tmp_path / "action.pt"), SMALL)
+    sd = M.DiT(action_config("dexac")).state_dict()
+    del sd["action_cond.local.proj.weight"]
+    torch.save(sd, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match=r"holds only part of action_cond.local.proj: missing weight"):
+        M.load_dit(str(tmp_path / "partial.pt"), action_config("dexac"))
+
+
+def test_cosmos2b_sizes_keys_and_costs():
+    with torch.device("meta"):
+        base = M.DiT(M.config_from_preset("cosmos2b"))
+        flat = M.DiT(M.config_from_preset("cosmos2b", action_mode="mlp-flat"))
+        chunk = M.DiT(M.config_from_preset("cosmos2b", action_mode="mlp", action_dim=7))
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(base) == 2_059_174_912
+    assert count(flat) - count(base) == 684 * 8192 + 8192 + 8192 * 2048 + 2048  # the paper's 22.39M
+    official = {k: tuple(v.shape) for k, v in M.state_dict_as(chunk.state_dict(), "official", 28).items()}
+    assert {k: v for k, v in official.items() if "action" in k} == {
+        "action_embedder_B_D.fc1.weight": (8192, 28), "action_embedder_B_D.fc1.bias": (8192,),
+        "action_embedder_B_D.fc2.weight": (2048, 8192), "action_embedder_B_D.fc2.bias": (2048,),
+        "action_embedder_B_3D.fc1.weight": (8192, 28), "action_embedder_B_3D.fc1.bias": (8192,),
+        "action_embedder_B_3D.fc2.weight": (6144, 8192), "action_embedder_B_3D.fc2.bias": (6144,)}
+    rows = conditioning.costs()
+    assert rows["SAT"] == (2 * 256 + 13, 2 * 12 * 57 * 256)  # Linear(1 -> C) per entry, fusion over 12 steps
+    assert rows["global attention"][0] == 4 * (256 * 256 + 256) + 256 + 256 * 8192 + 8192  # the paper's 2.37M
+    assert rows["MLP action embed (mlp-flat)"][1] == 684 * 8192 + 8192 * 2048  # multiply-accumulates
+    parts = ["SAT", "  + per-dimension embedding (ours)", "local attention", "global attention"]
+    assert rows["full DexAC"][0] == sum(rows[k][0] for k in parts)
