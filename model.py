@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import conditioning
+import semantic as sem
 
 # -----------------------------------------------------------------------------
 # small layers
@@ -188,6 +189,9 @@ class DiTConfig:
     actions_per_frame: int = 4  # actions per latent frame (the VAE's temporal compression): mlp, dexac-time
     sat_dim: int = 256  # C, the SAT token width
     action_dim_embedding: bool = True  # learned per-dimension embedding on the SAT tokens (our addition)
+    # semantic condition (semantic.py): DINOv3 patch features appended to the cross-attention context
+    semantic_dim: int = 0  # width of the image features (1024 for DINOv3 ViT-L/16); 0 turns the branch off
+    semantic_weight: float = 0.2  # injection weight (the paper's default; 0.6 in its ablation)
 
 
 PRESETS = {
@@ -211,7 +215,8 @@ class DiT(nn.Module):
         emb_d (B, T, D) is added to the raw timestep sinusoid before `t_norm` and emb_3d (B, T, 3D) to the
         AdaLN-LoRA term (either may be None): exactly where Cosmos' action models inject actions.
     semantic(image_features (B, P, C_img)) -> (B, P, context_dim) tokens appended to the text context.
-    Without an action_cond module, the config's action_mode builds one (conditioning.build_action_cond).
+    Without modules passed in, the config builds them: action_mode (conditioning.build_action_cond) and
+    semantic_dim > 0 (semantic.SemanticProjector).
     """
 
     def __init__(self, config, action_cond=None, semantic=None):
@@ -233,6 +238,8 @@ class DiT(nn.Module):
                 c.action_mode, c.dim, c.n_heads, c.action_dim, c.action_steps, c.action_norm, c.action_scale,
                 c.sat_dim, c.action_dim_embedding, c.actions_per_frame)
         self.action_cond = action_cond
+        if semantic is None and c.semantic_dim:
+            semantic = sem.SemanticProjector(c.semantic_dim, c.context_dim, c.semantic_weight)
         self.semantic = semantic
         self.init_weights()
 
@@ -601,19 +608,24 @@ def load_dit(spec, config=None, revision=None, token=None, device="cpu", dtype=N
     if action_cond is not None and config.action_mode != "none":
         raise ValueError(f"pass either an action_cond module or a config action_mode, not both "
                          f"(action_mode is {config.action_mode!r})")
+    if semantic is not None and config.semantic_dim:
+        raise ValueError(f"pass either a semantic module or a config semantic_dim, not both "
+                         f"(semantic_dim is {config.semantic_dim})")
     with torch.device("meta"):
         model = DiT(config)
     sd = convert_state_dict(read_state_dict(path), config.n_blocks)
     if model.action_cond is None and any(k.startswith("action_cond.") for k in sd):
         raise ValueError(f"{path} holds action-conditioning weights: set the config's action_mode (the released "
                          f"robot/action-cond model: action_mode='mlp', action_dim=7)")
-    load_state_dict_checked(model, sd, source=path, allow_missing=("action_cond.",))
-    if model.action_cond is not None:
-        materialize(model.action_cond, device, "action_cond")
+    load_state_dict_checked(model, sd, source=path, allow_missing=("action_cond.", "semantic."))
+    for name in ("action_cond", "semantic"):
+        if getattr(model, name) is not None:
+            materialize(getattr(model, name), device, name)
     model.to(device=device, dtype=dtype)
     if action_cond is not None:
         model.action_cond = action_cond
-    model.semantic = semantic
+    if semantic is not None:
+        model.semantic = semantic
     if action_stats is not None:
         if model.action_cond is None:
             raise ValueError("action_stats given for a model without action conditioning (config action_mode)")

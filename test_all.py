@@ -623,10 +623,13 @@ def test_from_pretrained_reason1_architecture(tiny_lm, tmp_path):
     torch.testing.assert_close(enc(["fold the towel"]), aggregate_hidden_states(hs), atol=1e-5, rtol=1e-5)
 
 
-def test_dit_semantic_branch_off_is_the_plain_dit_and_on_depends_on_the_frame():
+def test_dit_semantic_branch_off_is_the_plain_dit_and_on_depends_on_the_frame(tmp_path):
     backbone = randomize(M.DiT(SMALL), seed=4).eval()
-    with_branch = M.DiT(SMALL, semantic=SemanticProjector(in_dim=DINO_TINY.dim, out_dim=SMALL.context_dim)).eval()
-    with_branch.load_state_dict(backbone.state_dict(), strict=False)
+    official_pt(backbone, tmp_path / "dit.pt")
+    # the branch is switched on by the config; loading a backbone checkpoint initializes it on the way
+    with_branch = M.load_dit(str(tmp_path / "dit.pt"), replace(SMALL, semantic_dim=DINO_TINY.dim)).eval()
+    assert with_branch.semantic.injection_weight == 0.2 and not with_branch.semantic.proj.weight.is_meta
+    assert M.DiT(replace(SMALL, semantic_dim=8, semantic_weight=0.6)).semantic.injection_weight == 0.6
     g = torch.Generator().manual_seed(0)
     x, text, sigma = torch.randn(2, 16, 2, 4, 6, generator=g), torch.randn(2, 5, 48, generator=g), torch.rand(2)
     dino = DinoV3(DINO_TINY)
