@@ -20,7 +20,7 @@ frame). What this file decides where the paper is silent (DESIGN.md section 6):
   as the wrist poses, and the head pose is camera-to-world in the OpenCV camera frame.
 
 Use: `make_loader(root, batch_size)` -> (DataLoader, ClipSampler); the sample dict is described
-in ClipDataset. Commands: `python data.py {index,stats,synth,benchmark} -h`, `python data.py --benchmark`.
+in ClipDataset. Commands: `python data.py {index,stats,synth,cache,benchmark} -h`, `python data.py --benchmark`.
 """
 import argparse
 import hashlib
@@ -472,6 +472,13 @@ def _signature(root, group):
     return hashlib.sha1("\n".join(sorted(p.name for p in root.glob("*.zarr"))).encode()).hexdigest()
 
 
+def _write_atomic(path, payload):
+    """Write bytes so that readers see the old file or the new one, never half of one."""
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
+
+
 def load_index(root, splits=None, workers=0, rebuild=False, cache=None):
     """Index a dataset root once; later calls re-probe only directories whose mtime changed.
     -> (episodes: list[Episode], skipped: {episode id: reason}) restricted to `splits`."""
@@ -503,9 +510,7 @@ def load_index(root, splits=None, workers=0, rebuild=False, cache=None):
                 log.warning("skipping %s: %s", eid, reason)
                 index[group]["skipped"].append([eid, reason])
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"root": str(root), "groups": index}))
-        os.replace(tmp, cache)  # atomic: a crash never leaves a half-written index
+        _write_atomic(cache, json.dumps({"root": str(root), "groups": index}).encode())
     episodes, skipped = [], {}
     for group, entry in sorted(index.items()):
         for eid, n in entry["episodes"]:
@@ -671,16 +676,129 @@ class ClipDataset(torch.utils.data.Dataset):
 
 def make_loader(data, batch_size, train=True, splits=None, clip_len=13, size=DEFAULT_SIZE,
                 num_workers=4, seed=0, rank=0, world_size=1, **loader_kw):
-    """-> (DataLoader, ClipSampler). Call sampler.set_epoch(e) each epoch; save
+    """-> (DataLoader, ClipSampler) over a dataset root, or over a latent cache directory (`python data.py
+    cache`; then clip_len and size come from the cache). Call sampler.set_epoch(e) each epoch; save
     sampler.state_dict(consumed) with checkpoints and load it before iterating on resume.
     Under torchrun, index once beforehand (`python data.py index`) so ranks only read the cache."""
-    episodes, _ = load_index(data, splits or (TRAIN_SPLITS if train else EVAL_SPLITS))
-    sampler = ClipSampler([e.frames for e in episodes], clip_len, train, seed=seed, rank=rank,
-                          world_size=world_size)
-    loader = torch.utils.data.DataLoader(ClipDataset(episodes, clip_len, size), batch_size=batch_size,
+    if (Path(data) / CACHE_MANIFEST).is_file():  # a latent cache: every clip is a one-clip episode
+        dataset = CachedClipDataset(data)
+        frames = [dataset.manifest["clip_len"]] * len(dataset)
+        clip_len = dataset.manifest["clip_len"]
+    else:
+        episodes, _ = load_index(data, splits or (TRAIN_SPLITS if train else EVAL_SPLITS))
+        dataset, frames = ClipDataset(episodes, clip_len, size), [e.frames for e in episodes]
+    sampler = ClipSampler(frames, clip_len, train, seed=seed, rank=rank, world_size=world_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
                                          sampler=sampler, num_workers=num_workers, drop_last=train,
                                          persistent_workers=num_workers > 0, **loader_kw)
     return loader, sampler
+
+
+# ------------------------------------------------------------------------------------------------
+# Latent cache: clips encoded once (`python data.py cache`), read back through the same loader.
+# A cache directory holds manifest.json (the clip plan, written first) and shard-NNNNN.safetensors files:
+# latents (n, C, T', h, w), actions (n, T-1, 57) float32 and optionally dino (n, P, D), with each clip's
+# episode, start and prompt in the shard's metadata. Each cached clip is a one-clip "episode", so
+# ClipSampler shards, shuffles and resumes it exactly as it does raw episodes.
+
+CACHE_MANIFEST = "manifest.json"
+
+
+def cache_clips(data, out, tokenizer, tokenizer_name, clip_len=13, size=DEFAULT_SIZE, train=True, splits=None,
+                seed=0, epochs=1, shard_size=256, batch=8, workers=2, device="cpu", dtype=torch.bfloat16,
+                dino=None, rank=0, world_size=1):
+    """Encode the clips of `epochs` epochs of the clip plan into shards under `out`.
+
+    tokenizer: an object with encode(video (B, 3, T, H, W) in [-1, 1]); dino: None or a callable frames
+    (B, 3, H, W) in [-1, 1] -> features (B, P, D). Rank r writes shards r, r + world_size, ...; shards that
+    exist are kept, so an interrupted job resumes where it stopped. -> list of shards this rank wrote."""
+    episodes, _ = load_index(data, splits or (TRAIN_SPLITS if train else EVAL_SPLITS))
+    sampler = ClipSampler([e.frames for e in episodes], clip_len, train, seed=seed)
+    plan = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        plan.append(sampler.plan())
+    plan = np.concatenate(plan)
+    n_shards = -(-len(plan) // shard_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"data": str(data), "tokenizer": tokenizer_name, "latent_channels": tokenizer.latent_channels,
+                "clip_len": clip_len, "size": list(size), "train": train, "seed": seed, "epochs": epochs,
+                "clips": len(plan), "shard_size": shard_size, "dino": dino is not None, "layout": action_layout()}
+    if (out / CACHE_MANIFEST).is_file():
+        old = json.loads((out / CACHE_MANIFEST).read_text())
+        if old != manifest:
+            changed = sorted(k for k in manifest if old.get(k) != manifest[k])
+            raise DataError(f"{out} holds a cache made with other settings ({', '.join(changed)}): "
+                            f"choose another --out or delete it")
+    elif rank == 0:
+        _write_atomic(out / CACHE_MANIFEST, json.dumps(manifest, indent=1).encode())
+    from safetensors.torch import save_file
+    dataset = ClipDataset(episodes, clip_len, size)
+    written = []
+    mine = [k for k in range(rank, n_shards, world_size) if not (out / f"shard-{k:05d}.safetensors").is_file()]
+    for k in tqdm(mine, desc=f"cache (rank {rank})", disable=not mine):
+        clips = plan[k * shard_size:(k + 1) * shard_size]
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=[tuple(c) for c in clips],
+                                             num_workers=workers)
+        tensors, meta = {"latents": [], "actions": [], "dino": []}, {"episodes": [], "starts": [], "prompts": []}
+        for b in loader:
+            video = b["video"].to(device).float() / 127.5 - 1  # (B, 3, T, H, W) in [-1, 1]
+            with torch.inference_mode():
+                tensors["latents"].append(tokenizer.encode(video).to("cpu", dtype))
+                if dino is not None:
+                    tensors["dino"].append(dino(video[:, :, 0]).to("cpu", dtype))
+            tensors["actions"].append(b["actions"])
+            meta["episodes"] += list(b["episode"])
+            meta["starts"] += b["start"].tolist()
+            meta["prompts"] += list(b["prompt"])
+        tensors = {name: torch.cat(t).contiguous() for name, t in tensors.items() if t}
+        path = out / f"shard-{k:05d}.safetensors"
+        save_file(tensors, str(path) + ".tmp", metadata={"clips": json.dumps(meta)})
+        os.replace(str(path) + ".tmp", path)  # atomic: a killed job never leaves half a shard
+        written.append(path)
+    return written
+
+
+class CachedClipDataset(torch.utils.data.Dataset):
+    """Clips of a `python data.py cache` directory, indexed like ClipDataset by (clip, 0) pairs.
+
+    Sample: latents (C, T', h, w) in the cache dtype; actions float32 (T-1, 57); dino (P, D) when cached;
+    prompt; episode; start; skipped (always 0: bad episodes were skipped when the cache was made)."""
+
+    def __init__(self, root):
+        root = Path(root)
+        if not (root / CACHE_MANIFEST).is_file():
+            raise DataError(f"{root} is not a latent cache (no {CACHE_MANIFEST}); make one with "
+                            f"`python data.py cache --data ROOT --out {root}`")
+        self.root, self.manifest = root, json.loads((root / CACHE_MANIFEST).read_text())
+        if self.manifest["layout"] != action_layout():
+            raise DataError(f"{root} was cached with another action layout; rebuild it")
+        n_shards = -(-self.manifest["clips"] // self.manifest["shard_size"])
+        missing = [k for k in range(n_shards) if not (root / f"shard-{k:05d}.safetensors").is_file()]
+        if missing:
+            raise DataError(f"the cache {root} is incomplete ({len(missing)} of {n_shards} shards missing, e.g. "
+                            f"shard {missing[0]}): rerun `python data.py cache` with the same settings to finish it")
+        self._open = (None, None)  # (shard index, (tensors, meta)): the last shard read, per worker
+
+    def __len__(self):
+        return self.manifest["clips"]
+
+    def _shard(self, k):
+        if self._open[0] != k:
+            from safetensors import safe_open
+            with safe_open(str(self.root / f"shard-{k:05d}.safetensors"), "pt") as f:
+                self._open = (k, ({name: f.get_tensor(name) for name in f.keys()},
+                                  json.loads(f.metadata()["clips"])))
+        return self._open[1]
+
+    def __getitem__(self, item):
+        i = int(item[0]) if isinstance(item, (tuple, list)) else int(item)
+        tensors, meta = self._shard(i // self.manifest["shard_size"])
+        j = i % self.manifest["shard_size"]
+        sample = {name: t[j] for name, t in tensors.items()}
+        sample.update(prompt=meta["prompts"][j], episode=meta["episodes"][j], start=meta["starts"][j], skipped=0)
+        return sample
 
 
 # ------------------------------------------------------------------------------------------------
@@ -997,6 +1115,25 @@ def main(argv=None):
     q.add_argument("--height", type=int, default=180, help="native frame height")
     q.add_argument("--width", type=int, default=320, help="native frame width")
     q.add_argument("--workers", type=int, default=2, help="processes rendering episodes (0: in-process)")
+    q = sub.add_parser("cache", help="encode clips once into latent shards (resumable; run under torchrun "
+                                     "to split the work across ranks)")
+    q.add_argument("--data", required=True, help="EgoDex or EgoVerse root")
+    q.add_argument("--out", required=True, help="cache directory (an interrupted run resumes there)")
+    q.add_argument("--tokenizer", default="wan2.1", choices=["wan2.1", "pixel"], help="video tokenizer")
+    q.add_argument("--vae-weights", default="nvidia/Cosmos-Predict2.5-2B",
+                   help="Wan2.1 VAE weights: a local file or a Hub repo id (see tokenizer.py)")
+    q.add_argument("--dino", default=None, help="also cache DINOv3 features of frame 0: a Hub repo id or file")
+    q.add_argument("--eval", action="store_true", help="cache the evaluation clips instead of training clips")
+    q.add_argument("--epochs", type=int, default=1, help="epochs of random clip starts to cache")
+    q.add_argument("--seed", type=int, default=0, help="seed of the clip plan (as in training)")
+    q.add_argument("--clip-len", type=int, default=13, help="frames per clip (4k + 1)")
+    q.add_argument("--height", type=int, default=DEFAULT_SIZE[0], help="frame height")
+    q.add_argument("--width", type=int, default=DEFAULT_SIZE[1], help="frame width")
+    q.add_argument("--shard-size", type=int, default=256, help="clips per shard file")
+    q.add_argument("--batch", type=int, default=8, help="clips per encoder batch")
+    q.add_argument("--workers", type=int, default=4, help="data loading processes")
+    q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="encoder device")
+    q.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="stored latent/feature dtype")
     q = sub.add_parser("benchmark", help="clips/s per worker from 1920x1080 H.264, and workers per GPU")
     q.add_argument("--clips", type=int, default=40, help="clips to time")
     q.add_argument("--frames", type=int, default=150, help="frames in the generated 1080p video")
@@ -1009,7 +1146,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         _run(p, args)
-    except DataError as e:
+    except (DataError, FileNotFoundError, PermissionError) as e:  # missing data, stats or weights
         raise SystemExit(f"error: {e}") from None
 
 
@@ -1033,10 +1170,30 @@ def _run(p, args):
         write_synthetic(args.out, args.tasks, args.episodes, args.test_episodes, args.frames,
                         (args.height, args.width), args.seed, args.workers)
         print(f"wrote a synthetic EgoDex-format dataset to {args.out} in {time.time() - t0:.1f} s")
+    elif args.cmd == "cache":
+        _cache_command(args)
     elif args.cmd == "benchmark":
         benchmark(args.clips, args.frames, args.gop, DEFAULT_SIZE, args.batch, args.step_time)
     else:
         p.print_help()
+
+
+def _cache_command(args):
+    """The encoders live in tokenizer.py and semantic.py; only this command imports them."""
+    import tokenizer as tok
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else args.device
+    vae = tok.build_tokenizer(args.tokenizer, **({"weights": args.vae_weights} if args.tokenizer == "wan2.1" else {}))
+    vae = vae.to(device).eval()
+    dino = None
+    if args.dino:
+        import semantic
+        dino = semantic.load_dino(args.dino, device=device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    written = cache_clips(args.data, args.out, vae, args.tokenizer, args.clip_len, (args.height, args.width),
+                          not args.eval, None, args.seed, args.epochs, args.shard_size, args.batch, args.workers,
+                          device, dtype, dino, rank, world)
+    print(f"rank {rank}: wrote {len(written)} shards to {args.out}")
 
 
 if __name__ == "__main__":

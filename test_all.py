@@ -1463,3 +1463,35 @@ def test_cosmos2b_sizes_keys_and_costs():
     assert rows["MLP action embed (mlp-flat)"][1] == 684 * 8192 + 8192 * 2048  # multiply-accumulates
     parts = ["SAT", "  + per-dimension embedding (ours)", "local attention", "global attention"]
     assert rows["full DexAC"][0] == sum(rows[k][0] for k in parts)
+
+
+def test_latent_cache_equals_raw_clips_resumes_and_feeds_the_loader(tmp_path):
+    import tokenizer as tok
+    root = data.write_synthetic(tmp_path / "syn", tasks=1, episodes=2, test_episodes=0, frames=40, size=(48, 80),
+                                workers=0)
+    pix, out = tok.build_tokenizer("pixel"), tmp_path / "cache"
+    kw = dict(clip_len=5, size=(32, 64), shard_size=3, batch=2, workers=0, dtype=torch.float32)
+    mine = [data.cache_clips(root, out, pix, "pixel", rank=r, world_size=2, **kw) for r in (0, 1)]
+    shards = sorted(out.glob("shard-*.safetensors"))
+    assert sorted(mine[0] + mine[1]) == shards and not set(mine[0]) & set(mine[1]) and len(shards) == 3
+    cached = data.CachedClipDataset(out)
+    episodes = {e.id: e for e in data.load_index(root)[0]}
+    assert len(cached) == 8  # 2 episodes x (a 30-frame window + a 10-frame tail window) x 2 starts
+    for i in range(len(cached)):
+        s = cached[i]
+        raw = data.load_clip(episodes[s["episode"]], s["start"], 5, (32, 64))
+        assert torch.equal(s["latents"], pix.encode(raw["video"][None].float() / 127.5 - 1)[0])
+        assert torch.equal(s["actions"], raw["actions"]) and s["prompt"] == raw["prompt"]
+    # a lost shard is rewritten, the others are kept; an incomplete cache or other settings are refused
+    stamps = {p: p.stat().st_mtime_ns for p in shards}
+    shards[1].unlink()
+    with pytest.raises(data.DataError, match="incomplete"):
+        data.CachedClipDataset(out)
+    assert [data.cache_clips(root, out, pix, "pixel", rank=r, world_size=2, **kw) for r in (0, 1)] == [[], [shards[1]]]
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in (shards[0], shards[2]))
+    with pytest.raises(data.DataError, match="other settings"):
+        data.cache_clips(root, out, pix, "pixel", **dict(kw, clip_len=9))
+    loader, sampler = data.make_loader(out, batch_size=4, num_workers=0)
+    b = next(iter(loader))
+    assert b["latents"].shape == (4, pix.latent_channels, 2, 4, 8) and b["actions"].shape == (4, 4, 57)
+    assert len(sampler) == 8
