@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import conditioning
 import data
 import model as M
 import semantic
+import tokenizer as tk
 from semantic import (DINO_PRESETS, DINO_REPO, DinoV3, SemanticProjector, TextEmbedder, TextEncoder,
                       aggregate_hidden_states, conditioning_features, load_dino)
 
@@ -1466,10 +1468,9 @@ def test_cosmos2b_sizes_keys_and_costs():
 
 
 def test_latent_cache_equals_raw_clips_resumes_and_feeds_the_loader(tmp_path):
-    import tokenizer as tok
     root = data.write_synthetic(tmp_path / "syn", tasks=1, episodes=2, test_episodes=0, frames=40, size=(48, 80),
                                 workers=0)
-    pix, out = tok.build_tokenizer("pixel"), tmp_path / "cache"
+    pix, out = tk.build_tokenizer("pixel"), tmp_path / "cache"
     kw = dict(clip_len=5, size=(32, 64), shard_size=3, batch=2, workers=0, dtype=torch.float32)
     mine = [data.cache_clips(root, out, pix, "pixel", rank=r, world_size=2, **kw) for r in (0, 1)]
     shards = sorted(out.glob("shard-*.safetensors"))
@@ -1495,3 +1496,291 @@ def test_latent_cache_equals_raw_clips_resumes_and_feeds_the_loader(tmp_path):
     b = next(iter(loader))
     assert b["latents"].shape == (4, pix.latent_channels, 2, 4, 8) and b["actions"].shape == (4, 4, 57)
     assert len(sampler) == 8
+
+
+# -----------------------------------------------------------------------------
+# tokenizer.py: the Wan2.1 VAE against diffusers, weight layouts, chunking and tiling, the pixel tokenizer
+
+def rand_video(B, T, H, W, seed=0):
+    return torch.rand(B, 3, T, H, W, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def vae_pair():
+    """A tiny diffusers AutoencoderKLWan with random weights (gains too) and our WanVAE holding the same
+    ones through the documented key map. Ours gets random latent statistics; the tests apply them to
+    diffusers' unnormalized mean by hand."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                     temperal_downsample=[False, True, True]).eval()
+    for name, p in ref.named_parameters():
+        if name.endswith("gamma"):
+            p.data.add_(0.2 * torch.randn_like(p))
+    mean, std = torch.randn(4), torch.rand(4) + 0.5
+    cfg = replace(tk.WAN_PRESETS["tiny"], latents_mean=tuple(mean.tolist()), latents_std=tuple(std.tolist()))
+    ours = tk.WanVAE(cfg).eval()
+    ref_sd = ref.state_dict()
+    assert len(ref_sd) == len(ours.state_dict())
+    ours.load_state_dict({k: ref_sd[tk.diffusers_key(k)] for k in ours.state_dict()})
+    return ref, ours, mean.view(1, 4, 1, 1, 1), std.view(1, 4, 1, 1, 1)
+
+
+# --- the Wan VAE against diffusers
+
+
+@pytest.mark.parametrize("T", [1, 5, 9, 13, 17])
+def test_wan_vae_matches_diffusers(vae_pair, T):
+    ref, ours, mean, std = vae_pair
+    x = rand_video(2, T, 32, 48, seed=T)  # batch 2, non-square
+    with torch.no_grad():
+        z_ref = (ref.encode(x).latent_dist.mean - mean) * (1 / std)
+        z = ours.encode(x)
+        x_ref = ref.decode(z / (1 / std) + mean).sample
+    x_ours = ours.decode(z)
+    assert z.shape == (2, 4, tk.latent_frames(T), 4, 6) and x_ours.shape == x.shape
+    assert (x_ours.abs() < 1).float().mean() > 0.5  # most pixels unclamped, so the comparison means something
+    assert (z - z_ref).abs().max() <= 1e-5, (z - z_ref).abs().max()  # 0.0 on our CPU
+    assert (x_ours - x_ref).abs().max() <= 1e-5, (x_ours - x_ref).abs().max()
+
+
+def test_full_size_key_map_and_shapes_match_diffusers():
+    # the real 127M-parameter config, built on the meta device (no memory): every tensor maps 1:1
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        ref, ours = diffusers.AutoencoderKLWan(), tk.WanVAE("full")
+    ref_sd = ref.state_dict()
+    mapped = {tk.diffusers_key(k): v.shape for k, v in ours.state_dict().items()}
+    assert mapped.keys() == ref_sd.keys() and all(mapped[k] == v.shape for k, v in ref_sd.items())
+    assert sum(v.numel() for v in ref_sd.values()) == sum(p.numel() for p in ours.parameters()) > 126e6
+
+
+def test_key_map_agrees_with_diffusers_own_converter(vae_pair):
+    # diffusers ships its own original-Wan -> diffusers converter (for from_single_file): fed our state dict,
+    # it must produce exactly the names our key map gives, holding the same tensors
+    convert = pytest.importorskip("diffusers.loaders.single_file_utils").convert_wan_vae_to_diffusers
+    ours = vae_pair[1].state_dict()
+    converted = convert(dict(ours))
+    assert converted.keys() == {tk.diffusers_key(k) for k in ours}
+    assert all(converted[tk.diffusers_key(k)] is v for k, v in ours.items())
+
+
+def test_native_names_are_the_original_layout(vae_pair):
+    # every key of ours follows a pattern of the original Wan2.1_VAE.pth (DESIGN section 3), and vice versa
+    res = r"\.residual\.([03]\.gamma|[26]\.(weight|bias))"  # [norm, SiLU, conv, norm, SiLU, dropout, conv]
+    patterns = [r"conv1", r"conv2", r"(en|de)coder\.conv1", r"(en|de)coder\.head\.(0\.gamma|2)",
+                r"(en|de)coder\.middle\.[02]" + res, r"(en|de)coder\.middle\.1\.(norm\.gamma|to_qkv|proj)",
+                r"encoder\.downsamples\.(0|1|3|4|6|7|9|10)" + res, r"encoder\.downsamples\.(3|6)\.shortcut",
+                r"encoder\.downsamples\.(2|5|8)\.resample\.1", r"encoder\.downsamples\.(5|8)\.time_conv",
+                r"decoder\.upsamples\.(0|1|2|4|5|6|8|9|10|12|13|14)" + res,
+                r"decoder\.upsamples\.4\.shortcut",
+                r"decoder\.upsamples\.(3|7|11)\.resample\.1", r"decoder\.upsamples\.(3|7)\.time_conv"]
+    keys, suffix = list(vae_pair[1].state_dict()), r"(\.(weight|bias|gamma))?"
+    unmatched = [k for k in keys if not any(re.fullmatch(p + suffix, k) for p in patterns)]
+    unused = [p for p in patterns if not any(re.fullmatch(p + suffix, k) for k in keys)]
+    assert not unmatched and not unused, (unmatched, unused)
+
+
+def test_chunked_path_equals_whole_clip(vae_pair):
+    # the cached chunk path (bounded memory) against one whole-clip pass with the same causal semantics
+    ours = vae_pair[1]
+    x = rand_video(1, 33, 16, 24)
+    seen = []
+    hook = ours.encoder.conv1.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[2]))
+    z = ours.encode(x)
+    hook.remove()
+    assert seen == [1] + [4] * 8  # frame 0 alone, then 4 new frames per chunk: never the whole clip
+    torch.testing.assert_close(ours.encode(x, chunked=False), z, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.decode(z, chunked=False), ours.decode(z), rtol=0, atol=1e-4)
+
+
+def test_dtype_follows_the_weights_and_out_device(vae_pair):
+    ours = vae_pair[1]
+    x = rand_video(1, 9, 16, 16)
+    z32 = ours.encode(x, out_device="cpu")
+    bf16 = tk.WanVAE(ours.config).to(torch.bfloat16).eval()
+    bf16.load_state_dict(ours.state_dict())
+    z16 = bf16.encode(x)  # fp32 input, bf16 weights: the weights decide the dtype
+    assert z16.dtype == torch.bfloat16 and bf16.decode(z16).dtype == torch.bfloat16
+    assert (z16.float() - z32).abs().mean() < 0.05 * z32.abs().mean()
+
+
+# --- weights: files in both layouts, the Hub cache, strict errors
+
+
+@pytest.fixture(scope="module")
+def vae_weight_files(vae_pair, tmp_path_factory):
+    """diffusers' own save_pretrained output, and a flat torch.save dict in the original layout."""
+    ref, ours = vae_pair[0], vae_pair[1]
+    root = tmp_path_factory.mktemp("weights")
+    ref.save_pretrained(root / "diffusers" / "vae", safe_serialization=True)
+    torch.save(ours.state_dict(), root / "Wan2.1_VAE.pth")
+    return root
+
+
+def test_both_layouts_load_and_agree(vae_pair, vae_weight_files):
+    ours = vae_pair[1]
+    # a diffusers directory (vae/diffusion_pytorch_model.safetensors inside), and a .pth file
+    from_diffusers = tk.build_tokenizer("wan2.1", config=ours.config, weights=str(vae_weight_files / "diffusers"))
+    from_original = tk.build_tokenizer("wan2.1", config=ours.config,
+                                       weights=str(vae_weight_files / "Wan2.1_VAE.pth"))
+    x = rand_video(1, 5, 16, 24)
+    z = from_diffusers.encode(x)
+    assert torch.equal(z, from_original.encode(x)) and torch.equal(z, ours.encode(x))
+    assert torch.equal(from_diffusers.decode(z), from_original.decode(z))
+
+
+def test_vae_hub_cache_offline(vae_pair, tmp_path):
+    # a Hub cache laid out as huggingface_hub writes it, read through hf_hub_download with HF_HUB_OFFLINE=1
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someorg--tiny-vae"
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    torch.save(vae_pair[1].state_dict(), repo / "snapshots" / revision / "tokenizer.pth")
+    script = (
+        "import torch, tokenizer as tk\n"
+        "vae = tk.build_tokenizer('wan2.1', config='tiny', weights='someorg/tiny-vae')\n"
+        "print('SUM', sum(float(t.double().sum()) for t in vae.state_dict().values()))\n"
+        "try:\n    tk.build_tokenizer('wan2.1', config='tiny', weights='someorg/not-cached')\n"
+        "except FileNotFoundError as e:\n    print('MISSING', e)\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": HERE}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    expected = sum(float(t.double().sum()) for t in vae_pair[1].state_dict().values())
+    assert f"SUM {expected}" in out.stdout
+    assert "MISSING could not get tokenizer.pth from the Hub repo someorg/not-cached" in out.stdout
+    assert tk.HUB_REPO in out.stdout
+
+
+def test_missing_file_says_where_to_get_it(tmp_path):
+    for missing in [str(tmp_path / "Wan2.1_VAE.pth"), str(tmp_path)]:  # no such file; a directory without one
+        with pytest.raises(FileNotFoundError, match="nvidia/Cosmos-Predict2.5-2B"):
+            tk.build_tokenizer("wan2.1", config="tiny", weights=missing)
+
+
+def test_key_mismatch_is_one_clear_error(vae_pair, vae_weight_files, tmp_path):
+    sd = dict(vae_pair[1].state_dict())
+    del sd["encoder.head.2.bias"]
+    sd["encoder.extra.weight"] = torch.zeros(1)
+    sd["conv2.weight"] = torch.zeros(4, 4, 1, 1, 2)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(ValueError) as e:
+        tk.build_tokenizer("wan2.1", config="tiny", weights=str(tmp_path / "bad.pth"))
+    msg = str(e.value)
+    assert "1 missing keys: encoder.head.2.bias" in msg and "1 unexpected keys: encoder.extra.weight" in msg
+    assert "1 bad shapes: conv2.weight (4, 4, 1, 1, 2) (expected (4, 4, 1, 1, 1))" in msg
+    with pytest.raises(ValueError, match="bad shapes: encoder.conv1.weight"):  # a tiny file, a wider model
+        tk.build_tokenizer("wan2.1", config=replace(tk.WAN_PRESETS["tiny"], base_dim=16),
+                           weights=str(vae_weight_files / "Wan2.1_VAE.pth"))
+
+
+# --- the pixel tokenizer and the frame structure
+
+
+@pytest.mark.parametrize("s", [1, 2, 8])
+def test_pixel_tokenizer_round_trips_exactly(s):
+    pix = tk.build_tokenizer("pixel", spatial_compression=s)
+    for T in [1, 5, 9, 13, 17]:
+        x = rand_video(2, T, 16, 24, seed=T)
+        z = pix.encode(x)
+        assert pix.latent_channels == 12 * s * s
+        assert z.shape == (2, pix.latent_channels, 1 + (T - 1) // 4, 16 // s, 24 // s)
+        assert torch.equal(pix.decode(z), x)
+
+
+def test_pixel_latent_frames_hold_the_right_frames():
+    pix = tk.PixelTokenizer(spatial_compression=2)
+    T = 13
+    x = (torch.arange(T).float() / 100).view(1, 1, T, 1, 1).expand(1, 3, T, 4, 4)  # frame t has value t / 100
+    z = pix.encode(x)
+    assert torch.all(z[:, :, 0] == 0)  # latent frame 0: frame 0 in all 4 slots
+    for k in range(1, z.shape[2]):  # latent frame k: frames 4k - 3 .. 4k, slot by slot
+        slots = z[0, :, k].reshape(3, 4, 2, 2, 2, 2)
+        for slot in range(4):
+            assert torch.all(slots[:, slot] == (4 * k - 3 + slot) / 100)
+
+
+def test_frame_counts_agree_and_bad_lengths_raise(vae_pair):
+    ours, pix = vae_pair[1], tk.PixelTokenizer(spatial_compression=8)
+    for T in range(1, 18, 4):
+        x = rand_video(1, T, 8, 8)
+        assert ours.encode(x).shape[2] == pix.encode(x).shape[2] == tk.latent_frames(T) == 1 + (T - 1) // 4
+        assert ours.decode(ours.encode(x)).shape[2] == T
+    for T in [2, 3, 4, 6, 12, 14]:
+        with pytest.raises(ValueError, match="4k \\+ 1"):
+            ours.encode(rand_video(1, T, 8, 8))
+        with pytest.raises(ValueError, match="4k \\+ 1"):
+            pix.encode(rand_video(1, T, 8, 8))
+    x = rand_video(1, 6, 8, 8)  # pad: the last frame repeats up to 9 frames; the caller trims decode's output
+    assert ours.encode(x, pad=True).shape[2] == tk.latent_frames(6, pad=True) == 3
+    assert torch.equal(pix.decode(pix.encode(x, pad=True))[:, :, :6], x)
+
+
+# --- spatial tiling
+
+
+def test_tiling_bookkeeping_is_exact_on_the_pixel_tokenizer():
+    # space-to-depth is local, so tiles blended with any weights must reproduce the untiled result
+    pix = tk.PixelTokenizer(spatial_compression=4)
+    x = rand_video(1, 5, 40, 56)
+    z = pix.encode(x)
+    torch.testing.assert_close(tk.tiled_apply(pix.encode, x, 16, 8, 1 / 4), z, rtol=0, atol=1e-6)
+    torch.testing.assert_close(tk.tiled_apply(pix.decode, z, 4, 2, 4), x, rtol=0, atol=1e-6)
+
+
+def test_wan_vae_tiling(vae_pair):
+    ours = vae_pair[1]
+    x = rand_video(1, 5, 64, 128)
+    z, xd = ours.encode(x), ours.decode(ours.encode(x))
+    errors = []
+    try:
+        ours.tile_size, ours.tile_overlap = 128, 16  # one tile covers the frame: tiling is a no-op
+        assert torch.equal(ours.encode(x), z) and torch.equal(ours.decode(z), xd)
+        # two or three 64-pixel tiles across: convolutions and attention see less context at tile borders, so
+        # tiled results are only close; more overlap (context plus feathering) must bring them closer
+        for overlap in (0, 16, 32):
+            ours.tile_size, ours.tile_overlap = 64, overlap
+            zt, xt = ours.encode(x), ours.decode(z)
+            assert zt.shape == z.shape and xt.shape == xd.shape
+            errors.append(((zt - z).abs().mean().item(), (xt - xd).abs().mean().item()))
+        ours.tile_size = 44
+        with pytest.raises(ValueError, match="multiples of 8"):
+            ours.encode(x)
+    finally:
+        ours.tile_size = 0
+    (e0, d0), (e16, d16), (e32, d32) = errors
+    assert e0 > e16 > e32 and d0 > d16 > d32 and e32 < 0.7 * e0 and d32 < 0.7 * d0, errors
+
+
+# --- bad input
+
+
+def test_tokenizer_bad_input_gives_one_clear_error(vae_pair):
+    ours, pix = vae_pair[1], tk.PixelTokenizer()
+    for tok in (ours, pix):
+        with pytest.raises(ValueError, match=r"\(B, 3, T, H, W\)"):
+            tok.encode(rand_video(1, 5, 16, 16)[:, :2])  # 2 channels
+        with pytest.raises(ValueError, match=r"\(B, 3, T, H, W\)"):
+            tok.encode(rand_video(1, 5, 16, 16)[0])  # no batch dim
+        with pytest.raises(ValueError, match="multiples of 8"):
+            tok.encode(rand_video(1, 5, 16, 12))
+        with pytest.raises(TypeError, match="127.5"):
+            tok.encode(torch.zeros(1, 3, 5, 16, 16, dtype=torch.uint8))
+        with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+            tok.encode(rand_video(1, 5, 16, 16) * 255)
+        with pytest.raises(ValueError, match="expected latents"):
+            tok.decode(torch.zeros(1, tok.latent_channels + 1, 2, 2, 2))
+    with pytest.raises(ValueError, match="unknown tokenizer"):
+        tk.build_tokenizer("wan2.2")
+    with pytest.raises(ValueError, match="unknown Wan VAE preset"):
+        tk.build_tokenizer("wan2.1", config="huge")
+
+
+def test_benchmark_cli_runs(capsys):
+    tk.main(["--benchmark", "--config", "tiny", "--frames", "5", "9", "--height", "16", "--width", "24",
+             "--warmup", "0"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("T=")]
+    assert len(lines) == 2 and all("frames/s" in line and "MiB" in line for line in lines)

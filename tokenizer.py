@@ -1,0 +1,619 @@
+"""
+The video tokenizer: the Wan2.1 causal 3D VAE, and a weightless pixel tokenizer with the same frame layout.
+
+Cosmos-Predict2.5 denoises in the latent space of the Wan2.1 VAE (Cosmos calls it the "tokenizer"):
+8x spatial and 4x temporal compression, 16 channels, causal in time so that frame 0 gets a latent frame of
+its own: T = 4k + 1 frames become 1 + k latent frames (13 -> 4). We follow the public Wan2.1 code
+(`wan/modules/vae.py`) and its diffusers port (`AutoencoderKLWan`) layer for layer. Parameter names are the
+original checkpoint's, so `Wan2.1_VAE.pth` (= Cosmos' `tokenizer.pth`) loads as is; diffusers safetensors
+load through one explicit key map.
+
+Time is the subtle part. Every temporal conv is causal, and the model runs chunk by chunk: encoding sees
+frame 0 alone, then 4 frames at a time; decoding one latent frame at a time. Each causal conv carries the
+last 2 frames of its input over to the next chunk, and the temporal resamplers skip their conv on the
+first chunk. That is how the weights were trained; the original's cacheless forward over a whole clip
+skips temporal resampling and is wrong.
+
+What we deliberately change:
+- the state carried between chunks is an explicit `ChunkCache` (layer -> frames, plus a first-chunk flag),
+  not a list walked by a running index with a "Rep" sentinel;
+- `chunked=False` runs a whole clip in one pass with the same causal semantics (same result, more memory);
+- encode returns the normalized posterior mean (no sampling); encode/decode run without autograd (frozen);
+- a clip whose length is not 4k + 1 is an error (the original drops the extra frames), unless `pad=True`;
+- RMS normalization runs in fp32 for bf16/fp16 inputs (as in diffusers);
+- spatial tiling is a weighted average with linear ramps over the overlaps (diffusers blends, then crops).
+
+    python tokenizer.py --benchmark --device cuda --dtype bf16 --frames 13 61
+"""
+
+import argparse
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TEMPORAL = 4  # pixel frames per latent frame, after the first
+CACHE_T = 2  # frames of its input each causal conv carries to the next chunk (its time kernel is 3)
+
+# per-channel mean and std of Wan2.1 posterior means: latents are z = (mu - mean) / std
+WAN21_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+              0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN21_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+             3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+HUB_REPO, HUB_FILE = "nvidia/Cosmos-Predict2.5-2B", "tokenizer.pth"
+KNOWN_FILES = ("tokenizer.pth", "Wan2.1_VAE.pth", "diffusion_pytorch_model.safetensors",
+               "vae/diffusion_pytorch_model.safetensors")
+WHERE_TO_GET = (
+    f"The Wan2.1 VAE is `{HUB_FILE}` in the Hub repo {HUB_REPO} (the same file as Wan2.1_VAE.pth): "
+    f"`hf download {HUB_REPO} {HUB_FILE}` (accept the license on the model page and set HF_TOKEN if asked), "
+    "or `vae/diffusion_pytorch_model.safetensors` in Wan-AI/Wan2.1-T2V-1.3B-Diffusers. Pass the local "
+    f"path, or the repo id (weights='{HUB_REPO}') to download it through the Hub cache."
+)
+
+
+def latent_frames(frames: int, pad: bool = False) -> int:
+    """Latent frames for a clip of T pixel frames: 1 + (T - 1) / 4. With pad, T rounds up to 4k + 1."""
+    if frames < 1 or ((frames - 1) % TEMPORAL and not pad):
+        raise ValueError(f"clips must have 4k + 1 frames (1, 5, 9, 13, ...), got {frames}; trim the clip, "
+                         "or pass pad=True to repeat its last frame up to the next 4k + 1")
+    return 1 + -(-(frames - 1) // TEMPORAL)
+
+
+def check_video(video, spatial: int, pad: bool) -> torch.Tensor:
+    """Validate a (B, 3, T, H, W) video in [-1, 1]; with pad, repeat its last frame up to 4k + 1 frames."""
+    if not torch.is_tensor(video) or video.dim() != 5 or video.shape[1] != 3:
+        shape = tuple(video.shape) if torch.is_tensor(video) else type(video).__name__
+        raise ValueError(f"expected a video (B, 3, T, H, W), got {shape}; images are (B, 3, 1, H, W)")
+    if not video.is_floating_point():
+        raise TypeError(f"expected a float video in [-1, 1], got {video.dtype}; use uint8 / 127.5 - 1")
+    T, H, W = video.shape[2:]
+    if H % spatial or W % spatial:
+        raise ValueError(f"height and width must be multiples of {spatial}, got {H}x{W}")
+    if video.numel() and max(-v for v in torch.aminmax(video)) > 1.5:  # catches 0..255 floats
+        raise ValueError("video values must lie in [-1, 1] (from uint8 pixels: video / 127.5 - 1)")
+    missing = 1 + TEMPORAL * (latent_frames(T, pad) - 1) - T
+    return torch.cat([video, video[:, :, -1:].expand(-1, -1, missing, -1, -1)], 2) if missing else video
+
+
+def check_latents(latents, channels: int) -> None:
+    if not torch.is_tensor(latents) or latents.dim() != 5 or latents.shape[1] != channels:
+        shape = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+        raise ValueError(f"expected latents (B, {channels}, T', H', W'), got {shape}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# layers
+
+
+class ChunkCache:
+    """What a causal pass carries from one time chunk to the next."""
+
+    def __init__(self, first: bool = True):
+        self.first = first  # on the first chunk the temporal resamplers skip their conv
+        self.frames = {}  # layer -> the last frames of its input
+
+
+class CausalConv3d(nn.Conv3d):
+    """A 3D conv padded in time on the past side only (2 * p_t frames): frame t never sees t + 1."""
+
+    def __init__(self, c_in, c_out, kernel, stride=1, padding=0):
+        super().__init__(c_in, c_out, kernel, stride)
+        p_t, p_h, p_w = (padding,) * 3 if isinstance(padding, int) else padding
+        self.causal_pad = (p_w, p_w, p_h, p_h, 2 * p_t, 0)  # F.pad order: W, H, T
+
+    def forward(self, x, cache=None):  # (B, C, T, H, W) -> (B, C', T', H, W)
+        pad = list(self.causal_pad)
+        if cache is not None and pad[4] > 0:
+            past = cache.frames.get(self)
+            if past is not None:  # the previous chunk's frames replace (some of) the zero padding
+                x = torch.cat([past, x], 2)
+                pad[4] -= past.shape[2]
+            cache.frames[self] = x[:, :, -CACHE_T:].clone()  # a view would keep the whole chunk alive
+        return super().forward(F.pad(x, pad) if any(pad) else x)
+
+
+class RMSNorm(nn.Module):
+    """Wan's RMS_norm: L2-normalize over channels, times sqrt(C) and a learned gain."""
+
+    def __init__(self, dim, images=False):  # gamma (C, 1, 1, 1) for video, (C, 1, 1) for frames
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, *(1,) * (2 if images else 3)))
+
+    def forward(self, x):
+        return F.normalize(x.float(), dim=1).to(x.dtype) * self.scale * self.gamma
+
+
+# In both blocks below the branch comes first in the final sum, as in the original: the sum takes that
+# operand's memory layout, and the next conv's rounding depends on it (we match diffusers bit for bit).
+
+
+class ResidualBlock(nn.Module):
+    """[norm, SiLU, conv3, norm, SiLU, dropout, conv3] plus a 1x1x1 shortcut when the width changes."""
+
+    def __init__(self, c_in, c_out, dropout=0.0):
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMSNorm(c_in), nn.SiLU(), CausalConv3d(c_in, c_out, 3, padding=1),
+            RMSNorm(c_out), nn.SiLU(), nn.Dropout(dropout), CausalConv3d(c_out, c_out, 3, padding=1))
+        self.shortcut = CausalConv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, cache=None):
+        return _run(self.residual, x, cache) + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the H*W positions of each frame (nothing mixes across time)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x):
+        B, C, T, H, W = x.shape
+        h = self.norm(x.transpose(1, 2).reshape(B * T, C, H, W))  # (B*T, C, H, W)
+        qkv = self.to_qkv(h).reshape(B * T, 1, 3 * C, H * W).transpose(2, 3).contiguous()  # (B*T, 1, HW, 3C)
+        h = F.scaled_dot_product_attention(*qkv.chunk(3, dim=-1))  # (B*T, 1, HW, C)
+        h = self.proj(h.squeeze(1).transpose(1, 2).reshape(B * T, C, H, W))
+        return h.reshape(B, T, C, H, W).transpose(1, 2) + x
+
+
+class Upsample2x(nn.Module):
+    def forward(self, x):  # nearest-exact in fp32, as the original does
+        return F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").to(x.dtype)
+
+
+class Resample(nn.Module):
+    """2x spatial down/upsampling of every frame; the '3d' modes add a 2x causal temporal step."""
+
+    def __init__(self, dim, mode):
+        super().__init__()
+        self.mode = mode
+        if mode.startswith("up"):  # nearest 2x, then a conv that halves the width
+            self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+        else:  # pad right and bottom, then a stride-2 conv
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        if mode == "upsample3d":  # 2 * dim channels per frame, read as 2 frames
+            self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":  # windows of 3 frames, stride 2, unpadded: the cache supplies the past
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x, cache=None):
+        if self.mode == "upsample3d":
+            x = self._double_frames(x, cache)
+        B, C, T, H, W = x.shape
+        x = self.resample(x.transpose(1, 2).reshape(B * T, C, H, W))  # (B*T, C', H', W')
+        x = x.reshape(B, T, *x.shape[1:]).transpose(1, 2)  # (B, C', T, H', W')
+        return self._halve_frames(x, cache) if self.mode == "downsample3d" else x
+
+    def _double_frames(self, x, cache):  # (B, C, T, H, W) -> (B, C, 2T, H, W), but the first chunk passes
+        if cache is None:  # whole clip: frame 0 alone, then the rest as one chunk with no past
+            if x.shape[2] == 1:
+                return x
+            return torch.cat([x[:, :, :1], self._double_frames(x[:, :, 1:], ChunkCache(first=False))], 2)
+        if cache.first:
+            return x
+        B, C, T, H, W = x.shape
+        x = self.time_conv(x, cache).reshape(B, 2, C, T, H, W)
+        return x.permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)  # frames t_a, t_b, (t+1)_a, ...
+
+    def _halve_frames(self, x, cache):  # (B, C, T, H, W) -> (B, C, 1 + (T - 1) / 2, H, W)
+        if cache is None:  # whole clip: frame 0 kept, then windows (0, 1, 2), (2, 3, 4), ...
+            return x if x.shape[2] == 1 else torch.cat([x[:, :, :1], self.time_conv(x)], 2)
+        past = cache.frames.get(self)
+        cache.frames[self] = x[:, :, -1:].clone()
+        return x if cache.first else self.time_conv(torch.cat([past, x], 2))
+
+
+def _run(layers, x, cache):
+    """Apply layers in order, handing the chunk cache to those that carry state across time."""
+    for layer in layers:
+        x = layer(x, cache) if isinstance(layer, (CausalConv3d, ResidualBlock, Resample)) else layer(x)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the VAE
+
+
+@dataclass
+class WanVAEConfig:
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple = (False, True, True)  # per encoder stage; the decoder uses it reversed
+    dropout: float = 0.0
+    latents_mean: tuple | None = None  # None: Wan2.1's statistics when z_dim == 16, else zeros
+    latents_std: tuple | None = None  # None: Wan2.1's statistics when z_dim == 16, else ones
+
+
+WAN_PRESETS = {"full": WanVAEConfig(), "tiny": WanVAEConfig(base_dim=8, z_dim=4)}
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: WanVAEConfig):
+        super().__init__()
+        dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]  # 96, 96, 192, 384, 384
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        layers = []
+        for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResidualBlock(c_in, c_out, cfg.dropout))
+                c_in = c_out
+            if i < len(cfg.dim_mult) - 1:
+                mode = "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"
+                layers.append(Resample(c_out, mode))
+        self.downsamples = nn.ModuleList(layers)
+        self.middle = nn.ModuleList([ResidualBlock(c_out, c_out), AttentionBlock(c_out),
+                                     ResidualBlock(c_out, c_out)])
+        self.head = nn.ModuleList([RMSNorm(c_out), nn.SiLU(),
+                                   CausalConv3d(c_out, 2 * cfg.z_dim, 3, padding=1)])
+
+    def forward(self, x, cache=None):  # (B, 3, T, H, W) -> (B, 2z, 1 + (T - 1) / 4, H / 8, W / 8)
+        x = self.conv1(x, cache)
+        for layers in (self.downsamples, self.middle, self.head):
+            x = _run(layers, x, cache)
+        return x
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: WanVAEConfig):
+        super().__init__()
+        dims = [cfg.base_dim * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]  # 384, 384, 384, 192, 96
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.middle = nn.ModuleList([ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
+                                     ResidualBlock(dims[0], dims[0])])
+        layers, temporal = [], cfg.temporal_downsample[::-1]
+        for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
+            c_in = c_in // 2 if i > 0 else c_in  # the upsampler before this stage halved the width
+            for _ in range(cfg.num_res_blocks + 1):
+                layers.append(ResidualBlock(c_in, c_out, cfg.dropout))
+                c_in = c_out
+            if i < len(cfg.dim_mult) - 1:
+                layers.append(Resample(c_out, "upsample3d" if temporal[i] else "upsample2d"))
+        self.upsamples = nn.ModuleList(layers)
+        self.head = nn.ModuleList([RMSNorm(c_out), nn.SiLU(), CausalConv3d(c_out, 3, 3, padding=1)])
+
+    def forward(self, x, cache=None):  # (B, z, T', h, w) -> (B, 3, 1 + 4 (T' - 1), 8h, 8w)
+        x = self.conv1(x, cache)
+        for layers in (self.middle, self.upsamples, self.head):
+            x = _run(layers, x, cache)
+        return x
+
+
+# Our names (= the original Wan2.1 names) -> diffusers' AutoencoderKLWan names, applied in order. The
+# decoder's flat `upsamples` list becomes stages of resnets and one upsampler: see diffusers_key.
+_TO_DIFFUSERS = [
+    (r"^conv1\.", "quant_conv."), (r"^conv2\.", "post_quant_conv."),
+    (r"^(encoder|decoder)\.conv1\.", r"\1.conv_in."),
+    (r"^(encoder|decoder)\.head\.0\.", r"\1.norm_out."), (r"^(encoder|decoder)\.head\.2\.", r"\1.conv_out."),
+    (r"^(encoder|decoder)\.middle\.0\.", r"\1.mid_block.resnets.0."),
+    (r"^(encoder|decoder)\.middle\.1\.", r"\1.mid_block.attentions.0."),
+    (r"^(encoder|decoder)\.middle\.2\.", r"\1.mid_block.resnets.1."),
+    (r"^encoder\.downsamples\.", "encoder.down_blocks."),
+    (r"\.residual\.0\.", ".norm1."), (r"\.residual\.2\.", ".conv1."),
+    (r"\.residual\.3\.", ".norm2."), (r"\.residual\.6\.", ".conv2."), (r"\.shortcut\.", ".conv_shortcut."),
+]
+
+
+def diffusers_key(key: str, num_res_blocks: int = 2) -> str:
+    """Our state-dict key -> the key of the same tensor in diffusers' AutoencoderKLWan."""
+    for pattern, replacement in _TO_DIFFUSERS:
+        key = re.sub(pattern, replacement, key)
+    m = re.match(r"decoder\.upsamples\.(\d+)\.(.*)", key)
+    if m:  # stage s holds num_res_blocks + 1 resnets, then its upsampler
+        s, r = divmod(int(m[1]), num_res_blocks + 2)
+        part = f"resnets.{r}" if r <= num_res_blocks else "upsamplers.0"
+        key = f"decoder.up_blocks.{s}.{part}.{m[2]}"
+    return key
+
+
+def resolve_weights(weights: str, filename=None, revision=None, token=None) -> str:
+    """A local file, a local directory holding a known file, or a Hub repo id ('org/name'; its file
+    `filename`, default tokenizer.pth, fetched by huggingface_hub: cache, token, HF_HUB_OFFLINE) -> a path."""
+    weights = os.path.expanduser(str(weights))
+    if os.path.isfile(weights):
+        return weights
+    if os.path.isdir(weights):
+        for name in (filename,) if filename else KNOWN_FILES:
+            if os.path.isfile(os.path.join(weights, name)):
+                return os.path.join(weights, name)
+        raise FileNotFoundError(f"none of {filename or KNOWN_FILES} in {weights}. {WHERE_TO_GET}")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", weights) or weights.endswith((".pth", ".pt", ".safetensors")):
+        raise FileNotFoundError(f"no weights file {weights}. {WHERE_TO_GET}")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
+
+    try:
+        return hf_hub_download(weights, filename or HUB_FILE, revision=revision, token=token)
+    except (EntryNotFoundError, HfHubHTTPError, HFValidationError) as e:
+        raise FileNotFoundError(f"could not get {filename or HUB_FILE} from the Hub repo {weights} "
+                                f"({type(e).__name__}: {str(e).splitlines()[0]}). {WHERE_TO_GET}") from e
+
+
+def load_checkpoint(path: str) -> dict:
+    """A flat {name: tensor} dict from a .safetensors file or a torch.save'd .pth/.pt file."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{path} is not a flat state dict of tensors (the layout of Wan2.1_VAE.pth)")
+    return sd
+
+
+def _tile_starts(size, tile, overlap):
+    return [0] if size <= tile else [*range(0, size - tile, tile - overlap), size - tile]
+
+
+def _ramp(n, o, first, last, device):  # (n,) weights rising over the first o entries, falling over the last o
+    w, o = torch.ones(n, device=device), min(o, n)
+    up = torch.arange(1, o + 1, device=device) / (o + 1)
+    if o and not first:
+        w[:o] = up
+    if o and not last:
+        w[-o:] = torch.minimum(w[-o:], up.flip(0))
+    return w
+
+
+def tiled_apply(fn, x, tile: int, overlap: int, scale: float) -> torch.Tensor:
+    """Apply fn to overlapping spatial tiles of x (B, C, T, H, W) and blend the outputs: a weighted average
+    whose weights ramp linearly across each overlap. fn maps (B, C, T, h, w) to (B, C', T', h * scale,
+    w * scale); tile and overlap are in x's units and make whole outputs (scale 1/8 encodes, 8 decodes)."""
+    H, W = x.shape[-2:]
+    out = weight = None
+    for top in _tile_starts(H, tile, overlap):
+        for left in _tile_starts(W, tile, overlap):
+            y = fn(x[..., top:top + tile, left:left + tile])  # (B, C', T', h', w')
+            if out is None:
+                out = y.new_zeros(*y.shape[:3], round(H * scale), round(W * scale), dtype=torch.float32)
+                weight = y.new_zeros(out.shape[-2:], dtype=torch.float32)
+            i, j, o = round(top * scale), round(left * scale), round(overlap * scale)  # in output units
+            w = (_ramp(y.shape[-2], o, top == 0, top + tile >= H, y.device)[:, None]
+                 * _ramp(y.shape[-1], o, left == 0, left + tile >= W, y.device)[None, :])  # (h', w')
+            out[..., i:i + y.shape[-2], j:j + y.shape[-1]] += y.float() * w
+            weight[i:i + y.shape[-2], j:j + y.shape[-1]] += w
+    return (out / weight).to(y.dtype)
+
+
+class WanVAE(nn.Module):
+    """The Wan2.1 VAE: (B, 3, T, H, W) in [-1, 1] <-> normalized latents (B, 16, 1 + (T - 1) / 4, H / 8,
+    W / 8). Without load_weights it is randomly initialized (tests, timing)."""
+
+    def __init__(self, config: WanVAEConfig | str = "full", tile_size: int = 0, tile_overlap: int = 64):
+        super().__init__()
+        if isinstance(config, str):
+            if config not in WAN_PRESETS:
+                raise ValueError(f"unknown Wan VAE preset {config!r}; choose from {sorted(WAN_PRESETS)}")
+            config = WAN_PRESETS[config]
+        self.config, z = config, config.z_dim
+        self.latent_channels, self.temporal_compression = z, 2 ** sum(config.temporal_downsample)
+        self.spatial_compression = 2 ** (len(config.dim_mult) - 1)
+        if self.temporal_compression != TEMPORAL:
+            raise ValueError(f"the chunked causal path needs 4x temporal compression, got {config}")
+        self.tile_size, self.tile_overlap = tile_size, tile_overlap  # pixels; tile_size 0 turns tiling off
+        self.encoder = Encoder(config)
+        self.conv1 = CausalConv3d(2 * z, 2 * z, 1)  # -> posterior (mu, log_var)
+        self.conv2 = CausalConv3d(z, z, 1)
+        self.decoder = Decoder(config)
+        mean = config.latents_mean or (WAN21_MEAN if z == 16 else (0.0,) * z)
+        std = config.latents_std or (WAN21_STD if z == 16 else (1.0,) * z)
+        if len(mean) != z or len(std) != z:
+            raise ValueError(f"latents_mean and latents_std need {z} values each")
+        # multiply by 1/std to normalize and divide by it to undo, bit for bit as the official code does
+        self.register_buffer("mean", torch.tensor(mean).view(1, z, 1, 1, 1), persistent=False)
+        self.register_buffer("inv_std", 1.0 / torch.tensor(std).view(1, z, 1, 1, 1), persistent=False)
+
+    def load_weights(self, weights: str, filename=None, revision=None, token=None) -> "WanVAE":
+        """Load the original layout (Wan2.1_VAE.pth, Cosmos tokenizer.pth) or diffusers' safetensors,
+        strictly: one error lists every missing key, unexpected key and bad shape, in the file's names."""
+        path = resolve_weights(weights, filename, revision, token)
+        sd, ours = load_checkpoint(path), self.state_dict()
+        diffusers = any(k.startswith(("quant_conv.", "encoder.down_blocks.")) for k in sd)
+        name = {k: diffusers_key(k, self.config.num_res_blocks) if diffusers else k for k in ours}
+        problems = {
+            "missing keys": [name[k] for k in ours if name[k] not in sd],
+            "unexpected keys": sorted(set(sd) - set(name.values())),
+            "bad shapes": [f"{name[k]} {tuple(sd[name[k]].shape)} (expected {tuple(v.shape)})"
+                           for k, v in ours.items() if name[k] in sd and sd[name[k]].shape != v.shape]}
+        if any(problems.values()):
+            raise ValueError(f"{path} ({'diffusers' if diffusers else 'original'} layout) does not fit the "
+                             f"Wan VAE {self.config}: " + "; ".join(
+                                 f"{len(ks)} {what}: {', '.join(ks[:8])}{' ...' if len(ks) > 8 else ''}"
+                                 for what, ks in problems.items() if ks))
+        self.load_state_dict({k: sd[name[k]] for k in ours})
+        return self
+
+    def _tiling(self, size):  # (tile, overlap) in pixels when a frame side exceeds a tile, else None
+        s, tile, overlap = self.spatial_compression, self.tile_size, self.tile_overlap
+        if not tile or size <= tile:
+            return None
+        if tile % s or overlap % s or not 0 <= 2 * overlap <= tile:
+            raise ValueError(f"tile_size and tile_overlap must be multiples of {s} with 2 * overlap <= tile")
+        return tile, overlap
+
+    @torch.no_grad()
+    def encode(self, video, *, pad=False, chunked=True, out_device=None) -> torch.Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> (B, z, 1 + (T - 1) / 4, H / 8, W / 8). The video moves to the model
+        one chunk at a time and latents come back on out_device (default: the video's), so a long video can
+        stay on the CPU. chunked=False runs the whole clip in one pass (same result, memory grows with T)."""
+        video = check_video(video, self.spatial_compression, pad)
+        tiling = self._tiling(max(video.shape[-2:]))
+        run = lambda v: self._encode(v, chunked, out_device or video.device)  # noqa: E731
+        return tiled_apply(run, video, *tiling, 1 / self.spatial_compression) if tiling else run(video)
+
+    @torch.no_grad()
+    def decode(self, latents, *, chunked=True, out_device=None) -> torch.Tensor:
+        """(B, z, T', h, w) normalized latents -> (B, 3, 1 + 4 (T' - 1), 8h, 8w) pixels in [-1, 1]."""
+        check_latents(latents, self.latent_channels)
+        s, tiling = self.spatial_compression, self._tiling(max(latents.shape[-2:]) * self.spatial_compression)
+        run = lambda z: self._decode(z, chunked, out_device or latents.device)  # noqa: E731
+        return tiled_apply(run, latents, tiling[0] // s, tiling[1] // s, s) if tiling else run(latents)
+
+    def _stream(self, net, x, step, chunked):
+        """Run the encoder or decoder over x (B, C, T, H, W) in time chunks, frame 0 alone and then `step`
+        frames at a time, carrying the cache; yield each chunk's output."""
+        w, cache = self.conv1.weight, ChunkCache() if chunked else None
+        bounds = [0, *range(1, x.shape[2] + 1, step)] if chunked else [0, x.shape[2]]
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            yield net(x[:, :, start:stop].to(w.device, w.dtype), cache)
+            if cache is not None:
+                cache.first = False
+
+    def _encode(self, video, chunked, out_device):
+        h = torch.cat(list(self._stream(self.encoder, video, TEMPORAL, chunked)), 2)  # (B, 2z, T', h, w)
+        # the 1x1x1 conv sees all latent frames at once, as in the original: the same rounding, bit for bit
+        mu = self.conv1(h)[:, :self.latent_channels]  # posterior mean
+        return ((mu - self.mean) * self.inv_std).to(out_device)
+
+    def _decode(self, latents, chunked, out_device):
+        B, _, n, h, w = latents.shape
+        s, wt = self.spatial_compression, self.conv2.weight
+        out = torch.empty(B, 3, 1 + TEMPORAL * (n - 1), h * s, w * s, device=out_device, dtype=wt.dtype)
+        z = self.conv2(latents.to(wt.device, wt.dtype) / self.inv_std + self.mean)  # (B, z, T', h, w)
+        t = 0
+        for x in self._stream(self.decoder, z, 1, chunked):  # one latent frame at a time
+            out[:, :, t:t + x.shape[2]] = x.clamp_(-1, 1)  # (B, 3, 1 or 4, 8h, 8w)
+            t += x.shape[2]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the pixel tokenizer
+
+
+class PixelTokenizer(nn.Module):
+    """Weightless, exactly invertible space-to-depth with the VAE's latent frame structure.
+
+    Latent frame 0 holds pixel frame 0; latent frame k >= 1 holds frames 4k - 3 .. 4k. Each latent frame is
+    4 time slots x s x s pixels x 3 colours = 12 s^2 channels, ordered (colour, slot, row, column). Frame 0
+    is copied into all 4 slots of latent frame 0, so that every latent frame looks alike; decode reads the
+    last slot. Latent values are the pixel values themselves, in [-1, 1]."""
+
+    def __init__(self, spatial_compression: int = 8):
+        super().__init__()
+        if spatial_compression < 1:
+            raise ValueError(f"spatial_compression must be >= 1, got {spatial_compression}")
+        self.spatial_compression, self.temporal_compression = spatial_compression, TEMPORAL
+        self.latent_channels = 3 * TEMPORAL * spatial_compression**2
+
+    def encode(self, video, *, pad=False) -> torch.Tensor:  # (B, 3, T, H, W) -> (B, 12 s^2, T', H/s, W/s)
+        s = self.spatial_compression
+        video = check_video(video, s, pad)
+        B, _, _, H, W = video.shape
+        first = video[:, :, :1].expand(-1, -1, TEMPORAL, -1, -1)  # frame 0 in all 4 slots
+        x = torch.cat([first, video[:, :, 1:]], 2)  # (B, 3, 4T', H, W)
+        x = x.reshape(B, 3, -1, TEMPORAL, H // s, s, W // s, s)  # (B, 3, T', 4, h, s, w, s)
+        x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)  # (B, 3, 4, s, s, T', h, w)
+        return x.reshape(B, self.latent_channels, -1, H // s, W // s)
+
+    def decode(self, latents) -> torch.Tensor:  # (B, 12 s^2, T', h, w) -> (B, 3, 1 + 4 (T' - 1), sh, sw)
+        check_latents(latents, self.latent_channels)
+        s, (B, _, n, h, w) = self.spatial_compression, latents.shape
+        x = latents.reshape(B, 3, TEMPORAL, s, s, n, h, w)  # (B, 3, 4, s, s, T', h, w)
+        x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, 3, T', 4, h, s, w, s)
+        x = x.reshape(B, 3, TEMPORAL * n, h * s, w * s)
+        return torch.cat([x[:, :, TEMPORAL - 1:TEMPORAL], x[:, :, TEMPORAL:]], 2).clamp(-1, 1)
+
+
+TOKENIZERS = ("wan2.1", "pixel")
+
+
+def build_tokenizer(name: str, **kwargs) -> nn.Module:
+    """'wan2.1': WanVAE(config='full'|'tiny'|WanVAEConfig, tile_size=0, tile_overlap=64), loaded from
+    `weights` (a path or Hub repo id, with filename, revision, token) when given, else random.
+    'pixel': PixelTokenizer(spatial_compression=8)."""
+    if name == "pixel":
+        return PixelTokenizer(**kwargs)
+    if name != "wan2.1":
+        raise ValueError(f"unknown tokenizer {name!r}; choose from {TOKENIZERS}")
+    weights = kwargs.pop("weights", None)
+    load = {k: kwargs.pop(k) for k in ("filename", "revision", "token") if k in kwargs}
+    vae = WanVAE(**kwargs)
+    return vae.load_weights(weights, **load) if weights else vae
+
+
+# ---------------------------------------------------------------------------------------------------------
+# benchmark
+
+
+def _memory(device, reset=False):  # (bytes in use, peak bytes since the last reset)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+    if not os.path.exists("/proc/self/clear_refs"):
+        return 0, 0  # no resettable peak counter on this system: memory reads as 0
+    if reset:  # Linux: writing 5 resets the peak resident set size of this process
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status["VmRSS"].split()[0]) * 1024, int(status["VmHWM"].split()[0]) * 1024
+
+
+def _measure(fn, device):  # (output, seconds, peak bytes, working bytes = peak - before - output)
+    before, _ = _memory(device, reset=True)
+    t0 = time.perf_counter()
+    out = fn()
+    _, peak = _memory(device)
+    return out, time.perf_counter() - t0, peak, peak - before - out.numel() * out.element_size()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Time the video tokenizer's encode and decode, with peak memory.")
+    p.add_argument("--benchmark", action="store_true", help="run the benchmark (the only action)")
+    p.add_argument("--tokenizer", default="wan2.1", choices=TOKENIZERS, help="which tokenizer to time")
+    p.add_argument("--config", default="full", choices=sorted(WAN_PRESETS), help="Wan VAE size preset")
+    p.add_argument("--weights", help="weights path or Hub repo id (default: random, which times the same)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and activations dtype")
+    p.add_argument("--frames", type=int, nargs="+", default=[13], help="clip lengths (4k + 1), e.g. 13 61")
+    p.add_argument("--height", type=int, default=288, help="frame height in pixels")
+    p.add_argument("--width", type=int, default=512, help="frame width in pixels")
+    p.add_argument("--batch", type=int, default=1, help="clips per call")
+    p.add_argument("--tile-size", type=int, default=0, help="spatial tile size in pixels (0: no tiling)")
+    p.add_argument("--tile-overlap", type=int, default=64, help="overlap of neighbouring tiles in pixels")
+    p.add_argument("--warmup", type=int, default=1, help="untimed 5-frame encode/decode runs first")
+    args = p.parse_args(argv)
+    if not args.benchmark:
+        p.error("nothing to do: pass --benchmark")
+    device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if args.tokenizer == "pixel":
+        tok = build_tokenizer("pixel")
+    else:
+        tok = build_tokenizer("wan2.1", config=args.config, weights=args.weights,
+                              tile_size=args.tile_size, tile_overlap=args.tile_overlap)
+    tok = tok.to(device, dtype).eval()
+    what = "weightless" if args.tokenizer == "pixel" else f"{args.config}, {args.weights or 'random'} weights"
+    print(f"{args.tokenizer} ({what}, {sum(t.numel() for t in tok.parameters()) / 1e6:.1f}M parameters), "
+          f"{device} {args.dtype}, {args.batch}x{args.height}x{args.width}, "
+          f"{torch.get_num_threads()} threads")
+
+    def video(T):
+        return (torch.rand(args.batch, 3, T, args.height, args.width, device=device) * 2 - 1).to(dtype)
+
+    for _ in range(args.warmup):
+        tok.decode(tok.encode(video(5)))
+    for T in args.frames:
+        x, mib = video(T), 2**20
+        z, enc_s, enc_peak, enc_work = _measure(lambda: tok.encode(x), device)
+        _, dec_s, dec_peak, dec_work = _measure(lambda: tok.decode(z), device)
+        print(f"T={T:3d} ({z.shape[2]} latent frames) | encode {args.batch * T / enc_s:7.2f} frames/s, peak "
+              f"{enc_peak / mib:6.0f} MiB, working {enc_work / mib:5.0f} MiB | decode "
+              f"{args.batch * T / dec_s:7.2f} frames/s, peak {dec_peak / mib:6.0f} MiB, working "
+              f"{dec_work / mib:5.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
