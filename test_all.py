@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 import conditioning
 import data
+import evaluate as E
 import model as M
 import semantic
 import tokenizer as tk
@@ -1784,3 +1785,458 @@ def test_benchmark_cli_runs(capsys):
              "--warmup", "0"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("T=")]
     assert len(lines) == 2 and all("frames/s" in line and "MiB" in line for line in lines)
+
+
+# -----------------------------------------------------------------------------
+# evaluate.py: metrics against references (lpips, scikit-image, scipy), known answers, weights, PCK
+
+def eval_videos(seed=0, B=2, T=4, H=24, W=32, noise=0.1):
+    """A random ground truth in [0, 1] and a noisy prediction, (B, 3, T, H, W) float64."""
+    g = torch.Generator().manual_seed(seed)
+    gt = torch.rand(B, 3, T, H, W, generator=g, dtype=torch.float64)
+    return (gt + noise * torch.randn(gt.shape, generator=g, dtype=torch.float64)).clamp(0, 1), gt
+
+
+def eval_frames(v):
+    return v.transpose(1, 2).flatten(0, 1)  # (B*T, 3, H, W)
+
+
+# -----------------------------------------------------------------------------
+# PSNR and SSIM
+
+
+def ssim_by_hand(x, y):
+    """SSIM of two (H, W) images, every valid 11x11 window weighted explicitly (no separable filters)."""
+    r = np.arange(11) - 5
+    w = np.exp(-(r[:, None] ** 2 + r[None] ** 2) / (2 * 1.5 ** 2))
+    w /= w.sum()
+    win = lambda a: np.lib.stride_tricks.sliding_window_view(a, (11, 11))  # (H-10, W-10, 11, 11)
+    mean = lambda a: (win(a) * w).sum((-2, -1))
+    mx, my = mean(x), mean(y)
+    vx, vy, cxy = mean(x * x) - mx ** 2, mean(y * y) - my ** 2, mean(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    return (((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))).mean()
+
+
+def test_psnr_and_ssim_match_a_hand_computation():
+    pred, gt = eval_videos()
+    p, g = eval_frames(pred).numpy(), eval_frames(gt).numpy()
+    want_psnr = [10 * math.log10(1 / ((a - b) ** 2).mean()) for a, b in zip(p, g)]
+    want_ssim = [np.mean([ssim_by_hand(a[c], b[c]) for c in range(3)]) for a, b in zip(p, g)]
+    np.testing.assert_allclose(E.psnr_frames(eval_frames(pred), eval_frames(gt)).numpy(), want_psnr, rtol=1e-12)
+    np.testing.assert_allclose(E.ssim_frames(eval_frames(pred), eval_frames(gt)).numpy(), want_ssim, rtol=0, atol=1e-12)
+
+
+def test_psnr_and_ssim_match_scikit_image():
+    metrics = pytest.importorskip("skimage.metrics")
+    pred, gt = eval_videos(1, H=40, W=56)
+    worst = [0.0, 0.0]
+    for x, y in zip(eval_frames(pred), eval_frames(gt)):
+        a, b = x.permute(1, 2, 0).numpy(), y.permute(1, 2, 0).numpy()  # (H, W, 3)
+        ref = metrics.structural_similarity(a, b, gaussian_weights=True, sigma=1.5, data_range=1,
+                                            use_sample_covariance=False, channel_axis=2)
+        worst[0] = max(worst[0], abs(E.ssim_frames(x[None], y[None]).item() - ref))
+        ref = metrics.peak_signal_noise_ratio(b, a, data_range=1)
+        worst[1] = max(worst[1], abs(E.psnr_frames(x[None], y[None]).item() - ref))
+    print(f"SSIM, PSNR vs scikit-image: max abs differences {worst[0]:.3g}, {worst[1]:.3g}")
+    assert max(worst) < 1e-10
+
+
+def test_identical_videos_give_the_psnr_cap_and_ssim_1_and_inputs_are_checked():
+    _, gt = eval_videos()
+    ev = E.Evaluator(("psnr", "ssim"), n_cond=1)
+    clip = ev.add((gt * 255).round().to(torch.uint8), (gt * 255).round().to(torch.uint8))[0]
+    assert clip["psnr"] == E.PSNR_CAP and abs(clip["ssim"] - 1) < 1e-12
+    pred = gt.clone()
+    pred[:, :, 0] = 0  # the conditioning frame is not scored
+    assert ev.add(pred, gt)[0]["psnr"] == E.PSNR_CAP
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        ev.add(gt * 2 - 1, gt)  # a [-1, 1] video
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        ev.add(gt * 255, gt)  # 0-255 floats
+    with pytest.raises(ValueError, match="at least 11x11"):
+        E.ssim_frames(torch.rand(1, 3, 8, 32), torch.rand(1, 3, 8, 32))
+
+
+# -----------------------------------------------------------------------------
+# LPIPS
+
+
+def lpips_files(tmp_path, seed=0):
+    """Random weights in the two official layouts: torchvision's AlexNet (classifier included) and lpips'
+    v0.1 heads (non-negative, like the trained ones) -> (alexnet path, heads path, {our key: tensor})."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3),
+              10: (256, 256, 3, 3)}
+    alex = {}
+    for i, s in shapes.items():
+        alex[f"features.{i}.weight"] = torch.randn(s, generator=g) * math.sqrt(2 / math.prod(s[1:]))
+        alex[f"features.{i}.bias"] = torch.randn(s[0], generator=g) * 0.1
+    for i, s in {1: (4096, 9216), 4: (4096, 4096), 6: (1000, 4096)}.items():
+        alex[f"classifier.{i}.weight"], alex[f"classifier.{i}.bias"] = torch.zeros(s), torch.zeros(s[0])
+    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
+             for i, c in enumerate(E.ALEX_CHANNELS)}
+    torch.save(alex, tmp_path / "alexnet-owt-7be5be79.pth")
+    torch.save(heads, tmp_path / "alex.pth")
+    ours = {k: v for k, v in alex.items() if k.startswith("features.")}
+    ours.update({f"heads.{i}.weight": heads[f"lin{i}.model.1.weight"] for i in range(5)})
+    return tmp_path / "alexnet-owt-7be5be79.pth", tmp_path / "alex.pth", ours
+
+
+ALEX_CONVS = ((0, 4, 2, True), (3, 1, 2, True), (6, 1, 1, False), (8, 1, 1, False), (10, 1, 1, False))
+
+
+def lpips_by_hand(w, x, y):
+    """LPIPS v0.1 from the weight dict with functional ops (runs where the lpips package is missing).
+    ALEX_CONVS: torchvision feature index, stride, padding, max-pool after the ReLU."""
+    shift, scale = torch.tensor([-.030, -.088, -.188]), torch.tensor([.458, .448, .450])
+
+    def relus(h):
+        h, out = (h - shift.view(1, 3, 1, 1)) / scale.view(1, 3, 1, 1), []
+        for i, stride, pad, pool in ALEX_CONVS:
+            h = torch.relu(F.conv2d(h, w[f"features.{i}.weight"], w[f"features.{i}.bias"], stride, pad))
+            out.append(h / (h.square().sum(1, keepdim=True).sqrt() + 1e-10))
+            h = F.max_pool2d(h, 3, 2) if pool else h
+        return out
+
+    return sum(((a - b) ** 2 * w[f"heads.{i}.weight"].view(1, -1, 1, 1)).sum(1).mean((1, 2))
+               for i, (a, b) in enumerate(zip(relus(x), relus(y))))
+
+
+def test_lpips_loads_the_official_layouts_and_knows_its_answers(tmp_path):
+    alex, heads, expected = lpips_files(tmp_path)
+    net = E.load_lpips(alex, heads)
+    sd = net.state_dict()
+    assert sd.keys() == expected.keys() and all(torch.equal(sd[k], v) for k, v in expected.items())
+    assert not any(p.requires_grad for p in net.parameters())
+    assert E.load_lpips(tmp_path, tmp_path).state_dict().keys() == sd.keys()  # a folder holding both files
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1, torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
+    with torch.no_grad():
+        d = net(x, y)
+        assert d.shape == (3,) and (d > 0).all() and torch.allclose(d, net(y, x), atol=1e-6)
+        assert net(x, x).abs().max() < 1e-6
+        torch.testing.assert_close(d, lpips_by_hand(expected, x, y), rtol=1e-5, atol=1e-6)
+    pred, gt = eval_videos(2, T=3, H=64, W=64)
+    ev = E.Evaluator(("lpips",), lpips=net)
+    assert all(c["lpips"] < 1e-6 for c in ev.add(gt, gt)) and all(c["lpips"] > 1e-3 for c in ev.add(pred, gt))
+
+
+def test_lpips_equals_the_lpips_package(tmp_path):
+    lpips = pytest.importorskip("lpips")
+    ref = lpips.LPIPS(net="alex", version="0.1", pretrained=False, pnet_rand=True, verbose=False).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.ndim > 1 else 0.1))
+        for lin in ref.lins:  # non-negative, like the trained heads
+            lin.model[1].weight.copy_(torch.rand(lin.model[1].weight.shape, generator=g))
+    feats = {**ref.net.slice1._modules, **ref.net.slice2._modules, **ref.net.slice3._modules,
+             **ref.net.slice4._modules, **ref.net.slice5._modules}  # named by torchvision's feature indices
+    alex = {f"features.{i}.{n}": getattr(m, n).detach().clone() for i, m in feats.items()
+            if isinstance(m, nn.Conv2d) for n in ("weight", "bias")}
+    torch.save(alex, tmp_path / "alexnet-owt-7be5be79.pth")
+    torch.save({k: v for k, v in ref.state_dict().items() if k.startswith("lin")}, tmp_path / "alex.pth")
+    net = E.load_lpips(tmp_path, tmp_path)
+    x, y = torch.rand(4, 3, 64, 96, generator=g) * 2 - 1, torch.rand(4, 3, 64, 96, generator=g) * 2 - 1
+    with torch.no_grad():
+        want, got = ref(x, y).flatten(), net(x, y)
+    print(f"LPIPS vs the lpips package: max abs difference {(got - want).abs().max().item():.3g}, "
+          f"values {want.tolist()}")
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+# -----------------------------------------------------------------------------
+# Frechet distance, FID and FVD
+
+
+def random_cov(rng, d, rank=None):
+    a = rng.normal(size=(d, rank or d))
+    return a @ a.T / (rank or d)
+
+
+def test_frechet_distance_equals_scipy():
+    linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(0)
+    for d, rank in ((16, None), (32, 8)):  # the second: singular, like FVD with fewer clips than dimensions
+        mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+        s1, s2 = random_cov(rng, d), random_cov(rng, d, rank)
+        covmean = linalg.sqrtm(s1 @ s2).real
+        want = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+        assert abs(E.frechet_distance(mu1, s1, mu2, s2) - want) < 1e-8 * max(1, want), (d, rank)
+
+
+def test_frechet_distance_analytic_answers():
+    rng = np.random.default_rng(1)
+    # 2x2: Tr sqrt(M) = sqrt(Tr M + 2 sqrt(det M)) for M = S1 S2 with positive eigenvalues
+    s1, s2 = random_cov(rng, 2), random_cov(rng, 2)
+    tr_sqrt = math.sqrt(np.trace(s1 @ s2) + 2 * math.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))
+    mu = np.array([0.3, -1.2])
+    want = mu @ mu + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert abs(E.frechet_distance(np.zeros(2), s1, mu, s2) - want) < 1e-12
+    # diagonal covariances: sum (sqrt(a) - sqrt(b))^2
+    a, b = rng.uniform(0.1, 2, 8), rng.uniform(0.1, 2, 8)
+    want = 4.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    got = E.frechet_distance(np.zeros(8), np.diag(a), np.full(8, math.sqrt(0.5)), np.diag(b))
+    assert abs(got - want) < 1e-12
+    # a shifted distribution: the same samples moved by d -> |d|^2 exactly
+    feats, d = rng.normal(size=(500, 12)) @ rng.normal(size=(12, 12)), rng.normal(size=12)
+    assert abs(E.frechet_from_features(feats, feats + d) - d @ d) < 1e-9
+    assert E.frechet_from_features(feats, feats) < 1e-9
+    with pytest.raises(ValueError, match="at least 2"):
+        E.frechet_from_features(feats[:1], feats)
+
+
+class StandInInception(nn.Module):
+    """The call signature of inception-2015-12-05.pt; features: the per-channel means of what it is fed
+    (so the input scale is visible) and a fixed random projection of a pooled image."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3 * 16, 13)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert img.shape[2] == 299 and img.shape[3] == 299 and return_features
+        pooled = F.adaptive_avg_pool2d(img / 255, 4).flatten(1)
+        return torch.cat([img.mean((2, 3)), self.proj(pooled)], 1)
+
+
+class StandInI3D(nn.Module):
+    """StyleGAN-V's i3d_torchscript.pt call signature; features: per-channel min, max and mean over time and
+    space, and a random projection of a pooled clip."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3 * 2 * 16, 7)
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = False) -> torch.Tensor:
+        assert x.shape[3] == 224 and x.shape[4] == 224 and not rescale and not resize and return_features
+        pooled = F.adaptive_avg_pool3d(x, (2, 4, 4)).flatten(1)
+        return torch.cat([x.amin((2, 3, 4)), x.amax((2, 3, 4)), x.mean((2, 3, 4)), self.proj(pooled)], 1)
+
+
+class PlainI3D(nn.Module):
+    """A scripted VideoGPT-style InceptionI3d: called as net(x), logits averaged over time."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((3, 4)).mean(2)
+
+
+def test_fid_fvd_loaders_input_protocol_and_known_answers(tmp_path):
+    torch.manual_seed(0)
+    torch.jit.script(StandInInception()).save(str(tmp_path / "inception-2015-12-05.pt"))
+    torch.jit.script(StandInI3D()).save(str(tmp_path / "i3d_torchscript.pt"))
+    torch.jit.script(PlainI3D()).save(str(tmp_path / "i3d_plain.pt"))
+    inception, i3d = E.load_torchscript("inception", tmp_path), E.load_torchscript("i3d", tmp_path)
+    # the Inception file wants 0..255: a frame of 0.5 reaches it as 127.5
+    f = E.inception_features(torch.full((2, 3, 36, 64), 0.5), inception)
+    assert f.dtype == np.float64 and f.shape == (2, 16) and np.allclose(f[:, :3], 127.5)
+    # I3D gets [-1, 1] at 224x224: a black clip is -1 everywhere, a white one +1
+    v = torch.cat([torch.zeros(1, 3, 5, 36, 64), torch.ones(1, 3, 5, 36, 64)])
+    f = E.i3d_features(v, i3d)
+    assert f.shape == (2, 16) and np.allclose(f[0, :9], -1) and np.allclose(f[1, :9], 1)
+    np.testing.assert_allclose(E.i3d_features(v, E.load_torchscript("i3d", tmp_path / "i3d_plain.pt")),
+                               [[-1] * 3, [1] * 3], atol=1e-6)
+    # identical sets give 0, different ones do not
+    pred, gt = eval_videos(3, B=6, T=4, H=36, W=64, noise=0.3)
+    ev = E.Evaluator(("fid", "fvd"), inception=inception, i3d=i3d)
+    ev.add(gt, gt)
+    rep = ev.report()
+    assert rep["fid"] < 1e-8 and rep["fvd"] < 1e-8
+    ev = E.Evaluator(("fid", "fvd"), inception=inception, i3d=i3d)
+    ev.add(pred, gt)
+    rep = ev.report()
+    assert rep["fid"] > 1e-2 and rep["fvd"] > 1e-3
+
+
+def test_missing_or_wrong_weights_give_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for kind, url in (("alexnet", "download.pytorch.org"), ("lpips", "PerceptualSimilarity"),
+                      ("inception", "nvlabs-fi-cdn"), ("i3d", "i3d_torchscript.pt")):
+        name = E.WEIGHTS[kind][0]
+        for spec in (None, tmp_path / "nowhere" / name, tmp_path):
+            with pytest.raises(E.WeightsError) as e:
+                E.resolve_weights(kind, spec)
+            msg = str(e.value)
+            assert name in msg and url in msg and str(tmp_path / "torch_home") in msg
+    with pytest.raises(E.WeightsError, match="alexnet-owt-7be5be79.pth"):
+        E.load_lpips()
+    with pytest.raises(E.WeightsError, match="inception-2015-12-05.pt"):
+        E.load_torchscript("inception")
+    # the default place is $TORCH_HOME/hub/checkpoints
+    alex, heads, _ = lpips_files(tmp_path)
+    E.weights_dir().mkdir(parents=True)
+    alex.rename(E.weights_dir() / alex.name)
+    heads.rename(E.weights_dir() / heads.name)
+    assert isinstance(E.load_lpips(), E.LPIPS)
+    # wrong files: a state dict for TorchScript, heads that do not fit, TorchScript for a state dict
+    with pytest.raises(E.WeightsError, match="not a TorchScript file"):
+        E.load_torchscript("inception", E.weights_dir() / "alex.pth")
+    torch.save({"lin0.model.1.weight": torch.zeros(1, 3, 1, 1)}, tmp_path / "bad.pth")
+    with pytest.raises(E.WeightsError, match=r"mis-shaped \['heads.0.weight") as e:
+        E.load_lpips(heads=tmp_path / "bad.pth")
+    assert "heads.4.weight" in str(e.value)
+    torch.jit.script(PlainI3D()).save(str(tmp_path / "script.pt"))
+    with pytest.raises(E.WeightsError, match="not a state dict"):
+        E.load_lpips(alexnet=tmp_path / "script.pt")
+    with pytest.raises(ValueError, match="lpips needs its network"):
+        E.Evaluator(("psnr", "lpips"))
+
+
+def test_hub_specs_go_through_huggingface_hub(tmp_path, monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    calls = []
+
+    def fake_download(repo, filename):
+        calls.append((repo, filename))
+        if repo == "org/missing":
+            raise hub.errors.LocalEntryNotFoundError("offline")
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    assert E.resolve_weights("inception", "org/metrics").endswith("inception-2015-12-05.pt")
+    assert E.resolve_weights("i3d", "org/metrics/fvd/i3d.pt").endswith("fvd/i3d.pt")
+    with pytest.raises(E.WeightsError, match="i3d_torchscript.pt.*Hub file org/missing"):
+        E.resolve_weights("i3d", "org/missing")
+    assert calls == [("org/metrics", "inception-2015-12-05.pt"), ("org/metrics", "fvd/i3d.pt"),
+                     ("org/missing", "i3d_torchscript.pt")]
+
+
+def test_urls_download_once_into_the_weights_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    calls = []
+
+    def fake_download(url, dst):
+        calls.append(url)
+        if "broken" in url:
+            raise OSError("no route to host")
+        open(dst, "wb").close()
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    url = E.WEIGHTS["i3d"][2]
+    path = E.resolve_weights("i3d", url)
+    assert path == str(E.weights_dir() / "i3d_torchscript.pt") and E.resolve_weights("i3d", url) == path
+    assert E.resolve_weights("i3d") == path and calls == [url]  # found again without a download
+    with pytest.raises(E.WeightsError, match="alex.pth .*could not be downloaded.*no route to host"):
+        E.resolve_weights("lpips", "https://example.org/broken/alex.pth")
+
+
+def test_latent_l2_counts_predicted_latent_frames_only():
+    gt = torch.randn(2, 4, 4, 3, 5)
+    pred = gt + 1
+    pred[:, :, 0] = 100  # the conditioning latent frame
+    np.testing.assert_allclose(E.latent_l2(pred, gt).numpy(), [1, 1])
+    ev = E.Evaluator(("latent_l2",))
+    _, v = eval_videos(B=2)
+    assert [c["latent_l2"] for c in ev.add(v, v, pred_latents=pred, gt_latents=gt)] == pytest.approx([1, 1])
+
+
+# -----------------------------------------------------------------------------
+# PCK, action families, the report, the command line
+
+
+@pytest.fixture(scope="module")
+def eval_synth_clip(tmp_path_factory):
+    root = data.write_synthetic(tmp_path_factory.mktemp("synth"), tasks=1, episodes=0, test_episodes=1,
+                                frames=14, workers=0)
+    h5 = next((root / "test").glob("*/0.hdf5"))
+    return data.load_clip(data.Episode("test/x/0", str(h5), 14, "egodex"), 0, 13, size=None)
+
+
+def test_pck_on_synthetic_frames(eval_synth_clip):
+    gt = eval_synth_clip["video"][None]  # (1, 3, 13, 180, 320) uint8, decoded from the MP4
+    ev = E.Evaluator(("pck",))
+    clip = ev.add(gt, gt, keypoint_valid=eval_synth_clip["keypoint_valid"][None])[0]
+    assert clip["pck_count"] >= 12 * 12 * 0.9 and clip["pck_hits"] == [clip["pck_count"]] * 4
+    assert all(ev.report()[f"pck@{k:g}"] == 100.0 for k in E.PCK_THRESHOLDS)
+    # shift the prediction right by s = floor(k) + 1 px; count keypoints away from the borders only
+    W = gt.shape[-1]
+    for k in E.PCK_THRESHOLDS:
+        s = int(k) + 1
+        pred = torch.roll(gt, s, dims=-1)
+        kp = np.stack([data.detect_keypoints(f) for f in gt[0].permute(1, 2, 3, 0).numpy()])  # (13, 12, 2)
+        inner = torch.from_numpy((kp[..., 0] > 12) & (kp[..., 0] < W - s - 12))[None]
+        clip = E.Evaluator(("pck",), n_cond=0).add(pred, gt, keypoint_valid=inner)[0]
+        assert clip["pck_count"] == inner.sum() > 100
+        for i, t in enumerate(E.PCK_THRESHOLDS):
+            assert clip["pck_hits"][i] == (0 if t < s else clip["pck_count"]), (k, t, clip)
+
+
+def test_pck_counts_missing_predictions_and_invisible_gt():
+    gt = np.array([[[10.0, 10.0], [20.0, 20.0], [np.nan, np.nan], [5.0, 5.0]]])
+    pred = np.array([[[13.0, 14.0], [np.nan, np.nan], [0.0, 0.0], [5.0, 5.0]]])
+    hits, count = E.pck(pred, gt, thresholds=(2.5, 5.0))  # distances 5, missing, (no GT), 0
+    assert count == 3 and hits.tolist() == [1, 2]
+    hits, count = E.pck(pred, gt, valid=np.array([[True, True, True, False]]), thresholds=(5.0,))
+    assert count == 2 and hits.tolist() == [1]
+
+
+def test_keypoint_model_interface(tmp_path):
+    class Fixed(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            kp = torch.zeros(x.shape[0], 12, 3)
+            kp[:, :, 0], kp[:, :, 1] = x.shape[3] / 2, x.shape[2] / 2
+            kp[:, 1:, 2] = 1.0  # the first keypoint with zero confidence
+            return kp
+
+    torch.jit.script(Fixed()).save(str(tmp_path / "keypoints.pt"))
+    det = E.KeypointModel(str(tmp_path / "keypoints.pt"))
+    kp = det(np.zeros((2, 40, 60, 3), np.uint8))
+    assert kp.shape == (2, 12, 2) and np.isnan(kp[:, 0]).all() and (kp[:, 1:] == [30, 20]).all()
+    with pytest.raises(E.WeightsError, match="keypoints.pt"):
+        E.KeypointModel(str(tmp_path / "nothing.pt"))
+
+
+def test_action_families_follow_the_normalized_actions():
+    mean, std = np.zeros(57), np.ones(57)
+    std[list(data.FINGER_IDX)] = 1e-3  # finger motion is millimetres
+    a = np.zeros((12, 57))
+    a[:, list(data.WRIST_IDX)] = 0.01
+    assert E.action_family(a, mean, np.ones(57)) == "wrist"
+    a[:, list(data.FINGER_IDX)] = 0.002  # tiny in metres, large for fingers
+    assert E.action_family(a, mean, std) == "finger" and E.action_family(a, mean, np.ones(57)) == "wrist"
+    a[:, list(data.HEAD_IDX)] = 5.0  # z = 5 > the fingers' 2
+    assert E.action_family(a, mean, std) == "head"
+
+
+def test_report_pools_pck_and_splits_families():
+    clips = [{"psnr": 20.0, "pck_hits": [1, 2, 3, 4], "pck_count": 4, "family": "wrist"},
+             {"psnr": 30.0, "pck_hits": [0, 0, 6, 12], "pck_count": 12, "family": "head"}]
+    rep = E.aggregate(clips, fid=3.5, resolution=[180, 320])
+    assert rep["clips"] == 2 and rep["psnr"] == 25.0 and rep["fid"] == 3.5 and "fvd" not in rep
+    assert rep["pck@2.5"] == 100 * 1 / 16 and rep["pck@20"] == 100.0 and rep["pck_resolution"] == [180, 320]
+    fam = rep["families"]
+    assert fam["wrist"]["clips"] == 1 and fam["wrist"]["pck@10"] == 75.0 and fam["head"]["pck@5"] == 0.0
+    assert fam["finger"] == {"clips": 0, **{f"pck@{k:g}": None for k in E.PCK_THRESHOLDS}}
+    json.dumps(rep)
+    ev = E.Evaluator(("psnr",), stats=(np.zeros(57), np.ones(57)))
+    _, v = eval_videos(B=2)
+    actions = torch.zeros(2, 3, 57)
+    actions[0, :, list(data.HEAD_IDX)] = 1
+    actions[1, :, list(data.FINGER_IDX)] = 1
+    assert [c["family"] for c in ev.add(v, v, actions=actions)] == ["head", "finger"]
+
+
+def test_command_line_compare_and_protocol_message(tmp_path, eval_synth_clip, capsys):
+    gt = eval_synth_clip["video"].permute(1, 2, 3, 0).numpy()  # (T, H, W, 3)
+    for d in ("pred", "gt"):
+        (tmp_path / d).mkdir()
+    np.save(tmp_path / "gt" / "a.npy", gt)
+    np.save(tmp_path / "pred" / "a.npy", gt.astype(np.float32) / 255)
+    data.write_video(tmp_path / "gt" / "b.mp4", gt, crf=0)
+    data.write_video(tmp_path / "pred" / "b.mp4", gt, crf=0)
+    out = tmp_path / "report.json"
+    assert E.main(["compare", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
+                   "--metrics", "psnr,ssim,pck", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["clips"] == 2 and rep["psnr"] > 40 and rep["ssim"] > 0.99 and rep["pck@2.5"] > 99
+    assert rep["pck_resolution"] == [180, 320]
+    with pytest.raises(E.WeightsError, match="alexnet-owt"):
+        E.main(["compare", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
+                "--metrics", "lpips", "--alexnet", str(tmp_path / "none.pth")])
+    (tmp_path / "pred" / "a.npy").rename(tmp_path / "pred" / "c.npy")
+    with pytest.raises(ValueError, match="same names"):
+        E.main(["compare", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")])
+    assert E.main(["--checkpoint", "ckpt.pt", "--horizon", "25"]) == 2
+    assert "needs sample.py" in capsys.readouterr().err

@@ -1,0 +1,550 @@
+"""
+Evaluation for DexAC-WM: hand-written video metrics, and (with sample.py) the paper's rollout protocol.
+
+The paper (section 5.1, Tables 1-5, 7) reports PSNR, SSIM, LPIPS, FID, FVD (Cosmos-Cookbook protocol),
+PCK@10/20 overall and per action family, and latent L2. Every metric compares predicted frames with the
+ground truth: floats in [0, 1] (uint8 is divided by 255), videos `(B, C, T, H, W)`. The first `n_cond`
+frames (default 1) are conditioning frames copied from the ground truth and are never scored.
+
+Protocols (DESIGN.md section 8), with the choices we make where the references differ:
+- PSNR per frame with data range 1, then the mean over frames and clips. Identical frames would give
+  inf; every frame is capped at PSNR_CAP = 100 dB (MSE floored at 1e-10), so means stay finite.
+- SSIM: Gaussian window of 11 taps, sigma 1.5, K1 0.01, K2 0.03, data range 1, population variances,
+  float64; per RGB channel, then the mean. Valid window positions only, no padding: scikit-image's
+  numbers (`gaussian_weights=True, use_sample_covariance=False`: it reflects, filters, crops 5 px) and
+  torchmetrics'. IRASim scores grayscale with skimage defaults: not comparable.
+- LPIPS v0.1, AlexNet written out: torchvision's `alexnet-owt-7be5be79.pth` cut after its five ReLUs,
+  activations unit-normalized over channels, squared differences weighted by lpips' v0.1 linear heads
+  (`alex.pth`), averaged over space, summed over layers. Inputs in [-1, 1], lpips' input scaling first.
+- FID: InceptionV3 pool3 (2048-d) of the TorchScript file `inception-2015-12-05.pt` (the TF Inception of
+  the original FID, as shipped by StyleGAN2-ADA and used by clean-fid). That file wants floats in
+  0..255 (it computes (x - 128) / 128 itself): we resize each frame to 299x299 (bilinear, antialiased;
+  the file's own plain resize then does nothing) and multiply by 255. The Cosmos cookbook script feeds
+  0-255 floats to a network that expects [0, 1]; here the scale belongs to the file and a test checks it.
+- FVD: I3D Kinetics-400 as TorchScript. Default weight set: StyleGAN-V's `i3d_torchscript.pt` (the
+  TF-Hub I3D of the FVD paper), called with rescale=False, resize=False, return_features=True. The
+  cookbook's `i3d_pretrained_400.pt` is another weight set (VideoGPT's port, a pytorch-i3d state dict):
+  `torch.jit.script` the loaded InceptionI3d once and pass that file; it is called as net(x). Scores
+  from the two sets are not comparable. Either way the cookbook protocol: frames resized to 224x224
+  (bilinear), values in [-1, 1], the 400-d logits averaged over time.
+- Frechet distance |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^1/2) in float64; the last trace sums
+  the square roots of the eigenvalues of the symmetric sqrt(S_r) S_f sqrt(S_r) (the same spectrum), tiny
+  negatives clamped to 0: no complex parts to discard, fine for singular covariances.
+- latent L2: MSE between predicted and ground-truth VAE latents over the predicted latent frames.
+- PCK@k, k = 2.5/5/10/20 px at the evaluation frames' resolution (in the report; DexWM uses 224x392):
+  one detector finds the 12 keypoints (data.KEYPOINT_NAMES) on ground-truth and predicted frames; a GT
+  keypoint counts where detected (and keypoint_valid, if given) and is a hit when the predicted one is
+  found within k px; pooled over all counted keypoints, in percent. Detectors: the synthetic data's
+  exact coloured markers (built in), any real model through KeypointModel.
+- action families (Table 4): a clip is wrist-, finger- or head-dominant by the largest RMS of its
+  z-scored actions ((a - mean) / (std + 1e-6), stats.json) over the family's dimensions and all steps.
+
+    python evaluate.py compare --pred runs/pred --gt runs/gt --metrics psnr,ssim,pck
+"""
+
+import argparse
+import inspect
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+
+METRICS = ("psnr", "ssim", "lpips", "fid", "fvd", "latent_l2", "pck")
+PSNR_CAP = 100.0  # dB, the value for identical frames
+SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
+FID_SIZE, FVD_SIZE = (299, 299), (224, 224)
+PCK_THRESHOLDS = (2.5, 5.0, 10.0, 20.0)
+FAMILIES = tuple(data.ACTION_FAMILIES)  # wrist, finger, head
+
+# ------------------------------------------------------------------------------------------------
+# Feature-network weights: a local path, a URL or a Hub file; never random
+
+WEIGHTS = {  # kind -> (file name, what it is, where to get it)
+    "alexnet": ("alexnet-owt-7be5be79.pth", "torchvision's ImageNet AlexNet, the LPIPS backbone",
+                "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
+    "lpips": ("alex.pth", "the LPIPS v0.1 linear heads for AlexNet",
+              "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth "
+              "(also inside `pip install lpips`, at lpips/weights/v0.1/alex.pth)"),
+    "inception": ("inception-2015-12-05.pt", "the FID InceptionV3 as TorchScript", "https://nvlabs-fi-cdn"
+                  ".nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"),
+    "i3d": ("i3d_torchscript.pt", "StyleGAN-V's I3D Kinetics-400 as TorchScript (the FVD network)",
+            "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"),
+    "keypoints": ("keypoints.pt", "a hand-keypoint detector as TorchScript",
+                  "your detector, exported with the interface of evaluate.KeypointModel"),
+}
+
+
+class WeightsError(FileNotFoundError):
+    """A feature network's weights are missing or are not the expected file."""
+
+
+def weights_dir():
+    """Where files without a given path are looked for, and where URLs are downloaded ($TORCH_HOME)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def resolve_weights(kind, spec=None):
+    """A local file or folder, an http(s) URL (downloaded once into weights_dir()), a Hub file
+    ('org/repo' for the standard file name, or 'org/repo/path/in/repo'), or None (look in weights_dir())
+    -> a local path. Anything missing raises one WeightsError naming the file and where to get it."""
+    name, what, where = WEIGHTS[kind]
+
+    def missing(detail):
+        return WeightsError(f"{name} ({what}) {detail}. Get it from {where}, then pass its path (or the URL "
+                            f"itself) or put it in {weights_dir()}.")
+
+    if spec is None:
+        if (weights_dir() / name).is_file():
+            return str(weights_dir() / name)
+        raise missing(f"was not given and is not in {weights_dir()}")
+    spec = os.path.expanduser(str(spec))
+    if os.path.isdir(spec):
+        spec = os.path.join(spec, name)
+    if os.path.isfile(spec):
+        return spec
+    if spec.startswith(("http://", "https://")):
+        path = weights_dir() / Path(spec.split("?")[0]).name
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(spec, str(path))
+            except OSError as e:
+                raise missing(f"could not be downloaded from {spec} ({e})") from e
+        return str(path)
+    parts = spec.split("/")
+    local_looking = spec.startswith((".", "/", "~")) or (len(parts) == 2 and spec.endswith((".pt", ".pth")))
+    if len(parts) >= 2 and not local_looking:
+        from huggingface_hub import hf_hub_download
+        try:
+            return hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]) or name)
+        except (OSError, ValueError) as e:  # not found, offline, gated, bad id
+            raise missing(f"is not available as the Hub file {spec} ({type(e).__name__})") from e
+    raise missing(f"was not found at {spec}")
+
+
+def load_torchscript(kind, spec=None, device="cpu"):
+    path = resolve_weights(kind, spec)
+    try:
+        return torch.jit.load(path, map_location=device).eval()
+    except (RuntimeError, ValueError) as e:
+        raise WeightsError(f"{path} is not a TorchScript file; {kind} needs {WEIGHTS[kind][0]} "
+                           f"({WEIGHTS[kind][1]}), from {WEIGHTS[kind][2]}") from e
+
+
+def _state_dict(kind, spec):
+    path = resolve_weights(kind, spec)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError) as e:
+        sd = e
+    if not isinstance(sd, dict):
+        raise WeightsError(f"{path} is not a state dict like {WEIGHTS[kind][0]} ({WEIGHTS[kind][1]})")
+    return sd
+
+
+# ------------------------------------------------------------------------------------------------
+# Pixel metrics: PSNR, SSIM (per frame, (N, 3, H, W) in [0, 1] -> (N,))
+
+def as_unit(video, name="video"):
+    """uint8 or float in [0, 1] -> float tensor; floats outside [0, 1] are the classic range bug."""
+    video = torch.as_tensor(video)
+    if video.dtype == torch.uint8:
+        return video.float() / 255
+    lo, hi = video.min().item(), video.max().item()
+    if not video.is_floating_point() or lo < -1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"{name} holds {video.dtype} values in [{lo:.3g}, {hi:.3g}]; metrics take uint8 or "
+                         f"floats in [0, 1] (map [-1, 1] with (v + 1) / 2, 0-255 floats with v / 255)")
+    return video
+
+
+def psnr_frames(x, y):
+    mse = ((x.double() - y.double()) ** 2).mean((1, 2, 3))
+    return -10 * torch.log10(mse.clamp_min(10 ** (-PSNR_CAP / 10)))
+
+
+def gaussian_window(size=SSIM_WINDOW, sigma=SSIM_SIGMA):
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def ssim_frames(x, y):
+    N, C, H, W = x.shape
+    if min(H, W) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {H}x{W}")
+    x, y = x.double().reshape(N * C, 1, H, W), y.double().reshape(N * C, 1, H, W)
+    maps = torch.cat([x, y, x * x, y * y, x * y], 1)  # (N*C, 5, H, W)
+    g = gaussian_window().to(x.device)
+    maps = F.conv2d(maps, g.view(1, 1, 1, -1).expand(5, 1, 1, -1), groups=5)  # separable, valid
+    mx, my, mxx, myy, mxy = F.conv2d(maps, g.view(1, 1, -1, 1).expand(5, 1, -1, 1), groups=5).unbind(1)
+    vx, vy, cxy = mxx - mx * mx, myy - my * my, mxy - mx * my
+    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2  # data range 1
+    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.mean((1, 2)).view(N, C).mean(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# LPIPS v0.1, AlexNet
+
+ALEX_CHANNELS = (64, 192, 384, 256, 256)
+ALEX_TAPS = (1, 4, 7, 9, 11)  # the ReLUs in torchvision's alexnet().features whose outputs LPIPS compares
+
+
+class LPIPS(nn.Module):
+    """(N, 3, H, W) pairs in [-1, 1] -> (N,) distances."""
+
+    def __init__(self):
+        super().__init__()
+        # torchvision's alexnet().features up to its last ReLU, indices kept: official keys load as they are
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU())
+        self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in ALEX_CHANNELS)
+        # lpips' fixed input scaling: ImageNet statistics expressed for [-1, 1] inputs
+        self.register_buffer("shift", torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([.458, .448, .450]).view(1, 3, 1, 1), persistent=False)
+
+    def taps(self, x):
+        out = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in ALEX_TAPS:  # unit length over channels at every position
+                out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return out
+
+    def forward(self, x, y):
+        n = len(x)
+        x = torch.cat([x, y]).to(self.shift.dtype)  # both images in one pass
+        feats = self.taps((x - self.shift) / self.scale)
+        return sum(head((f[:n] - f[n:]) ** 2).mean((1, 2, 3)) for head, f in zip(self.heads, feats))
+
+
+def load_lpips(alexnet=None, heads=None, device="cpu"):
+    """LPIPS from torchvision's alexnet-owt-7be5be79.pth and lpips' v0.1 alex.pth (see resolve_weights)."""
+    backbone, lins = _state_dict("alexnet", alexnet), _state_dict("lpips", heads)
+    net = LPIPS()
+    sd = {k: v for k, v in backbone.items() if k.startswith("features.")}  # the classifier is unused
+    sd.update({f"heads.{i}.weight": lins[f"lin{i}.model.1.weight"] for i in range(5)
+               if f"lin{i}.model.1.weight" in lins})  # lpips' NetLinLayer: Sequential(Dropout, Conv2d)
+    own = net.state_dict()
+    missing = sorted(set(own) - set(sd))
+    shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+              if k in sd and sd[k].shape != v.shape]
+    if missing or shapes or len(sd) != len(own):
+        raise WeightsError(f"these files do not fit LPIPS/AlexNet: missing {missing}, mis-shaped {shapes}, "
+                           f"unexpected {sorted(set(sd) - set(own))}; expected {WEIGHTS['alexnet'][0]} and "
+                           f"{WEIGHTS['lpips'][0]}")
+    net.load_state_dict(sd)
+    return net.to(device).eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------
+# FID / FVD features and the Frechet distance
+
+def _accepts(net, arg):
+    schema = getattr(net.forward, "schema", None)  # TorchScript methods carry a schema, not a signature
+    names = [a.name for a in schema.arguments] if schema else inspect.signature(net.forward).parameters
+    return arg in names
+
+
+@torch.no_grad()
+def inception_features(frames, net, batch=64):
+    """(N, 3, H, W) in [0, 1] -> (N, D) float64 pool3 features of inception-2015-12-05.pt."""
+    out = []
+    for x in frames.split(batch):
+        x = F.interpolate(x.float(), FID_SIZE, mode="bilinear", antialias=True, align_corners=False)
+        out.append(net(x * 255, return_features=True).double().cpu())  # this file wants 0..255
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def i3d_features(videos, net, batch=8):
+    """(B, 3, T, H, W) in [0, 1] -> (B, 400) float64 I3D logits averaged over time."""
+    kw = dict(rescale=False, resize=False, return_features=True) if _accepts(net, "return_features") else {}
+    out = []
+    for v in videos.split(batch):
+        B, C, T = v.shape[:3]
+        x = v.transpose(1, 2).flatten(0, 1).float()  # (B*T, C, H, W)
+        x = F.interpolate(x, FVD_SIZE, mode="bilinear", align_corners=False)
+        x = x.view(B, T, C, *FVD_SIZE).transpose(1, 2) * 2 - 1  # (B, C, T, 224, 224) in [-1, 1]
+        out.append(net(x, **kw).double().cpu())
+    return torch.cat(out).numpy()
+
+
+def feature_stats(features):
+    f = np.asarray(features, np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"the Frechet distance needs at least 2 feature vectors (N, D), got shape {f.shape}")
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def _sqrt_psd(s):
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(w.clip(min=0))) @ v.T
+
+
+def frechet_distance(mu1, s1, mu2, s2):
+    """|mu1 - mu2|^2 + Tr(s1 + s2 - 2 (s1 s2)^1/2) for Gaussians given by means and covariances, float64."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.atleast_2d(np.asarray(s1, np.float64)), np.atleast_2d(np.asarray(s2, np.float64))
+    r1 = _sqrt_psd(s1)
+    m = r1 @ s2 @ r1  # symmetric PSD, same eigenvalues as s1 @ s2
+    tr_sqrt = np.sqrt(np.linalg.eigvalsh((m + m.T) / 2).clip(min=0)).sum()
+    d = mu1 - mu2
+    return max(float(d @ d + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt), 0.0)  # >= 0 up to rounding
+
+
+def frechet_from_features(a, b):
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+def latent_l2(pred, gt, n_cond=1):
+    """(B, C, T', H', W') latents -> (B,) MSE over the predicted latent frames [n_cond:]."""
+    return ((pred[:, :, n_cond:].double() - gt[:, :, n_cond:].double()) ** 2).mean((1, 2, 3, 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# PCK: keypoint detectors, hits per threshold, action families
+
+class MarkerDetector:
+    """The synthetic data's exact detector: the centroid of each coloured marker (data.detect_keypoints).
+    Interface of every detector: uint8 (N, H, W, 3) RGB -> (N, 12, 2) pixels (u, v) in
+    data.KEYPOINT_NAMES order, NaN where a keypoint is not found."""
+
+    def __call__(self, frames):
+        return np.stack([data.detect_keypoints(f) for f in frames])
+
+
+class KeypointModel:
+    """A real hand-keypoint detector exported as TorchScript (e.g. 2D keypoints of HaMeR or WiLoR): the file
+    maps float (N, 3, H, W) RGB in [0, 1] to (N, 12, 3) = pixel u, v at the input resolution in
+    data.KEYPOINT_NAMES order and a confidence in [0, 1]; below min_confidence counts as not found."""
+
+    def __init__(self, spec, min_confidence=0.5, device="cpu"):
+        self.net = load_torchscript("keypoints", spec, device)
+        self.min_confidence, self.device = min_confidence, device
+
+    @torch.no_grad()
+    def __call__(self, frames):
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2).float() / 255
+        out = self.net(x).double().cpu().numpy()
+        if out.shape != (len(frames), len(data.KEYPOINT_NAMES), 3):
+            raise ValueError(f"the keypoint model returned {out.shape}, not (N, 12, 3): u, v, confidence")
+        kp = out[..., :2].copy()
+        kp[out[..., 2] < self.min_confidence] = np.nan
+        return kp
+
+
+def pck(pred_kp, gt_kp, valid=None, thresholds=PCK_THRESHOLDS):
+    """(..., K, 2) pixels, NaN where not found -> (hits per threshold (len(thresholds),), keypoints counted).
+    A GT keypoint counts when found (and valid); a missing prediction is a miss."""
+    pred_kp, gt_kp = np.asarray(pred_kp, np.float64), np.asarray(gt_kp, np.float64)
+    counted = np.isfinite(gt_kp).all(-1) & (True if valid is None else np.asarray(valid, bool))
+    dist = np.linalg.norm(pred_kp - gt_kp, axis=-1)[counted]  # NaN <= k is False
+    return np.array([int((dist <= k).sum()) for k in thresholds]), int(counted.sum())
+
+
+def action_family(actions, mean, std):
+    """(T_a, 57) raw actions -> 'wrist' | 'finger' | 'head': the family with the largest RMS z-score over its
+    dimensions and all steps (ties go to the first of wrist, finger, head)."""
+    z = (np.asarray(actions, np.float64) - mean) / (np.asarray(std, np.float64) + 1e-6)
+    rms = [np.sqrt((z[:, list(idx)] ** 2).mean()) for idx in data.ACTION_FAMILIES.values()]
+    return FAMILIES[int(np.argmax(rms))]
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-clip metrics and the report
+
+def _pck_summary(clips, thresholds):
+    count = sum(c["pck_count"] for c in clips if "pck_count" in c)
+    hits = sum(np.asarray(c["pck_hits"]) for c in clips if "pck_count" in c)
+    return {f"pck@{k:g}": (100.0 * hits[i] / count if count else None) for i, k in enumerate(thresholds)}
+
+
+def aggregate(clips, fid=None, fvd=None, thresholds=PCK_THRESHOLDS, resolution=None):
+    """Per-clip metric dicts -> the report: means over clips of psnr/ssim/lpips/latent_l2, FID/FVD as
+    given, PCK pooled over keypoints (percent), and PCK per action family."""
+    out = {"clips": len(clips)}
+    for m in ("psnr", "ssim", "lpips", "latent_l2"):
+        values = [c[m] for c in clips if m in c]
+        if values:
+            out[m] = float(np.mean(values))
+    out.update({k: v for k, v in (("fid", fid), ("fvd", fvd)) if v is not None})
+    if any("pck_count" in c for c in clips):
+        out.update(_pck_summary(clips, thresholds), pck_resolution=resolution)
+        if any("family" in c for c in clips):
+            out["families"] = {f: {"clips": sum(c.get("family") == f for c in clips),
+                                   **_pck_summary([c for c in clips if c.get("family") == f], thresholds)}
+                               for f in FAMILIES}
+    return out
+
+
+class Evaluator:
+    """Accumulates per-clip metrics (and FID/FVD features) batch by batch; report() -> aggregate(...).
+    Networks come loaded (load_lpips, load_torchscript); a metric whose network is missing is an error."""
+
+    def __init__(self, metrics=("psnr", "ssim"), n_cond=1, lpips=None, inception=None, i3d=None,
+                 detector=None, stats=None, device="cpu", chunk=16):
+        if set(metrics) - set(METRICS):
+            raise ValueError(f"unknown metrics {sorted(set(metrics) - set(METRICS))}; choose from {METRICS}")
+        for m, arg, net in (("lpips", "lpips", lpips), ("fid", "inception", inception), ("fvd", "i3d", i3d)):
+            if m in metrics and net is None:
+                raise ValueError(f"{m} needs its network: pass {arg}= (load_lpips / load_torchscript)")
+        self.metrics, self.n_cond, self.device, self.chunk = tuple(metrics), n_cond, device, chunk
+        self.lpips, self.inception, self.i3d = lpips, inception, i3d
+        self.detector = detector or MarkerDetector()
+        self.stats = stats  # (mean, std) from data.load_stats, for the action families
+        self.clips, self.features, self.resolution = [], {"fid": ([], []), "fvd": ([], [])}, None
+
+    def _per_frame(self, fn, p, g):  # (B, C, T, H, W) pair -> (B, T), frames in chunks
+        B, C, T, H, W = p.shape
+        x, y = (v.transpose(1, 2).reshape(B * T, C, H, W) for v in (p, g))
+        with torch.no_grad():
+            return torch.cat([fn(a, b) for a, b in zip(x.split(self.chunk), y.split(self.chunk))]).view(B, T)
+
+    def add(self, pred, gt, actions=None, keypoint_valid=None, pred_latents=None, gt_latents=None):
+        """pred, gt (B, 3, T, H, W) uint8 or [0, 1]; actions (B, T-1, 57) raw; keypoint_valid (B, T, 12);
+        latents (B, C, T', H', W') -> the per-clip metric dicts of this batch (also kept for report())."""
+        p, g = as_unit(pred, "pred").to(self.device), as_unit(gt, "gt").to(self.device)
+        if p.shape != g.shape or p.ndim != 5 or p.shape[1] != 3 or p.shape[2] <= self.n_cond:
+            raise ValueError(f"pred {tuple(p.shape)} and gt {tuple(g.shape)} must be equal (B, 3, T, H, W) "
+                             f"videos with more than n_cond={self.n_cond} frames")
+        p, g = p[:, :, self.n_cond:], g[:, :, self.n_cond:]  # predicted frames only
+        B, _, T, H, W = p.shape
+        self.resolution = [H, W]
+        per = {}
+        if "psnr" in self.metrics:
+            per["psnr"] = self._per_frame(psnr_frames, p, g).mean(1)
+        if "ssim" in self.metrics:
+            per["ssim"] = self._per_frame(ssim_frames, p, g).mean(1)
+        if "lpips" in self.metrics:
+            per["lpips"] = self._per_frame(lambda a, b: self.lpips(a * 2 - 1, b * 2 - 1), p, g).mean(1)
+        if "latent_l2" in self.metrics:
+            if pred_latents is None or gt_latents is None:
+                raise ValueError("latent_l2 needs pred_latents and gt_latents")
+            per["latent_l2"] = latent_l2(torch.as_tensor(pred_latents), torch.as_tensor(gt_latents),
+                                         self.n_cond)
+        if "fid" in self.metrics:  # features are kept for report()
+            for store, v in zip(self.features["fid"], (p, g)):
+                store.append(inception_features(v.transpose(1, 2).flatten(0, 1), self.inception))
+        if "fvd" in self.metrics:
+            for store, v in zip(self.features["fvd"], (p, g)):
+                store.append(i3d_features(v, self.i3d))
+        clips = [{k: float(v[b]) for k, v in per.items()} for b in range(B)]
+        if "pck" in self.metrics:
+            to_u8 = lambda v: (v.permute(0, 2, 3, 4, 1) * 255).round().byte().cpu().numpy()  # (B, T, H, W, 3)
+            pu8, gu8 = to_u8(p), to_u8(g)
+            for b, clip in enumerate(clips):
+                valid = None if keypoint_valid is None else np.asarray(keypoint_valid[b])[self.n_cond:]
+                hits, count = pck(self.detector(pu8[b]), self.detector(gu8[b]), valid)
+                clip.update(pck_hits=hits.tolist(), pck_count=count)
+        if actions is not None and self.stats is not None:
+            for b, clip in enumerate(clips):
+                clip["family"] = action_family(np.asarray(actions[b]), *self.stats)
+        self.clips += clips
+        return clips
+
+    def report(self):
+        fd = {m: frechet_from_features(np.concatenate(f[0]), np.concatenate(f[1]))
+              for m, f in self.features.items() if f[0]}
+        return aggregate(self.clips, fd.get("fid"), fd.get("fvd"), resolution=self.resolution)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line: compare two sets of videos; the rollout protocol arrives with sample.py
+
+def read_video(path):
+    """.npy ((T, H, W, 3) or (N, T, H, W, 3), uint8 or [0, 1]) or a video file -> (N, 3, T, H, W)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        v = torch.from_numpy(np.load(path))
+    else:
+        v = torch.from_numpy(data.decode_frames(path, 0, data.video_frame_count(path))[0])
+    v = v[None] if v.ndim == 4 else v
+    if v.ndim != 5 or v.shape[-1] != 3:
+        raise ValueError(f"{path}: expected (T, H, W, 3) or (N, T, H, W, 3) frames, got {tuple(v.shape)}")
+    return v.permute(0, 4, 1, 2, 3)
+
+
+def list_videos(path):
+    """A video file, or a folder of them -> {name: path}."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is neither a video file nor a folder of videos")
+    files = [path] if path.is_file() else sorted(path.iterdir())
+    return {f.stem: f for f in files if f.suffix in (".npy", ".mp4", ".avi", ".mkv")}
+
+
+def compare(args):
+    pred, gt = list_videos(args.pred), list_videos(args.gt)
+    if not pred or pred.keys() != gt.keys() and not len(pred) == len(gt) == 1:
+        raise ValueError(f"{args.pred} and {args.gt} must hold videos with the same names; only in pred: "
+                         f"{sorted(set(pred) - set(gt))[:5]}, only in gt: {sorted(set(gt) - set(pred))[:5]}")
+    metrics, dev = tuple(m for m in args.metrics.split(",") if m), args.device
+    if "latent_l2" in metrics:
+        raise ValueError("latent_l2 needs latents; it runs in the rollout protocol, not in compare")
+    ev = Evaluator(metrics, n_cond=args.cond_frames, device=dev,
+                   lpips=load_lpips(args.alexnet, args.lpips_heads, dev) if "lpips" in metrics else None,
+                   inception=load_torchscript("inception", args.inception, dev) if "fid" in metrics else None,
+                   i3d=load_torchscript("i3d", args.i3d, dev) if "fvd" in metrics else None,
+                   detector=None if args.detector == "markers" else KeypointModel(args.detector, device=dev))
+    for p, g in tqdm(list(zip(pred.values(), gt.values())), desc="compare"):
+        ev.add(read_video(p), read_video(g))
+    report = ev.report()
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    print("; ".join(f"{k} {v:.4g}" for k, v in report.items() if isinstance(v, float)))
+    return report
+
+
+PROTOCOL_MISSING = ("the rollout protocol (--checkpoint/--data/--horizon: roll out the evaluation clips, "
+                    "score them, write the JSON report, the Table 1 Markdown and the figure) needs "
+                    "sample.py, which does not exist yet (issue 9). Until then, score videos rolled out "
+                    "otherwise with `python evaluate.py compare --pred PRED --gt GT`.")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p.add_argument("--checkpoint", nargs="+", help="checkpoints, a table row each (needs sample.py)")
+    p.add_argument("--data", help="dataset root holding the evaluation split (rollout protocol)")
+    p.add_argument("--horizon", type=int, choices=(25, 65), help="frames per rollout (rollout protocol)")
+    sub = p.add_subparsers(dest="command")
+    c = sub.add_parser("compare", help="score predicted videos against ground-truth videos")
+    c.add_argument("--pred", required=True, help="predicted video (.npy/.mp4) or a folder of them")
+    c.add_argument("--gt", required=True, help="ground-truth video(s), same names as --pred")
+    c.add_argument("--metrics", default="psnr,ssim", help="comma-separated, from psnr,ssim,lpips,fid,fvd,pck")
+    c.add_argument("--cond-frames", type=int, default=1, help="leading conditioning frames, not scored")
+    for flag, kind in (("--alexnet", "alexnet"), ("--lpips-heads", "lpips"), ("--inception", "inception"),
+                       ("--i3d", "i3d")):
+        c.add_argument(flag, help=f"{WEIGHTS[kind][1]}: path, URL or Hub file ({WEIGHTS[kind][0]})")
+    c.add_argument("--detector", default="markers",
+                   help="PCK: 'markers' (synthetic data) or a TorchScript keypoint model (see KeypointModel)")
+    c.add_argument("--device", default="cpu", help="torch device for the feature networks")
+    c.add_argument("--out", help="also write the JSON report here")
+    args = p.parse_args(argv)
+    if args.checkpoint or args.data or args.horizon:
+        print(PROTOCOL_MISSING, file=sys.stderr)
+        return 2
+    if args.command != "compare":
+        p.print_help()
+        return 1
+    compare(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
