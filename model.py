@@ -22,6 +22,7 @@ Run `python model.py --benchmark` for speed and memory figures.
 """
 
 import argparse
+import json
 import math
 import os
 import time
@@ -516,7 +517,6 @@ def read_state_dict(path):
             raise FileNotFoundError(f"no .safetensors files in {path}")
         paths = [os.path.join(path, f) for f in shards]
     elif path.endswith(".json"):
-        import json
         with open(path) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         paths = [os.path.join(os.path.dirname(path), f) for f in shards]
@@ -631,6 +631,25 @@ def load_dit(spec, config=None, revision=None, token=None, device="cpu", dtype=N
             raise ValueError("action_stats given for a model without action conditioning (config action_mode)")
         model.action_cond.set_stats(*conditioning.load_stats_file(action_stats))
     return model
+
+
+def load_exported(path, device="cpu", dtype=None):
+    """A model exported by train.py (one safetensors file: EMA weights, the config and what sampling needs in
+    its metadata) -> (DiT in eval mode, info: the metadata dict). Action statistics travel in the weights."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"exported model {path} not found: `python train.py` writes it as "
+                                f"RUN/model.safetensors")
+    with safe_open(str(path), "pt") as f:
+        info = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    if "model_config" not in info:
+        raise ValueError(f"{path} has no model config in its metadata: export it with train.py")
+    c = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["model_config"].items()})
+    with torch.device("meta"):
+        model = DiT(c)
+    load_state_dict_checked(model, load_file(str(path)), source=str(path))
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False), info
 
 
 # -----------------------------------------------------------------------------

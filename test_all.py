@@ -14,8 +14,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 from dataclasses import replace
 from pathlib import Path
@@ -32,8 +34,10 @@ import conditioning
 import data
 import evaluate as E
 import model as M
+import sample as S
 import semantic
 import tokenizer as tk
+import train
 from semantic import (DINO_PRESETS, DINO_REPO, DinoV3, SemanticProjector, TextEmbedder, TextEncoder,
                       aggregate_hidden_states, conditioning_features, load_dino)
 
@@ -1241,7 +1245,7 @@ def test_identity_at_initialization(tmp_path, mode):
         assert (loaded[name] == 0).all() == (p == 0).all(), name
 
 
-def train(model, steps, lr=1e-2):
+def train_steps(model, steps, lr=1e-2):
     """`steps` Adam steps on the new parameters only (random data); the names whose gradient was ever non-zero."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -1264,14 +1268,14 @@ def train(model, steps, lr=1e-2):
 @pytest.mark.parametrize("mode", ACTION_MODES)
 def test_every_new_parameter_learns_within_two_steps(tmp_path, mode):
     _, model = load_with_actions(tmp_path, mode)
-    learned, params = train(model, 2)
+    learned, params = train_steps(model, 2)
     assert learned == params, f"no gradient in two steps: {sorted(params - learned)}"
 
 
 @pytest.mark.parametrize("mode", ACTION_MODES)
 def test_no_action_dimension_or_step_ignored(tmp_path, mode):
     _, model = load_with_actions(tmp_path, mode)
-    train(model, 3)
+    train_steps(model, 3)
     x, sigma, text, mask, actions = batch(seed=99)
     actions.requires_grad_(True)
     out = model(x, sigma, text, frame_mask=mask, actions=actions)
@@ -2240,3 +2244,264 @@ def test_command_line_compare_and_protocol_message(tmp_path, eval_synth_clip, ca
         E.main(["compare", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")])
     assert E.main(["--checkpoint", "ckpt.pt", "--horizon", "25"]) == 2
     assert "needs sample.py" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# train.py: one process and torchrun, exact resume, SIGTERM, export, bad input
+
+TRAIN_ARGS = ["--dim", "64", "--blocks", "2", "--height", "32", "--width", "64", "--frames", "5", "--workers", "0",
+         "--log-every", "1", "--warmup", "2", "--lr", "1e-3", "--preview-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def train_synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_synth") / "data"
+    data.write_synthetic(root, tasks=2, episodes=2, test_episodes=1, frames=40, size=(64, 112), workers=0)
+    (root / "stats.json").write_text(json.dumps(data.compute_stats(root)))
+    return root
+
+
+def run_train(args, nproc=1, wait=True):
+    """One process: in this one (train.main; no interpreter start-up). Two ranks or no wait: a subprocess."""
+    argv = [*TRAIN_ARGS, *map(str, args)]
+    if nproc == 1 and wait:
+        return train.main(argv)
+    env = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1" if nproc > 1 else "2"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 \
+        else [sys.executable]
+    cmd = launcher + [os.path.join(HERE, "train.py"), *argv]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if p.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def run_losses(run_dir):
+    lines = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+    return [v for line in lines for v in line["losses"]]
+
+
+def only_run(out):
+    (d,) = [p for p in Path(out).iterdir() if p.is_dir()]
+    return d
+
+
+def test_run_writes_everything_and_the_export_loads_samples_and_carries_the_statistics(train_synth, tmp_path):
+    run_train(["--data", train_synth, "--out", tmp_path / "runs", "--steps", 3, "--batch-size", 2, "--micro-batch", 2,
+         "--ckpt-every", 2, "--keep", 1])
+    d = only_run(tmp_path / "runs")
+    assert d.name.startswith("000-tiny-dexac")
+    for f in ("config.json", "metrics.jsonl", "loss.png", "preview.png", "model.safetensors"):
+        assert (d / f).is_file(), f
+    assert [c.name for c in (d / "checkpoints").iterdir()] == ["step_0000003"]  # keep 1: step 2 was removed
+    line = json.loads(open(d / "metrics.jsonl").readline())
+    for key in ("loss", "loss_per_sigma_bin", "grad_norm", "lr", "step_time", "tokens_per_s"):
+        assert key in line
+    assert len(run_losses(d)) == 3 and all(np.isfinite(run_losses(d)))
+
+    net, info = M.load_exported(d / "model.safetensors", "cpu", torch.float32)
+    assert info["step"] == 3 and info["action_layout"] == data.action_layout()
+    assert net.patch_embed.weight.dtype == torch.float32  # exported in bf16, loaded as asked
+    # the statistics of stats.json are in the weights, bit for bit and with their layout
+    stats = json.loads((train_synth / "stats.json").read_text())
+    mean, std = net.action_cond.norm.stats()
+    assert torch.equal(mean, torch.tensor(stats["mean"], dtype=torch.float32))
+    assert torch.equal(std, torch.tensor(stats["std"], dtype=torch.float32))
+    assert int(net.action_cond.norm.has_stats) == 1 and std.min() > 0 and mean.abs().max() > 0
+    net.action_cond.norm.check_layout(data.action_layout())
+    # the EMA weights were trained (the output layer starts at zero) and the model samples
+    assert net.final.linear.weight.abs().max() > 0
+    c = net.config
+    x = torch.randn(1, c.in_channels, 2, 4, 8)
+    mask = torch.tensor([[1.0, 0.0]])
+    text = torch.zeros(1, 16, c.text_dim)
+    actions = torch.randn(1, 4, 57) * std + mean
+    fn = lambda z, s: net(z, s, text, mask, actions=actions)
+    out = M.sample(fn, torch.randn_like(x), M.shifted_sigmas(3), x_cond=x, frame_mask=mask)
+    assert out.shape == x.shape and torch.isfinite(out).all() and torch.equal(out[:, :, 0], x[:, :, 0])
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(train_synth, tmp_path):
+    args = ["--data", train_synth, "--steps", 4, "--batch-size", 2, "--micro-batch", 1, "--ckpt-every", 100]
+    run_train([*args, "--out", tmp_path / "a"])
+    b = run_train([*args, "--out", tmp_path / "b", "--exit-after", 2])
+    assert not (b / "model.safetensors").exists() and (b / "checkpoints" / "step_0000002").is_dir()
+    run_train([*args, "--resume", b])
+    a = only_run(tmp_path / "a")
+    assert len(run_losses(a)) == 4 and run_losses(a) == run_losses(b)  # exact: model, optimizer, EMA, data, noise
+    ta = M.load_exported(a / "model.safetensors")[0].state_dict()
+    tb = M.load_exported(b / "model.safetensors")[0].state_dict()
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_two_ranks_match_one_and_resume_on_one_rank(train_synth, tmp_path):
+    """torchrun with 2 gloo ranks x 1 clip == 1 process x 2 accumulated clips (same global batch of 2), and
+    the 2-rank checkpoint resumes on 1 rank (DCP resharding) on the same trajectory."""
+    args = ["--data", train_synth, "--steps", 3, "--batch-size", 2, "--micro-batch", 1, "--ckpt-every", 100]
+    run_train([*args, "--out", tmp_path / "one"])
+    run_train([*args, "--out", tmp_path / "two", "--exit-after", 2], nproc=2)
+    two = only_run(tmp_path / "two")
+    assert json.loads((two / "checkpoints" / "step_0000002" / "meta.json").read_text())["world_size"] == 2
+    run_train([*args, "--resume", two])
+    l1, l2 = run_losses(only_run(tmp_path / "one")), run_losses(two)
+    assert len(l1) == len(l2) == 3
+    np.testing.assert_allclose(l2, l1, rtol=1e-5)
+    assert len(set(l1)) == 3  # the steps differ, so agreement is not trivial
+
+
+def test_sigterm_mid_run_leaves_a_resumable_checkpoint(train_synth, tmp_path):
+    """SIGTERM to the whole process group, as clusters do: the loader worker ignores it, the trainer finishes
+    its step, checkpoints and exits 0; the run then resumes to the end."""
+    args = ["--data", train_synth, "--out", tmp_path / "runs", "--batch-size", 2, "--micro-batch", 2,
+            "--ckpt-every", 1000]
+    p = run_train([*args, "--steps", 1000, "--workers", 1], wait=False)
+    deadline = time.time() + 120
+    while not list((tmp_path / "runs").glob("*/loss.png")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out[-3000:]
+    assert "signal SIGTERM" in out
+    d = only_run(tmp_path / "runs")
+    (ckpt,) = (d / "checkpoints").iterdir()
+    step = json.loads((ckpt / "meta.json").read_text())["step"]
+    assert 1 <= step < 1000
+    run_train([*args, "--steps", step + 1, "--resume", d])
+    assert len(run_losses(d)) == step + 1 and (d / "model.safetensors").is_file()
+
+
+def main_error(argv, out):
+    with pytest.raises(SystemExit) as e:
+        train.main([*TRAIN_ARGS, "--steps", "1", "--out", str(out), *map(str, argv)])
+    return str(e.value)
+
+
+def test_train_bad_input_gives_one_clear_error(train_synth, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--preset", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    err = lambda *argv: main_error(argv, tmp_path / "err")
+    assert "does not exist" in err("--data", tmp_path / "missing", "--no-synthetic")
+    assert "stats file" in err("--data", train_synth, "--stats", tmp_path / "none.json", "--no-synthetic")
+    other = json.loads((train_synth / "stats.json").read_text())
+    other["layout"]["dim"] = 56
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert "another action layout" in err("--data", train_synth, "--stats", tmp_path / "other.json")
+    assert "multiples of 16" in err("--data", train_synth, "--height", 40)
+    assert "multiple of --micro-batch" in err("--data", train_synth, "--batch-size", 3, "--micro-batch", 2)
+    # a checkpoint from another configuration
+    run_train(["--data", train_synth, "--out", tmp_path / "runs", "--steps", 1, "--batch-size", 1, "--micro-batch", 1])
+    msg = err("--data", train_synth, "--resume", only_run(tmp_path / "runs"), "--action-mode", "mlp",
+              "--batch-size", 1, "--micro-batch", 1)
+    assert "another configuration" in msg and "action_mode" in msg
+    assert "no complete checkpoint" in err("--data", train_synth, "--resume", tmp_path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        M.load_exported(tmp_path / "none.safetensors")
+
+
+def test_lr_schedule_and_help():
+    cfg = train.TrainConfig(lr=1.0, warmup=10, steps=110, schedule="cosine", min_lr_ratio=0.1)
+    assert train.lr_at(0, cfg) == pytest.approx(0.1) and train.lr_at(9, cfg) == pytest.approx(1.0)
+    assert train.lr_at(60, cfg) == pytest.approx(0.55) and train.lr_at(110, cfg) == pytest.approx(0.1)
+    assert train.lr_at(500, train.TrainConfig(lr=2.0, warmup=1, schedule="constant")) == 2.0
+    assert set(train.HELP) == {f.name for f in train.fields(train.TrainConfig)}  # every flag has help
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(train_synth, tmp_path):
+    """An absurd lr makes the weights huge after one update: the following losses are not finite, their
+    updates are skipped, and the fifth one in a row stops the run with a message (no checkpoint written)."""
+    msg = main_error(["--data", train_synth, "--lr", "1e30", "--warmup", 1, "--batch-size", 1, "--micro-batch", 1,
+                      "--steps", 20, "--ckpt-every", 1000], tmp_path / "runs")
+    assert "non-finite steps in a row" in msg
+    d = only_run(tmp_path / "runs")
+    assert not list((d / "checkpoints").iterdir())
+    assert len(run_losses(d)) >= 5 and not np.isfinite(run_losses(d)[-5:]).any()
+
+
+def test_init_loads_the_backbone_and_trainable_new_keeps_it_frozen(train_synth, tmp_path):
+    """--init: an official-layout checkpoint is loaded on the meta device; --trainable new trains only DexAC
+    (zero-initialized outputs become non-zero) and exports the backbone bit for bit."""
+    cfg = train.TrainConfig(dim=64, blocks=2, frames=5, tokenizer="wan2.1")
+    backbone = M.DiT(train.model_config(cfg, 16))
+    for p in backbone.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    official = M.state_dict_as(backbone.state_dict(), "official", 2)
+    torch.save({f"net.{k}": v for k, v in official.items()}, tmp_path / "backbone.pt")
+    d = run_train(["--data", train_synth, "--out", tmp_path / "runs", "--steps", 2, "--batch-size", 1, "--micro-batch", 1,
+             "--tokenizer", "wan2.1", "--init", tmp_path / "backbone.pt", "--trainable", "new",
+             "--export-dtype", "fp32"])
+    net, info = M.load_exported(d / "model.safetensors")
+    got, want = net.state_dict(), backbone.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want if not k.startswith("action_cond."))
+    zero_at_init = (net.action_cond.glob.to_3d.weight, net.action_cond.local.attn.o.weight)
+    assert all(w.abs().max() > 0 for w in zero_at_init)
+
+
+# -----------------------------------------------------------------------------
+# sample.py: autoregressive rollouts from a model exported by train.py
+
+
+@pytest.fixture(scope="module")
+def exported(train_synth, tmp_path_factory):
+    """A 2-step tiny DexAC model trained on 5-frame clips (4 actions per chunk) and exported by train.py."""
+    out = tmp_path_factory.mktemp("sample_runs")
+    run_train(["--data", train_synth, "--out", out, "--steps", 2, "--batch-size", 2, "--micro-batch", 2])
+    return only_run(out) / "model.safetensors"
+
+
+def test_rollout_length_seeds_and_batching(exported, train_synth):
+    wm = S.WorldModel(str(exported))
+    episode = data.load_index(train_synth)[0][0]
+    frame = data.load_clip(episode, 0, 1, wm.size)["video"][:, 0].permute(1, 2, 0).numpy()  # (H, W, 3)
+    g = np.random.default_rng(0)
+    acts = S.still_actions(30)[None] + 1e-3 * g.standard_normal((2, 30, data.ACTION_DIM)).astype(np.float32)
+    roll = lambda frames, a, seeds: wm.rollout(frames, a, [""] * len(seeds), seeds, steps=2, progress=False)
+    one = roll(frame[None], acts[:1], [0])
+    assert one.shape == (1, 31, *wm.size, 3) and one.dtype == np.uint8  # 30 actions -> 31 frames
+    assert np.array_equal(one[0, 0], frame)  # the first frame is the given one (exact pixel tokenizer)
+    assert np.array_equal(roll(frame[None], acts[:1], [0]), one)  # the same seed twice: identical
+    assert not np.array_equal(roll(frame[None], acts[:1], [1]), one)  # another seed: another sample
+    both = roll(np.stack([frame, frame]), acts, [0, 1])
+    alone = np.concatenate([one, roll(frame[None], acts[1:], [1])])
+    assert np.abs(both.astype(int) - alone.astype(int)).max() <= 1  # a batch = one by one (up to rounding)
+
+
+def test_sample_command_outputs_and_bad_inputs(exported, train_synth, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+    episode = sorted(Path(train_synth).glob("part1/*/*.hdf5"))[0]
+    frame = data.load_clip(data.load_index(train_synth)[0][0], 0, 1, (50, 70))["video"][:, 0]
+    Image.fromarray(frame.permute(1, 2, 0).numpy()).convert("L").save(tmp_path / "gray.png")
+    np.save(tmp_path / "acts.npy", S.still_actions(9))
+    base = ["--checkpoint", str(exported), "--steps", "2", "--out", str(tmp_path / "out")]
+    S.main(base + ["--image", str(tmp_path / "gray.png"), "--actions", str(tmp_path / "acts.npy")])
+    printed = capsys.readouterr().out
+    assert "is L, not RGB" in printed and "resizing" in printed  # notices, not errors
+    assert sum(1 for _ in __import__("av").open(str(tmp_path / "out" / "acts.mp4")).decode(video=0)) == 10
+    assert (tmp_path / "out" / "acts.png").is_file()
+    S.main(base + ["--episode", str(episode), "--num-actions", "8"])  # ground truth: side by side + PSNR
+    assert "PSNR per frame" in capsys.readouterr().out
+    assert list((tmp_path / "out").glob("*_vs_gt.mp4"))
+
+    # every bad input is caught before a model is loaded
+    monkeypatch.setattr(M, "load_exported", lambda *a, **k: pytest.fail("loaded a model for a bad input"))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "bare.safetensors"))
+    bad = {"wrong_width": np.zeros((5, 56)), "one_dim": np.zeros(57), "nan": np.full((5, 57), np.nan),
+           "empty": np.zeros((0, 57))}
+    expected = {"wrong_width": r"must be \(K, 57\)", "one_dim": r"must be \(K, 57\)", "nan": "NaN/inf",
+                "empty": "no actions"}
+    for name, a in bad.items():
+        np.save(tmp_path / f"{name}.npy", a)
+        with pytest.raises(SystemExit, match=expected[name]):
+            S.main(base + ["--image", str(tmp_path / "gray.png"), "--actions", str(tmp_path / f"{name}.npy")])
+    image_args = ["--image", str(tmp_path / "gray.png"), "--actions", str(tmp_path / "acts.npy")]
+    with pytest.raises(SystemExit, match="unknown sampler 'heun'"):
+        S.main(base + image_args + ["--sampler", "heun"])
+    with pytest.raises(SystemExit, match="carries no action statistics"):
+        S.main(["--checkpoint", str(tmp_path / "bare.safetensors")] + image_args)
+    with pytest.raises(SystemExit, match="not found"):
+        S.main(["--checkpoint", str(tmp_path / "none.safetensors")] + image_args)
+    with pytest.raises(SystemExit, match="cannot read the image"):
+        S.main(base + ["--image", str(episode), "--actions", str(tmp_path / "acts.npy")])

@@ -1,0 +1,271 @@
+"""
+Autoregressive rollouts of a trained world model: one frame + a task + K raw 57-D actions -> a video.
+
+    python sample.py --checkpoint runs/000/model.safetensors --image frame.png --actions actions.npy
+    python sample.py --checkpoint runs/000/model.safetensors --episode data/synthetic/test/open_jar/0.hdf5
+
+The actions are cut into chunks of the model's length (12 for 13-frame training clips: 3 latent frames of 4
+actions each); every chunk is denoised with
+the latent frame it starts from held clean (Cosmos' video2world conditioning), and its last latent frame
+conditions the next chunk. The last chunk is padded with still actions (no motion) and trimmed.
+
+Deliberate choices:
+- the latent is carried from chunk to chunk (no decode -> re-encode round trip); `--reencode` decodes the
+  last frame and encodes it as a fresh first frame instead, which is what the model saw in training (a
+  clip's first latent frame holds one frame, later ones four) at the cost of one VAE round trip per chunk;
+- each sample draws its noise from its own generator (seed + sample index, chunk), so a batch gives exactly
+  the samples that one-by-one runs give, up to floating-point reordering;
+- input checks (action shape, NaN, image mode and size, sampler, checkpoint statistics) run before any model
+  is loaded.
+Outputs: an MP4 and a PNG contact sheet per sample; with ground truth (--episode) a side-by-side video and
+the per-frame PSNR.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import data
+import model as M
+import semantic as sem
+import tokenizer as tok
+
+def still_actions(n):
+    """(n, 57) actions of no motion: zero translations and displacements, identity 6D rotations."""
+    a = np.zeros((n, data.ACTION_DIM), np.float32)
+    for block in ("left_wrist", "right_wrist", "head"):
+        a[:, data.ACTION_SLICES[block].start + 3:data.ACTION_SLICES[block].stop] = data.IDENTITY_6D
+    return a
+
+
+def check_actions(a, name="actions"):
+    """(K, 57) finite float array, K >= 1, or one clear error."""
+    a = np.asarray(a)
+    if a.ndim != 2 or a.shape[1] != data.ACTION_DIM:
+        raise ValueError(f"{name} must be (K, {data.ACTION_DIM}) raw actions (layout in data.py), got shape "
+                         f"{a.shape}; a single action is (1, {data.ACTION_DIM})")
+    if len(a) < 1:
+        raise ValueError(f"{name} holds no actions: give at least one (K >= 1)")
+    if not np.isfinite(a).all():
+        bad = np.argwhere(~np.isfinite(a))[0]
+        raise ValueError(f"{name} has NaN/inf values (first at step {bad[0]}, dimension {bad[1]} "
+                         f"{data.ACTION_NAMES[bad[1]]})")
+    return a.astype(np.float32)
+
+
+def load_actions(path):
+    """A .npy file, or a directory of them -> [(name, (K, 57))]."""
+    path = Path(path)
+    files = sorted(path.glob("*.npy")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise FileNotFoundError(f"no action file {path} (a (K, {data.ACTION_DIM}) .npy file or a directory of them)")
+    return [(f.stem, check_actions(np.load(f), str(f))) for f in files]
+
+
+def load_image(path, size):
+    """An image file -> uint8 (H, W, 3) at `size`, converted to RGB and resized with a notice when needed."""
+    try:
+        img = Image.open(path)
+        img.load()
+    except OSError as e:  # a missing file, or not an image
+        raise FileNotFoundError(f"cannot read the image {path}: {e}") from None
+    if img.mode != "RGB":
+        print(f"notice: {path} is {img.mode}, not RGB; converting it to RGB")
+        img = img.convert("RGB")
+    rgb = np.asarray(img)
+    if rgb.shape[:2] != tuple(size):
+        print(f"notice: {path} is {rgb.shape[1]}x{rgb.shape[0]}, the model runs at {size[1]}x{size[0]}; "
+              f"resizing (center crop to the aspect, antialiased)")
+        rgb = data.resize_image(rgb, size)
+    return rgb
+
+
+# -----------------------------------------------------------------------------
+# the world model: an exported DiT, its tokenizer, its text context
+
+
+class WorldModel:
+    """Everything a rollout needs, rebuilt from one exported file (train.py's export)."""
+
+    def __init__(self, checkpoint, device="cpu", dtype=torch.float32, tokenizer_weights=None):
+        self.dit, self.info = M.load_exported(checkpoint, device=device, dtype=dtype)
+        self.device, self.dtype = torch.device(device), dtype
+        t = self.info["tokenizer"]
+        kwargs = ({"weights": tokenizer_weights or t.get("weights") or None} if t["name"] == "wan2.1" else
+                  {"spatial_compression": t.get("pixel_compression", 8)})
+        self.tokenizer = tok.build_tokenizer(t["name"], **kwargs).to(device).eval()
+        c, text = self.dit.config, self.info["text"]
+        tc = self.info["train_config"]
+        self.text = sem.TextEmbedder(text["mode"], cache_dir=tc.get("text_cache") or None, text_dim=c.text_dim,
+                                     max_tokens=text["tokens"], dtype=dtype)
+        self.size = (tc["height"], tc["width"])
+        if c.semantic_dim:
+            raise NotImplementedError("sampling with the DINOv3 branch needs its encoder: not wired into "
+                                      "sample.py yet")
+
+    def velocity_fn(self, text, actions, frame_mask, guidance):
+        """v(x, sigma) with classifier-free guidance over the text (cond and uncond in one batch)."""
+        def v(x, sigma):
+            if guidance == 0:
+                return self.dit(x, sigma, text, frame_mask=frame_mask, actions=actions)
+            null = self.text.null(x.shape[0]).to(self.device, self.dtype)
+            out = self.dit(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([text, null]),
+                           frame_mask=torch.cat([frame_mask, frame_mask]), actions=torch.cat([actions, actions]))
+            return M.guided(*out.chunk(2), guidance)
+        return v
+
+    @torch.inference_mode()
+    def rollout(self, frame, actions, prompts, seeds, steps=35, solver="dpm++2m", schedule="shifted", shift=5.0,
+                guidance=0.0, reencode=False, progress=True):
+        """frame uint8 (B, H, W, 3); actions (B, K, 57) raw; prompts [B]; seeds [B] -> uint8 (B, 1 + K, H, W, 3)."""
+        B, K = actions.shape[:2]
+        chunk = self.dit.config.action_steps  # actions per chunk; chunk / 4 latent frames follow the held one
+        n_chunks = math.ceil(K / chunk)
+        pad = np.broadcast_to(still_actions(n_chunks * chunk - K), (B, n_chunks * chunk - K, data.ACTION_DIM))
+        actions = torch.from_numpy(np.concatenate([actions, pad], 1)).to(self.device, self.dtype)
+        video = torch.from_numpy(np.array(frame)).to(self.device).permute(0, 3, 1, 2)[:, :, None]  # (B, 3, 1, H, W)
+        z = self.tokenizer.encode(video.to(self.dtype) / 127.5 - 1)  # (B, C, 1, h, w)
+        text = self.text(prompts).to(self.device, self.dtype)
+        sigmas = M.shifted_sigmas(steps, shift) if schedule == "shifted" else M.karras_sigmas(steps)
+        latents, cond = [z], z
+        n_new = chunk // tok.TEMPORAL  # latent frames generated per chunk
+        frame_mask = torch.zeros(B, 1 + n_new, device=self.device)
+        frame_mask[:, 0] = 1
+        for c in tqdm(range(n_chunks), desc="chunks", disable=not progress or n_chunks == 1):
+            x_cond = torch.cat([cond, cond.new_zeros(B, cond.shape[1], n_new, *cond.shape[3:])], 2)  # (B, C, 1+n, h, w)
+            noise = torch.stack([torch.randn(x_cond.shape[1:], generator=torch.Generator().manual_seed(
+                int(s) * 1_000_003 + c)) for s in seeds]).to(self.device, self.dtype)
+            v = self.velocity_fn(text, actions[:, c * chunk:(c + 1) * chunk], frame_mask, guidance)
+            x = M.sample(v, noise, sigmas, solver, x_cond=x_cond, frame_mask=frame_mask)
+            latents.append(x[:, :, 1:])
+            cond = x[:, :, -1:]
+            if reencode:  # decode (causally, so from the start) and encode the last frame alone, as a first frame
+                cond = self.tokenizer.encode(self.tokenizer.decode(torch.cat(latents, 2))[:, :, -1:])
+        out = self.tokenizer.decode(torch.cat(latents, 2))[:, :, :1 + K]  # (B, 3, 1 + K, H, W)
+        return ((out.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+# -----------------------------------------------------------------------------
+# outputs
+
+
+def psnr(a, b):
+    """Per-frame PSNR in dB of uint8 videos (T, H, W, 3); inf for identical frames."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+    with np.errstate(divide="ignore"):
+        return 10 * np.log10(255.0**2 / mse)
+
+
+def contact_sheet(rows, path, every=4):
+    """rows: [(label, uint8 (T, H, W, 3))] -> one PNG, a row per video, every `every`-th frame."""
+    T = rows[0][1].shape[0]
+    picks = list(range(0, T, every)) + ([T - 1] if (T - 1) % every else [])
+    strips = [np.concatenate([video[t] for t in picks], 1) for _, video in rows]
+    Image.fromarray(np.concatenate(strips, 0)).save(path)
+
+
+def write_outputs(out, name, video, gt=None, fps=30):
+    out.mkdir(parents=True, exist_ok=True)
+    data.write_video(out / f"{name}.mp4", video, fps=fps)
+    rows = [("prediction", video)]
+    if gt is not None:
+        data.write_video(out / f"{name}_vs_gt.mp4", np.concatenate([video, gt], 2), fps=fps)
+        rows.append(("ground truth", gt))
+        values = psnr(video, gt)
+        print(f"{name}: PSNR per frame (dB) " + " ".join(f"{v:.1f}" for v in values[1:]) +
+              f" | mean over predicted frames {values[1:].mean():.2f}")
+    contact_sheet(rows, out / f"{name}.png")
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Roll out a DexAC world model from one frame and raw 57-D actions.")
+    p.add_argument("--checkpoint", required=True, help="an exported model (train.py writes RUN/model.safetensors)")
+    p.add_argument("--actions", help=f"(K, {data.ACTION_DIM}) raw actions .npy, or a directory of them (one batch)")
+    p.add_argument("--image", help="first frame (PNG/JPEG); resized to the model's resolution with a notice")
+    p.add_argument("--episode", help="an EgoDex .hdf5 (its .mp4 beside it): first frame, prompt, actions and "
+                                     "ground truth from there")
+    p.add_argument("--start", type=int, default=0, help="first frame index in --episode")
+    p.add_argument("--num-actions", type=int, default=24, help="actions taken from --episode when no --actions")
+    p.add_argument("--prompt", default=None, help="task description (default: the episode's, else empty)")
+    p.add_argument("--steps", type=int, default=35, help="denoising steps per chunk")
+    p.add_argument("--sampler", default="dpm++2m", help=f"ODE solver, one of {M.SOLVERS}")
+    p.add_argument("--schedule", default="shifted", choices=["shifted", "karras"], help="sigma schedule")
+    p.add_argument("--shift", type=float, default=5.0, help="shift of the shifted schedule")
+    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free text guidance g (0: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per action file")
+    p.add_argument("--reencode", action="store_true", help="re-encode the last frame between chunks")
+    p.add_argument("--tokenizer-weights", default=None, help="override the Wan2.1 VAE weights the export names")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model dtype")
+    p.add_argument("--out", default="samples", help="output directory")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # every input is checked before the model is loaded
+    if args.sampler not in M.SOLVERS:
+        raise SystemExit(f"error: unknown sampler {args.sampler!r}; choose one of {M.SOLVERS}")
+    if not os.path.isfile(args.checkpoint):
+        raise SystemExit(f"error: checkpoint {args.checkpoint} not found (train.py exports RUN/model.safetensors)")
+    from safetensors import safe_open
+    with safe_open(args.checkpoint, "pt") as f:
+        meta = f.metadata() or {}
+    if "action_stats" not in meta or "train_config" not in meta:
+        raise SystemExit(f"error: {args.checkpoint} carries no action statistics/config: export it with train.py")
+    tc = json.loads(meta["train_config"])
+    size = (tc["height"], tc["width"])
+    if (args.image is None) == (args.episode is None):
+        raise SystemExit("error: give the first frame with exactly one of --image or --episode")
+    try:
+        gt, prompt = None, args.prompt
+        if args.episode:
+            path = Path(args.episode)
+            ep = data.Episode(f"{path.parent.name}/{path.stem}", args.episode,
+                              data.probe_episode("egodex", args.episode, args.episode), "egodex")
+            n = len(load_actions(args.actions)[0][1]) if args.actions else args.num_actions
+            clip = data.load_clip(ep, args.start, min(n + 1, ep.frames - args.start), size)
+            gt = clip["video"].permute(1, 2, 3, 0).numpy()  # (T, H, W, 3)
+            frame, prompt = gt[0], prompt if prompt is not None else clip["prompt"]
+            runs = load_actions(args.actions) if args.actions else [(ep.id.replace("/", "_"), clip["actions"].numpy())]
+        else:
+            frame = load_image(args.image, size)
+            if not args.actions:
+                raise SystemExit("error: --image needs --actions")
+            runs = load_actions(args.actions)
+    except (ValueError, FileNotFoundError, data.DataError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    wm = WorldModel(args.checkpoint, args.device, dtype, args.tokenizer_weights)
+    names = [f"{name}_s{i}" if args.num_samples > 1 else name for name, _ in runs for i in range(args.num_samples)]
+    K = max(len(a) for _, a in runs)
+    actions = np.stack([np.concatenate([a, still_actions(K - len(a))]) for _, a in runs
+                        for _ in range(args.num_samples)])
+    lengths = [len(a) for _, a in runs for _ in range(args.num_samples)]
+    seeds = [args.seed + i for i in range(len(names))]
+    t0 = time.time()
+    videos = wm.rollout(np.broadcast_to(frame, (len(names), *frame.shape)), actions, [prompt or ""] * len(names),
+                        seeds, args.steps, args.sampler, args.schedule, args.shift, args.guidance, args.reencode)
+    print(f"{len(names)} rollout(s) of up to {K} actions in {time.time() - t0:.1f} s")
+    out = Path(args.out)
+    for name, video, k in zip(names, videos, lengths):
+        write_outputs(out, name, video[:1 + k], gt[:1 + k] if gt is not None and len(gt) >= 1 + k else None)
+    print(f"wrote {len(names)} video(s) and contact sheet(s) to {out}/")
+
+
+if __name__ == "__main__":
+    main()

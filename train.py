@@ -1,0 +1,851 @@
+"""
+Training: `python train.py` (one process, CPU or one GPU) or `torchrun --nproc_per_node=N train.py`.
+
+The DiT (model.py) learns the rectified-flow objective on tokenizer latents of egocentric clips, conditioned
+on the first latent frame, the 57-D action chunk (conditioning.py), text and optionally DINOv3 features
+(semantic.py). Everything else around the model is here: the distributed setup, the recipe, checkpoints
+that never lose work, observability and the export `sample.py` loads.
+
+What it follows:
+- pytorch/torchtitan for the parallelism, in ONE function (`parallelize`) and in its order: activation
+  checkpointing per block, then FSDP2 `fully_shard` per block, then the root, with
+  `MixedPrecisionPolicy(bf16 params, fp32 reduce)` instead of autocast; the optimizer is built after
+  sharding; the pretrained backbone is built on the meta device and loaded without a second copy
+  (`model.load_dit`); checkpoints go through DCP (`torch.distributed.checkpoint`), which reshards on load.
+- facebookresearch/DiT and karpathy/nanoGPT for the shape of the script: named presets feeding argparse,
+  numbered run directories, a rank-0 progress bar, the lr as a plain function of the step, derived
+  quantities (parameters, tokens per step) printed at startup. nanochat for the torchrun-or-plain-python
+  setup that falls back to the CPU.
+
+What it deliberately changes:
+- one code path for every world size: a plain `python train.py` makes a one-rank process group, so the
+  single process runs the same FSDP2 + DCP code as torchrun (the tests compare 1 and 2 ranks).
+- the noise of micro-batch m of step s comes from a generator seeded by (seed, s, m): no RNG state to
+  carry, exact resume by construction. With a micro-batch of 1 clip per rank, m is the clip's place in the
+  global batch, so the loss of a step does not depend on the world size or the accumulation.
+- sigma stays fp32 into the DiT (FSDP's input cast would round it to bf16); only the latents are cast.
+- a NaN/inf loss or gradient norm skips the update (and is logged); repeated ones stop the run.
+- the EMA decay ramps up as min(decay, (1 + step) / (10 + step)), so short runs get a useful EMA; the
+  export holds the EMA, the preview rollouts show the online weights.
+- SIGTERM/SIGINT (clusters signal every process of a job) finish the current step on every rank, write a
+  checkpoint and exit 0; data loader workers ignore them so that the step can finish.
+- `--benchmark` times the DiT's training step on random latents (tokenizer, text and DINOv3 excluded).
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import conditioning
+import data
+import model as M
+import semantic as sem
+import tokenizer as tok
+
+# -----------------------------------------------------------------------------
+# the configuration: one dataclass, two named presets, one argparse flag per field
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"  # model.PRESETS
+    dim: int = 0
+    blocks: int = 0
+    action_mode: str = "dexac"
+    semantic: bool = False
+    init: str = ""
+    trainable: str = "all"
+    tokenizer: str = "pixel"
+    tokenizer_weights: str = ""
+    pixel_compression: int = 8
+    text: str = "none"
+    text_cache: str = ""
+    text_tokens: int = 16
+    dino: str = ""
+    data: str = "data/synthetic"
+    stats: str = ""
+    synthetic: bool = True
+    height: int = 96
+    width: int = 160
+    frames: int = 13
+    cond_frames: int = 1
+    workers: int = 1
+    steps: int = 200
+    batch_size: int = 8
+    micro_batch: int = 8
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+    warmup: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    ema: float = 0.995
+    shift: float = 5.0
+    ac: bool = False
+    seed: int = 0
+    out: str = "runs"
+    ckpt_every: int = 100
+    keep: int = 2
+    log_every: int = 10
+    preview_every: int = 100
+    preview_steps: int = 12
+    export_dtype: str = "bf16"
+
+
+HELP = {
+    "model": f"DiT size preset, one of {sorted(M.PRESETS)}",
+    "dim": "override the preset's DiT width (0: keep it); the heads stay, so keep dim / heads >= 12",
+    "blocks": "override the preset's number of DiT blocks (0: keep it)",
+    "action_mode": "action conditioning: none or a conditioning.MODES entry (dexac, dexac-time, mlp, ...)",
+    "semantic": "add DINOv3 features of the first frame to the cross-attention context (semantic.py)",
+    "init": "pretrained backbone: a local file or a Hub spec for model.load_dit ('' trains from scratch)",
+    "trainable": "'all' parameters or only the 'new' modules (action conditioning, semantic projector)",
+    "tokenizer": f"video tokenizer, one of {tok.TOKENIZERS} (pixel: weightless, for the CPU)",
+    "pixel_compression": "spatial compression s of the pixel tokenizer (12 s^2 channels per latent pixel)",
+    "tokenizer_weights": "Wan2.1 VAE weights: a path or Hub repo id ('' = random, for tests and timing)",
+    "text": "text context: 'none' (one fixed embedding) or 'reason1' (cached Cosmos-Reason1 embeddings)",
+    "text_cache": "directory of cached Cosmos-Reason1 prompt embeddings (text reason1)",
+    "text_tokens": "text context length (512 for the released model)",
+    "dino": "DINOv3 weights for --semantic: a Hub repo or a local file",
+    "data": "EgoDex / EgoVerse root, or a latent cache directory (`python data.py cache`)",
+    "stats": "action statistics file (default: DATA/stats.json)",
+    "synthetic": "write the synthetic dataset and its statistics to DATA when they are absent",
+    "height": "frame height in pixels (a multiple of 16)",
+    "width": "frame width in pixels (a multiple of 16)",
+    "frames": "frames per clip, 4k + 1 (13 -> 4 latent frames, 12 actions)",
+    "cond_frames": "latent frames given clean as the condition (1: the first frame)",
+    "workers": "data loader processes per rank",
+    "steps": "optimizer steps in total",
+    "batch_size": "global batch in clips per optimizer step (= micro_batch x accumulation x ranks)",
+    "micro_batch": "clips per rank per forward pass",
+    "lr": "peak learning rate (AdamW)",
+    "min_lr_ratio": "final lr / peak lr of the cosine schedule",
+    "schedule": "lr after warmup: 'constant' or 'cosine'",
+    "warmup": "linear warmup steps",
+    "weight_decay": "AdamW weight decay on matrices (not on norms, biases, embeddings of size < 2D)",
+    "grad_clip": "clip the global gradient norm to this (0: off)",
+    "ema": "EMA decay of the trainable weights (the export holds the EMA)",
+    "shift": "sigma shift of the training noise levels (Cosmos: 5)",
+    "ac": "activation checkpointing per DiT block",
+    "seed": "seed of the initialization, the data order and the noise",
+    "out": "parent directory of the numbered run directories",
+    "ckpt_every": "write a DCP checkpoint every N steps (and on SIGTERM/SIGINT, and at the end)",
+    "keep": "keep the last K checkpoints",
+    "log_every": "write a metrics line and update the loss curve every N steps",
+    "preview_every": "write a preview rollout every N steps (0: only at the end)",
+    "preview_steps": "sampler steps of the preview rollout",
+    "export_dtype": "dtype of the exported EMA weights: bf16 or fp32",
+}
+
+PRESETS = {
+    # the CPU default: tiny DiT with DexAC on synthetic data, a few minutes on 2 cores
+    "cpu": TrainConfig(),
+    # the paper's run: 8 GPUs, EgoDex, global batch 64, 13-frame clips at 288x512, Wan2.1 latents
+    "paper": TrainConfig(model="cosmos2b", semantic=True, init="base/post-trained", tokenizer="wan2.1",
+                         tokenizer_weights=tok.HUB_REPO, text="reason1", text_cache="data/egodex/text_cache",
+                         text_tokens=512, dino=sem.DINO_REPO, data="data/egodex", synthetic=False,
+                         height=288, width=512, workers=8, steps=30000, batch_size=64, micro_batch=8,
+                         lr=2 ** -14.5, schedule="constant", warmup=1000, grad_clip=0.1, ema=0.9999,
+                         ac=True, ckpt_every=500, keep=3, preview_every=1000, preview_steps=35),
+}
+
+CHOICES = {"model": sorted(M.PRESETS), "action_mode": ["none", *conditioning.MODES],
+           "trainable": ["all", "new"], "tokenizer": list(tok.TOKENIZERS), "text": ["none", "reason1"],
+           "schedule": ["constant", "cosine"], "export_dtype": ["bf16", "fp32"]}
+
+# fields that define the model and its inputs: a checkpoint made with others cannot be resumed
+MUST_MATCH = ("model", "action_mode", "semantic", "trainable", "tokenizer", "pixel_compression", "text",
+              "text_tokens", "height", "width", "frames", "cond_frames", "seed", "batch_size")
+
+
+class ConfigError(Exception):
+    """A problem with the command line, the checkpoint or the run directory the user must fix."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train the DexAC-WM world model (DiT on video latents).")
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
+                   help="cpu: the tiny DexAC DiT on synthetic data, minutes on 2 cores; paper: cosmos2b on "
+                   "EgoDex, 8 GPUs, batch 64. Flags override the preset")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[f.name])
+        else:
+            p.add_argument(flag, type=f.type, default=None, choices=CHOICES.get(f.name), help=HELP[f.name])
+    p.add_argument("--resume", default="", help="run directory (or one of its checkpoints) to continue")
+    p.add_argument("--exit-after", type=int, default=0, help="checkpoint and stop after N steps of this call")
+    p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--benchmark", action="store_true", help="time training steps on random inputs; no files")
+    p.add_argument("--bench-steps", type=int, default=5, help="timed steps of --benchmark (after 2 warmup)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s per device for MFU "
+                   "(H100 SXM bf16: 989)")
+    args = p.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                 if getattr(args, f.name) is not None}
+    return replace(PRESETS[args.preset], **overrides), args
+
+
+# -----------------------------------------------------------------------------
+# distributed setup: torchrun or plain python, GPU or CPU
+
+
+def setup_distributed(device_arg=""):
+    """-> (rank, world, device). Under torchrun the env names the rank; a plain run makes a one-rank group."""
+    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":  # one GPU per process: torchrun's LOCAL_RANK, else the one asked for
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0)))
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    else:
+        rank, world = 0, 1
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return rank, world, device
+
+
+def noise_seed(seed, step, micro):
+    return (seed * 1_000_003 + step) * 1_000_003 + micro
+
+
+# -----------------------------------------------------------------------------
+# the model and its frozen companions
+
+
+def model_config(cfg, latent_channels):
+    c = M.config_from_preset(cfg.model, action_mode=cfg.action_mode, action_steps=cfg.frames - 1,
+                             actions_per_frame=tok.TEMPORAL)
+    c = replace(c, dim=cfg.dim or c.dim, n_blocks=cfg.blocks or c.n_blocks)
+    # a pretrained backbone fixes its latent channels; a new one follows the tokenizer
+    if c.in_channels != latent_channels:
+        if cfg.init:
+            raise ConfigError(f"--init loads a DiT with {c.in_channels} latent channels, the {cfg.tokenizer} "
+                              f"tokenizer gives {latent_channels}: use --tokenizer wan2.1")
+        c = replace(c, in_channels=latent_channels, out_channels=latent_channels)
+    return replace(c, semantic_dim=sem.DINO_PRESETS["vitl16"].dim) if cfg.semantic else c
+
+
+def build_model(cfg, mcfg, device):
+    """Meta-device construction, then either the pretrained backbone (new modules initialized by their own
+    code) or `to_empty` + the explicit init of every part."""
+    if cfg.init:
+        return M.load_dit(cfg.init, mcfg, device=device, dtype=torch.float32)  # fp32 master weights
+    with torch.device("meta"):
+        model = M.DiT(mcfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    for part in (model.action_cond, model.semantic):
+        if part is not None:
+            part.init_weights()
+    return model
+
+
+def set_trainable(model, trainable):
+    new = ("action_cond.", "semantic.")
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable == "all" or name.startswith(new))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("--trainable new, but the model has no new modules: set --action-mode or --semantic")
+
+
+def parallelize(model, device, ac):
+    """torchtitan's order: activation checkpointing per block, then fully_shard per block, then the root.
+    bf16 compute with fp32 master weights and fp32 gradient reduction on GPUs; fp32 throughout on the CPU."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if ac:
+        for i, block in enumerate(model.blocks):
+            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    bf16 = device.type == "cuda"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                              reduce_dtype=torch.float32 if bf16 else None, cast_forward_inputs=False)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def build_tokenizer(cfg, device, load=True):
+    """The frozen video tokenizer (random Wan2.1 weights without `load`: enough for shapes and timing)."""
+    if cfg.tokenizer == "wan2.1":
+        vae = tok.build_tokenizer("wan2.1", weights=(cfg.tokenizer_weights or None) if load else None)
+        tokenizer = vae.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    else:
+        tokenizer = tok.build_tokenizer(cfg.tokenizer, spatial_compression=cfg.pixel_compression)
+    return tokenizer.eval().requires_grad_(False)
+
+
+def build_context(cfg, mcfg, device):
+    """The text embedder and DINOv3: inference mode only, never in the optimizer."""
+    text = sem.TextEmbedder(cfg.text, cache_dir=cfg.text_cache or None, text_dim=mcfg.text_dim,
+                            max_tokens=cfg.text_tokens, dtype=torch.float32 if device.type == "cpu" else
+                            torch.bfloat16)
+    dino = sem.load_dino(cfg.dino, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None) \
+        if cfg.semantic else None
+    return text, dino
+
+
+@torch.inference_mode()
+def encode_batch(batch, tokenizer, text, dino, device):
+    """Sample dict -> (latents x0 (B, C, T', H', W') fp32, text (B, L, text_dim), actions (B, T_a, N), DINO
+    features (B, P, 1024) or None), on device."""
+    if "latents" in batch:  # a latent cache (`python data.py cache`): the tokenizer and DINOv3 already ran
+        x0, feats = batch["latents"].to(device).float(), batch.get("dino") if dino is not None else None
+        if dino is not None and feats is None:
+            raise ConfigError("--semantic needs DINOv3 features: this latent cache was made without them")
+        feats = feats.to(device) if feats is not None else None
+    else:
+        video = batch["video"].to(device).float() / 127.5 - 1  # (B, 3, T, H, W) in [-1, 1]
+        x0 = tokenizer.encode(video).float()
+        feats = sem.conditioning_features(dino, video) if dino is not None else None
+    return x0, text(batch["prompt"]).to(device), batch["actions"].to(device), feats
+
+
+# -----------------------------------------------------------------------------
+# data: the synthetic default, the statistics, an endless resumable stream of micro-batches
+
+
+def rank0_first(rank, fn):
+    """Run fn on rank 0 and share its failure, so that no rank waits at a barrier for one that has died."""
+    failure = [None]
+    if rank == 0:
+        try:
+            fn()
+        except (ConfigError, data.DataError) as e:
+            failure[0] = (isinstance(e, ConfigError), str(e))
+    dist.broadcast_object_list(failure)
+    if failure[0] is not None:
+        raise (ConfigError if failure[0][0] else data.DataError)(failure[0][1])
+
+
+def prepare_data(cfg, rank):
+    """Write the synthetic dataset and its statistics when asked and absent, index the root once (rank 0),
+    then check the statistics everywhere."""
+    root, stats = Path(cfg.data), Path(cfg.stats or Path(cfg.data) / "stats.json")
+
+    def on_rank0():
+        if cfg.synthetic and not root.exists():
+            print(f"writing the synthetic dataset to {root}")
+            data.write_synthetic(root)
+        if cfg.synthetic and not stats.exists():
+            stats.write_text(json.dumps(data.compute_stats(root), indent=1))
+            print(f"wrote action statistics to {stats}")
+        if (root / data.CACHE_MANIFEST).is_file():
+            m = json.loads((root / data.CACHE_MANIFEST).read_text())
+            want = (cfg.tokenizer, cfg.frames, [cfg.height, cfg.width])
+            if (m["tokenizer"], m["clip_len"], m["size"]) != want:
+                raise ConfigError(f"the latent cache {root} holds {m['tokenizer']} latents of {m['clip_len']}-"
+                                  f"frame clips at {m['size']}: set --tokenizer, --frames, --height, --width")
+        else:
+            data.load_index(root)  # ranks > 0 then read the cached index
+        data.load_stats(stats)  # a missing file or another layout: one clear error
+    rank0_first(rank, on_rank0)
+    return root, stats
+
+
+def ignore_signals(worker_id):
+    """Clusters signal every process of a job: loader workers keep serving while the trainer checkpoints."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class Stream:
+    """Endless micro-batches over epochs; `state()` is the ClipSampler position after the clips taken."""
+
+    def __init__(self, cfg, rank, world):
+        self.loader, self.sampler = data.make_loader(
+            cfg.data, cfg.micro_batch, clip_len=cfg.frames, size=(cfg.height, cfg.width),
+            num_workers=cfg.workers, seed=cfg.seed, rank=rank, world_size=world,
+            worker_init_fn=ignore_signals if cfg.workers else None)
+        self.taken, self.iterator = 0, None
+
+    def next(self):
+        while True:
+            if self.iterator is None:
+                self.iterator, self.taken = iter(self.loader), 0
+            batch = next(self.iterator, None)
+            if batch is not None:
+                self.taken += len(batch["prompt"])
+                return batch
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+            self.iterator = None
+
+    def state(self):
+        return self.sampler.state_dict(self.taken)
+
+    def load(self, state):
+        self.sampler.load_state_dict(state)
+        self.iterator = None
+
+
+# -----------------------------------------------------------------------------
+# the recipe: AdamW, warmup then constant or cosine, EMA
+
+
+def build_optimizer(model, cfg):
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8, foreach=True)
+
+
+def lr_at(step, cfg):
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def clean(name):
+    return name.replace("_checkpoint_wrapped_module.", "")
+
+
+def local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def ema_update(ema, model, step, decay):
+    """On the local shards (a view each): one fused op instead of one DTensor dispatch per parameter."""
+    d = min(decay, (1 + step) / (10 + step))
+    pairs = [(local(ema[clean(n)]), local(p)) for n, p in model.named_parameters() if p.requires_grad]
+    torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - d)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: DCP directories step_XXXXXXX with a meta.json, written atomically, the last K kept
+
+
+def checkpoint_state(model, optimizer, ema):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(model, optimizer)
+    return {"model": msd, "optim": osd, "ema": ema}
+
+
+def save_checkpoint(run, step, model, optimizer, ema, meta, rank, keep):
+    ckpts = run / "checkpoints"
+    final, tmp = ckpts / f"step_{step:07d}", ckpts / f"step_{step:07d}.tmp"
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    dist.barrier()
+    dcp.save(checkpoint_state(model, optimizer, ema), checkpoint_id=str(tmp))
+    if rank == 0:
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # a checkpoint directory without .tmp is complete
+        for old in sorted(ckpts.glob("step_???????"))[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def find_checkpoint(path):
+    path = Path(path)
+    if (path / "meta.json").exists():
+        return path
+    found = sorted((path / "checkpoints").glob("step_???????"))
+    if not found:
+        raise ConfigError(f"no complete checkpoint in {path} (expected {path}/checkpoints/step_NNNNNNN)")
+    return found[-1]
+
+
+def load_checkpoint(path, cfg, mcfg, model, optimizer, ema):
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    meta = json.loads((path / "meta.json").read_text())
+    dit = json.loads(json.dumps(asdict(mcfg)))  # tuples as lists, as in the file
+    saved = {**meta["train_config"], **{f"dit.{k}": v for k, v in meta["model_config"].items()}}
+    now = {**asdict(cfg), **{f"dit.{k}": v for k, v in dit.items()}}
+    keys = (*MUST_MATCH, *(f"dit.{k}" for k in dit))
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in keys if saved.get(k) != now[k]]
+    if diff:
+        raise ConfigError(f"{path} was made with another configuration; resume with the same settings:\n  "
+                          + "\n  ".join(diff))
+    state = checkpoint_state(model, optimizer, ema)
+    dcp.load(state, checkpoint_id=str(path))  # reshards to this run's world size
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# export: one safetensors file, EMA weights, with everything sample.py needs in its metadata
+
+
+def export(path, model, ema, cfg, mcfg, stats_path, step, rank, dtype):
+    """Gather the full weights (a collective: every rank calls it); rank 0 writes the file."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full_ema = {}
+    for k, v in ema.items():  # one tensor at a time, so that only rank 0 ever holds the whole model
+        v = v.full_tensor() if hasattr(v, "full_tensor") else v
+        if rank == 0:
+            full_ema[k] = v.cpu()
+    if rank != 0:
+        return None
+    out = {}
+    for k, v in sd.items():
+        v = full_ema.get(k, v)
+        out[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
+    mean, std = data.load_stats(stats_path)
+    meta = {"model_config": asdict(mcfg), "train_config": asdict(cfg), "step": step,
+            "action_layout": data.action_layout(), "action_stats": {"mean": mean.tolist(), "std": std.tolist()},
+            "tokenizer": {"name": cfg.tokenizer, "weights": cfg.tokenizer_weights,
+                          "pixel_compression": cfg.pixel_compression},
+            "text": {"mode": cfg.text, "tokens": cfg.text_tokens}}
+    save_file(out, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+    return path
+
+
+# -----------------------------------------------------------------------------
+# observability: metrics lines, the loss curve and the preview contact sheet, with PIL only
+
+SIGMA_BINS = 5  # loss per noise level, [0, 0.2), ..., [0.8, 1]
+
+
+def plot_losses(path, steps, losses):
+    finite = [(s, v) for s, v in zip(steps, losses) if math.isfinite(v)]
+    steps, losses = [s for s, _ in finite], [v for _, v in finite]
+    W, H, pad = 640, 360, 48
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    if len(losses) >= 2:
+        lo, hi = min(losses), max(losses)
+        hi = hi if hi > lo else lo + 1
+        x = lambda s: pad + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (W - 2 * pad)
+        y = lambda v: H - pad - (v - lo) / (hi - lo) * (H - 2 * pad)
+        d.line([(x(s), y(v)) for s, v in zip(steps, losses)], fill=(160, 190, 230), width=1)
+        k = max(1, len(losses) // 20)  # running mean over ~5% of the curve
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        d.line([(x(s), y(v)) for s, v in zip(steps[k - 1:], smooth)], fill=(20, 60, 160), width=2)
+        d.text((4, pad - 12), f"{hi:.4f}", fill="black")
+        d.text((4, H - pad - 6), f"{lo:.4f}", fill="black")
+        d.text((pad, H - pad + 8), f"step {steps[0]}", fill="black")
+        d.text((W - pad - 60, H - pad + 8), f"step {steps[-1]}", fill="black")
+    d.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    d.text((pad, 12), "training loss (light: per step, dark: running mean)", fill="black")
+    img.save(path)
+
+
+def to_frames(video):
+    """(3, T, H, W) in [-1, 1] -> list of T uint8 (H, W, 3) arrays."""
+    v = ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+    return list(v)
+
+
+def contact_sheet(path, rows, labels):
+    """rows: lists of equally sized frames -> one PNG, a labelled row each."""
+    h, w = rows[0][0].shape[:2]
+    n, label_w = max(len(r) for r in rows), 110
+    sheet = Image.new("RGB", (label_w + n * w, len(rows) * h), "white")
+    d = ImageDraw.Draw(sheet)
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        d.text((4, i * h + h // 2 - 6), label, fill="black")
+        for j, frame in enumerate(row):
+            sheet.paste(Image.fromarray(frame), (label_w + j * w, i * h))
+    sheet.save(path)
+
+
+def preview_clip(cfg):
+    """A fixed clip: the first of the first held-out (test) episode, else of the first training episode, or
+    the first clip of a latent cache."""
+    if (Path(cfg.data) / data.CACHE_MANIFEST).is_file():
+        sample = data.CachedClipDataset(cfg.data)[0]
+        return {k: v[None] for k, v in sample.items() if k in ("latents", "actions", "dino")} | \
+            {"prompt": [sample["prompt"]]}
+    try:
+        episodes, _ = data.load_index(cfg.data, data.EVAL_SPLITS)
+    except data.DataError:
+        episodes, _ = data.load_index(cfg.data, data.TRAIN_SPLITS)
+    sample = data.ClipDataset(episodes, cfg.frames, (cfg.height, cfg.width))[(0, 0)]
+    return {"video": sample["video"][None], "actions": sample["actions"][None], "prompt": [sample["prompt"]]}
+
+
+@torch.no_grad()
+def preview(path, model, clip, frozen, cfg, device, dtype):
+    """Roll the model out from the clip's first frame and actions; the sheet shows truth over prediction.
+    Every rank runs the sampler (the sharded forward is a collective); the caller's rank 0 keeps the file."""
+    tokenizer = frozen[0]
+    x0, text, actions, feats = encode_batch(clip, *frozen, device)
+    mask = torch.zeros(1, x0.shape[2], device=device)
+    mask[:, :cfg.cond_frames] = 1
+    g = torch.Generator(device).manual_seed(cfg.seed)
+    noise = torch.randn(x0.shape, generator=g, device=device)
+    fn = lambda x, s: model(x.to(dtype), s, text, mask, actions=actions, image_features=feats).float()
+    x = M.sample(fn, noise, M.shifted_sigmas(cfg.preview_steps, cfg.shift), x_cond=x0, frame_mask=mask)
+    pred = tokenizer.decode(x).float()
+    truth = clip["video"][0].float() / 127.5 - 1 if "video" in clip else tokenizer.decode(x0)[0].float()
+    contact_sheet(path, [to_frames(truth), to_frames(pred[0])], ["ground truth", "predicted"])
+
+
+def flops_per_clip(mcfg, x_shape, text_tokens, n_patches):
+    """Training FLOPs of one clip: 3x the forward's, counted on the meta device (no memory, no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        net = M.DiT(replace(mcfg, action_norm="none"))  # the statistics check would read a meta tensor
+        x, sigma = torch.empty(1, *x_shape[1:]), torch.empty(1)
+        text = torch.empty(1, text_tokens, mcfg.text_dim)
+        actions = torch.empty(1, mcfg.action_steps, mcfg.action_dim) if net.action_cond is not None else None
+        feats = torch.empty(1, n_patches, mcfg.semantic_dim) if mcfg.semantic_dim else None
+        with FlopCounterMode(display=False) as counter:
+            net(x, sigma, text, actions=actions, image_features=feats)
+    return 3 * counter.get_total_flops()
+
+
+# -----------------------------------------------------------------------------
+# the training loop
+
+
+def train(cfg, args):
+    rank, world, device = setup_distributed(args.device)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if cfg.height % 16 or cfg.width % 16 or (cfg.frames - 1) % tok.TEMPORAL:
+        raise ConfigError(f"frames {cfg.frames} must be 4k + 1 and {cfg.height}x{cfg.width} multiples of 16")
+    accum, rest = divmod(cfg.batch_size, cfg.micro_batch * world)
+    if rest or not accum:
+        raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}"
+                          f"x {world} ranks")
+    if min(cfg.keep, cfg.ckpt_every, cfg.log_every) < 1 or not 0 < cfg.cond_frames <= (cfg.frames - 1) // 4:
+        raise ConfigError("--keep, --ckpt-every, --log-every must be >= 1; 1 <= --cond-frames < latent frames")
+    torch.manual_seed(cfg.seed)
+    if args.benchmark:  # random weights time the same as pretrained ones, and nothing is downloaded
+        cfg = replace(cfg, init="")
+    else:
+        root, stats_path = prepare_data(cfg, rank)
+    tokenizer = build_tokenizer(cfg, device, load=not args.benchmark)
+    mcfg = model_config(cfg, tokenizer.latent_channels)
+    model = build_model(cfg, mcfg, device)
+    if model.action_cond is not None:
+        if args.benchmark:
+            model.action_cond.set_stats(torch.zeros(mcfg.action_dim), torch.ones(mcfg.action_dim))
+        else:
+            model.action_cond.set_stats(*data.load_stats(stats_path), data.action_layout())
+    set_trainable(model, cfg.trainable)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dtype = parallelize(model, device, cfg.ac)
+    optimizer = build_optimizer(model, cfg)
+    ema = {clean(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = None if args.benchmark else (tokenizer, *build_context(cfg, mcfg, device))
+
+    T_lat = 1 + (cfg.frames - 1) // tok.TEMPORAL
+    s = tokenizer.spatial_compression
+    latent = (cfg.micro_batch, mcfg.in_channels, T_lat, cfg.height // s, cfg.width // s)
+    tokens_per_clip = T_lat * (cfg.height // s // mcfg.patch_spatial) * (cfg.width // s // mcfg.patch_spatial)
+    tokens_per_step = tokens_per_clip * cfg.batch_size
+    n_patches = (cfg.height // 16) * (cfg.width // 16)  # DINOv3 ViT-L/16 features of one frame
+    flops_clip = flops_per_clip(mcfg, latent, cfg.text_tokens, n_patches)
+    log(json.dumps({"train": asdict(cfg), "model": asdict(mcfg)}, indent=1, default=str))
+    log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trainable), {world} rank(s) on {device.type}, "
+        f"{str(dtype).removeprefix('torch.')} compute; latents {latent[1:]} per clip, {tokens_per_clip} tokens "
+        f"per clip, {tokens_per_step:,} per step (batch {cfg.batch_size} = {cfg.micro_batch} x {accum} accum "
+        f"x {world} ranks); {flops_clip * cfg.batch_size / 1e12:.3f} TFLOP per step")
+
+    frame_mask = torch.zeros(cfg.micro_batch, T_lat, device=device)
+    frame_mask[:, :cfg.cond_frames] = 1
+
+    def micro_step(batch, step, m):
+        x0, text, actions, feats = encode_batch(batch, *frozen, device) if batch is not None else batch_random()
+        x0, text, actions = x0.clone(), text.clone(), actions.clone()  # out of inference mode, for autograd
+        feats = feats.clone() if feats is not None else None
+        g = torch.Generator(device).manual_seed(noise_seed(cfg.seed, step, m))
+        fn = lambda x, sig: model(x.to(dtype), sig, text, frame_mask, actions=actions, image_features=feats)
+        losses, sigma = M.flow_loss(fn, x0, frame_mask, cfg.shift, generator=g)
+        (losses.mean() / accum).backward()
+        bins = (sigma * SIGMA_BINS).long().clamp(max=SIGMA_BINS - 1)
+        sums = torch.zeros(SIGMA_BINS, device=device).index_add_(0, bins, losses.detach().float())
+        counts = torch.bincount(bins, minlength=SIGMA_BINS)
+        return torch.cat([losses.detach().sum()[None].float(), sums, counts])
+
+    def batch_random():
+        g = torch.Generator(device).manual_seed(0)
+        text = torch.zeros(cfg.micro_batch, cfg.text_tokens, mcfg.text_dim, device=device, dtype=dtype)
+        feats = torch.randn(cfg.micro_batch, n_patches, mcfg.semantic_dim, device=device) if mcfg.semantic_dim \
+            else None
+        return (torch.randn(latent, device=device, generator=g), text,
+                torch.randn(cfg.micro_batch, cfg.frames - 1, mcfg.action_dim, device=device), feats)
+
+    def one_step(step, next_batch):
+        """Accumulate, reduce the statistics, then update unless the loss or the gradient is not finite."""
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        stats = torch.zeros(1 + 2 * SIGMA_BINS + 1, device=device)
+        for a in range(accum):
+            model.set_requires_gradient_sync(a == accum - 1)
+            stats[:-1] += micro_step(next_batch(), step, a * world + rank)
+        stats[-1] = float(STOP["signal"] is not None)
+        dist.all_reduce(stats)
+        loss = (stats[0] / cfg.batch_size).item()
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                              cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+        ok = math.isfinite(loss) and math.isfinite(norm)
+        if ok:
+            optimizer.step()
+            ema_update(ema, model, step, cfg.ema)
+        optimizer.zero_grad(set_to_none=True)
+        return ok, loss, norm, stats
+
+    if args.benchmark:
+        return benchmark(cfg, args, one_step, device, tokens_per_step, flops_clip, log)
+
+    # the run directory: numbered (DiT style), or the resumed one
+    step, start_meta = 0, None
+    stream = Stream(cfg, rank, world)
+    if args.resume:
+        ckpt = find_checkpoint(args.resume)
+        run = ckpt.parent.parent
+        start_meta = load_checkpoint(ckpt, cfg, mcfg, model, optimizer, ema)
+        step = start_meta["step"]
+        stream.load(start_meta["data"])
+        log(f"resumed from {ckpt} at step {step}")
+    else:
+        run = [None]
+        if rank == 0:
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            n = len([d for d in os.listdir(cfg.out) if d[:3].isdigit()])
+            run[0] = str(Path(cfg.out) / f"{n:03d}-{cfg.model}-{cfg.action_mode}-{cfg.height}x{cfg.width}")
+            Path(run[0], "checkpoints").mkdir(parents=True)
+        dist.broadcast_object_list(run)
+        run = Path(run[0])
+    if rank == 0:
+        (run / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": asdict(mcfg)}, indent=1))
+
+    def meta():
+        return {"step": step, "data": stream.state(), "rng": torch.get_rng_state().tolist(),
+                "train_config": asdict(cfg), "model_config": asdict(mcfg), "world_size": world}
+
+    STOP["signal"] = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    clip = preview_clip(cfg)
+    metrics = run / "metrics.jsonl"
+    history = [json.loads(line) for line in open(metrics)] if metrics.exists() else []
+    history = [h for h in history if h["step"] <= step]  # a resumed run rewrites what came after its checkpoint
+    if rank == 0:
+        with open(metrics, "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in history)
+    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    say = bar.write if rank == 0 else log  # prints above the bar
+    bad, window, t_window, first_step = 0, [], time.perf_counter(), step
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        ok, loss, norm, stats = one_step(step, stream.next)
+        step += 1
+        dt = time.perf_counter() - t0
+        bad = 0 if ok else bad + 1
+        if not ok:
+            say(f"step {step}: non-finite loss {loss} or gradient norm {norm}; update skipped")
+        window.append((loss, stats.cpu(), ok))
+        bar.set_postfix(loss=f"{loss:.4f}", clips_s=f"{cfg.batch_size / dt:.1f}")
+        bar.update()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            t = time.perf_counter()
+            s_all = sum(w[1] for w in window)
+            counts = s_all[1 + SIGMA_BINS:1 + 2 * SIGMA_BINS]
+            bins = [round((s_all[1 + i] / n).item(), 6) if n else None for i, n in enumerate(counts)]
+            step_time = (t - t_window) / len(window)
+            line = {"step": step, "loss": float(np.mean([w[0] for w in window])), "loss_per_sigma_bin": bins,
+                    "losses": [w[0] for w in window], "grad_norm": norm, "lr": lr_at(step - 1, cfg),
+                    "step_time": step_time, "tokens_per_s": tokens_per_step / step_time,
+                    "skipped": sum(not w[2] for w in window)}
+            history.append(line)
+            if rank == 0:
+                with open(metrics, "a") as f:
+                    f.write(json.dumps(line) + "\n")
+                losses = [v for h in history for v in h["losses"]]
+                plot_losses(run / "loss.png", list(range(step - len(losses) + 1, step + 1)), losses)
+            window, t_window = [], time.perf_counter()
+        if bad >= 5:
+            raise FloatingPointError(f"{bad} non-finite steps in a row at step {step}: lower --lr or check the "
+                                     f"data; the last checkpoint in {run}/checkpoints is intact")
+        if cfg.preview_every and step % cfg.preview_every == 0 and step < cfg.steps:
+            preview(run / f"preview_{step:07d}.png", model, clip, frozen, cfg, device, dtype)
+        stop = stats[-1].item() > 0 or (args.exit_after and step - first_step >= args.exit_after)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
+            path = save_checkpoint(run, step, model, optimizer, ema, meta(), rank, cfg.keep)
+            say(f"checkpoint {path}")
+        if stop:
+            bar.close()
+            why = f"signal {STOP['signal']}" if stats[-1].item() > 0 else f"--exit-after {args.exit_after}"
+            log(f"stopped at step {step} ({why}); continue with: python train.py --resume {run}")
+            return run
+    bar.close()
+    preview(run / "preview.png", model, clip, frozen, cfg, device, dtype)
+    out = export(run / "model.safetensors", model, ema, cfg, mcfg, stats_path, step, rank,
+                 {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype])
+    where = {"run directory": run, "exported model": out, "metrics": metrics, "loss curve": run / "loss.png",
+             "preview": run / "preview.png", "checkpoints": run / "checkpoints", "data": root,
+             "statistics": stats_path}
+    log(f"done: {step} steps, final loss {history[-1]['loss']:.4f}"
+        + "".join(f"\n  {k:15s}{v}" for k, v in where.items()))
+    return run
+
+
+STOP = {"signal": None}
+
+
+def on_signal(signum, frame):
+    """First SIGTERM/SIGINT: finish the step, checkpoint, exit. A second SIGINT interrupts at once."""
+    if STOP["signal"] is not None and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    STOP["signal"] = signal.Signals(signum).name
+
+
+def benchmark(cfg, args, one_step, device, tokens_per_step, flops_clip, log):
+    """Training steps on random latents (tokenizer, text and DINO excluded): time, tokens/s, MFU, memory."""
+    world = dist.get_world_size()
+    for step in range(2):
+        one_step(step, lambda: None)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for step in range(args.bench_steps):
+        one_step(2 + step, lambda: None)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.bench_steps
+    mfu = flops_clip * cfg.batch_size / world / dt / (args.peak_tflops * 1e12)
+    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "n/a on the CPU"
+    log(f"benchmark: {dt * 1e3:.0f} ms/step, {tokens_per_step / dt:,.0f} tokens/s, "
+        f"{cfg.batch_size / dt:.2f} clips/s, MFU {100 * mfu:.1f}% of {args.peak_tflops:g} TFLOP/s per device, "
+        f"peak memory {peak} (micro-batch {cfg.micro_batch}, activation checkpointing {cfg.ac})")
+    return dt
+
+
+def main(argv=None):
+    cfg, args = parse_args(argv)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return train(cfg, args)
+    except (ConfigError, data.DataError, FloatingPointError, FileNotFoundError, PermissionError) as e:
+        # the user's to fix (missing data, weights or stats; a gated repo; a diverged run): one message
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
