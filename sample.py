@@ -37,6 +37,7 @@ import data
 import model as M
 import semantic as sem
 import tokenizer as tok
+import train
 
 def still_actions(n):
     """(n, 57) actions of no motion: zero translations and displacements, identity 6D rotations."""
@@ -164,25 +165,18 @@ def psnr(a, b):
         return 10 * np.log10(255.0**2 / mse)
 
 
-def contact_sheet(rows, path, every=4):
-    """rows: [(label, uint8 (T, H, W, 3))] -> one PNG, a row per video, every `every`-th frame."""
-    T = rows[0][1].shape[0]
-    picks = list(range(0, T, every)) + ([T - 1] if (T - 1) % every else [])
-    strips = [np.concatenate([video[t] for t in picks], 1) for _, video in rows]
-    Image.fromarray(np.concatenate(strips, 0)).save(path)
-
-
 def write_outputs(out, name, video, gt=None, fps=30):
     out.mkdir(parents=True, exist_ok=True)
     data.write_video(out / f"{name}.mp4", video, fps=fps)
-    rows = [("prediction", video)]
+    rows, labels = [video], ["prediction"]
     if gt is not None:
         data.write_video(out / f"{name}_vs_gt.mp4", np.concatenate([video, gt], 2), fps=fps)
-        rows.append(("ground truth", gt))
+        rows, labels = rows + [gt], labels + ["ground truth"]
         values = psnr(video, gt)
         print(f"{name}: PSNR per frame (dB) " + " ".join(f"{v:.1f}" for v in values[1:]) +
               f" | mean over predicted frames {values[1:].mean():.2f}")
-    contact_sheet(rows, out / f"{name}.png")
+    picks = sorted(set(range(0, len(video), 4)) | {len(video) - 1})  # every 4th frame and the last
+    train.contact_sheet(out / f"{name}.png", [[v[t] for t in picks] for v in rows], labels)
 
 
 # -----------------------------------------------------------------------------
