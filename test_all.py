@@ -2505,3 +2505,19 @@ def test_sample_command_outputs_and_bad_inputs(exported, train_synth, tmp_path, 
         S.main(["--checkpoint", str(tmp_path / "none.safetensors")] + image_args)
     with pytest.raises(SystemExit, match="cannot read the image"):
         S.main(base + ["--image", str(episode), "--actions", str(tmp_path / "acts.npy")])
+
+
+def test_training_stream_summarizes_skipped_episodes_each_epoch(train_synth, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(train_synth, root)
+    data.load_index(root)  # indexed while intact, then one video is overwritten in place (the index keeps it)
+    with open(next(root.glob("part1/*/*.mp4")), "r+b") as f:
+        f.write(bytes(4096))
+    cfg = replace(train.PRESETS["cpu"], data=str(root), micro_batch=4, frames=5, height=32, width=64, workers=0)
+    stream = train.Stream(cfg, rank=0, world=1)
+    clips_per_epoch = len(stream.sampler)
+    for _ in range(clips_per_epoch // 4 + 1):  # one epoch and the first batch of the next
+        stream.next()
+    assert f"epoch 0 done: {clips_per_epoch} clips on this rank, 1 unreadable episode(s) skipped" in \
+        capsys.readouterr().out
+    assert stream.sampler.epoch == 1

@@ -372,16 +372,20 @@ class Stream:
             cfg.data, cfg.micro_batch, clip_len=cfg.frames, size=(cfg.height, cfg.width),
             num_workers=cfg.workers, seed=cfg.seed, rank=rank, world_size=world,
             worker_init_fn=ignore_signals if cfg.workers else None)
-        self.taken, self.iterator = 0, None
+        self.taken, self.iterator, self.skipped, self.say = 0, None, 0, tqdm.write if rank == 0 else None
 
     def next(self):
         while True:
             if self.iterator is None:
-                self.iterator, self.taken = iter(self.loader), 0
+                self.iterator, self.taken, self.skipped = iter(self.loader), 0, 0
             batch = next(self.iterator, None)
             if batch is not None:
                 self.taken += len(batch["prompt"])
+                self.skipped += int(batch["skipped"].sum()) if "skipped" in batch else 0
                 return batch
+            if self.say:  # the end-of-epoch summary of episodes that failed to load (their reasons were logged)
+                self.say(f"epoch {self.sampler.epoch} done: {self.taken} clips on this rank, {self.skipped} "
+                         f"unreadable episode(s) skipped")
             self.sampler.set_epoch(self.sampler.epoch + 1)
             self.iterator = None
 
