@@ -547,4 +547,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, ValueError) as e:  # missing videos or weights, mismatched names: one line
+        sys.exit(f"error: {e}")
