@@ -34,6 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+import evaluate as E
 import model as M
 import semantic as sem
 import tokenizer as tok
@@ -158,13 +159,6 @@ class WorldModel:
 # outputs
 
 
-def psnr(a, b):
-    """Per-frame PSNR in dB of uint8 videos (T, H, W, 3); inf for identical frames."""
-    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
-    with np.errstate(divide="ignore"):
-        return 10 * np.log10(255.0**2 / mse)
-
-
 def write_outputs(out, name, video, gt=None, fps=30):
     out.mkdir(parents=True, exist_ok=True)
     data.write_video(out / f"{name}.mp4", video, fps=fps)
@@ -172,7 +166,7 @@ def write_outputs(out, name, video, gt=None, fps=30):
     if gt is not None:
         data.write_video(out / f"{name}_vs_gt.mp4", np.concatenate([video, gt], 2), fps=fps)
         rows, labels = rows + [gt], labels + ["ground truth"]
-        values = psnr(video, gt)
+        values = E.psnr_frames(E.as_unit(video), E.as_unit(gt)).numpy()  # per frame, (T, H, W, 3) uint8
         print(f"{name}: PSNR per frame (dB) " + " ".join(f"{v:.1f}" for v in values[1:]) +
               f" | mean over predicted frames {values[1:].mean():.2f}")
     picks = sorted(set(range(0, len(video), 4)) | {len(video) - 1})  # every 4th frame and the last
