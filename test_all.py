@@ -61,10 +61,6 @@ def randomize(module, seed=0, std=0.2):
     return module
 
 
-def to_format(sd, fmt, n_blocks):
-    return M.state_dict_as(sd, ["official", "diffusers"][fmt], n_blocks)
-
-
 def diffusers_cosmos(c):
     """diffusers' model for config c, with two documented adjustments: q/k RMSNorm eps set to the official 1e-6
     (diffusers uses 1e-5), and its torchvision padding-mask resize replaced by torch's nearest interpolation
@@ -93,7 +89,7 @@ def diffusers_cosmos(c):
 def small_pair():
     ours = randomize(M.DiT(SMALL)).eval()
     ref = diffusers_cosmos(SMALL)
-    ref.load_state_dict(to_format(ours.state_dict(), 1, SMALL.n_blocks), strict=True)
+    ref.load_state_dict(M.state_dict_as(ours.state_dict(), "diffusers", SMALL.n_blocks), strict=True)
     return ours, ref
 
 
@@ -137,7 +133,8 @@ def test_padding_mask_is_resized_nearest_from_pixels():
 
 def official_pt(model, path):
     """Write model in the official .pt layout: net.-prefixed keys plus the buffers a loader must ignore."""
-    sd = {f"net.{k}": v for k, v in to_format(model.state_dict(), 0, model.config.n_blocks).items()}
+    official = M.state_dict_as(model.state_dict(), "official", model.config.n_blocks)
+    sd = {f"net.{k}": v for k, v in official.items()}
     sd["net.pos_embedder.seq"] = torch.arange(10.0)
     sd["net.accum_video_sample_counter"] = torch.tensor(3)
     sd["net.blocks.0.self_attn.q_proj._extra_state"] = torch.tensor(0)
@@ -151,7 +148,8 @@ def test_load_official_pt_diffusers_safetensors_and_hub_cache(tmp_path):
     with torch.no_grad():
         expected = src(x, sigma, text)
     official_pt(src, tmp_path / "dit.pt")
-    save_file(to_format(src.state_dict(), 1, SMALL.n_blocks), str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    save_file(M.state_dict_as(src.state_dict(), "diffusers", SMALL.n_blocks),
+              str(tmp_path / "diffusion_pytorch_model.safetensors"))
     for path in [tmp_path / "dit.pt", tmp_path / "diffusion_pytorch_model.safetensors", tmp_path]:
         loaded = M.load_dit(str(path), SMALL).eval()
         assert next(loaded.parameters()).device.type == "cpu"
@@ -182,7 +180,7 @@ def test_load_official_pt_diffusers_safetensors_and_hub_cache(tmp_path):
 
 def test_loader_reports_every_mismatch(tmp_path):
     src = M.DiT(SMALL)
-    sd = to_format(src.state_dict(), 0, SMALL.n_blocks)
+    sd = M.state_dict_as(src.state_dict(), "official", SMALL.n_blocks)
     del sd["blocks.1.mlp.layer2.weight"]
     sd["blocks.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
     sd["mystery.weight"] = torch.zeros(1)
@@ -221,7 +219,7 @@ def test_cosmos2b_on_meta_has_official_keys_and_parameter_count():
     with torch.device("meta"):
         model = M.DiT(M.config_from_preset("cosmos2b"))
     assert sum(p.numel() for p in model.parameters()) == 2_059_174_912
-    ours = {k: tuple(v.shape) for k, v in to_format(model.state_dict(), 0, 28).items()}
+    ours = {k: tuple(v.shape) for k, v in M.state_dict_as(model.state_dict(), "official", 28).items()}
     assert ours == official_2b_keys()
     # and the same tensors under diffusers' names, against diffusers' own 2B model built on the meta device
     diffusers = pytest.importorskip("diffusers")
@@ -232,7 +230,7 @@ def test_cosmos2b_on_meta_has_official_keys_and_parameter_count():
             rope_scale=(1.0, 3.0, 3.0), concat_padding_mask=True, extra_pos_embed_type=None,
             use_crossattn_projection=True, crossattn_proj_in_channels=100352, encoder_hidden_states_channels=1024)
     theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    assert {k: tuple(v.shape) for k, v in to_format(model.state_dict(), 1, 28).items()} == theirs
+    assert {k: tuple(v.shape) for k, v in M.state_dict_as(model.state_dict(), "diffusers", 28).items()} == theirs
 
 
 def test_bad_inputs_give_one_clear_error(tmp_path):
@@ -1331,7 +1329,7 @@ def test_mlp_loads_official_action_cond_layout_and_matches_official_formula(tmp_
     zero_first = lambda e: torch.cat([torch.zeros_like(e[:, :1]), e], dim=1)
     emb_d, emb_3d = zero_first(mlp("net.action_embedder_B_D.")), zero_first(mlp("net.action_embedder_B_3D."))
     ref = diffusers_cosmos(SMALL)
-    ref.load_state_dict(to_format(base.state_dict(), 1, SMALL.n_blocks), strict=True)
+    ref.load_state_dict(M.state_dict_as(base.state_dict(), "diffusers", SMALL.n_blocks), strict=True)
     ref.time_embed = OfficialActionTimeEmbed(ref.time_embed, emb_d, emb_3d)
     with torch.no_grad():
         out = model(x, sigma, text, frame_mask=mask, actions=actions)
