@@ -39,6 +39,7 @@ Protocols (DESIGN.md section 8), with the choices we make where the references d
 - action families (Table 4): a clip is wrist-, finger- or head-dominant by the largest RMS of its
   z-scored actions ((a - mean) / (std + 1e-6), stats.json) over the family's dimensions and all steps.
 
+    python evaluate.py --checkpoint runs/000-tiny-dexac-96x160/model.safetensors --data data/synthetic --horizon 25
     python evaluate.py compare --pred runs/pred --gt runs/gt --metrics psnr,ssim,pck
 """
 
@@ -463,7 +464,7 @@ class Evaluator:
 
 
 # ------------------------------------------------------------------------------------------------
-# Command line: compare two sets of videos; the rollout protocol arrives with sample.py
+# Command line: compare two sets of videos (the rollout protocol is below)
 
 def read_video(path):
     """.npy ((T, H, W, 3) or (N, T, H, W, 3), uint8 or [0, 1]) or a video file -> (N, 3, T, H, W)."""
@@ -511,38 +512,314 @@ def compare(args):
     return report
 
 
-PROTOCOL_MISSING = ("the rollout protocol (--checkpoint/--data/--horizon: roll out the evaluation clips, "
-                    "score them, write the JSON report, the Table 1 Markdown and the figure) needs "
-                    "sample.py, which does not exist yet (issue 9). Until then, score videos rolled out "
-                    "otherwise with `python evaluate.py compare --pred PRED --gt GT`.")
+# ------------------------------------------------------------------------------------------------
+# The rollout protocol: python evaluate.py --checkpoint A.safetensors B.safetensors --data ROOT --horizon 25
+#
+# Evaluation clips: starts 0, H, 2H, ... of every test-split episode (H = horizon frames: 1 given + H - 1
+# predicted from H - 1 actions), in order; --clips N keeps N of them, evenly spread. Clip i is rolled out
+# with seed (seed + i), so results do not depend on ranks or batching. Rank r of W takes clips r, r + W, ...
+# Each clip's scores go to OUT/<row>/clips/<i>.json as soon as they exist (FID/FVD features beside it), so
+# a restarted job skips what is done. Rank 0 then writes report.json, table.md and figure.png.
+
+TABLE1 = (("psnr", "PSNR", 1), ("ssim", "SSIM", 1), ("lpips", "LPIPS", -1), ("fid", "FID", -1),
+          ("fvd", "FVD", -1), ("pck@10", "PCK@10", 1), ("pck@20", "PCK@20", 1))  # key, title, better sign
+
+
+def eval_plan(root, horizon, max_clips=None):
+    """-> (test episodes, (N, 2) int64 (episode index, start) of the evaluation clips)."""
+    episodes, _ = data.load_index(root, data.EVAL_SPLITS)
+    plan = data.ClipSampler([e.frames for e in episodes], horizon, train=False).plan()
+    if not len(plan):
+        raise ValueError(f"no test episode in {root} holds a {horizon}-frame clip")
+    if max_clips and max_clips < len(plan):
+        plan = plan[np.linspace(0, len(plan) - 1, max_clips).round().astype(int)]
+    return episodes, plan
+
+
+def protocol_metrics(spec, args):
+    """'auto' -> every metric whose network is at hand (the rest named, with where to get it); an explicit
+    list -> those, and a missing network is an error."""
+    if spec != "auto":
+        metrics = tuple(m for m in spec.split(",") if m)
+        unknown = set(metrics) - set(METRICS)
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}")
+        return metrics
+    metrics, missing = [], []
+    for m in METRICS:
+        needs = {"lpips": [("alexnet", args.alexnet), ("lpips", args.lpips_heads)], "fid": [("inception",
+                 args.inception)], "fvd": [("i3d", args.i3d)]}.get(m, [])
+        try:
+            for kind, spec_ in needs:
+                resolve_weights(kind, spec_)
+            metrics.append(m)
+        except WeightsError as e:
+            missing.append(f"{m}: {e}")
+    if missing:
+        print("metrics left out (no network weights; name them with --metrics to make this an error):\n  "
+              + "\n  ".join(missing))
+    return tuple(metrics)
+
+
+def row_name(checkpoint, shuffled):
+    """runs/003-tiny-dexac-64x112/model.safetensors -> 003-tiny-dexac-64x112 (+ shuffled actions)."""
+    path = Path(checkpoint)
+    name = path.parent.name if path.stem == "model" and path.parent.name else path.stem
+    return name + (" (shuffled actions)" if shuffled else "")
+
+
+def shuffled_actions(episodes, plan, i, horizon):
+    """The control: clip i gets the actions of clip (i + N // 2) mod N, another clip of the same length."""
+    e, s = plan[(i + len(plan) // 2) % len(plan)]
+    track = data.read_track(episodes[e], int(s), int(s) + horizon)[0]
+    return data.compute_actions(track)
+
+
+def _save_json(path, payload):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def evaluate_checkpoint(checkpoint, row, episodes, plan, args, metrics, nets, rank, world, device):
+    """Roll out and score this rank's clips that are not done yet, a batch at a time."""
+    import sample  # sample.py imports this module for its PSNR
+    d = Path(args.out) / row / "clips"
+    d.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(rank, len(plan), world) if not (d / f"{i:05d}.json").exists()]
+    if not todo:
+        return
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    wm = sample.WorldModel(checkpoint, device, dtype, base=args.init)
+    stats = tuple(np.asarray(wm.info["action_stats"][k], np.float64) for k in ("mean", "std"))
+    size = (args.height or wm.size[0], args.width or wm.size[1])
+    ev = Evaluator(metrics, device=device, stats=stats, **nets)
+    for b in tqdm(range(0, len(todo), args.batch), desc=row, disable=rank != 0):
+        batch, clips = [], []
+        for i in todo[b:b + args.batch]:
+            e, s = plan[i]
+            try:
+                clip = data.load_clip(episodes[e], int(s), args.horizon, size)
+                if args.shuffle_actions:
+                    clip["rollout_actions"] = torch.from_numpy(shuffled_actions(episodes, plan, i, args.horizon))
+            except data.DataError as err:  # a corrupt episode is skipped, with its reason, never fatal
+                _save_json(d / f"{i:05d}.json", {"index": i, "episode": episodes[e].id, "start": int(s),
+                                                 "skipped": str(err)})
+                print(f"skipping clip {i} ({episodes[e].id} @ {s}): {err}")
+                continue
+            batch.append(i)
+            clips.append(clip)
+        if not clips:
+            continue
+        gt = torch.stack([c["video"] for c in clips])  # (B, 3, T, H, W) uint8
+        actions = torch.stack([c["actions"] for c in clips])  # the true ones: they define the family
+        given = torch.stack([c.get("rollout_actions", c["actions"]) for c in clips])
+        pred, z = wm.rollout(gt[:, :, 0].permute(0, 2, 3, 1).numpy(), given.numpy(), [c["prompt"] for c in clips],
+                             [args.seed + i for i in batch], args.steps, args.sampler, args.schedule, args.shift,
+                             args.guidance, progress=False, return_latents=True)
+        pred = torch.from_numpy(pred).permute(0, 4, 1, 2, 3)  # (B, 3, T, H, W)
+        with torch.inference_mode():
+            z_gt = wm.tokenizer.encode(gt.to(device, dtype) / 127.5 - 1).float().cpu()
+        n_feat = [len(ev.features[m][0]) for m in ("fid", "fvd")]
+        scores = ev.add(pred, gt, actions=actions, keypoint_valid=torch.stack([c["keypoint_valid"] for c in clips]),
+                        pred_latents=z[:, :, :z_gt.shape[2]].float().cpu(), gt_latents=z_gt)
+        feats = {}
+        for m, n in zip(("fid", "fvd"), n_feat):  # this batch's features, a slice per clip
+            for side, store in zip(("pred", "gt"), ev.features[m]):
+                if len(store) > n:
+                    feats[f"{m}_{side}"] = store[-1].reshape(len(batch), -1, store[-1].shape[-1])
+        for k, (i, score, clip) in enumerate(zip(batch, scores, clips)):
+            if feats:
+                np.savez(d / f"{i:05d}.npz", **{name: f[k] for name, f in feats.items()})
+            if i < args.figure_clips:
+                np.save(d / f"{i:05d}.npy", pred[k].permute(1, 2, 3, 0).numpy())  # for the figure
+            _save_json(d / f"{i:05d}.json", {"index": i, "episode": clip["episode"], "start": clip["start"],
+                                             "seed": args.seed + i, **score})
+        ev.features = {"fid": ([], []), "fvd": ([], [])}  # kept on disk, not in memory
+
+
+def collect(row, args, n_clips):
+    """Rank 0: the per-clip files of one row -> its report (FID/FVD from the saved features)."""
+    d = Path(args.out) / row / "clips"
+    clips = [json.loads((d / f"{i:05d}.json").read_text()) for i in range(n_clips)]
+    scored = [c for c in clips if "skipped" not in c]
+    fd = {}
+    for m in ("fid", "fvd"):
+        files = [d / f"{c['index']:05d}.npz" for c in scored]
+        if scored and all(f.is_file() for f in files):
+            loaded = [np.load(f) for f in files]
+            if f"{m}_pred" in loaded[0]:
+                fd[m] = frechet_from_features(*(np.concatenate([x[f"{m}_{side}"] for x in loaded])
+                                                for side in ("pred", "gt")))
+    report = aggregate(scored, fd.get("fid"), fd.get("fvd"), resolution=[args.size[0], args.size[1]])
+    report["skipped"] = [f"{c['episode']} @ {c['start']}: {c['skipped']}" for c in clips if "skipped" in c]
+    return report
+
+
+def _cell(value, ref, sign, digits):
+    if value is None:
+        return "–"
+    text = f"{value:.{digits}f}"
+    if ref is not None and ref != value and ref != 0:  # the paper's relative change against the first row
+        text += f" ({(value - ref) / abs(ref) * 100:+.2f}%)"
+    return text
+
+
+def markdown_tables(reports, horizon):
+    """Table 1's layout (PSNR SSIM LPIPS FID FVD PCK@10 PCK@20, relative change against the first row), then
+    latent L2, the finer PCK thresholds and PCK@10 per action family (Table 4)."""
+    first = next(iter(reports.values()))
+    res = first.get("pck_resolution")
+    lines = [f"Horizon {horizon} frames (1 given, {horizon - 1} predicted); {first['clips']} clips"
+             + (f"; PCK in pixels at {res[0]}x{res[1]}" if res else ""), "",
+             "| Model | " + " | ".join(t + (" ↑" if s > 0 else " ↓") for _, t, s in TABLE1) + " |",
+             "|---|" + "---|" * len(TABLE1)]
+    digits = {"ssim": 3, "lpips": 3}
+    for name, r in reports.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(r.get(k), first.get(k) if r is not first else None, s,
+                                                        digits.get(k, 2)) for k, _, s in TABLE1) + " |")
+    fams = list(FAMILIES)
+    lines += ["", "| Model | latent L2 ↓ | PCK@2.5 ↑ | PCK@5 ↑ | " + " | ".join(f"PCK@10 {f} ↑" for f in fams)
+              + " |", "|---|" + "---|" * (3 + len(fams))]
+    for name, r in reports.items():
+        fam = r.get("families", {})
+        cells = [_cell(r.get("latent_l2"), None, -1, 4), _cell(r.get("pck@2.5"), None, 1, 2),
+                 _cell(r.get("pck@5"), None, 1, 2)]
+        cells += [_cell(fam.get(f, {}).get("pck@10"), None, 1, 2) + f" (n={fam.get(f, {}).get('clips', 0)})"
+                  for f in fams]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(path, rows, episodes, plan, args):
+    """Ground truth over each row's prediction for the first few clips: every 4th frame and the last."""
+    import train  # its contact sheet
+    sheet_rows, labels = [], []
+    for i in range(min(args.figure_clips, len(plan))):
+        preds = [(r, Path(args.out) / r / "clips" / f"{i:05d}.npy") for r in rows]
+        preds = [(r, np.load(f)) for r, f in preds if f.is_file()]
+        if not preds:
+            continue
+        e, s = plan[i]
+        gt = data.load_clip(episodes[e], int(s), args.horizon, args.size)["video"].permute(1, 2, 3, 0).numpy()
+        picks = sorted(set(range(0, len(gt), 4)) | {len(gt) - 1})
+        sheet_rows.append([gt[t] for t in picks])
+        labels.append(f"clip {i}: truth")
+        for r, v in preds:
+            sheet_rows.append([v[t] for t in picks])
+            labels.append(r[:18])
+    if sheet_rows:
+        train.contact_sheet(path, sheet_rows, labels)
+
+
+def protocol(args):
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu") \
+        if args.device is None else args.device
+    for c in args.checkpoint:  # every input is checked before any rollout
+        if not os.path.isfile(c):
+            raise FileNotFoundError(f"checkpoint {c} not found (train.py exports RUN/model.safetensors)")
+    if not args.data:
+        raise ValueError("--data: the dataset root whose test split is evaluated")
+    metrics = protocol_metrics(args.metrics, args)
+    if args.detector != "markers" and "pck" in metrics:
+        detector = KeypointModel(args.detector, device=device)
+    else:
+        detector = None
+    nets = {"lpips": load_lpips(args.alexnet, args.lpips_heads, device) if "lpips" in metrics else None,
+            "inception": load_torchscript("inception", args.inception, device) if "fid" in metrics else None,
+            "i3d": load_torchscript("i3d", args.i3d, device) if "fvd" in metrics else None, "detector": detector}
+    episodes, plan = eval_plan(args.data, args.horizon, args.clips)
+    from safetensors import safe_open
+    with safe_open(args.checkpoint[0], "pt") as f:
+        tc = json.loads(f.metadata()["train_config"])
+    args.size = (args.height or tc["height"], args.width or tc["width"])
+    rows = {}
+    for c in args.checkpoint:
+        row = row_name(c, args.shuffle_actions)
+        if row in rows.values():
+            raise ValueError(f"two checkpoints give the row name {row!r}: put them in differently named folders")
+        rows[c] = row
+    if rank == 0:
+        print(f"{len(plan)} clips of {args.horizon} frames from {len(episodes)} test episode(s), metrics "
+              f"{','.join(metrics)}, {len(rows)} model(s), {world} rank(s) -> {args.out}")
+    for c, row in rows.items():
+        evaluate_checkpoint(c, row, episodes, plan, args, metrics, nets, rank, world, device)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        return None
+    out = Path(args.out)
+    reports = {row: collect(row, args, len(plan)) for row in rows.values()}
+    config = {k: v for k, v in vars(args).items() if k not in ("command",)}
+    _save_json(out / "report.json", {"config": config, "metrics": list(metrics), "rows": reports})
+    table = markdown_tables(reports, args.horizon)
+    (out / "table.md").write_text(table)
+    figure(out / "figure.png", list(rows.values()), episodes, plan, args)
+    print(table)
+    print(f"wrote {out / 'report.json'}, {out / 'table.md'} and {out / 'figure.png'}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return reports
+
+
+def weight_flags(p):
+    for flag, kind in (("--alexnet", "alexnet"), ("--lpips-heads", "lpips"), ("--inception", "inception"),
+                       ("--i3d", "i3d")):
+        p.add_argument(flag, help=f"{WEIGHTS[kind][1]}: path, URL or Hub file ({WEIGHTS[kind][0]})")
+    p.add_argument("--detector", default="markers",
+                   help="PCK: 'markers' (synthetic data) or a TorchScript keypoint model (see KeypointModel)")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    p.add_argument("--checkpoint", nargs="+", help="checkpoints, a table row each (needs sample.py)")
-    p.add_argument("--data", help="dataset root holding the evaluation split (rollout protocol)")
-    p.add_argument("--horizon", type=int, choices=(25, 65), help="frames per rollout (rollout protocol)")
+    p = argparse.ArgumentParser(
+        description=__doc__.strip().split("\n\n")[0] + " Rollout protocol: python evaluate.py --checkpoint "
+        "RUN/model.safetensors [...] --data ROOT --horizon 25 (torchrun shards the clips over ranks).")
+    p.add_argument("--checkpoint", nargs="+", help="exported models (train.py), a table row each")
+    p.add_argument("--data", help="dataset root; its test split is evaluated")
+    p.add_argument("--horizon", type=int, default=25, help="frames per rollout, the given first one included "
+                                                           "(the paper: 25 and 65)")
+    p.add_argument("--clips", type=int, default=None, help="evaluate N clips, evenly spread (default: all)")
+    p.add_argument("--metrics", default="auto", help="comma-separated from psnr,ssim,lpips,fid,fvd,latent_l2,pck; "
+                                                     "'auto': all whose network weights are found")
+    p.add_argument("--out", default="evals", help="output folder (report.json, table.md, figure.png, per clip)")
+    p.add_argument("--steps", type=int, default=35, help="denoising steps per chunk")
+    p.add_argument("--sampler", default="dpm++2m", help=f"ODE solver, one of {('euler', 'dpm++2m')}")
+    p.add_argument("--schedule", default="shifted", choices=["shifted", "karras"], help="sigma schedule")
+    p.add_argument("--shift", type=float, default=None, help="schedule shift (default: the training run's)")
+    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free text guidance (0: off)")
+    p.add_argument("--seed", type=int, default=0, help="clip i is rolled out with seed + i")
+    p.add_argument("--batch", type=int, default=4, help="clips rolled out together")
+    p.add_argument("--shuffle-actions", action="store_true",
+                   help="the control: every clip gets another clip's actions (rows are named accordingly)")
+    p.add_argument("--figure-clips", type=int, default=4, help="clips shown in figure.png")
+    p.add_argument("--init", default=None, help="backbone for checkpoints holding only the DexAC modules")
+    p.add_argument("--height", type=int, default=None, help="evaluation height (default: the training one)")
+    p.add_argument("--width", type=int, default=None, help="evaluation width (default: the training one)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model dtype")
+    p.add_argument("--device", default=None, help="torch device (default: this rank's GPU, else cpu)")
+    weight_flags(p)
     sub = p.add_subparsers(dest="command")
     c = sub.add_parser("compare", help="score predicted videos against ground-truth videos")
     c.add_argument("--pred", required=True, help="predicted video (.npy/.mp4) or a folder of them")
     c.add_argument("--gt", required=True, help="ground-truth video(s), same names as --pred")
     c.add_argument("--metrics", default="psnr,ssim", help="comma-separated, from psnr,ssim,lpips,fid,fvd,pck")
     c.add_argument("--cond-frames", type=int, default=1, help="leading conditioning frames, not scored")
-    for flag, kind in (("--alexnet", "alexnet"), ("--lpips-heads", "lpips"), ("--inception", "inception"),
-                       ("--i3d", "i3d")):
-        c.add_argument(flag, help=f"{WEIGHTS[kind][1]}: path, URL or Hub file ({WEIGHTS[kind][0]})")
-    c.add_argument("--detector", default="markers",
-                   help="PCK: 'markers' (synthetic data) or a TorchScript keypoint model (see KeypointModel)")
+    weight_flags(c)
     c.add_argument("--device", default="cpu", help="torch device for the feature networks")
     c.add_argument("--out", help="also write the JSON report here")
     args = p.parse_args(argv)
-    if args.checkpoint or args.data or args.horizon:
-        print(PROTOCOL_MISSING, file=sys.stderr)
-        return 2
-    if args.command != "compare":
+    if args.command == "compare":
+        compare(args)
+        return 0
+    if not args.checkpoint:
         p.print_help()
         return 1
-    compare(args)
+    if args.horizon < 2:
+        raise ValueError(f"--horizon {args.horizon}: a rollout needs the given frame and at least one more")
+    protocol(args)
     return 0
 
 

@@ -633,9 +633,13 @@ def load_dit(spec, config=None, revision=None, token=None, device="cpu", dtype=N
     return model
 
 
-def load_exported(path, device="cpu", dtype=None):
+def load_exported(path, device="cpu", dtype=None, base=None):
     """A model exported by train.py (one safetensors file: EMA weights, the config and what sampling needs in
-    its metadata) -> (DiT in eval mode, info: the metadata dict). Action statistics travel in the weights."""
+    its metadata) -> (DiT in eval mode, info: the metadata dict). Action statistics travel in the weights.
+
+    An export of a run that trained only the new modules on a pretrained backbone (`--trainable new`) holds
+    just those and names the backbone in info["base"]; `base` (a load_dit spec) overrides where it comes from.
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
     if not os.path.isfile(path):
@@ -646,9 +650,15 @@ def load_exported(path, device="cpu", dtype=None):
     if "model_config" not in info:
         raise ValueError(f"{path} has no model config in its metadata: export it with train.py")
     c = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["model_config"].items()})
-    with torch.device("meta"):
-        model = DiT(c)
-    load_state_dict_checked(model, load_file(str(path)), source=str(path))
+    sd, base = load_file(str(path)), base or info.get("base")
+    if base:
+        model = load_dit(base, c, device=device)
+        backbone = tuple(k for k in model.state_dict() if not k.startswith(("action_cond.", "semantic.")))
+        load_state_dict_checked(model, sd, source=str(path), allow_missing=backbone)
+    else:
+        with torch.device("meta"):
+            model = DiT(c)
+        load_state_dict_checked(model, sd, source=str(path))
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False), info
 
 

@@ -97,8 +97,21 @@ def load_image(path, size):
 class WorldModel:
     """Everything a rollout needs, rebuilt from one exported file (train.py's export)."""
 
-    def __init__(self, checkpoint, device="cpu", dtype=torch.float32, tokenizer_weights=None):
-        self.dit, self.info = M.load_exported(checkpoint, device=device, dtype=dtype)
+    def __init__(self, checkpoint, device="cpu", dtype=torch.float32, tokenizer_weights=None, base=None,
+                 dino=None):
+        dit, info = M.load_exported(checkpoint, device=device, dtype=dtype, base=base)
+        self._build(dit, info, device, dtype, tokenizer_weights, dino)
+
+    @classmethod
+    def from_model(cls, dit, info, device="cpu", dtype=torch.float32, tokenizer_weights=None, dino=None):
+        """A DiT in memory and an export's metadata dict (keys tokenizer, text, train_config) -> WorldModel."""
+        self = cls.__new__(cls)
+        self._build(dit.to(device=device, dtype=dtype).eval().requires_grad_(False), info, device, dtype,
+                    tokenizer_weights, dino)
+        return self
+
+    def _build(self, dit, info, device, dtype, tokenizer_weights, dino):
+        self.dit, self.info = dit, info
         self.device, self.dtype = torch.device(device), dtype
         t = self.info["tokenizer"]
         kwargs = ({"weights": tokenizer_weights or t.get("weights") or None} if t["name"] == "wan2.1" else
@@ -108,51 +121,67 @@ class WorldModel:
         tc = self.info["train_config"]
         self.text = sem.TextEmbedder(text["mode"], cache_dir=tc.get("text_cache") or None, text_dim=c.text_dim,
                                      max_tokens=text["tokens"], dtype=dtype)
-        self.size = (tc["height"], tc["width"])
-        if c.semantic_dim:
-            raise NotImplementedError("sampling with the DINOv3 branch needs its encoder: not wired into "
-                                      "sample.py yet")
+        self.size, self.shift = (tc["height"], tc["width"]), tc.get("shift", 5.0)
+        self.dino = None
+        if c.semantic_dim:  # the DINOv3 branch: the encoder whose width the model was trained with
+            preset = next(k for k, v in sem.DINO_PRESETS.items() if v.dim == c.semantic_dim)
+            self.dino = sem.load_dino(dino or tc.get("dino") or sem.DINO_REPO, preset, device=device, dtype=dtype)
 
-    def velocity_fn(self, text, actions, frame_mask, guidance):
+    def velocity_fn(self, text, actions, frame_mask, guidance, feats=None, bar=None):
         """v(x, sigma) with classifier-free guidance over the text (cond and uncond in one batch)."""
         def v(x, sigma):
+            if bar is not None:
+                bar.update(1)
             if guidance == 0:
-                return self.dit(x, sigma, text, frame_mask=frame_mask, actions=actions)
+                return self.dit(x, sigma, text, frame_mask=frame_mask, actions=actions, image_features=feats)
             null = self.text.null(x.shape[0]).to(self.device, self.dtype)
-            out = self.dit(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([text, null]),
-                           frame_mask=torch.cat([frame_mask, frame_mask]), actions=torch.cat([actions, actions]))
+            two = lambda t: None if t is None else torch.cat([t, t])
+            out = self.dit(two(x), two(sigma), torch.cat([text, null]), frame_mask=two(frame_mask),
+                           actions=two(actions), image_features=two(feats))
             return M.guided(*out.chunk(2), guidance)
         return v
 
     @torch.inference_mode()
-    def rollout(self, frame, actions, prompts, seeds, steps=35, solver="dpm++2m", schedule="shifted", shift=5.0,
-                guidance=0.0, reencode=False, progress=True):
-        """frame uint8 (B, H, W, 3); actions (B, K, 57) raw; prompts [B]; seeds [B] -> uint8 (B, 1 + K, H, W, 3)."""
+    def rollout(self, frame, actions, prompts, seeds, steps=35, solver="dpm++2m", schedule="shifted", shift=None,
+                guidance=0.0, reencode=False, progress=True, return_latents=False):
+        """frame uint8 (B, H, W, 3); actions (B, K, 57) raw; prompts [B]; seeds [B] -> uint8 (B, 1 + K, H, W, 3)
+        (and the latents (B, C, T', h, w), first frame included, with return_latents). shift: the training
+        run's by default."""
         B, K = actions.shape[:2]
         chunk = self.dit.config.action_steps  # actions per chunk; chunk / 4 latent frames follow the held one
         n_chunks = math.ceil(K / chunk)
         pad = np.broadcast_to(still_actions(n_chunks * chunk - K), (B, n_chunks * chunk - K, data.ACTION_DIM))
         actions = torch.from_numpy(np.concatenate([actions, pad], 1)).to(self.device, self.dtype)
         video = torch.from_numpy(np.array(frame)).to(self.device).permute(0, 3, 1, 2)[:, :, None]  # (B, 3, 1, H, W)
-        z = self.tokenizer.encode(video.to(self.dtype) / 127.5 - 1)  # (B, C, 1, h, w)
+        video = video.to(self.dtype) / 127.5 - 1
+        z = self.tokenizer.encode(video)  # (B, C, 1, h, w)
         text = self.text(prompts).to(self.device, self.dtype)
+        shift = self.shift if shift is None else shift
         sigmas = M.shifted_sigmas(steps, shift) if schedule == "shifted" else M.karras_sigmas(steps)
         latents, cond = [z], z
         n_new = chunk // tok.TEMPORAL  # latent frames generated per chunk
         frame_mask = torch.zeros(B, 1 + n_new, device=self.device)
         frame_mask[:, 0] = 1
-        for c in tqdm(range(n_chunks), desc="chunks", disable=not progress or n_chunks == 1):
+        bar = tqdm(total=n_chunks * steps, desc=f"{n_chunks} chunk(s) x {steps} steps", disable=not progress)
+        for c in range(n_chunks):
+            # DINOv3 sees each chunk's first frame, as in training: the image, then the last generated frame
+            # (its latent decoded alone; exact for the pixel tokenizer, close for the VAE)
+            feats = None if self.dino is None else sem.conditioning_features(
+                self.dino, video[:, :, 0] if c == 0 else self.tokenizer.decode(cond)[:, :, 0].clamp(-1, 1)).to(self.dtype)
             x_cond = torch.cat([cond, cond.new_zeros(B, cond.shape[1], n_new, *cond.shape[3:])], 2)  # (B, C, 1+n, h, w)
             noise = torch.stack([torch.randn(x_cond.shape[1:], generator=torch.Generator().manual_seed(
                 int(s) * 1_000_003 + c)) for s in seeds]).to(self.device, self.dtype)
-            v = self.velocity_fn(text, actions[:, c * chunk:(c + 1) * chunk], frame_mask, guidance)
+            v = self.velocity_fn(text, actions[:, c * chunk:(c + 1) * chunk], frame_mask, guidance, feats, bar)
             x = M.sample(v, noise, sigmas, solver, x_cond=x_cond, frame_mask=frame_mask)
             latents.append(x[:, :, 1:])
             cond = x[:, :, -1:]
             if reencode:  # decode (causally, so from the start) and encode the last frame alone, as a first frame
                 cond = self.tokenizer.encode(self.tokenizer.decode(torch.cat(latents, 2))[:, :, -1:])
-        out = self.tokenizer.decode(torch.cat(latents, 2))[:, :, :1 + K]  # (B, 3, 1 + K, H, W)
-        return ((out.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu().numpy()
+        bar.close()
+        z = torch.cat(latents, 2)
+        out = self.tokenizer.decode(z)[:, :, :1 + K]  # (B, 3, 1 + K, H, W)
+        out = ((out.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu().numpy()
+        return (out, z) if return_latents else out
 
 
 # -----------------------------------------------------------------------------
@@ -180,6 +209,11 @@ def write_outputs(out, name, video, gt=None, fps=30):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Roll out a DexAC world model from one frame and raw 57-D actions.")
     p.add_argument("--checkpoint", required=True, help="an exported model (train.py writes RUN/model.safetensors)")
+    p.add_argument("--init", default=None, help="the pretrained backbone for a checkpoint that holds only the DexAC "
+                                                "modules (train.py --trainable new): a local file or Hub spec "
+                                                "(model.load_dit); default: the one the checkpoint names")
+    p.add_argument("--dino", default=None, help="DINOv3 weights for a model with the semantic branch (default: the "
+                                                "training run's)")
     p.add_argument("--actions", help=f"(K, {data.ACTION_DIM}) raw actions .npy, or a directory of them (one batch)")
     p.add_argument("--image", help="first frame (PNG/JPEG); resized to the model's resolution with a notice")
     p.add_argument("--episode", help="an EgoDex .hdf5 (its .mp4 beside it): first frame, prompt, actions and "
@@ -190,7 +224,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=35, help="denoising steps per chunk")
     p.add_argument("--sampler", default="dpm++2m", help=f"ODE solver, one of {M.SOLVERS}")
     p.add_argument("--schedule", default="shifted", choices=["shifted", "karras"], help="sigma schedule")
-    p.add_argument("--shift", type=float, default=5.0, help="shift of the shifted schedule")
+    p.add_argument("--shift", type=float, default=None, help="shift of the shifted schedule (default: training's)")
     p.add_argument("--guidance", type=float, default=0.0, help="classifier-free text guidance g (0: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
     p.add_argument("--num-samples", type=int, default=1, help="samples per action file")
@@ -198,6 +232,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer-weights", default=None, help="override the Wan2.1 VAE weights the export names")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model dtype")
+    p.add_argument("--height", type=int, default=None, help="frame height (default: the training resolution)")
+    p.add_argument("--width", type=int, default=None, help="frame width (default: the training resolution)")
     p.add_argument("--out", default="samples", help="output directory")
     return p.parse_args(argv)
 
@@ -215,7 +251,14 @@ def main(argv=None):
     if "action_stats" not in meta or "train_config" not in meta:
         raise SystemExit(f"error: {args.checkpoint} carries no action statistics/config: export it with train.py")
     tc = json.loads(meta["train_config"])
-    size = (tc["height"], tc["width"])
+    size = (args.height or tc["height"], args.width or tc["width"])
+    t = json.loads(meta["tokenizer"])
+    unit = 2 * (8 if t["name"] == "wan2.1" else t.get("pixel_compression", 8))  # tokenizer x DiT patch
+    if size[0] % unit or size[1] % unit:
+        raise SystemExit(f"error: --height/--width must be multiples of {unit} for this model, got "
+                         f"{size[0]}x{size[1]}")
+    if json.loads(meta.get("base", '""')) and not args.init:
+        print(f"the checkpoint holds the DexAC modules only; backbone: {json.loads(meta['base'])}")
     if (args.image is None) == (args.episode is None):
         raise SystemExit("error: give the first frame with exactly one of --image or --episode")
     try:
@@ -238,7 +281,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    wm = WorldModel(args.checkpoint, args.device, dtype, args.tokenizer_weights)
+    wm = WorldModel(args.checkpoint, args.device, dtype, args.tokenizer_weights, args.init, args.dino)
     names = [f"{name}_s{i}" if args.num_samples > 1 else name for name, _ in runs for i in range(args.num_samples)]
     K = max(len(a) for _, a in runs)
     actions = np.stack([np.concatenate([a, still_actions(K - len(a))]) for _, a in runs

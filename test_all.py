@@ -2220,7 +2220,7 @@ def test_report_pools_pck_and_splits_families():
     assert [c["family"] for c in ev.add(v, v, actions=actions)] == ["head", "finger"]
 
 
-def test_command_line_compare_and_protocol_message(tmp_path, eval_synth_clip, capsys):
+def test_command_line_compare(tmp_path, eval_synth_clip):
     gt = eval_synth_clip["video"].permute(1, 2, 3, 0).numpy()  # (T, H, W, 3)
     for d in ("pred", "gt"):
         (tmp_path / d).mkdir()
@@ -2240,15 +2240,13 @@ def test_command_line_compare_and_protocol_message(tmp_path, eval_synth_clip, ca
     (tmp_path / "pred" / "a.npy").rename(tmp_path / "pred" / "c.npy")
     with pytest.raises(ValueError, match="same names"):
         E.main(["compare", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")])
-    assert E.main(["--checkpoint", "ckpt.pt", "--horizon", "25"]) == 2
-    assert "needs sample.py" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
 # train.py: one process and torchrun, exact resume, SIGTERM, export, bad input
 
 TRAIN_ARGS = ["--dim", "64", "--blocks", "2", "--height", "32", "--width", "64", "--frames", "5", "--workers", "0",
-         "--log-every", "1", "--warmup", "2", "--lr", "1e-3", "--preview-steps", "2"]
+              "--pixel-compression", "8", "--log-every", "1", "--warmup", "2", "--lr", "1e-3", "--preview-steps", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -2503,6 +2501,133 @@ def test_sample_command_outputs_and_bad_inputs(exported, train_synth, tmp_path, 
         S.main(["--checkpoint", str(tmp_path / "none.safetensors")] + image_args)
     with pytest.raises(SystemExit, match="cannot read the image"):
         S.main(base + ["--image", str(episode), "--actions", str(tmp_path / "acts.npy")])
+
+
+def test_dexac_only_export_loads_on_its_base_and_init_overrides_it(tmp_path, train_synth):
+    """--trainable new on a pretrained backbone exports the new modules only; sample.py rebuilds the model from
+    the base the file names, or from --init."""
+    mcfg = replace(SMALL, action_mode="dexac", action_steps=4)
+    base = randomize(M.DiT(replace(SMALL)), seed=5)
+    official_pt(base, tmp_path / "base.pt")
+    model = M.load_dit(str(tmp_path / "base.pt"), mcfg, action_stats=str(train_synth / "stats.json"))
+    train.set_trainable(model, "new")
+    ema = {n: p.detach() + 0.5 for n, p in model.named_parameters() if p.requires_grad}
+    cfg = replace(train.TrainConfig(), trainable="new", init=str(tmp_path / "base.pt"), tokenizer="wan2.1",
+                  height=32, width=64, frames=5)
+    path = train.export(tmp_path / "model.safetensors", model, ema, cfg, mcfg, train_synth / "stats.json", 7, 0,
+                        torch.float32)
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith("action_cond.") for k in keys)  # no backbone tensor in the file
+    assert json.loads(meta["base"]) == str(tmp_path / "base.pt")
+    loaded, info = M.load_exported(str(path))
+    expected = {**model.state_dict(), **ema}
+    assert set(loaded.state_dict()) == set(expected)
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+    other = randomize(M.DiT(replace(SMALL)), seed=6)  # --init: another backbone under the same DexAC modules
+    official_pt(other, tmp_path / "other.pt")
+    wm = S.WorldModel(str(path), base=str(tmp_path / "other.pt"))
+    assert torch.equal(wm.dit.blocks[0].fc1.weight, other.blocks[0].fc1.weight)
+    assert torch.equal(wm.dit.action_cond.state_dict()[keys[0][len("action_cond."):]], expected[keys[0]])
+    frame = np.zeros((1, 32, 64, 3), np.uint8)
+    video = wm.rollout(frame, S.still_actions(4)[None], [""], [0], steps=1, progress=False)
+    assert video.shape == (1, 5, 32, 64, 3)
+    (tmp_path / "base.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="base.pt"):
+        M.load_exported(str(path))
+
+
+def test_rollout_feeds_dino_features_of_each_chunk_start(hf_dino):
+    """A model with the semantic branch: DINOv3 sees the given frame for chunk 0, then each chunk's first
+    (generated) frame."""
+    _, folder = hf_dino
+    mcfg = replace(SMALL, in_channels=12 * 4, out_channels=12 * 4, action_mode="dexac", action_steps=4,
+                   semantic_dim=DINO_TINY.dim)
+    dit = randomize(M.DiT(mcfg), seed=2, std=0.05)
+    dit.action_cond.set_stats(torch.zeros(data.ACTION_DIM), torch.ones(data.ACTION_DIM))
+    info = {"tokenizer": {"name": "pixel", "pixel_compression": 2}, "text": {"mode": "none", "tokens": 4},
+            "train_config": {"height": 32, "width": 48, "text_cache": "", "shift": 1.0}}
+    wm = S.WorldModel.from_model(dit, info, dino=str(folder))
+    seen = []
+    forward = wm.dit.forward
+    wm.dit.forward = lambda *a, **k: seen.append(k["image_features"]) or forward(*a, **k)
+    frame = (np.random.default_rng(0).random((2, 32, 48, 3)) * 255).astype(np.uint8)
+    video = wm.rollout(frame, np.broadcast_to(S.still_actions(8), (2, 8, data.ACTION_DIM)), ["", ""], [0, 1],
+                       steps=2, progress=False)
+    assert video.shape == (2, 9, 32, 48, 3) and len(seen) == 4  # 2 chunks x 2 steps
+    expected = semantic.conditioning_features(wm.dino, torch.from_numpy(frame).permute(0, 3, 1, 2) / 127.5 - 1)
+    assert seen[0].shape == (2, 6, DINO_TINY.dim) and torch.allclose(seen[0], expected, atol=1e-5)
+    assert torch.equal(seen[0], seen[1]) and not torch.allclose(seen[2], seen[0])  # per chunk, not per step
+    generated = torch.from_numpy(video[:, 4]).permute(0, 3, 1, 2).float() / 127.5 - 1  # chunk 1's first frame
+    again = semantic.conditioning_features(wm.dino, generated)  # the frame as written: rounded to uint8
+    assert ((seen[2] - again).norm() / again.norm()).item() < 0.02
+
+
+def test_evaluation_protocol_rows_resume_shards_and_control(exported, train_synth, tmp_path, monkeypatch, capsys):
+    rows = {}
+    for name in ("dexac-a", "dexac-b"):  # the same weights twice: two rows that must agree exactly
+        (tmp_path / name).mkdir()
+        shutil.copy(exported, tmp_path / name / "model.safetensors")
+        rows[name] = str(tmp_path / name / "model.safetensors")
+    out = tmp_path / "eval"
+    argv = ["--checkpoint", *rows.values(), "--data", str(train_synth), "--horizon", "9", "--steps", "2",
+            "--metrics", "psnr,ssim,latent_l2,pck", "--batch", "2", "--out", str(out), "--figure-clips", "2"]
+    episodes, plan = E.eval_plan(train_synth, 9)
+    assert len(plan) == 2 * (40 // 9)  # 2 test episodes of 40 frames: starts 0, 9, 18, 27
+    assert E.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())["rows"]
+    a, b = report["dexac-a"], report["dexac-b"]
+    assert a["clips"] == len(plan) and a == b  # same weights and seeds: identical rows
+    clips = [json.loads(f.read_text()) for f in sorted((out / "dexac-a" / "clips").glob("*.json"))]
+    assert a["psnr"] == pytest.approx(np.mean([c["psnr"] for c in clips]))
+    # PCK is wired in (at 32x64 the markers are too small to detect, so it is undefined: None)
+    assert a["latent_l2"] > 0 and "pck@20" in a and set(a["families"]) == set(E.FAMILIES)
+    table = (out / "table.md").read_text()
+    assert "| Model | PSNR ↑ | SSIM ↑ | LPIPS ↓ | FID ↓ | FVD ↓ | PCK@10 ↑ | PCK@20 ↑ |" in table
+    assert table.count("| dexac-") == 4  # a row per model in both tables
+    assert (out / "figure.png").is_file()
+
+    # resume: only the missing clip is rolled out again, and it scores as before
+    (out / "dexac-a" / "clips" / "00003.json").unlink()
+    calls = []
+    rollout = S.WorldModel.rollout
+    monkeypatch.setattr(S.WorldModel, "rollout", lambda self, frames, *x, **k: calls.append(len(frames)) or
+                        rollout(self, frames, *x, **k))
+    E.main(argv)
+    assert calls == [1]
+    same = lambda r: all(r[k] == pytest.approx(a[k], rel=1e-5) for k in ("clips", "psnr", "ssim", "latent_l2"))
+    assert same(json.loads((out / "report.json").read_text())["rows"]["dexac-a"])  # batch of 1: rounding only
+
+    # ranks: rank r of 2 rolls out clips r, r + 2, ...; together they give the one-rank report
+    for name in ("init_process_group", "barrier", "destroy_process_group"):
+        monkeypatch.setattr(torch.distributed, name, lambda *x, **k: None)
+    sharded = tmp_path / "sharded"
+    for rank in (1, 0):  # rank 0 last: it collects after the (no-op) barrier
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        calls.clear()
+        E.main([*argv[:-4], "--out", str(sharded), "--figure-clips", "2", "--checkpoint", rows["dexac-a"]])
+        assert calls == [2] * (len(plan) // 4)  # its half of the clips, in batches of 2
+        done = sorted(int(f.stem) for f in (sharded / "dexac-a" / "clips").glob("*.json"))
+        assert set(done) >= set(range(rank, len(plan), 2))
+    assert same(json.loads((sharded / "report.json").read_text())["rows"]["dexac-a"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+
+    # the shuffled-action control: another row, other actions, same first frames
+    E.main(["--checkpoint", rows["dexac-a"], *argv[3:], "--shuffle-actions"])
+    assert "dexac-a (shuffled actions)" in json.loads((out / "report.json").read_text())["rows"]
+
+    # bad input: one clear error each
+    with pytest.raises(FileNotFoundError, match="not found"):
+        E.main(["--checkpoint", str(tmp_path / "none.safetensors"), "--data", str(train_synth)])
+    with pytest.raises(ValueError, match="unknown metrics"):
+        E.main([*argv, "--metrics", "psnr,dreamsim"])
+    with pytest.raises(E.WeightsError, match="inception-2015-12-05.pt"):
+        E.main([*argv, "--metrics", "fid", "--inception", str(tmp_path / "none.pt")])
+    with pytest.raises(ValueError, match="give the row name"):
+        E.main(["--checkpoint", rows["dexac-a"], rows["dexac-a"], "--data", str(train_synth)])
 
 
 def test_training_stream_summarizes_skipped_episodes_each_epoch(train_synth, tmp_path, capsys):

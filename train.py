@@ -255,10 +255,12 @@ def build_model(cfg, mcfg, device):
     return model
 
 
+NEW_MODULES = ("action_cond.", "semantic.")  # the paper's modules, on top of the Cosmos backbone
+
+
 def set_trainable(model, trainable):
-    new = ("action_cond.", "semantic.")
     for name, p in model.named_parameters():
-        p.requires_grad_(trainable == "all" or name.startswith(new))
+        p.requires_grad_(trainable == "all" or name.startswith(NEW_MODULES))
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("--trainable new, but the model has no new modules: set --action-mode or --semantic")
 
@@ -505,12 +507,16 @@ def export(path, model, ema, cfg, mcfg, stats_path, step, rank, dtype):
             full_ema[k] = v.cpu()
     if rank != 0:
         return None
+    base = cfg.init if cfg.trainable == "new" else ""  # a frozen pretrained backbone: not written again
     out = {}
     for k, v in sd.items():
+        if base and k not in full_ema and not k.startswith(NEW_MODULES):
+            continue  # sample.py loads it from `base` (or --init)
         v = full_ema.get(k, v)
         out[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
     mean, std = data.load_stats(stats_path)
     meta = {"model_config": asdict(mcfg), "train_config": asdict(cfg), "step": step,
+            "base": base,
             "action_layout": data.action_layout(), "action_stats": {"mean": mean.tolist(), "std": std.tolist()},
             "tokenizer": {"name": cfg.tokenizer, "weights": cfg.tokenizer_weights,
                           "pixel_compression": cfg.pixel_compression},
