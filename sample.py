@@ -3,10 +3,10 @@ Autoregressive rollouts of a trained world model: one frame + a task + K raw 57-
 
     python sample.py --checkpoint runs/000/model.safetensors --image frame.png --actions actions.npy
     python sample.py --checkpoint runs/000/model.safetensors --episode data/synthetic/test/open_jar/0.hdf5
+    python sample.py --checkpoint dexac.safetensors --init base/post-trained --image frame.png --actions a.npy
 
 The actions are cut into chunks of the model's length (12 for 13-frame training clips: 3 latent frames of 4
-actions each); every chunk is denoised with
-the latent frame it starts from held clean (Cosmos' video2world conditioning), and its last latent frame
+actions each); every chunk is denoised with the latent frame it starts from held clean (Cosmos' video2world conditioning), and its last latent frame
 conditions the next chunk. The last chunk is padded with still actions (no motion) and trimmed.
 
 Deliberate choices:
@@ -16,12 +16,17 @@ Deliberate choices:
 - each sample draws its noise from its own generator (seed + sample index, chunk), so a batch gives exactly
   the samples that one-by-one runs give, up to floating-point reordering;
 - input checks (action shape, NaN, image mode and size, sampler, checkpoint statistics) run before any model
-  is loaded.
+  is loaded;
+- a model trained with `--trainable new` on a pretrained backbone is exported as its DexAC modules only; it is
+  rebuilt on the backbone the file names, or on `--init` (a local file or a Hub spec, model.load_dit);
+- with the semantic branch, DINOv3 sees each chunk's first frame, as in training: the given image, then the
+  last generated frame (its latent decoded alone: exact for the pixel tokenizer, close for the VAE).
 Outputs: an MP4 and a PNG contact sheet per sample; with ground truth (--episode) a side-by-side video and
 the per-frame PSNR.
 """
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -33,6 +38,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import conditioning
 import data
 import evaluate as E
 import model as M
@@ -116,7 +122,7 @@ class WorldModel:
         t = self.info["tokenizer"]
         kwargs = ({"weights": tokenizer_weights or t.get("weights") or None} if t["name"] == "wan2.1" else
                   {"spatial_compression": t.get("pixel_compression", 8)})
-        self.tokenizer = tok.build_tokenizer(t["name"], **kwargs).to(device).eval()
+        self.tokenizer = tok.build_tokenizer(t["name"], **kwargs).to(device, dtype).eval()  # latents in dtype
         c, text = self.dit.config, self.info["text"]
         tc = self.info["train_config"]
         self.text = sem.TextEmbedder(text["mode"], cache_dir=tc.get("text_cache") or None, text_dim=c.text_dim,
@@ -129,15 +135,18 @@ class WorldModel:
 
     def velocity_fn(self, text, actions, frame_mask, guidance, feats=None, bar=None):
         """v(x, sigma) with classifier-free guidance over the text (cond and uncond in one batch)."""
+        actions = actions if self.dit.action_cond is not None else None  # action_mode none: the backbone
+        two = lambda t: None if t is None else torch.cat([t, t])
+        if guidance:  # built once per chunk, not per step (the Reason1 context is 100 MB a sample in bf16)
+            text = torch.cat([text, self.text.null(text.shape[0]).to(self.device, self.dtype)])
+            frame_mask, actions, feats = two(frame_mask), two(actions), two(feats)
+
         def v(x, sigma):
             if bar is not None:
                 bar.update(1)
             if guidance == 0:
                 return self.dit(x, sigma, text, frame_mask=frame_mask, actions=actions, image_features=feats)
-            null = self.text.null(x.shape[0]).to(self.device, self.dtype)
-            two = lambda t: None if t is None else torch.cat([t, t])
-            out = self.dit(two(x), two(sigma), torch.cat([text, null]), frame_mask=two(frame_mask),
-                           actions=two(actions), image_features=two(feats))
+            out = self.dit(two(x), two(sigma), text, frame_mask=frame_mask, actions=actions, image_features=feats)
             return M.guided(*out.chunk(2), guidance)
         return v
 
@@ -203,12 +212,197 @@ def write_outputs(out, name, video, gt=None, fps=30):
 
 
 # -----------------------------------------------------------------------------
+# benchmark: python sample.py --benchmark [--compare-diffusers]
+
+
+class Stopwatch:
+    """Seconds per call of a whole run and of chosen methods inside it, synchronized on CUDA; peak memory."""
+
+    def __init__(self, device):
+        self.device, self.seconds = device, {}
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def wrap(self, obj, method, label):
+        """Make obj.method add the time of each call to seconds[label] (an instance attribute shadows it)."""
+        fn = getattr(obj, method)
+
+        def timed(*args, **kwargs):
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.sync()
+            self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
+            return out
+        setattr(obj, method, timed)
+
+    def run(self, fn, warmup, iters):
+        """-> (fn's last output, {"total": s, each wrapped label: s, "peak_gib": GiB or None}), s per call."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.seconds = {}
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn()
+        self.sync()
+        times = {"total": time.perf_counter() - t0, **self.seconds}
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        return out, {**{k: v / iters for k, v in times.items()}, "peak_gib": peak}
+
+
+class NoGuardrail:
+    """Stands in for cosmos_guardrail's safety checker, without which diffusers' Cosmos pipelines refuse to
+    run. Given prompt embeddings and no prompt, the pipeline only moves it (`.to`), and it screens videos only
+    with the real checker's class: nothing is checked, so no guardrail time is in the figures."""
+
+    def to(self, *args, **kwargs):
+        return self
+
+
+def diffusers_pipeline(dit_sd, vae_sd, c, device, dtype):
+    """diffusers' Cosmos2_5_PredictBasePipeline holding our weights: the DiT (config c, in dtype) and the
+    Wan2.1 VAE (in the dtype of its state dict vae_sd, as ours ran)."""
+    import diffusers
+    with torch.device(device):
+        net = diffusers.CosmosTransformer3DModel(
+            in_channels=c.in_channels + 1, out_channels=c.out_channels, num_attention_heads=c.n_heads,
+            attention_head_dim=c.dim // c.n_heads, num_layers=c.n_blocks, mlp_ratio=c.mlp_ratio,
+            text_embed_dim=c.context_dim, adaln_lora_dim=c.adaln_lora_dim, max_size=c.max_size,
+            patch_size=(c.patch_temporal, c.patch_spatial, c.patch_spatial), rope_scale=c.rope_ratios,
+            concat_padding_mask=False, extra_pos_embed_type=None, use_crossattn_projection=True,
+            crossattn_proj_in_channels=c.text_dim, encoder_hidden_states_channels=c.context_dim).to(dtype)
+        vae = diffusers.AutoencoderKLWan().to(next(iter(vae_sd.values())).dtype)  # defaults: Wan2.1's
+    net.load_state_dict(M.state_dict_as(dit_sd, "diffusers", c.n_blocks))
+    for m in net.modules():  # the official q/k RMSNorm eps (diffusers uses 1e-5)
+        if getattr(m, "norm_q", None) is not None:
+            m.norm_q.eps = m.norm_k.eps = 1e-6
+    vae.load_state_dict({tok.diffusers_key(k): v for k, v in vae_sd.items()})
+    # the scheduler that diffusers' conversion script saves with the Cosmos-Predict2.5 pipelines
+    scheduler = diffusers.UniPCMultistepScheduler(use_karras_sigmas=True, use_flow_sigmas=True,
+                                                  prediction_type="flow_prediction", sigma_max=200.0,
+                                                  sigma_min=0.01)
+    pipe = diffusers.Cosmos2_5_PredictBasePipeline(text_encoder=None, tokenizer=None, transformer=net.eval(),
+                                                   vae=vae.eval(), scheduler=scheduler,
+                                                   safety_checker=NoGuardrail())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def benchmark(args):
+    """Seconds per chunk (one frame + 12 actions -> 13 frames) of WorldModel.rollout on random weights, split
+    into VAE encode, denoising and VAE decode. With --compare-diffusers, the same for diffusers'
+    Cosmos-Predict2.5 pipeline (Video2World from the same frame) with the same weights, shapes and steps."""
+    device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    B, K, H, W = args.batch, 12, args.height or 288, args.width or 512
+    if args.compare_diffusers and (args.tokenizer != "wan2.1" or B != 1):
+        raise SystemExit("error: --compare-diffusers needs --tokenizer wan2.1 (diffusers' pipeline holds the "
+                         "Wan2.1 VAE) and --batch 1 (its Video2World mode takes one video per call)")
+    if args.compare_diffusers and 0 < args.guidance <= 1:
+        raise SystemExit("error: diffusers applies guidance only above 1 (then with our formula, v_c + "
+                         "g (v_c - v_u)): choose --guidance 0 or > 1 to time the same work on both sides")
+    # no padding-mask channel when comparing: diffusers resizes it with torchvision (as in model.benchmark)
+    channels = tok.PixelTokenizer().latent_channels if args.tokenizer == "pixel" else 16
+    config = M.config_from_preset(
+        args.preset, action_mode=args.action_mode, action_steps=K, actions_per_frame=tok.TEMPORAL,
+        in_channels=channels, out_channels=channels, concat_padding_mask=not args.compare_diffusers)
+    torch.manual_seed(0)
+    with torch.device(device), torch.no_grad():
+        dit = M.DiT(config)
+        for p in dit.parameters():  # random everywhere: zero-initialized layers would make outputs trivial
+            p.normal_(std=0.02)
+    if dit.action_cond is not None:
+        dit.action_cond.set_stats(torch.zeros(data.ACTION_DIM), torch.ones(data.ACTION_DIM))
+    info = {"tokenizer": {"name": args.tokenizer, "weights": "", "pixel_compression": 8},
+            "text": {"mode": "none", "tokens": sem.TEXT_TOKENS},
+            "train_config": {"height": H, "width": W, "text_cache": ""}}
+    wm = WorldModel.from_model(dit, info, device, dtype)
+    frame = np.random.default_rng(0).integers(0, 256, (B, H, W, 3), dtype=np.uint8)
+    actions = np.broadcast_to(still_actions(K), (B, K, data.ACTION_DIM))
+    count = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M"
+    extra = f" ({count(dit.action_cond)} {args.action_mode})" if dit.action_cond is not None else ""
+    print(f"preset {args.preset}: {count(dit)} parameters{extra}, {args.tokenizer} tokenizer | {B}x{H}x{W}, "
+          f"1 + {K} frames, {args.steps} steps {args.sampler}, guidance {args.guidance:g}, {args.dtype} on "
+          f"{device}")
+
+    watch, results = Stopwatch(device), {}
+
+    def report(name, fn):
+        out, t = watch.run(fn, args.warmup, args.iters)
+        t["denoise"] = t["total"] - t["vae_encode"] - t["vae_decode"]  # with the small rest: noise, text...
+        peak = f", peak {t['peak_gib']:.2f} GiB" if t["peak_gib"] is not None else ""
+        print(f"{name}: {t['total']:.3f} s/chunk = VAE encode {t['vae_encode']:.3f} + denoise "
+              f"{t['denoise']:.3f} ({t['denoise'] / args.steps * 1e3:.1f} ms/step) + VAE decode "
+              f"{t['vae_decode']:.3f}{peak} | output {out.shape} {out.dtype}")
+        results[name] = {**t, "shape": tuple(out.shape)}
+
+    watch.wrap(wm.tokenizer, "encode", "vae_encode")
+    watch.wrap(wm.tokenizer, "decode", "vae_decode")
+    ours = lambda: wm.rollout(frame, actions, [""] * B, list(range(B)), args.steps, args.sampler,
+                              guidance=args.guidance, progress=False)
+    if dit.action_cond is not None:
+        report(f"ours ({args.action_mode})", ours)
+    if args.compare_diffusers or dit.action_cond is None:
+        dit.action_cond = None  # the backbone alone: what diffusers' pipeline runs
+        report("ours (backbone)", ours)
+    if not args.compare_diffusers:
+        return results
+
+    # CPU copies, so that our models are freed (gc: the wrapped methods hold the tokenizer in a cycle)
+    dit_sd = {k: v.cpu() for k, v in dit.state_dict().items()}
+    vae_sd = {k: v.cpu() for k, v in wm.tokenizer.state_dict().items()}
+    del wm, dit, ours
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    pipe = diffusers_pipeline(dit_sd, vae_sd, config, device, dtype)
+    watch.wrap(pipe.vae, "encode", "vae_encode")
+    watch.wrap(pipe.vae, "decode", "vae_decode")
+    video = torch.from_numpy(frame).permute(0, 3, 1, 2)[:, :, None] / 127.5 - 1  # (B, 3, 1, H, W)
+    text = torch.zeros(B, sem.TEXT_TOKENS, config.text_dim, device=device, dtype=dtype)
+    report("diffusers", lambda: pipe(
+        video=video, prompt_embeds=text, negative_prompt_embeds=text, height=H, width=W, num_frames=1 + K,
+        num_inference_steps=args.steps, guidance_scale=args.guidance, num_latent_conditional_frames=1,
+        generator=torch.Generator().manual_seed(0), output_type="np").frames)
+    a, b = results["ours (backbone)"], results["diffusers"]
+    if a["shape"] != b["shape"]:
+        raise RuntimeError(f"ours makes videos {a['shape']}, diffusers {b['shape']}: not the same work")
+    results["ratio"] = a["total"] / b["total"]
+    print(f"ours / diffusers, backbone to backbone: {results['ratio']:.2f} per chunk (denoise "
+          f"{a['denoise'] / b['denoise']:.2f}, VAE encode {a['vae_encode'] / b['vae_encode']:.2f}, "
+          f"VAE decode {a['vae_decode'] / b['vae_decode']:.2f})")
+    return results
+
+
+def add_benchmark_args(p):
+    """The flags of --benchmark beyond the ones it shares with sampling: --steps, --sampler, --guidance,
+    --device, --dtype, and --height/--width (288x512 when not given)."""
+    p.add_argument("--benchmark", action="store_true",
+                   help="time one chunk of a random-weight model (no checkpoint, nothing written) and exit")
+    p.add_argument("--preset", default="tiny", choices=sorted(M.PRESETS), help="DiT size for --benchmark")
+    p.add_argument("--action-mode", default="dexac", choices=["none", *conditioning.MODES],
+                   help="action conditioning for --benchmark")
+    p.add_argument("--tokenizer", default="wan2.1", choices=tok.TOKENIZERS, help="tokenizer for --benchmark")
+    p.add_argument("--batch", type=int, default=1, help="rollouts per call for --benchmark")
+    p.add_argument("--warmup", type=int, default=1, help="untimed chunks first for --benchmark")
+    p.add_argument("--iters", type=int, default=2, help="timed chunks for --benchmark")
+    p.add_argument("--compare-diffusers", action="store_true",
+                   help="also time diffusers' Cosmos-Predict2.5 pipeline, same weights (--batch 1)")
+
+
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Roll out a DexAC world model from one frame and raw 57-D actions.")
-    p.add_argument("--checkpoint", required=True, help="an exported model (train.py writes RUN/model.safetensors)")
+    p.add_argument("--checkpoint", help="an exported model (train.py writes RUN/model.safetensors)")
     p.add_argument("--init", default=None, help="the pretrained backbone for a checkpoint that holds only the DexAC "
                                                 "modules (train.py --trainable new): a local file or Hub spec "
                                                 "(model.load_dit); default: the one the checkpoint names")
@@ -235,12 +429,17 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int, default=None, help="frame height (default: the training resolution)")
     p.add_argument("--width", type=int, default=None, help="frame width (default: the training resolution)")
     p.add_argument("--out", default="samples", help="output directory")
+    add_benchmark_args(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.benchmark:
+        return benchmark(args)
     # every input is checked before the model is loaded
+    if not args.checkpoint:
+        raise SystemExit("error: --checkpoint is required (an exported model; or --benchmark)")
     if args.sampler not in M.SOLVERS:
         raise SystemExit(f"error: unknown sampler {args.sampler!r}; choose one of {M.SOLVERS}")
     if not os.path.isfile(args.checkpoint):

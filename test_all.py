@@ -2503,6 +2503,23 @@ def test_sample_command_outputs_and_bad_inputs(exported, train_synth, tmp_path, 
         S.main(base + ["--image", str(episode), "--actions", str(tmp_path / "acts.npy")])
 
 
+def test_sample_benchmark_runs_ours_and_diffusers_pipeline(capsys):
+    """--benchmark times one chunk on random weights; --compare-diffusers runs diffusers' Cosmos-Predict2.5
+    pipeline on the same weights and shapes (the figures themselves are for a GPU, see README)."""
+    pytest.importorskip("diffusers")
+    r = S.main(["--benchmark", "--tokenizer", "pixel", "--height", "32", "--width", "48", "--steps", "2",
+                "--iters", "1", "--warmup", "0", "--batch", "2", "--guidance", "1.5"])
+    assert r["ours (dexac)"]["shape"] == (2, 13, 32, 48, 3)
+    r = S.main(["--benchmark", "--height", "32", "--width", "48", "--steps", "1", "--iters", "1", "--warmup", "0",
+                "--compare-diffusers"])
+    assert r["ours (backbone)"]["shape"] == r["diffusers"]["shape"] == (1, 13, 32, 48, 3) and r["ratio"] > 0
+    assert "ours / diffusers" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--tokenizer wan2.1"):
+        S.main(["--benchmark", "--tokenizer", "pixel", "--compare-diffusers"])
+    with pytest.raises(SystemExit, match="guidance only above 1"):
+        S.main(["--benchmark", "--compare-diffusers", "--guidance", "0.5"])
+
+
 def test_dexac_only_export_loads_on_its_base_and_init_overrides_it(tmp_path, train_synth):
     """--trainable new on a pretrained backbone exports the new modules only; sample.py rebuilds the model from
     the base the file names, or from --init."""
