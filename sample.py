@@ -121,7 +121,8 @@ class WorldModel:
         self.device, self.dtype = torch.device(device), dtype
         t = self.info["tokenizer"]
         kwargs = ({"weights": tokenizer_weights or t.get("weights") or None} if t["name"] == "wan2.1" else
-                  {"spatial_compression": t.get("pixel_compression", 8)})
+                  {"spatial_compression": t.get("pixel_compression", 8), "mean": t.get("pixel_mean", 0.0),
+                   "std": t.get("pixel_std", 1.0)})
         self.tokenizer = tok.build_tokenizer(t["name"], **kwargs).to(device, dtype).eval()  # latents in dtype
         c, text = self.dit.config, self.info["text"]
         tc = self.info["train_config"]

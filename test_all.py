@@ -1694,6 +1694,16 @@ def test_pixel_tokenizer_round_trips_exactly(s):
         assert torch.equal(pix.decode(z), x)
 
 
+def test_pixel_tokenizer_normalizes_to_unit_variance_and_back():
+    x = rand_video(2, 9, 16, 24, seed=3) * 0.2 - 0.05  # low-contrast frames, like the synthetic data
+    plain, norm = tk.PixelTokenizer(2), tk.PixelTokenizer(2, mean=-0.05, std=0.2)
+    z = norm.encode(x)
+    assert torch.allclose(z, (plain.encode(x) + 0.05) / 0.2)
+    assert torch.allclose(norm.decode(z), x, atol=1e-6)
+    with pytest.raises(ValueError, match="std must be positive"):
+        tk.PixelTokenizer(2, std=0.0)
+
+
 def test_pixel_latent_frames_hold_the_right_frames():
     pix = tk.PixelTokenizer(spatial_compression=2)
     T = 13

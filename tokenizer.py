@@ -498,14 +498,19 @@ class PixelTokenizer(nn.Module):
     Latent frame 0 holds pixel frame 0; latent frame k >= 1 holds frames 4k - 3 .. 4k. Each latent frame is
     4 time slots x s x s pixels x 3 colours = 12 s^2 channels, ordered (colour, slot, row, column). Frame 0
     is copied into all 4 slots of latent frame 0, so that every latent frame looks alike; decode reads the
-    last slot. Latent values are the pixel values themselves, in [-1, 1]."""
+    last slot. Latent values are (pixel - mean) / std for pixels in [-1, 1]: as the VAE normalizes its latents,
+    so that the data is not drowned in the unit-variance noise of the flow (mean 0, std 1: the pixels
+    themselves, and the round trip is exact)."""
 
-    def __init__(self, spatial_compression: int = 8):
+    def __init__(self, spatial_compression: int = 8, mean: float = 0.0, std: float = 1.0):
         super().__init__()
         if spatial_compression < 1:
             raise ValueError(f"spatial_compression must be >= 1, got {spatial_compression}")
+        if not std > 0:
+            raise ValueError(f"std must be positive, got {std}")
         self.spatial_compression, self.temporal_compression = spatial_compression, TEMPORAL
         self.latent_channels = 3 * TEMPORAL * spatial_compression**2
+        self.mean, self.std = float(mean), float(std)
 
     def encode(self, video, *, pad=False) -> torch.Tensor:  # (B, 3, T, H, W) -> (B, 12 s^2, T', H/s, W/s)
         s = self.spatial_compression
@@ -515,11 +520,13 @@ class PixelTokenizer(nn.Module):
         x = torch.cat([first, video[:, :, 1:]], 2)  # (B, 3, 4T', H, W)
         x = x.reshape(B, 3, -1, TEMPORAL, H // s, s, W // s, s)  # (B, 3, T', 4, h, s, w, s)
         x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)  # (B, 3, 4, s, s, T', h, w)
-        return x.reshape(B, self.latent_channels, -1, H // s, W // s)
+        x = x.reshape(B, self.latent_channels, -1, H // s, W // s)
+        return x if (self.mean, self.std) == (0.0, 1.0) else (x - self.mean) / self.std
 
     def decode(self, latents) -> torch.Tensor:  # (B, 12 s^2, T', h, w) -> (B, 3, 1 + 4 (T' - 1), sh, sw)
         check_latents(latents, self.latent_channels)
         s, (B, _, n, h, w) = self.spatial_compression, latents.shape
+        latents = latents if (self.mean, self.std) == (0.0, 1.0) else latents * self.std + self.mean
         x = latents.reshape(B, 3, TEMPORAL, s, s, n, h, w)  # (B, 3, 4, s, s, T', h, w)
         x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, 3, T', 4, h, s, w, s)
         x = x.reshape(B, 3, TEMPORAL * n, h * s, w * s)
@@ -532,7 +539,7 @@ TOKENIZERS = ("wan2.1", "pixel")
 def build_tokenizer(name: str, **kwargs) -> nn.Module:
     """'wan2.1': WanVAE(config='full'|'tiny'|WanVAEConfig, tile_size=0, tile_overlap=64), loaded from
     `weights` (a path or Hub repo id, with filename, revision, token) when given, else random.
-    'pixel': PixelTokenizer(spatial_compression=8)."""
+    'pixel': PixelTokenizer(spatial_compression=8, mean=0.0, std=1.0)."""
     if name == "pixel":
         return PixelTokenizer(**kwargs)
     if name != "wan2.1":

@@ -70,7 +70,9 @@ class TrainConfig:
     trainable: str = "all"
     tokenizer: str = "pixel"
     tokenizer_weights: str = ""
-    pixel_compression: int = 8
+    pixel_compression: int = 2
+    pixel_mean: float = -0.05
+    pixel_std: float = 0.17
     text: str = "none"
     text_cache: str = ""
     text_tokens: int = 16
@@ -78,14 +80,14 @@ class TrainConfig:
     data: str = "data/synthetic"
     stats: str = ""
     synthetic: bool = True
-    height: int = 96
-    width: int = 160
-    frames: int = 13
+    height: int = 64
+    width: int = 112
+    frames: int = 9
     cond_frames: int = 1
     workers: int = 1
     steps: int = 200
-    batch_size: int = 8
-    micro_batch: int = 8
+    batch_size: int = 4
+    micro_batch: int = 4
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"
@@ -114,7 +116,11 @@ HELP = {
     "init": "pretrained backbone: a local file or a Hub spec for model.load_dit ('' trains from scratch)",
     "trainable": "'all' parameters or only the 'new' modules (action conditioning, semantic projector)",
     "tokenizer": f"video tokenizer, one of {tok.TOKENIZERS} (pixel: weightless, for the CPU)",
-    "pixel_compression": "spatial compression s of the pixel tokenizer (12 s^2 channels per latent pixel)",
+    "pixel_compression": "spatial compression s of the pixel tokenizer (12 s^2 channels per latent pixel; keep "
+                         "4 x 12 s^2 <= the DiT width, or a 2x2 patch cannot even carry the noise through)",
+    "pixel_mean": "pixel tokenizer latents are (pixel - mean) / std, pixels in [-1, 1] (defaults: the synthetic "
+                  "data's; set your data's)",
+    "pixel_std": "see --pixel-mean: unit-variance latents, as the VAE's; raw pixels (std 0.17 here) train far slower",
     "tokenizer_weights": "Wan2.1 VAE weights: a path or Hub repo id ('' = random, for tests and timing)",
     "text": "text context: 'none' (one fixed embedding) or 'reason1' (cached Cosmos-Reason1 embeddings)",
     "text_cache": "directory of cached Cosmos-Reason1 prompt embeddings (text reason1)",
@@ -167,7 +173,8 @@ CHOICES = {"model": sorted(M.PRESETS), "action_mode": ["none", *conditioning.MOD
            "schedule": ["constant", "cosine"], "export_dtype": ["bf16", "fp32"]}
 
 # fields that define the model and its inputs: a checkpoint made with others cannot be resumed
-MUST_MATCH = ("model", "action_mode", "semantic", "trainable", "tokenizer", "pixel_compression", "text",
+MUST_MATCH = ("model", "action_mode", "semantic", "trainable", "tokenizer", "pixel_compression", "pixel_mean",
+              "pixel_std", "text",
               "text_tokens", "height", "width", "frames", "cond_frames", "seed", "batch_size")
 
 
@@ -288,7 +295,8 @@ def build_tokenizer(cfg, device, load=True):
         vae = tok.build_tokenizer("wan2.1", weights=(cfg.tokenizer_weights or None) if load else None)
         tokenizer = vae.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     else:
-        tokenizer = tok.build_tokenizer(cfg.tokenizer, spatial_compression=cfg.pixel_compression)
+        tokenizer = tok.build_tokenizer(cfg.tokenizer, spatial_compression=cfg.pixel_compression,
+                                        mean=cfg.pixel_mean, std=cfg.pixel_std)
     return tokenizer.eval().requires_grad_(False)
 
 
@@ -519,7 +527,8 @@ def export(path, model, ema, cfg, mcfg, stats_path, step, rank, dtype):
             "base": base,
             "action_layout": data.action_layout(), "action_stats": {"mean": mean.tolist(), "std": std.tolist()},
             "tokenizer": {"name": cfg.tokenizer, "weights": cfg.tokenizer_weights,
-                          "pixel_compression": cfg.pixel_compression},
+                          "pixel_compression": cfg.pixel_compression, "pixel_mean": cfg.pixel_mean,
+                          "pixel_std": cfg.pixel_std},
             "text": {"mode": cfg.text, "tokens": cfg.text_tokens}}
     save_file(out, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
     return path
