@@ -39,7 +39,7 @@ Protocols (DESIGN.md section 8), with the choices we make where the references d
 - action families (Table 4): a clip is wrist-, finger- or head-dominant by the largest RMS of its
   z-scored actions ((a - mean) / (std + 1e-6), stats.json) over the family's dimensions and all steps.
 
-    python evaluate.py --checkpoint runs/000-tiny-dexac-96x160/model.safetensors --data data/synthetic --horizon 25
+    python evaluate.py --checkpoint runs/000-tiny-dexac-64x112/model.safetensors --data data/synthetic --horizon 25
     python evaluate.py compare --pred runs/pred --gt runs/gt --metrics psnr,ssim,pck
 """
 
