@@ -2253,6 +2253,37 @@ def test_command_line_compare(tmp_path, eval_synth_clip):
 
 
 # -----------------------------------------------------------------------------
+# miniature.py: the conditioning-mode experiment, end to end at a toy budget
+
+
+def test_miniature_experiment_trains_evaluates_and_summarizes(train_synth, tmp_path, monkeypatch):
+    import miniature
+    monkeypatch.setattr(miniature, "MODES", ("mlp", "dexac"))
+    root = tmp_path / "data"
+    shutil.copytree(train_synth, root)
+    argv = ["--out", str(tmp_path / "mini"), "--data", str(root), "--seeds", "0", "1", "--steps", "3",
+            "--horizon", "9", "--clips", "2", "--sample-steps", "1", "--metrics", "psnr,latent_l2",
+            *TRAIN_ARGS, "--batch-size", "2", "--micro-batch", "2"]
+    table = miniature.main(argv)
+    out = tmp_path / "mini"
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["per_seed"]) == {"0", "1"}
+    for mode in ("mlp", "dexac"):  # the mean over seeds of each row, and the gap to its shuffled control
+        rows = [results["per_seed"][s] for s in ("0", "1")]
+        mine = [next(v for k, v in r.items() if f"-{mode}-" in k and "shuffled" not in k) for r in rows]
+        ctrl = [next(v for k, v in r.items() if f"-{mode}-" in k and "shuffled" in k) for r in rows]
+        assert table[mode]["psnr"][0] == pytest.approx(np.mean([m["psnr"] for m in mine]))
+        assert table[mode]["latent_l2 gap"][0] == pytest.approx(
+            np.mean([m["latent_l2"] - c["latent_l2"] for m, c in zip(mine, ctrl)]))
+        assert table[mode]["latent_l2 gap"][0] != 0  # trained 2 steps (after lr 0): the actions matter a bit
+    assert table["mlp"]["latent_l2"] != table["dexac"]["latent_l2"]
+    assert "| dexac |" in (out / "results.md").read_text() and (out / "results.png").is_file()
+    exports = {f: f.stat().st_mtime_ns for f in out.rglob("model.safetensors")}
+    miniature.main(argv)  # everything done: nothing is trained again
+    assert len(exports) == 4 and {f: f.stat().st_mtime_ns for f in out.rglob("model.safetensors")} == exports
+
+
+# -----------------------------------------------------------------------------
 # train.py: one process and torchrun, exact resume, SIGTERM, export, bad input
 
 TRAIN_ARGS = ["--dim", "64", "--blocks", "2", "--height", "32", "--width", "64", "--frames", "5", "--workers", "0",
