@@ -786,7 +786,7 @@ def main(argv=None):
                                                      "'auto': all whose network weights are found")
     p.add_argument("--out", default="evals", help="output folder (report.json, table.md, figure.png, per clip)")
     p.add_argument("--steps", type=int, default=35, help="denoising steps per chunk")
-    p.add_argument("--sampler", default="dpm++2m", help=f"ODE solver, one of {('euler', 'dpm++2m')}")
+    p.add_argument("--sampler", default="dpm++2m", choices=["euler", "dpm++2m"], help="ODE solver (model.SOLVERS)")
     p.add_argument("--schedule", default="shifted", choices=["shifted", "karras"], help="sigma schedule")
     p.add_argument("--shift", type=float, default=None, help="schedule shift (default: the training run's)")
     p.add_argument("--guidance", type=float, default=0.0, help="classifier-free text guidance (0: off)")

@@ -666,6 +666,27 @@ def load_exported(path, device="cpu", dtype=None, base=None):
 # benchmark: python model.py --benchmark
 
 
+def diffusers_dit(c, state_dict, device="cpu", dtype=None):
+    """diffusers' CosmosTransformer3DModel configured like c (no padding-mask channel: diffusers resizes that
+    mask with torchvision) holding our weights, for the benchmarks' comparisons. Needs diffusers."""
+    from diffusers import CosmosTransformer3DModel
+    if c.concat_padding_mask:
+        raise ValueError("build the config with concat_padding_mask=False to compare with diffusers")
+    with torch.device(device):
+        ref = CosmosTransformer3DModel(
+            in_channels=c.in_channels + 1, out_channels=c.out_channels, num_attention_heads=c.n_heads,
+            attention_head_dim=c.dim // c.n_heads, num_layers=c.n_blocks, mlp_ratio=c.mlp_ratio,
+            text_embed_dim=c.context_dim, adaln_lora_dim=c.adaln_lora_dim, max_size=c.max_size,
+            patch_size=(c.patch_temporal, c.patch_spatial, c.patch_spatial), rope_scale=c.rope_ratios,
+            concat_padding_mask=False, extra_pos_embed_type=None, use_crossattn_projection=True,
+            crossattn_proj_in_channels=c.text_dim, encoder_hidden_states_channels=c.context_dim).to(dtype)
+    ref.load_state_dict(state_dict_as(state_dict, "diffusers", c.n_blocks))
+    for m in ref.modules():  # the official q/k RMSNorm eps (diffusers uses 1e-5)
+        if getattr(m, "norm_q", None) is not None:
+            m.norm_q.eps = m.norm_k.eps = 1e-6
+    return ref
+
+
 def benchmark(args):
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -710,20 +731,7 @@ def benchmark(args):
     ours = lambda: model(x, sigma, text)
     t_ours = report("ours", torch.no_grad()(ours), lambda: ours().float().square().mean().backward())
     if args.compare_diffusers:
-        from diffusers import CosmosTransformer3DModel
-        c = config
-        with torch.device(device):
-            ref = CosmosTransformer3DModel(
-                in_channels=c.in_channels + 1, out_channels=c.out_channels, num_attention_heads=c.n_heads,
-                attention_head_dim=c.dim // c.n_heads, num_layers=c.n_blocks, mlp_ratio=c.mlp_ratio,
-                text_embed_dim=c.context_dim, adaln_lora_dim=c.adaln_lora_dim, max_size=c.max_size,
-                patch_size=(c.patch_temporal, c.patch_spatial, c.patch_spatial), rope_scale=c.rope_ratios,
-                concat_padding_mask=False, extra_pos_embed_type=None, use_crossattn_projection=True,
-                crossattn_proj_in_channels=c.text_dim, encoder_hidden_states_channels=c.context_dim).to(dtype)
-        ref.load_state_dict(state_dict_as(model.state_dict(), "diffusers", c.n_blocks))
-        for m in ref.modules():  # the official q/k RMSNorm eps (diffusers uses 1e-5)
-            if getattr(m, "norm_q", None) is not None:
-                m.norm_q.eps = m.norm_k.eps = 1e-6
+        ref = diffusers_dit(config, model.state_dict(), device, dtype)
         cond = torch.zeros_like(x[:, :1])
         theirs = lambda: ref(x, sigma.to(dtype), text, condition_mask=cond, return_dict=False)[0]
         with torch.no_grad():

@@ -269,19 +269,9 @@ def diffusers_pipeline(dit_sd, vae_sd, c, device, dtype):
     """diffusers' Cosmos2_5_PredictBasePipeline holding our weights: the DiT (config c, in dtype) and the
     Wan2.1 VAE (in the dtype of its state dict vae_sd, as ours ran)."""
     import diffusers
+    net = M.diffusers_dit(c, dit_sd, device, dtype)
     with torch.device(device):
-        net = diffusers.CosmosTransformer3DModel(
-            in_channels=c.in_channels + 1, out_channels=c.out_channels, num_attention_heads=c.n_heads,
-            attention_head_dim=c.dim // c.n_heads, num_layers=c.n_blocks, mlp_ratio=c.mlp_ratio,
-            text_embed_dim=c.context_dim, adaln_lora_dim=c.adaln_lora_dim, max_size=c.max_size,
-            patch_size=(c.patch_temporal, c.patch_spatial, c.patch_spatial), rope_scale=c.rope_ratios,
-            concat_padding_mask=False, extra_pos_embed_type=None, use_crossattn_projection=True,
-            crossattn_proj_in_channels=c.text_dim, encoder_hidden_states_channels=c.context_dim).to(dtype)
         vae = diffusers.AutoencoderKLWan().to(next(iter(vae_sd.values())).dtype)  # defaults: Wan2.1's
-    net.load_state_dict(M.state_dict_as(dit_sd, "diffusers", c.n_blocks))
-    for m in net.modules():  # the official q/k RMSNorm eps (diffusers uses 1e-5)
-        if getattr(m, "norm_q", None) is not None:
-            m.norm_q.eps = m.norm_k.eps = 1e-6
     vae.load_state_dict({tok.diffusers_key(k): v for k, v in vae_sd.items()})
     # the scheduler that diffusers' conversion script saves with the Cosmos-Predict2.5 pipelines
     scheduler = diffusers.UniPCMultistepScheduler(use_karras_sigmas=True, use_flow_sigmas=True,
