@@ -586,6 +586,15 @@ def evaluate_checkpoint(checkpoint, row, episodes, plan, args, metrics, nets, ra
     import sample  # sample.py imports this module for its PSNR
     d = Path(args.out) / row / "clips"
     d.mkdir(parents=True, exist_ok=True)
+    settings = {k: getattr(args, k) for k in ("data", "horizon", "clips", "steps", "sampler", "schedule", "shift",
+                                              "guidance", "seed", "shuffle_actions", "height", "width", "dtype")}
+    settings.update(checkpoint=str(checkpoint), metrics=list(metrics))
+    saved = d.parent / "settings.json"
+    if saved.is_file() and json.loads(saved.read_text()) != settings:  # kept clips must be these clips
+        raise ValueError(f"{d.parent} holds results made with other settings ({saved}): choose another --out "
+                         f"or delete it")
+    if rank == 0:
+        _save_json(saved, settings)
     todo = [i for i in range(rank, len(plan), world) if not (d / f"{i:05d}.json").exists()]
     if not todo:
         return

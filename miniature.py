@@ -2,7 +2,7 @@
 Does structured action conditioning help? The paper's claim (Tables 1, 3, 4: DexAC follows fine finger actions
 better than a flat MLP action embedding) tested at miniature scale on the synthetic dataset.
 
-    python miniature.py                                   # every mode x 2 seeds, then the evaluation
+    python miniature.py                                   # every mode x 2 seeds, then the evaluation (~1 h 50 min)
     python miniature.py --seeds 0 --steps 20 --clips 4    # a smoke run of the whole pipeline
 
 Every conditioning mode trains the `tiny` DiT on the pixel tokenizer with the same budget (steps, batch, data
@@ -140,8 +140,8 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="runs trained at a time")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     p.add_argument("--horizon", type=int, default=25, help="evaluation rollout length in frames")
-    p.add_argument("--clips", type=int, default=None, help="evaluation clips (default: all)")
-    p.add_argument("--sample-steps", type=int, default=12, help="denoising steps per chunk in evaluation")
+    p.add_argument("--clips", type=int, default=12, help="evaluation clips, evenly spread (0: all)")
+    p.add_argument("--sample-steps", type=int, default=6, help="denoising steps per chunk in evaluation")
     p.add_argument("--metrics", default="psnr,ssim,latent_l2,pck", help="evaluate.py --metrics")
     args, args.train_args = p.parse_known_args(argv)  # anything else goes to train.py (--height, --lr, ...)
     root = Path(args.data)

@@ -2684,6 +2684,8 @@ def test_evaluation_protocol_rows_resume_shards_and_control(exported, train_synt
         E.main([*argv, "--metrics", "psnr,dreamsim"])
     with pytest.raises(E.WeightsError, match="inception-2015-12-05.pt"):
         E.main([*argv, "--metrics", "fid", "--inception", str(tmp_path / "none.pt")])
+    with pytest.raises(ValueError, match="other settings"):  # kept clip results are only reused as they were made
+        E.main([*argv, "--steps", "3"])
     with pytest.raises(ValueError, match="give the row name"):
         E.main(["--checkpoint", rows["dexac-a"], rows["dexac-a"], "--data", str(train_synth)])
 

@@ -357,6 +357,9 @@ def prepare_data(cfg, rank):
             print(f"wrote action statistics to {stats}")
         if (root / data.CACHE_MANIFEST).is_file():
             m = json.loads((root / data.CACHE_MANIFEST).read_text())
+            if m["tokenizer"] == "pixel":  # the manifest records neither its compression nor its normalization
+                raise ConfigError(f"{root} caches pixel-tokenizer latents: train on the raw data instead (the "
+                                  f"pixel tokenizer costs nothing to run)")
             want = (cfg.tokenizer, cfg.frames, [cfg.height, cfg.width])
             if (m["tokenizer"], m["clip_len"], m["size"]) != want:
                 raise ConfigError(f"the latent cache {root} holds {m['tokenizer']} latents of {m['clip_len']}-"
