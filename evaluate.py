@@ -601,14 +601,13 @@ def evaluate_checkpoint(checkpoint, row, episodes, plan, args, metrics, nets, ra
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     wm = sample.WorldModel(checkpoint, device, dtype, base=args.init)
     stats = tuple(np.asarray(wm.info["action_stats"][k], np.float64) for k in ("mean", "std"))
-    size = (args.height or wm.size[0], args.width or wm.size[1])
     ev = Evaluator(metrics, device=device, stats=stats, **nets)
     for b in tqdm(range(0, len(todo), args.batch), desc=row, disable=rank != 0):
         batch, clips = [], []
         for i in todo[b:b + args.batch]:
             e, s = plan[i]
             try:
-                clip = data.load_clip(episodes[e], int(s), args.horizon, size)
+                clip = data.load_clip(episodes[e], int(s), args.horizon, args.size)  # one size for every row
                 if args.shuffle_actions:
                     clip["rollout_actions"] = torch.from_numpy(shuffled_actions(episodes, plan, i, args.horizon))
             except data.DataError as err:  # a corrupt episode is skipped, with its reason, never fatal
@@ -629,14 +628,10 @@ def evaluate_checkpoint(checkpoint, row, episodes, plan, args, metrics, nets, ra
         pred = torch.from_numpy(pred).permute(0, 4, 1, 2, 3)  # (B, 3, T, H, W)
         with torch.inference_mode():
             z_gt = wm.tokenizer.encode(gt.to(device, dtype) / 127.5 - 1).float().cpu()
-        n_feat = [len(ev.features[m][0]) for m in ("fid", "fvd")]
         scores = ev.add(pred, gt, actions=actions, keypoint_valid=torch.stack([c["keypoint_valid"] for c in clips]),
                         pred_latents=z[:, :, :z_gt.shape[2]].float().cpu(), gt_latents=z_gt)
-        feats = {}
-        for m, n in zip(("fid", "fvd"), n_feat):  # this batch's features, a slice per clip
-            for side, store in zip(("pred", "gt"), ev.features[m]):
-                if len(store) > n:
-                    feats[f"{m}_{side}"] = store[-1].reshape(len(batch), -1, store[-1].shape[-1])
+        feats = {f"{m}_{side}": store[0].reshape(len(batch), -1, store[0].shape[-1])  # a slice per clip
+                 for m in ("fid", "fvd") for side, store in zip(("pred", "gt"), ev.features[m]) if store}
         for k, (i, score, clip) in enumerate(zip(batch, scores, clips)):
             if feats:
                 np.savez(d / f"{i:05d}.npz", **{name: f[k] for name, f in feats.items()})
@@ -644,7 +639,7 @@ def evaluate_checkpoint(checkpoint, row, episodes, plan, args, metrics, nets, ra
                 np.save(d / f"{i:05d}.npy", pred[k].permute(1, 2, 3, 0).numpy())  # for the figure
             _save_json(d / f"{i:05d}.json", {"index": i, "episode": clip["episode"], "start": clip["start"],
                                              "seed": args.seed + i, **score})
-        ev.features = {"fid": ([], []), "fvd": ([], [])}  # kept on disk, not in memory
+        ev.features = {"fid": ([], []), "fvd": ([], [])}  # on disk now; each batch starts empty
 
 
 def collect(row, args, n_clips):
@@ -805,8 +800,9 @@ def main(argv=None):
                    help="the control: every clip gets another clip's actions (rows are named accordingly)")
     p.add_argument("--figure-clips", type=int, default=4, help="clips shown in figure.png")
     p.add_argument("--init", default=None, help="backbone for checkpoints holding only the DexAC modules")
-    p.add_argument("--height", type=int, default=None, help="evaluation height (default: the training one)")
-    p.add_argument("--width", type=int, default=None, help="evaluation width (default: the training one)")
+    p.add_argument("--height", type=int, default=None, help="evaluation height, one for every row (default: the "
+                                                            "first checkpoint's training height)")
+    p.add_argument("--width", type=int, default=None, help="evaluation width (default: the first checkpoint's)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model dtype")
     p.add_argument("--device", default=None, help="torch device (default: this rank's GPU, else cpu)")
     weight_flags(p)
@@ -835,5 +831,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (FileNotFoundError, ValueError) as e:  # missing videos or weights, mismatched names: one line
+    except (FileNotFoundError, ValueError, data.DataError) as e:  # missing files or weights, bad data: one line
         sys.exit(f"error: {e}")

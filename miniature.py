@@ -64,7 +64,8 @@ def train_one(job):
 
 
 def evaluate_seed(seed, checkpoints, args):
-    """The protocol on this seed's models, with true and with shuffled actions -> {row: report}."""
+    """The protocol on this seed's models (in MODES order), with true and with shuffled actions
+    -> {mode: {"true": report, "shuffled": report}}."""
     out = Path(args.out) / f"seed{seed}" / "eval"
     rows = {}
     for shuffled in (False, True):
@@ -75,26 +76,23 @@ def evaluate_seed(seed, checkpoints, args):
         argv += ["--shuffle-actions"] if shuffled else []
         E.main(argv)
         rows.update(json.loads((out / "report.json").read_text())["rows"])
-    return rows
+    return {mode: {kind: rows[E.row_name(c, kind == "shuffled")] for kind in ("true", "shuffled")}
+            for mode, c in zip(MODES, checkpoints)}
 
 
 def summarize(per_seed, metrics):
-    """{seed: {row: report}} -> {mode: {metric: (mean, std), metric + ' gap': (mean, std)}} over seeds."""
+    """{seed: {mode: {"true", "shuffled": report}}} -> {mode: {metric: (mean, std), metric + ' gap': (mean,
+    std)}} over seeds; the gap is true minus shuffled, per seed."""
+    stat = lambda v: (float(np.mean(v)), float(np.std(v))) if v else None
     table = {}
     for mode in MODES:
-        entry = {}
+        runs = [rows[mode] for rows in per_seed.values()]
+        table[mode] = {}
         for m in metrics:
-            true, gap = [], []
-            for rows in per_seed.values():
-                row = next((r for name, r in rows.items() if f"-{mode}-" in name and "shuffled" not in name), None)
-                ctrl = next((r for name, r in rows.items() if f"-{mode}-" in name and "shuffled" in name), None)
-                if row is not None and row.get(m) is not None:
-                    true.append(row[m])
-                    if ctrl is not None and ctrl.get(m) is not None:
-                        gap.append(row[m] - ctrl[m])
-            entry[m] = (float(np.mean(true)), float(np.std(true))) if true else None
-            entry[m + " gap"] = (float(np.mean(gap)), float(np.std(gap))) if gap else None
-        table[mode] = entry
+            scored = [r for r in runs if r["true"].get(m) is not None]
+            table[mode][m] = stat([r["true"][m] for r in scored])
+            table[mode][m + " gap"] = stat([r["true"][m] - r["shuffled"][m] for r in scored
+                                            if r["shuffled"].get(m) is not None])
     return table
 
 
@@ -155,7 +153,7 @@ def main(argv=None):
     per_seed = {seed: evaluate_seed(seed, checkpoints[i * len(MODES):(i + 1) * len(MODES)], args)
                 for i, seed in enumerate(args.seeds)}
     metrics = [m for m in ("psnr", "ssim", "lpips", "latent_l2", "pck@5", "pck@10")
-               if any(r.get(m) is not None for rows in per_seed.values() for r in rows.values())]
+               if any(r["true"].get(m) is not None for rows in per_seed.values() for r in rows.values())]
     table = summarize(per_seed, metrics)
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps({"config": {k: v for k, v in vars(args).items()},

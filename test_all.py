@@ -2269,9 +2269,12 @@ def test_miniature_experiment_trains_evaluates_and_summarizes(train_synth, tmp_p
     results = json.loads((out / "results.json").read_text())
     assert set(results["per_seed"]) == {"0", "1"}
     for mode in ("mlp", "dexac"):  # the mean over seeds of each row, and the gap to its shuffled control
-        rows = [results["per_seed"][s] for s in ("0", "1")]
-        mine = [next(v for k, v in r.items() if f"-{mode}-" in k and "shuffled" not in k) for r in rows]
-        ctrl = [next(v for k, v in r.items() if f"-{mode}-" in k and "shuffled" in k) for r in rows]
+        mine = [results["per_seed"][s][mode]["true"] for s in ("0", "1")]
+        ctrl = [results["per_seed"][s][mode]["shuffled"] for s in ("0", "1")]
+        for s, m, c in zip((0, 1), mine, ctrl):  # each mode's rows are that model's clips
+            for report, row in ((m, f"000-tiny-{mode}-32x64"), (c, f"000-tiny-{mode}-32x64 (shuffled actions)")):
+                clips = (out / f"seed{s}" / "eval" / row / "clips").glob("*.json")
+                assert report["psnr"] == pytest.approx(np.mean([json.loads(f.read_text())["psnr"] for f in clips]))
         assert table[mode]["psnr"][0] == pytest.approx(np.mean([m["psnr"] for m in mine]))
         assert table[mode]["latent_l2 gap"][0] == pytest.approx(
             np.mean([m["latent_l2"] - c["latent_l2"] for m, c in zip(mine, ctrl)]))
