@@ -946,9 +946,10 @@ def _segment(img, a, b, r, color):
     img[lo[1]:hi[1], lo[0]:hi[0]][mask] = color
 
 
-def render_frame(joints, i, K, hw, obj_color):
+def render_frame(joints, i, K, hw, obj_color, marker_scale=1.0):
     """The frame seen by camera pose joints['camera'][i]: checkered table, an object, two hands;
-    wrist and fingertip markers in KEYPOINT_COLORS, drawn last so they are never occluded."""
+    wrist and fingertip markers in KEYPOINT_COLORS (radius 3 * marker_scale px at 320 wide), drawn last
+    so they are never occluded."""
     H, W = hw
     cam = joints["camera"][i]
     v, u = np.mgrid[:H, :W].astype(np.float32)
@@ -978,7 +979,7 @@ def render_frame(joints, i, K, hw, obj_color):
                 _segment(img, a, b, 0.008 * K[0, 0] / z, (220, 175, 150))
             markers.append(chain[-1])
     for m, color in zip(markers, KEYPOINT_COLORS):
-        _segment(img, m, m, 3.0 * W / 320, color)
+        _segment(img, m, m, 3.0 * marker_scale * W / 320, color)
     return img
 
 
@@ -1024,11 +1025,12 @@ def write_egodex_hdf5(path, joints, K, attrs, confidence=None):
 
 
 def _synth_episode(job):
-    out, split, t, k, frames, size, seed = job
+    out, split, t, k, frames, size, seed, zoom, marker_scale = job
     task, llm_type, which, llm1, llm2, desc, color, motion = SYNTH_TASKS[t]
     rng = np.random.default_rng([seed, t, k, split == "test"])
     H, W = size
-    K = np.array([[736.6339 * W / 1920, 0, W / 2], [0, 736.6339 * W / 1920, H / 2], [0, 0, 1]])
+    f = 736.6339 * zoom * W / 1920
+    K = np.array([[f, 0, W / 2], [0, f, H / 2], [0, 0, 1]])
     joints, _ = synth_track(rng, frames, motion=motion)
     d = Path(out) / split / task
     d.mkdir(parents=True, exist_ok=True)
@@ -1036,14 +1038,16 @@ def _synth_episode(job):
     attrs = {"task": task, "description": desc, "llm_type": llm_type, "which_llm_description": which,
              "llm_description": llm1, "llm_description2": llm2}
     write_egodex_hdf5(d / f"{k}.hdf5", joints, K, attrs, conf)
-    write_video(d / f"{k}.mp4", (render_frame(joints, i, K, size, color) for i in range(frames)))
+    write_video(d / f"{k}.mp4", (render_frame(joints, i, K, size, color, marker_scale) for i in range(frames)))
 
 
 def write_synthetic(out, tasks=4, episodes=3, test_episodes=1, frames=90, size=(180, 320), seed=0,
-                    workers=2):
+                    workers=2, zoom=1.0, marker_scale=1.0):
     """Write `out/part1/<task>/<k>.{hdf5,mp4}` (train) and `out/test/...`; deterministic by seed.
-    K keeps EgoDex's field of view (fx = 736.6 * W / 1920, principal point at the centre)."""
-    jobs = [(str(out), split, t, k, frames, tuple(size), seed) for t in range(min(tasks, len(SYNTH_TASKS)))
+    K keeps EgoDex's field of view (fx = 736.6 * W / 1920, principal point at the centre); zoom > 1 narrows
+    it (hands fill more of the frame) and marker_scale enlarges the keypoint markers, so that both stay
+    visible when the frames are downsampled far below EgoDex's size (miniature.py)."""
+    jobs = [(str(out), split, t, k, frames, tuple(size), seed, zoom, marker_scale) for t in range(min(tasks, len(SYNTH_TASKS)))
             for split, count in (("part1", episodes), ("test", test_episodes)) for k in range(count)]
     list(tqdm(_imap(_synth_episode, jobs, workers, 1), total=len(jobs), desc="synth"))
     return Path(out)
@@ -1115,6 +1119,8 @@ def main(argv=None):
     q.add_argument("--height", type=int, default=180, help="native frame height")
     q.add_argument("--width", type=int, default=320, help="native frame width")
     q.add_argument("--workers", type=int, default=2, help="processes rendering episodes (0: in-process)")
+    q.add_argument("--zoom", type=float, default=1.0, help="focal length / EgoDex's (> 1: larger hands)")
+    q.add_argument("--marker-scale", type=float, default=1.0, help="keypoint marker radius / the default's")
     q = sub.add_parser("cache", help="encode clips once into latent shards (resumable; run under torchrun "
                                      "to split the work across ranks)")
     q.add_argument("--data", required=True, help="EgoDex or EgoVerse root")
@@ -1168,7 +1174,7 @@ def _run(p, args):
     elif args.cmd == "synth":
         t0 = time.time()
         write_synthetic(args.out, args.tasks, args.episodes, args.test_episodes, args.frames,
-                        (args.height, args.width), args.seed, args.workers)
+                        (args.height, args.width), args.seed, args.workers, args.zoom, args.marker_scale)
         print(f"wrote a synthetic EgoDex-format dataset to {args.out} in {time.time() - t0:.1f} s")
     elif args.cmd == "cache":
         _cache_command(args)

@@ -2,15 +2,18 @@
 Does structured action conditioning help? The paper's claim (Tables 1, 3, 4: DexAC follows fine finger actions
 better than a flat MLP action embedding) tested at miniature scale on the synthetic dataset.
 
-    python miniature.py                                   # every mode x 2 seeds, then the evaluation (~1 h 50 min)
-    python miniature.py --seeds 0 --steps 20 --clips 4    # a smoke run of the whole pipeline
+    python miniature.py                                 # every mode, 1 seed, then the evaluation (time: README)
+    python miniature.py --seeds 0 --steps 20 --clips 4  # a smoke run of the whole pipeline
 
-Every conditioning mode trains the `tiny` DiT on the pixel tokenizer with the same budget (steps, batch, data
-order and initialization seed), a run per (mode, seed), `--jobs` runs at a time with one thread each. Each
-trained model is then rolled out by the evaluation protocol (evaluate.py) on the test split, twice: with the
-true actions and with another clip's actions (the control: a model that ignores its actions scores the same
-on both). The summary gives each metric's mean and spread over seeds, and the true-minus-shuffled gap.
-Everything is resumable: finished runs and scored clips are kept, interrupted runs resume.
+The dataset is the synthetic one seen closer (data.write_synthetic with zoom 2 and markers twice as large), so
+that hands, fingers and keypoint markers stay visible at the 48x80 frames a CPU can train on. Every conditioning
+mode trains the `tiny` DiT on the pixel tokenizer with the same budget (steps, batch, data order and
+initialization seed), a run per (mode, seed), `--jobs` runs at a time with one thread each. Each trained model
+is then rolled out by the evaluation protocol (evaluate.py) on the test split, twice: with the true actions and
+with another clip's actions (the control: a model that ignores its actions scores the same on both). The
+summary gives each metric's mean with its standard error over the evaluated clips, the true-minus-shuffled gap
+paired clip by clip, and PCK per action family. Everything is resumable: finished runs and scored clips are
+kept, interrupted runs resume.
 
 Outputs under --out: seed<s>/<mode>/ (train.py runs), seed<s>/eval/ (reports), results.json, results.md and
 results.png.
@@ -21,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,6 +34,8 @@ from PIL import Image, ImageDraw
 import data
 import evaluate as E
 
+ZOOM, MARKER_SCALE = 2.0, 2.0  # of the synthetic dataset (data.write_synthetic)
+SIZE = (48, 80)  # training and evaluation frames
 MODES = ("mlp", "mlp-flat", "dexac", "dexac-no-local", "dexac-no-global", "dexac-time")
 HERE = Path(__file__).resolve().parent
 
@@ -48,14 +54,18 @@ def train_one(job):
     if run is not None and (run / "model.safetensors").is_file():
         return run / "model.safetensors"
     cmd = [sys.executable, str(HERE / "train.py"), "--data", args.data, "--action-mode", mode, "--seed", str(seed),
+           "--height", str(SIZE[0]), "--width", str(SIZE[1]),
            "--steps", str(args.steps), "--out", str(out), "--preview-every", "0", "--ckpt-every", "50",
            *args.train_args]
     if run is not None and (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
         cmd += ["--resume", str(run)]
     out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
     with open(out / "train.log", "a") as log:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(HERE)}
         code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    seconds = out / "train_seconds.txt"  # wall clock, summed over resumed attempts
+    seconds.write_text(f"{float(seconds.read_text() if seconds.exists() else 0) + time.time() - t0:.0f}\n")
     run = run_dir(out)
     if code or run is None or not (run / "model.safetensors").is_file():
         raise RuntimeError(f"training {mode} (seed {seed}) failed; see {out / 'train.log'}")
@@ -65,7 +75,7 @@ def train_one(job):
 
 def evaluate_seed(seed, checkpoints, args):
     """The protocol on this seed's models (in MODES order), with true and with shuffled actions
-    -> {mode: {"true": report, "shuffled": report}}."""
+    -> {mode: {"true": report, "shuffled": report, "clips": {"true": [clip record], "shuffled": [...]}}}."""
     out = Path(args.out) / f"seed{seed}" / "eval"
     rows = {}
     for shuffled in (False, True):
@@ -76,56 +86,118 @@ def evaluate_seed(seed, checkpoints, args):
         argv += ["--shuffle-actions"] if shuffled else []
         E.main(argv)
         rows.update(json.loads((out / "report.json").read_text())["rows"])
-    return {mode: {kind: rows[E.row_name(c, kind == "shuffled")] for kind in ("true", "shuffled")}
-            for mode, c in zip(MODES, checkpoints)}
+    result = {}
+    for mode, c in zip(MODES, checkpoints):
+        names = {kind: E.row_name(c, kind == "shuffled") for kind in ("true", "shuffled")}
+        result[mode] = {kind: rows[name] for kind, name in names.items()}
+        result[mode]["clips"] = {kind: [json.loads(f.read_text()) for f in sorted((out / name / "clips").glob("*.json"))]
+                                 for kind, name in names.items()}
+    return result
+
+
+def clip_values(clip, metric):
+    """One clip's score (evaluate.py's per-clip record); PCK in percent of its found keypoints."""
+    if metric.startswith("pck@"):
+        k = E.PCK_THRESHOLDS.index(float(metric[4:]))
+        return 100.0 * clip["pck_hits"][k] / clip["pck_count"] if clip.get("pck_count") else None
+    return clip.get(metric)
+
+
+def mean_se(values):
+    """(mean, standard error of the mean), or None for no values."""
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    if not len(v):
+        return None
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
 def summarize(per_seed, metrics):
-    """{seed: {mode: {"true", "shuffled": report}}} -> {mode: {metric: (mean, std), metric + ' gap': (mean,
-    std)}} over seeds; the gap is true minus shuffled, per seed."""
-    stat = lambda v: (float(np.mean(v)), float(np.std(v))) if v else None
+    """{seed: {mode: {"true", "shuffled": report, "clips": {"true", "shuffled": [clip records]}}}} ->
+    {mode: {metric: (mean, se), metric + ' gap': (mean, se), "families": {family: (true, shuffled) PCK@5}}}.
+    A metric's mean is the protocol's (the mean over seeds of each report); its standard error is over the
+    evaluated clips of every seed. The gap is true minus shuffled actions, paired clip by clip."""
     table = {}
     for mode in MODES:
         runs = [rows[mode] for rows in per_seed.values()]
-        table[mode] = {}
+        table[mode] = {"families": {}}
         for m in metrics:
-            scored = [r for r in runs if r["true"].get(m) is not None]
-            table[mode][m] = stat([r["true"][m] for r in scored])
-            table[mode][m + " gap"] = stat([r["true"][m] - r["shuffled"][m] for r in scored
-                                            if r["shuffled"].get(m) is not None])
+            pairs = [(clip_values(t, m), clip_values(c, m)) for r in runs
+                     for t, c in zip(r["clips"]["true"], r["clips"]["shuffled"])]
+            values = [r["true"].get(m) for r in runs if r["true"].get(m) is not None]
+            gaps = [r["true"][m] - r["shuffled"][m] for r in runs
+                    if r["true"].get(m) is not None and r["shuffled"].get(m) is not None]
+            se = mean_se([t for t, _ in pairs])
+            gap_se = mean_se([t - c for t, c in pairs if t is not None and c is not None])
+            table[mode][m] = (float(np.mean(values)), se[1] if se else 0.0) if values else None
+            table[mode][m + " gap"] = (float(np.mean(gaps)), gap_se[1] if gap_se else 0.0) if gaps else None
+        for f in E.FAMILIES:
+            pcks = [[r[kind].get("families", {}).get(f, {}).get("pck@5") for r in runs] for kind in ("true", "shuffled")]
+            table[mode]["families"][f] = tuple(float(np.mean(v)) if v and None not in v else None for v in pcks)
     return table
 
 
-def markdown(table, metrics, args):
-    fmt = lambda v: "–" if v is None else f"{v[0]:.4g} ± {v[1]:.2g}"
-    head = "| mode | " + " | ".join(f"{m} | {m} gap" for m in metrics) + " |"
-    lines = [f"{len(args.seeds)} seed(s), {args.steps} steps each, horizon {args.horizon}; mean ± std over "
-             "seeds; gap = true actions minus shuffled actions (0: the actions are ignored)", "", head,
-             "|---|" + "---|" * (2 * len(metrics))]
-    lines += ["| " + mode + " | " + " | ".join(f"{fmt(e[m])} | {fmt(e[m + ' gap'])}" for m in metrics) + " |"
+DECIMALS = {"psnr": 2, "ssim": 3, "lpips": 3, "latent_l2": 3}  # pck: 1 (percent)
+
+
+def markdown(table, metrics, args, train_minutes):
+    def fmt(v, m, extra=0):
+        k = DECIMALS.get(m, 1) + extra
+        return "–" if v is None else f"{v[0]:.{k}f} ± {v[1]:.{k}f}"
+
+    head = "| mode | " + " | ".join(metrics) + " |"
+    rule = "|---|" + "---|" * len(metrics)
+    lines = [f"{len(args.seeds)} seed(s) ({' '.join(map(str, args.seeds))}), {args.steps} training steps per run; "
+             f"evaluation: horizon {args.horizon}, {args.clips or 'all'} test clips, {args.sample_steps} denoising "
+             "steps per chunk. Mean (the protocol's report, averaged over seeds) ± standard error over the "
+             "evaluated clips of every seed. PCK in percent at the evaluation resolution.", "",
+             "With the true actions:", "", head[:-1] + "| training (min) |", rule + "---|"]
+    lines += [f"| {mode} | " + " | ".join(fmt(e[m], m) for m in metrics) + f" | {train_minutes.get(mode, '–')} |"
               for mode, e in table.items()]
+    lines += ["", "Gap = true minus shuffled actions, paired clip by clip (a model that ignores its actions: 0 "
+              "within noise; a model that follows them: > 0 for psnr, ssim and pck, < 0 for lpips and latent_l2):",
+              "", head, rule]
+    lines += [f"| {mode} | " + " | ".join(fmt(e[m + " gap"], m, 1) for m in metrics) + " |" for mode, e in table.items()]
+    if any(v is not None for e in table.values() for pair in e["families"].values() for v in pair):
+        pct = lambda v: "–" if v is None else f"{v:.1f}"
+        lines += ["", "PCK@5 per action family (a clip's family: its largest actions), true / shuffled actions:", "",
+                  "| mode | " + " | ".join(E.FAMILIES) + " |", "|---|" + "---|" * len(E.FAMILIES)]
+        lines += ["| " + mode + " | " + " | ".join(f"{pct(t)} / {pct(c)}" for t, c in e["families"].values())
+                  + " |" for mode, e in table.items()]
     return "\n".join(lines) + "\n"
 
 
-def plot(path, table, metric):
-    """Bars of the true-minus-shuffled gap of one metric per mode, with the spread over seeds."""
-    W, H, pad = 640, 320, 40
-    img = Image.new("RGB", (W, H), "white")
+def plot(path, table, metrics):
+    """One panel per metric: each mode's score with true (blue) and shuffled (grey) actions; whiskers: +-1
+    standard error over clips (on the grey bar: of the paired gap). Equal bars: the model ignores its actions."""
+    metrics = [m for m in metrics if any(table[mode][m] for mode in MODES)]
+    W, H, pad = 300, 260, 36
+    img = Image.new("RGB", (W * len(metrics), H + 24), "white")
     d = ImageDraw.Draw(img)
-    gaps = [table[m][metric + " gap"] for m in MODES]
-    top = max([abs(g[0]) + g[1] for g in gaps if g] + [1e-9])
-    zero, scale, bw = H // 2, (H // 2 - pad) / top, (W - 2 * pad) // len(MODES)
-    d.line([(pad, zero), (W - pad, zero)], fill="black")
-    for i, (mode, g) in enumerate(zip(MODES, gaps)):
-        x = pad + i * bw + bw // 2
-        if g:
-            y = zero - g[0] * scale
-            d.rectangle([x - bw // 3, min(y, zero), x + bw // 3, max(y, zero)], fill=(70, 110, 190))
-            d.line([(x, y - g[1] * scale), (x, y + g[1] * scale)], fill="black", width=2)
-        d.text((x - bw // 2 + 4, H - pad + 8), mode, fill="black")
-    d.text((pad, 8), f"{metric}: true actions minus shuffled actions (mean, bar = std over seeds)", fill="black")
-    d.text((4, pad - 6), f"+{top:.2g}", fill="gray")
-    d.text((4, H - pad - 6), f"-{top:.2g}", fill="gray")
+    d.text((6, 4), "true actions (blue) vs shuffled actions (grey); whiskers: +-1 standard error over clips "
+           "(grey: of the paired gap)", fill="black")
+    for j, m in enumerate(metrics):
+        x0, y0 = j * W, 24
+        bars = []
+        for mode in MODES:
+            t, g = table[mode][m], table[mode][m + " gap"]
+            bars.append((mode, t, (t[0] - g[0], g[1]) if t and g else None))
+        vals = [b[0] + b[1] for _, t, s in bars for b in (t, s) if b]
+        lo, hi = min(vals + [0.0]), max(vals + [1e-9])
+        if m == "psnr":  # PSNR differences sit far above 0: show the range around them
+            lo = min(b[0] - b[1] for _, t, s in bars for b in (t, s) if b) - 0.5
+        y = lambda v: y0 + H - pad - (v - lo) / (hi - lo or 1) * (H - 2 * pad)
+        d.text((x0 + pad, y0 + 4), m, fill="black")
+        d.line([(x0 + pad, y(lo)), (x0 + W - 8, y(lo))], fill="black")
+        d.text((x0 + 2, y(hi) - 6), f"{hi:.3g}", fill="gray")
+        d.text((x0 + 2, y(lo) - 6), f"{lo:.3g}", fill="gray")
+        bw = (W - pad - 8) / len(MODES)
+        for i, (mode, t, s) in enumerate(bars):
+            cx = x0 + pad + (i + 0.5) * bw
+            for dx, b, color in ((-bw / 5, t, (70, 110, 190)), (bw / 5, s, (170, 170, 170))):
+                if b:
+                    d.rectangle([cx + dx - bw / 5, y(b[0]), cx + dx + bw / 5, y(lo)], fill=color)
+                    d.line([(cx + dx, y(b[0] - b[1])), (cx + dx, y(b[0] + b[1]))], fill="black", width=1)
+            d.text((cx - bw / 2 + 2, y0 + H - pad + 4 + 10 * (i % 2)), mode, fill="black")
     img.save(path)
 
 
@@ -133,18 +205,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--out", default="runs/miniature", help="output folder")
     p.add_argument("--data", default="data/miniature", help="synthetic dataset (written when absent)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (initialization, data, noise)")
-    p.add_argument("--steps", type=int, default=150, help="training steps per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (initialization, data, noise)")
+    p.add_argument("--steps", type=int, default=700, help="training steps per run")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at a time")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     p.add_argument("--horizon", type=int, default=25, help="evaluation rollout length in frames")
     p.add_argument("--clips", type=int, default=12, help="evaluation clips, evenly spread (0: all)")
-    p.add_argument("--sample-steps", type=int, default=6, help="denoising steps per chunk in evaluation")
+    p.add_argument("--sample-steps", type=int, default=8, help="denoising steps per chunk in evaluation")
     p.add_argument("--metrics", default="psnr,ssim,latent_l2,pck", help="evaluate.py --metrics")
     args, args.train_args = p.parse_known_args(argv)  # anything else goes to train.py (--height, --lr, ...)
     root = Path(args.data)
-    if not root.exists():
-        data.write_synthetic(root, test_episodes=2)
+    if not root.exists():  # zoomed, with large markers: hands and keypoints stay visible at 48x80
+        data.write_synthetic(root, episodes=6, test_episodes=3, zoom=ZOOM, marker_scale=MARKER_SCALE)
     if not (root / "stats.json").exists():
         (root / "stats.json").write_text(json.dumps(data.compute_stats(root), indent=1))
     jobs = [(mode, seed, args) for seed in args.seeds for mode in MODES]
@@ -152,15 +224,20 @@ def main(argv=None):
         checkpoints = list(pool.map(train_one, jobs))
     per_seed = {seed: evaluate_seed(seed, checkpoints[i * len(MODES):(i + 1) * len(MODES)], args)
                 for i, seed in enumerate(args.seeds)}
-    metrics = [m for m in ("psnr", "ssim", "lpips", "latent_l2", "pck@5", "pck@10")
+    metrics = [m for m in ("psnr", "ssim", "lpips", "latent_l2", "pck@2.5", "pck@5", "pck@10")
                if any(r["true"].get(m) is not None for rows in per_seed.values() for r in rows.values())]
     table = summarize(per_seed, metrics)
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps({"config": {k: v for k, v in vars(args).items()},
                                                   "per_seed": per_seed, "summary": table}, indent=1))
-    text = markdown(table, metrics, args)
+    train_minutes = {}  # mean over seeds, when every run recorded its time
+    for mode in MODES:
+        files = [out / f"seed{s}" / mode / "train_seconds.txt" for s in args.seeds]
+        if all(f.exists() for f in files):
+            train_minutes[mode] = round(np.mean([float(f.read_text()) for f in files]) / 60, 1)
+    text = markdown(table, metrics, args, train_minutes)
     (out / "results.md").write_text(text)
-    plot(out / "results.png", table, "latent_l2" if "latent_l2" in metrics else metrics[0])
+    plot(out / "results.png", table, [m for m in metrics if m in ("psnr", "latent_l2", "pck@5")] or metrics[:3])
     print(text)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results.png'}")
     return table

@@ -862,6 +862,25 @@ def test_synthetic_round_trip(tmp_path):
             assert err.max() < tol, err
 
 
+def test_zoomed_synthetic_keeps_markers_detectable_when_small(tmp_path):
+    """miniature.py's dataset: at 48x80 EgoDex's view loses every marker; zoom 2 with markers twice as large
+    keeps nearly all of them, at the projected keypoints of the (zoomed) intrinsics."""
+    found = {}
+    for zoom, scale in ((1.0, 1.0), (2.0, 2.0)):
+        root = data.write_synthetic(tmp_path / f"z{zoom}", tasks=1, episodes=0, test_episodes=1, frames=13,
+                                    workers=0, zoom=zoom, marker_scale=scale)
+        ep = data.load_index(root, ("test",))[0][0]
+        s = data.load_clip(ep, 0, 13, (48, 80))
+        video = s["video"].permute(1, 2, 3, 0).numpy()
+        kp = np.stack([data.detect_keypoints(f) for f in video])
+        ok = np.isfinite(kp).all(-1)
+        found[zoom] = ok.mean()
+        if zoom == 2.0:
+            in_view = ((s["keypoints"] >= 2) & (s["keypoints"] <= torch.tensor([78, 46]))).all(-1).numpy()
+            assert ok[in_view].mean() > 0.9 and np.linalg.norm(kp - s["keypoints"].numpy(), axis=-1)[ok].max() < 1.5
+    assert found[1.0] < 0.1 < 0.85 < found[2.0], found
+
+
 def test_synthetic_motion_scales(synth_root):
     """Large wrist/head motion, finger motion orders of magnitude smaller in the action, yet many
     pixels in the image (fingertips move in the wrist frame by several pixels)."""
@@ -2258,12 +2277,13 @@ def test_command_line_compare(tmp_path, eval_synth_clip):
 
 def test_miniature_experiment_trains_evaluates_and_summarizes(train_synth, tmp_path, monkeypatch):
     import miniature
+    from PIL import Image
     monkeypatch.setattr(miniature, "MODES", ("mlp", "dexac"))
     root = tmp_path / "data"
     shutil.copytree(train_synth, root)
     argv = ["--out", str(tmp_path / "mini"), "--data", str(root), "--seeds", "0", "1", "--steps", "3",
             "--horizon", "9", "--clips", "2", "--sample-steps", "1", "--metrics", "psnr,latent_l2",
-            *TRAIN_ARGS, "--batch-size", "2", "--micro-batch", "2"]
+            *TRAIN_ARGS, "--batch-size", "2", "--micro-batch", "2"]  # TRAIN_ARGS' 32x64 overrides miniature.SIZE
     table = miniature.main(argv)
     out = tmp_path / "mini"
     results = json.loads((out / "results.json").read_text())
@@ -2271,16 +2291,26 @@ def test_miniature_experiment_trains_evaluates_and_summarizes(train_synth, tmp_p
     for mode in ("mlp", "dexac"):  # the mean over seeds of each row, and the gap to its shuffled control
         mine = [results["per_seed"][s][mode]["true"] for s in ("0", "1")]
         ctrl = [results["per_seed"][s][mode]["shuffled"] for s in ("0", "1")]
+        per_clip = {}
         for s, m, c in zip((0, 1), mine, ctrl):  # each mode's rows are that model's clips
-            for report, row in ((m, f"000-tiny-{mode}-32x64"), (c, f"000-tiny-{mode}-32x64 (shuffled actions)")):
-                clips = (out / f"seed{s}" / "eval" / row / "clips").glob("*.json")
-                assert report["psnr"] == pytest.approx(np.mean([json.loads(f.read_text())["psnr"] for f in clips]))
+            for kind, report, row in (("true", m, f"000-tiny-{mode}-32x64"),
+                                      ("shuffled", c, f"000-tiny-{mode}-32x64 (shuffled actions)")):
+                clips = sorted((out / f"seed{s}" / "eval" / row / "clips").glob("*.json"))
+                l2 = [json.loads(f.read_text())["latent_l2"] for f in clips]
+                per_clip.setdefault(kind, []).extend(l2)
+                assert report["latent_l2"] == pytest.approx(np.mean(l2)) and len(l2) == 2
         assert table[mode]["psnr"][0] == pytest.approx(np.mean([m["psnr"] for m in mine]))
         assert table[mode]["latent_l2 gap"][0] == pytest.approx(
             np.mean([m["latent_l2"] - c["latent_l2"] for m, c in zip(mine, ctrl)]))
         assert table[mode]["latent_l2 gap"][0] != 0  # trained 2 steps (after lr 0): the actions matter a bit
+        diff = np.subtract(per_clip["true"], per_clip["shuffled"])  # standard errors over 2 seeds x 2 clips
+        assert table[mode]["latent_l2 gap"][1] == pytest.approx(diff.std(ddof=1) / 2)
+        assert table[mode]["latent_l2"][1] == pytest.approx(np.std(per_clip["true"], ddof=1) / 2)
+        assert all(float((out / f"seed{s}" / mode / "train_seconds.txt").read_text()) > 0 for s in (0, 1))
     assert table["mlp"]["latent_l2"] != table["dexac"]["latent_l2"]
-    assert "| dexac |" in (out / "results.md").read_text() and (out / "results.png").is_file()
+    md = (out / "results.md").read_text()
+    assert md.count("| dexac |") == 2 and "Gap = true minus shuffled" in md
+    assert Image.open(out / "results.png").size == (600, 284)  # a panel per metric
     exports = {f: f.stat().st_mtime_ns for f in out.rglob("model.safetensors")}
     miniature.main(argv)  # everything done: nothing is trained again
     assert len(exports) == 4 and {f: f.stat().st_mtime_ns for f in out.rglob("model.safetensors")} == exports
