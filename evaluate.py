@@ -695,9 +695,22 @@ def markdown_tables(reports, horizon):
     return "\n".join(lines) + "\n"
 
 
+def short_labels(names, width=18):
+    """Row names without the parts every row shares ('000-tiny-', '-48x80'), cut at '-', to fit the sheet."""
+    tag = " (shuffled actions)"
+    bases = [n.removesuffix(tag) for n in names]
+    pre = os.path.commonprefix(bases) if len(names) > 1 else ""
+    pre = pre[:pre.rfind("-") + 1]
+    suf = os.path.commonprefix([b[::-1] for b in bases])[::-1] if len(names) > 1 else ""
+    suf = suf[suf.find("-"):] if "-" in suf else ""
+    short = [(b[len(pre):len(b) - len(suf)] or b) for b in bases]
+    return [(b + (" (shuffled)" if n.endswith(tag) else ""))[:width] for b, n in zip(short, names)]
+
+
 def figure(path, rows, episodes, plan, args):
     """Ground truth over each row's prediction for the first few clips: every 4th frame and the last."""
     import train  # its contact sheet
+    names = dict(zip(rows, short_labels(list(rows))))
     sheet_rows, labels = [], []
     for i in range(min(args.figure_clips, len(plan))):
         preds = [(r, Path(args.out) / r / "clips" / f"{i:05d}.npy") for r in rows]
@@ -711,7 +724,7 @@ def figure(path, rows, episodes, plan, args):
         labels.append(f"clip {i}: truth")
         for r, v in preds:
             sheet_rows.append([v[t] for t in picks])
-            labels.append(r[:18])
+            labels.append(names[r])
     if sheet_rows:
         train.contact_sheet(path, sheet_rows, labels)
 

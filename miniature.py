@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 
 import data
 import evaluate as E
+import train
 
 ZOOM, MARKER_SCALE = 2.0, 2.0  # of the synthetic dataset (data.write_synthetic)
 SIZE = (48, 80)  # training and evaluation frames
@@ -113,7 +114,7 @@ def mean_se(values):
 
 def summarize(per_seed, metrics):
     """{seed: {mode: {"true", "shuffled": report, "clips": {"true", "shuffled": [clip records]}}}} ->
-    {mode: {metric: (mean, se), metric + ' gap': (mean, se), "families": {family: (true, shuffled) PCK@5}}}.
+    {mode: {metric: (mean, se), metric + ' gap': (mean, se), "families": {family: (true, shuffled) PCK@10}}}.
     A metric's mean is the protocol's (the mean over seeds of each report); its standard error is over the
     evaluated clips of every seed. The gap is true minus shuffled actions, paired clip by clip."""
     table = {}
@@ -131,7 +132,7 @@ def summarize(per_seed, metrics):
             table[mode][m] = (float(np.mean(values)), se[1] if se else 0.0) if values else None
             table[mode][m + " gap"] = (float(np.mean(gaps)), gap_se[1] if gap_se else 0.0) if gaps else None
         for f in E.FAMILIES:
-            pcks = [[r[kind].get("families", {}).get(f, {}).get("pck@5") for r in runs] for kind in ("true", "shuffled")]
+            pcks = [[r[kind].get("families", {}).get(f, {}).get("pck@10") for r in runs] for kind in ("true", "shuffled")]
             table[mode]["families"][f] = tuple(float(np.mean(v)) if v and None not in v else None for v in pcks)
     return table
 
@@ -159,7 +160,7 @@ def markdown(table, metrics, args, train_minutes):
     lines += [f"| {mode} | " + " | ".join(fmt(e[m + " gap"], m, 1) for m in metrics) + " |" for mode, e in table.items()]
     if any(v is not None for e in table.values() for pair in e["families"].values() for v in pair):
         pct = lambda v: "–" if v is None else f"{v:.1f}"
-        lines += ["", "PCK@5 per action family (a clip's family: its largest actions), true / shuffled actions:", "",
+        lines += ["", "PCK@10 per action family (a clip's family: its largest actions), true / shuffled actions:", "",
                   "| mode | " + " | ".join(E.FAMILIES) + " |", "|---|" + "---|" * len(E.FAMILIES)]
         lines += ["| " + mode + " | " + " | ".join(f"{pct(t)} / {pct(c)}" for t, c in e["families"].values())
                   + " |" for mode, e in table.items()]
@@ -183,8 +184,9 @@ def plot(path, table, metrics):
             bars.append((mode, t, (t[0] - g[0], g[1]) if t and g else None))
         vals = [b[0] + b[1] for _, t, s in bars for b in (t, s) if b]
         lo, hi = min(vals + [0.0]), max(vals + [1e-9])
-        if m == "psnr":  # PSNR differences sit far above 0: show the range around them
-            lo = min(b[0] - b[1] for _, t, s in bars for b in (t, s) if b) - 0.5
+        low = min(b[0] - b[1] for _, t, s in bars for b in (t, s) if b) if vals else 0.0
+        if low > hi / 2:  # differences far above 0 (psnr, latent_l2): show the range around them
+            lo = low - (hi - low) / 4
         y = lambda v: y0 + H - pad - (v - lo) / (hi - lo or 1) * (H - 2 * pad)
         d.text((x0 + pad, y0 + 4), m, fill="black")
         d.line([(x0 + pad, y(lo)), (x0 + W - 8, y(lo))], fill="black")
@@ -202,9 +204,11 @@ def plot(path, table, metrics):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
+                                epilog="Any other flag goes to every train.py run (e.g. --lr 5e-4 --batch-size 8); "
+                                       "48x80 frames unless --height/--width say otherwise.")
     p.add_argument("--out", default="runs/miniature", help="output folder")
-    p.add_argument("--data", default="data/miniature", help="synthetic dataset (written when absent)")
+    p.add_argument("--data", default="data/miniature", help=f"synthetic dataset (written when absent, with zoom {ZOOM} and markers x{MARKER_SCALE})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (initialization, data, noise)")
     p.add_argument("--steps", type=int, default=700, help="training steps per run")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at a time")
@@ -214,6 +218,7 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=8, help="denoising steps per chunk in evaluation")
     p.add_argument("--metrics", default="psnr,ssim,latent_l2,pck", help="evaluate.py --metrics")
     args, args.train_args = p.parse_known_args(argv)  # anything else goes to train.py (--height, --lr, ...)
+    train.parse_args(args.train_args)  # a wrong train.py flag stops here, with argparse's message
     root = Path(args.data)
     if not root.exists():  # zoomed, with large markers: hands and keypoints stay visible at 48x80
         data.write_synthetic(root, episodes=6, test_episodes=3, zoom=ZOOM, marker_scale=MARKER_SCALE)
@@ -224,7 +229,7 @@ def main(argv=None):
         checkpoints = list(pool.map(train_one, jobs))
     per_seed = {seed: evaluate_seed(seed, checkpoints[i * len(MODES):(i + 1) * len(MODES)], args)
                 for i, seed in enumerate(args.seeds)}
-    metrics = [m for m in ("psnr", "ssim", "lpips", "latent_l2", "pck@2.5", "pck@5", "pck@10")
+    metrics = [m for m in ("psnr", "ssim", "lpips", "latent_l2", "pck@5", "pck@10", "pck@20")
                if any(r["true"].get(m) is not None for rows in per_seed.values() for r in rows.values())]
     table = summarize(per_seed, metrics)
     out = Path(args.out)
@@ -237,7 +242,7 @@ def main(argv=None):
             train_minutes[mode] = round(np.mean([float(f.read_text()) for f in files]) / 60, 1)
     text = markdown(table, metrics, args, train_minutes)
     (out / "results.md").write_text(text)
-    plot(out / "results.png", table, [m for m in metrics if m in ("psnr", "latent_l2", "pck@5")] or metrics[:3])
+    plot(out / "results.png", table, [m for m in metrics if m in ("psnr", "latent_l2", "pck@10")] or metrics[:3])
     print(text)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results.png'}")
     return table

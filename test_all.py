@@ -2275,6 +2275,12 @@ def test_command_line_compare(tmp_path, eval_synth_clip):
 # miniature.py: the conditioning-mode experiment, end to end at a toy budget
 
 
+def test_figure_labels_drop_the_parts_every_row_shares():
+    rows = ["000-tiny-dexac-no-local-48x80", "000-tiny-dexac-no-global-48x80 (shuffled actions)", "000-tiny-mlp-48x80"]
+    assert E.short_labels(rows) == ["dexac-no-local", "dexac-no-global (s", "mlp"]
+    assert E.short_labels(["001-tiny-dexac-64x112"]) == ["001-tiny-dexac-64x"]  # one row: only cut
+
+
 def test_miniature_experiment_trains_evaluates_and_summarizes(train_synth, tmp_path, monkeypatch):
     import miniature
     from PIL import Image
