@@ -75,7 +75,7 @@ def train_one(job):
 
 
 def evaluate_seed(seed, checkpoints, args):
-    """The protocol on this seed's models (in MODES order), with true and with shuffled actions
+    """The protocol on this seed's models (in args.modes order), with true and with shuffled actions
     -> {mode: {"true": report, "shuffled": report, "clips": {"true": [clip record], "shuffled": [...]}}}."""
     out = Path(args.out) / f"seed{seed}" / "eval"
     rows = {}
@@ -88,7 +88,7 @@ def evaluate_seed(seed, checkpoints, args):
         E.main(argv)
         rows.update(json.loads((out / "report.json").read_text())["rows"])
     result = {}
-    for mode, c in zip(MODES, checkpoints):
+    for mode, c in zip(args.modes, checkpoints):
         names = {kind: E.row_name(c, kind == "shuffled") for kind in ("true", "shuffled")}
         result[mode] = {kind: rows[name] for kind, name in names.items()}
         result[mode]["clips"] = {kind: [json.loads(f.read_text()) for f in sorted((out / name / "clips").glob("*.json"))]
@@ -118,7 +118,7 @@ def summarize(per_seed, metrics):
     A metric's mean is the protocol's (the mean over seeds of each report); its standard error is over the
     evaluated clips of every seed. The gap is true minus shuffled actions, paired clip by clip."""
     table = {}
-    for mode in MODES:
+    for mode in next(iter(per_seed.values())):
         runs = [rows[mode] for rows in per_seed.values()]
         table[mode] = {"families": {}}
         for m in metrics:
@@ -170,7 +170,8 @@ def markdown(table, metrics, args, train_minutes):
 def plot(path, table, metrics):
     """One panel per metric: each mode's score with true (blue) and shuffled (grey) actions; whiskers: +-1
     standard error over clips (on the grey bar: of the paired gap). Equal bars: the model ignores its actions."""
-    metrics = [m for m in metrics if any(table[mode][m] for mode in MODES)]
+    modes = list(table)
+    metrics = [m for m in metrics if any(table[mode][m] for mode in modes)]
     W, H, pad = 300, 260, 36
     img = Image.new("RGB", (W * len(metrics), H + 24), "white")
     d = ImageDraw.Draw(img)
@@ -179,7 +180,7 @@ def plot(path, table, metrics):
     for j, m in enumerate(metrics):
         x0, y0 = j * W, 24
         bars = []
-        for mode in MODES:
+        for mode in modes:
             t, g = table[mode][m], table[mode][m + " gap"]
             bars.append((mode, t, (t[0] - g[0], g[1]) if t and g else None))
         vals = [b[0] + b[1] for _, t, s in bars for b in (t, s) if b]
@@ -192,7 +193,7 @@ def plot(path, table, metrics):
         d.line([(x0 + pad, y(lo)), (x0 + W - 8, y(lo))], fill="black")
         d.text((x0 + 2, y(hi) - 6), f"{hi:.3g}", fill="gray")
         d.text((x0 + 2, y(lo) - 6), f"{lo:.3g}", fill="gray")
-        bw = (W - pad - 8) / len(MODES)
+        bw = (W - pad - 8) / len(modes)
         for i, (mode, t, s) in enumerate(bars):
             cx = x0 + pad + (i + 0.5) * bw
             for dx, b, color in ((-bw / 5, t, (70, 110, 190)), (bw / 5, s, (170, 170, 170))):
@@ -210,6 +211,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/miniature", help="output folder")
     p.add_argument("--data", default="data/miniature", help=f"synthetic dataset (written when absent, with zoom {ZOOM} and markers x{MARKER_SCALE})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (initialization, data, noise)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="conditioning modes to compare")
     p.add_argument("--steps", type=int, default=700, help="training steps per run")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at a time")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
@@ -224,10 +226,11 @@ def main(argv=None):
         data.write_synthetic(root, episodes=6, test_episodes=3, zoom=ZOOM, marker_scale=MARKER_SCALE)
     if not (root / "stats.json").exists():
         (root / "stats.json").write_text(json.dumps(data.compute_stats(root), indent=1))
-    jobs = [(mode, seed, args) for seed in args.seeds for mode in MODES]
+    jobs = [(mode, seed, args) for seed in args.seeds for mode in args.modes]
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on train.py processes
         checkpoints = list(pool.map(train_one, jobs))
-    per_seed = {seed: evaluate_seed(seed, checkpoints[i * len(MODES):(i + 1) * len(MODES)], args)
+    n = len(args.modes)
+    per_seed = {seed: evaluate_seed(seed, checkpoints[i * n:(i + 1) * n], args)
                 for i, seed in enumerate(args.seeds)}
     metrics = [m for m in ("psnr", "ssim", "lpips", "latent_l2", "pck@5", "pck@10", "pck@20")
                if any(r["true"].get(m) is not None for rows in per_seed.values() for r in rows.values())]
@@ -236,7 +239,7 @@ def main(argv=None):
     (out / "results.json").write_text(json.dumps({"config": {k: v for k, v in vars(args).items()},
                                                   "per_seed": per_seed, "summary": table}, indent=1))
     train_minutes = {}  # mean over seeds, when every run recorded its time
-    for mode in MODES:
+    for mode in args.modes:
         files = [out / f"seed{s}" / mode / "train_seconds.txt" for s in args.seeds]
         if all(f.exists() for f in files):
             train_minutes[mode] = round(np.mean([float(f.read_text()) for f in files]) / 60, 1)

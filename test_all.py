@@ -165,7 +165,8 @@ def test_load_official_pt_diffusers_safetensors_and_hub_cache(tmp_path):
     target.parent.mkdir(parents=True)
     official_pt(src, target)
     torch.save({"x": x, "sigma": sigma, "text": text, "expected": expected}, tmp_path / "io.pt")
-    script = (f"import torch, model as M\nio = torch.load({str(tmp_path / 'io.pt')!r})\n"
+    script = (f"import torch, model as M\ntorch.set_num_threads({torch.get_num_threads()})  # bit-equal sums\n"
+              f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
               f"m = M.load_dit('base/post-trained', M.{SMALL!r}).eval()\n"
               "with torch.no_grad():\n    assert torch.equal(m(io['x'], io['sigma'], io['text']), io['expected'])\n"
               "print('hub ok')\n")
@@ -2281,14 +2282,13 @@ def test_figure_labels_drop_the_parts_every_row_shares():
     assert E.short_labels(["001-tiny-dexac-64x112"]) == ["001-tiny-dexac-64x"]  # one row: only cut
 
 
-def test_miniature_experiment_trains_evaluates_and_summarizes(train_synth, tmp_path, monkeypatch):
+def test_miniature_experiment_trains_evaluates_and_summarizes(train_synth, tmp_path):
     import miniature
     from PIL import Image
-    monkeypatch.setattr(miniature, "MODES", ("mlp", "dexac"))
     root = tmp_path / "data"
     shutil.copytree(train_synth, root)
-    argv = ["--out", str(tmp_path / "mini"), "--data", str(root), "--seeds", "0", "1", "--steps", "3",
-            "--horizon", "9", "--clips", "2", "--sample-steps", "1", "--metrics", "psnr,latent_l2",
+    argv = ["--out", str(tmp_path / "mini"), "--data", str(root), "--seeds", "0", "1", "--modes", "mlp", "dexac",
+            "--steps", "3", "--horizon", "9", "--clips", "2", "--sample-steps", "1", "--metrics", "psnr,latent_l2",
             *TRAIN_ARGS, "--batch-size", "2", "--micro-batch", "2"]  # TRAIN_ARGS' 32x64 overrides miniature.SIZE
     table = miniature.main(argv)
     out = tmp_path / "mini"
