@@ -1047,6 +1047,8 @@ def write_synthetic(out, tasks=4, episodes=3, test_episodes=1, frames=90, size=(
     K keeps EgoDex's field of view (fx = 736.6 * W / 1920, principal point at the centre); zoom > 1 narrows
     it (hands fill more of the frame) and marker_scale enlarges the keypoint markers, so that both stay
     visible when the frames are downsampled far below EgoDex's size (miniature.py)."""
+    if zoom <= 0 or marker_scale <= 0:
+        raise ValueError(f"zoom ({zoom}) and marker_scale ({marker_scale}) must be positive; 1 is EgoDex's view")
     jobs = [(str(out), split, t, k, frames, tuple(size), seed, zoom, marker_scale) for t in range(min(tasks, len(SYNTH_TASKS)))
             for split, count in (("part1", episodes), ("test", test_episodes)) for k in range(count)]
     list(tqdm(_imap(_synth_episode, jobs, workers, 1), total=len(jobs), desc="synth"))
@@ -1172,6 +1174,8 @@ def _run(p, args):
         print(f"{args.out}: {stats['count']} actions from {stats['episodes']} episodes "
               f"({len(stats['skipped'])} skipped); mean std per family: {fam}")
     elif args.cmd == "synth":
+        if args.zoom <= 0 or args.marker_scale <= 0:
+            p.error("--zoom and --marker-scale must be positive (1: EgoDex's view and markers)")
         t0 = time.time()
         write_synthetic(args.out, args.tasks, args.episodes, args.test_episodes, args.frames,
                         (args.height, args.width), args.seed, args.workers, args.zoom, args.marker_scale)
