@@ -1049,7 +1049,8 @@ def write_synthetic(out, tasks=4, episodes=3, test_episodes=1, frames=90, size=(
     visible when the frames are downsampled far below EgoDex's size (miniature.py)."""
     if zoom <= 0 or marker_scale <= 0:
         raise ValueError(f"zoom ({zoom}) and marker_scale ({marker_scale}) must be positive; 1 is EgoDex's view")
-    jobs = [(str(out), split, t, k, frames, tuple(size), seed, zoom, marker_scale) for t in range(min(tasks, len(SYNTH_TASKS)))
+    jobs = [(str(out), split, t, k, frames, tuple(size), seed, zoom, marker_scale)
+            for t in range(min(tasks, len(SYNTH_TASKS)))
             for split, count in (("part1", episodes), ("test", test_episodes)) for k in range(count)]
     list(tqdm(_imap(_synth_episode, jobs, workers, 1), total=len(jobs), desc="synth"))
     return Path(out)

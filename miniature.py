@@ -91,7 +91,8 @@ def evaluate_seed(seed, checkpoints, args):
     for mode, c in zip(args.modes, checkpoints):
         names = {kind: E.row_name(c, kind == "shuffled") for kind in ("true", "shuffled")}
         result[mode] = {kind: rows[name] for kind, name in names.items()}
-        result[mode]["clips"] = {kind: [json.loads(f.read_text()) for f in sorted((out / name / "clips").glob("*.json"))]
+        result[mode]["clips"] = {kind: [json.loads(f.read_text())
+                                        for f in sorted((out / name / "clips").glob("*.json"))]
                                  for kind, name in names.items()}
     return result
 
@@ -122,8 +123,8 @@ def summarize(per_seed, metrics):
         runs = [rows[mode] for rows in per_seed.values()]
         table[mode] = {"families": {}}
         for m in metrics:
-            pairs = [(clip_values(t, m), clip_values(c, m)) for r in runs
-                     for t, c in zip(r["clips"]["true"], r["clips"]["shuffled"])]
+            pairs = [(clip_values(t, m), clip_values(c, m)) for r in runs  # the same clip, by its index
+                     for t in r["clips"]["true"] for c in r["clips"]["shuffled"] if c["index"] == t["index"]]
             values = [r["true"].get(m) for r in runs if r["true"].get(m) is not None]
             gaps = [r["true"][m] - r["shuffled"][m] for r in runs
                     if r["true"].get(m) is not None and r["shuffled"].get(m) is not None]
@@ -132,7 +133,8 @@ def summarize(per_seed, metrics):
             table[mode][m] = (float(np.mean(values)), se[1] if se else 0.0) if values else None
             table[mode][m + " gap"] = (float(np.mean(gaps)), gap_se[1] if gap_se else 0.0) if gaps else None
         for f in E.FAMILIES:
-            pcks = [[r[kind].get("families", {}).get(f, {}).get("pck@10") for r in runs] for kind in ("true", "shuffled")]
+            pcks = [[r[kind].get("families", {}).get(f, {}).get("pck@10") for r in runs]
+                    for kind in ("true", "shuffled")]
             table[mode]["families"][f] = tuple(float(np.mean(v)) if v and None not in v else None for v in pcks)
     return table
 
@@ -157,7 +159,8 @@ def markdown(table, metrics, args, train_minutes):
     lines += ["", "Gap = true minus shuffled actions, paired clip by clip (a model that ignores its actions: 0 "
               "within noise; a model that follows them: > 0 for psnr, ssim and pck, < 0 for lpips and latent_l2):",
               "", head, rule]
-    lines += [f"| {mode} | " + " | ".join(fmt(e[m + " gap"], m, 1) for m in metrics) + " |" for mode, e in table.items()]
+    lines += [f"| {mode} | " + " | ".join(fmt(e[m + " gap"], m, 1) for m in metrics) + " |"
+              for mode, e in table.items()]
     if any(v is not None for e in table.values() for pair in e["families"].values() for v in pair):
         pct = lambda v: "–" if v is None else f"{v:.1f}"
         lines += ["", "PCK@10 per action family (a clip's family: its largest actions), true / shuffled actions:", "",
@@ -209,7 +212,8 @@ def main(argv=None):
                                 epilog="Any other flag goes to every train.py run (e.g. --lr 5e-4 --batch-size 8); "
                                        "48x80 frames unless --height/--width say otherwise.")
     p.add_argument("--out", default="runs/miniature", help="output folder")
-    p.add_argument("--data", default="data/miniature", help=f"synthetic dataset (written when absent, with zoom {ZOOM} and markers x{MARKER_SCALE})")
+    p.add_argument("--data", default="data/miniature",
+                   help=f"synthetic dataset (written when absent, with zoom {ZOOM} and markers x{MARKER_SCALE})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (initialization, data, noise)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="conditioning modes to compare")
     p.add_argument("--steps", type=int, default=700, help="training steps per run")

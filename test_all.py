@@ -2277,7 +2277,8 @@ def test_command_line_compare(tmp_path, eval_synth_clip):
 
 
 def test_figure_labels_drop_the_parts_every_row_shares():
-    rows = ["000-tiny-dexac-no-local-48x80", "000-tiny-dexac-no-global-48x80 (shuffled actions)", "000-tiny-mlp-48x80"]
+    rows = ["000-tiny-dexac-no-local-48x80", "000-tiny-dexac-no-global-48x80 (shuffled actions)",
+            "000-tiny-mlp-48x80"]
     assert E.short_labels(rows) == ["dexac-no-local", "dexac-no-global (s", "mlp"]
     assert E.short_labels(["001-tiny-dexac-64x112"]) == ["001-tiny-dexac-64x"]  # one row: only cut
 
