@@ -105,12 +105,10 @@ def clip_values(clip, metric):
     return clip.get(metric)
 
 
-def mean_se(values):
-    """(mean, standard error of the mean), or None for no values."""
+def standard_error(values):
+    """Standard error of the mean of the values that are not None (0 for fewer than two)."""
     v = np.asarray([x for x in values if x is not None], np.float64)
-    if not len(v):
-        return None
-    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+    return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
 def summarize(per_seed, metrics):
@@ -122,16 +120,17 @@ def summarize(per_seed, metrics):
     for mode in next(iter(per_seed.values())):
         runs = [rows[mode] for rows in per_seed.values()]
         table[mode] = {"families": {}}
+        clips = [(t, c) for r in runs  # (true, shuffled) records of the same clip, matched by its index
+                 for t in r["clips"]["true"] for c in r["clips"]["shuffled"] if c["index"] == t["index"]]
         for m in metrics:
-            pairs = [(clip_values(t, m), clip_values(c, m)) for r in runs  # the same clip, by its index
-                     for t in r["clips"]["true"] for c in r["clips"]["shuffled"] if c["index"] == t["index"]]
+            pairs = [(clip_values(t, m), clip_values(c, m)) for t, c in clips]
             values = [r["true"].get(m) for r in runs if r["true"].get(m) is not None]
             gaps = [r["true"][m] - r["shuffled"][m] for r in runs
                     if r["true"].get(m) is not None and r["shuffled"].get(m) is not None]
-            se = mean_se([t for t, _ in pairs])
-            gap_se = mean_se([t - c for t, c in pairs if t is not None and c is not None])
-            table[mode][m] = (float(np.mean(values)), se[1] if se else 0.0) if values else None
-            table[mode][m + " gap"] = (float(np.mean(gaps)), gap_se[1] if gap_se else 0.0) if gaps else None
+            se = standard_error([t for t, _ in pairs])
+            gap_se = standard_error([t - c for t, c in pairs if t is not None and c is not None])
+            table[mode][m] = (float(np.mean(values)), se) if values else None
+            table[mode][m + " gap"] = (float(np.mean(gaps)), gap_se) if gaps else None
         for f in E.FAMILIES:
             pcks = [[r[kind].get("families", {}).get(f, {}).get("pck@10") for r in runs]
                     for kind in ("true", "shuffled")]
