@@ -42,7 +42,7 @@ import av
 import h5py
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 log = logging.getLogger("dexac.data")
@@ -398,6 +398,28 @@ def decode_jpegs(path, start, count, size=None, episode=None):
     if len(frames) < count:
         raise EpisodeError(episode or path, f"only {len(frames)} images for {count} frames")
     return np.stack(frames), img.shape[:2]
+
+
+# ------------------------------------------------------------------------------------------------
+# Frames to pictures: the contact sheets of train.py's previews, sample.py and evaluate.py's figure
+
+def to_frames(video):
+    """(3, T, H, W) in [-1, 1] -> list of T uint8 (H, W, 3) arrays."""
+    v = ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+    return list(v)
+
+
+def contact_sheet(path, rows, labels):
+    """rows: lists of equally sized frames -> one PNG, a labelled row each."""
+    h, w = rows[0][0].shape[:2]
+    n, label_w = max(len(r) for r in rows), 110
+    sheet = Image.new("RGB", (label_w + n * w, len(rows) * h), "white")
+    d = ImageDraw.Draw(sheet)
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        d.text((4, i * h + h // 2 - 6), label, fill="black")
+        for j, frame in enumerate(row):
+            sheet.paste(Image.fromarray(frame), (label_w + j * w, i * h))
+    sheet.save(path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -726,7 +726,7 @@ def figure(path, rows, episodes, plan, args):
             sheet_rows.append([v[t] for t in picks])
             labels.append(names[r])
     if sheet_rows:
-        train.contact_sheet(path, sheet_rows, labels)
+        data.contact_sheet(path, sheet_rows, labels)
 
 
 def protocol(args):

@@ -209,7 +209,7 @@ def write_outputs(out, name, video, gt=None, fps=30):
         print(f"{name}: PSNR per frame (dB) " + " ".join(f"{v:.1f}" for v in values[1:]) +
               f" | mean over predicted frames {values[1:].mean():.2f}")
     picks = sorted(set(range(0, len(video), 4)) | {len(video) - 1})  # every 4th frame and the last
-    train.contact_sheet(out / f"{name}.png", [[v[t] for t in picks] for v in rows], labels)
+    data.contact_sheet(out / f"{name}.png", [[v[t] for t in picks] for v in rows], labels)
 
 
 # -----------------------------------------------------------------------------

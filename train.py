@@ -567,25 +567,6 @@ def plot_losses(path, steps, losses):
     img.save(path)
 
 
-def to_frames(video):
-    """(3, T, H, W) in [-1, 1] -> list of T uint8 (H, W, 3) arrays."""
-    v = ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
-    return list(v)
-
-
-def contact_sheet(path, rows, labels):
-    """rows: lists of equally sized frames -> one PNG, a labelled row each."""
-    h, w = rows[0][0].shape[:2]
-    n, label_w = max(len(r) for r in rows), 110
-    sheet = Image.new("RGB", (label_w + n * w, len(rows) * h), "white")
-    d = ImageDraw.Draw(sheet)
-    for i, (row, label) in enumerate(zip(rows, labels)):
-        d.text((4, i * h + h // 2 - 6), label, fill="black")
-        for j, frame in enumerate(row):
-            sheet.paste(Image.fromarray(frame), (label_w + j * w, i * h))
-    sheet.save(path)
-
-
 def preview_clip(cfg):
     """A fixed clip: the first of the first held-out (test) episode, else of the first training episode, or
     the first clip of a latent cache."""
@@ -615,7 +596,7 @@ def preview(path, model, clip, frozen, cfg, device, dtype):
     x = M.sample(fn, noise, M.shifted_sigmas(cfg.preview_steps, cfg.shift), x_cond=x0, frame_mask=mask)
     pred = tokenizer.decode(x).float()
     truth = clip["video"][0].float() / 127.5 - 1 if "video" in clip else tokenizer.decode(x0)[0].float()
-    contact_sheet(path, [to_frames(truth), to_frames(pred[0])], ["ground truth", "predicted"])
+    data.contact_sheet(path, [data.to_frames(truth), data.to_frames(pred[0])], ["ground truth", "predicted"])
 
 
 def flops_per_clip(mcfg, x_shape, text_tokens, n_patches):

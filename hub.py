@@ -1,0 +1,161 @@
+"""
+Where weights come from and how they are loaded, once for every model in this repository.
+
+- `resolve(spec)`: a local file, a local folder holding a known file, a short name, an http(s) URL
+  (downloaded once) or a Hugging Face Hub file ('org/repo' or 'org/repo/path/in/repo') -> a local path.
+  Hub files go through huggingface_hub's cache, so HF_TOKEN, HF_HUB_CACHE and HF_HUB_OFFLINE=1 work as usual.
+- `read_state_dict(path)`: the tensors of a .safetensors file, a sharded safetensors checkpoint (folder or
+  index .json) or a torch.save'd .pt/.pth (loaded with weights_only=True: no code runs).
+- `load_strict(module, sd)`: every key and shape checked, one error listing what is missing, unexpected and
+  mis-shaped; `assign=True`, so a model built on the meta device takes the tensors without a second copy.
+- `atomic_write(path, ...)`: readers see the old file or the new one, never half of one.
+- `DTYPES`: the dtype names every command line accepts.
+
+Key maps stay beside their models (model.py, tokenizer.py, semantic.py): they are part of each model's story.
+"""
+
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".json")
+
+
+class WeightsError(FileNotFoundError):
+    """Weights that are missing, or a file that is not the one expected: one message that says where to get it."""
+
+
+def download_dir():
+    """Where URLs are downloaded to, once: torch's hub checkpoint folder ($TORCH_HOME/hub/checkpoints)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _hub_file(repo, filename, what, where, revision, token):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    kwargs = {k: v for k, v in (("revision", revision), ("token", token)) if v is not None}
+    try:
+        return huggingface_hub.hf_hub_download(repo, filename, **kwargs)
+    except (GatedRepoError, RepositoryNotFoundError) as e:  # a 401: gated without the licence, or no token
+        raise PermissionError(
+            f"cannot access {repo} on the Hugging Face Hub ({type(e).__name__}). If it is gated, accept the licence "
+            f"on https://huggingface.co/{repo} with your account, then log in (`hf auth login`) or set HF_TOKEN. "
+            f"Or pass a local path. {where}") from e
+    except huggingface_hub.errors.LocalEntryNotFoundError as e:
+        raise WeightsError(
+            f"{what}: {repo}/{filename} is not in the local Hub cache and cannot be downloaded (HF_HUB_OFFLINE=1 "
+            f"or no network): fetch it once where the Hub is reachable (`hf download {repo} {filename}`), copy "
+            f"the cache (HF_HUB_CACHE), or pass a local path. {where}") from e
+    except (OSError, ValueError) as e:  # not found on the Hub, a bad repo id, HTTP errors
+        raise WeightsError(f"{what}: could not get {filename} from the Hub repo {repo} ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}). {where}") from e
+
+
+def resolve(spec, files=(), names=None, what="weights", where="", revision=None, token=None):
+    """spec -> a local file path.
+
+    files: known file names; the first is what a folder or a bare 'org/repo' stands for.
+    names: short names {name: (repo, path in repo)} (e.g. model.HUB_FILES).
+    what / where: what the file is, and where to get it, for the one error a missing file gives.
+    """
+    spec = os.path.expanduser(str(spec))
+    if os.path.isdir(spec):
+        for name in files:
+            if os.path.isfile(os.path.join(spec, name)):
+                return os.path.join(spec, name)
+        raise WeightsError(f"{what}: none of {list(files)} in the folder {spec}. {where}")
+    if os.path.isfile(spec):
+        return spec
+    if names and spec in names:
+        return _hub_file(*names[spec], what, where, revision, token)
+    if spec.startswith(("http://", "https://")):
+        path = download_dir() / Path(spec.split("?")[0]).name
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(spec, str(path))
+            except OSError as e:
+                raise WeightsError(f"{what} could not be downloaded from {spec} ({e}). {where}") from e
+        return str(path)
+    parts = spec.split("/")
+    local_looking = spec.startswith((".", "/", "~")) or (len(parts) == 2 and spec.endswith(WEIGHT_SUFFIXES))
+    hub_like = all(re.fullmatch(r"[\w.-]+", p) for p in parts[:2])
+    if len(parts) >= 2 and hub_like and not local_looking and (len(parts) > 2 or files):
+        return _hub_file("/".join(parts[:2]), "/".join(parts[2:]) or files[0], what, where, revision, token)
+    shorts = f", one of {sorted(names)}" if names else ""
+    folder = f", a folder holding {files[0]}" if files else ""
+    raise WeightsError(f"{what}: {spec!r} is not a file{folder}{shorts}, nor a Hub file ('org/repo/path/in/repo'"
+                       f"{' or org/repo' if files else ''}). {where}")
+
+
+def read_state_dict(path):
+    """Tensors of a `.safetensors` file, a sharded safetensors checkpoint (its folder or index .json) or a
+    `.pt`/`.pth` (a {"model": ...} wrapper is unwrapped) -> {name: tensor}."""
+    from safetensors.torch import load_file
+    path = str(path)
+    if os.path.isdir(path):
+        shards = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not shards:
+            raise WeightsError(f"no .safetensors files in the folder {path}")
+    elif path.endswith(".json"):
+        with open(path) as f:
+            shards = [os.path.join(os.path.dirname(path), s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+    elif path.endswith(".safetensors"):
+        shards = [path]
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, ValueError, OSError, pickle.UnpicklingError) as e:  # not torch.save'd, or holds code
+            raise WeightsError(f"{path} is not a state dict saved by torch.save ({type(e).__name__})") from e
+        sd = sd.get("model", sd) if isinstance(sd, dict) else sd
+        if not isinstance(sd, dict):
+            raise WeightsError(f"{path} is not a state dict (a {{name: tensor}} dict)")
+        return sd
+    sd = {}
+    for shard in shards:
+        sd.update(load_file(shard))
+    return sd
+
+
+def check_state_dict(expected, sd, source, target, hint="", allow_missing=()):
+    """Compare a state dict with the {name: tensor} a model expects; one ValueError lists every missing,
+    unexpected and mis-shaped tensor (the first 12 of each). allow_missing: key prefixes sd may lack."""
+    missing = [k for k in expected if k not in sd and not k.startswith(tuple(allow_missing))]
+    unexpected = [k for k in sd if k not in expected]
+    bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+           for k, v in expected.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or bad:
+        lines = [f"{source} does not match {target}{hint}:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
+        raise ValueError("\n".join(lines))
+
+
+def load_strict(module, sd, source="checkpoint", hint="", allow_missing=()):
+    """Load sd into module with every key and shape checked (see check_state_dict), with assign=True."""
+    check_state_dict(module.state_dict(), sd, source, f"the model ({type(module).__name__})", hint, allow_missing)
+    module.load_state_dict(sd, strict=False, assign=True)
+    return module
+
+
+def atomic_write(path, payload):
+    """Write bytes or text so that readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    (tmp.write_bytes if isinstance(payload, bytes) else tmp.write_text)(payload)
+    os.replace(tmp, path)
+
+
+def atomic_save(path, save):
+    """Run save(tmp_path) (e.g. safetensors' save_file), then move the result into place atomically."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    save(str(tmp))
+    os.replace(tmp, path)
+    return path
