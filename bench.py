@@ -1,19 +1,575 @@
 """
 Every benchmark and every comparison with diffusers, out of the tutorial files: `python bench.py WHAT -h`.
 
-    python bench.py dit --preset cosmos2b --device cuda --dtype bf16 --compare-diffusers
-    python bench.py vae --device cuda --dtype bf16 --frames 13 61
-    python bench.py dino --device cuda --dtype bf16 --batch 32
-    python bench.py decode
-    python bench.py train --preset paper --peak-tflops 989
-    python bench.py sample --preset cosmos2b --device cuda --dtype bf16 --compare-diffusers
-    python bench.py costs
+    python bench.py dit --preset cosmos2b --device cuda --dtype bf16 --compare-diffusers   # the DiT alone
+    python bench.py vae --device cuda --dtype bf16 --frames 13 61                         # Wan2.1 VAE
+    python bench.py dino --device cuda --dtype bf16 --batch 32                            # DINOv3 ViT-L/16
+    python bench.py decode                                                                # EgoDex-like clips
+    python bench.py train --preset paper --peak-tflops 989                                # a training step
+    python bench.py sample --device cuda --dtype bf16 --compare-diffusers                 # a rollout chunk
+    python bench.py costs                                                                 # the paper's Table 6
 
-Speed and memory are measured here, never asserted in tests. Figures are per call, after warmup, with CUDA
-synchronized around the timed region; peak memory is torch's allocator peak.
+Speed and memory are measured here, never asserted in tests. Times are per call after untimed warmup, with
+CUDA synchronized around the timed region; peak memory is torch's allocator peak on CUDA (on the CPU, the
+process's peak resident set where the system can reset it). Random weights time the same as real ones,
+so nothing is downloaded unless asked.
 """
 
 import argparse
+import gc
+import math
+import os
+import resource
 import sys
+import shutil
+import tempfile
+import time
+from pathlib import Path
 
-# === train: owned by the train helper (bench_train / add_train_args) ===
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+import conditioning as C
+import data
+import hub
+import model as M
+import sample as S
+import semantic as sem
+import synthetic
+import tokenizer as tok
+import train
+
+
+# -----------------------------------------------------------------------------
+# dit: forward and forward+backward of the DiT, against diffusers' CosmosTransformer3DModel
+
+
+def diffusers_dit(c, state_dict, device="cpu", dtype=None):
+    """diffusers' CosmosTransformer3DModel configured like c (no padding-mask channel: diffusers resizes that
+    mask with torchvision) holding our weights, for the benchmarks' comparisons. Needs diffusers."""
+    from diffusers import CosmosTransformer3DModel
+    if c.concat_padding_mask:
+        raise ValueError("build the config with concat_padding_mask=False to compare with diffusers")
+    with torch.device(device):
+        ref = CosmosTransformer3DModel(
+            in_channels=c.in_channels + 1, out_channels=c.out_channels, num_attention_heads=c.n_heads,
+            attention_head_dim=c.dim // c.n_heads, num_layers=c.n_blocks, mlp_ratio=c.mlp_ratio,
+            text_embed_dim=c.context_dim, adaln_lora_dim=c.adaln_lora_dim, max_size=c.max_size,
+            patch_size=(c.patch_temporal, c.patch_spatial, c.patch_spatial), rope_scale=c.rope_ratios,
+            concat_padding_mask=False, extra_pos_embed_type=None, use_crossattn_projection=True,
+            crossattn_proj_in_channels=c.text_dim, encoder_hidden_states_channels=c.context_dim).to(dtype)
+    ref.load_state_dict(M.state_dict_as(state_dict, "diffusers", c.n_blocks))
+    for m in ref.modules():  # the official q/k RMSNorm eps (diffusers uses 1e-5)
+        if getattr(m, "norm_q", None) is not None:
+            m.norm_q.eps = m.norm_k.eps = 1e-6
+    return ref
+
+
+def bench_dit(args):
+    device = torch.device(args.device)
+    dtype = hub.DTYPES[args.dtype]
+    # no padding-mask channel, so that diffusers' model (which resizes that mask with torchvision) runs the
+    # same computation without torchvision; it changes the patch embedding's width by 1/18 only
+    config = M.config_from_preset(args.preset, concat_padding_mask=not args.compare_diffusers)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = M.DiT(config)
+        for p in model.parameters():  # random everywhere: the zero-initialized layers would make outputs 0
+            nn.init.normal_(p, std=0.02)
+        model.to(dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    T, H, W, B = args.frames, args.height, args.width, args.batch
+    x = torch.randn(B, config.in_channels, T, H, W, device=device, dtype=dtype)
+    sigma = torch.rand(B, device=device)
+    text = torch.randn(B, args.text_tokens, config.text_dim, device=device, dtype=dtype)
+    tokens = B * T * H * W // (config.patch_spatial**2 * config.patch_temporal)
+    print(f"preset {args.preset}: {n_params / 1e6:.2f}M parameters, {tokens} tokens per forward, "
+          f"{args.dtype} on {device}")
+
+    def timed(fn):
+        for _ in range(args.warmup):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        return (time.perf_counter() - t0) / args.iters, peak
+
+    def report(name, fwd, fwd_bwd):
+        (t_f, _), (t_fb, peak) = timed(fwd), timed(fwd_bwd)
+        print(f"{name}: forward {t_f * 1e3:.1f} ms ({tokens / t_f:,.0f} tokens/s), forward+backward "
+              f"{t_fb * 1e3:.1f} ms ({tokens / t_fb:,.0f} tokens/s), peak memory {peak:.2f} GiB")
+        return t_fb
+
+    ours = lambda: model(x, sigma, text)
+    t_ours = report("ours", torch.no_grad()(ours), lambda: ours().float().square().mean().backward())
+    if args.compare_diffusers:
+        ref = diffusers_dit(config, model.state_dict(), device, dtype)
+        cond = torch.zeros_like(x[:, :1])
+        theirs = lambda: ref(x, sigma.to(dtype), text, condition_mask=cond, return_dict=False)[0]
+        with torch.no_grad():
+            a, b = ours().float(), theirs().float()
+            exact = b
+            if dtype != torch.float32:  # judge both low-precision outputs against an fp32 run of the same weights
+                exact = ref.float()(x.float(), sigma, text.float(), condition_mask=cond.float(), return_dict=False)[0]
+                ref.to(dtype)
+        err = lambda y: f"{((y - exact).norm() / exact.norm()).item():.2e}"
+        print(f"outputs, relative L2 error against fp32: ours {err(a)}, diffusers {err(b)}")
+        t_ref = report("diffusers", torch.no_grad()(theirs), lambda: theirs().float().square().mean().backward())
+        print(f"forward+backward time, ours / diffusers = {t_ours / t_ref:.2f}")
+
+# -----------------------------------------------------------------------------
+# vae: encode and decode frames/s of the video tokenizer
+
+
+def _memory(device, reset=False):  # (bytes in use, peak bytes since the last reset)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+    if not os.path.exists("/proc/self/clear_refs"):
+        return 0, 0  # no resettable peak counter on this system: memory reads as 0
+    if reset:  # Linux: writing 5 resets the peak resident set size of this process
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status["VmRSS"].split()[0]) * 1024, int(status["VmHWM"].split()[0]) * 1024
+
+
+def _measure(fn, device):  # (output, seconds, peak bytes, working bytes = peak - before - output)
+    before, _ = _memory(device, reset=True)
+    t0 = time.perf_counter()
+    out = fn()
+    _, peak = _memory(device)
+    return out, time.perf_counter() - t0, peak, peak - before - out.numel() * out.element_size()
+
+
+
+
+def bench_vae(args):
+    """Encode and decode frames/s of the video tokenizer, with peak and working memory."""
+    device, dtype = torch.device(args.device), hub.DTYPES[args.dtype]
+    if args.tokenizer == "pixel":
+        vae = tok.build_tokenizer("pixel")
+    else:
+        vae = tok.build_tokenizer("wan2.1", config=args.config, weights=args.weights,
+                                  tile_size=args.tile_size, tile_overlap=args.tile_overlap)
+    vae = vae.to(device, dtype).eval()
+    what = "weightless" if args.tokenizer == "pixel" else f"{args.config}, {args.weights or 'random'} weights"
+    print(f"{args.tokenizer} ({what}, {sum(t.numel() for t in vae.parameters()) / 1e6:.1f}M parameters), "
+          f"{device} {args.dtype}, {args.batch}x{args.height}x{args.width}, "
+          f"{torch.get_num_threads()} threads")
+
+    def video(T):
+        return (torch.rand(args.batch, 3, T, args.height, args.width, device=device) * 2 - 1).to(dtype)
+
+    for _ in range(args.warmup):
+        vae.decode(vae.encode(video(5)))
+    for T in args.frames:
+        x, mib = video(T), 2**20
+        z, enc_s, enc_peak, enc_work = _measure(lambda: vae.encode(x), device)
+        _, dec_s, dec_peak, dec_work = _measure(lambda: vae.decode(z), device)
+        print(f"T={T:3d} ({z.shape[2]} latent frames) | encode {args.batch * T / enc_s:7.2f} frames/s, peak "
+              f"{enc_peak / mib:6.0f} MiB, working {enc_work / mib:5.0f} MiB | decode "
+              f"{args.batch * T / dec_s:7.2f} frames/s, peak {dec_peak / mib:6.0f} MiB, working "
+              f"{dec_work / mib:5.0f} MiB")
+
+# -----------------------------------------------------------------------------
+# dino: DINOv3 images/s
+
+
+def bench_dino(args):
+    """DINOv3 images/s and peak memory (random weights time the same as the real ones)."""
+    dtype, cuda = hub.DTYPES[args.dtype], args.device == "cuda"
+    if args.weights:
+        model, what = sem.load_dino(args.weights, args.preset, device=args.device, dtype=dtype), args.weights
+    else:
+        model, what = sem.DinoV3(sem.DINO_PRESETS[args.preset]).to(args.device, dtype), "RANDOM weights (speed only)"
+    print(f"DINOv3 {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {what}, "
+          f"{args.device} {args.dtype}, batch {args.batch} x {args.height}x{args.width} "
+          f"-> {(args.height // 16) * (args.width // 16)} patch tokens per image")
+    frames = torch.rand(args.batch, 3, args.height, args.width, device=args.device) * 2 - 1
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(args.warmup):
+        model(frames)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.iters):
+        feats = model(frames)
+    sync()
+    dt = time.perf_counter() - t0
+    peak = (f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else
+            f"peak process RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    print(f"features {tuple(feats.shape)}: {args.batch * args.iters / dt:.2f} images/s "
+          f"({dt / args.iters * 1000:.0f} ms per batch), {peak}")
+
+# -----------------------------------------------------------------------------
+# decode: clips/s per data-loader worker from 1920x1080 H.264 (13-frame clips at 288x512)
+
+
+def bench_decode(args):
+    """Time data.ClipDataset on one 1920x1080 episode: HDF5 poses + an H.264 video of a slowly panning
+    textured scene with sensor noise, at about EgoDex's average bitrate (2 TB / 829 h = 5.4 Mbit/s)."""
+    clips, frames, gop, size, batch, step_time = args.clips, args.frames, args.gop, data.DEFAULT_SIZE, args.batch, \
+        args.step_time
+    work = Path(tempfile.mkdtemp(prefix="dexac-bench-"))
+    try:
+        rng = np.random.default_rng(0)
+        t0 = time.time()
+        texture = np.asarray(Image.fromarray(rng.integers(0, 255, (270, 480, 3), np.uint8)).resize(
+            (2200, 1240), Image.BICUBIC)).astype(np.int16)
+        video = (np.clip(texture[4 + i // 2:1084 + i // 2, 3 * i % 280:1920 + 3 * i % 280]
+                         + rng.integers(-6, 7, (1080, 1920, 1), np.int16), 0, 255).astype(np.uint8)
+                 for i in range(frames))
+        d = work / "part1" / "bench"
+        d.mkdir(parents=True)
+        data.write_video(d / "0.mp4", video, crf=23, gop=gop)
+        synthetic.write_egodex_hdf5(d / "0.hdf5", synthetic.synth_track(rng, frames)[0], data.EGODEX_K, {})
+        mbit = (d / "0.mp4").stat().st_size * 8 / 1e6 / (frames / 30)
+        print(f"made a 1920x1080 H.264 video ({frames} frames, keyframe every {gop}, {mbit:.1f} Mbit/s) "
+              f"in {time.time() - t0:.1f} s")
+        ds = data.ClipDataset(data.load_index(work)[0], 13, size)
+        ds[(0, 0)]  # warm up
+        t0 = time.time()
+        for s in rng.integers(0, frames - 13, clips):
+            ds[(0, s)]
+        rate = clips / (time.time() - t0)
+    finally:
+        shutil.rmtree(work)
+    need = batch / step_time
+    print(f"one worker (1 decode thread): {rate:.2f} clips/s of 13 frames at {size[0]}x{size[1]}")
+    print(f"batch {batch} per GPU at {step_time:.2f} s/step needs {need:.1f} clips/s "
+          f"-> {math.ceil(need / rate)} workers per GPU")
+    return rate
+
+# -----------------------------------------------------------------------------
+# sample: one rollout chunk (encode, 12 actions x N denoising steps, decode), against diffusers' Cosmos-Predict2.5 pipeline
+
+
+class Stopwatch:
+    """Seconds per call of a whole run and of chosen methods inside it, synchronized on CUDA; peak memory."""
+
+    def __init__(self, device):
+        self.device, self.seconds = device, {}
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def wrap(self, obj, method, label):
+        """Make obj.method add the time of each call to seconds[label] (an instance attribute shadows it)."""
+        fn = getattr(obj, method)
+
+        def timed(*args, **kwargs):
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.sync()
+            self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
+            return out
+        setattr(obj, method, timed)
+
+    def run(self, fn, warmup, iters):
+        """-> (fn's last output, {"total": s, each wrapped label: s, "peak_gib": GiB or None}), s per call."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.seconds = {}
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn()
+        self.sync()
+        times = {"total": time.perf_counter() - t0, **self.seconds}
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        return out, {**{k: v / iters for k, v in times.items()}, "peak_gib": peak}
+
+
+class NoGuardrail:
+    """Stands in for cosmos_guardrail's safety checker, without which diffusers' Cosmos pipelines refuse to
+    run. Given prompt embeddings and no prompt, the pipeline only moves it (`.to`), and it screens videos only
+    with the real checker's class: nothing is checked, so no guardrail time is in the figures."""
+
+    def to(self, *args, **kwargs):
+        return self
+
+
+def diffusers_pipeline(dit_sd, vae_sd, c, device, dtype):
+    """diffusers' Cosmos2_5_PredictBasePipeline holding our weights: the DiT (config c, in dtype) and the
+    Wan2.1 VAE (in the dtype of its state dict vae_sd, as ours ran)."""
+    import diffusers  # a test dependency: the independent implementation we compare with
+    net = diffusers_dit(c, dit_sd, device, dtype)
+    with torch.device(device):
+        vae = diffusers.AutoencoderKLWan().to(next(iter(vae_sd.values())).dtype)  # defaults: Wan2.1's
+    vae.load_state_dict({tok.diffusers_key(k): v for k, v in vae_sd.items()})
+    # the scheduler that diffusers' conversion script saves with the Cosmos-Predict2.5 pipelines
+    scheduler = diffusers.UniPCMultistepScheduler(use_karras_sigmas=True, use_flow_sigmas=True,
+                                                  prediction_type="flow_prediction", sigma_max=200.0,
+                                                  sigma_min=0.01)
+    pipe = diffusers.Cosmos2_5_PredictBasePipeline(text_encoder=None, tokenizer=None, transformer=net.eval(),
+                                                   vae=vae.eval(), scheduler=scheduler,
+                                                   safety_checker=NoGuardrail())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bench_sample(args):
+    """Seconds per chunk (one frame + 12 actions -> 13 frames) of S.WorldModel.rollout on random weights, split
+    into VAE encode, denoising and VAE decode. With --compare-diffusers, the same for diffusers'
+    Cosmos-Predict2.5 pipeline (Video2World from the same frame) with the same weights, shapes and steps."""
+    device, dtype = torch.device(args.device), hub.DTYPES[args.dtype]
+    B, K, H, W = args.batch, 12, args.height or 288, args.width or 512
+    if args.compare_diffusers and (args.tokenizer != "wan2.1" or B != 1):
+        raise SystemExit("error: --compare-diffusers needs --tokenizer wan2.1 (diffusers' pipeline holds the "
+                         "Wan2.1 VAE) and --batch 1 (its Video2World mode takes one video per call)")
+    if args.compare_diffusers and 0 < args.guidance <= 1:
+        raise SystemExit("error: diffusers applies guidance only above 1 (then with our formula, v_c + "
+                         "g (v_c - v_u)): choose --guidance 0 or > 1 to time the same work on both sides")
+    # no padding-mask channel when comparing: diffusers resizes it with torchvision (as in bench_dit)
+    channels = tok.PixelTokenizer().latent_channels if args.tokenizer == "pixel" else 16
+    config = M.config_from_preset(
+        args.preset, action_mode=args.action_mode, action_steps=K, actions_per_frame=tok.TEMPORAL,
+        in_channels=channels, out_channels=channels, concat_padding_mask=not args.compare_diffusers)
+    torch.manual_seed(0)
+    with torch.device(device), torch.no_grad():
+        dit = M.DiT(config)
+        for p in dit.parameters():  # random everywhere: zero-initialized layers would make outputs trivial
+            p.normal_(std=0.02)
+    if dit.action_cond is not None:
+        dit.action_cond.set_stats(torch.zeros(C.ACTION_DIM), torch.ones(C.ACTION_DIM))
+    info = {"tokenizer": {"name": args.tokenizer, "weights": "", "pixel_compression": 8},
+            "text": {"mode": "none", "tokens": sem.TEXT_TOKENS},
+            "train_config": {"height": H, "width": W, "text_cache": ""}}
+    wm = S.WorldModel.from_model(dit, info, device=device, dtype=dtype)
+    frame = np.random.default_rng(0).integers(0, 256, (B, H, W, 3), dtype=np.uint8)
+    actions = np.broadcast_to(S.still_actions(K), (B, K, C.ACTION_DIM))
+    count = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M"
+    extra = f" ({count(dit.action_cond)} {args.action_mode})" if dit.action_cond is not None else ""
+    print(f"preset {args.preset}: {count(dit)} parameters{extra}, {args.tokenizer} tokenizer | {B}x{H}x{W}, "
+          f"1 + {K} frames, {args.steps} steps {args.sampler}, guidance {args.guidance:g}, {args.dtype} on "
+          f"{device}")
+
+    watch, results = Stopwatch(device), {}
+
+    def report(name, fn):
+        out, t = watch.run(fn, args.warmup, args.iters)
+        t["denoise"] = t["total"] - t["vae_encode"] - t["vae_decode"]  # with the small rest: noise, text...
+        peak = f", peak {t['peak_gib']:.2f} GiB" if t["peak_gib"] is not None else ""
+        print(f"{name}: {t['total']:.3f} s/chunk = VAE encode {t['vae_encode']:.3f} + denoise "
+              f"{t['denoise']:.3f} ({t['denoise'] / args.steps * 1e3:.1f} ms/step) + VAE decode "
+              f"{t['vae_decode']:.3f}{peak} | output {out.shape} {out.dtype}")
+        results[name] = {**t, "shape": tuple(out.shape)}
+
+    watch.wrap(wm.tokenizer, "encode", "vae_encode")
+    watch.wrap(wm.tokenizer, "decode", "vae_decode")
+    ours = lambda: wm.rollout(frame, actions, [""] * B, list(range(B)), steps=args.steps, solver=args.sampler,
+                              guidance=args.guidance, progress=False)
+    if dit.action_cond is not None:
+        report(f"ours ({args.action_mode})", ours)
+    if args.compare_diffusers or dit.action_cond is None:
+        dit.action_cond = None  # the backbone alone: what diffusers' pipeline runs
+        report("ours (backbone)", ours)
+    if not args.compare_diffusers:
+        return results
+
+    # CPU copies, so that our models are freed (gc: the wrapped methods hold the tokenizer in a cycle)
+    dit_sd = {k: v.cpu() for k, v in dit.state_dict().items()}
+    vae_sd = {k: v.cpu() for k, v in wm.tokenizer.state_dict().items()}
+    del wm, dit, ours
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    pipe = diffusers_pipeline(dit_sd, vae_sd, config, device, dtype)
+    watch.wrap(pipe.vae, "encode", "vae_encode")
+    watch.wrap(pipe.vae, "decode", "vae_decode")
+    video = torch.from_numpy(frame).permute(0, 3, 1, 2)[:, :, None] / 127.5 - 1  # (B, 3, 1, H, W)
+    text = torch.zeros(B, sem.TEXT_TOKENS, config.text_dim, device=device, dtype=dtype)
+    report("diffusers", lambda: pipe(
+        video=video, prompt_embeds=text, negative_prompt_embeds=text, height=H, width=W, num_frames=1 + K,
+        num_inference_steps=args.steps, guidance_scale=args.guidance, num_latent_conditional_frames=1,
+        generator=torch.Generator().manual_seed(0), output_type="np").frames)
+    a, b = results["ours (backbone)"], results["diffusers"]
+    if a["shape"] != b["shape"]:
+        raise RuntimeError(f"ours makes videos {a['shape']}, diffusers {b['shape']}: not the same work")
+    results["ratio"] = a["total"] / b["total"]
+    print(f"ours / diffusers, backbone to backbone: {results['ratio']:.2f} per chunk (denoise "
+          f"{a['denoise'] / b['denoise']:.2f}, VAE encode {a['vae_encode'] / b['vae_encode']:.2f}, "
+          f"VAE decode {a['vae_decode'] / b['vae_decode']:.2f})")
+    return results
+
+# === train (from the train helper) ===
+
+# -----------------------------------------------------------------------------
+# costs: parameters and FLOPs per DexAC component beside the paper's Table 6
+
+
+PAPER_TABLE_6 = {  # component: (parameters, FLOPs) as printed in the paper
+    "MLP action embed (mlp-flat)": (22.39e6, 24.64e6), "SAT": (0.512e3, 245.76e3),
+    "local attention": (13.65e6, 3.42e9), "global attention": (2.37e6, 126.45e6), "full DexAC": (16.02e6, 3.55e9)}
+
+
+def measure(module, *inputs):
+    """(parameters, multiply-accumulates) of one forward, counted on the meta device (no memory, no compute)."""
+    with FlopCounterMode(display=False) as counter:
+        module(*inputs)
+    return sum(p.numel() for p in module.parameters()), counter.get_total_flops() // 2
+
+
+def costs(dim=2048, n_heads=16, frames=4, height=288, width=512, steps=12, n_dims=57, sat_dim=256):
+    """{component: (params, MACs)} at one sample of latent frames x (height/16) x (width/16) tokens."""
+    T, H, W = frames, height // 16, width // 16  # 8x VAE, then 2x2 patches
+    with torch.device("meta"):
+        x, a = torch.empty(1, T, H, W, dim), torch.empty(1, steps, n_dims)
+        mask, tokens = torch.zeros(1, T), torch.empty(1, n_dims, sat_dim)
+        sat = C.StructuredActionTokenizer(n_dims, steps, sat_dim, dim_embedding=False)
+        full = {m: C.build_action_cond(m, dim, n_heads, n_dims, steps, "none", width=sat_dim) for m in C.MODES}
+        return {
+            "MLP action embed (mlp-flat)": measure(full["mlp-flat"], a, x, mask),
+            "SAT": measure(sat, a),
+            "  + per-dimension embedding (ours)": (n_dims * sat_dim, 0),
+            "local attention": measure(C.LocalRefinement(sat_dim, dim, n_heads), x.view(1, -1, dim), tokens),
+            "global attention": measure(C.GlobalModulation(sat_dim, dim), tokens),
+            "full DexAC": measure(full["dexac"], a, x, mask),
+            "mlp (Cosmos chunk MLP, ours)": measure(full["mlp"], a, x, mask),
+            "dexac-time (ours)": measure(full["dexac-time"], a, x, mask),
+        }
+
+
+NOTES = {  # one sentence per difference from Table 6, at the defaults (D 2048, 4 x 18 x 32 tokens, 12 x 57)
+    "MLP action embed": "same parameters (684*8192 + 8192*2048 + biases); our 22.38M MACs are its two matmuls, "
+                        "the paper's 2.26M more we cannot explain (bias adds and GELU are ~10K).",
+    "SAT": "the paper counts Linear(1 -> C) only (512), we add the 13-parameter fusion; its 245.76K is "
+           "12 * 80 * 256, the entry projection for 80 action dims (Cosmos' default action_dim 10 * 8).",
+    "local attention": "ours has 4 D x D matrices (q, k, v, o) + Linear(C -> D), the paper's 13.65M fits "
+                       "3 D x D + 2 C x D; its 3.42G is below even one D x D projection over 2304 tokens "
+                       "(9.66G), so it was counted on fewer latent tokens than a 288x512 input gives.",
+    "global attention": "parameters match (4 C x C attention + query + heads to D and 3D); our MACs are one "
+                        "query over 57 tokens plus the heads, the paper's 13x larger figure we cannot reproduce.",
+    "full DexAC": "the sum of the rows above in both tables; ours adds the per-dimension embedding (14.6K)."}
+
+
+def print_costs(args):
+    a = args
+    rows = costs(a.dim, a.heads, a.frames, a.height, a.width, a.steps, a.action_dim, a.sat_dim)
+    fmt = lambda n: "-" if n is None else f"{n:.0f}" if n < 1e3 else next(
+        f"{n / s:.2f}{u}" for s, u in [(1e9, "G"), (1e6, "M"), (1e3, "K")] if n >= s)
+    print(f"DexAC costs per sample: D={a.dim}, {a.frames}x{a.height // 16}x{a.width // 16} latent tokens "
+          f"({a.height}x{a.width} input), {a.steps} actions x {a.action_dim} dims, C={a.sat_dim}.")
+    print("FLOPs = multiply-accumulates (torch FlopCounterMode's count / 2; the paper's MLP row, 24.64M for a "
+          "22.38M-MAC MLP, shows it counts MACs too). Multiply by 2 for floating-point operations.\n")
+    print(f"{'component':36s} {'params':>9s} {'paper':>9s} {'FLOPs':>9s} {'paper':>9s}")
+    for name, (params, macs) in rows.items():
+        paper = PAPER_TABLE_6.get(name, (None, None))
+        print(f"{name:36s} {fmt(params):>9s} {fmt(paper[0]):>9s} {fmt(macs):>9s} {fmt(paper[1]):>9s}")
+    print("\nThe differences (at the default settings):")
+    for name, note in NOTES.items():
+        print(f"- {name}: {note}")
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="DexAC-WM benchmarks: speed, memory, and comparisons with diffusers.")
+    sub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    q = sub.add_parser("dit", help="the DiT's forward and forward+backward (optionally against diffusers)")
+    q.add_argument("--preset", default="tiny", choices=sorted(M.PRESETS), help="model size")
+    q.add_argument("--device", default=default_device, help="cpu or cuda")
+    q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="parameter and activation dtype")
+    q.add_argument("--batch", type=int, default=1, help="batch size")
+    q.add_argument("--frames", type=int, default=4, help="latent frames")
+    q.add_argument("--height", type=int, default=36, help="latent height (288 px / 8)")
+    q.add_argument("--width", type=int, default=64, help="latent width (512 px / 8)")
+    q.add_argument("--text-tokens", type=int, default=512, help="text context length")
+    q.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    q.add_argument("--iters", type=int, default=5, help="timed iterations")
+    q.add_argument("--compare-diffusers", action="store_true", help="also time diffusers' model, same config")
+
+    q = sub.add_parser("vae", help="the video tokenizer's encode and decode, with peak memory")
+    q.add_argument("--tokenizer", default="wan2.1", choices=tok.TOKENIZERS, help="which tokenizer to time")
+    q.add_argument("--config", default="full", choices=sorted(tok.WAN_PRESETS), help="Wan VAE size preset")
+    q.add_argument("--weights", help="weights path or Hub repo id (default: random, which times the same)")
+    q.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and activations dtype")
+    q.add_argument("--frames", type=int, nargs="+", default=[13], help="clip lengths (4k + 1), e.g. 13 61")
+    q.add_argument("--height", type=int, default=288, help="frame height in pixels")
+    q.add_argument("--width", type=int, default=512, help="frame width in pixels")
+    q.add_argument("--batch", type=int, default=1, help="clips per call")
+    q.add_argument("--tile-size", type=int, default=0, help="spatial tile size in pixels (0: no tiling)")
+    q.add_argument("--tile-overlap", type=int, default=64, help="overlap of neighbouring tiles in pixels")
+    q.add_argument("--warmup", type=int, default=1, help="untimed 5-frame encode/decode runs first")
+
+    q = sub.add_parser("dino", help="DINOv3 images/s and peak memory")
+    q.add_argument("--preset", default="vitl16", choices=sorted(sem.DINO_PRESETS), help="DINOv3 size")
+    q.add_argument("--weights", help="Hub repo id or local file to load (default: random weights)")
+    q.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to run on")
+    q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and activations")
+    q.add_argument("--height", type=int, default=288, help="frame height, a multiple of 16")
+    q.add_argument("--width", type=int, default=512, help="frame width, a multiple of 16")
+    q.add_argument("--batch", type=int, default=1, help="frames per forward pass")
+    q.add_argument("--iters", type=int, default=3, help="timed forward passes")
+    q.add_argument("--warmup", type=int, default=1, help="untimed forward passes first")
+
+    q = sub.add_parser("decode", help="clips/s per data-loader worker from 1920x1080 H.264, and workers per GPU")
+    q.add_argument("--clips", type=int, default=40, help="clips to time")
+    q.add_argument("--frames", type=int, default=150, help="frames in the generated 1080p video")
+    q.add_argument("--gop", type=int, default=30, help="keyframe interval of the generated video")
+    q.add_argument("--batch", type=int, default=64, help="clips per GPU per step (paper: 64)")
+    q.add_argument("--step-time", type=float, default=6.2,
+                   help="seconds per training step; 6.2 is what the paper's 20 h/epoch on 8 GPUs implies "
+                        "(829 h * 30 fps / 30 * 2 = 5.97M clips, 10.4 clips/s/GPU, batch 64 per GPU)")
+
+    q = sub.add_parser("sample", help="one rollout chunk of a random-weight model (optionally against diffusers)")
+    q.add_argument("--preset", default="tiny", choices=sorted(M.PRESETS), help="DiT size")
+    q.add_argument("--action-mode", default="dexac", choices=["none", *C.MODES], help="action conditioning")
+    q.add_argument("--tokenizer", default="wan2.1", choices=tok.TOKENIZERS, help="video tokenizer")
+    q.add_argument("--steps", type=int, default=35, help="denoising steps per chunk")
+    q.add_argument("--sampler", default="dpm++2m", choices=M.SOLVERS, help="ODE solver")
+    q.add_argument("--guidance", type=float, default=0.0, help="classifier-free text guidance g (0: off)")
+    q.add_argument("--device", default=default_device, help="cpu or cuda")
+    q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model dtype")
+    q.add_argument("--height", type=int, default=None, help="frame height (default 288)")
+    q.add_argument("--width", type=int, default=None, help="frame width (default 512)")
+    q.add_argument("--batch", type=int, default=1, help="rollouts per call")
+    q.add_argument("--warmup", type=int, default=1, help="untimed chunks first")
+    q.add_argument("--iters", type=int, default=2, help="timed chunks")
+    q.add_argument("--compare-diffusers", action="store_true",
+                   help="also time diffusers' Cosmos-Predict2.5 pipeline, same weights (--batch 1)")
+
+    sub.add_parser("train", help="training steps on random latents: time, tokens/s, MFU, peak memory "
+                                 "(every train.py flag; see python bench.py train -h)", add_help=False)
+
+    q = sub.add_parser("costs", help="parameters and FLOPs per DexAC component beside the paper's Table 6")
+    q.add_argument("--dim", type=int, default=2048, help="DiT width D (cosmos2b: 2048)")
+    q.add_argument("--heads", type=int, default=16, help="DiT attention heads, used by local refinement")
+    q.add_argument("--frames", type=int, default=4, help="latent frames (13 video frames -> 4)")
+    q.add_argument("--height", type=int, default=288, help="input height in pixels (8x VAE, 2x patch)")
+    q.add_argument("--width", type=int, default=512, help="input width in pixels (8x VAE, 2x patch)")
+    q.add_argument("--steps", type=int, default=12, help="actions per chunk T_a")
+    q.add_argument("--action-dim", type=int, default=57, help="action dimensions N")
+    q.add_argument("--sat-dim", type=int, default=256, help="SAT token width C")
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # its own parser: every TrainConfig flag, as train.py takes them
+        return bench_train(argv[1:])
+    args = p.parse_args(argv)
+    run = {"dit": bench_dit, "vae": bench_vae, "dino": bench_dino, "decode": bench_decode, "sample": bench_sample,
+           "costs": print_costs}[args.what]
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

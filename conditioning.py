@@ -1,5 +1,12 @@
 """
-DexAC: structured action conditioning for the Cosmos-Predict2.5 DiT, and the MLP baselines it replaces.
+The 57-D dexterous action (paper section 4.3) and DexAC, the structured conditioning of the Cosmos-Predict2.5
+DiT on it (section 4.4), with the MLP baselines it replaces.
+
+The action, from poses (our reading where the paper is silent, DESIGN.md section 6): layout
+`[left wrist 9 | left fingers 15 | right wrist 9 | right fingers 15 | head 9]`; wrist/head = `inv(P_t) @
+P_{t+1}` as translation 3 + rotation 6D; 6D = the first two COLUMNS of R, `[R00, R10, R20, R01, R11, R21]`;
+fingers = the 5 fingertips expressed in their own wrist frame at t and t+1, difference (3 each, thumb..little).
+Actions are raw (metres, unitless 6D); the model normalizes them per dimension (eq. 4) with `stats.json`.
 
 An action chunk `(B, T_a, N)` (12 steps of the 57-D dexterous action) becomes conditioning for a DiT
 whose tokens are `(B, T, H, W, D)` right after patch embedding. Every mode returns `(x, emb_d, emb_3d)`:
@@ -30,14 +37,15 @@ Our decisions (the paper is silent or lost):
 - the normalization statistics live in the module's state as the bit patterns of fp32 values (int32
   buffers): they travel with every state dict, and casting the model to bf16 cannot round them (a 6D
   rotation entry near 1 with a std of 1e-4 would otherwise normalize to garbage).
-Costs: `python conditioning.py --costs` prints parameters and FLOPs per component beside the paper's Table 6.
+Costs: `python bench.py costs` prints parameters and FLOPs per component beside the paper's Table 6.
 """
 
-import argparse
 import hashlib
+import itertools
 import json
 import os
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,6 +57,98 @@ MODES = {
     "dexac-no-local": "DexAC without local refinement", "dexac-no-global": "DexAC without global modulation",
     "dexac-time": "DexAC with the time-aware SAT: tokens per action dimension and latent frame"}
 NORMS = ("zscore", "none", "scale")
+
+
+# -----------------------------------------------------------------------------
+# The 57-D action (paper section 4.3): its layout, the one place every other file takes it from
+
+ACTION_DIM = 57
+HANDS = ("left", "right")
+FINGERS = ("Thumb", "IndexFinger", "MiddleFinger", "RingFinger", "LittleFinger")  # EgoDex names
+ACTION_LAYOUT = (("left_wrist", 9), ("left_fingers", 15), ("right_wrist", 9), ("right_fingers", 15),
+                 ("head", 9))
+_ends = tuple(itertools.accumulate(size for _, size in ACTION_LAYOUT))
+ACTION_SLICES = {name: slice(end - size, end) for (name, size), end in zip(ACTION_LAYOUT, _ends)}
+assert _ends[-1] == ACTION_DIM
+
+
+def _span(*blocks):
+    return tuple(i for b in blocks for i in range(ACTION_SLICES[b].start, ACTION_SLICES[b].stop))
+
+
+WRIST_IDX = _span("left_wrist", "right_wrist")
+FINGER_IDX = _span("left_fingers", "right_fingers")
+HEAD_IDX = _span("head")
+ACTION_FAMILIES = {"wrist": WRIST_IDX, "finger": FINGER_IDX, "head": HEAD_IDX}
+ROT6D = "first two columns of R: [R00, R10, R20, R01, R11, R21]"
+IDENTITY_6D = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+_POSE9 = ("tx", "ty", "tz", "r00", "r10", "r20", "r01", "r11", "r21")
+ACTION_NAMES = tuple([n for s in HANDS for n in [f"{s}_wrist.{c}" for c in _POSE9]
+                      + [f"{s}_{f.lower()}.d{c}" for f in FINGERS for c in "xyz"]]
+                     + [f"head.{c}" for c in _POSE9])
+
+def action_layout():
+    """The layout as plain data, written into stats.json and checked when stats are loaded."""
+    return {"dim": ACTION_DIM, "blocks": [[n, s.start, s.stop] for n, s in ACTION_SLICES.items()],
+            "families": {k: list(v) for k, v in ACTION_FAMILIES.items()}, "rot6d": ROT6D,
+            "names": list(ACTION_NAMES)}
+
+
+
+# -----------------------------------------------------------------------------
+# Poses -> actions (paper section 4.3, action representation): relative rigid motion in 6D
+
+def rot6d_from_matrix(R):
+    """(..., 3, 3) -> (..., 6): the first two columns of R, column by column."""
+    return R[..., :, :2].swapaxes(-1, -2).reshape(R.shape[:-2] + (6,))
+
+
+def matrix_from_rot6d(x):
+    """(..., 6) -> (..., 3, 3) by Gram-Schmidt on the two stored columns (Zhou et al. 2019)."""
+    lib = torch if isinstance(x, torch.Tensor) else np
+
+    def unit(v):
+        return v / (v * v).sum(-1)[..., None] ** 0.5
+
+    c1 = unit(x[..., :3])
+    c2 = unit(x[..., 3:] - (c1 * x[..., 3:]).sum(-1)[..., None] * c1)
+    c3 = lib.stack([c1[..., 1] * c2[..., 2] - c1[..., 2] * c2[..., 1],
+                    c1[..., 2] * c2[..., 0] - c1[..., 0] * c2[..., 2],
+                    c1[..., 0] * c2[..., 1] - c1[..., 1] * c2[..., 0]], -1)
+    return lib.stack([c1, c2, c3], -1)  # stacked as columns
+
+
+def se3_inverse(T):
+    """(..., 4, 4) rigid transforms -> their inverses, in closed form."""
+    out = np.zeros_like(T)
+    Rt = T[..., :3, :3].swapaxes(-1, -2)
+    out[..., :3, :3] = Rt
+    out[..., :3, 3] = -(Rt @ T[..., :3, 3:])[..., 0]
+    out[..., 3, 3] = 1
+    return out
+
+
+def relative_pose9(T):
+    """(T, 4, 4) poses -> (T-1, 9): inv(P_t) @ P_{t+1} as translation + 6D, in the frame of P_t."""
+    rel = se3_inverse(T[:-1]) @ T[1:]
+    return np.concatenate([rel[:, :3, 3], rot6d_from_matrix(rel[:, :3, :3])], -1)
+
+
+def to_frame(T, p):
+    """Points p (T, K, 3) in world -> in the frame of poses T (T, 4, 4): R^T (p - t)."""
+    return np.einsum("tji,tkj->tki", T[:, :3, :3], p - T[:, None, :3, 3])
+
+
+def compute_actions(track):
+    """track: {camera, left_wrist, right_wrist: (T, 4, 4); left_tips, right_tips: (T, 5, 3)} in
+    one world frame -> actions (T-1, 57) float32, laid out as ACTION_LAYOUT."""
+    parts = []
+    for side in HANDS:
+        W = track[f"{side}_wrist"]
+        local = to_frame(W, track[f"{side}_tips"])  # (T, 5, 3) tips in their own wrist frame
+        parts += [relative_pose9(W), (local[1:] - local[:-1]).reshape(len(W) - 1, 15)]
+    parts.append(relative_pose9(track["camera"]))
+    return np.concatenate(parts, -1).astype(np.float32)
 
 
 def layout_fingerprint(layout):
@@ -412,89 +512,3 @@ def build_action_cond(mode, dim, n_heads, n_dims=57, steps=12, norm="zscore", sc
     if mode == "mlp-flat":
         return FlatMLP(n_dims, steps, dim, norm, scale)
     return DexAC(mode, n_dims, steps, dim, n_heads, width, norm, scale, dim_embedding, per_frame)
-
-
-# -----------------------------------------------------------------------------
-# costs: python conditioning.py --costs
-
-
-PAPER_TABLE_6 = {  # component: (parameters, FLOPs) as printed in the paper
-    "MLP action embed (mlp-flat)": (22.39e6, 24.64e6), "SAT": (0.512e3, 245.76e3),
-    "local attention": (13.65e6, 3.42e9), "global attention": (2.37e6, 126.45e6), "full DexAC": (16.02e6, 3.55e9)}
-
-
-def measure(module, *inputs):
-    """(parameters, multiply-accumulates) of one forward, counted on the meta device (no memory, no compute)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        module(*inputs)
-    return sum(p.numel() for p in module.parameters()), counter.get_total_flops() // 2
-
-
-def costs(dim=2048, n_heads=16, frames=4, height=288, width=512, steps=12, n_dims=57, sat_dim=256):
-    """{component: (params, MACs)} at one sample of latent frames x (height/16) x (width/16) tokens."""
-    T, H, W = frames, height // 16, width // 16  # 8x VAE, then 2x2 patches
-    with torch.device("meta"):
-        x, a = torch.empty(1, T, H, W, dim), torch.empty(1, steps, n_dims)
-        mask, tokens = torch.zeros(1, T), torch.empty(1, n_dims, sat_dim)
-        sat = StructuredActionTokenizer(n_dims, steps, sat_dim, dim_embedding=False)
-        full = {m: build_action_cond(m, dim, n_heads, n_dims, steps, "none", width=sat_dim) for m in MODES}
-        return {
-            "MLP action embed (mlp-flat)": measure(full["mlp-flat"], a, x, mask),
-            "SAT": measure(sat, a),
-            "  + per-dimension embedding (ours)": (n_dims * sat_dim, 0),
-            "local attention": measure(LocalRefinement(sat_dim, dim, n_heads), x.view(1, -1, dim), tokens),
-            "global attention": measure(GlobalModulation(sat_dim, dim), tokens),
-            "full DexAC": measure(full["dexac"], a, x, mask),
-            "mlp (Cosmos chunk MLP, ours)": measure(full["mlp"], a, x, mask),
-            "dexac-time (ours)": measure(full["dexac-time"], a, x, mask),
-        }
-
-
-NOTES = {  # one sentence per difference from Table 6, at the defaults (D 2048, 4 x 18 x 32 tokens, 12 x 57)
-    "MLP action embed": "same parameters (684*8192 + 8192*2048 + biases); our 22.38M MACs are its two matmuls, "
-                        "the paper's 2.26M more we cannot explain (bias adds and GELU are ~10K).",
-    "SAT": "the paper counts Linear(1 -> C) only (512), we add the 13-parameter fusion; its 245.76K is "
-           "12 * 80 * 256, the entry projection for 80 action dims (Cosmos' default action_dim 10 * 8).",
-    "local attention": "ours has 4 D x D matrices (q, k, v, o) + Linear(C -> D), the paper's 13.65M fits "
-                       "3 D x D + 2 C x D; its 3.42G is below even one D x D projection over 2304 tokens "
-                       "(9.66G), so it was counted on fewer latent tokens than a 288x512 input gives.",
-    "global attention": "parameters match (4 C x C attention + query + heads to D and 3D); our MACs are one "
-                        "query over 57 tokens plus the heads, the paper's 13x larger figure we cannot reproduce.",
-    "full DexAC": "the sum of the rows above in both tables; ours adds the per-dimension embedding (14.6K)."}
-
-
-def print_costs(args):
-    a = args
-    rows = costs(a.dim, a.heads, a.frames, a.height, a.width, a.steps, a.action_dim, a.sat_dim)
-    fmt = lambda n: "-" if n is None else f"{n:.0f}" if n < 1e3 else next(
-        f"{n / s:.2f}{u}" for s, u in [(1e9, "G"), (1e6, "M"), (1e3, "K")] if n >= s)
-    print(f"DexAC costs per sample: D={a.dim}, {a.frames}x{a.height // 16}x{a.width // 16} latent tokens "
-          f"({a.height}x{a.width} input), {a.steps} actions x {a.action_dim} dims, C={a.sat_dim}.")
-    print("FLOPs = multiply-accumulates (torch FlopCounterMode's count / 2; the paper's MLP row, 24.64M for a "
-          "22.38M-MAC MLP, shows it counts MACs too). Multiply by 2 for floating-point operations.\n")
-    print(f"{'component':36s} {'params':>9s} {'paper':>9s} {'FLOPs':>9s} {'paper':>9s}")
-    for name, (params, macs) in rows.items():
-        paper = PAPER_TABLE_6.get(name, (None, None))
-        print(f"{name:36s} {fmt(params):>9s} {fmt(paper[0]):>9s} {fmt(macs):>9s} {fmt(paper[1]):>9s}")
-    print("\nThe differences (at the default settings):")
-    for name, note in NOTES.items():
-        print(f"- {name}: {note}")
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="DexAC action conditioning: parameter and FLOP table.")
-    p.add_argument("--costs", action="store_true", help="print parameters and FLOPs per component vs Table 6")
-    p.add_argument("--dim", type=int, default=2048, help="DiT width D (cosmos2b: 2048)")
-    p.add_argument("--heads", type=int, default=16, help="DiT attention heads, used by local refinement")
-    p.add_argument("--frames", type=int, default=4, help="latent frames (13 video frames -> 4)")
-    p.add_argument("--height", type=int, default=288, help="input height in pixels (8x VAE, 2x patch)")
-    p.add_argument("--width", type=int, default=512, help="input width in pixels (8x VAE, 2x patch)")
-    p.add_argument("--steps", type=int, default=12, help="actions per chunk T_a")
-    p.add_argument("--action-dim", type=int, default=57, help="action dimensions N")
-    p.add_argument("--sat-dim", type=int, default=256, help="SAT token width C")
-    args = p.parse_args()
-    if args.costs:
-        print_costs(args)
-    else:
-        p.print_help()

@@ -1,15 +1,11 @@
 """
-Data for DexAC-WM: EgoDex / EgoVerse readers, the 57-D dexterous action, clip sampling, action
-statistics and a synthetic egocentric dataset in the EgoDex format.
+Data for DexAC-WM: EgoDex / EgoVerse readers, episode index, clip sampling, action statistics and the
+latent cache. The synthetic EgoDex-format dataset is synthetic.py.
 
-Follows the paper's sections 4.3 (action representation) and 5.1 (clip protocol) and the public
+Follows the paper's section 5.1 (clip protocol) and the public
 EgoDex layout (`<split>/<task>/<k>.hdf5` + `<k>.mp4`, ARKit camera-to-world poses, OpenCV camera
-frame). What this file decides where the paper is silent (DESIGN.md section 6):
-- action layout `[left wrist 9 | left fingers 15 | right wrist 9 | right fingers 15 | head 9]`;
-  wrist/head = `inv(P_t) @ P_{t+1}` as translation 3 + rotation 6D; 6D = the first two COLUMNS
-  of R, `[R00, R10, R20, R01, R11, R21]`; fingers = the 5 fingertips expressed in their own wrist
-  frame at t and t+1, difference (3 each, thumb..little). Actions are raw (metres, unitless 6D);
-  per-dimension normalization with `stats.json` happens in the model.
+frame). The 57-D action computed from the poses is defined in conditioning.py (`compute_actions`).
+What this file decides where the paper is silent (DESIGN.md section 6):
 - a whole episode is skipped (reason logged) if any pose it needs is NaN/inf, or if its video is
   shorter than its poses; a clip that fails at load time is replaced by a clip of the next
   episode and counted in the sample's `skipped` field, so a run never dies on one bad file.
@@ -20,7 +16,7 @@ frame). What this file decides where the paper is silent (DESIGN.md section 6):
   as the wrist poses, and the head pose is camera-to-world in the OpenCV camera frame.
 
 Use: `make_loader(root, batch_size)` -> (DataLoader, ClipSampler); the sample dict is described
-in ClipDataset. Commands: `python data.py {index,stats,synth,cache,benchmark} -h`, `python data.py --benchmark`.
+in ClipDataset. Commands: `python data.py {index,stats,cache} -h`.
 """
 import argparse
 import hashlib
@@ -28,11 +24,7 @@ import io
 import itertools
 import json
 import logging
-import math
 import os
-import shutil
-import tempfile
-import time
 from collections import Counter
 from multiprocessing import Pool
 from pathlib import Path
@@ -43,54 +35,26 @@ import h5py
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
+
+import conditioning as C
+import hub
+import semantic
+import tokenizer as tok
 
 log = logging.getLogger("dexac.data")
 
 # ------------------------------------------------------------------------------------------------
-# The 57-D action layout: the one place every other file takes it from
+# Constants and errors (the 57-D action itself is defined in conditioning.py, paper section 4.3)
 
-ACTION_DIM = 57
-HANDS = ("left", "right")
-FINGERS = ("Thumb", "IndexFinger", "MiddleFinger", "RingFinger", "LittleFinger")  # EgoDex names
-ACTION_LAYOUT = (("left_wrist", 9), ("left_fingers", 15), ("right_wrist", 9), ("right_fingers", 15),
-                 ("head", 9))
-_ends = tuple(itertools.accumulate(size for _, size in ACTION_LAYOUT))
-ACTION_SLICES = {name: slice(end - size, end) for (name, size), end in zip(ACTION_LAYOUT, _ends)}
-assert _ends[-1] == ACTION_DIM
-
-
-def _span(*blocks):
-    return tuple(i for b in blocks for i in range(ACTION_SLICES[b].start, ACTION_SLICES[b].stop))
-
-
-WRIST_IDX = _span("left_wrist", "right_wrist")
-FINGER_IDX = _span("left_fingers", "right_fingers")
-HEAD_IDX = _span("head")
-ACTION_FAMILIES = {"wrist": WRIST_IDX, "finger": FINGER_IDX, "head": HEAD_IDX}
-ROT6D = "first two columns of R: [R00, R10, R20, R01, R11, R21]"
-IDENTITY_6D = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-_POSE9 = ("tx", "ty", "tz", "r00", "r10", "r20", "r01", "r11", "r21")
-ACTION_NAMES = tuple([n for s in HANDS for n in [f"{s}_wrist.{c}" for c in _POSE9]
-                      + [f"{s}_{f.lower()}.d{c}" for f in FINGERS for c in "xyz"]]
-                     + [f"head.{c}" for c in _POSE9])
-# 12 evaluation keypoints (DexWM/PCK): wrist + 5 fingertips per hand, and their synthetic colours
-KEYPOINT_NAMES = tuple(f"{s}_{k}" for s in HANDS for k in ("wrist",) + tuple(map(str.lower, FINGERS)))
-KEYPOINT_COLORS = np.array([
-    (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
-    (255, 128, 0), (128, 0, 255), (0, 255, 128), (255, 0, 128), (0, 128, 255), (128, 255, 0)],
-    np.uint8)
+# 12 evaluation keypoints (DexWM/PCK): wrist + 5 fingertips per hand
+KEYPOINT_NAMES = tuple(f"{s}_{k}" for s in C.HANDS for k in ("wrist",) + tuple(map(str.lower, C.FINGERS)))
 DEFAULT_SIZE = (288, 512)  # (H, W) training resolution
 EGODEX_K = np.array([[736.6339, 0, 960], [0, 736.6339, 540], [0, 0, 1]])
 TRAIN_SPLITS = ("part1", "part2", "part3", "part4", "part5", "extra")
 EVAL_SPLITS = ("test",)
-
-
-def action_layout():
-    """The layout as plain data, written into stats.json and checked when stats are loaded."""
-    return {"dim": ACTION_DIM, "blocks": [[n, s.start, s.stop] for n, s in ACTION_SLICES.items()],
-            "families": {k: list(v) for k, v in ACTION_FAMILIES.items()}, "rot6d": ROT6D,
-            "names": list(ACTION_NAMES)}
 
 
 class DataError(Exception):
@@ -107,67 +71,14 @@ class EpisodeError(DataError):
 
 
 # ------------------------------------------------------------------------------------------------
-# Geometry: 6D rotations (numpy or torch), relative poses, the action, keypoint projection
-
-def rot6d_from_matrix(R):
-    """(..., 3, 3) -> (..., 6): the first two columns of R, column by column."""
-    return R[..., :, :2].swapaxes(-1, -2).reshape(R.shape[:-2] + (6,))
-
-
-def matrix_from_rot6d(x):
-    """(..., 6) -> (..., 3, 3) by Gram-Schmidt on the two stored columns (Zhou et al. 2019)."""
-    lib = torch if isinstance(x, torch.Tensor) else np
-
-    def unit(v):
-        return v / (v * v).sum(-1)[..., None] ** 0.5
-
-    c1 = unit(x[..., :3])
-    c2 = unit(x[..., 3:] - (c1 * x[..., 3:]).sum(-1)[..., None] * c1)
-    c3 = lib.stack([c1[..., 1] * c2[..., 2] - c1[..., 2] * c2[..., 1],
-                    c1[..., 2] * c2[..., 0] - c1[..., 0] * c2[..., 2],
-                    c1[..., 0] * c2[..., 1] - c1[..., 1] * c2[..., 0]], -1)
-    return lib.stack([c1, c2, c3], -1)  # stacked as columns
-
-
-def se3_inverse(T):
-    """(..., 4, 4) rigid transforms -> their inverses, in closed form."""
-    out = np.zeros_like(T)
-    Rt = T[..., :3, :3].swapaxes(-1, -2)
-    out[..., :3, :3] = Rt
-    out[..., :3, 3] = -(Rt @ T[..., :3, 3:])[..., 0]
-    out[..., 3, 3] = 1
-    return out
-
-
-def relative_pose9(T):
-    """(T, 4, 4) poses -> (T-1, 9): inv(P_t) @ P_{t+1} as translation + 6D, in the frame of P_t."""
-    rel = se3_inverse(T[:-1]) @ T[1:]
-    return np.concatenate([rel[:, :3, 3], rot6d_from_matrix(rel[:, :3, :3])], -1)
-
-
-def to_frame(T, p):
-    """Points p (T, K, 3) in world -> in the frame of poses T (T, 4, 4): R^T (p - t)."""
-    return np.einsum("tji,tkj->tki", T[:, :3, :3], p - T[:, None, :3, 3])
-
-
-def compute_actions(track):
-    """track: {camera, left_wrist, right_wrist: (T, 4, 4); left_tips, right_tips: (T, 5, 3)} in
-    one world frame -> actions (T-1, 57) float32, laid out as ACTION_LAYOUT."""
-    parts = []
-    for side in HANDS:
-        W = track[f"{side}_wrist"]
-        local = to_frame(W, track[f"{side}_tips"])  # (T, 5, 3) tips in their own wrist frame
-        parts += [relative_pose9(W), (local[1:] - local[:-1]).reshape(len(W) - 1, 15)]
-    parts.append(relative_pose9(track["camera"]))
-    return np.concatenate(parts, -1).astype(np.float32)
-
+# Keypoints: the 12 evaluation points in pixels
 
 def project_keypoints(track, K):
     """-> pixels (T, 12, 2) in KEYPOINT_NAMES order, and (T, 12) True where in front of the camera.
     The camera pose is camera-to-world, its frame OpenCV (x right, y down, z forward)."""
     pts = np.concatenate([np.concatenate([track[f"{s}_wrist"][:, None, :3, 3], track[f"{s}_tips"]], 1)
-                          for s in HANDS], 1)  # (T, 12, 3) world
-    cam = to_frame(track["camera"], pts)
+                          for s in C.HANDS], 1)  # (T, 12, 3) world
+    cam = C.to_frame(track["camera"], pts)
     z = cam[..., 2:]
     uv = (cam @ np.asarray(K, np.float64).T)[..., :2] / np.where(np.abs(z) < 1e-9, 1e-9, z)
     return uv, z[..., 0] > 1e-6
@@ -176,8 +87,8 @@ def project_keypoints(track, K):
 # ------------------------------------------------------------------------------------------------
 # EgoDex reading: prompt rule, poses, intrinsics, confidences; all checks raise EpisodeError
 
-POSE_JOINTS = ("camera", "leftHand", "rightHand") + tuple(f"{s}{f}Tip" for s in HANDS for f in FINGERS)
-KEYPOINT_JOINTS = tuple(j for s in HANDS for j in (f"{s}Hand",) + tuple(f"{s}{f}Tip" for f in FINGERS))
+POSE_JOINTS = ("camera", "leftHand", "rightHand") + tuple(f"{s}{f}Tip" for s in C.HANDS for f in C.FINGERS)
+KEYPOINT_JOINTS = tuple(j for s in C.HANDS for j in (f"{s}Hand",) + tuple(f"{s}{f}Tip" for f in C.FINGERS))
 
 
 def _text(v):
@@ -200,11 +111,11 @@ def egodex_prompt(attrs, task=""):
 
 
 def _track_from_joints(j):
-    """{EgoDex joint name: (T, 4, 4)} -> the track dict compute_actions takes."""
+    """{EgoDex joint name: (T, 4, 4)} -> the track dict C.compute_actions takes."""
     track = {"camera": j["camera"]}
-    for s in HANDS:
+    for s in C.HANDS:
         track[f"{s}_wrist"] = j[f"{s}Hand"]
-        track[f"{s}_tips"] = np.stack([j[f"{s}{f}Tip"][:, :3, 3] for f in FINGERS], 1)
+        track[f"{s}_tips"] = np.stack([j[f"{s}{f}Tip"][:, :3, 3] for f in C.FINGERS], 1)
     return track
 
 
@@ -325,7 +236,7 @@ def decode_frames(path, start, count, size=None, threads=1, episode=None):
 # ------------------------------------------------------------------------------------------------
 # EgoVerse (Zarr v3): the same track dict and sample dict
 
-MANO_TIPS = (4, 8, 12, 16, 20)  # thumb, index, middle, ring, little: same order as FINGERS
+MANO_TIPS = (4, 8, 12, 16, 20)  # thumb, index, middle, ring, little: same order as C.FINGERS
 
 
 def _zarr_group(path, episode):
@@ -377,7 +288,7 @@ def read_egoverse(path, start=0, stop=None, episode=None):
         return a
 
     track = {"camera": quat_pose(rows("obs_head_pose", 7))}
-    for s in HANDS:
+    for s in C.HANDS:
         track[f"{s}_wrist"] = quat_pose(rows(f"{s}.obs_wrist_pose", 7))
         track[f"{s}_tips"] = rows(f"{s}.obs_keypoints", 63).reshape(-1, 21, 3)[:, MANO_TIPS]
     K = np.asarray(g.attrs.get("intrinsics", {}).get("front_1", EGODEX_K), np.float64)[:3, :3]
@@ -401,7 +312,21 @@ def decode_jpegs(path, start, count, size=None, episode=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# Frames to pictures: the contact sheets of train.py's previews, sample.py and evaluate.py's figure
+# Frames out: MP4 files, and the contact sheets of train.py's previews, sample.py and evaluate.py's figure
+
+def write_video(path, frames, fps=30, crf=12, gop=30, preset="veryfast"):
+    """Iterable of uint8 (H, W, 3) frames -> H.264 MP4 (yuv420p) with PyAV."""
+    frames = iter(frames)
+    first = next(frames)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.height, s.width = first.shape[:2]
+        s.pix_fmt = "yuv420p"
+        s.options = {"crf": str(crf), "preset": preset, "g": str(gop)}
+        for img in itertools.chain([first], frames):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")))
+        c.mux(s.encode())
+
 
 def to_frames(video):
     """(3, T, H, W) in [-1, 1] -> list of T uint8 (H, W, 3) arrays."""
@@ -494,19 +419,12 @@ def _signature(root, group):
     return hashlib.sha1("\n".join(sorted(p.name for p in root.glob("*.zarr"))).encode()).hexdigest()
 
 
-def _write_atomic(path, payload):
-    """Write bytes so that readers see the old file or the new one, never half of one."""
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
-
-
 def load_index(root, splits=None, workers=0, rebuild=False, cache=None):
     """Index a dataset root once; later calls re-probe only directories whose mtime changed.
     -> (episodes: list[Episode], skipped: {episode id: reason}) restricted to `splits`."""
     root = Path(root).expanduser().resolve()
     expected = ("expected an EgoDex root (<root>/<split>/<task>/<k>.hdf5 + <k>.mp4) or an EgoVerse root "
-                "(<root>/[<split>/]<hash>.zarr); make a synthetic one with `python data.py synth --out DIR`")
+                "(<root>/[<split>/]<hash>.zarr); make a synthetic one with `python synthetic.py --out DIR`")
     if not root.is_dir():
         raise DataError(f"data root {root} does not exist: {expected}")
     cache = Path(cache) if cache else root / ".dexac_index.json"
@@ -524,7 +442,7 @@ def load_index(root, splits=None, workers=0, rebuild=False, cache=None):
             index[group] = {"mtime": mtime, "kind": kind, "episodes": [], "skipped": []}
             todo += [(group, m) for m in _members(root, group, kind)]
     if todo:
-        results = _imap(_probe, [m for _, m in todo], workers)
+        results = parallel_map(_probe, [m for _, m in todo], workers)
         for (group, _), (eid, n, reason) in zip(todo, tqdm(results, total=len(todo), desc="indexing")):
             if reason is None:
                 index[group]["episodes"].append([eid, n])
@@ -532,7 +450,7 @@ def load_index(root, splits=None, workers=0, rebuild=False, cache=None):
                 log.warning("skipping %s: %s", eid, reason)
                 index[group]["skipped"].append([eid, reason])
         cache.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(cache, json.dumps({"root": str(root), "groups": index}).encode())
+        hub.atomic_write(cache, json.dumps({"root": str(root), "groups": index}).encode())
     episodes, skipped = [], {}
     for group, entry in sorted(index.items()):
         for eid, n in entry["episodes"]:
@@ -552,7 +470,7 @@ def load_index(root, splits=None, workers=0, rebuild=False, cache=None):
     return episodes, skipped
 
 
-def _imap(fn, items, workers, chunksize=4):
+def parallel_map(fn, items, workers, chunksize=4):
     """map(fn, items) over `workers` processes (0: in this one), results in order."""
     if workers <= 0:
         yield from map(fn, items)
@@ -576,7 +494,7 @@ def load_clip(ep, start, length, size=DEFAULT_SIZE, threads=1):
     uv, front = project_keypoints(track, K)
     inside = front & (uv >= -0.5).all(-1) & (uv[..., 0] < W - 0.5) & (uv[..., 1] < H - 0.5)
     return {"video": torch.from_numpy(video).permute(3, 0, 1, 2).contiguous(),  # (3, T, H, W) uint8
-            "actions": torch.from_numpy(compute_actions(track)),               # (T-1, 57) float32
+            "actions": torch.from_numpy(C.compute_actions(track)),               # (T-1, 57) float32
             "prompt": prompt,
             "intrinsics": torch.tensor(K, dtype=torch.float32),                # (3, 3) at (H, W)
             "keypoints": torch.tensor(uv, dtype=torch.float32),                # (T, 12, 2) pixels
@@ -726,7 +644,7 @@ def make_loader(data, batch_size, train=True, splits=None, clip_len=13, size=DEF
 CACHE_MANIFEST = "manifest.json"
 
 
-def cache_clips(data, out, tokenizer, tokenizer_name, clip_len=13, size=DEFAULT_SIZE, train=True, splits=None,
+def cache_clips(data, out, tokenizer, *, tokenizer_name, clip_len=13, size=DEFAULT_SIZE, train=True, splits=None,
                 seed=0, epochs=1, shard_size=256, batch=8, workers=2, device="cpu", dtype=torch.bfloat16,
                 dino=None, rank=0, world_size=1):
     """Encode the clips of `epochs` epochs of the clip plan into shards under `out`.
@@ -746,7 +664,7 @@ def cache_clips(data, out, tokenizer, tokenizer_name, clip_len=13, size=DEFAULT_
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"data": str(data), "tokenizer": tokenizer_name, "latent_channels": tokenizer.latent_channels,
                 "clip_len": clip_len, "size": list(size), "train": train, "seed": seed, "epochs": epochs,
-                "clips": len(plan), "shard_size": shard_size, "dino": dino is not None, "layout": action_layout()}
+                "clips": len(plan), "shard_size": shard_size, "dino": dino is not None, "layout": C.action_layout()}
     if (out / CACHE_MANIFEST).is_file():
         old = json.loads((out / CACHE_MANIFEST).read_text())
         if old != manifest:
@@ -754,8 +672,7 @@ def cache_clips(data, out, tokenizer, tokenizer_name, clip_len=13, size=DEFAULT_
             raise DataError(f"{out} holds a cache made with other settings ({', '.join(changed)}): "
                             f"choose another --out or delete it")
     elif rank == 0:
-        _write_atomic(out / CACHE_MANIFEST, json.dumps(manifest, indent=1).encode())
-    from safetensors.torch import save_file
+        hub.atomic_write(out / CACHE_MANIFEST, json.dumps(manifest, indent=1).encode())
     dataset = ClipDataset(episodes, clip_len, size)
     written = []
     mine = [k for k in range(rank, n_shards, world_size) if not (out / f"shard-{k:05d}.safetensors").is_file()]
@@ -776,8 +693,8 @@ def cache_clips(data, out, tokenizer, tokenizer_name, clip_len=13, size=DEFAULT_
             meta["prompts"] += list(b["prompt"])
         tensors = {name: torch.cat(t).contiguous() for name, t in tensors.items() if t}
         path = out / f"shard-{k:05d}.safetensors"
-        save_file(tensors, str(path) + ".tmp", metadata={"clips": json.dumps(meta)})
-        os.replace(str(path) + ".tmp", path)  # atomic: a killed job never leaves half a shard
+        # atomic: a killed job never leaves half a shard
+        hub.atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata={"clips": json.dumps(meta)}))
         written.append(path)
     return written
 
@@ -794,7 +711,7 @@ class CachedClipDataset(torch.utils.data.Dataset):
             raise DataError(f"{root} is not a latent cache (no {CACHE_MANIFEST}); make one with "
                             f"`python data.py cache --data ROOT --out {root}`")
         self.root, self.manifest = root, json.loads((root / CACHE_MANIFEST).read_text())
-        if self.manifest["layout"] != action_layout():
+        if self.manifest["layout"] != C.action_layout():
             raise DataError(f"{root} was cached with another action layout; rebuild it")
         n_shards = -(-self.manifest["clips"] // self.manifest["shard_size"])
         missing = [k for k in range(n_shards) if not (root / f"shard-{k:05d}.safetensors").is_file()]
@@ -808,7 +725,6 @@ class CachedClipDataset(torch.utils.data.Dataset):
 
     def _shard(self, k):
         if self._open[0] != k:
-            from safetensors import safe_open
             with safe_open(str(self.root / f"shard-{k:05d}.safetensors"), "pt") as f:
                 self._open = (k, ({name: f.get_tensor(name) for name in f.keys()},
                                   json.loads(f.metadata()["clips"])))
@@ -846,7 +762,7 @@ def merge_moments(x, y):
 def _episode_moments(ep):
     try:
         track = read_track(ep)[0]
-        return ep.id, action_moments(compute_actions(track)), None
+        return ep.id, action_moments(C.compute_actions(track)), None
     except EpisodeError as e:
         return ep.id, None, e.reason
 
@@ -859,7 +775,7 @@ def compute_stats(data, splits=TRAIN_SPLITS, workers=0, max_episodes=None, seed=
         pick = np.random.default_rng(seed).choice(len(episodes), max_episodes, replace=False)
         episodes = [episodes[i] for i in sorted(pick)]
     total, used = None, 0
-    for eid, m, reason in tqdm(_imap(_episode_moments, episodes, workers), total=len(episodes), desc="stats"):
+    for eid, m, reason in tqdm(parallel_map(_episode_moments, episodes, workers), total=len(episodes), desc="stats"):
         if m is None:
             log.warning("skipping %s: %s", eid, reason)
             skipped[eid] = reason
@@ -868,7 +784,7 @@ def compute_stats(data, splits=TRAIN_SPLITS, workers=0, max_episodes=None, seed=
     if total is None:
         raise DataError(f"no readable episodes for statistics in {data}")
     n, mean, m2, mn, mx = total
-    return {"layout": action_layout(), "count": int(n), "episodes": used,
+    return {"layout": C.action_layout(), "count": int(n), "episodes": used,
             "mean": mean.tolist(), "std": np.sqrt(m2 / n).tolist(), "min": mn.tolist(),
             "max": mx.tolist(), "data": str(data), "splits": list(splits), "skipped": skipped}
 
@@ -879,248 +795,19 @@ def load_stats(path):
         raise DataError(f"stats file {path} not found: make it with "
                         f"`python data.py stats --data ROOT --out {path}`")
     stats = json.loads(Path(path).read_text())
-    if stats.get("layout") != action_layout():
+    if stats.get("layout") != C.action_layout():
         raise DataError(f"{path} was computed for another action layout; recompute it with "
                         f"`python data.py stats --data ROOT --out {path}`")
     return np.array(stats["mean"], np.float32), np.array(stats["std"], np.float32)
 
 
 # ------------------------------------------------------------------------------------------------
-# Synthetic egocentric data in the EgoDex format (the embedded default; no download)
-# World: ARKit-like, y up, table top at y = 0.8 m. Each hand is a wrist SE(3) plus 5 fingers of
-# 3 flexing segments; the head camera looks at the table from 0.65 m above it and sways.
-
-SYNTH_TASKS = (  # task, llm_type, which, llm_description, llm_description2, description, object RGB,
-    # motion scale (left wrist, right wrist, fingers); None = attribute absent (old-style file)
-    ("pick_place_cube", "", "", "Pick up the cube and place it next to the bowl.", "", "pick place",
-     (120, 80, 70), (0.4, 1.0, 1.0)),
-    ("open_jar", "reversible", "1", "Open the jar by twisting its lid.", "Close the jar by twisting its lid.",
-     "jar", (70, 100, 130), (1.0, 1.0, 1.5)),
-    ("close_box", "reversible", "2", "Open the box lid.", "Close the box lid.", "box", (110, 110, 60),
-     (1.0, 0.5, 0.7)),
-    ("wipe_table", None, None, None, None, "Wipe the table with a cloth.", (90, 120, 90), (0.3, 1.3, 0.5)),
-)
-_KNUCKLE = np.array([[-0.030, 0.030, 0], [-0.032, 0.085, 0], [-0.011, 0.092, 0], [0.011, 0.088, 0],
-                     [0.031, 0.078, 0]])  # right hand, wrist frame (x lateral, y along fingers, z back)
-_FAN = np.array([-0.95, -0.32, -0.08, 0.16, 0.42])  # finger directions in the palm plane (rad)
-_SEGMENTS = np.array([[0.035, 0.030, 0.025]] + [[0.042, 0.026, 0.021]] * 4)
-
-
-def _rot(axis, a):
-    c, s = np.cos(a), np.sin(a)
-    i, j = [(1, 2), (2, 0), (0, 1)][axis]
-    R = np.zeros(np.shape(a) + (3, 3))
-    R[..., axis, axis], R[..., i, i], R[..., j, j], R[..., i, j], R[..., j, i] = 1, c, c, -s, s
-    return R
-
-
-def _pose(R, t):
-    T = np.zeros(R.shape[:-2] + (4, 4))
-    T[..., :3, :3], T[..., :3, 3], T[..., 3, 3] = R, t, 1
-    return T
-
-
-def synth_track(rng, n, fps=30, motion=(1.0, 1.0, 1.0)):
-    """-> ({EgoDex joint: (n, 4, 4)}, track): large wrist/head motion, small slow finger flexion;
-    motion scales the left wrist, right wrist and finger amplitudes (the task's style)."""
-    t = np.arange(n) / fps
-
-    def wave(amp, hz):  # (n, len(amp)) sinusoids with a random phase and +-20% frequency per column
-        return amp * np.sin(2 * np.pi * hz * rng.uniform(0.8, 1.2, len(amp)) * t[:, None]
-                            + rng.uniform(0, 2 * np.pi, len(amp)))
-
-    eye = np.array([0, 1.45, 0.05]) + wave(np.array([0.05, 0.015, 0.03]), 0.3)
-    target = np.array([0, 0.8, -0.42]) + wave(np.array([0.12, 0.0, 0.06]), 0.25)
-    fwd = (target - eye) / np.linalg.norm(target - eye, axis=-1, keepdims=True)
-    right = np.cross(fwd, [0, 1, 0])
-    right /= np.linalg.norm(right, axis=-1, keepdims=True)
-    joints = {"camera": _pose(np.stack([right, np.cross(fwd, right), fwd], -1), eye)}  # OpenCV axes
-    base = np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]])  # fingers along -z world, back of hand up
-    for side, sign, scale in (("left", -1, motion[0]), ("right", 1, motion[1])):
-        ang = wave(np.array([0.35, 0.25, 0.3]) * scale, 0.45)
-        R = _rot(2, ang[:, 0] * sign) @ _rot(0, ang[:, 1]) @ _rot(1, ang[:, 2] * sign) @ base
-        pos = np.array([0.13 * sign, 1.1, -0.16]) + wave(np.array([0.07, 0.04, 0.05]) * scale, 0.5)
-        joints[f"{side}Hand"] = W = _pose(R, pos)
-        flex = 0.3 + wave(np.full(5, 0.1 * motion[2]), 0.25)  # (n, 5) per-finger joint angle
-        mirror = np.array([sign, 1, 1])
-        for f, finger in enumerate(FINGERS):
-            d = np.array([np.sin(_FAN[f]), np.cos(_FAN[f]), 0]) * mirror
-            p = np.repeat((_KNUCKLE[f] * mirror)[None], n, 0)
-            for k, name in enumerate(("Knuckle", "IntermediateBase", "IntermediateTip", "Tip")):
-                if k:
-                    theta = flex[:, f:f + 1] * k  # cumulative curl towards the palm (-z)
-                    p = p + _SEGMENTS[f, k - 1] * (np.cos(theta) * d - np.sin(theta) * np.array([0, 0, 1]))
-                world = np.einsum("tij,tj->ti", W[:, :3, :3], p) + W[:, :3, 3]
-                joints[f"{side}{finger}{name}"] = _pose(R, world)  # joint rotation = wrist's (synthetic)
-    return joints, _track_from_joints(joints)
-
-
-def _segment(img, a, b, r, color):
-    """Draw a thick segment a -> b (pixels, (u, v)) with radius r."""
-    lo = np.floor(np.minimum(a, b) - r).astype(int).clip(0, [img.shape[1], img.shape[0]])
-    hi = np.ceil(np.maximum(a, b) + r + 1).astype(int).clip(0, [img.shape[1], img.shape[0]])
-    if (hi <= lo).any():
-        return
-    v, u = np.arange(lo[1], hi[1])[:, None], np.arange(lo[0], hi[0])[None]
-    ab = b - a
-    s = np.clip(((u - a[0]) * ab[0] + (v - a[1]) * ab[1]) / max(ab @ ab, 1e-9), 0, 1)
-    mask = (u - a[0] - s * ab[0]) ** 2 + (v - a[1] - s * ab[1]) ** 2 <= r * r
-    img[lo[1]:hi[1], lo[0]:hi[0]][mask] = color
-
-
-def render_frame(joints, i, K, hw, obj_color, marker_scale=1.0):
-    """The frame seen by camera pose joints['camera'][i]: checkered table, an object, two hands;
-    wrist and fingertip markers in KEYPOINT_COLORS (radius 3 * marker_scale px at 320 wide), drawn last
-    so they are never occluded."""
-    H, W = hw
-    cam = joints["camera"][i]
-    v, u = np.mgrid[:H, :W].astype(np.float32)
-    rays = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u)], -1)
-    rays = rays @ cam[:3, :3].T  # (H, W, 3) viewing rays in the world
-    down = rays[..., 1] < -1e-6
-    hit = cam[:3, 3] + rays * ((0.8 - cam[1, 3]) / np.where(down, rays[..., 1], -1))[..., None]
-    checker = (np.floor(hit[..., 0] / 0.08) + np.floor(hit[..., 2] / 0.08)) % 2
-    img = np.where(checker[..., None] > 0, [150, 140, 125], [105, 100, 95]).astype(np.uint8)
-    img[np.hypot(hit[..., 0], hit[..., 2] + 0.45) < 0.07] = obj_color
-    img[~down] = (185, 190, 200)  # wall
-    world2cam = se3_inverse(cam)
-
-    def px(p):
-        c = world2cam[:3, :3] @ p + world2cam[:3, 3]
-        return (K @ c)[:2] / c[2], c[2]
-
-    markers = []
-    for side in HANDS:
-        wrist, z = px(joints[f"{side}Hand"][i, :3, 3])
-        markers.append(wrist)
-        for finger in FINGERS:
-            chain = [px(joints[f"{side}{finger}{n}"][i, :3, 3])[0] for n in
-                     ("Knuckle", "IntermediateBase", "IntermediateTip", "Tip")]
-            _segment(img, wrist, chain[0], 0.022 * K[0, 0] / z, (205, 160, 135))  # palm
-            for a, b in zip(chain[:-1], chain[1:]):
-                _segment(img, a, b, 0.008 * K[0, 0] / z, (220, 175, 150))
-            markers.append(chain[-1])
-    for m, color in zip(markers, KEYPOINT_COLORS):
-        _segment(img, m, m, 3.0 * marker_scale * W / 320, color)
-    return img
-
-
-def detect_keypoints(frame, tol=60):
-    """uint8 (H, W, 3) -> (12, 2) centroids of each KEYPOINT_COLORS marker, NaN where absent.
-    Video codecs blend neighbouring colours into stray look-alike pixels at edges, so only the
-    pixels near the median of the matches count."""
-    out = np.full((len(KEYPOINT_COLORS), 2), np.nan)
-    diff = np.abs(frame[:, :, None].astype(np.int16) - KEYPOINT_COLORS.astype(np.int16)).max(-1)  # (H,W,12)
-    radius = 6.0 * frame.shape[1] / 320  # twice the marker radius at this width
-    for k in range(len(KEYPOINT_COLORS)):
-        v, u = np.nonzero(diff[..., k] < tol)
-        near = (u - np.median(u)) ** 2 + (v - np.median(v)) ** 2 <= radius ** 2 if len(u) >= 3 else []
-        if np.any(near):
-            out[k] = u[near].mean(), v[near].mean()
-    return out
-
-
-def write_video(path, frames, fps=30, crf=12, gop=30, preset="veryfast"):
-    """Iterable of uint8 (H, W, 3) frames -> H.264 MP4 (yuv420p) with PyAV."""
-    frames = iter(frames)
-    first = next(frames)
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=fps)
-        s.height, s.width = first.shape[:2]
-        s.pix_fmt = "yuv420p"
-        s.options = {"crf": str(crf), "preset": preset, "g": str(gop)}
-        for img in itertools.chain([first], frames):
-            c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")))
-        c.mux(s.encode())
-
-
-def write_egodex_hdf5(path, joints, K, attrs, confidence=None):
-    with h5py.File(path, "w") as f:
-        for name, T in joints.items():
-            f[f"transforms/{name}"] = T.astype(np.float32)
-        for name, c in (confidence or {}).items():
-            f[f"confidences/{name}"] = c.astype(np.float32)
-        f["camera/intrinsic"] = np.asarray(K, np.float32)
-        for k, v in attrs.items():
-            if v is not None:
-                f.attrs[k] = v
-
-
-def _synth_episode(job):
-    out, split, t, k, frames, size, seed, zoom, marker_scale = job
-    task, llm_type, which, llm1, llm2, desc, color, motion = SYNTH_TASKS[t]
-    rng = np.random.default_rng([seed, t, k, split == "test"])
-    H, W = size
-    f = 736.6339 * zoom * W / 1920
-    K = np.array([[f, 0, W / 2], [0, f, H / 2], [0, 0, 1]])
-    joints, _ = synth_track(rng, frames, motion=motion)
-    d = Path(out) / split / task
-    d.mkdir(parents=True, exist_ok=True)
-    conf = {j: rng.uniform(0.6, 1.0, frames) for j in KEYPOINT_JOINTS}
-    attrs = {"task": task, "description": desc, "llm_type": llm_type, "which_llm_description": which,
-             "llm_description": llm1, "llm_description2": llm2}
-    write_egodex_hdf5(d / f"{k}.hdf5", joints, K, attrs, conf)
-    write_video(d / f"{k}.mp4", (render_frame(joints, i, K, size, color, marker_scale) for i in range(frames)))
-
-
-def write_synthetic(out, tasks=4, episodes=3, test_episodes=1, frames=90, size=(180, 320), seed=0,
-                    workers=2, zoom=1.0, marker_scale=1.0):
-    """Write `out/part1/<task>/<k>.{hdf5,mp4}` (train) and `out/test/...`; deterministic by seed.
-    K keeps EgoDex's field of view (fx = 736.6 * W / 1920, principal point at the centre); zoom > 1 narrows
-    it (hands fill more of the frame) and marker_scale enlarges the keypoint markers, so that both stay
-    visible when the frames are downsampled far below EgoDex's size (miniature.py)."""
-    if zoom <= 0 or marker_scale <= 0:
-        raise ValueError(f"zoom ({zoom}) and marker_scale ({marker_scale}) must be positive; 1 is EgoDex's view")
-    jobs = [(str(out), split, t, k, frames, tuple(size), seed, zoom, marker_scale)
-            for t in range(min(tasks, len(SYNTH_TASKS)))
-            for split, count in (("part1", episodes), ("test", test_episodes)) for k in range(count)]
-    list(tqdm(_imap(_synth_episode, jobs, workers, 1), total=len(jobs), desc="synth"))
-    return Path(out)
-
-
-# ------------------------------------------------------------------------------------------------
-# Benchmark: clips/s per worker decoding 13-frame clips at 288x512 from 1920x1080 H.264
-
-def benchmark(clips=40, frames=150, gop=30, size=DEFAULT_SIZE, batch=64, step_time=6.2, seed=0):
-    """Time ClipDataset on one 1920x1080 episode: HDF5 poses + an H.264 video of a slowly panning
-    textured scene with sensor noise, at about EgoDex's average bitrate (2 TB / 829 h = 5.4 Mbit/s)."""
-    work = Path(tempfile.mkdtemp(prefix="dexac-bench-"))
-    try:
-        rng = np.random.default_rng(seed)
-        t0 = time.time()
-        texture = np.asarray(Image.fromarray(rng.integers(0, 255, (270, 480, 3), np.uint8)).resize(
-            (2200, 1240), Image.BICUBIC)).astype(np.int16)
-        video = (np.clip(texture[4 + i // 2:1084 + i // 2, 3 * i % 280:1920 + 3 * i % 280]
-                         + rng.integers(-6, 7, (1080, 1920, 1), np.int16), 0, 255).astype(np.uint8)
-                 for i in range(frames))
-        d = work / "part1" / "bench"
-        d.mkdir(parents=True)
-        write_video(d / "0.mp4", video, crf=23, gop=gop)
-        write_egodex_hdf5(d / "0.hdf5", synth_track(rng, frames)[0], EGODEX_K, {})
-        mbit = (d / "0.mp4").stat().st_size * 8 / 1e6 / (frames / 30)
-        print(f"made a 1920x1080 H.264 video ({frames} frames, keyframe every {gop}, {mbit:.1f} Mbit/s) "
-              f"in {time.time() - t0:.1f} s")
-        ds = ClipDataset(load_index(work)[0], 13, size)
-        ds[(0, 0)]  # warm up
-        t0 = time.time()
-        for s in rng.integers(0, frames - 13, clips):
-            ds[(0, s)]
-        rate = clips / (time.time() - t0)
-    finally:
-        shutil.rmtree(work)
-    need = batch / step_time
-    print(f"one worker (1 decode thread): {rate:.2f} clips/s of 13 frames at {size[0]}x{size[1]}")
-    print(f"batch {batch} per GPU at {step_time:.2f} s/step needs {need:.1f} clips/s "
-          f"-> {math.ceil(need / rate)} workers per GPU")
-    return rate
-
-
-# ------------------------------------------------------------------------------------------------
 # Command line
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="DexAC-WM data: index, statistics, synthetic data, benchmark")
-    p.add_argument("--benchmark", action="store_true", help="run the decode benchmark with default settings")
+    p = argparse.ArgumentParser(description="DexAC-WM data: index a dataset, its action statistics, a latent cache",
+                                epilog="synthetic data: python synthetic.py --out DIR; decoding speed: python "
+                                       "bench.py decode")
     sub = p.add_subparsers(dest="cmd")
     q = sub.add_parser("index", help="index (or refresh the index of) a dataset root")
     q.add_argument("--data", required=True, help="EgoDex or EgoVerse root")
@@ -1134,18 +821,6 @@ def main(argv=None):
     q.add_argument("--workers", type=int, default=8, help="processes reading episodes (0: in-process)")
     q.add_argument("--max-episodes", type=int, default=None, help="random subset of this many episodes")
     q.add_argument("--seed", type=int, default=0, help="seed of the subset")
-    q = sub.add_parser("synth", help="write a small synthetic dataset in the EgoDex format")
-    q.add_argument("--out", required=True, help="output root")
-    q.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
-    q.add_argument("--tasks", type=int, default=4, help=f"number of tasks (at most {len(SYNTH_TASKS)})")
-    q.add_argument("--episodes", type=int, default=3, help="training episodes per task (split part1)")
-    q.add_argument("--test-episodes", type=int, default=1, help="test episodes per task (split test)")
-    q.add_argument("--frames", type=int, default=90, help="frames per episode (30 fps)")
-    q.add_argument("--height", type=int, default=180, help="native frame height")
-    q.add_argument("--width", type=int, default=320, help="native frame width")
-    q.add_argument("--workers", type=int, default=2, help="processes rendering episodes (0: in-process)")
-    q.add_argument("--zoom", type=float, default=1.0, help="focal length / EgoDex's (> 1: larger hands)")
-    q.add_argument("--marker-scale", type=float, default=1.0, help="keypoint marker radius / the default's")
     q = sub.add_parser("cache", help="encode clips once into latent shards (resumable; run under torchrun "
                                      "to split the work across ranks)")
     q.add_argument("--data", required=True, help="EgoDex or EgoVerse root")
@@ -1165,14 +840,6 @@ def main(argv=None):
     q.add_argument("--workers", type=int, default=4, help="data loading processes")
     q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="encoder device")
     q.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="stored latent/feature dtype")
-    q = sub.add_parser("benchmark", help="clips/s per worker from 1920x1080 H.264, and workers per GPU")
-    q.add_argument("--clips", type=int, default=40, help="clips to time")
-    q.add_argument("--frames", type=int, default=150, help="frames in the generated 1080p video")
-    q.add_argument("--gop", type=int, default=30, help="keyframe interval of the generated video")
-    q.add_argument("--batch", type=int, default=64, help="clips per GPU per step (paper: 64)")
-    q.add_argument("--step-time", type=float, default=6.2,
-                   help="seconds per training step; 6.2 is what the paper's 20 h/epoch on 8 GPUs implies "
-                        "(829 h * 30 fps / 30 * 2 = 5.97M clips, 10.4 clips/s/GPU, batch 64 per GPU)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -1182,9 +849,7 @@ def main(argv=None):
 
 
 def _run(p, args):
-    if args.benchmark and args.cmd is None:
-        benchmark()
-    elif args.cmd == "index":
+    if args.cmd == "index":
         episodes, skipped = load_index(args.data, None, args.workers, args.rebuild, args.cache)
         for reason, n in Counter(r.split(" (")[0] for r in skipped.values()).most_common():
             print(f"  skipped {n}: {reason}")
@@ -1193,39 +858,27 @@ def _run(p, args):
         stats = compute_stats(args.data, tuple(args.splits), args.workers, args.max_episodes, args.seed)
         Path(args.out).write_text(json.dumps(stats, indent=1))
         std = np.array(stats["std"])
-        fam = ", ".join(f"{k} {std[list(v)].mean():.2e}" for k, v in ACTION_FAMILIES.items())
+        fam = ", ".join(f"{k} {std[list(v)].mean():.2e}" for k, v in C.ACTION_FAMILIES.items())
         print(f"{args.out}: {stats['count']} actions from {stats['episodes']} episodes "
               f"({len(stats['skipped'])} skipped); mean std per family: {fam}")
-    elif args.cmd == "synth":
-        if args.zoom <= 0 or args.marker_scale <= 0:
-            p.error("--zoom and --marker-scale must be positive (1: EgoDex's view and markers)")
-        t0 = time.time()
-        write_synthetic(args.out, args.tasks, args.episodes, args.test_episodes, args.frames,
-                        (args.height, args.width), args.seed, args.workers, args.zoom, args.marker_scale)
-        print(f"wrote a synthetic EgoDex-format dataset to {args.out} in {time.time() - t0:.1f} s")
     elif args.cmd == "cache":
         _cache_command(args)
-    elif args.cmd == "benchmark":
-        benchmark(args.clips, args.frames, args.gop, DEFAULT_SIZE, args.batch, args.step_time)
     else:
         p.print_help()
 
 
 def _cache_command(args):
-    """The encoders live in tokenizer.py and semantic.py; only this command imports them."""
-    import tokenizer as tok
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else args.device
     vae = tok.build_tokenizer(args.tokenizer, **({"weights": args.vae_weights} if args.tokenizer == "wan2.1" else {}))
     vae = vae.to(device).eval()
     dino = None
     if args.dino:
-        import semantic
         dino = semantic.load_dino(args.dino, device=device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    written = cache_clips(args.data, args.out, vae, args.tokenizer, args.clip_len, (args.height, args.width),
-                          not args.eval, None, args.seed, args.epochs, args.shard_size, args.batch, args.workers,
-                          device, dtype, dino, rank, world)
+    written = cache_clips(args.data, args.out, vae, tokenizer_name=args.tokenizer, clip_len=args.clip_len,
+                          size=(args.height, args.width), train=not args.eval, seed=args.seed, epochs=args.epochs,
+                          shard_size=args.shard_size, batch=args.batch, workers=args.workers, device=device,
+                          dtype=hub.DTYPES[args.dtype], dino=dino, rank=rank, world_size=world)
     print(f"rank {rank}: wrote {len(written)} shards to {args.out}")
 
 

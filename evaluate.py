@@ -49,25 +49,32 @@ import json
 import os
 import pickle
 import sys
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from tqdm import tqdm
 
+import conditioning
 import data
+import hub
+import sample
+import synthetic
+from hub import WeightsError  # missing or wrong weights: the one error class of every loader
 
 METRICS = ("psnr", "ssim", "lpips", "fid", "fvd", "latent_l2", "pck")
 PSNR_CAP = 100.0  # dB, the value for identical frames
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 FID_SIZE, FVD_SIZE = (299, 299), (224, 224)
 PCK_THRESHOLDS = (2.5, 5.0, 10.0, 20.0)
-FAMILIES = tuple(data.ACTION_FAMILIES)  # wrist, finger, head
+FAMILIES = tuple(conditioning.ACTION_FAMILIES)  # wrist, finger, head
 
 # ------------------------------------------------------------------------------------------------
-# Feature-network weights: a local path, a URL or a Hub file; never random
+# Feature-network weights: a local path, a URL or a Hub file (hub.resolve); never random
 
 WEIGHTS = {  # kind -> (file name, what it is, where to get it)
     "alexnet": ("alexnet-owt-7be5be79.pth", "torchvision's ImageNet AlexNet, the LPIPS backbone",
@@ -82,54 +89,30 @@ WEIGHTS = {  # kind -> (file name, what it is, where to get it)
     "keypoints": ("keypoints.pt", "a hand-keypoint detector as TorchScript",
                   "your detector, exported with the interface of evaluate.KeypointModel"),
 }
-
-
-class WeightsError(FileNotFoundError):
-    """A feature network's weights are missing or are not the expected file."""
+WEIGHT_FLAGS = {"alexnet": "alexnet", "lpips": "lpips_heads", "inception": "inception", "i3d": "i3d"}  # kind -> flag
+NEEDS = {"lpips": ("alexnet", "lpips"), "fid": ("inception",), "fvd": ("i3d",)}  # metric -> weight kinds
 
 
 def weights_dir():
     """Where files without a given path are looked for, and where URLs are downloaded ($TORCH_HOME)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    return hub.download_dir()
 
 
 def resolve_weights(kind, spec=None):
-    """A local file or folder, an http(s) URL (downloaded once into weights_dir()), a Hub file
-    ('org/repo' for the standard file name, or 'org/repo/path/in/repo'), or None (look in weights_dir())
-    -> a local path. Anything missing raises one WeightsError naming the file and where to get it."""
+    """hub.resolve for one of WEIGHTS: a local file or folder, an http(s) URL (downloaded once into weights_dir()),
+    a Hub file ('org/repo' for the standard file name, or 'org/repo/path/in/repo'), or None (look in
+    weights_dir()) -> a local path. Anything missing raises one WeightsError naming the file and where to get it."""
     name, what, where = WEIGHTS[kind]
+    where = f"Get it from {where}, then pass its path (or the URL itself) or put it in {weights_dir()}."
+    if spec is not None:
+        return hub.resolve(spec, files=(name,), what=f"{name} ({what})", where=where)
+    if (weights_dir() / name).is_file():
+        return str(weights_dir() / name)
+    raise WeightsError(f"{name} ({what}) was not given and is not in {weights_dir()}. {where}")
 
-    def missing(detail):
-        return WeightsError(f"{name} ({what}) {detail}. Get it from {where}, then pass its path (or the URL "
-                            f"itself) or put it in {weights_dir()}.")
 
-    if spec is None:
-        if (weights_dir() / name).is_file():
-            return str(weights_dir() / name)
-        raise missing(f"was not given and is not in {weights_dir()}")
-    spec = os.path.expanduser(str(spec))
-    if os.path.isdir(spec):
-        spec = os.path.join(spec, name)
-    if os.path.isfile(spec):
-        return spec
-    if spec.startswith(("http://", "https://")):
-        path = weights_dir() / Path(spec.split("?")[0]).name
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                torch.hub.download_url_to_file(spec, str(path))
-            except OSError as e:
-                raise missing(f"could not be downloaded from {spec} ({e})") from e
-        return str(path)
-    parts = spec.split("/")
-    local_looking = spec.startswith((".", "/", "~")) or (len(parts) == 2 and spec.endswith((".pt", ".pth")))
-    if len(parts) >= 2 and not local_looking:
-        from huggingface_hub import hf_hub_download
-        try:
-            return hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]) or name)
-        except (OSError, ValueError) as e:  # not found, offline, gated, bad id
-            raise missing(f"is not available as the Hub file {spec} ({type(e).__name__})") from e
-    raise missing(f"was not found at {spec}")
+def _needs(kind):
+    return f"{kind} needs {WEIGHTS[kind][0]} ({WEIGHTS[kind][1]}), from {WEIGHTS[kind][2]}"
 
 
 def load_torchscript(kind, spec=None, device="cpu"):
@@ -137,19 +120,19 @@ def load_torchscript(kind, spec=None, device="cpu"):
     try:
         return torch.jit.load(path, map_location=device).eval()
     except (RuntimeError, ValueError) as e:
-        raise WeightsError(f"{path} is not a TorchScript file; {kind} needs {WEIGHTS[kind][0]} "
-                           f"({WEIGHTS[kind][1]}), from {WEIGHTS[kind][2]}") from e
+        raise WeightsError(f"{path} is not a TorchScript file; {_needs(kind)}") from e
 
 
 def _state_dict(kind, spec):
+    # not hub.read_state_dict: it memory-maps, which fails on the legacy (pre-zip) format of lpips' alex.pth
     path = resolve_weights(kind, spec)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError) as e:
         sd = e
     if not isinstance(sd, dict):
-        raise WeightsError(f"{path} is not a state dict like {WEIGHTS[kind][0]} ({WEIGHTS[kind][1]})")
-    return sd
+        raise WeightsError(f"{path} is not a state dict; {_needs(kind)}")
+    return path, sd
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,20 +217,17 @@ class LPIPS(nn.Module):
 
 def load_lpips(alexnet=None, heads=None, device="cpu"):
     """LPIPS from torchvision's alexnet-owt-7be5be79.pth and lpips' v0.1 alex.pth (see resolve_weights)."""
-    backbone, lins = _state_dict("alexnet", alexnet), _state_dict("lpips", heads)
+    (alex_path, backbone), (heads_path, lins) = _state_dict("alexnet", alexnet), _state_dict("lpips", heads)
     net = LPIPS()
     sd = {k: v for k, v in backbone.items() if k.startswith("features.")}  # the classifier is unused
     sd.update({f"heads.{i}.weight": lins[f"lin{i}.model.1.weight"] for i in range(5)
                if f"lin{i}.model.1.weight" in lins})  # lpips' NetLinLayer: Sequential(Dropout, Conv2d)
-    own = net.state_dict()
-    missing = sorted(set(own) - set(sd))
-    shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
-              if k in sd and sd[k].shape != v.shape]
-    if missing or shapes or len(sd) != len(own):
-        raise WeightsError(f"these files do not fit LPIPS/AlexNet: missing {missing}, mis-shaped {shapes}, "
-                           f"unexpected {sorted(set(sd) - set(own))}; expected {WEIGHTS['alexnet'][0]} and "
-                           f"{WEIGHTS['lpips'][0]}")
-    net.load_state_dict(sd)
+    try:
+        hub.check_state_dict(net.state_dict(), sd, f"{alex_path} + {heads_path}", "LPIPS/AlexNet",
+                             f" (expected {WEIGHTS['alexnet'][0]} and {WEIGHTS['lpips'][0]})")
+    except ValueError as e:
+        raise WeightsError(str(e)) from e
+    net.load_state_dict(sd)  # not hub.load_strict's assign=True: copying keeps float32 whatever the files hold
     return net.to(device).eval().requires_grad_(False)
 
 
@@ -320,12 +300,12 @@ def latent_l2(pred, gt, n_cond=1):
 # PCK: keypoint detectors, hits per threshold, action families
 
 class MarkerDetector:
-    """The synthetic data's exact detector: the centroid of each coloured marker (data.detect_keypoints).
+    """The synthetic data's exact detector: the centroid of each coloured marker (synthetic.detect_keypoints).
     Interface of every detector: uint8 (N, H, W, 3) RGB -> (N, 12, 2) pixels (u, v) in
     data.KEYPOINT_NAMES order, NaN where a keypoint is not found."""
 
     def __call__(self, frames):
-        return np.stack([data.detect_keypoints(f) for f in frames])
+        return np.stack([synthetic.detect_keypoints(f) for f in frames])
 
 
 class KeypointModel:
@@ -361,7 +341,7 @@ def action_family(actions, mean, std):
     """(T_a, 57) raw actions -> 'wrist' | 'finger' | 'head': the family with the largest RMS z-score over its
     dimensions and all steps (ties go to the first of wrist, finger, head)."""
     z = (np.asarray(actions, np.float64) - mean) / (np.asarray(std, np.float64) + 1e-6)
-    rms = [np.sqrt((z[:, list(idx)] ** 2).mean()) for idx in data.ACTION_FAMILIES.values()]
+    rms = [np.sqrt((z[:, list(idx)] ** 2).mean()) for idx in conditioning.ACTION_FAMILIES.values()]
     return FAMILIES[int(np.argmax(rms))]
 
 
@@ -396,7 +376,7 @@ class Evaluator:
     """Accumulates per-clip metrics (and FID/FVD features) batch by batch; report() -> aggregate(...).
     Networks come loaded (load_lpips, load_torchscript); a metric whose network is missing is an error."""
 
-    def __init__(self, metrics=("psnr", "ssim"), n_cond=1, lpips=None, inception=None, i3d=None,
+    def __init__(self, metrics=("psnr", "ssim"), *, n_cond=1, lpips=None, inception=None, i3d=None,
                  detector=None, stats=None, device="cpu", chunk=16):
         if set(metrics) - set(METRICS):
             raise ValueError(f"unknown metrics {sorted(set(metrics) - set(METRICS))}; choose from {METRICS}")
@@ -415,7 +395,7 @@ class Evaluator:
         with torch.no_grad():
             return torch.cat([fn(a, b) for a, b in zip(x.split(self.chunk), y.split(self.chunk))]).view(B, T)
 
-    def add(self, pred, gt, actions=None, keypoint_valid=None, pred_latents=None, gt_latents=None):
+    def add(self, pred, gt, *, actions=None, keypoint_valid=None, pred_latents=None, gt_latents=None):
         """pred, gt (B, 3, T, H, W) uint8 or [0, 1]; actions (B, T-1, 57) raw; keypoint_valid (B, T, 12);
         latents (B, C, T', H', W') -> the per-clip metric dicts of this batch (also kept for report())."""
         p, g = as_unit(pred, "pred").to(self.device), as_unit(gt, "gt").to(self.device)
@@ -488,26 +468,37 @@ def list_videos(path):
     return {f.stem: f for f in files if f.suffix in (".npy", ".mp4", ".avi", ".mkv")}
 
 
-def compare(args):
-    pred, gt = list_videos(args.pred), list_videos(args.gt)
-    if not pred or pred.keys() != gt.keys() and not len(pred) == len(gt) == 1:
-        raise ValueError(f"{args.pred} and {args.gt} must hold videos with the same names; only in pred: "
-                         f"{sorted(set(pred) - set(gt))[:5]}, only in gt: {sorted(set(gt) - set(pred))[:5]}")
-    metrics, dev = tuple(m for m in args.metrics.split(",") if m), args.device
+def load_networks(metrics, weights, detector="markers", device="cpu"):
+    """The networks these metrics need, as Evaluator's keyword arguments. weights: {kind: path, URL, Hub file or
+    None} (WEIGHT_FLAGS); detector: 'markers' (MarkerDetector) or a KeypointModel file, used by pck."""
+    w = weights.get  # a kind not given: None, looked for in weights_dir()
+    return {"lpips": load_lpips(w("alexnet"), w("lpips"), device) if "lpips" in metrics else None,
+            "inception": load_torchscript("inception", w("inception"), device) if "fid" in metrics else None,
+            "i3d": load_torchscript("i3d", w("i3d"), device) if "fvd" in metrics else None,
+            "detector": KeypointModel(detector, device=device) if "pck" in metrics and detector != "markers"
+            else None}
+
+
+def compare(pred, gt, *, metrics="psnr,ssim", cond_frames=1, weights=None, detector="markers", device="cpu",
+            out=None):
+    """Score the videos in pred against those of the same names in gt (or one file against one) -> the report,
+    printed (and written to out)."""
+    preds, gts = list_videos(pred), list_videos(gt)
+    if not preds or preds.keys() != gts.keys() and not len(preds) == len(gts) == 1:
+        raise ValueError(f"{pred} and {gt} must hold videos with the same names; only in pred: "
+                         f"{sorted(set(preds) - set(gts))[:5]}, only in gt: {sorted(set(gts) - set(preds))[:5]}")
+    metrics = tuple(m for m in metrics.split(",") if m)
     if "latent_l2" in metrics:
         raise ValueError("latent_l2 needs latents; it runs in the rollout protocol, not in compare")
-    ev = Evaluator(metrics, n_cond=args.cond_frames, device=dev,
-                   lpips=load_lpips(args.alexnet, args.lpips_heads, dev) if "lpips" in metrics else None,
-                   inception=load_torchscript("inception", args.inception, dev) if "fid" in metrics else None,
-                   i3d=load_torchscript("i3d", args.i3d, dev) if "fvd" in metrics else None,
-                   detector=None if args.detector == "markers" else KeypointModel(args.detector, device=dev))
-    for p, g in tqdm(list(zip(pred.values(), gt.values())), desc="compare"):
+    ev = Evaluator(metrics, n_cond=cond_frames, device=device,
+                   **load_networks(metrics, weights or {}, detector, device))
+    for p, g in tqdm(list(zip(preds.values(), gts.values())), desc="compare"):
         ev.add(read_video(p), read_video(g))
     report = ev.report()
     text = json.dumps(report, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    if out:
+        Path(out).write_text(text)
     print("; ".join(f"{k} {v:.4g}" for k, v in report.items() if isinstance(v, float)))
     return report
 
@@ -536,9 +527,40 @@ def eval_plan(root, horizon, max_clips=None):
     return episodes, plan
 
 
-def protocol_metrics(spec, args):
+@dataclass(frozen=True)
+class EvalConfig:
+    """The protocol's settings: main() builds one from the command line (its flags, same names and defaults);
+    miniature.py builds its own."""
+    checkpoints: tuple = ()  # exported models, a table row each
+    data: str = None
+    horizon: int = 25
+    clips: int = None  # None: all
+    metrics: str = "auto"
+    out: str = "evals"
+    steps: int = 35
+    sampler: str = "dpm++2m"
+    schedule: str = "shifted"
+    shift: float = None  # None: the training run's
+    guidance: float = 0.0
+    seed: int = 0
+    batch: int = 4
+    shuffle_actions: bool = False
+    figure_clips: int = 4
+    init: str = None
+    height: int = None  # None: the first checkpoint's training size
+    width: int = None
+    dtype: str = "fp32"
+    device: str = None  # None: this rank's GPU, else cpu
+    alexnet: str = None  # feature-network weights (WEIGHT_FLAGS); None: looked for in weights_dir()
+    lpips_heads: str = None
+    inception: str = None
+    i3d: str = None
+    detector: str = "markers"
+
+
+def protocol_metrics(spec, weights):
     """'auto' -> every metric whose network is at hand (the rest named, with where to get it); an explicit
-    list -> those, and a missing network is an error."""
+    list -> those, and a missing network is an error. weights: {kind: path, URL, Hub file or None}."""
     if spec != "auto":
         metrics = tuple(m for m in spec.split(",") if m)
         unknown = set(metrics) - set(METRICS)
@@ -547,11 +569,9 @@ def protocol_metrics(spec, args):
         return metrics
     metrics, missing = [], []
     for m in METRICS:
-        needs = {"lpips": [("alexnet", args.alexnet), ("lpips", args.lpips_heads)], "fid": [("inception",
-                 args.inception)], "fvd": [("i3d", args.i3d)]}.get(m, [])
         try:
-            for kind, spec_ in needs:
-                resolve_weights(kind, spec_)
+            for kind in NEEDS.get(m, ()):
+                resolve_weights(kind, weights[kind])
             metrics.append(m)
         except WeightsError as e:
             missing.append(f"{m}: {e}")
@@ -572,47 +592,40 @@ def shuffled_actions(episodes, plan, i, horizon):
     """The control: clip i gets the actions of clip (i + N // 2) mod N, another clip of the same length."""
     e, s = plan[(i + len(plan) // 2) % len(plan)]
     track = data.read_track(episodes[e], int(s), int(s) + horizon)[0]
-    return data.compute_actions(track)
+    return conditioning.compute_actions(track)
 
 
-def _save_json(path, payload):
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
-
-
-def evaluate_checkpoint(checkpoint, row, episodes, plan, args, metrics, nets, rank, world, device):
+def evaluate_checkpoint(cfg, checkpoint, row, *, size, episodes, plan, metrics, nets, rank, world, device):
     """Roll out and score this rank's clips that are not done yet, a batch at a time."""
-    import sample  # sample.py imports this module for its PSNR
-    d = Path(args.out) / row / "clips"
+    d = Path(cfg.out) / row / "clips"
     d.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in ("data", "horizon", "clips", "steps", "sampler", "schedule", "shift",
-                                              "guidance", "seed", "shuffle_actions", "height", "width", "dtype")}
+    settings = {k: getattr(cfg, k) for k in ("data", "horizon", "clips", "steps", "sampler", "schedule", "shift",
+                                             "guidance", "seed", "shuffle_actions", "height", "width", "dtype")}
     settings.update(checkpoint=str(checkpoint), metrics=list(metrics))
     saved = d.parent / "settings.json"
     if saved.is_file() and json.loads(saved.read_text()) != settings:  # kept clips must be these clips
         raise ValueError(f"{d.parent} holds results made with other settings ({saved}): choose another --out "
                          f"or delete it")
-    if rank == 0:
-        _save_json(saved, settings)
+    if rank == 0:  # written whole or not at all (hub.atomic_write), like every file a restarted job reads
+        hub.atomic_write(saved, json.dumps(settings))
     todo = [i for i in range(rank, len(plan), world) if not (d / f"{i:05d}.json").exists()]
     if not todo:
         return
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    wm = sample.WorldModel(checkpoint, device, dtype, base=args.init)
+    dtype = hub.DTYPES[cfg.dtype]
+    wm = sample.WorldModel(checkpoint, device=device, dtype=dtype, base=cfg.init)
     stats = tuple(np.asarray(wm.info["action_stats"][k], np.float64) for k in ("mean", "std"))
     ev = Evaluator(metrics, device=device, stats=stats, **nets)
-    for b in tqdm(range(0, len(todo), args.batch), desc=row, disable=rank != 0):
+    for b in tqdm(range(0, len(todo), cfg.batch), desc=row, disable=rank != 0):
         batch, clips = [], []
-        for i in todo[b:b + args.batch]:
+        for i in todo[b:b + cfg.batch]:
             e, s = plan[i]
             try:
-                clip = data.load_clip(episodes[e], int(s), args.horizon, args.size)  # one size for every row
-                if args.shuffle_actions:
-                    clip["rollout_actions"] = torch.from_numpy(shuffled_actions(episodes, plan, i, args.horizon))
+                clip = data.load_clip(episodes[e], int(s), cfg.horizon, size)  # one size for every row
+                if cfg.shuffle_actions:
+                    clip["rollout_actions"] = torch.from_numpy(shuffled_actions(episodes, plan, i, cfg.horizon))
             except data.DataError as err:  # a corrupt episode is skipped, with its reason, never fatal
-                _save_json(d / f"{i:05d}.json", {"index": i, "episode": episodes[e].id, "start": int(s),
-                                                 "skipped": str(err)})
+                hub.atomic_write(d / f"{i:05d}.json", json.dumps({"index": i, "episode": episodes[e].id,
+                                                                  "start": int(s), "skipped": str(err)}))
                 print(f"skipping clip {i} ({episodes[e].id} @ {s}): {err}")
                 continue
             batch.append(i)
@@ -623,8 +636,9 @@ def evaluate_checkpoint(checkpoint, row, episodes, plan, args, metrics, nets, ra
         actions = torch.stack([c["actions"] for c in clips])  # the true ones: they define the family
         given = torch.stack([c.get("rollout_actions", c["actions"]) for c in clips])
         pred, z = wm.rollout(gt[:, :, 0].permute(0, 2, 3, 1).numpy(), given.numpy(), [c["prompt"] for c in clips],
-                             [args.seed + i for i in batch], args.steps, args.sampler, args.schedule, args.shift,
-                             args.guidance, progress=False, return_latents=True)
+                             [cfg.seed + i for i in batch], steps=cfg.steps, solver=cfg.sampler,
+                             schedule=cfg.schedule, shift=cfg.shift, guidance=cfg.guidance, progress=False,
+                             return_latents=True)
         pred = torch.from_numpy(pred).permute(0, 4, 1, 2, 3)  # (B, 3, T, H, W)
         with torch.inference_mode():
             z_gt = wm.tokenizer.encode(gt.to(device, dtype) / 127.5 - 1).float().cpu()
@@ -635,32 +649,31 @@ def evaluate_checkpoint(checkpoint, row, episodes, plan, args, metrics, nets, ra
         for k, (i, score, clip) in enumerate(zip(batch, scores, clips)):
             if feats:
                 np.savez(d / f"{i:05d}.npz", **{name: f[k] for name, f in feats.items()})
-            if i < args.figure_clips:
+            if i < cfg.figure_clips:
                 np.save(d / f"{i:05d}.npy", pred[k].permute(1, 2, 3, 0).numpy())  # for the figure
-            _save_json(d / f"{i:05d}.json", {"index": i, "episode": clip["episode"], "start": clip["start"],
-                                             "seed": args.seed + i, **score})
+            hub.atomic_write(d / f"{i:05d}.json", json.dumps({"index": i, "episode": clip["episode"],
+                                                              "start": clip["start"], "seed": cfg.seed + i, **score}))
         ev.features = {"fid": ([], []), "fvd": ([], [])}  # on disk now; each batch starts empty
 
 
-def collect(row, args, n_clips):
+def collect(clip_dir, n_clips, resolution):
     """Rank 0: the per-clip files of one row -> its report (FID/FVD from the saved features)."""
-    d = Path(args.out) / row / "clips"
-    clips = [json.loads((d / f"{i:05d}.json").read_text()) for i in range(n_clips)]
+    clips = [json.loads((clip_dir / f"{i:05d}.json").read_text()) for i in range(n_clips)]
     scored = [c for c in clips if "skipped" not in c]
     fd = {}
     for m in ("fid", "fvd"):
-        files = [d / f"{c['index']:05d}.npz" for c in scored]
+        files = [clip_dir / f"{c['index']:05d}.npz" for c in scored]
         if scored and all(f.is_file() for f in files):
             loaded = [np.load(f) for f in files]
             if f"{m}_pred" in loaded[0]:
                 fd[m] = frechet_from_features(*(np.concatenate([x[f"{m}_{side}"] for x in loaded])
                                                 for side in ("pred", "gt")))
-    report = aggregate(scored, fd.get("fid"), fd.get("fvd"), resolution=[args.size[0], args.size[1]])
+    report = aggregate(scored, fd.get("fid"), fd.get("fvd"), resolution=list(resolution))
     report["skipped"] = [f"{c['episode']} @ {c['start']}: {c['skipped']}" for c in clips if "skipped" in c]
     return report
 
 
-def _cell(value, ref, sign, digits):
+def _cell(value, ref=None, digits=2):
     if value is None:
         return "–"
     text = f"{value:.{digits}f}"
@@ -674,23 +687,20 @@ def markdown_tables(reports, horizon):
     latent L2, the finer PCK thresholds and PCK@10 per action family (Table 4)."""
     first = next(iter(reports.values()))
     res = first.get("pck_resolution")
+    digits = {"ssim": 3, "lpips": 3}
     lines = [f"Horizon {horizon} frames (1 given, {horizon - 1} predicted); {first['clips']} clips"
              + (f"; PCK in pixels at {res[0]}x{res[1]}" if res else ""), "",
              "| Model | " + " | ".join(t + (" ↑" if s > 0 else " ↓") for _, t, s in TABLE1) + " |",
              "|---|" + "---|" * len(TABLE1)]
-    digits = {"ssim": 3, "lpips": 3}
+    lines += [f"| {name} | " + " | ".join(_cell(r.get(k), first.get(k) if r is not first else None,
+                                                 digits.get(k, 2)) for k, _, _ in TABLE1) + " |"
+              for name, r in reports.items()]
+    lines += ["", "| Model | latent L2 ↓ | PCK@2.5 ↑ | PCK@5 ↑ | " + " | ".join(f"PCK@10 {f} ↑" for f in FAMILIES)
+              + " |", "|---|" + "---|" * (3 + len(FAMILIES))]
     for name, r in reports.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(r.get(k), first.get(k) if r is not first else None, s,
-                                                        digits.get(k, 2)) for k, _, s in TABLE1) + " |")
-    fams = list(FAMILIES)
-    lines += ["", "| Model | latent L2 ↓ | PCK@2.5 ↑ | PCK@5 ↑ | " + " | ".join(f"PCK@10 {f} ↑" for f in fams)
-              + " |", "|---|" + "---|" * (3 + len(fams))]
-    for name, r in reports.items():
-        fam = r.get("families", {})
-        cells = [_cell(r.get("latent_l2"), None, -1, 4), _cell(r.get("pck@2.5"), None, 1, 2),
-                 _cell(r.get("pck@5"), None, 1, 2)]
-        cells += [_cell(fam.get(f, {}).get("pck@10"), None, 1, 2) + f" (n={fam.get(f, {}).get('clips', 0)})"
-                  for f in fams]
+        fams = [r.get("families", {}).get(f, {}) for f in FAMILIES]
+        cells = [_cell(r.get("latent_l2"), digits=4), _cell(r.get("pck@2.5")), _cell(r.get("pck@5"))]
+        cells += [_cell(fam.get("pck@10")) + f" (n={fam.get('clips', 0)})" for fam in fams]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -707,18 +717,17 @@ def short_labels(names, width=18):
     return [(b + (" (shuffled)" if n.endswith(tag) else ""))[:width] for b, n in zip(short, names)]
 
 
-def figure(path, rows, episodes, plan, args):
+def figure(cfg, path, *, rows, size, episodes, plan):
     """Ground truth over each row's prediction for the first few clips: every 4th frame and the last."""
-    import train  # its contact sheet
     names = dict(zip(rows, short_labels(list(rows))))
     sheet_rows, labels = [], []
-    for i in range(min(args.figure_clips, len(plan))):
-        preds = [(r, Path(args.out) / r / "clips" / f"{i:05d}.npy") for r in rows]
+    for i in range(min(cfg.figure_clips, len(plan))):
+        preds = [(r, Path(cfg.out) / r / "clips" / f"{i:05d}.npy") for r in rows]
         preds = [(r, np.load(f)) for r, f in preds if f.is_file()]
         if not preds:
             continue
         e, s = plan[i]
-        gt = data.load_clip(episodes[e], int(s), args.horizon, args.size)["video"].permute(1, 2, 3, 0).numpy()
+        gt = data.load_clip(episodes[e], int(s), cfg.horizon, size)["video"].permute(1, 2, 3, 0).numpy()
         picks = sorted(set(range(0, len(gt), 4)) | {len(gt) - 1})
         sheet_rows.append([gt[t] for t in picks])
         labels.append(f"clip {i}: truth")
@@ -729,52 +738,51 @@ def figure(path, rows, episodes, plan, args):
         data.contact_sheet(path, sheet_rows, labels)
 
 
-def protocol(args):
+def protocol(cfg):
+    """Every checkpoint of cfg rolled out and scored on the test clips (this rank's share of them); rank 0 then
+    writes report.json, table.md and figure.png under cfg.out and returns {row: report} (other ranks: None)."""
+    if cfg.horizon < 2:
+        raise ValueError(f"--horizon {cfg.horizon}: a rollout needs the given frame and at least one more")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu") \
-        if args.device is None else args.device
-    for c in args.checkpoint:  # every input is checked before any rollout
+        if cfg.device is None else cfg.device
+    for c in cfg.checkpoints:  # every input is checked before any rollout
         if not os.path.isfile(c):
             raise FileNotFoundError(f"checkpoint {c} not found (train.py exports RUN/model.safetensors)")
-    if not args.data:
+    if not cfg.data:
         raise ValueError("--data: the dataset root whose test split is evaluated")
-    metrics = protocol_metrics(args.metrics, args)
-    if args.detector != "markers" and "pck" in metrics:
-        detector = KeypointModel(args.detector, device=device)
-    else:
-        detector = None
-    nets = {"lpips": load_lpips(args.alexnet, args.lpips_heads, device) if "lpips" in metrics else None,
-            "inception": load_torchscript("inception", args.inception, device) if "fid" in metrics else None,
-            "i3d": load_torchscript("i3d", args.i3d, device) if "fvd" in metrics else None, "detector": detector}
-    episodes, plan = eval_plan(args.data, args.horizon, args.clips)
-    from safetensors import safe_open
-    with safe_open(args.checkpoint[0], "pt") as f:
+    weights = {kind: getattr(cfg, flag) for kind, flag in WEIGHT_FLAGS.items()}
+    metrics = protocol_metrics(cfg.metrics, weights)
+    nets = load_networks(metrics, weights, cfg.detector, device)
+    episodes, plan = eval_plan(cfg.data, cfg.horizon, cfg.clips)
+    with safe_open(cfg.checkpoints[0], "pt") as f:  # one frame size for every row: as given, else the first's
         tc = json.loads(f.metadata()["train_config"])
-    args.size = (args.height or tc["height"], args.width or tc["width"])
+    size = (cfg.height or tc["height"], cfg.width or tc["width"])
     rows = {}
-    for c in args.checkpoint:
-        row = row_name(c, args.shuffle_actions)
+    for c in cfg.checkpoints:
+        row = row_name(c, cfg.shuffle_actions)
         if row in rows.values():
             raise ValueError(f"two checkpoints give the row name {row!r}: put them in differently named folders")
         rows[c] = row
     if rank == 0:
-        print(f"{len(plan)} clips of {args.horizon} frames from {len(episodes)} test episode(s), metrics "
-              f"{','.join(metrics)}, {len(rows)} model(s), {world} rank(s) -> {args.out}")
+        print(f"{len(plan)} clips of {cfg.horizon} frames from {len(episodes)} test episode(s), metrics "
+              f"{','.join(metrics)}, {len(rows)} model(s), {world} rank(s) -> {cfg.out}")
     for c, row in rows.items():
-        evaluate_checkpoint(c, row, episodes, plan, args, metrics, nets, rank, world, device)
+        evaluate_checkpoint(cfg, c, row, size=size, episodes=episodes, plan=plan, metrics=metrics, nets=nets,
+                            rank=rank, world=world, device=device)
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
         return None
-    out = Path(args.out)
-    reports = {row: collect(row, args, len(plan)) for row in rows.values()}
-    config = {k: v for k, v in vars(args).items() if k not in ("command",)}
-    _save_json(out / "report.json", {"config": config, "metrics": list(metrics), "rows": reports})
-    table = markdown_tables(reports, args.horizon)
+    out = Path(cfg.out)
+    reports = {row: collect(out / row / "clips", len(plan), size) for row in rows.values()}
+    hub.atomic_write(out / "report.json", json.dumps({"config": {**asdict(cfg), "size": list(size)},
+                                                      "metrics": list(metrics), "rows": reports}))
+    table = markdown_tables(reports, cfg.horizon)
     (out / "table.md").write_text(table)
-    figure(out / "figure.png", list(rows.values()), episodes, plan, args)
+    figure(cfg, out / "figure.png", rows=list(rows.values()), size=size, episodes=episodes, plan=plan)
     print(table)
     print(f"wrote {out / 'report.json'}, {out / 'table.md'} and {out / 'figure.png'}")
     if world > 1:
@@ -783,9 +791,9 @@ def protocol(args):
 
 
 def weight_flags(p):
-    for flag, kind in (("--alexnet", "alexnet"), ("--lpips-heads", "lpips"), ("--inception", "inception"),
-                       ("--i3d", "i3d")):
-        p.add_argument(flag, help=f"{WEIGHTS[kind][1]}: path, URL or Hub file ({WEIGHTS[kind][0]})")
+    for kind, flag in WEIGHT_FLAGS.items():
+        p.add_argument("--" + flag.replace("_", "-"),
+                       help=f"{WEIGHTS[kind][1]}: path, URL or Hub file ({WEIGHTS[kind][0]})")
     p.add_argument("--detector", default="markers",
                    help="PCK: 'markers' (synthetic data) or a TorchScript keypoint model (see KeypointModel)")
 
@@ -794,31 +802,33 @@ def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.strip().split("\n\n")[0] + " Rollout protocol: python evaluate.py --checkpoint "
         "RUN/model.safetensors [...] --data ROOT --horizon 25 (torchrun shards the clips over ranks).")
-    p.add_argument("--checkpoint", nargs="+", help="exported models (train.py), a table row each")
+    p.add_argument("--checkpoint", dest="checkpoints", metavar="CHECKPOINT", nargs="+",
+                   help="exported models (train.py), a table row each")
     p.add_argument("--data", help="dataset root; its test split is evaluated")
-    p.add_argument("--horizon", type=int, default=25, help="frames per rollout, the given first one included "
-                                                           "(the paper: 25 and 65)")
-    p.add_argument("--clips", type=int, default=None, help="evaluate N clips, evenly spread (default: all)")
-    p.add_argument("--metrics", default="auto", help="comma-separated from psnr,ssim,lpips,fid,fvd,latent_l2,pck; "
-                                                     "'auto': all whose network weights are found")
-    p.add_argument("--out", default="evals", help="output folder (report.json, table.md, figure.png, per clip)")
-    p.add_argument("--steps", type=int, default=35, help="denoising steps per chunk")
-    p.add_argument("--sampler", default="dpm++2m", choices=["euler", "dpm++2m"], help="ODE solver (model.SOLVERS)")
-    p.add_argument("--schedule", default="shifted", choices=["shifted", "karras"], help="sigma schedule")
-    p.add_argument("--shift", type=float, default=None, help="schedule shift (default: the training run's)")
-    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free text guidance (0: off)")
-    p.add_argument("--seed", type=int, default=0, help="clip i is rolled out with seed + i")
-    p.add_argument("--batch", type=int, default=4, help="clips rolled out together")
+    p.add_argument("--horizon", type=int, help="frames per rollout, the given first one included (the paper: 25 "
+                                               "and 65)")
+    p.add_argument("--clips", type=int, help="evaluate N clips, evenly spread (default: all)")
+    p.add_argument("--metrics", help="comma-separated from psnr,ssim,lpips,fid,fvd,latent_l2,pck; 'auto': all "
+                                     "whose network weights are found")
+    p.add_argument("--out", help="output folder (report.json, table.md, figure.png, per clip)")
+    p.add_argument("--steps", type=int, help="denoising steps per chunk")
+    p.add_argument("--sampler", choices=["euler", "dpm++2m"], help="ODE solver (model.SOLVERS)")
+    p.add_argument("--schedule", choices=["shifted", "karras"], help="sigma schedule")
+    p.add_argument("--shift", type=float, help="schedule shift (default: the training run's)")
+    p.add_argument("--guidance", type=float, help="classifier-free text guidance (0: off)")
+    p.add_argument("--seed", type=int, help="clip i is rolled out with seed + i")
+    p.add_argument("--batch", type=int, help="clips rolled out together")
     p.add_argument("--shuffle-actions", action="store_true",
                    help="the control: every clip gets another clip's actions (rows are named accordingly)")
-    p.add_argument("--figure-clips", type=int, default=4, help="clips shown in figure.png")
-    p.add_argument("--init", default=None, help="backbone for checkpoints holding only the DexAC modules")
-    p.add_argument("--height", type=int, default=None, help="evaluation height, one for every row (default: the "
-                                                            "first checkpoint's training height)")
-    p.add_argument("--width", type=int, default=None, help="evaluation width (default: the first checkpoint's)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model dtype")
-    p.add_argument("--device", default=None, help="torch device (default: this rank's GPU, else cpu)")
+    p.add_argument("--figure-clips", type=int, help="clips shown in figure.png")
+    p.add_argument("--init", help="backbone for checkpoints holding only the DexAC modules")
+    p.add_argument("--height", type=int, help="evaluation height, one for every row (default: the first "
+                                              "checkpoint's training height)")
+    p.add_argument("--width", type=int, help="evaluation width (default: the first checkpoint's)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="model dtype")
+    p.add_argument("--device", help="torch device (default: this rank's GPU, else cpu)")
     weight_flags(p)
+    p.set_defaults(**asdict(EvalConfig()))  # the defaults are EvalConfig's
     sub = p.add_subparsers(dest="command")
     c = sub.add_parser("compare", help="score predicted videos against ground-truth videos")
     c.add_argument("--pred", required=True, help="predicted video (.npy/.mp4) or a folder of them")
@@ -830,14 +840,14 @@ def main(argv=None):
     c.add_argument("--out", help="also write the JSON report here")
     args = p.parse_args(argv)
     if args.command == "compare":
-        compare(args)
+        compare(args.pred, args.gt, metrics=args.metrics, cond_frames=args.cond_frames, device=args.device,
+                weights={kind: getattr(args, flag) for kind, flag in WEIGHT_FLAGS.items()}, detector=args.detector,
+                out=args.out)
         return 0
-    if not args.checkpoint:
+    if not args.checkpoints:
         p.print_help()
         return 1
-    if args.horizon < 2:
-        raise ValueError(f"--horizon {args.horizon}: a rollout needs the given frame and at least one more")
-    protocol(args)
+    protocol(EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig)}))
     return 0
 
 

@@ -5,7 +5,7 @@ better than a flat MLP action embedding) tested at miniature scale on the synthe
     python miniature.py                                 # every mode, 1 seed, then the evaluation (time: README)
     python miniature.py --seeds 0 --steps 20 --clips 4  # a smoke run of the whole pipeline
 
-The dataset is the synthetic one seen closer (data.write_synthetic with zoom 2 and markers twice as large), so
+The dataset is the synthetic one seen closer (synthetic.write_synthetic with zoom 2 and markers twice as large), so
 that hands, fingers and keypoint markers stay visible at the 48x80 frames a CPU can train on. Every conditioning
 mode trains the `tiny` DiT on the pixel tokenizer with the same budget (steps, batch, data order and
 initialization seed), a run per (mode, seed), `--jobs` runs at a time with one thread each. Each trained model
@@ -33,9 +33,10 @@ from PIL import Image, ImageDraw
 
 import data
 import evaluate as E
+import synthetic
 import train
 
-ZOOM, MARKER_SCALE = 2.0, 2.0  # of the synthetic dataset (data.write_synthetic)
+ZOOM, MARKER_SCALE = 2.0, 2.0  # of the synthetic dataset (synthetic.write_synthetic)
 SIZE = (48, 80)  # training and evaluation frames
 MODES = ("mlp", "mlp-flat", "dexac", "dexac-no-local", "dexac-no-global", "dexac-time")
 HERE = Path(__file__).resolve().parent
@@ -80,13 +81,10 @@ def evaluate_seed(seed, checkpoints, args):
     out = Path(args.out) / f"seed{seed}" / "eval"
     rows = {}
     for shuffled in (False, True):
-        argv = ["--checkpoint", *map(str, checkpoints), "--data", args.data, "--horizon", str(args.horizon),
-                "--metrics", args.metrics, "--steps", str(args.sample_steps), "--out", str(out),
-                "--seed", str(seed), "--figure-clips", "2"]
-        argv += ["--clips", str(args.clips)] if args.clips else []
-        argv += ["--shuffle-actions"] if shuffled else []
-        E.main(argv)
-        rows.update(json.loads((out / "report.json").read_text())["rows"])
+        rows.update(E.protocol(E.EvalConfig(
+            checkpoints=tuple(map(str, checkpoints)), data=args.data, horizon=args.horizon, clips=args.clips or None,
+            metrics=args.metrics, out=str(out), steps=args.sample_steps, seed=seed, shuffle_actions=shuffled,
+            figure_clips=2)))
     result = {}
     for mode, c in zip(args.modes, checkpoints):
         names = {kind: E.row_name(c, kind == "shuffled") for kind in ("true", "shuffled")}
@@ -226,7 +224,7 @@ def main(argv=None):
     train.parse_args(args.train_args)  # a wrong train.py flag stops here, with argparse's message
     root = Path(args.data)
     if not root.exists():  # zoomed, with large markers: hands and keypoints stay visible at 48x80
-        data.write_synthetic(root, episodes=6, test_episodes=3, zoom=ZOOM, marker_scale=MARKER_SCALE)
+        synthetic.write_synthetic(root, episodes=6, test_episodes=3, zoom=ZOOM, marker_scale=MARKER_SCALE)
     if not (root / "stats.json").exists():
         (root / "stats.json").write_text(json.dumps(data.compute_stats(root), indent=1))
     jobs = [(mode, seed, args) for seed in args.seeds for mode in args.modes]

@@ -18,21 +18,24 @@ Departures from the official code, all deliberate:
   `semantic` (extra cross-attention context tokens, see semantic.py). Both default to None; the config's
   `action_mode` builds the first (`mlp` loads the released `robot/action-cond` embedders).
 
-Run `python model.py --benchmark` for speed and memory figures.
+`python model.py --preset cosmos2b` prints a config and its parameter count without allocating memory;
+`python bench.py dit` measures speed and memory, and compares with diffusers.
 """
 
 import argparse
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 import conditioning
+import hub
 import semantic as sem
 
 # -----------------------------------------------------------------------------
@@ -483,58 +486,18 @@ HUB_FILES = {
 
 
 def resolve_file(spec, revision=None, token=None):
-    """A local path, a short name from HUB_FILES, or "org/repo/path/in/repo" -> a local file path.
-
-    Hub files go through huggingface_hub's cache; HF_HUB_OFFLINE=1 and HF_TOKEN work as usual.
-    """
-    if os.path.exists(spec):
+    """A local path (.pt, .safetensors, sharded folder or index .json), a short name from HUB_FILES, or
+    "org/repo/path/in/repo" -> a local file path, through hub.resolve (huggingface_hub's cache, HF_TOKEN,
+    HF_HUB_OFFLINE)."""
+    if os.path.isdir(spec):  # a sharded diffusers checkpoint: hub.read_state_dict reads the folder
         return spec
-    repo, filename = (HUB_REPO, HUB_FILES[spec]) if spec in HUB_FILES else (None, None)
-    if repo is None and spec.count("/") >= 2 and not spec.startswith((".", "/", "~")):
-        org, name, filename = spec.split("/", 2)
-        repo = f"{org}/{name}"
-    if repo is None:
-        raise FileNotFoundError(f"{spec!r} is neither an existing file nor a Hub file. Give a local path, one of "
-                                f"{sorted(HUB_FILES)}, or 'org/repo/path/in/repo'.")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
-    try:
-        return hf_hub_download(repo, filename, revision=revision, token=token)
-    except GatedRepoError as e:
-        raise PermissionError(f"{repo} is gated: accept its licence on https://huggingface.co/{repo} and "
-                              f"log in (`hf auth login` or HF_TOKEN).") from e
-    except (LocalEntryNotFoundError, HfHubHTTPError, FileNotFoundError) as e:
-        raise FileNotFoundError(f"could not get {filename!r} from the Hub repo {repo!r} (revision {revision}): "
-                                f"{type(e).__name__}. Offline, download it first (`hf download {repo} "
-                                f"{filename}`) or pass a local path.") from e
-
-
-def read_state_dict(path):
-    """Tensors of a `.pt`, a `.safetensors`, or a sharded diffusers checkpoint (its index .json or folder)."""
-    if os.path.isdir(path):
-        shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-        if not shards:
-            raise FileNotFoundError(f"no .safetensors files in {path}")
-        paths = [os.path.join(path, f) for f in shards]
-    elif path.endswith(".json"):
-        with open(path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        paths = [os.path.join(os.path.dirname(path), f) for f in shards]
-    elif path.endswith(".safetensors"):
-        paths = [path]
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return sd.get("model", sd) if isinstance(sd, dict) else sd
-    from safetensors.torch import load_file
-    sd = {}
-    for p in paths:
-        sd.update(load_file(p))
-    return sd
+    return hub.resolve(spec, names={k: (HUB_REPO, v) for k, v in HUB_FILES.items()}, what="DiT weights",
+                       where=f"The short names are files of {HUB_REPO}.", revision=revision, token=token)
 
 
 def convert_state_dict(sd, n_blocks):
     """Official (`net.` prefix optional) or diffusers keys -> our keys. Unknown keys are kept as they are,
-    so the strict check in `load_state_dict_checked` names them."""
+    so the strict check (hub.load_strict) names them."""
     sd = {k.removeprefix("net."): v for k, v in sd.items() if not any(s in k for s in IGNORED)}
     fmt = 1 if any(k.startswith("transformer_blocks.") for k in sd) else 0
     rename = {} if fmt else {official: ours for ours, official in ACTION_KEY_MAP.items()}
@@ -553,26 +516,6 @@ def state_dict_as(sd, layout, n_blocks):
         for i in range(n_blocks) if "{i}" in ours else [None]:
             out[names[fmt].format(i=i)] = sd[ours.format(i=i)]
     return out
-
-
-def load_state_dict_checked(model, sd, source="checkpoint", allow_missing=()):
-    """Load with every key and shape checked; one error lists missing, unexpected and mis-shaped tensors.
-
-    allow_missing: key prefixes the checkpoint may lack (new modules initialized by their own code).
-    Uses assign=True, so a model built on the meta device takes the loaded tensors without a second copy.
-    """
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd and not k.startswith(tuple(allow_missing))]
-    unexpected = [k for k in sd if k not in expected]
-    bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-           for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or bad:
-        lines = [f"{source} does not match the model ({type(model).__name__}):"]
-        for title, items in [("missing", missing), ("unexpected", unexpected), ("wrong shape", bad)]:
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
-        raise ValueError("\n".join(lines))
-    model.load_state_dict(sd, strict=False, assign=True)
 
 
 def materialize(module, device, name):
@@ -613,11 +556,11 @@ def load_dit(spec, config=None, revision=None, token=None, device="cpu", dtype=N
                          f"(semantic_dim is {config.semantic_dim})")
     with torch.device("meta"):
         model = DiT(config)
-    sd = convert_state_dict(read_state_dict(path), config.n_blocks)
+    sd = convert_state_dict(hub.read_state_dict(path), config.n_blocks)
     if model.action_cond is None and any(k.startswith("action_cond.") for k in sd):
         raise ValueError(f"{path} holds action-conditioning weights: set the config's action_mode (the released "
                          f"robot/action-cond model: action_mode='mlp', action_dim=7)")
-    load_state_dict_checked(model, sd, source=path, allow_missing=("action_cond.", "semantic."))
+    hub.load_strict(model, sd, source=path, allow_missing=("action_cond.", "semantic."))
     for name in ("action_cond", "semantic"):
         if getattr(model, name) is not None:
             materialize(getattr(model, name), device, name)
@@ -640,8 +583,6 @@ def load_exported(path, device="cpu", dtype=None, base=None):
     An export of a run that trained only the new modules on a pretrained backbone (`--trainable new`) holds
     just those and names the backbone in info["base"]; `base` (a load_dit spec) overrides where it comes from.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
     if not os.path.isfile(path):
         raise FileNotFoundError(f"exported model {path} not found: `python train.py` writes it as "
                                 f"RUN/model.safetensors")
@@ -654,117 +595,19 @@ def load_exported(path, device="cpu", dtype=None, base=None):
     if base:
         model = load_dit(base, c, device=device)
         backbone = tuple(k for k in model.state_dict() if not k.startswith(("action_cond.", "semantic.")))
-        load_state_dict_checked(model, sd, source=str(path), allow_missing=backbone)
+        hub.load_strict(model, sd, source=str(path), allow_missing=backbone)
     else:
         with torch.device("meta"):
             model = DiT(c)
-        load_state_dict_checked(model, sd, source=str(path))
+        hub.load_strict(model, sd, source=str(path))
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False), info
 
 
-# -----------------------------------------------------------------------------
-# benchmark: python model.py --benchmark
-
-
-def diffusers_dit(c, state_dict, device="cpu", dtype=None):
-    """diffusers' CosmosTransformer3DModel configured like c (no padding-mask channel: diffusers resizes that
-    mask with torchvision) holding our weights, for the benchmarks' comparisons. Needs diffusers."""
-    from diffusers import CosmosTransformer3DModel
-    if c.concat_padding_mask:
-        raise ValueError("build the config with concat_padding_mask=False to compare with diffusers")
-    with torch.device(device):
-        ref = CosmosTransformer3DModel(
-            in_channels=c.in_channels + 1, out_channels=c.out_channels, num_attention_heads=c.n_heads,
-            attention_head_dim=c.dim // c.n_heads, num_layers=c.n_blocks, mlp_ratio=c.mlp_ratio,
-            text_embed_dim=c.context_dim, adaln_lora_dim=c.adaln_lora_dim, max_size=c.max_size,
-            patch_size=(c.patch_temporal, c.patch_spatial, c.patch_spatial), rope_scale=c.rope_ratios,
-            concat_padding_mask=False, extra_pos_embed_type=None, use_crossattn_projection=True,
-            crossattn_proj_in_channels=c.text_dim, encoder_hidden_states_channels=c.context_dim).to(dtype)
-    ref.load_state_dict(state_dict_as(state_dict, "diffusers", c.n_blocks))
-    for m in ref.modules():  # the official q/k RMSNorm eps (diffusers uses 1e-5)
-        if getattr(m, "norm_q", None) is not None:
-            m.norm_q.eps = m.norm_k.eps = 1e-6
-    return ref
-
-
-def benchmark(args):
-    device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    # no padding-mask channel, so that diffusers' model (which resizes that mask with torchvision) runs the
-    # same computation without torchvision; it changes the patch embedding's width by 1/18 only
-    config = config_from_preset(args.preset, concat_padding_mask=not args.compare_diffusers)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = DiT(config)
-        for p in model.parameters():  # random everywhere: the zero-initialized layers would make outputs 0
-            nn.init.normal_(p, std=0.02)
-        model.to(dtype)
-    n_params = sum(p.numel() for p in model.parameters())
-    T, H, W, B = args.frames, args.height, args.width, args.batch
-    x = torch.randn(B, config.in_channels, T, H, W, device=device, dtype=dtype)
-    sigma = torch.rand(B, device=device)
-    text = torch.randn(B, args.text_tokens, config.text_dim, device=device, dtype=dtype)
-    tokens = B * T * H * W // (config.patch_spatial**2 * config.patch_temporal)
-    print(f"preset {args.preset}: {n_params / 1e6:.2f}M parameters, {tokens} tokens per forward, "
-          f"{args.dtype} on {device}")
-
-    def timed(fn):
-        for _ in range(args.warmup):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        return (time.perf_counter() - t0) / args.iters, peak
-
-    def report(name, fwd, fwd_bwd):
-        (t_f, _), (t_fb, peak) = timed(fwd), timed(fwd_bwd)
-        print(f"{name}: forward {t_f * 1e3:.1f} ms ({tokens / t_f:,.0f} tokens/s), forward+backward "
-              f"{t_fb * 1e3:.1f} ms ({tokens / t_fb:,.0f} tokens/s), peak memory {peak:.2f} GiB")
-        return t_fb
-
-    ours = lambda: model(x, sigma, text)
-    t_ours = report("ours", torch.no_grad()(ours), lambda: ours().float().square().mean().backward())
-    if args.compare_diffusers:
-        ref = diffusers_dit(config, model.state_dict(), device, dtype)
-        cond = torch.zeros_like(x[:, :1])
-        theirs = lambda: ref(x, sigma.to(dtype), text, condition_mask=cond, return_dict=False)[0]
-        with torch.no_grad():
-            a, b = ours().float(), theirs().float()
-            exact = b
-            if dtype != torch.float32:  # judge both low-precision outputs against an fp32 run of the same weights
-                exact = ref.float()(x.float(), sigma, text.float(), condition_mask=cond.float(), return_dict=False)[0]
-                ref.to(dtype)
-        err = lambda y: f"{((y - exact).norm() / exact.norm()).item():.2e}"
-        print(f"outputs, relative L2 error against fp32: ours {err(a)}, diffusers {err(b)}")
-        t_ref = report("diffusers", torch.no_grad()(theirs), lambda: theirs().float().square().mean().backward())
-        print(f"forward+backward time, ours / diffusers = {t_ours / t_ref:.2f}")
-
-
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Cosmos-Predict2.5 DiT: benchmark or parameter count.")
-    p.add_argument("--benchmark", action="store_true", help="time forward and forward+backward")
+    p = argparse.ArgumentParser(description="Print a DiT preset's config and parameter count (built on the meta "
+                                            "device: no memory). Speed and memory: python bench.py dit.")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="parameter and activation dtype")
-    p.add_argument("--batch", type=int, default=1, help="batch size")
-    p.add_argument("--frames", type=int, default=4, help="latent frames")
-    p.add_argument("--height", type=int, default=36, help="latent height (288 px / 8)")
-    p.add_argument("--width", type=int, default=64, help="latent width (512 px / 8)")
-    p.add_argument("--text-tokens", type=int, default=512, help="text context length")
-    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
-    p.add_argument("--iters", type=int, default=5, help="timed iterations")
-    p.add_argument("--compare-diffusers", action="store_true", help="also time diffusers' model, same config")
-    args = p.parse_args()
-    if args.benchmark:
-        benchmark(args)
-    else:
-        with torch.device("meta"):
-            m = DiT(config_from_preset(args.preset))
-        print(asdict(m.config))
-        print(f"{sum(p.numel() for p in m.parameters()):,} parameters")
+    with torch.device("meta"):
+        m = DiT(config_from_preset(p.parse_args().preset))
+    print(asdict(m.config))
+    print(f"{sum(p.numel() for p in m.parameters()):,} parameters")

@@ -16,24 +16,21 @@ Deliberate changes: frames come in [-1, 1] (the tensors the video tokenizer take
 normalization happens inside; inference only (no mask token, no training-time RoPE coordinate
 augmentation, no gradients); the text normalization runs in fp32 whatever the encoder's dtype.
 
-Benchmark: `python semantic.py --benchmark`. Tests: `pytest test_semantic_draft.py`.
+Speed: `python bench.py dino`. Tests: `python -m pytest -q test_all.py -k Semantic`.
 """
-import argparse
 import hashlib
 import json
 import math
 import os
 import re
-import resource
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors.torch import load_file, save_file
+
+import hub
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -245,27 +242,11 @@ def convert_dino_state_dict(sd):
 
 
 def resolve_dino_file(source=DINO_REPO, token=None, revision=None):
-    """A local file, a folder holding model.safetensors, or a Hub repo id -> local file path."""
-    if os.path.isdir(source):
-        source = os.path.join(source, DINO_FILE)
-    if os.path.isfile(source):
-        return source
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or source.endswith((".pth", ".pt", ".safetensors")):
-        raise FileNotFoundError(f"DINOv3 weights not found: {source!r} is not a file, a folder with "
-                                f"{DINO_FILE}, or a Hub repo id like {DINO_REPO!r}")
-    try:  # honours HF_TOKEN, HF_HUB_CACHE and HF_HUB_OFFLINE
-        return hf_hub_download(source, DINO_FILE, revision=revision, token=token)
-    except (GatedRepoError, RepositoryNotFoundError) as e:
-        raise PermissionError(
-            f"cannot access {source} on the Hugging Face Hub. DINOv3 is gated: accept the licence on "
-            f"https://huggingface.co/{source} with your account, then log in (`hf auth login`, formerly "
-            f"`huggingface-cli login`) or set HF_TOKEN (or pass token=). Or pass a local path to "
-            f"{DINO_FILE} or the original .pth. ({type(e).__name__})") from e
-    except LocalEntryNotFoundError as e:
-        raise FileNotFoundError(
-            f"{source}/{DINO_FILE} is not in the local Hub cache and cannot be downloaded (HF_HUB_OFFLINE=1 "
-            f"or no network). Fetch it once where the Hub is reachable (`hf download {source} {DINO_FILE}`), "
-            f"copy the cache (HF_HUB_CACHE), or pass a local path.") from e
+    """A local file, a folder holding model.safetensors, or a Hub repo id -> local file path (hub.resolve)."""
+    return hub.resolve(source, files=(DINO_FILE,), what="DINOv3 weights", revision=revision, token=token,
+                       where=f"DINOv3 is gated on the Hub: accept the licence on https://huggingface.co/{DINO_REPO} "
+                             f"and log in (`hf auth login`) or set HF_TOKEN; or pass a local path to {DINO_FILE} "
+                             f"or the original .pth.")
 
 
 def load_dino(source=DINO_REPO, preset="vitl16", token=None, revision=None, device=None, dtype=None):
@@ -274,17 +255,9 @@ def load_dino(source=DINO_REPO, preset="vitl16", token=None, revision=None, devi
         raise ValueError(f"unknown DINOv3 preset {preset!r}; choose from {sorted(DINO_PRESETS)}")
     model = DinoV3(DINO_PRESETS[preset] if isinstance(preset, str) else preset)
     path = resolve_dino_file(source, token, revision)
-    sd = load_file(path) if path.endswith(".safetensors") else torch.load(path, "cpu", weights_only=True)
-    sd = convert_dino_state_dict(sd)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    bad = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-           for k in sorted(set(sd) & set(expected)) if sd[k].shape != expected[k].shape]
-    if missing or unexpected or bad:
-        raise ValueError(f"DINOv3 weights in {path} do not fit preset {preset!r} (is it the right preset and "
-                         f"file?):\n  missing: {missing}\n  unexpected: {unexpected}\n  bad shapes: {bad}")
-    model.load_state_dict(sd, strict=True)
+    sd = convert_dino_state_dict(hub.read_state_dict(path))
+    hub.load_strict(model, sd, source=f"DINOv3 weights in {path}",
+                    hint=f" of preset {preset!r} (is it the right preset and file?)")
     return model.to(device=device, dtype=dtype)
 
 
@@ -403,8 +376,8 @@ class TextEmbedder:
             if path:
                 os.makedirs(self.cache_dir, exist_ok=True)
                 meta = {"prompt": prompt, "encoder": self.encoder_id}  # for people browsing the cache
-                save_file({"embedding": emb}, path + ".tmp", metadata=meta)
-                os.replace(path + ".tmp", path)  # atomic: data workers may race on the same prompt
+                # atomic: data workers may race on the same prompt
+                hub.atomic_save(path, lambda tmp: save_file({"embedding": emb}, tmp, metadata=meta))
         else:
             raise FileNotFoundError(f"no cached text embedding for {prompt!r} (encoder {self.encoder_id}) in "
                                     f"{self.cache_dir}: pass encoder=TextEncoder.from_pretrained() to "
@@ -455,49 +428,3 @@ class SemanticProjector(nn.Module):
             raise ValueError(f"expected DINOv3 features (B, P, {self.proj.in_features}), "
                              f"got {tuple(feats.shape)}")
         return self.injection_weight * self.proj(feats.to(self.proj.weight.dtype))
-
-
-# ------------------------------------------------------------------------------------------------
-# Benchmark
-
-def benchmark(args):
-    dtype, cuda = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype], args.device == "cuda"
-    if args.weights:
-        model, what = load_dino(args.weights, args.preset, device=args.device, dtype=dtype), args.weights
-    else:
-        model, what = DinoV3(DINO_PRESETS[args.preset]).to(args.device, dtype), "RANDOM weights (speed only)"
-    print(f"DINOv3 {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {what}, "
-          f"{args.device} {args.dtype}, batch {args.batch} x {args.height}x{args.width} "
-          f"-> {(args.height // 16) * (args.width // 16)} patch tokens per image")
-    frames = torch.rand(args.batch, 3, args.height, args.width, device=args.device) * 2 - 1
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for _ in range(args.warmup):
-        model(frames)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.iters):
-        feats = model(frames)
-    sync()
-    dt = time.perf_counter() - t0
-    peak = (f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else
-            f"peak process RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-    print(f"features {tuple(feats.shape)}: {args.batch * args.iters / dt:.2f} images/s "
-          f"({dt / args.iters * 1000:.0f} ms per batch), {peak}")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--benchmark", action="store_true", help="measure DINOv3 images/s and peak memory")
-    parser.add_argument("--preset", default="vitl16", choices=sorted(DINO_PRESETS), help="DINOv3 size")
-    parser.add_argument("--weights", help="Hub repo id or local file to load (default: random weights)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to run on")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and activations")
-    parser.add_argument("--height", type=int, default=288, help="frame height, a multiple of 16")
-    parser.add_argument("--width", type=int, default=512, help="frame width, a multiple of 16")
-    parser.add_argument("--batch", type=int, default=1, help="frames per forward pass")
-    parser.add_argument("--iters", type=int, default=3, help="timed forward passes")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed forward passes first")
-    args = parser.parse_args()
-    if not args.benchmark:
-        parser.error("nothing to do: pass --benchmark")
-    benchmark(args)

@@ -23,18 +23,17 @@ What we deliberately change:
 - RMS normalization runs in fp32 for bf16/fp16 inputs (as in diffusers);
 - spatial tiling is a weighted average with linear ramps over the overlaps (diffusers blends, then crops).
 
-    python tokenizer.py --benchmark --device cuda --dtype bf16 --frames 13 61
+Speed and memory: `python bench.py vae --device cuda --dtype bf16 --frames 13 61`.
 """
 
-import argparse
-import os
 import re
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import hub
 
 TEMPORAL = 4  # pixel frames per latent frame, after the first
 CACHE_T = 2  # frames of its input each causal conv carries to the next chunk (its time kernel is 3)
@@ -319,37 +318,8 @@ def diffusers_key(key: str, num_res_blocks: int = 2) -> str:
 def resolve_weights(weights: str, filename=None, revision=None, token=None) -> str:
     """A local file, a local directory holding a known file, or a Hub repo id ('org/name'; its file
     `filename`, default tokenizer.pth, fetched by huggingface_hub: cache, token, HF_HUB_OFFLINE) -> a path."""
-    weights = os.path.expanduser(str(weights))
-    if os.path.isfile(weights):
-        return weights
-    if os.path.isdir(weights):
-        for name in (filename,) if filename else KNOWN_FILES:
-            if os.path.isfile(os.path.join(weights, name)):
-                return os.path.join(weights, name)
-        raise FileNotFoundError(f"none of {filename or KNOWN_FILES} in {weights}. {WHERE_TO_GET}")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", weights) or weights.endswith((".pth", ".pt", ".safetensors")):
-        raise FileNotFoundError(f"no weights file {weights}. {WHERE_TO_GET}")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
-
-    try:
-        return hf_hub_download(weights, filename or HUB_FILE, revision=revision, token=token)
-    except (EntryNotFoundError, HfHubHTTPError, HFValidationError) as e:
-        raise FileNotFoundError(f"could not get {filename or HUB_FILE} from the Hub repo {weights} "
-                                f"({type(e).__name__}: {str(e).splitlines()[0]}). {WHERE_TO_GET}") from e
-
-
-def load_checkpoint(path: str) -> dict:
-    """A flat {name: tensor} dict from a .safetensors file or a torch.save'd .pth/.pt file."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{path} is not a flat state dict of tensors (the layout of Wan2.1_VAE.pth)")
-    return sd
+    return hub.resolve(weights, files=(filename,) if filename else KNOWN_FILES,
+                       what="Wan2.1 VAE weights", where=WHERE_TO_GET, revision=revision, token=token)
 
 
 def _tile_starts(size, tile, overlap):
@@ -418,19 +388,11 @@ class WanVAE(nn.Module):
         """Load the original layout (Wan2.1_VAE.pth, Cosmos tokenizer.pth) or diffusers' safetensors,
         strictly: one error lists every missing key, unexpected key and bad shape, in the file's names."""
         path = resolve_weights(weights, filename, revision, token)
-        sd, ours = load_checkpoint(path), self.state_dict()
+        sd, ours = hub.read_state_dict(path), self.state_dict()
         diffusers = any(k.startswith(("quant_conv.", "encoder.down_blocks.")) for k in sd)
         name = {k: diffusers_key(k, self.config.num_res_blocks) if diffusers else k for k in ours}
-        problems = {
-            "missing keys": [name[k] for k in ours if name[k] not in sd],
-            "unexpected keys": sorted(set(sd) - set(name.values())),
-            "bad shapes": [f"{name[k]} {tuple(sd[name[k]].shape)} (expected {tuple(v.shape)})"
-                           for k, v in ours.items() if name[k] in sd and sd[name[k]].shape != v.shape]}
-        if any(problems.values()):
-            raise ValueError(f"{path} ({'diffusers' if diffusers else 'original'} layout) does not fit the "
-                             f"Wan VAE {self.config}: " + "; ".join(
-                                 f"{len(ks)} {what}: {', '.join(ks[:8])}{' ...' if len(ks) > 8 else ''}"
-                                 for what, ks in problems.items() if ks))
+        hub.check_state_dict({name[k]: v for k, v in ours.items()}, sd, source=path, target=f"the Wan VAE "
+                             f"{self.config}", hint=f" ({'diffusers' if diffusers else 'original'} layout)")
         self.load_state_dict({k: sd[name[k]] for k in ours})
         return self
 
@@ -548,79 +510,3 @@ def build_tokenizer(name: str, **kwargs) -> nn.Module:
     load = {k: kwargs.pop(k) for k in ("filename", "revision", "token") if k in kwargs}
     vae = WanVAE(**kwargs)
     return vae.load_weights(weights, **load) if weights else vae
-
-
-# ---------------------------------------------------------------------------------------------------------
-# benchmark
-
-
-def _memory(device, reset=False):  # (bytes in use, peak bytes since the last reset)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
-    if not os.path.exists("/proc/self/clear_refs"):
-        return 0, 0  # no resettable peak counter on this system: memory reads as 0
-    if reset:  # Linux: writing 5 resets the peak resident set size of this process
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-    return int(status["VmRSS"].split()[0]) * 1024, int(status["VmHWM"].split()[0]) * 1024
-
-
-def _measure(fn, device):  # (output, seconds, peak bytes, working bytes = peak - before - output)
-    before, _ = _memory(device, reset=True)
-    t0 = time.perf_counter()
-    out = fn()
-    _, peak = _memory(device)
-    return out, time.perf_counter() - t0, peak, peak - before - out.numel() * out.element_size()
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Time the video tokenizer's encode and decode, with peak memory.")
-    p.add_argument("--benchmark", action="store_true", help="run the benchmark (the only action)")
-    p.add_argument("--tokenizer", default="wan2.1", choices=TOKENIZERS, help="which tokenizer to time")
-    p.add_argument("--config", default="full", choices=sorted(WAN_PRESETS), help="Wan VAE size preset")
-    p.add_argument("--weights", help="weights path or Hub repo id (default: random, which times the same)")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and activations dtype")
-    p.add_argument("--frames", type=int, nargs="+", default=[13], help="clip lengths (4k + 1), e.g. 13 61")
-    p.add_argument("--height", type=int, default=288, help="frame height in pixels")
-    p.add_argument("--width", type=int, default=512, help="frame width in pixels")
-    p.add_argument("--batch", type=int, default=1, help="clips per call")
-    p.add_argument("--tile-size", type=int, default=0, help="spatial tile size in pixels (0: no tiling)")
-    p.add_argument("--tile-overlap", type=int, default=64, help="overlap of neighbouring tiles in pixels")
-    p.add_argument("--warmup", type=int, default=1, help="untimed 5-frame encode/decode runs first")
-    args = p.parse_args(argv)
-    if not args.benchmark:
-        p.error("nothing to do: pass --benchmark")
-    device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    if args.tokenizer == "pixel":
-        tok = build_tokenizer("pixel")
-    else:
-        tok = build_tokenizer("wan2.1", config=args.config, weights=args.weights,
-                              tile_size=args.tile_size, tile_overlap=args.tile_overlap)
-    tok = tok.to(device, dtype).eval()
-    what = "weightless" if args.tokenizer == "pixel" else f"{args.config}, {args.weights or 'random'} weights"
-    print(f"{args.tokenizer} ({what}, {sum(t.numel() for t in tok.parameters()) / 1e6:.1f}M parameters), "
-          f"{device} {args.dtype}, {args.batch}x{args.height}x{args.width}, "
-          f"{torch.get_num_threads()} threads")
-
-    def video(T):
-        return (torch.rand(args.batch, 3, T, args.height, args.width, device=device) * 2 - 1).to(dtype)
-
-    for _ in range(args.warmup):
-        tok.decode(tok.encode(video(5)))
-    for T in args.frames:
-        x, mib = video(T), 2**20
-        z, enc_s, enc_peak, enc_work = _measure(lambda: tok.encode(x), device)
-        _, dec_s, dec_peak, dec_work = _measure(lambda: tok.decode(z), device)
-        print(f"T={T:3d} ({z.shape[2]} latent frames) | encode {args.batch * T / enc_s:7.2f} frames/s, peak "
-              f"{enc_peak / mib:6.0f} MiB, working {enc_work / mib:5.0f} MiB | decode "
-              f"{args.batch * T / dec_s:7.2f} frames/s, peak {dec_peak / mib:6.0f} MiB, working "
-              f"{dec_work / mib:5.0f} MiB")
-
-
-if __name__ == "__main__":
-    main()

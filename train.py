@@ -12,6 +12,9 @@ What it follows:
   `MixedPrecisionPolicy(bf16 params, fp32 reduce)` instead of autocast; the optimizer is built after
   sharding; the pretrained backbone is built on the meta device and loaded without a second copy
   (`model.load_dit`); checkpoints go through DCP (`torch.distributed.checkpoint`), which reshards on load.
+  Its `train_step`/`train` for the shape of the loop: named stages (`build`, `describe`, `open_run`,
+  `train_step`, `log_metrics`, `checkpoint`, `finish`) that share one small `Trainer` state, and the step's
+  statistics as a named `StepStats` reduced over the ranks in one all_reduce.
 - facebookresearch/DiT and karpathy/nanoGPT for the shape of the script: named presets feeding argparse,
   numbered run directories, a rank-0 progress bar, the lr as a plain function of the step, derived
   quantities (parameters, tokens per step) printed at startup. nanochat for the torchrun-or-plain-python
@@ -29,7 +32,8 @@ What it deliberately changes:
   export holds the EMA, the preview rollouts show the online weights.
 - SIGTERM/SIGINT (clusters signal every process of a job) finish the current step on every rank, write a
   checkpoint and exit 0; data loader workers ignore them so that the step can finish.
-- `--benchmark` times the DiT's training step on random latents (tokenizer, text and DINOv3 excluded).
+- no benchmark flag: `python bench.py train` times `train_step` on random latents (tokenizer, text and DINOv3
+  excluded), on a model made by the same `build`, with `load=False`.
 """
 
 import argparse
@@ -39,7 +43,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,110 +55,82 @@ from tqdm import tqdm
 
 import conditioning
 import data
+import hub
 import model as M
 import semantic as sem
+import synthetic
 import tokenizer as tok
 
 # -----------------------------------------------------------------------------
-# the configuration: one dataclass, two named presets, one argparse flag per field
+# the configuration: one dataclass whose fields carry their help and choices, two named presets, one argparse
+# flag per field
+
+
+def opt(default, help, choices=None):
+    """A config field with its command-line help and choices beside its default."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class TrainConfig:
-    model: str = "tiny"  # model.PRESETS
-    dim: int = 0
-    blocks: int = 0
-    action_mode: str = "dexac"
-    semantic: bool = False
-    init: str = ""
-    trainable: str = "all"
-    tokenizer: str = "pixel"
-    tokenizer_weights: str = ""
-    pixel_compression: int = 2
-    pixel_mean: float = -0.05
-    pixel_std: float = 0.17
-    text: str = "none"
-    text_cache: str = ""
-    text_tokens: int = 16
-    dino: str = ""
-    data: str = "data/synthetic"
-    stats: str = ""
-    synthetic: bool = True
-    height: int = 64
-    width: int = 112
-    frames: int = 9
-    cond_frames: int = 1
-    workers: int = 1
-    steps: int = 200
-    batch_size: int = 4
-    micro_batch: int = 4
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    schedule: str = "cosine"
-    warmup: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    ema: float = 0.995
-    shift: float = 5.0
-    ac: bool = False
-    seed: int = 0
-    out: str = "runs"
-    ckpt_every: int = 100
-    keep: int = 2
-    log_every: int = 10
-    preview_every: int = 100
-    preview_steps: int = 12
-    export_dtype: str = "bf16"
+    model: str = opt("tiny", f"DiT size preset, one of {sorted(M.PRESETS)}", sorted(M.PRESETS))
+    dim: int = opt(0, "override the preset's DiT width (0: keep it); the heads stay, so keep dim / heads >= 12")
+    blocks: int = opt(0, "override the preset's number of DiT blocks (0: keep it)")
+    action_mode: str = opt("dexac", "action conditioning: none or a conditioning.MODES entry (dexac, dexac-time, "
+                           "mlp, ...)", ["none", *conditioning.MODES])
+    semantic: bool = opt(False, "add DINOv3 features of the first frame to the cross-attention context "
+                         "(semantic.py)")
+    init: str = opt("", "pretrained backbone: a local file or a Hub spec for model.load_dit ('' trains from "
+                    "scratch)")
+    trainable: str = opt("all", "'all' parameters or only the 'new' modules (action conditioning, semantic "
+                         "projector)", ["all", "new"])
+    tokenizer: str = opt("pixel", f"video tokenizer, one of {tok.TOKENIZERS} (pixel: weightless, for the CPU)",
+                         list(tok.TOKENIZERS))
+    tokenizer_weights: str = opt("", "Wan2.1 VAE weights: a path or Hub repo id ('' = random, for tests and "
+                                 "timing)")
+    pixel_compression: int = opt(2, "spatial compression s of the pixel tokenizer (12 s^2 channels per latent "
+                                 "pixel; keep 4 x 12 s^2 <= the DiT width, or a 2x2 patch cannot even carry the "
+                                 "noise through)")
+    pixel_mean: float = opt(-0.05, "pixel tokenizer latents are (pixel - mean) / std, pixels in [-1, 1] "
+                            "(defaults: the synthetic data's; set your data's)")
+    pixel_std: float = opt(0.17, "see --pixel-mean: unit-variance latents, as the VAE's; raw pixels (std 0.17 "
+                           "here) train far slower")
+    text: str = opt("none", "text context: 'none' (one fixed embedding) or 'reason1' (cached Cosmos-Reason1 "
+                    "embeddings)", ["none", "reason1"])
+    text_cache: str = opt("", "directory of cached Cosmos-Reason1 prompt embeddings (text reason1)")
+    text_tokens: int = opt(16, "text context length (512 for the released model)")
+    dino: str = opt("", "DINOv3 weights for --semantic: a Hub repo or a local file")
+    data: str = opt("data/synthetic", "EgoDex / EgoVerse root, or a latent cache directory (`python data.py "
+                    "cache`)")
+    stats: str = opt("", "action statistics file (default: DATA/stats.json)")
+    synthetic: bool = opt(True, "write the synthetic dataset and its statistics to DATA when they are absent")
+    height: int = opt(64, "frame height in pixels (a multiple of 16)")
+    width: int = opt(112, "frame width in pixels (a multiple of 16)")
+    frames: int = opt(9, "frames per clip, 4k + 1 (13 -> 4 latent frames, 12 actions)")
+    cond_frames: int = opt(1, "latent frames given clean as the condition (1: the first frame)")
+    workers: int = opt(1, "data loader processes per rank")
+    steps: int = opt(200, "optimizer steps in total")
+    batch_size: int = opt(4, "global batch in clips per optimizer step (= micro_batch x accumulation x ranks)")
+    micro_batch: int = opt(4, "clips per rank per forward pass")
+    lr: float = opt(1e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = opt(0.1, "final lr / peak lr of the cosine schedule")
+    schedule: str = opt("cosine", "lr after warmup: 'constant' or 'cosine'", ["constant", "cosine"])
+    warmup: int = opt(20, "linear warmup steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay on matrices (not on norms, biases, embeddings of size "
+                              "< 2D)")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+    ema: float = opt(0.995, "EMA decay of the trainable weights (the export holds the EMA)")
+    shift: float = opt(5.0, "sigma shift of the training noise levels (Cosmos: 5)")
+    ac: bool = opt(False, "activation checkpointing per DiT block")
+    seed: int = opt(0, "seed of the initialization, the data order and the noise")
+    out: str = opt("runs", "parent directory of the numbered run directories")
+    ckpt_every: int = opt(100, "write a DCP checkpoint every N steps (and on SIGTERM/SIGINT, and at the end)")
+    keep: int = opt(2, "keep the last K checkpoints")
+    log_every: int = opt(10, "write a metrics line and update the loss curve every N steps")
+    preview_every: int = opt(100, "write a preview rollout every N steps (0: only at the end)")
+    preview_steps: int = opt(12, "sampler steps of the preview rollout")
+    export_dtype: str = opt("bf16", "dtype of the exported EMA weights: bf16 or fp32", ["bf16", "fp32"])
 
-
-HELP = {
-    "model": f"DiT size preset, one of {sorted(M.PRESETS)}",
-    "dim": "override the preset's DiT width (0: keep it); the heads stay, so keep dim / heads >= 12",
-    "blocks": "override the preset's number of DiT blocks (0: keep it)",
-    "action_mode": "action conditioning: none or a conditioning.MODES entry (dexac, dexac-time, mlp, ...)",
-    "semantic": "add DINOv3 features of the first frame to the cross-attention context (semantic.py)",
-    "init": "pretrained backbone: a local file or a Hub spec for model.load_dit ('' trains from scratch)",
-    "trainable": "'all' parameters or only the 'new' modules (action conditioning, semantic projector)",
-    "tokenizer": f"video tokenizer, one of {tok.TOKENIZERS} (pixel: weightless, for the CPU)",
-    "pixel_compression": "spatial compression s of the pixel tokenizer (12 s^2 channels per latent pixel; keep "
-                         "4 x 12 s^2 <= the DiT width, or a 2x2 patch cannot even carry the noise through)",
-    "pixel_mean": "pixel tokenizer latents are (pixel - mean) / std, pixels in [-1, 1] (defaults: the synthetic "
-                  "data's; set your data's)",
-    "pixel_std": "see --pixel-mean: unit-variance latents, as the VAE's; raw pixels (std 0.17 here) train far slower",
-    "tokenizer_weights": "Wan2.1 VAE weights: a path or Hub repo id ('' = random, for tests and timing)",
-    "text": "text context: 'none' (one fixed embedding) or 'reason1' (cached Cosmos-Reason1 embeddings)",
-    "text_cache": "directory of cached Cosmos-Reason1 prompt embeddings (text reason1)",
-    "text_tokens": "text context length (512 for the released model)",
-    "dino": "DINOv3 weights for --semantic: a Hub repo or a local file",
-    "data": "EgoDex / EgoVerse root, or a latent cache directory (`python data.py cache`)",
-    "stats": "action statistics file (default: DATA/stats.json)",
-    "synthetic": "write the synthetic dataset and its statistics to DATA when they are absent",
-    "height": "frame height in pixels (a multiple of 16)",
-    "width": "frame width in pixels (a multiple of 16)",
-    "frames": "frames per clip, 4k + 1 (13 -> 4 latent frames, 12 actions)",
-    "cond_frames": "latent frames given clean as the condition (1: the first frame)",
-    "workers": "data loader processes per rank",
-    "steps": "optimizer steps in total",
-    "batch_size": "global batch in clips per optimizer step (= micro_batch x accumulation x ranks)",
-    "micro_batch": "clips per rank per forward pass",
-    "lr": "peak learning rate (AdamW)",
-    "min_lr_ratio": "final lr / peak lr of the cosine schedule",
-    "schedule": "lr after warmup: 'constant' or 'cosine'",
-    "warmup": "linear warmup steps",
-    "weight_decay": "AdamW weight decay on matrices (not on norms, biases, embeddings of size < 2D)",
-    "grad_clip": "clip the global gradient norm to this (0: off)",
-    "ema": "EMA decay of the trainable weights (the export holds the EMA)",
-    "shift": "sigma shift of the training noise levels (Cosmos: 5)",
-    "ac": "activation checkpointing per DiT block",
-    "seed": "seed of the initialization, the data order and the noise",
-    "out": "parent directory of the numbered run directories",
-    "ckpt_every": "write a DCP checkpoint every N steps (and on SIGTERM/SIGINT, and at the end)",
-    "keep": "keep the last K checkpoints",
-    "log_every": "write a metrics line and update the loss curve every N steps",
-    "preview_every": "write a preview rollout every N steps (0: only at the end)",
-    "preview_steps": "sampler steps of the preview rollout",
-    "export_dtype": "dtype of the exported EMA weights: bf16 or fp32",
-}
 
 PRESETS = {
     # the CPU default: tiny DiT with DexAC on synthetic data, a few minutes on 2 cores
@@ -168,10 +144,6 @@ PRESETS = {
                          ac=True, ckpt_every=500, keep=3, preview_every=1000, preview_steps=35),
 }
 
-CHOICES = {"model": sorted(M.PRESETS), "action_mode": ["none", *conditioning.MODES],
-           "trainable": ["all", "new"], "tokenizer": list(tok.TOKENIZERS), "text": ["none", "reason1"],
-           "schedule": ["constant", "cosine"], "export_dtype": ["bf16", "fp32"]}
-
 # fields that define the model and its inputs: a checkpoint made with others cannot be resumed
 MUST_MATCH = ("model", "action_mode", "semantic", "trainable", "tokenizer", "pixel_compression", "pixel_mean",
               "pixel_std", "text",
@@ -182,28 +154,33 @@ class ConfigError(Exception):
     """A problem with the command line, the checkpoint or the run directory the user must fix."""
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train the DexAC-WM world model (DiT on video latents).")
+def add_config_flags(p):
+    """--preset and one flag per TrainConfig field, with the help and choices the field carries."""
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
                    help="cpu: the tiny DexAC DiT on synthetic data, minutes on 2 cores; paper: cosmos2b on "
                    "EgoDex, 8 GPUs, batch 64. Flags override the preset")
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[f.name])
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
-            p.add_argument(flag, type=f.type, default=None, choices=CHOICES.get(f.name), help=HELP[f.name])
+            p.add_argument(flag, type=f.type, default=None, choices=f.metadata["choices"], help=help)
+
+
+def config_from_flags(args):
+    """The preset, overridden by the flags given."""
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    return replace(PRESETS[args.preset], **overrides)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train the DexAC-WM world model (DiT on video latents).")
+    add_config_flags(p)
     p.add_argument("--resume", default="", help="run directory (or one of its checkpoints) to continue")
     p.add_argument("--exit-after", type=int, default=0, help="checkpoint and stop after N steps of this call")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--benchmark", action="store_true", help="time training steps on random inputs; no files")
-    p.add_argument("--bench-steps", type=int, default=5, help="timed steps of --benchmark (after 2 warmup)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s per device for MFU "
-                   "(H100 SXM bf16: 989)")
     args = p.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-                 if getattr(args, f.name) is not None}
-    return replace(PRESETS[args.preset], **overrides), args
+    return config_from_flags(args), args
 
 
 # -----------------------------------------------------------------------------
@@ -345,15 +322,15 @@ def rank0_first(rank, fn):
 
 def prepare_data(cfg, rank):
     """Write the synthetic dataset and its statistics when asked and absent, index the root once (rank 0),
-    then check the statistics everywhere."""
+    then check the statistics everywhere. -> the statistics file."""
     root, stats = Path(cfg.data), Path(cfg.stats or Path(cfg.data) / "stats.json")
 
     def on_rank0():
         if cfg.synthetic and not root.exists():
             print(f"writing the synthetic dataset to {root}")
-            data.write_synthetic(root)
+            synthetic.write_synthetic(root)
         if cfg.synthetic and not stats.exists():
-            stats.write_text(json.dumps(data.compute_stats(root), indent=1))
+            hub.atomic_write(stats, json.dumps(data.compute_stats(root), indent=1))
             print(f"wrote action statistics to {stats}")
         if (root / data.CACHE_MANIFEST).is_file():
             m = json.loads((root / data.CACHE_MANIFEST).read_text())
@@ -368,7 +345,7 @@ def prepare_data(cfg, rank):
             data.load_index(root)  # ranks > 0 then read the cached index
         data.load_stats(stats)  # a missing file or another layout: one clear error
     rank0_first(rank, on_rank0)
-    return root, stats
+    return stats
 
 
 def ignore_signals(worker_id):
@@ -456,7 +433,7 @@ def checkpoint_state(model, optimizer, ema):
     return {"model": msd, "optim": osd, "ema": ema}
 
 
-def save_checkpoint(run, step, model, optimizer, ema, meta, rank, keep):
+def save_checkpoint(run, step, *, model, optimizer, ema, meta, rank, keep):
     ckpts = run / "checkpoints"
     final, tmp = ckpts / f"step_{step:07d}", ckpts / f"step_{step:07d}.tmp"
     if rank == 0 and tmp.exists():
@@ -484,7 +461,7 @@ def find_checkpoint(path):
     return found[-1]
 
 
-def load_checkpoint(path, cfg, mcfg, model, optimizer, ema):
+def load_checkpoint(path, *, cfg, mcfg, model, optimizer, ema):
     from torch.distributed.checkpoint.state_dict import set_state_dict
     meta = json.loads((path / "meta.json").read_text())
     dit = json.loads(json.dumps(asdict(mcfg)))  # tuples as lists, as in the file
@@ -506,7 +483,7 @@ def load_checkpoint(path, cfg, mcfg, model, optimizer, ema):
 # export: one safetensors file, EMA weights, with everything sample.py needs in its metadata
 
 
-def export(path, model, ema, cfg, mcfg, stats_path, step, rank, dtype):
+def export(path, *, model, ema, cfg, mcfg, stats_path, step, rank, dtype):
     """Gather the full weights (a collective: every rank calls it); rank 0 writes the file."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -533,14 +510,12 @@ def export(path, model, ema, cfg, mcfg, stats_path, step, rank, dtype):
                           "pixel_compression": cfg.pixel_compression, "pixel_mean": cfg.pixel_mean,
                           "pixel_std": cfg.pixel_std},
             "text": {"mode": cfg.text, "tokens": cfg.text_tokens}}
-    save_file(out, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
-    return path
+    # atomic: a run counts as done once its export exists (miniature.py)
+    return hub.atomic_save(path, lambda tmp: save_file(out, tmp, metadata={k: json.dumps(v) for k, v in meta.items()}))
 
 
 # -----------------------------------------------------------------------------
-# observability: metrics lines, the loss curve and the preview contact sheet, with PIL only
-
-SIGMA_BINS = 5  # loss per noise level, [0, 0.2), ..., [0.8, 1]
+# observability: the loss curve and the preview contact sheet, with PIL only
 
 
 def plot_losses(path, steps, losses):
@@ -583,19 +558,19 @@ def preview_clip(cfg):
 
 
 @torch.no_grad()
-def preview(path, model, clip, frozen, cfg, device, dtype):
+def preview(t, path, clip):
     """Roll the model out from the clip's first frame and actions; the sheet shows truth over prediction.
     Every rank runs the sampler (the sharded forward is a collective); the caller's rank 0 keeps the file."""
-    tokenizer = frozen[0]
-    x0, text, actions, feats = encode_batch(clip, *frozen, device)
+    cfg, device = t.cfg, t.device
+    x0, text, actions, feats = encode_batch(clip, t.tokenizer, *t.context, device)
     mask = torch.zeros(1, x0.shape[2], device=device)
     mask[:, :cfg.cond_frames] = 1
     g = torch.Generator(device).manual_seed(cfg.seed)
     noise = torch.randn(x0.shape, generator=g, device=device)
-    fn = lambda x, s: model(x.to(dtype), s, text, mask, actions=actions, image_features=feats).float()
+    fn = lambda x, s: t.model(x.to(t.dtype), s, text, mask, actions=actions, image_features=feats).float()
     x = M.sample(fn, noise, M.shifted_sigmas(cfg.preview_steps, cfg.shift), x_cond=x0, frame_mask=mask)
-    pred = tokenizer.decode(x).float()
-    truth = clip["video"][0].float() / 127.5 - 1 if "video" in clip else tokenizer.decode(x0)[0].float()
+    pred = t.tokenizer.decode(x).float()
+    truth = clip["video"][0].float() / 127.5 - 1 if "video" in clip else t.tokenizer.decode(x0)[0].float()
     data.contact_sheet(path, [data.to_frames(truth), data.to_frames(pred[0])], ["ground truth", "predicted"])
 
 
@@ -614,12 +589,44 @@ def flops_per_clip(mcfg, x_shape, text_tokens, n_patches):
 
 
 # -----------------------------------------------------------------------------
-# the training loop
+# the stages of a run: build, describe, open_run, then train_step / log_metrics / checkpoint, and finish
 
 
-def train(cfg, args):
-    rank, world, device = setup_distributed(args.device)
-    log = print if rank == 0 else (lambda *a, **k: None)
+@dataclass
+class Trainer:
+    """What the stages share: made once by `build`; the stages step its model, optimizer and EMA."""
+    cfg: TrainConfig
+    mcfg: M.DiTConfig
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype  # the DiT's compute dtype: bf16 on GPUs, fp32 on the CPU
+    accum: int  # micro-batches per rank per optimizer step
+    tokenizer: torch.nn.Module
+    context: tuple | None  # (text embedder, DINOv3 or None); None when built without `load`
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: dict
+    stats: Path | None  # the action statistics file; None when built without `load`
+    latent: tuple  # (B, C, T', H', W') of one micro-batch
+    frame_mask: torch.Tensor  # (B, T'): 1 on the latent frames given clean as the condition
+
+    @property
+    def tokens_per_step(self):
+        _, _, T, H, W = self.latent
+        return T * (H // self.mcfg.patch_spatial) * (W // self.mcfg.patch_spatial) * self.cfg.batch_size
+
+    @property
+    def n_patches(self):
+        return (self.cfg.height // 16) * (self.cfg.width // 16)  # DINOv3 ViT-L/16 features of one frame
+
+    def log(self, *args):
+        if self.rank == 0:
+            print(*args)
+
+
+def check_config(cfg, world):
+    """-> micro-batches per rank per step, after the checks of what the flags can get wrong."""
     if cfg.height % 16 or cfg.width % 16 or (cfg.frames - 1) % tok.TEMPORAL:
         raise ConfigError(f"frames {cfg.frames} must be 4k + 1 and {cfg.height}x{cfg.width} multiples of 16")
     accum, rest = divmod(cfg.batch_size, cfg.micro_batch * world)
@@ -628,182 +635,246 @@ def train(cfg, args):
                           f"x {world} ranks")
     if min(cfg.keep, cfg.ckpt_every, cfg.log_every) < 1 or not 0 < cfg.cond_frames <= (cfg.frames - 1) // 4:
         raise ConfigError("--keep, --ckpt-every, --log-every must be >= 1; 1 <= --cond-frames < latent frames")
+    return accum
+
+
+def build(cfg, device, *, load=True):
+    """The data, tokenizer, sharded model, optimizer, EMA and text/DINOv3 context, in the process group.
+    Without `load` nothing is read or downloaded (no data, statistics, weights or --init): random weights time the
+    same as pretrained ones (`python bench.py train`)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    accum = check_config(cfg, world)
     torch.manual_seed(cfg.seed)
-    if args.benchmark:  # random weights time the same as pretrained ones, and nothing is downloaded
-        cfg = replace(cfg, init="")
-    else:
-        root, stats_path = prepare_data(cfg, rank)
-    tokenizer = build_tokenizer(cfg, device, load=not args.benchmark)
+    cfg = cfg if load else replace(cfg, init="")
+    stats = prepare_data(cfg, rank) if load else None
+    tokenizer = build_tokenizer(cfg, device, load=load)
     mcfg = model_config(cfg, tokenizer.latent_channels)
     model = build_model(cfg, mcfg, device)
-    if model.action_cond is not None:
-        if args.benchmark:
-            model.action_cond.set_stats(torch.zeros(mcfg.action_dim), torch.ones(mcfg.action_dim))
-        else:
-            model.action_cond.set_stats(*data.load_stats(stats_path), data.action_layout())
+    if model.action_cond is not None and load:
+        model.action_cond.set_stats(*data.load_stats(stats), data.action_layout())
+    elif model.action_cond is not None:
+        model.action_cond.set_stats(torch.zeros(mcfg.action_dim), torch.ones(mcfg.action_dim))
     set_trainable(model, cfg.trainable)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dtype = parallelize(model, device, cfg.ac)
     optimizer = build_optimizer(model, cfg)
     ema = {clean(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    frozen = None if args.benchmark else (tokenizer, *build_context(cfg, mcfg, device))
-
-    T_lat = 1 + (cfg.frames - 1) // tok.TEMPORAL
-    s = tokenizer.spatial_compression
-    latent = (cfg.micro_batch, mcfg.in_channels, T_lat, cfg.height // s, cfg.width // s)
-    tokens_per_clip = T_lat * (cfg.height // s // mcfg.patch_spatial) * (cfg.width // s // mcfg.patch_spatial)
-    tokens_per_step = tokens_per_clip * cfg.batch_size
-    n_patches = (cfg.height // 16) * (cfg.width // 16)  # DINOv3 ViT-L/16 features of one frame
-    flops_clip = flops_per_clip(mcfg, latent, cfg.text_tokens, n_patches)
-    log(json.dumps({"train": asdict(cfg), "model": asdict(mcfg)}, indent=1, default=str))
-    log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trainable), {world} rank(s) on {device.type}, "
-        f"{str(dtype).removeprefix('torch.')} compute; latents {latent[1:]} per clip, {tokens_per_clip} tokens "
-        f"per clip, {tokens_per_step:,} per step (batch {cfg.batch_size} = {cfg.micro_batch} x {accum} accum "
-        f"x {world} ranks); {flops_clip * cfg.batch_size / 1e12:.3f} TFLOP per step")
-
-    frame_mask = torch.zeros(cfg.micro_batch, T_lat, device=device)
+    context = build_context(cfg, mcfg, device) if load else None
+    T, s = 1 + (cfg.frames - 1) // tok.TEMPORAL, tokenizer.spatial_compression
+    frame_mask = torch.zeros(cfg.micro_batch, T, device=device)
     frame_mask[:, :cfg.cond_frames] = 1
+    return Trainer(cfg=cfg, mcfg=mcfg, rank=rank, world=world, device=device, dtype=dtype, accum=accum,
+                   tokenizer=tokenizer, context=context, model=model, optimizer=optimizer, ema=ema, stats=stats,
+                   latent=(cfg.micro_batch, mcfg.in_channels, T, cfg.height // s, cfg.width // s),
+                   frame_mask=frame_mask)
 
-    def micro_step(batch, step, m):
-        x0, text, actions, feats = encode_batch(batch, *frozen, device) if batch is not None else batch_random()
-        x0, text, actions = x0.clone(), text.clone(), actions.clone()  # out of inference mode, for autograd
-        feats = feats.clone() if feats is not None else None
-        g = torch.Generator(device).manual_seed(noise_seed(cfg.seed, step, m))
-        fn = lambda x, sig: model(x.to(dtype), sig, text, frame_mask, actions=actions, image_features=feats)
-        losses, sigma = M.flow_loss(fn, x0, frame_mask, cfg.shift, generator=g)
-        (losses.mean() / accum).backward()
-        bins = (sigma * SIGMA_BINS).long().clamp(max=SIGMA_BINS - 1)
-        sums = torch.zeros(SIGMA_BINS, device=device).index_add_(0, bins, losses.detach().float())
-        counts = torch.bincount(bins, minlength=SIGMA_BINS)
-        return torch.cat([losses.detach().sum()[None].float(), sums, counts])
 
-    def batch_random():
-        g = torch.Generator(device).manual_seed(0)
-        text = torch.zeros(cfg.micro_batch, cfg.text_tokens, mcfg.text_dim, device=device, dtype=dtype)
-        feats = torch.randn(cfg.micro_batch, n_patches, mcfg.semantic_dim, device=device) if mcfg.semantic_dim \
-            else None
-        return (torch.randn(latent, device=device, generator=g), text,
-                torch.randn(cfg.micro_batch, cfg.frames - 1, mcfg.action_dim, device=device), feats)
+def describe(t):
+    """The startup print (nanoGPT's): the resolved configs, then parameters, shapes, tokens and FLOPs per step."""
+    cfg, params = t.cfg, list(t.model.parameters())  # DTensors count their full size
+    n_params, n_train = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    flops = flops_per_clip(t.mcfg, t.latent, cfg.text_tokens, t.n_patches) * cfg.batch_size
+    t.log(json.dumps({"train": asdict(cfg), "model": asdict(t.mcfg)}, indent=1, default=str))
+    t.log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trainable), {t.world} rank(s) on "
+          f"{t.device.type}, {str(t.dtype).removeprefix('torch.')} compute; latents {t.latent[1:]} per clip, "
+          f"{t.tokens_per_step // cfg.batch_size} tokens per clip, {t.tokens_per_step:,} per step (batch "
+          f"{cfg.batch_size} = {cfg.micro_batch} x {t.accum} accum x {t.world} ranks); {flops / 1e12:.3f} TFLOP "
+          f"per step")
 
-    def one_step(step, next_batch):
-        """Accumulate, reduce the statistics, then update unless the loss or the gradient is not finite."""
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        stats = torch.zeros(1 + 2 * SIGMA_BINS + 1, device=device)
-        for a in range(accum):
-            model.set_requires_gradient_sync(a == accum - 1)
-            stats[:-1] += micro_step(next_batch(), step, a * world + rank)
-        stats[-1] = float(STOP["signal"] is not None)
-        dist.all_reduce(stats)
-        loss = (stats[0] / cfg.batch_size).item()
-        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                              cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
-        ok = math.isfinite(loss) and math.isfinite(norm)
-        if ok:
-            optimizer.step()
-            ema_update(ema, model, step, cfg.ema)
-        optimizer.zero_grad(set_to_none=True)
-        return ok, loss, norm, stats
 
-    if args.benchmark:
-        return benchmark(cfg, args, one_step, device, tokens_per_step, flops_clip, log)
-
-    # the run directory: numbered (DiT style), or the resumed one
-    step, start_meta = 0, None
-    stream = Stream(cfg, rank, world)
-    if args.resume:
-        ckpt = find_checkpoint(args.resume)
+def open_run(t, resume):
+    """-> (run directory, data stream, first step, metrics history): a new numbered directory (DiT style), or
+    the resumed one with the model, optimizer, EMA, data position and RNG of its checkpoint."""
+    cfg, step = t.cfg, 0
+    stream = Stream(cfg, t.rank, t.world)
+    if resume:
+        ckpt = find_checkpoint(resume)
         run = ckpt.parent.parent
-        start_meta = load_checkpoint(ckpt, cfg, mcfg, model, optimizer, ema)
-        step = start_meta["step"]
-        stream.load(start_meta["data"])
-        log(f"resumed from {ckpt} at step {step}")
+        meta = load_checkpoint(ckpt, cfg=cfg, mcfg=t.mcfg, model=t.model, optimizer=t.optimizer, ema=t.ema)
+        step = meta["step"]
+        stream.load(meta["data"])
+        t.log(f"resumed from {ckpt} at step {step}")
     else:
         run = [None]
-        if rank == 0:
+        if t.rank == 0:
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
             n = len([d for d in os.listdir(cfg.out) if d[:3].isdigit()])
             run[0] = str(Path(cfg.out) / f"{n:03d}-{cfg.model}-{cfg.action_mode}-{cfg.height}x{cfg.width}")
             Path(run[0], "checkpoints").mkdir(parents=True)
         dist.broadcast_object_list(run)
         run = Path(run[0])
-    if rank == 0:
-        (run / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": asdict(mcfg)}, indent=1))
-
-    def meta():
-        return {"step": step, "data": stream.state(), "rng": torch.get_rng_state().tolist(),
-                "train_config": asdict(cfg), "model_config": asdict(mcfg), "world_size": world}
-
-    STOP["signal"] = None
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    clip = preview_clip(cfg)
     metrics = run / "metrics.jsonl"
     history = [json.loads(line) for line in open(metrics)] if metrics.exists() else []
     history = [h for h in history if h["step"] <= step]  # a resumed run rewrites what came after its checkpoint
-    if rank == 0:
-        with open(metrics, "w") as f:
-            f.writelines(json.dumps(h) + "\n" for h in history)
-    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    say = bar.write if rank == 0 else log  # prints above the bar
+    if t.rank == 0:
+        hub.atomic_write(run / "config.json", json.dumps({"train": asdict(cfg), "model": asdict(t.mcfg)}, indent=1))
+        hub.atomic_write(metrics, "".join(json.dumps(h) + "\n" for h in history))
+    return run, stream, step, history
+
+
+SIGMA_BINS = 5  # loss per noise level, [0, 0.2), ..., [0.8, 1]
+
+
+@dataclass
+class StepStats:
+    """What a step reports, summed over its micro-batches, then over the ranks in ONE all_reduce."""
+    loss: torch.Tensor  # () sum of the clips' losses
+    bin_loss: torch.Tensor  # (SIGMA_BINS,) sums of the losses per sigma bin
+    bin_count: torch.Tensor  # (SIGMA_BINS,) clips per sigma bin
+    stop: torch.Tensor  # () > 0 once a rank has been signalled: every rank stops after this step
+
+    @staticmethod
+    def zeros(device):
+        return StepStats.unpack(torch.zeros(2 + 2 * SIGMA_BINS, device=device))
+
+    def pack(self):
+        return torch.cat([self.loss[None], self.bin_loss, self.bin_count, self.stop[None]])
+
+    @staticmethod
+    def unpack(v):
+        return StepStats(v[0], v[1:1 + SIGMA_BINS], v[1 + SIGMA_BINS:1 + 2 * SIGMA_BINS], v[-1])
+
+    def __add__(self, other):
+        return StepStats.unpack(self.pack() + other.pack())
+
+    def all_reduce(self):
+        v = self.pack()
+        dist.all_reduce(v)
+        return StepStats.unpack(v)
+
+
+def micro_step(t, inputs, step, micro):
+    """Forward and backward of one micro-batch, its loss scaled by 1 / accum so that the gradients add up to
+    the step's. inputs: (x0, text, actions, DINOv3 features or None), as `encode_batch` returns them."""
+    x0, text, actions, feats = (v.clone() if v is not None else None for v in inputs)  # out of inference mode
+    g = torch.Generator(t.device).manual_seed(noise_seed(t.cfg.seed, step, micro))
+    fn = lambda x, sig: t.model(x.to(t.dtype), sig, text, t.frame_mask, actions=actions, image_features=feats)
+    # eq. 1-3: the rectified-flow loss (model.flow_loss)
+    losses, sigma = M.flow_loss(fn, x0, t.frame_mask, t.cfg.shift, generator=g)
+    (losses.mean() / t.accum).backward()
+    losses = losses.detach()
+    bins = (sigma * SIGMA_BINS).long().clamp(max=SIGMA_BINS - 1)
+    return StepStats(loss=losses.sum().float(),
+                     bin_loss=torch.zeros(SIGMA_BINS, device=t.device).index_add_(0, bins, losses.float()),
+                     bin_count=torch.bincount(bins, minlength=SIGMA_BINS).float(),
+                     stop=torch.zeros((), device=t.device))
+
+
+def train_step(t, step, next_inputs):
+    """One optimizer step: accumulate `accum` micro-batches (next_inputs() gives each one's model inputs),
+    reduce the statistics, clip, then update unless the loss or the gradient norm is not finite.
+    -> (updated, loss per clip, gradient norm, StepStats summed over the ranks)."""
+    cfg = t.cfg
+    for g in t.optimizer.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    stats = StepStats.zeros(t.device)
+    for a in range(t.accum):
+        t.model.set_requires_gradient_sync(a == t.accum - 1)
+        stats = stats + micro_step(t, next_inputs(), step, a * t.world + t.rank)
+    stats.stop = torch.tensor(float(STOP["signal"] is not None), device=t.device)
+    stats = stats.all_reduce()
+    loss = (stats.loss / cfg.batch_size).item()
+    norm = torch.nn.utils.clip_grad_norm_([p for p in t.model.parameters() if p.requires_grad],
+                                          cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+    ok = math.isfinite(loss) and math.isfinite(norm)
+    if ok:
+        t.optimizer.step()
+        ema_update(t.ema, t.model, step, cfg.ema)
+    t.optimizer.zero_grad(set_to_none=True)
+    return ok, loss, norm, stats
+
+
+def log_metrics(t, run, history, step, window, seconds):
+    """One metrics line for the steps of `window` [(loss, gradient norm, StepStats, updated)], taken in
+    `seconds`; rank 0 appends it to metrics.jsonl and redraws the loss curve."""
+    total = sum((w[2] for w in window), StepStats.zeros("cpu"))
+    bins = [round((total.bin_loss[i] / n).item(), 6) if n else None for i, n in enumerate(total.bin_count)]
+    step_time = seconds / len(window)
+    line = {"step": step, "loss": float(np.mean([w[0] for w in window])), "loss_per_sigma_bin": bins,
+            "losses": [w[0] for w in window], "grad_norm": window[-1][1], "lr": lr_at(step - 1, t.cfg),
+            "step_time": step_time, "tokens_per_s": t.tokens_per_step / step_time,
+            "skipped": sum(not w[3] for w in window)}
+    history.append(line)
+    if t.rank == 0:
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+        losses = [v for h in history for v in h["losses"]]
+        plot_losses(run / "loss.png", list(range(step - len(losses) + 1, step + 1)), losses)
+
+
+def checkpoint(t, run, step, stream):
+    """Everything an exact resume needs: weights, optimizer, EMA (DCP), the data position and the RNG."""
+    meta = {"step": step, "data": stream.state(), "rng": torch.get_rng_state().tolist(),
+            "train_config": asdict(t.cfg), "model_config": asdict(t.mcfg), "world_size": t.world}
+    return save_checkpoint(run, step, model=t.model, optimizer=t.optimizer, ema=t.ema, meta=meta, rank=t.rank,
+                           keep=t.cfg.keep)
+
+
+def finish(t, run, step, clip, history):
+    """The final preview, the export of the EMA weights, and a summary of where everything is."""
+    preview(t, run / "preview.png", clip)
+    out = export(run / "model.safetensors", model=t.model, ema=t.ema, cfg=t.cfg, mcfg=t.mcfg, stats_path=t.stats,
+                 step=step, rank=t.rank, dtype=hub.DTYPES[t.cfg.export_dtype])
+    where = {"run directory": run, "exported model": out, "metrics": run / "metrics.jsonl",
+             "loss curve": run / "loss.png", "preview": run / "preview.png", "checkpoints": run / "checkpoints",
+             "data": Path(t.cfg.data), "statistics": t.stats}
+    t.log(f"done: {step} steps, final loss {history[-1]['loss']:.4f}"
+          + "".join(f"\n  {k:15s}{v}" for k, v in where.items()))
+
+
+# -----------------------------------------------------------------------------
+# the training loop
+
+
+def train(cfg, args):
+    t = build(cfg, setup_distributed(args.device)[2])
+    describe(t)
+    run, stream, step, history = open_run(t, args.resume)
+    catch_signals()
+    clip = preview_clip(cfg)
+    next_inputs = lambda: encode_batch(stream.next(), t.tokenizer, *t.context, t.device)
+    bar = tqdm(total=cfg.steps, initial=step, disable=t.rank != 0, desc="train", dynamic_ncols=True)
+    say = bar.write if t.rank == 0 else t.log  # prints above the bar
     bad, window, t_window, first_step = 0, [], time.perf_counter(), step
     while step < cfg.steps:
         t0 = time.perf_counter()
-        ok, loss, norm, stats = one_step(step, stream.next)
+        ok, loss, norm, stats = train_step(t, step, next_inputs)
         step += 1
-        dt = time.perf_counter() - t0
         bad = 0 if ok else bad + 1
         if not ok:
             say(f"step {step}: non-finite loss {loss} or gradient norm {norm}; update skipped")
-        window.append((loss, stats.cpu(), ok))
-        bar.set_postfix(loss=f"{loss:.4f}", clips_s=f"{cfg.batch_size / dt:.1f}")
+        window.append((loss, norm, stats.cpu(), ok))
+        bar.set_postfix(loss=f"{loss:.4f}", clips_s=f"{cfg.batch_size / (time.perf_counter() - t0):.1f}")
         bar.update()
         if step % cfg.log_every == 0 or step == cfg.steps:
-            t = time.perf_counter()
-            s_all = sum(w[1] for w in window)
-            counts = s_all[1 + SIGMA_BINS:1 + 2 * SIGMA_BINS]
-            bins = [round((s_all[1 + i] / n).item(), 6) if n else None for i, n in enumerate(counts)]
-            step_time = (t - t_window) / len(window)
-            line = {"step": step, "loss": float(np.mean([w[0] for w in window])), "loss_per_sigma_bin": bins,
-                    "losses": [w[0] for w in window], "grad_norm": norm, "lr": lr_at(step - 1, cfg),
-                    "step_time": step_time, "tokens_per_s": tokens_per_step / step_time,
-                    "skipped": sum(not w[2] for w in window)}
-            history.append(line)
-            if rank == 0:
-                with open(metrics, "a") as f:
-                    f.write(json.dumps(line) + "\n")
-                losses = [v for h in history for v in h["losses"]]
-                plot_losses(run / "loss.png", list(range(step - len(losses) + 1, step + 1)), losses)
+            log_metrics(t, run, history, step, window, seconds=time.perf_counter() - t_window)
             window, t_window = [], time.perf_counter()
         if bad >= 5:
             raise FloatingPointError(f"{bad} non-finite steps in a row at step {step}: lower --lr or check the "
                                      f"data; the last checkpoint in {run}/checkpoints is intact")
         if cfg.preview_every and step % cfg.preview_every == 0 and step < cfg.steps:
-            preview(run / f"preview_{step:07d}.png", model, clip, frozen, cfg, device, dtype)
-        stop = stats[-1].item() > 0 or (args.exit_after and step - first_step >= args.exit_after)
+            preview(t, run / f"preview_{step:07d}.png", clip)
+        signalled = stats.stop.item() > 0
+        stop = signalled or (args.exit_after and step - first_step >= args.exit_after)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
-            path = save_checkpoint(run, step, model, optimizer, ema, meta(), rank, cfg.keep)
-            say(f"checkpoint {path}")
+            say(f"checkpoint {checkpoint(t, run, step, stream)}")
         if stop:
             bar.close()
-            why = f"signal {STOP['signal']}" if stats[-1].item() > 0 else f"--exit-after {args.exit_after}"
-            log(f"stopped at step {step} ({why}); continue with: python train.py --resume {run}")
+            why = f"signal {STOP['signal']}" if signalled else f"--exit-after {args.exit_after}"
+            t.log(f"stopped at step {step} ({why}); continue with: python train.py --resume {run}")
             return run
     bar.close()
-    preview(run / "preview.png", model, clip, frozen, cfg, device, dtype)
-    out = export(run / "model.safetensors", model, ema, cfg, mcfg, stats_path, step, rank,
-                 {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype])
-    where = {"run directory": run, "exported model": out, "metrics": metrics, "loss curve": run / "loss.png",
-             "preview": run / "preview.png", "checkpoints": run / "checkpoints", "data": root,
-             "statistics": stats_path}
-    log(f"done: {step} steps, final loss {history[-1]['loss']:.4f}"
-        + "".join(f"\n  {k:15s}{v}" for k, v in where.items()))
+    finish(t, run, step, clip, history)
     return run
 
 
 STOP = {"signal": None}
+
+
+def catch_signals():
+    STOP["signal"] = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
 
 
 def on_signal(signum, frame):
@@ -811,28 +882,6 @@ def on_signal(signum, frame):
     if STOP["signal"] is not None and signum == signal.SIGINT:
         raise KeyboardInterrupt
     STOP["signal"] = signal.Signals(signum).name
-
-
-def benchmark(cfg, args, one_step, device, tokens_per_step, flops_clip, log):
-    """Training steps on random latents (tokenizer, text and DINO excluded): time, tokens/s, MFU, memory."""
-    world = dist.get_world_size()
-    for step in range(2):
-        one_step(step, lambda: None)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for step in range(args.bench_steps):
-        one_step(2 + step, lambda: None)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / args.bench_steps
-    mfu = flops_clip * cfg.batch_size / world / dt / (args.peak_tflops * 1e12)
-    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "n/a on the CPU"
-    log(f"benchmark: {dt * 1e3:.0f} ms/step, {tokens_per_step / dt:,.0f} tokens/s, "
-        f"{cfg.batch_size / dt:.2f} clips/s, MFU {100 * mfu:.1f}% of {args.peak_tflops:g} TFLOP/s per device, "
-        f"peak memory {peak} (micro-batch {cfg.micro_batch}, activation checkpointing {cfg.ac})")
-    return dt
 
 
 def main(argv=None):
