@@ -252,7 +252,7 @@ def bench_decode(args):
     return rate
 
 # -----------------------------------------------------------------------------
-# sample: one rollout chunk (encode, 12 actions x N denoising steps, decode), against diffusers' Cosmos-Predict2.5 pipeline
+# sample: one rollout chunk (encode, 12 actions x N denoising steps, decode), against diffusers' pipeline
 
 
 class Stopwatch:
@@ -425,14 +425,15 @@ def measure(module, *inputs):
     return sum(p.numel() for p in module.parameters()), counter.get_total_flops() // 2
 
 
-def costs(dim=2048, n_heads=16, frames=4, height=288, width=512, steps=12, n_dims=57, sat_dim=256):
+def costs(*, dim=2048, n_heads=16, frames=4, height=288, width=512, steps=12, n_dims=57, sat_dim=256):
     """{component: (params, MACs)} at one sample of latent frames x (height/16) x (width/16) tokens."""
     T, H, W = frames, height // 16, width // 16  # 8x VAE, then 2x2 patches
     with torch.device("meta"):
         x, a = torch.empty(1, T, H, W, dim), torch.empty(1, steps, n_dims)
         mask, tokens = torch.zeros(1, T), torch.empty(1, n_dims, sat_dim)
         sat = C.StructuredActionTokenizer(n_dims, steps, sat_dim, dim_embedding=False)
-        full = {m: C.build_action_cond(m, dim, n_heads, n_dims, steps, "none", width=sat_dim) for m in C.MODES}
+        full = {m: C.build_action_cond(m, dim, n_heads, n_dims=n_dims, steps=steps, norm="none", width=sat_dim)
+                for m in C.MODES}
         return {
             "MLP action embed (mlp-flat)": measure(full["mlp-flat"], a, x, mask),
             "SAT": measure(sat, a),
@@ -460,7 +461,8 @@ NOTES = {  # one sentence per difference from Table 6, at the defaults (D 2048, 
 
 def print_costs(args):
     a = args
-    rows = costs(a.dim, a.heads, a.frames, a.height, a.width, a.steps, a.action_dim, a.sat_dim)
+    rows = costs(dim=a.dim, n_heads=a.heads, frames=a.frames, height=a.height, width=a.width, steps=a.steps,
+                 n_dims=a.action_dim, sat_dim=a.sat_dim)
     fmt = lambda n: "-" if n is None else f"{n:.0f}" if n < 1e3 else next(
         f"{n / s:.2f}{u}" for s, u in [(1e9, "G"), (1e6, "M"), (1e3, "K")] if n >= s)
     print(f"DexAC costs per sample: D={a.dim}, {a.frames}x{a.height // 16}x{a.width // 16} latent tokens "

@@ -20,7 +20,7 @@ What follows the paper (sections 4.3-4.4, reconstructed in DESIGN.md section 4):
   linear fusion over the T_a steps, GELU: one token per action dimension, C = 256;
 - local action refinement (eq. 7): the tokens are projected to the DiT width and every latent token
   queries them by cross-attention, right after patch embedding;
-- global action modulation (eq. 8-11): a learnable query attends over the tokens; the context feeds the
+- global action modulation (eq. 8-9): a learnable query attends over the tokens; the context feeds the
   AdaLN inputs of every block (the sinusoid term and the AdaLN-LoRA term), zero on conditional frames;
 - baselines: `mlp`, Cosmos-Predict2.5's `ActionChunkConditionedMinimalV1LVGDiT` embedder (4 actions per
   latent frame, loads the released `robot/action-cond` weights), and `mlp-flat`, the paper's 22.39M MLP.
@@ -228,7 +228,7 @@ class ActionNorm(nn.Module):
                              "stats.json` and pass them (`load_dit(..., action_stats='stats.json')` or "
                              "`model.action_cond.set_stats(mean, std)`), or load a checkpoint that has them")
         mean, std = self.stats()
-        return (a - mean) / (std + self.eps)
+        return (a - mean) / (std + self.eps)  # eq. 4: dimension-wise normalization
 
 
 # -----------------------------------------------------------------------------
@@ -301,8 +301,8 @@ class StructuredActionTokenizer(nn.Module):
             nn.init.normal_(self.dim_embed, std=1.0)
 
     def forward(self, a):
-        h = self.entry(a[..., None])  # (B, T_a, N, C)
-        tokens = F.gelu(self.fuse(h.permute(0, 2, 3, 1)).squeeze(-1))  # (B, N, C)
+        h = self.entry(a[..., None])  # eq. 5: every entry a[t, n] -> C features, (B, T_a, N, C)
+        tokens = F.gelu(self.fuse(h.permute(0, 2, 3, 1)).squeeze(-1))  # eq. 6: fuse over T_a, GELU -> (B, N, C)
         return (tokens if self.dim_embed is None else tokens + self.dim_embed)[:, None]  # (B, 1, N, C)
 
 
@@ -353,7 +353,7 @@ class LocalRefinement(nn.Module):
 
     def forward(self, x, tokens):
         q = F.layer_norm(x, x.shape[-1:], eps=1e-6)
-        return self.attn(q, self.proj(tokens))
+        return self.attn(q, self.proj(tokens))  # eq. 7's update: CrossAttn(q = norm(x), kv = W tokens)
 
 
 class GlobalModulation(nn.Module):
@@ -374,7 +374,8 @@ class GlobalModulation(nn.Module):
             nn.init.zeros_(t)  # the AdaLN inputs start unchanged
 
     def forward(self, tokens):
-        g = self.attn(self.query.expand(tokens.shape[0], -1, -1), tokens)[:, 0]  # (B', C)
+        g = self.attn(self.query.expand(tokens.shape[0], -1, -1), tokens)[:, 0]  # eq. 8: global context (B', C)
+        # eq. 9: g -> the DiT's two AdaLN inputs (model.DiT.forward adds them where Cosmos adds actions)
         return self.to_d(g), self.to_3d(g)
 
 
@@ -386,7 +387,7 @@ class GlobalModulation(nn.Module):
 class ActionConditioning(nn.Module):
     """What every mode shares: the action normalization, the input checks, the statistics."""
 
-    def __init__(self, mode, n_dims, steps, norm, scale, per_frame, framewise):
+    def __init__(self, mode, n_dims, steps, *, norm, scale, per_frame, framewise):
         super().__init__()
         if framewise and steps % per_frame:
             raise ValueError(f"mode {mode!r} groups {per_frame} actions per latent frame: action_steps "
@@ -426,8 +427,8 @@ def first_frame_zero(e):
 class ChunkMLP(ActionConditioning):
     """`mlp`: Cosmos-Predict2.5's action embedder. k actions per latent frame -> (B, T-1, kN) -> two MLPs."""
 
-    def __init__(self, n_dims, steps, dim, norm="zscore", scale=200.0, per_frame=4):
-        super().__init__("mlp", n_dims, steps, norm, scale, per_frame, framewise=True)
+    def __init__(self, n_dims, steps, dim, *, norm="zscore", scale=200.0, per_frame=4):
+        super().__init__("mlp", n_dims, steps, norm=norm, scale=scale, per_frame=per_frame, framewise=True)
         self.embed_d = Mlp(per_frame * n_dims, 4 * dim, dim)  # official action_embedder_B_D
         self.embed_3d = Mlp(per_frame * n_dims, 4 * dim, 3 * dim)  # official action_embedder_B_3D
 
@@ -446,8 +447,8 @@ class ChunkMLP(ActionConditioning):
 class FlatMLP(ActionConditioning):
     """`mlp-flat`: the whole chunk flattened, Mlp(T_a * N -> 4D -> D), the same embedding for every frame."""
 
-    def __init__(self, n_dims, steps, dim, norm="zscore", scale=200.0):
-        super().__init__("mlp-flat", n_dims, steps, norm, scale, 1, framewise=False)
+    def __init__(self, n_dims, steps, dim, *, norm="zscore", scale=200.0):
+        super().__init__("mlp-flat", n_dims, steps, norm=norm, scale=scale, per_frame=1, framewise=False)
         self.embed_d = Mlp(steps * n_dims, 4 * dim, dim)
 
     def init_weights(self):
@@ -462,10 +463,10 @@ class FlatMLP(ActionConditioning):
 class DexAC(ActionConditioning):
     """`dexac` and variants: SAT tokens -> local refinement of x, global modulation of the AdaLN inputs."""
 
-    def __init__(self, mode, n_dims, steps, dim, n_heads, width=256, norm="zscore", scale=200.0,
+    def __init__(self, mode, n_dims, steps, dim, n_heads, *, width=256, norm="zscore", scale=200.0,
                  dim_embedding=True, per_frame=4, global_heads=4):
         framewise = mode == "dexac-time"
-        super().__init__(mode, n_dims, steps, norm, scale, per_frame, framewise)
+        super().__init__(mode, n_dims, steps, norm=norm, scale=scale, per_frame=per_frame, framewise=framewise)
         self.tokenizer = (FrameActionTokenizer(n_dims, per_frame, width, dim_embedding) if framewise
                           else StructuredActionTokenizer(n_dims, steps, width, dim_embedding))
         self.local = None if mode == "dexac-no-local" else LocalRefinement(width, dim, n_heads)
@@ -489,7 +490,7 @@ class DexAC(ActionConditioning):
             update = self.local(q, tokens.reshape(B * S, N, C).to(x.dtype)).view(B, -1, H, W, D)
             if self.framewise:
                 update = first_frame_zero(update.flatten(2)).view(B, T, H, W, D)
-            x = x + update * keep[:, :, None, None, None]
+            x = x + update * keep[:, :, None, None, None]  # eq. 7: x + CrossAttn(norm(x), tokens)
         if self.glob is not None:
             d, d3 = self.glob(tokens.reshape(B * S, N, C))  # (B S, D), (B S, 3D)
             d, d3 = d.view(B, S, D), d3.view(B, S, 3 * D)
@@ -499,7 +500,7 @@ class DexAC(ActionConditioning):
         return x, emb_d, emb_3d
 
 
-def build_action_cond(mode, dim, n_heads, n_dims=57, steps=12, norm="zscore", scale=200.0, width=256,
+def build_action_cond(mode, dim, n_heads, *, n_dims=57, steps=12, norm="zscore", scale=200.0, width=256,
                       dim_embedding=True, per_frame=4):
     """The conditioning module for a mode name (None for "none"). dim, n_heads: the DiT's width and heads."""
     if mode == "none":
@@ -508,7 +509,8 @@ def build_action_cond(mode, dim, n_heads, n_dims=57, steps=12, norm="zscore", sc
         listing = "".join(f"\n  {k}: {v}" for k, v in MODES.items())
         raise ValueError(f"unknown action mode {mode!r}; choose one of {', '.join(['none', *MODES])}{listing}")
     if mode == "mlp":
-        return ChunkMLP(n_dims, steps, dim, norm, scale, per_frame)
+        return ChunkMLP(n_dims, steps, dim, norm=norm, scale=scale, per_frame=per_frame)
     if mode == "mlp-flat":
-        return FlatMLP(n_dims, steps, dim, norm, scale)
-    return DexAC(mode, n_dims, steps, dim, n_heads, width, norm, scale, dim_embedding, per_frame)
+        return FlatMLP(n_dims, steps, dim, norm=norm, scale=scale)
+    return DexAC(mode, n_dims, steps, dim, n_heads, width=width, norm=norm, scale=scale, dim_embedding=dim_embedding,
+                 per_frame=per_frame)

@@ -205,7 +205,7 @@ def resize_image(img, size):
     return out[y0:y0 + size[0], x0:x0 + size[1]]
 
 
-def decode_frames(path, start, count, size=None, threads=1, episode=None):
+def decode_frames(path, start, count, *, size=None, threads=1, episode=None):
     """Frames [start, start+count) of a video -> uint8 (count, H, W, 3), and the source (h, w).
     Seeks to the keyframe before `start` and decodes forward; frame index = pts * fps."""
     if not Path(path).is_file():
@@ -314,7 +314,7 @@ def decode_jpegs(path, start, count, size=None, episode=None):
 # ------------------------------------------------------------------------------------------------
 # Frames out: MP4 files, and the contact sheets of train.py's previews, sample.py and evaluate.py's figure
 
-def write_video(path, frames, fps=30, crf=12, gop=30, preset="veryfast"):
+def write_video(path, frames, *, fps=30, crf=12, gop=30, preset="veryfast"):
     """Iterable of uint8 (H, W, 3) frames -> H.264 MP4 (yuv420p) with PyAV."""
     frames = iter(frames)
     first = next(frames)
@@ -486,7 +486,8 @@ def load_clip(ep, start, length, size=DEFAULT_SIZE, threads=1):
     """One clip of `length` frames -> the sample dict (see ClipDataset)."""
     track, K, prompt, conf, _ = read_track(ep, start, start + length)
     if ep.kind == "egodex":
-        video, src_hw = decode_frames(Path(ep.path).with_suffix(".mp4"), start, length, size, threads, ep.id)
+        video, src_hw = decode_frames(Path(ep.path).with_suffix(".mp4"), start, length, size=size, threads=threads,
+                                      episode=ep.id)
     else:
         video, src_hw = decode_jpegs(ep.path, start, length, size, ep.id)
     K = scale_intrinsics(K, src_hw, size) if size else K
@@ -614,7 +615,7 @@ class ClipDataset(torch.utils.data.Dataset):
         raise DataError("no episode could be loaded; see the warnings above")
 
 
-def make_loader(data, batch_size, train=True, splits=None, clip_len=13, size=DEFAULT_SIZE,
+def make_loader(data, batch_size, *, train=True, splits=None, clip_len=13, size=DEFAULT_SIZE,
                 num_workers=4, seed=0, rank=0, world_size=1, **loader_kw):
     """-> (DataLoader, ClipSampler) over a dataset root, or over a latent cache directory (`python data.py
     cache`; then clip_len and size come from the cache). Call sampler.set_epoch(e) each epoch; save

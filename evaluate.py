@@ -472,11 +472,11 @@ def load_networks(metrics, weights, detector="markers", device="cpu"):
     """The networks these metrics need, as Evaluator's keyword arguments. weights: {kind: path, URL, Hub file or
     None} (WEIGHT_FLAGS); detector: 'markers' (MarkerDetector) or a KeypointModel file, used by pck."""
     w = weights.get  # a kind not given: None, looked for in weights_dir()
+    model = "pck" in metrics and detector != "markers"  # else Evaluator's MarkerDetector
     return {"lpips": load_lpips(w("alexnet"), w("lpips"), device) if "lpips" in metrics else None,
             "inception": load_torchscript("inception", w("inception"), device) if "fid" in metrics else None,
             "i3d": load_torchscript("i3d", w("i3d"), device) if "fvd" in metrics else None,
-            "detector": KeypointModel(detector, device=device) if "pck" in metrics and detector != "markers"
-            else None}
+            "detector": KeypointModel(detector, device=device) if model else None}
 
 
 def compare(pred, gt, *, metrics="psnr,ssim", cond_frames=1, weights=None, detector="markers", device="cpu",
@@ -743,6 +743,8 @@ def protocol(cfg):
     writes report.json, table.md and figure.png under cfg.out and returns {row: report} (other ranks: None)."""
     if cfg.horizon < 2:
         raise ValueError(f"--horizon {cfg.horizon}: a rollout needs the given frame and at least one more")
+    if not cfg.checkpoints:
+        raise ValueError("--checkpoint: no model to evaluate (train.py exports RUN/model.safetensors)")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

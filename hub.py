@@ -35,7 +35,7 @@ def download_dir():
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _hub_file(repo, filename, what, where, revision, token):
+def _hub_file(repo, filename, *, what, where, revision, token):
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
     kwargs = {k: v for k, v in (("revision", revision), ("token", token)) if v is not None}
@@ -56,7 +56,7 @@ def _hub_file(repo, filename, what, where, revision, token):
                            f"{str(e).splitlines()[0] if str(e) else ''}). {where}") from e
 
 
-def resolve(spec, files=(), names=None, what="weights", where="", revision=None, token=None):
+def resolve(spec, *, files=(), names=None, what="weights", where="", revision=None, token=None):
     """spec -> a local file path.
 
     files: known file names; the first is what a folder or a bare 'org/repo' stands for.
@@ -72,7 +72,7 @@ def resolve(spec, files=(), names=None, what="weights", where="", revision=None,
     if os.path.isfile(spec):
         return spec
     if names and spec in names:
-        return _hub_file(*names[spec], what, where, revision, token)
+        return _hub_file(*names[spec], what=what, where=where, revision=revision, token=token)
     if spec.startswith(("http://", "https://")):
         path = download_dir() / Path(spec.split("?")[0]).name
         if not path.is_file():
@@ -86,7 +86,8 @@ def resolve(spec, files=(), names=None, what="weights", where="", revision=None,
     local_looking = spec.startswith((".", "/", "~")) or (len(parts) == 2 and spec.endswith(WEIGHT_SUFFIXES))
     hub_like = all(re.fullmatch(r"[\w.-]+", p) for p in parts[:2])
     if len(parts) >= 2 and hub_like and not local_looking and (len(parts) > 2 or files):
-        return _hub_file("/".join(parts[:2]), "/".join(parts[2:]) or files[0], what, where, revision, token)
+        return _hub_file("/".join(parts[:2]), "/".join(parts[2:]) or files[0], what=what, where=where,
+                         revision=revision, token=token)
     shorts = f", one of {sorted(names)}" if names else ""
     folder = f", a folder holding {files[0]}" if files else ""
     raise WeightsError(f"{what}: {spec!r} is not a file{folder}{shorts}, nor a Hub file ('org/repo/path/in/repo'"
@@ -122,7 +123,7 @@ def read_state_dict(path):
     return sd
 
 
-def check_state_dict(expected, sd, source, target, hint="", allow_missing=()):
+def check_state_dict(expected, sd, *, source, target, hint="", allow_missing=()):
     """Compare a state dict with the {name: tensor} a model expects; one ValueError lists every missing,
     unexpected and mis-shaped tensor (the first 12 of each). allow_missing: key prefixes sd may lack."""
     missing = [k for k in expected if k not in sd and not k.startswith(tuple(allow_missing))]
@@ -133,13 +134,15 @@ def check_state_dict(expected, sd, source, target, hint="", allow_missing=()):
         lines = [f"{source} does not match {target}{hint}:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad)):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
+                more = " ..." if len(items) > 12 else ""
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:12]) + more)
         raise ValueError("\n".join(lines))
 
 
-def load_strict(module, sd, source="checkpoint", hint="", allow_missing=()):
+def load_strict(module, sd, *, source="checkpoint", hint="", allow_missing=()):
     """Load sd into module with every key and shape checked (see check_state_dict), with assign=True."""
-    check_state_dict(module.state_dict(), sd, source, f"the model ({type(module).__name__})", hint, allow_missing)
+    check_state_dict(module.state_dict(), sd, source=source, target=f"the model ({type(module).__name__})", hint=hint,
+                     allow_missing=allow_missing)
     module.load_state_dict(sd, strict=False, assign=True)
     return module
 

@@ -54,7 +54,7 @@ def timestep_sinusoid(t, dim):
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-def rope_angles(T, H, W, head_dim, ratios, device):
+def rope_angles(T, H, W, head_dim, *, ratios, device):
     """Angles of the 3D RoPE for a (T, H, W) token grid -> (T*H*W, head_dim) in fp32.
 
     head_dim splits as t | h | w with dim_h = dim_w = head_dim // 6 * 2; each axis uses NTK-scaled
@@ -140,7 +140,7 @@ class Block(nn.Module):
 
         def sublayer(mod, f, x):
             shift, scale, gate = (mod(emb).float() + adaln_lora.float())[:, :, None].chunk(3, dim=-1)
-            h = modulate(F.layer_norm(x.float(), (D,), eps=1e-6), shift, scale).type_as(x)
+            h = modulate(F.layer_norm(x.float(), (D,), eps=1e-6), shift, scale).type_as(x)  # eq. 10: AdaLN
             return x + (gate * f(h).float()).type_as(x)
 
         attend = lambda h: self.self_attn(h.view(B, T * S, D), rope=rope).view(B, T, S, D)
@@ -239,8 +239,9 @@ class DiT(nn.Module):
         self.final = FinalLayer(c.dim, c.adaln_lora_dim, c.patch_temporal * c.patch_spatial**2 * c.out_channels)
         if action_cond is None:
             action_cond = conditioning.build_action_cond(
-                c.action_mode, c.dim, c.n_heads, c.action_dim, c.action_steps, c.action_norm, c.action_scale,
-                c.sat_dim, c.action_dim_embedding, c.actions_per_frame)
+                c.action_mode, c.dim, c.n_heads, n_dims=c.action_dim, steps=c.action_steps, norm=c.action_norm,
+                scale=c.action_scale, width=c.sat_dim, dim_embedding=c.action_dim_embedding,
+                per_frame=c.actions_per_frame)
         self.action_cond = action_cond
         if semantic is None and c.semantic_dim:
             semantic = sem.SemanticProjector(c.semantic_dim, c.context_dim, c.semantic_weight)
@@ -281,7 +282,7 @@ class DiT(nn.Module):
         if any(n > m for n, m in zip((T, H, W), c.max_size)):
             raise ValueError(f"latent size {(T, H, W)} exceeds the model's max_size {c.max_size}")
 
-    def forward(self, x, sigma, text, frame_mask=None, padding_mask=None, actions=None, image_features=None):
+    def forward(self, x, sigma, text, frame_mask=None, *, padding_mask=None, actions=None, image_features=None):
         """Predict the flow velocity eps - x0.
 
         x (B, C, T, H, W) latents with conditional frames already clean; sigma (B,) or (B, T) noise level in
@@ -313,7 +314,8 @@ class DiT(nn.Module):
         if self.action_cond is not None:
             if actions is None:
                 raise ValueError("this model is action-conditioned: pass actions (B, T_a, N)")
-            x, emb_d, emb_3d = self.action_cond(actions, x, frame_mask[:, ::pt])
+            x, emb_d, emb_3d = self.action_cond(actions, x, frame_mask[:, ::pt])  # eq. 5-8 (and 7 on x)
+            # eq. 9: the global action context enters the AdaLN inputs, where Cosmos' action models add actions
             sinusoid = sinusoid if emb_d is None else sinusoid + emb_d.float()
             adaln_lora = adaln_lora if emb_3d is None else adaln_lora + emb_3d
         elif actions is not None:
@@ -325,10 +327,11 @@ class DiT(nn.Module):
         if self.semantic is not None and image_features is not None:
             context = torch.cat([context, self.semantic(image_features).to(context.dtype)], dim=1)
 
-        angles = rope_angles(Tp, Hp, Wp, c.dim // c.n_heads, c.rope_ratios, x.device)[:, None]  # (L, 1, hd)
+        angles = rope_angles(Tp, Hp, Wp, c.dim // c.n_heads, ratios=c.rope_ratios, device=x.device)  # (L, hd)
+        angles = angles[:, None]  # (L, 1, hd)
         rope = (angles.cos(), angles.sin())
         x = x.view(B, Tp, Hp * Wp, c.dim)
-        for block in self.blocks:
+        for block in self.blocks:  # eq. 11: every block's AdaLN sees the action context, x the local refinement
             x = block(x, emb, adaln_lora, context, rope)
         x = self.final(x, emb, adaln_lora)  # (B, Tp, Hp*Wp, pt*ps*ps*C)
 
@@ -345,7 +348,7 @@ def shift_sigma(s, shift):
     return shift * s / (1 + (shift - 1) * s)
 
 
-def flow_loss(model_fn, x0, frame_mask=None, shift=5.0, cond_sigma=None, generator=None):
+def flow_loss(model_fn, x0, frame_mask=None, *, shift=5.0, cond_sigma=None, generator=None):
     """Per-sample rectified-flow loss (B,) and the training sigmas (B,).
 
     model_fn(x_in, sigma (B, T)) -> velocity. Sigma is logit-normal, shifted; conditional latent frames
@@ -357,7 +360,7 @@ def flow_loss(model_fn, x0, frame_mask=None, shift=5.0, cond_sigma=None, generat
     sigma = shift_sigma(u, shift)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
     s = sigma.view(B, 1, 1, 1, 1).to(x0.dtype)
-    x_sigma = s * eps + (1 - s) * x0
+    x_sigma = s * eps + (1 - s) * x0  # eq. 3's interpolant between data and noise
     mask = x0.new_zeros(B, T) if frame_mask is None else frame_mask.to(x0.dtype)
     m = mask[:, None, :, None, None]
     x_in = m * x0 + (1 - m) * x_sigma
@@ -367,7 +370,7 @@ def flow_loss(model_fn, x0, frame_mask=None, shift=5.0, cond_sigma=None, generat
     target = eps - x0
     v = model_fn(x_in, sigma_frames)
     v = m * target + (1 - m) * v
-    return ((v.float() - target.float()) ** 2).mean(dim=(1, 2, 3, 4)), sigma
+    return ((v.float() - target.float()) ** 2).mean(dim=(1, 2, 3, 4)), sigma  # eq. 3: || v - (eps - x0) ||^2
 
 
 def shifted_sigmas(n_steps, shift=5.0, sigma_max=0.999):
@@ -392,7 +395,7 @@ SOLVERS = ("euler", "dpm++2m")
 
 
 @torch.no_grad()
-def sample(velocity_fn, noise, sigmas, solver="dpm++2m", x_cond=None, frame_mask=None, cond_sigma=None,
+def sample(velocity_fn, noise, sigmas, *, solver="dpm++2m", x_cond=None, frame_mask=None, cond_sigma=None,
            return_trajectory=False):
     """Integrate the flow ODE from sigmas[0] to sigmas[-1] = 0.
 
@@ -536,7 +539,7 @@ def materialize(module, device, name):
         materialize(child, device, f"{name}.{child_name}")
 
 
-def load_dit(spec, config=None, revision=None, token=None, device="cpu", dtype=None, action_cond=None,
+def load_dit(spec, config=None, *, revision=None, token=None, device="cpu", dtype=None, action_cond=None,
              semantic=None, action_stats=None):
     """Build the DiT on the meta device and load official weights into it (no second full copy).
 

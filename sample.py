@@ -177,14 +177,16 @@ class WorldModel:
         for c in range(n_chunks):
             # DINOv3 sees each chunk's first frame, as in training: the image, then the last generated frame
             # (its latent decoded alone; exact for the pixel tokenizer, close for the VAE)
-            feats = None if self.dino is None else sem.conditioning_features(
-                self.dino, video[:, :, 0] if c == 0 else self.tokenizer.decode(cond)[:, :, 0].clamp(-1, 1)).to(self.dtype)
+            feats = None
+            if self.dino is not None:
+                first = video[:, :, 0] if c == 0 else self.tokenizer.decode(cond)[:, :, 0].clamp(-1, 1)
+                feats = sem.conditioning_features(self.dino, first).to(self.dtype)
             x_cond = torch.cat([cond, cond.new_zeros(B, cond.shape[1], n_new, *cond.shape[3:])], 2)  # (B, C, 1+n, h, w)
             noise = torch.stack([torch.randn(x_cond.shape[1:], generator=torch.Generator().manual_seed(
                 int(s) * 1_000_003 + c)) for s in seeds]).to(self.device, self.dtype)
             v = self.velocity_fn(text, actions[:, c * chunk:(c + 1) * chunk], frame_mask, guidance=guidance,
                                  feats=feats, bar=bar)
-            x = M.sample(v, noise, sigmas, solver, x_cond=x_cond, frame_mask=frame_mask)
+            x = M.sample(v, noise, sigmas, solver=solver, x_cond=x_cond, frame_mask=frame_mask)
             latents.append(x[:, :, 1:])
             cond = x[:, :, -1:]
             if reencode:  # decode (causally, so from the start) and encode the last frame alone, as a first frame

@@ -249,12 +249,12 @@ def resolve_dino_file(source=DINO_REPO, token=None, revision=None):
                              f"or the original .pth.")
 
 
-def load_dino(source=DINO_REPO, preset="vitl16", token=None, revision=None, device=None, dtype=None):
+def load_dino(source=DINO_REPO, preset="vitl16", *, token=None, revision=None, device=None, dtype=None):
     """Build a frozen DinoV3 and load weights from a Hub repo id, a local .safetensors / .pth, or a folder."""
     if isinstance(preset, str) and preset not in DINO_PRESETS:
         raise ValueError(f"unknown DINOv3 preset {preset!r}; choose from {sorted(DINO_PRESETS)}")
     model = DinoV3(DINO_PRESETS[preset] if isinstance(preset, str) else preset)
-    path = resolve_dino_file(source, token, revision)
+    path = resolve_dino_file(source, token=token, revision=revision)
     sd = convert_dino_state_dict(hub.read_state_dict(path))
     hub.load_strict(model, sd, source=f"DINOv3 weights in {path}",
                     hint=f" of preset {preset!r} (is it the right preset and file?)")
@@ -353,7 +353,7 @@ class TextEmbedder:
     The null embedding for classifier-free guidance (and text dropout) is the empty prompt "".
     Storage is `dtype` (bf16: 512 x 100352 x 2 bytes = 103 MB per prompt), on the CPU."""
 
-    def __init__(self, mode="reason1", cache_dir=None, encoder=None, encoder_id=REASON1_ID, text_dim=TEXT_DIM,
+    def __init__(self, mode="reason1", *, cache_dir=None, encoder=None, encoder_id=REASON1_ID, text_dim=TEXT_DIM,
                  max_tokens=TEXT_TOKENS, dtype=torch.bfloat16):
         if mode not in ("reason1", "none"):
             raise ValueError(f"unknown text mode {mode!r}; choose 'reason1' or 'none'")

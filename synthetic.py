@@ -110,7 +110,7 @@ def _segment(img, a, b, r, color):
     img[lo[1]:hi[1], lo[0]:hi[0]][mask] = color
 
 
-def render_frame(joints, i, K, hw, obj_color, marker_scale=1.0):
+def render_frame(joints, i, K, hw, obj_color, *, marker_scale=1.0):
     """The frame seen by camera pose joints['camera'][i]: checkered table, an object, two hands;
     wrist and fingertip markers in KEYPOINT_COLORS (radius 3 * marker_scale px at 320 wide), drawn last
     so they are never occluded."""
@@ -188,7 +188,8 @@ def _synth_episode(job):
     attrs = {"task": task, "description": desc, "llm_type": llm_type, "which_llm_description": which,
              "llm_description": llm1, "llm_description2": llm2}
     write_egodex_hdf5(d / f"{k}.hdf5", joints, K, attrs, conf)
-    data.write_video(d / f"{k}.mp4", (render_frame(joints, i, K, size, color, marker_scale) for i in range(frames)))
+    frames = (render_frame(joints, i, K, size, color, marker_scale=marker_scale) for i in range(frames))
+    data.write_video(d / f"{k}.mp4", frames)
 
 
 def write_synthetic(out, *, tasks=4, episodes=3, test_episodes=1, frames=90, size=(180, 320), seed=0,
