@@ -595,6 +595,10 @@ def shuffled_actions(episodes, plan, i, horizon):
     return conditioning.compute_actions(track)
 
 
+def _save_json(path, payload):
+    hub.atomic_write(path, json.dumps(payload))  # whole or not at all: a restarted job trusts what it finds
+
+
 def evaluate_checkpoint(cfg, checkpoint, row, *, size, episodes, plan, metrics, nets, rank, world, device):
     """Roll out and score this rank's clips that are not done yet, a batch at a time."""
     d = Path(cfg.out) / row / "clips"
@@ -606,8 +610,8 @@ def evaluate_checkpoint(cfg, checkpoint, row, *, size, episodes, plan, metrics, 
     if saved.is_file() and json.loads(saved.read_text()) != settings:  # kept clips must be these clips
         raise ValueError(f"{d.parent} holds results made with other settings ({saved}): choose another --out "
                          f"or delete it")
-    if rank == 0:  # written whole or not at all (hub.atomic_write), like every file a restarted job reads
-        hub.atomic_write(saved, json.dumps(settings))
+    if rank == 0:
+        _save_json(saved, settings)
     todo = [i for i in range(rank, len(plan), world) if not (d / f"{i:05d}.json").exists()]
     if not todo:
         return
@@ -624,8 +628,8 @@ def evaluate_checkpoint(cfg, checkpoint, row, *, size, episodes, plan, metrics, 
                 if cfg.shuffle_actions:
                     clip["rollout_actions"] = torch.from_numpy(shuffled_actions(episodes, plan, i, cfg.horizon))
             except data.DataError as err:  # a corrupt episode is skipped, with its reason, never fatal
-                hub.atomic_write(d / f"{i:05d}.json", json.dumps({"index": i, "episode": episodes[e].id,
-                                                                  "start": int(s), "skipped": str(err)}))
+                _save_json(d / f"{i:05d}.json", {"index": i, "episode": episodes[e].id, "start": int(s),
+                                                 "skipped": str(err)})
                 print(f"skipping clip {i} ({episodes[e].id} @ {s}): {err}")
                 continue
             batch.append(i)
@@ -651,8 +655,8 @@ def evaluate_checkpoint(cfg, checkpoint, row, *, size, episodes, plan, metrics, 
                 np.savez(d / f"{i:05d}.npz", **{name: f[k] for name, f in feats.items()})
             if i < cfg.figure_clips:
                 np.save(d / f"{i:05d}.npy", pred[k].permute(1, 2, 3, 0).numpy())  # for the figure
-            hub.atomic_write(d / f"{i:05d}.json", json.dumps({"index": i, "episode": clip["episode"],
-                                                              "start": clip["start"], "seed": cfg.seed + i, **score}))
+            _save_json(d / f"{i:05d}.json", {"index": i, "episode": clip["episode"], "start": clip["start"],
+                                             "seed": cfg.seed + i, **score})
         ev.features = {"fid": ([], []), "fvd": ([], [])}  # on disk now; each batch starts empty
 
 
@@ -780,8 +784,8 @@ def protocol(cfg):
         return None
     out = Path(cfg.out)
     reports = {row: collect(out / row / "clips", len(plan), size) for row in rows.values()}
-    hub.atomic_write(out / "report.json", json.dumps({"config": {**asdict(cfg), "size": list(size)},
-                                                      "metrics": list(metrics), "rows": reports}))
+    _save_json(out / "report.json", {"config": {**asdict(cfg), "size": list(size)}, "metrics": list(metrics),
+                                     "rows": reports})
     table = markdown_tables(reports, cfg.horizon)
     (out / "table.md").write_text(table)
     figure(cfg, out / "figure.png", rows=list(rows.values()), size=size, episodes=episodes, plan=plan)
@@ -807,8 +811,8 @@ def main(argv=None):
     p.add_argument("--checkpoint", dest="checkpoints", metavar="CHECKPOINT", nargs="+",
                    help="exported models (train.py), a table row each")
     p.add_argument("--data", help="dataset root; its test split is evaluated")
-    p.add_argument("--horizon", type=int, help="frames per rollout, the given first one included (the paper: 25 "
-                                               "and 65)")
+    p.add_argument("--horizon", type=int,
+                   help="frames per rollout, the given first one included (the paper: 25 and 65)")
     p.add_argument("--clips", type=int, help="evaluate N clips, evenly spread (default: all)")
     p.add_argument("--metrics", help="comma-separated from psnr,ssim,lpips,fid,fvd,latent_l2,pck; 'auto': all "
                                      "whose network weights are found")
@@ -824,8 +828,8 @@ def main(argv=None):
                    help="the control: every clip gets another clip's actions (rows are named accordingly)")
     p.add_argument("--figure-clips", type=int, help="clips shown in figure.png")
     p.add_argument("--init", help="backbone for checkpoints holding only the DexAC modules")
-    p.add_argument("--height", type=int, help="evaluation height, one for every row (default: the first "
-                                              "checkpoint's training height)")
+    p.add_argument("--height", type=int,
+                   help="evaluation height, one for every row (default: the first checkpoint's training height)")
     p.add_argument("--width", type=int, help="evaluation width (default: the first checkpoint's)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="model dtype")
     p.add_argument("--device", help="torch device (default: this rank's GPU, else cpu)")
