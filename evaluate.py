@@ -47,7 +47,6 @@ import argparse
 import inspect
 import json
 import os
-import pickle
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -124,15 +123,11 @@ def load_torchscript(kind, spec=None, device="cpu"):
 
 
 def _state_dict(kind, spec):
-    # not hub.read_state_dict: it memory-maps, which fails on the legacy (pre-zip) format of lpips' alex.pth
     path = resolve_weights(kind, spec)
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError) as e:
-        sd = e
-    if not isinstance(sd, dict):
-        raise WeightsError(f"{path} is not a state dict; {_needs(kind)}")
-    return path, sd
+        return path, hub.read_state_dict(path)
+    except WeightsError as e:
+        raise WeightsError(f"{e}; {_needs(kind)}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,8 +218,8 @@ def load_lpips(alexnet=None, heads=None, device="cpu"):
     sd.update({f"heads.{i}.weight": lins[f"lin{i}.model.1.weight"] for i in range(5)
                if f"lin{i}.model.1.weight" in lins})  # lpips' NetLinLayer: Sequential(Dropout, Conv2d)
     try:
-        hub.check_state_dict(net.state_dict(), sd, f"{alex_path} + {heads_path}", "LPIPS/AlexNet",
-                             f" (expected {WEIGHTS['alexnet'][0]} and {WEIGHTS['lpips'][0]})")
+        hub.check_state_dict(net.state_dict(), sd, source=f"{alex_path} + {heads_path}", target="LPIPS/AlexNet",
+                             hint=f" (expected {WEIGHTS['alexnet'][0]} and {WEIGHTS['lpips'][0]})")
     except ValueError as e:
         raise WeightsError(str(e)) from e
     net.load_state_dict(sd)  # not hub.load_strict's assign=True: copying keeps float32 whatever the files hold

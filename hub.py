@@ -110,7 +110,10 @@ def read_state_dict(path):
         shards = [path]
     else:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:  # memory-mapped: a 2B checkpoint is not read twice
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (pre-zipfile) format cannot be mapped, e.g. LPIPS' alex.pth
+                sd = torch.load(path, map_location="cpu", weights_only=True)
         except (RuntimeError, ValueError, OSError, pickle.UnpicklingError) as e:  # not torch.save'd, or holds code
             raise WeightsError(f"{path} is not a state dict saved by torch.save ({type(e).__name__})") from e
         sd = sd.get("model", sd) if isinstance(sd, dict) else sd

@@ -45,6 +45,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -505,7 +506,7 @@ def export(path, *, model, ema, cfg, mcfg, stats_path, step, rank, dtype):
     mean, std = data.load_stats(stats_path)
     meta = {"model_config": asdict(mcfg), "train_config": asdict(cfg), "step": step,
             "base": base,
-            "action_layout": data.action_layout(), "action_stats": {"mean": mean.tolist(), "std": std.tolist()},
+            "action_layout": conditioning.action_layout(), "action_stats": {"mean": mean.tolist(), "std": std.tolist()},
             "tokenizer": {"name": cfg.tokenizer, "weights": cfg.tokenizer_weights,
                           "pixel_compression": cfg.pixel_compression, "pixel_mean": cfg.pixel_mean,
                           "pixel_std": cfg.pixel_std},
@@ -607,14 +608,18 @@ class Trainer:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     ema: dict
-    stats: Path | None  # the action statistics file; None when built without `load`
+    stats_path: Path | None  # the action statistics file; None when built without `load`
     latent: tuple  # (B, C, T', H', W') of one micro-batch
     frame_mask: torch.Tensor  # (B, T'): 1 on the latent frames given clean as the condition
 
     @property
-    def tokens_per_step(self):
+    def tokens_per_clip(self):
         _, _, T, H, W = self.latent
-        return T * (H // self.mcfg.patch_spatial) * (W // self.mcfg.patch_spatial) * self.cfg.batch_size
+        return T * (H // self.mcfg.patch_spatial) * (W // self.mcfg.patch_spatial)
+
+    @property
+    def tokens_per_step(self):
+        return self.tokens_per_clip * self.cfg.batch_size
 
     @property
     def n_patches(self):
@@ -646,13 +651,13 @@ def build(cfg, device, *, load=True):
     accum = check_config(cfg, world)
     torch.manual_seed(cfg.seed)
     cfg = cfg if load else replace(cfg, init="")
-    stats = prepare_data(cfg, rank) if load else None
+    stats_path = prepare_data(cfg, rank) if load else None
     tokenizer = build_tokenizer(cfg, device, load=load)
     mcfg = model_config(cfg, tokenizer.latent_channels)
     model = build_model(cfg, mcfg, device)
     if model.action_cond is not None and load:
-        model.action_cond.set_stats(*data.load_stats(stats), data.action_layout())
-    elif model.action_cond is not None:
+        model.action_cond.set_stats(*data.load_stats(stats_path), conditioning.action_layout())
+    elif model.action_cond is not None:  # unit statistics: enough for shapes and timing
         model.action_cond.set_stats(torch.zeros(mcfg.action_dim), torch.ones(mcfg.action_dim))
     set_trainable(model, cfg.trainable)
     dtype = parallelize(model, device, cfg.ac)
@@ -660,12 +665,12 @@ def build(cfg, device, *, load=True):
     ema = {clean(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     context = build_context(cfg, mcfg, device) if load else None
     T, s = 1 + (cfg.frames - 1) // tok.TEMPORAL, tokenizer.spatial_compression
-    frame_mask = torch.zeros(cfg.micro_batch, T, device=device)
+    frame_mask = torch.zeros(cfg.micro_batch, T, device=device)  # (B, T')
     frame_mask[:, :cfg.cond_frames] = 1
     return Trainer(cfg=cfg, mcfg=mcfg, rank=rank, world=world, device=device, dtype=dtype, accum=accum,
-                   tokenizer=tokenizer, context=context, model=model, optimizer=optimizer, ema=ema, stats=stats,
-                   latent=(cfg.micro_batch, mcfg.in_channels, T, cfg.height // s, cfg.width // s),
-                   frame_mask=frame_mask)
+                   tokenizer=tokenizer, context=context, model=model, optimizer=optimizer, ema=ema,
+                   stats_path=stats_path, frame_mask=frame_mask,
+                   latent=(cfg.micro_batch, mcfg.in_channels, T, cfg.height // s, cfg.width // s))
 
 
 def describe(t):
@@ -676,7 +681,7 @@ def describe(t):
     t.log(json.dumps({"train": asdict(cfg), "model": asdict(t.mcfg)}, indent=1, default=str))
     t.log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trainable), {t.world} rank(s) on "
           f"{t.device.type}, {str(t.dtype).removeprefix('torch.')} compute; latents {t.latent[1:]} per clip, "
-          f"{t.tokens_per_step // cfg.batch_size} tokens per clip, {t.tokens_per_step:,} per step (batch "
+          f"{t.tokens_per_clip} tokens per clip, {t.tokens_per_step:,} per step (batch "
           f"{cfg.batch_size} = {cfg.micro_batch} x {t.accum} accum x {t.world} ranks); {flops / 1e12:.3f} TFLOP "
           f"per step")
 
@@ -742,6 +747,13 @@ class StepStats:
         return StepStats.unpack(v)
 
 
+class StepResult(NamedTuple):
+    ok: bool  # False: the loss or the gradient norm was not finite and the update was skipped
+    loss: float  # per clip, over the global batch
+    norm: float  # the global gradient norm before clipping
+    stats: StepStats  # summed over the ranks
+
+
 def micro_step(t, inputs, step, micro):
     """Forward and backward of one micro-batch, its loss scaled by 1 / accum so that the gradients add up to
     the step's. inputs: (x0, text, actions, DINOv3 features or None), as `encode_batch` returns them."""
@@ -749,7 +761,7 @@ def micro_step(t, inputs, step, micro):
     g = torch.Generator(t.device).manual_seed(noise_seed(t.cfg.seed, step, micro))
     fn = lambda x, sig: t.model(x.to(t.dtype), sig, text, t.frame_mask, actions=actions, image_features=feats)
     # eq. 1-3: the rectified-flow loss (model.flow_loss)
-    losses, sigma = M.flow_loss(fn, x0, t.frame_mask, t.cfg.shift, generator=g)
+    losses, sigma = M.flow_loss(fn, x0, t.frame_mask, shift=t.cfg.shift, generator=g)
     (losses.mean() / t.accum).backward()
     losses = losses.detach()
     bins = (sigma * SIGMA_BINS).long().clamp(max=SIGMA_BINS - 1)
@@ -762,7 +774,7 @@ def micro_step(t, inputs, step, micro):
 def train_step(t, step, next_inputs):
     """One optimizer step: accumulate `accum` micro-batches (next_inputs() gives each one's model inputs),
     reduce the statistics, clip, then update unless the loss or the gradient norm is not finite.
-    -> (updated, loss per clip, gradient norm, StepStats summed over the ranks)."""
+    -> StepResult."""
     cfg = t.cfg
     for g in t.optimizer.param_groups:
         g["lr"] = lr_at(step, cfg)
@@ -781,19 +793,19 @@ def train_step(t, step, next_inputs):
         t.optimizer.step()
         ema_update(t.ema, t.model, step, cfg.ema)
     t.optimizer.zero_grad(set_to_none=True)
-    return ok, loss, norm, stats
+    return StepResult(ok, loss, norm, stats)
 
 
-def log_metrics(t, run, history, step, window, seconds):
-    """One metrics line for the steps of `window` [(loss, gradient norm, StepStats, updated)], taken in
-    `seconds`; rank 0 appends it to metrics.jsonl and redraws the loss curve."""
-    total = sum((w[2] for w in window), StepStats.zeros("cpu"))
+def log_metrics(t, run, history, step, window, *, seconds):
+    """One metrics line for the StepResults of `window`, taken in `seconds`; rank 0 appends it to metrics.jsonl
+    and redraws the loss curve."""
+    total = sum((r.stats for r in window), StepStats.zeros(t.device))
     bins = [round((total.bin_loss[i] / n).item(), 6) if n else None for i, n in enumerate(total.bin_count)]
     step_time = seconds / len(window)
-    line = {"step": step, "loss": float(np.mean([w[0] for w in window])), "loss_per_sigma_bin": bins,
-            "losses": [w[0] for w in window], "grad_norm": window[-1][1], "lr": lr_at(step - 1, t.cfg),
+    line = {"step": step, "loss": float(np.mean([r.loss for r in window])), "loss_per_sigma_bin": bins,
+            "losses": [r.loss for r in window], "grad_norm": window[-1].norm, "lr": lr_at(step - 1, t.cfg),
             "step_time": step_time, "tokens_per_s": t.tokens_per_step / step_time,
-            "skipped": sum(not w[3] for w in window)}
+            "skipped": sum(not r.ok for r in window)}
     history.append(line)
     if t.rank == 0:
         with open(run / "metrics.jsonl", "a") as f:
@@ -813,11 +825,11 @@ def checkpoint(t, run, step, stream):
 def finish(t, run, step, clip, history):
     """The final preview, the export of the EMA weights, and a summary of where everything is."""
     preview(t, run / "preview.png", clip)
-    out = export(run / "model.safetensors", model=t.model, ema=t.ema, cfg=t.cfg, mcfg=t.mcfg, stats_path=t.stats,
+    out = export(run / "model.safetensors", model=t.model, ema=t.ema, cfg=t.cfg, mcfg=t.mcfg, stats_path=t.stats_path,
                  step=step, rank=t.rank, dtype=hub.DTYPES[t.cfg.export_dtype])
     where = {"run directory": run, "exported model": out, "metrics": run / "metrics.jsonl",
              "loss curve": run / "loss.png", "preview": run / "preview.png", "checkpoints": run / "checkpoints",
-             "data": Path(t.cfg.data), "statistics": t.stats}
+             "data": Path(t.cfg.data), "statistics": t.stats_path}
     t.log(f"done: {step} steps, final loss {history[-1]['loss']:.4f}"
           + "".join(f"\n  {k:15s}{v}" for k, v in where.items()))
 
@@ -827,7 +839,8 @@ def finish(t, run, step, clip, history):
 
 
 def train(cfg, args):
-    t = build(cfg, setup_distributed(args.device)[2])
+    _, _, device = setup_distributed(args.device)
+    t = build(cfg, device)
     describe(t)
     run, stream, step, history = open_run(t, args.resume)
     catch_signals()
@@ -838,14 +851,14 @@ def train(cfg, args):
     bad, window, t_window, first_step = 0, [], time.perf_counter(), step
     while step < cfg.steps:
         t0 = time.perf_counter()
-        ok, loss, norm, stats = train_step(t, step, next_inputs)
+        r = train_step(t, step, next_inputs)
         step += 1
-        bad = 0 if ok else bad + 1
-        if not ok:
-            say(f"step {step}: non-finite loss {loss} or gradient norm {norm}; update skipped")
-        window.append((loss, norm, stats.cpu(), ok))
-        bar.set_postfix(loss=f"{loss:.4f}", clips_s=f"{cfg.batch_size / (time.perf_counter() - t0):.1f}")
+        bar.set_postfix(loss=f"{r.loss:.4f}", clips_s=f"{cfg.batch_size / (time.perf_counter() - t0):.1f}")
         bar.update()
+        window.append(r)
+        bad = 0 if r.ok else bad + 1
+        if not r.ok:
+            say(f"step {step}: non-finite loss {r.loss} or gradient norm {r.norm}; update skipped")
         if step % cfg.log_every == 0 or step == cfg.steps:
             log_metrics(t, run, history, step, window, seconds=time.perf_counter() - t_window)
             window, t_window = [], time.perf_counter()
@@ -854,7 +867,7 @@ def train(cfg, args):
                                      f"data; the last checkpoint in {run}/checkpoints is intact")
         if cfg.preview_every and step % cfg.preview_every == 0 and step < cfg.steps:
             preview(t, run / f"preview_{step:07d}.png", clip)
-        signalled = stats.stop.item() > 0
+        signalled = r.stats.stop.item() > 0
         stop = signalled or (args.exit_after and step - first_step >= args.exit_after)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
             say(f"checkpoint {checkpoint(t, run, step, stream)}")
