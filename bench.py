@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
@@ -407,7 +408,66 @@ def bench_sample(args):
           f"VAE decode {a['vae_decode'] / b['vae_decode']:.2f})")
     return results
 
-# === train (from the train helper) ===
+# -----------------------------------------------------------------------------
+# train: train.py's optimizer step on random latents: time, tokens/s, MFU, peak memory
+
+
+def add_train_args(p):
+    """train.py's --preset and config flags, and what the timing needs."""
+    train.add_config_flags(p)
+    p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--bench-steps", type=int, default=5, help="timed steps (after 2 warmup)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s per device for MFU "
+                   "(H100 SXM bf16: 989)")
+
+
+def random_inputs(t):
+    """The DiT's inputs of one micro-batch at the run's shapes: tokenizer, text and DINOv3 are not timed."""
+    cfg, mcfg, device = t.cfg, t.mcfg, t.device
+    g = torch.Generator(device).manual_seed(0)
+    text = torch.zeros(cfg.micro_batch, cfg.text_tokens, mcfg.text_dim, device=device, dtype=t.dtype)
+    feats = torch.randn(cfg.micro_batch, t.n_patches, mcfg.semantic_dim, device=device) if mcfg.semantic_dim \
+        else None
+    return (torch.randn(t.latent, device=device, generator=g), text,
+            torch.randn(cfg.micro_batch, cfg.frames - 1, mcfg.action_dim, device=device), feats)
+
+
+def bench_train(argv):
+    """train.py's optimizer step (`train.train_step`, accumulation, all_reduce, clip, AdamW, EMA) on random
+    latents and random weights: time, tokens/s, clips/s, MFU, peak memory. Plain python or torchrun."""
+    p = argparse.ArgumentParser(prog="bench.py train", description=bench_train.__doc__)
+    add_train_args(p)
+    args = p.parse_args(argv)
+    cfg = train.config_from_flags(args)
+    _, world, device = train.setup_distributed(args.device)
+    try:
+        t = train.build(cfg, device, load=False)  # no data, no download: random weights time as pretrained ones
+        train.describe(t)
+        cfg = t.cfg
+        flops = train.flops_per_clip(t.mcfg, t.latent, cfg.text_tokens, t.n_patches) * cfg.batch_size
+        for step in range(2):
+            train.train_step(t, step, lambda: random_inputs(t))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for step in range(args.bench_steps):
+            train.train_step(t, 2 + step, lambda: random_inputs(t))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / args.bench_steps
+        mfu = flops / world / dt / (args.peak_tflops * 1e12)
+        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "n/a on the CPU"
+        t.log(f"benchmark: {dt * 1e3:.0f} ms/step, {t.tokens_per_step / dt:,.0f} tokens/s, "
+              f"{cfg.batch_size / dt:.2f} clips/s, MFU {100 * mfu:.1f}% of {args.peak_tflops:g} TFLOP/s per device, "
+              f"peak memory {peak} (micro-batch {cfg.micro_batch}, activation checkpointing {cfg.ac})")
+        return dt
+    except train.ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
 
 # -----------------------------------------------------------------------------
 # costs: parameters and FLOPs per DexAC component beside the paper's Table 6

@@ -1,13 +1,41 @@
 """
-The DexAC-WM test suite: CPU only, a few minutes.
+The DexAC-WM test suite: CPU only, several minutes on 2 cores.
 
-    python -m pytest -q test_all.py
+    python -m pytest -q test_all.py                  # everything (the command CI runs)
+    python -m pytest -q test_all.py -m "not slow"    # without subprocesses, torchrun, the Hub cache, training runs
+    python -m pytest -q test_all.py -k TestModel     # one concept
 
-Correctness is shown against independent implementations on the same random weights (diffusers for the DiT,
-scipy/analytic answers for numerics), and every loader is exercised on small random-weight files written in
-the exact official layouts, including a local Hugging Face cache read with HF_HUB_OFFLINE=1.
+Correctness is shown against independent implementations on the same random weights (diffusers for the DiT and
+the Wan VAE, transformers for DINOv3 and the text encoder, lpips, scikit-image and scipy for the metrics, analytic
+answers for numerics), and every loader is exercised on small random-weight files written in the exact official
+layouts, including a local Hugging Face cache read with HF_HUB_OFFLINE=1. Errors a user can cause are each shown
+to give one clear message.
+
+Shared builders and fixtures come first (random weights, the reference DiT, DIT_SMALL, Hub-cache helpers, the
+DINOv3 and Wan VAE pairs, metric weights, synthetic data, training runs); helpers that serve one class only sit
+just above it. Then one class per concept, in the README's reading order:
+
+    TestStructure     imports flow one way through the modules' levels; README's paper-to-code table names real code
+    TestHub           where weights come from: local files, the Hub cache offline, gated repos, URLs, missing files
+    TestConditioning  DexAC and the MLP baselines: identity at init, every input used, official layout, norm
+    TestModel         the DiT against diffusers, official-weight loading, rectified flow: loss, samplers, guidance
+    TestTokenizer     the Wan2.1 VAE against diffusers, its layouts, chunking and tiling; the pixel tokenizer
+    TestSemantic      DINOv3 against transformers, Reason1 text embeddings and their cache, projector, DiT branch
+    TestData          the 57-D action, EgoDex/EgoVerse readers, corrupt episodes, clips, sampler, stats, latent cache
+    TestSynthetic     the synthetic dataset's writer and renderer, and the colour-marker detector
+    TestTrain         train.py runs: outputs, exact resume (also 2 torchrun ranks -> 1), SIGTERM, --init, bad flags
+    TestSample        rollouts from an export: seeds and batching, the sample command, DexAC-only exports, DINOv3
+    TestEvaluate      PSNR, SSIM, LPIPS, Frechet distances, FID, FVD, latent L2, PCK, the report, the protocol
+    TestMiniature     the conditioning-mode experiment end to end at a toy budget, and its figure labels
+    TestBench         the benchmark command lines run on tiny shapes
+
+Tests marked `slow` launch subprocesses or torchrun, read a local Hub cache with HF_HUB_OFFLINE=1, run training
+or the miniature experiment, or run diffusers' whole pipeline.
 """
 
+import ast
+import contextlib
+import io
 import json
 import logging
 import math
@@ -18,6 +46,7 @@ import signal
 import subprocess
 import sys
 import time
+import tokenize
 import types
 from dataclasses import replace
 from pathlib import Path
@@ -45,11 +74,14 @@ torch.set_num_threads(2)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# -----------------------------------------------------------------------------
-# model.py: the DiT against diffusers' CosmosTransformer3DModel
+# =====================================================================================================================
+# Shared builders and fixtures (helpers that serve one class only sit just above that class)
 
-SMALL = M.DiTConfig(in_channels=16, out_channels=16, dim=64, n_blocks=2, n_heads=2, adaln_lora_dim=16,
-                    text_dim=48, context_dim=32, max_size=(16, 32, 32))
+# --- random weights and the reference DiT
+
+DIT_SMALL = M.DiTConfig(in_channels=16, out_channels=16, dim=64, n_blocks=2, n_heads=2, adaln_lora_dim=16,
+                        text_dim=48, context_dim=32, max_size=(16, 32, 32))
+# ^ the tiny DiT every model-level test builds: 2 blocks of width 64, 16 latent channels
 
 
 def randomize(module, seed=0, std=0.2):
@@ -85,52 +117,6 @@ def diffusers_cosmos(c):
     return ref.eval()
 
 
-@pytest.fixture(scope="module")
-def small_pair():
-    ours = randomize(M.DiT(SMALL)).eval()
-    ref = diffusers_cosmos(SMALL)
-    ref.load_state_dict(M.state_dict_as(ours.state_dict(), "diffusers", SMALL.n_blocks), strict=True)
-    return ours, ref
-
-
-@pytest.mark.parametrize("B,T,H,W,cond,pad", [
-    (1, 1, 4, 4, False, False),
-    (2, 3, 6, 10, True, True),  # non-square, batch > 1, several frames, condition + padding masks
-    (3, 4, 8, 6, True, True),
-])
-def test_dit_matches_diffusers(small_pair, B, T, H, W, cond, pad):
-    ours, ref = small_pair
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, SMALL.in_channels, T, H, W, generator=g)
-    text = torch.randn(B, 7, SMALL.text_dim, generator=g)
-    sigma = torch.rand(B, T, generator=g)  # a noise level per latent frame, as for conditional frames
-    frame_mask = torch.zeros(B, T)
-    if cond:
-        frame_mask[:, 0] = 1
-    padding = (torch.rand(1, 1, H, W, generator=g) > 0.5).float() if pad else torch.zeros(1, 1, H, W)
-    with torch.no_grad():
-        out = ours(x, sigma, text, frame_mask=frame_mask, padding_mask=padding.expand(B, -1, -1, -1))
-        expected = ref(x, sigma.view(B, 1, T, 1, 1), text,
-                       condition_mask=frame_mask[:, None, :, None, None].expand(B, 1, T, H, W),
-                       padding_mask=padding, return_dict=False)[0]
-    assert out.shape == (B, SMALL.out_channels, T, H, W)
-    rel = (out - expected).abs().max() / expected.abs().max()
-    assert rel < 1e-5, f"relative error {rel:.2e}"
-
-
-def test_padding_mask_is_resized_nearest_from_pixels():
-    model = randomize(M.DiT(SMALL)).eval()
-    x, text, sigma = torch.randn(1, 16, 1, 4, 6), torch.randn(1, 3, SMALL.text_dim), torch.rand(1)
-    small = (torch.rand(1, 1, 4, 6) > 0.5).float()
-    big = small.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)  # the same mask at pixel resolution
-    with torch.no_grad():
-        assert torch.equal(model(x, sigma, text, padding_mask=small), model(x, sigma, text, padding_mask=big))
-        assert not torch.equal(model(x, sigma, text, padding_mask=small), model(x, sigma, text))
-
-
-# -----------------------------------------------------------------------------
-# model.py: official weights
-
 def official_pt(model, path):
     """Write model in the official .pt layout: net.-prefixed keys plus the buffers a loader must ignore."""
     official = M.state_dict_as(model.state_dict(), "official", model.config.n_blocks)
@@ -141,210 +127,43 @@ def official_pt(model, path):
     torch.save(sd, path)
 
 
-def test_load_official_pt_diffusers_safetensors_and_hub_cache(tmp_path):
-    src = randomize(M.DiT(SMALL), seed=3).eval()
-    g = torch.Generator().manual_seed(0)
-    x, text, sigma = torch.randn(2, 16, 2, 4, 6, generator=g), torch.randn(2, 5, 48, generator=g), torch.rand(2)
-    with torch.no_grad():
-        expected = src(x, sigma, text)
-    official_pt(src, tmp_path / "dit.pt")
-    save_file(M.state_dict_as(src.state_dict(), "diffusers", SMALL.n_blocks),
-              str(tmp_path / "diffusion_pytorch_model.safetensors"))
-    for path in [tmp_path / "dit.pt", tmp_path / "diffusion_pytorch_model.safetensors", tmp_path]:
-        loaded = M.load_dit(str(path), SMALL).eval()
-        assert next(loaded.parameters()).device.type == "cpu"
-        with torch.no_grad():
-            assert torch.equal(loaded(x, sigma, text), expected), path
+# --- the Hugging Face Hub cache
 
-    # a local Hub cache, read in a fresh process with HF_HUB_OFFLINE=1 through huggingface_hub itself
-    rev = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--nvidia--Cosmos-Predict2.5-2B"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(rev)
-    target = repo / "snapshots" / rev / M.HUB_FILES["base/post-trained"]
-    target.parent.mkdir(parents=True)
-    official_pt(src, target)
-    torch.save({"x": x, "sigma": sigma, "text": text, "expected": expected}, tmp_path / "io.pt")
-    script = (f"import torch, model as M\ntorch.set_num_threads({torch.get_num_threads()})  # bit-equal sums\n"
-              f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
-              f"m = M.load_dit('base/post-trained', M.{SMALL!r}).eval()\n"
-              "with torch.no_grad():\n    assert torch.equal(m(io['x'], io['sigma'], io['text']), io['expected'])\n"
-              "print('hub ok')\n")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "home"))
-    r = subprocess.run([sys.executable, "-c", script], cwd=HERE, env=env, capture_output=True, text=True)
-    assert r.returncode == 0 and "hub ok" in r.stdout, r.stderr[-2000:]
-    # the same process, asked for a file that is not in the cache, fails with the download hint
-    script = "import model as M\nM.load_dit('base/pre-trained')\n"
-    r = subprocess.run([sys.executable, "-c", script], cwd=HERE, env=env, capture_output=True, text=True)
-    assert r.returncode != 0 and "FileNotFoundError" in r.stderr and "hf download" in r.stderr, r.stderr[-2000:]
+HUB_REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
-def test_loader_reports_every_mismatch(tmp_path):
-    src = M.DiT(SMALL)
-    sd = M.state_dict_as(src.state_dict(), "official", SMALL.n_blocks)
-    del sd["blocks.1.mlp.layer2.weight"]
-    sd["blocks.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
-    sd["mystery.weight"] = torch.zeros(1)
-    torch.save(sd, tmp_path / "bad.pt")
-    with pytest.raises(ValueError) as e:
-        M.load_dit(str(tmp_path / "bad.pt"), SMALL)
-    msg = str(e.value)
-    assert "missing (1): blocks.1.fc2.weight" in msg and "unexpected (1): mystery.weight" in msg
-    assert "blocks.0.self_attn.q.weight: checkpoint (3, 3) vs model (64, 64)" in msg
+def hub_snapshot(cache, repo_id):
+    """The snapshot folder of repo_id in a Hub cache laid out as huggingface_hub writes it (refs/main, snapshots/)."""
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(HUB_REVISION)
+    snapshot = repo / "snapshots" / HUB_REVISION
+    snapshot.mkdir(parents=True, exist_ok=True)
+    return snapshot
 
 
-def official_2b_keys():
-    """The official Predict2.5-2B key set and the shapes DESIGN.md section 1 lists, written out independently."""
-    D = 2048
-    keys = {"x_embedder.proj.1.weight": (D, 72), "t_embedder.1.linear_1.weight": (D, D),
-                     "t_embedder.1.linear_2.weight": (3 * D, D), "t_embedding_norm.weight": (D,),
-                     "crossattn_proj.0.weight": (1024, 100352), "crossattn_proj.0.bias": (1024,),
-                     "final_layer.adaln_modulation.1.weight": (256, D),
-                     "final_layer.adaln_modulation.2.weight": (2 * D, 256), "final_layer.linear.weight": (64, D)}
-    for i in range(28):
-        b = f"blocks.{i}."
-        for p in "qkv":
-            keys[b + f"self_attn.{p}_proj.weight"] = (D, D)
-            keys[b + f"cross_attn.{p}_proj.weight"] = (D, D if p == "q" else 1024)
-        for a in ("self_attn", "cross_attn"):
-            keys[b + f"{a}.output_proj.weight"] = (D, D)
-            keys[b + f"{a}.q_norm.weight"] = keys[b + f"{a}.k_norm.weight"] = (128,)
-            keys[b + f"adaln_modulation_{a}.1.weight"] = (256, D)
-            keys[b + f"adaln_modulation_{a}.2.weight"] = (3 * D, 256)
-        keys[b + "adaln_modulation_mlp.1.weight"], keys[b + "adaln_modulation_mlp.2.weight"] = (256, D), (3 * D, 256)
-        keys[b + "mlp.layer1.weight"], keys[b + "mlp.layer2.weight"] = (4 * D, D), (D, 4 * D)
-    return keys
+def run_offline(script, tmp_path):
+    """Run a Python script in a fresh process that sees the Hub cache tmp_path/hub only (HF_HUB_OFFLINE=1)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "HF_HOME": str(tmp_path / "home"), "PYTHONPATH": HERE}
+    return subprocess.run([sys.executable, "-c", script], cwd=HERE, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
-def test_cosmos2b_on_meta_has_official_keys_and_parameter_count():
-    with torch.device("meta"):
-        model = M.DiT(M.config_from_preset("cosmos2b"))
-    assert sum(p.numel() for p in model.parameters()) == 2_059_174_912
-    ours = {k: tuple(v.shape) for k, v in M.state_dict_as(model.state_dict(), "official", 28).items()}
-    assert ours == official_2b_keys()
-    # and the same tensors under diffusers' names, against diffusers' own 2B model built on the meta device
-    diffusers = pytest.importorskip("diffusers")
-    with torch.device("meta"):
-        ref = diffusers.CosmosTransformer3DModel(
-            in_channels=17, num_attention_heads=16, attention_head_dim=128, num_layers=28, mlp_ratio=4,
-            text_embed_dim=1024, adaln_lora_dim=256, max_size=(128, 240, 240), patch_size=(1, 2, 2),
-            rope_scale=(1.0, 3.0, 3.0), concat_padding_mask=True, extra_pos_embed_type=None,
-            use_crossattn_projection=True, crossattn_proj_in_channels=100352, encoder_hidden_states_channels=1024)
-    theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    assert {k: tuple(v.shape) for k, v in M.state_dict_as(model.state_dict(), "diffusers", 28).items()} == theirs
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """This process reads the Hub cache tmp_path/hub only, with HF_HUB_OFFLINE=1 -> the cache folder."""
+    import huggingface_hub.constants as hub_constants
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    return cache
 
 
-def test_bad_inputs_give_one_clear_error(tmp_path):
-    model = M.DiT(SMALL)
-    text, sigma = torch.randn(1, 3, 48), torch.rand(1)
-    with pytest.raises(ValueError, match=r"expected latents \(B, 16, T, H, W\)"):
-        model(torch.randn(1, 15, 1, 4, 4), sigma, text)
-    with pytest.raises(ValueError, match="must be divisible by the patch size"):
-        model(torch.randn(1, 16, 1, 5, 4), sigma, text)
-    with pytest.raises(ValueError, match="exceeds the model's max_size"):
-        model(torch.randn(1, 16, 1, 4, 40), sigma, text)
-    with pytest.raises(ValueError, match="unknown preset 'huge'"):
-        M.config_from_preset("huge")
-    with pytest.raises(FileNotFoundError, match="neither an existing file nor a Hub file"):
-        M.load_dit(str(tmp_path / "nope.pt"), SMALL)
-    with pytest.raises(ValueError, match="unknown solver"):
-        M.sample(lambda x, s: x, torch.randn(1, 1, 1, 1, 1), M.shifted_sigmas(2), solver="heun")
-
-
-# -----------------------------------------------------------------------------
-# model.py: rectified flow on a Gaussian mixture with an exact velocity field
-
-MIX_MEANS = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]], dtype=torch.float64)
-MIX_STD, MIX_W = torch.tensor([0.3, 0.5, 0.4], dtype=torch.float64), torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
-
-
-def mixture_velocity(x, sigma):
-    """E[eps - x0 | x_sigma] for x0 ~ mixture of isotropic Gaussians; x (B, 2, 1, 1, 1), sigma (B, 1)."""
-    z, s = x.flatten(1).double(), sigma[:, :1].double()  # (B, 2), (B, 1)
-    var = (1 - s) ** 2 * MIX_STD**2 + s**2  # (B, K): Var[x_sigma | k] per coordinate
-    diff = z[:, None, :] - (1 - s)[:, :, None] * MIX_MEANS  # (B, K, 2)
-    logp = torch.log(MIX_W) - diff.square().sum(-1) / (2 * var) - torch.log(var)
-    post = torch.softmax(logp, dim=1)  # p(k | x)
-    e_x0 = MIX_MEANS + ((1 - s) * MIX_STD**2 / var)[..., None] * diff
-    e_eps = (s / var)[..., None] * diff
-    return (post[..., None] * (e_eps - e_x0)).sum(1).view_as(x).to(x.dtype)
-
-
-def test_samplers_recover_mixture_and_multistep_beats_euler():
-    noise = torch.randn(4000, 2, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    reference = M.sample(mixture_velocity, noise, M.shifted_sigmas(4000), solver="euler")
-    errors = {}
-    for solver in M.SOLVERS:
-        for n in (5, 10, 20, 40):
-            x = M.sample(mixture_velocity, noise, M.shifted_sigmas(n), solver=solver)
-            errors[solver, n] = (x - reference).flatten(1).norm(dim=1).mean().item()
-    for solver in M.SOLVERS:
-        errs = [errors[solver, n] for n in (5, 10, 20, 40)]
-        assert all(a > b for a, b in zip(errs, errs[1:])), (solver, errs)
-    for n in (20, 40):  # at 5-10 steps the schedule's last jump (to sigma 0) dominates both solvers
-        assert errors["dpm++2m", n] < 0.6 * errors["euler", n], errors
-    # the samples follow the mixture: component frequencies and per-component means
-    x = M.sample(mixture_velocity, noise, M.shifted_sigmas(35), solver="dpm++2m").flatten(1)
-    nearest = torch.cdist(x, MIX_MEANS).argmin(1)
-    for k in range(3):
-        assert abs((nearest == k).double().mean() - MIX_W[k]) < 0.03
-        assert (x[nearest == k].mean(0) - MIX_MEANS[k]).norm() < 0.1
-
-
-def test_karras_schedule_and_conditional_frames_are_held():
-    s = M.karras_sigmas(10)
-    assert math.isclose(s[0].item(), 200 / 201, rel_tol=1e-6) and math.isclose(s[-2].item(), 0.01 / 1.01, rel_tol=1e-5)
-    assert s[-1] == 0 and torch.all(s[1:] < s[:-1])
-    x_cond = torch.randn(2, 3, 3, 2, 2)
-    mask = torch.tensor([[1.0, 0, 0], [1, 1, 0]])
-    seen = []
-
-    def v_fn(x, sigma):
-        seen.append(sigma.clone())
-        return torch.ones_like(x)
-
-    out = M.sample(v_fn, torch.randn(2, 3, 3, 2, 2), s, x_cond=x_cond, frame_mask=mask, cond_sigma=1e-4)
-    keep = mask.bool()[:, None, :, None, None].expand_as(out)
-    assert torch.equal(out[keep], x_cond[keep]) and not torch.equal(out[~keep], x_cond[~keep])
-    assert torch.all(seen[0][mask.bool()] == 1e-4) and torch.all(seen[0][~mask.bool()] == s[0])
-
-
-def test_classifier_free_guidance():
-    vc, vu = torch.randn(3, 4), torch.randn(3, 4)
-    assert torch.equal(M.guided(vc, vu, 0.0), vc)
-    assert torch.allclose(M.guided(vc, vu, 7.0), vc + 7 * (vc - vu))
-
-
-def test_flow_loss_conditional_frames_and_sigma_distribution():
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(4096, 2, 3, 1, 1, generator=g)
-    mask = torch.zeros(4096, 3)
-    mask[:, 0] = 1
-    seen = {}
-
-    def model_fn(x_in, sigma):
-        seen["x_in"], seen["sigma"] = x_in, sigma
-        return torch.zeros_like(x_in)
-
-    loss, sigma = M.flow_loss(model_fn, x0, mask, cond_sigma=0.1, generator=g)
-    assert torch.equal(seen["x_in"][:, :, 0], x0[:, :, 0])  # conditional frame enters clean
-    assert torch.all(seen["sigma"][:, 0] == 0.1) and torch.equal(seen["sigma"][:, 1], sigma)
-    # with a zero prediction the loss is E|eps - x0|^2 = 2 on the 2 of 3 frames that count
-    assert abs(loss.mean().item() - 2 * 2 / 3) < 0.05
-    # logit-normal u shifted by 5: the median of sigma is 5 * 0.5 / (1 + 4 * 0.5) = 5/6
-    assert abs(sigma.median().item() - 5 / 6) < 0.02
-
-    # whatever the net predicts on conditional frames does not reach the loss
-    garbage = lambda x_in, sigma: torch.where(mask.bool()[:, None, :, None, None], 1e3, 0.0).expand_as(x_in)
-    zero = lambda x_in, sigma: torch.zeros_like(x_in)
-    losses = [M.flow_loss(f, x0, mask, generator=torch.Generator().manual_seed(5))[0] for f in (zero, garbage)]
-    assert torch.equal(*losses)
-    no_mask = M.flow_loss(garbage, x0, None, generator=torch.Generator().manual_seed(5))[0]
-    assert no_mask.mean() > 1e5  # ...while without the mask it would
-
-
-# -----------------------------------------------------------------------------
-# semantic.py: DINOv3 against transformers, weight layouts, Reason1 text embeddings, the projector
+# --- DINOv3 and the Wan VAE with random weights, beside the transformers and diffusers references
 
 DINO_TINY = DINO_PRESETS["tiny"]
 
@@ -378,17 +197,1321 @@ def frames_and_pixels(B=2, H=48, W=80):
     return frames, ((frames + 1) / 2 - mean) / std
 
 
-def test_dino_matches_transformers(hf_dino):
-    """Same random weights, non-square 48x80 input (3x5 patches), batch 2 -> same patch features."""
-    model, folder = hf_dino
-    ours = load_dino(str(folder), preset="tiny")
-    frames, pixels = frames_and_pixels()
-    with torch.no_grad():
-        ref = model(pixel_values=pixels).last_hidden_state[:, 1 + DINO_TINY.n_registers:]
-    got = ours(frames)
-    assert got.shape == (2, 15, DINO_TINY.dim)
-    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+def rand_video(B, T, H, W, seed=0):
+    """A random video in [-1, 1], (B, 3, T, H, W)."""
+    return torch.rand(B, 3, T, H, W, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
+
+@pytest.fixture(scope="module")
+def vae_pair():
+    """A tiny diffusers AutoencoderKLWan with random weights (gains too) and our WanVAE holding the same
+    ones through the documented key map. Ours gets random latent statistics; the tests apply them to
+    diffusers' unnormalized mean by hand."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                     temperal_downsample=[False, True, True]).eval()
+    for name, p in ref.named_parameters():
+        if name.endswith("gamma"):
+            p.data.add_(0.2 * torch.randn_like(p))
+    mean, std = torch.randn(4), torch.rand(4) + 0.5
+    cfg = replace(tk.WAN_PRESETS["tiny"], latents_mean=tuple(mean.tolist()), latents_std=tuple(std.tolist()))
+    ours = tk.WanVAE(cfg).eval()
+    ref_sd = ref.state_dict()
+    assert len(ref_sd) == len(ours.state_dict())
+    ours.load_state_dict({k: ref_sd[tk.diffusers_key(k)] for k in ours.state_dict()})
+    return ref, ours, mean.view(1, 4, 1, 1, 1), std.view(1, 4, 1, 1, 1)
+
+
+# --- metric weights in their official layouts
+
+def lpips_files(tmp_path, seed=0):
+    """Random weights in the two official layouts: torchvision's AlexNet (classifier included) and lpips'
+    v0.1 heads (non-negative, like the trained ones) -> (alexnet path, heads path, {our key: tensor})."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3),
+              10: (256, 256, 3, 3)}
+    alex = {}
+    for i, s in shapes.items():
+        alex[f"features.{i}.weight"] = torch.randn(s, generator=g) * math.sqrt(2 / math.prod(s[1:]))
+        alex[f"features.{i}.bias"] = torch.randn(s[0], generator=g) * 0.1
+    for i, s in {1: (4096, 9216), 4: (4096, 4096), 6: (1000, 4096)}.items():
+        alex[f"classifier.{i}.weight"], alex[f"classifier.{i}.bias"] = torch.zeros(s), torch.zeros(s[0])
+    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
+             for i, c in enumerate(E.ALEX_CHANNELS)}
+    torch.save(alex, tmp_path / "alexnet-owt-7be5be79.pth")
+    torch.save(heads, tmp_path / "alex.pth")
+    ours = {k: v for k, v in alex.items() if k.startswith("features.")}
+    ours.update({f"heads.{i}.weight": heads[f"lin{i}.model.1.weight"] for i in range(5)})
+    return tmp_path / "alexnet-owt-7be5be79.pth", tmp_path / "alex.pth", ours
+
+
+class PlainI3D(nn.Module):
+    """A scripted VideoGPT-style InceptionI3d: called as net(x), logits averaged over time."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((3, 4)).mean(2)
+
+
+# --- synthetic EgoDex data
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    """A small synthetic EgoDex root: 2 tasks x 2 training episodes + 1 test episode, 40 frames each."""
+    root = tmp_path_factory.mktemp("synth")
+    data.write_synthetic(root, tasks=2, episodes=2, test_episodes=1, frames=40, workers=0)
+    return root
+
+
+def one_episode(tmp, frames=40, seed=0, name="part1/task_a"):
+    """Write one synthetic EgoDex episode by hand -> (hdf5 path, joints written, K)."""
+    d = Path(tmp) / name
+    d.mkdir(parents=True, exist_ok=True)
+    joints, _ = data.synth_track(np.random.default_rng(seed), frames)
+    K = np.array([[122.8, 0, 160], [0, 122.8, 90], [0, 0, 1]])
+    data.write_egodex_hdf5(d / "0.hdf5", joints, K, {"llm_description": "Do the thing."})
+    data.write_video(d / "0.mp4", (data.render_frame(joints, i, K, (180, 320), (90, 90, 90))
+                                   for i in range(frames)))
+    return d / "0.hdf5", joints, K
+
+
+# --- training runs (train.py) and their exports
+
+TRAIN_ARGS = ["--dim", "64", "--blocks", "2", "--height", "32", "--width", "64", "--frames", "5", "--workers", "0",
+              "--pixel-compression", "8", "--log-every", "1", "--warmup", "2", "--lr", "1e-3", "--preview-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def train_synth(tmp_path_factory):
+    """The synthetic root training runs read: 2 tasks x 2 + 1 episodes of 40 frames at 64x112, with stats.json."""
+    root = tmp_path_factory.mktemp("train_synth") / "data"
+    data.write_synthetic(root, tasks=2, episodes=2, test_episodes=1, frames=40, size=(64, 112), workers=0)
+    (root / "stats.json").write_text(json.dumps(data.compute_stats(root)))
+    return root
+
+
+def run_train(args, nproc=1, wait=True):
+    """One process: in this one (train.main; no interpreter start-up). Two ranks or no wait: a subprocess."""
+    argv = [*TRAIN_ARGS, *map(str, args)]
+    if nproc == 1 and wait:
+        return train.main(argv)
+    env = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1" if nproc > 1 else "2"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 \
+        else [sys.executable]
+    cmd = launcher + [os.path.join(HERE, "train.py"), *argv]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if p.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def run_losses(run_dir):
+    """Every micro-step loss a run logged to metrics.jsonl, in order."""
+    lines = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+    return [v for line in lines for v in line["losses"]]
+
+
+def only_run(out):
+    """The one run directory under out."""
+    (d,) = [p for p in Path(out).iterdir() if p.is_dir()]
+    return d
+
+
+@pytest.fixture(scope="module")
+def exported(train_synth, tmp_path_factory):
+    """A 2-step tiny DexAC model trained on 5-frame clips (4 actions per chunk) and exported by train.py."""
+    out = tmp_path_factory.mktemp("sample_runs")
+    run_train(["--data", train_synth, "--out", out, "--steps", 2, "--batch-size", 2, "--micro-batch", 2])
+    return only_run(out) / "model.safetensors"
+
+
+# =====================================================================================================================
+# The repository's structure
+
+MODULE_LEVELS = {"hub": 0, "conditioning": 1, "semantic": 1, "tokenizer": 1, "data": 2, "synthetic": 3, "model": 4,
+                 "train": 5, "sample": 5, "evaluate": 6, "miniature": 7, "bench": 7}
+# ^ a module may import only modules of a lower level, so the README can be read top to bottom
+
+
+def project_modules():
+    """The top-level project modules: every *.py in the repository root but this file -> {name: path}."""
+    return {p.stem: p for p in sorted(Path(HERE).glob("*.py")) if p.name != "test_all.py"}
+
+
+def comments_and_docstrings(path):
+    """Every comment and docstring of a Python file, as one list of strings."""
+    source = Path(path).read_text()
+    texts = [t.string for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            texts.append(ast.get_docstring(node) or "")
+    return texts
+
+
+def readme_section(title):
+    """The lines of README.md under the heading `## title`, up to the next `## ` heading."""
+    lines = (Path(HERE) / "README.md").read_text().splitlines()
+    start = lines.index(f"## {title}") + 1 if f"## {title}" in lines else len(lines)
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return lines[start:end]
+
+
+def defines(path, name):
+    """Whether the file at path defines name at top level (function, class, assignment) or, as Class.method,
+    a method of a top-level class."""
+    tree = ast.parse(Path(path).read_text())
+    owner, _, method = name.rpartition(".")
+    for node in tree.body:
+        if owner and isinstance(node, ast.ClassDef) and node.name == owner:
+            return any(isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.name == method
+                       for f in node.body)
+        if not owner and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if node.name == name:
+                return True
+        if not owner and isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+            if name in names:
+                return True
+    return False
+
+
+class TestStructure:
+    """The order the README reads in is the order of the imports, and its paper-to-code table points at real code."""
+
+    def test_imports_flow_one_way(self):
+        """Every import of a project module (inside functions too) goes to a lower level of MODULE_LEVELS."""
+        modules = project_modules()
+        unplaced = sorted(set(modules) - set(MODULE_LEVELS))
+        assert not unplaced, f"modules without a level in MODULE_LEVELS (place them): {unplaced}"
+        bad = []
+        for name, path in modules.items():
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    targets = [alias.name.split(".")[0] for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    targets = [node.module.split(".")[0]]
+                else:
+                    continue
+                for target in targets:
+                    if target in modules and MODULE_LEVELS[target] >= MODULE_LEVELS[name]:
+                        bad.append(f"{path.name}:{node.lineno} imports {target} (level {MODULE_LEVELS[name]} "
+                                   f"imports level {MODULE_LEVELS[target]})")
+        assert not bad, "imports must go to a lower level:\n" + "\n".join(bad)
+
+    def test_paper_to_code_table_names_real_functions(self):
+        """README's `## Paper to code` table names at least 11 `file.py:name` references that exist, and every
+        equation 1..11 is labelled (`# eq. N`, `eqs. 7-9`) in a comment or docstring of the code."""
+        modules = project_modules()
+        refs = []
+        for line in readme_section("Paper to code"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if line.lstrip().startswith("|") and len(cells) > 1:
+                refs += [r for r in re.findall(r"`([^`]*)`", cells[-1]) if ".py:" in r]
+        assert len(refs) >= 11, f"README's '## Paper to code' table holds {len(refs)} code references, expected >= 11"
+        broken = []
+        for ref in refs:
+            m = re.fullmatch(r"(\w+)\.py:(\w+(?:\.\w+)?)", ref)
+            if not m or m[1] not in modules or not defines(modules[m[1]], m[2]):
+                broken.append(ref)
+        assert not broken, f"references to no top-level function, class, assignment or method: {broken}"
+        labelled = set()
+        for path in modules.values():
+            for text in comments_and_docstrings(path):
+                for first, last in re.findall(r"eqs?\.\s*(\d+)(?:\s*[-–]\s*(\d+))?", text, re.IGNORECASE):
+                    labelled.update(range(int(first), int(last or first) + 1))
+        missing = sorted(set(range(1, 12)) - labelled)
+        assert not missing, f"equations with no '# eq. N' label in the code: {missing}"
+
+
+# =====================================================================================================================
+# hub: where weight files come from (local files, the Hub cache, gated repos, URLs); what is inside the files and
+# how each model maps their keys is tested with that model
+
+def missing_dit(tmp_path):
+    """load_dit on a path that does not exist."""
+    M.load_dit(str(tmp_path / "nope.pt"), DIT_SMALL)
+
+
+def missing_lpips_default(tmp_path):
+    """load_lpips with nothing in the default weights folder."""
+    E.load_lpips()
+
+
+def missing_inception_default(tmp_path):
+    """load_torchscript('inception') with nothing in the default weights folder."""
+    E.load_torchscript("inception")
+
+
+MISSING_FILES = {  # case -> (call on tmp_path, exception, message)
+    "dit_file": (missing_dit, FileNotFoundError, "neither an existing file nor a Hub file"),
+    "wan_file": (lambda tmp_path: tk.build_tokenizer("wan2.1", config="tiny",
+                                                     weights=str(tmp_path / "Wan2.1_VAE.pth")),
+                 FileNotFoundError, "nvidia/Cosmos-Predict2.5-2B"),
+    "wan_folder_without_it": (lambda tmp_path: tk.build_tokenizer("wan2.1", config="tiny", weights=str(tmp_path)),
+                              FileNotFoundError, "nvidia/Cosmos-Predict2.5-2B"),
+    "dino_file": (lambda tmp_path: load_dino(str(tmp_path / "missing.pth"), preset="tiny"),
+                  FileNotFoundError, "not a file"),
+    "exported_model": (lambda tmp_path: M.load_exported(tmp_path / "none.safetensors"),
+                       FileNotFoundError, "not found"),
+    "lpips_default": (missing_lpips_default, E.WeightsError, "alexnet-owt-7be5be79.pth"),
+    "inception_default": (missing_inception_default, E.WeightsError, "inception-2015-12-05.pt"),
+    "keypoint_model": (lambda tmp_path: E.KeypointModel(str(tmp_path / "nothing.pt")),
+                       E.WeightsError, "keypoints.pt"),
+}
+
+
+class TestHub:
+    """Every loader resolves its weights the same way: a local file or folder, the Hub cache (also offline),
+    a URL downloaded once; what is missing or refused gives one message that says where to get it."""
+
+    @pytest.mark.slow
+    def test_dit_hub_cache_offline_in_a_fresh_process(self, tmp_path):
+        """A short name resolves through huggingface_hub in a local cache read with HF_HUB_OFFLINE=1."""
+        src = randomize(M.DiT(DIT_SMALL), seed=3).eval()
+        g = torch.Generator().manual_seed(0)
+        x, text, sigma = torch.randn(2, 16, 2, 4, 6, generator=g), torch.randn(2, 5, 48, generator=g), torch.rand(2)
+        with torch.no_grad():
+            expected = src(x, sigma, text)
+        target = hub_snapshot(tmp_path / "hub", "nvidia/Cosmos-Predict2.5-2B") / M.HUB_FILES["base/post-trained"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        official_pt(src, target)
+        torch.save({"x": x, "sigma": sigma, "text": text, "expected": expected}, tmp_path / "io.pt")
+        script = (f"import torch, model as M\ntorch.set_num_threads({torch.get_num_threads()})  # bit-equal sums\n"
+                  f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+                  f"m = M.load_dit('base/post-trained', M.{DIT_SMALL!r}).eval()\n"
+                  "with torch.no_grad():\n"
+                  "    assert torch.equal(m(io['x'], io['sigma'], io['text']), io['expected'])\n"
+                  "print('hub ok')\n")
+        r = run_offline(script, tmp_path)
+        assert r.returncode == 0 and "hub ok" in r.stdout, r.stderr[-2000:]
+
+    @pytest.mark.slow
+    def test_dit_file_missing_from_the_hub_cache_gives_the_download_hint(self, tmp_path):
+        hub_snapshot(tmp_path / "hub", "nvidia/Cosmos-Predict2.5-2B")
+        r = run_offline("import model as M\nM.load_dit('base/pre-trained')\n", tmp_path)
+        assert r.returncode != 0 and "FileNotFoundError" in r.stderr and "hf download" in r.stderr, r.stderr[-2000:]
+
+    @pytest.mark.slow
+    def test_dino_hub_cache_offline(self, hf_dino, offline_hub):
+        """The real hf_hub_download path, resolving refs/main in a local cache with HF_HUB_OFFLINE=1."""
+        _, folder = hf_dino
+        (hub_snapshot(offline_hub, DINO_REPO) / "model.safetensors").write_bytes(
+            (folder / "model.safetensors").read_bytes())
+        frames, _ = frames_and_pixels()
+        from_cache = load_dino(DINO_REPO, preset="tiny")
+        from_folder = load_dino(str(folder), preset="tiny")
+        torch.testing.assert_close(from_cache(frames), from_folder(frames), atol=0, rtol=0)
+
+    @pytest.mark.slow
+    def test_dino_repo_missing_from_the_hub_cache_is_one_clear_error(self, offline_hub):
+        with pytest.raises(FileNotFoundError, match="not in the local Hub cache"):
+            load_dino("facebook/not-cached", preset="tiny")
+
+    @pytest.mark.slow
+    def test_vae_hub_cache_offline(self, vae_pair, tmp_path):
+        """A Hub cache read through hf_hub_download with HF_HUB_OFFLINE=1 in a fresh process: the cached repo
+        loads with the same weights, and a repo not in the cache names the file, the repo and where to get it
+        (one process for both: its start-up is the cost)."""
+        torch.save(vae_pair[1].state_dict(), hub_snapshot(tmp_path / "hub", "someorg/tiny-vae") / "tokenizer.pth")
+        script = (
+            "import torch, tokenizer as tk\n"
+            "vae = tk.build_tokenizer('wan2.1', config='tiny', weights='someorg/tiny-vae')\n"
+            "print('SUM', sum(float(t.double().sum()) for t in vae.state_dict().values()))\n"
+            "try:\n    tk.build_tokenizer('wan2.1', config='tiny', weights='someorg/not-cached')\n"
+            "except FileNotFoundError as e:\n    print('MISSING', e)\n"
+        )
+        out = run_offline(script, tmp_path)
+        assert out.returncode == 0, out.stderr
+        expected = sum(float(t.double().sum()) for t in vae_pair[1].state_dict().values())
+        assert f"SUM {expected}" in out.stdout
+        assert "MISSING could not get tokenizer.pth from the Hub repo someorg/not-cached" in out.stdout
+        assert tk.HUB_REPO in out.stdout
+
+    @pytest.mark.parametrize("error_code", ["GatedRepo", "RepoNotFound"])
+    def test_gated_repo_message(self, monkeypatch, error_code):
+        """A 401 from the Hub, turned into an exception by huggingface_hub's own status mapping
+        (GatedRepoError when logged in without the licence, RepositoryNotFoundError without a token)."""
+        from huggingface_hub.utils import hf_raise_for_status
+        try:
+            import httpx2 as httpx  # the HTTP client of huggingface_hub >= 2
+        except ImportError:
+            import httpx
+
+        def refuse(repo_id, filename, **kwargs):
+            url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
+            hf_raise_for_status(httpx.Response(401, headers={"X-Error-Code": error_code},
+                                               request=httpx.Request("GET", url)))
+        monkeypatch.setattr(semantic, "hf_hub_download", refuse)
+        with pytest.raises(PermissionError, match="(?s)accept the licence.*hf auth login.*HF_TOKEN"):
+            load_dino(DINO_REPO, preset="tiny")
+
+    def test_hub_specs_go_through_huggingface_hub(self, tmp_path, monkeypatch):
+        hub = pytest.importorskip("huggingface_hub")
+        calls = []
+
+        def fake_download(repo, filename):
+            calls.append((repo, filename))
+            if repo == "org/missing":
+                raise hub.errors.LocalEntryNotFoundError("offline")
+            return str(tmp_path / filename)
+
+        monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+        assert E.resolve_weights("inception", "org/metrics").endswith("inception-2015-12-05.pt")
+        assert E.resolve_weights("i3d", "org/metrics/fvd/i3d.pt").endswith("fvd/i3d.pt")
+        with pytest.raises(E.WeightsError, match="i3d_torchscript.pt.*Hub file org/missing"):
+            E.resolve_weights("i3d", "org/missing")
+        assert calls == [("org/metrics", "inception-2015-12-05.pt"), ("org/metrics", "fvd/i3d.pt"),
+                         ("org/missing", "i3d_torchscript.pt")]
+
+    def test_urls_download_once_into_the_weights_folder(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+        calls = []
+
+        def fake_download(url, dst):
+            calls.append(url)
+            open(dst, "wb").close()
+
+        monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+        url = E.WEIGHTS["i3d"][2]
+        path = E.resolve_weights("i3d", url)
+        assert path == str(E.weights_dir() / "i3d_torchscript.pt") and E.resolve_weights("i3d", url) == path
+        assert E.resolve_weights("i3d") == path and calls == [url]  # found again without a download
+
+    def test_failed_download_is_one_clear_error(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+        def fail(url, dst):
+            raise OSError("no route to host")
+
+        monkeypatch.setattr(torch.hub, "download_url_to_file", fail)
+        with pytest.raises(E.WeightsError, match="alex.pth .*could not be downloaded.*no route to host"):
+            E.resolve_weights("lpips", "https://example.org/broken/alex.pth")
+
+    @pytest.mark.parametrize("case", list(MISSING_FILES))
+    def test_missing_weights_give_one_clear_error(self, case, tmp_path, monkeypatch):
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty default weights folder
+        call, error, message = MISSING_FILES[case]
+        with pytest.raises(error, match=message):
+            call(tmp_path)
+
+    @pytest.mark.parametrize("kind,url", [("alexnet", "download.pytorch.org"), ("lpips", "PerceptualSimilarity"),
+                                          ("inception", "nvlabs-fi-cdn"), ("i3d", "i3d_torchscript.pt")])
+    @pytest.mark.parametrize("where", ["default_folder", "missing_file", "folder_without_it"])
+    def test_missing_metric_weights_say_where_to_get_them(self, kind, url, where, tmp_path, monkeypatch):
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+        name = E.WEIGHTS[kind][0]
+        spec = {"default_folder": None, "missing_file": tmp_path / "nowhere" / name, "folder_without_it": tmp_path}
+        with pytest.raises(E.WeightsError) as e:
+            E.resolve_weights(kind, spec[where])
+        msg = str(e.value)
+        assert name in msg and url in msg and str(tmp_path / "torch_home") in msg
+
+    def test_default_weights_folder_is_torch_home(self, tmp_path, monkeypatch):
+        """Weights found in $TORCH_HOME/hub/checkpoints load without being named."""
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+        alex, heads, _ = lpips_files(tmp_path)
+        E.weights_dir().mkdir(parents=True)
+        alex.rename(E.weights_dir() / alex.name)
+        heads.rename(E.weights_dir() / heads.name)
+        assert isinstance(E.load_lpips(), E.LPIPS)
+
+
+# =====================================================================================================================
+# conditioning.py: DexAC, its ablations and the MLP baselines, wired into the DiT
+
+ACTION_MODES = list(conditioning.MODES)
+N_ACT, T_ACT = 57, 12
+ACTION_GRID = (2, 4, 4, 6)  # (B, T, H, W) of the latents: 12 actions = 4 per latent frame after the conditional one
+
+
+def action_config(mode, **kw):
+    """DIT_SMALL with action conditioning `mode` (SAT width 32)."""
+    return replace(DIT_SMALL, action_mode=mode, sat_dim=32, **kw)
+
+
+def random_action_stats(seed=0):
+    """Per-dimension statistics of very different scales, like the 57-D action (mm fingers, unit 6D entries)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N_ACT, generator=g), 10.0 ** (-4 * torch.rand(N_ACT, generator=g))  # std from 1e-4 to 1
+
+
+def action_batch(seed=0, mask_frames=(0,)):
+    """Random DiT inputs with actions drawn from random_action_stats -> (x, sigma, text, frame mask, actions)."""
+    B, T, H, W = ACTION_GRID
+    g = torch.Generator().manual_seed(seed)
+    mean, std = random_action_stats()
+    actions = mean + std * torch.randn(B, T_ACT, N_ACT, generator=g)
+    mask = torch.zeros(B, T)
+    mask[:, list(mask_frames)] = 1
+    return (torch.randn(B, 16, T, H, W, generator=g), torch.rand(B, generator=g),
+            torch.randn(B, 3, DIT_SMALL.text_dim, generator=g), mask, actions)
+
+
+def load_with_actions(tmp_path, mode, base=None, **kw):
+    """A random-weight backbone in the official layout, loaded through the meta-device path with `mode` added."""
+    base = base or randomize(M.DiT(DIT_SMALL), seed=1).eval()
+    official_pt(base, tmp_path / "base.pt")
+    model = M.load_dit(str(tmp_path / "base.pt"), action_config(mode, **kw)).eval()
+    if model.action_cond.norm.mode == "zscore":
+        model.action_cond.set_stats(*random_action_stats())
+    return base, model
+
+
+def train_steps(model, steps, lr=1e-2):
+    """`steps` Adam steps on the new parameters only (random data); the names whose gradient was ever non-zero."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = dict(model.action_cond.named_parameters())
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    learned = set()
+    for step in range(steps):
+        x, _, text, mask, actions = action_batch(seed=10 + step)
+        fn = lambda x_in, s: model(x_in, s, text, frame_mask=mask, actions=actions)
+        loss, _ = M.flow_loss(fn, x, mask, cond_sigma=1e-4, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss.mean().backward()
+        learned |= {n for n, p in params.items() if p.grad is not None and p.grad.abs().sum() > 0}
+        opt.step()
+    return learned, set(params)
+
+
+def official_action_file(base, path, seed=5, action_dim=7):
+    """base in the official robot/action-cond layout, with random action embedders (4 actions per latent frame)."""
+    official_pt(base, path)
+    sd, g, D = torch.load(path), torch.Generator().manual_seed(seed), DIT_SMALL.dim
+    for name, out in [("B_D", D), ("B_3D", 3 * D)]:
+        for key, shape in [("fc1.weight", (4 * D, 4 * action_dim)), ("fc1.bias", (4 * D,)),
+                           ("fc2.weight", (out, 4 * D)), ("fc2.bias", (out,))]:
+            sd[f"net.action_embedder_{name}.{key}"] = torch.randn(shape, generator=g) * 0.2
+    torch.save(sd, path)
+    return sd
+
+
+class OfficialActionTimeEmbed(nn.Module):
+    """diffusers' CosmosEmbedding with Cosmos' action injection: emb_3D added to the AdaLN-LoRA term, emb_D to
+    the raw sinusoid before t_embedding_norm. timestep (B*T,) as diffusers flattens it."""
+
+    def __init__(self, time_embed, emb_d, emb_3d):
+        super().__init__()
+        self.base, self.emb_d, self.emb_3d = time_embed, emb_d, emb_3d
+
+    def forward(self, hidden_states, timestep):
+        proj = self.base.time_proj(timestep).type_as(hidden_states)  # (B*T, D)
+        temb = self.base.t_embedder(proj) + self.emb_3d.flatten(0, 1)
+        return temb, self.base.norm(proj + self.emb_d.flatten(0, 1))
+
+
+def dexac_with_stats():
+    """An untrained DexAC DiT holding random_action_stats."""
+    model = M.DiT(action_config("dexac"))
+    model.action_cond.set_stats(*random_action_stats())
+    return model
+
+
+def dexac_forward(actions):
+    """A forward pass of dexac_with_stats on action_batch, its actions changed by actions(a) or left out (None)."""
+    x, sigma, text, mask, a = action_batch()
+    given = {} if actions is None else {"actions": actions(a)}
+    dexac_with_stats()(x, sigma, text, frame_mask=mask, **given)
+
+
+def forward_without_statistics(tmp_path):
+    """A forward pass of a DexAC DiT before any statistics were set."""
+    x, sigma, text, mask, actions = action_batch()
+    M.DiT(action_config("dexac"))(x, sigma, text, frame_mask=mask, actions=actions)
+
+
+def twelve_actions_on_three_latent_frames(tmp_path):
+    """A chunk of 12 actions given with 3 latent frames (it needs 4)."""
+    x, sigma, text, _, actions = action_batch()
+    M.DiT(action_config("mlp", action_norm="none"))(x[:, :, :3], sigma, text, actions=actions)
+
+
+def actions_for_a_plain_model(tmp_path):
+    """Actions given to a DiT without action conditioning."""
+    x, sigma, text, _, actions = action_batch()
+    M.DiT(DIT_SMALL)(x, sigma, text, actions=actions)
+
+
+def action_weights_into_a_plain_model(tmp_path):
+    """An official action-conditioned checkpoint loaded into a config without action conditioning."""
+    official_action_file(randomize(M.DiT(DIT_SMALL)), tmp_path / "action.pt")
+    M.load_dit(str(tmp_path / "action.pt"), DIT_SMALL)
+
+
+def half_an_action_module(tmp_path):
+    """A DexAC checkpoint that lacks one weight of the local projection."""
+    sd = M.DiT(action_config("dexac")).state_dict()
+    del sd["action_cond.local.proj.weight"]
+    torch.save(sd, tmp_path / "partial.pt")
+    M.load_dit(str(tmp_path / "partial.pt"), action_config("dexac"))
+
+
+def stats_near_bf16_rounding():
+    """random_action_stats with a 6D rotation entry near 1 (bf16 would round its mean to 1.0), and a layout."""
+    mean, std = random_action_stats()
+    mean[:6], std[:6] = 0.99991, 1e-4
+    return mean, std, {"dim": N_ACT, "names": [f"a{i}" for i in range(N_ACT)]}
+
+
+def dexac_saved_and_loaded(tmp_path):
+    """A DexAC DiT holding stats_near_bf16_rounding, saved and loaded back -> (source, loaded, mean, std, layout)."""
+    mean, std, layout = stats_near_bf16_rounding()
+    src = randomize(M.DiT(action_config("dexac")), seed=2).eval()
+    src.action_cond.set_stats(mean, std, layout)
+    torch.save(src.state_dict(), tmp_path / "ckpt.pt")
+    loaded = M.load_dit(str(tmp_path / "ckpt.pt"), action_config("dexac")).eval()
+    return src, loaded, mean, std, layout
+
+
+ACTION_BAD_INPUTS = {  # case -> (call on tmp_path, exception, message)
+    "no_statistics": (forward_without_statistics, ValueError,
+                      r"holds no statistics: compute them with `python data.py stats"),
+    "56_dimensions": (lambda tmp_path: dexac_forward(lambda a: a[..., :56]),
+                      ValueError, r"actions have 56 dimensions per step, this model was built for 57"),
+    "8_steps": (lambda tmp_path: dexac_forward(lambda a: a[:, :8]),
+                ValueError, r"actions have 8 steps, this model takes chunks of 12"),
+    "no_actions": (lambda tmp_path: dexac_forward(None), ValueError, r"pass actions"),
+    "12_actions_on_3_latent_frames": (twelve_actions_on_three_latent_frames, ValueError,
+                                      r"12 actions need 4 latent frames, got 3"),
+    "unknown_mode": (lambda tmp_path: M.DiT(action_config("dexak")),
+                     ValueError, r"unknown action mode 'dexak'; choose one of none, mlp, mlp-flat, dexac"),
+    "unknown_normalization": (lambda tmp_path: M.DiT(action_config("dexac", action_norm="minmax")),
+                              ValueError, r"unknown action normalization 'minmax'"),
+    "statistics_of_7_dimensions": (lambda tmp_path: dexac_with_stats().action_cond.set_stats(torch.zeros(7),
+                                                                                             torch.ones(7)),
+                                   ValueError, r"action statistics have 7 means"),
+    "missing_stats_file": (lambda tmp_path: conditioning.load_stats_file(str(tmp_path / "stats.json")),
+                           FileNotFoundError, r"make it with `python data.py stats"),
+    "actions_for_a_plain_model": (actions_for_a_plain_model, ValueError,
+                                  r"actions were given to a model without action conditioning"),
+    "action_weights_into_a_plain_model": (action_weights_into_a_plain_model, ValueError,
+                                          r"holds action-conditioning weights: set the config's action_mode"),
+    "half_an_action_module": (half_an_action_module, ValueError,
+                              r"holds only part of action_cond.local.proj: missing weight"),
+}
+
+
+class TestConditioning:
+    """DexAC and the MLP baselines: identity at initialization, every parameter and input used, the official
+    action-conditioned layout and formula, normalization with statistics that travel with the weights."""
+
+    @pytest.mark.parametrize("mode", ACTION_MODES)
+    def test_identity_at_initialization(self, tmp_path, mode):
+        base, model = load_with_actions(tmp_path, mode)
+        x, sigma, text, mask, actions = action_batch()
+        with torch.no_grad():
+            expected = base(x, sigma, text, frame_mask=mask)
+            assert torch.equal(model(x, sigma, text, frame_mask=mask, actions=actions), expected)
+
+    @pytest.mark.parametrize("mode", ACTION_MODES)
+    def test_new_modules_are_initialized_after_loading(self, tmp_path, mode):
+        """The identity above holds because the new modules were initialized after to_empty, not because they
+        are all zero or garbage: finite, and zero exactly where a fresh module is."""
+        _, model = load_with_actions(tmp_path, mode)
+        fresh = conditioning.build_action_cond(mode, DIT_SMALL.dim, DIT_SMALL.n_heads, width=32)
+        loaded = dict(model.action_cond.named_parameters())
+        for name, p in fresh.named_parameters():
+            assert torch.isfinite(loaded[name]).all(), name
+            assert (loaded[name] == 0).all() == (p == 0).all(), name
+
+    @pytest.mark.parametrize("mode", ACTION_MODES)
+    def test_every_new_parameter_learns_within_two_steps(self, tmp_path, mode):
+        _, model = load_with_actions(tmp_path, mode)
+        learned, params = train_steps(model, 2)
+        assert learned == params, f"no gradient in two steps: {sorted(params - learned)}"
+
+    @pytest.mark.parametrize("mode", ACTION_MODES)
+    def test_no_action_dimension_or_step_ignored(self, tmp_path, mode):
+        _, model = load_with_actions(tmp_path, mode)
+        train_steps(model, 3)
+        x, sigma, text, mask, actions = action_batch(seed=99)
+        actions.requires_grad_(True)
+        out = model(x, sigma, text, frame_mask=mask, actions=actions)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
+        sensitivity = actions.grad.abs().sum(0)  # (T_a, N_ACT)
+        assert (sensitivity.sum(0) > 0).all(), f"ignored dimensions: {torch.nonzero(sensitivity.sum(0) == 0).flatten()}"
+        assert (sensitivity > 0).all(), f"ignored (step, dimension) entries: {torch.nonzero(sensitivity == 0).tolist()}"
+
+    def test_mlp_loads_official_action_cond_layout_and_matches_official_formula(self, tmp_path):
+        """One official action-conditioned checkpoint, loaded with action_mode mlp: the output equals diffusers'
+        DiT with Cosmos' action injection written out by hand, the actions change it far beyond that error, and
+        the weights export back to the official names."""
+        B, T, H, W = ACTION_GRID
+        base = randomize(M.DiT(DIT_SMALL), seed=4).eval()
+        sd = official_action_file(base, tmp_path / "action_cond.pt")
+        config = replace(DIT_SMALL, action_mode="mlp", action_dim=7, action_norm="scale", action_scale=20.0)
+        model = M.load_dit(str(tmp_path / "action_cond.pt"), config).eval()
+        g = torch.Generator().manual_seed(6)
+        x, text = torch.randn(B, 16, T, H, W, generator=g), torch.randn(B, 5, DIT_SMALL.text_dim, generator=g)
+        actions = torch.randn(B, T_ACT, 7, generator=g) * 0.05
+        mask = torch.zeros(B, T)
+        mask[:, 0] = 1
+        sigma = torch.rand(B, 1).expand(B, T).clone()
+        sigma[:, 0] = 1e-4
+
+        # the official formula: x20 scaling, 4 actions per latent frame, GELU-tanh MLPs, zero for frame 0
+        a = (actions * 20).reshape(B, T - 1, 4 * 7)
+        mlp = lambda p: F.linear(F.gelu(F.linear(a, sd[p + "fc1.weight"], sd[p + "fc1.bias"]), approximate="tanh"),
+                                 sd[p + "fc2.weight"], sd[p + "fc2.bias"])
+        zero_first = lambda e: torch.cat([torch.zeros_like(e[:, :1]), e], dim=1)
+        emb_d, emb_3d = zero_first(mlp("net.action_embedder_B_D.")), zero_first(mlp("net.action_embedder_B_3D."))
+        ref = diffusers_cosmos(DIT_SMALL)
+        ref.load_state_dict(M.state_dict_as(base.state_dict(), "diffusers", DIT_SMALL.n_blocks), strict=True)
+        ref.time_embed = OfficialActionTimeEmbed(ref.time_embed, emb_d, emb_3d)
+        with torch.no_grad():
+            out = model(x, sigma, text, frame_mask=mask, actions=actions)
+            expected = ref(x, sigma.view(B, 1, T, 1, 1), text,
+                           condition_mask=mask[:, None, :, None, None].expand(B, 1, T, H, W),
+                           padding_mask=torch.zeros(1, 1, H, W), return_dict=False)[0]
+            without = base(x, sigma, text, frame_mask=mask)
+        rel = (out - expected).abs().max() / expected.abs().max()
+        assert rel < 1e-5, f"relative error {rel:.2e}"
+        assert (out - without).abs().max() > 100 * (out - expected).abs().max()  # the actions matter here
+        # and our weights export back to the official names
+        exported = M.state_dict_as(model.state_dict(), "official", DIT_SMALL.n_blocks)
+        assert torch.equal(exported["action_embedder_B_3D.fc2.weight"], sd["net.action_embedder_B_3D.fc2.weight"])
+
+    @pytest.mark.parametrize("mode", ACTION_MODES)
+    def test_conditional_frames_receive_no_action_signal(self, mode):
+        """Conditional frames (not only the first, and per sample) get no action signal, while every predicted
+        frame does; modes without local injection leave the tokens alone."""
+        B, T, _, _ = ACTION_GRID
+        module = randomize(conditioning.build_action_cond(mode, DIT_SMALL.dim, DIT_SMALL.n_heads, width=32))
+        module.set_stats(*random_action_stats())
+        _, _, _, _, actions = action_batch()
+        x = torch.randn(B, T, 2, 3, DIT_SMALL.dim)
+        mask = torch.tensor([[1.0, 0, 1, 0], [1, 1, 0, 0]])  # other conditional frames than the first, per sample
+        with torch.no_grad():
+            x_out, emb_d, emb_3d = module(actions, x, mask)
+        cond = mask.bool()
+        assert torch.equal(x_out[cond], x[cond])
+        for e in (emb_d, emb_3d):
+            if e is not None:
+                assert e.shape[:2] == (B, T) and torch.all(e[cond] == 0)
+                assert torch.all(e[~cond].abs().amax(-1) > 0)  # ...while every predicted frame gets a signal
+        if mode in ("mlp", "mlp-flat", "dexac-no-local"):
+            assert torch.equal(x_out, x)
+        else:
+            assert torch.all((x_out - x)[~cond].abs().flatten(1).amax(1) > 0)
+
+    def test_zscore_normalization(self):
+        mean, std = random_action_stats()
+        _, _, _, _, a = action_batch()
+        norm = conditioning.ActionNorm(N_ACT)
+        norm.set_stats(mean, std)
+        assert torch.allclose(norm(a), (a - mean) / (std + 1e-6))
+
+    @pytest.mark.parametrize("mode,factor", [("scale", 200), ("none", 1)])
+    def test_scale_and_no_normalization(self, mode, factor):
+        _, _, _, _, a = action_batch()
+        assert torch.equal(conditioning.ActionNorm(N_ACT, mode)(a), a * factor)
+
+    def test_zscore_inside_a_module_equals_normalized_actions(self):
+        """zscore on raw actions == no normalization on normalized actions, same weights."""
+        B, T, _, _ = ACTION_GRID
+        mean, std = random_action_stats()
+        _, _, _, _, a = action_batch()
+        x, mask = torch.randn(B, T, 2, 3, DIT_SMALL.dim), torch.zeros(B, T)
+        z = randomize(conditioning.build_action_cond("dexac", DIT_SMALL.dim, DIT_SMALL.n_heads, width=32))
+        z.set_stats(mean, std)
+        plain = conditioning.build_action_cond("dexac", DIT_SMALL.dim, DIT_SMALL.n_heads, norm="none", width=32)
+        plain.load_state_dict(z.state_dict())
+        with torch.no_grad():
+            for u, v in zip(z(a, x, mask), plain((a - mean) / (std + 1e-6), x, mask)):
+                assert torch.allclose(u, v, atol=1e-5)
+
+    def test_statistics_travel_with_the_state_dict(self, tmp_path):
+        src, loaded, mean, std, _ = dexac_saved_and_loaded(tmp_path)
+        assert all(torch.equal(u, v) for u, v in zip(loaded.action_cond.norm.stats(), (mean, std)))
+        x, sigma, text, mask, actions = action_batch()
+        with torch.no_grad():
+            assert torch.equal(loaded(x, sigma, text, frame_mask=mask, actions=actions),
+                               src(x, sigma, text, frame_mask=mask, actions=actions))
+
+    def test_layout_travels_with_the_state_dict_and_another_is_refused(self, tmp_path):
+        _, loaded, _, _, layout = dexac_saved_and_loaded(tmp_path)
+        loaded.action_cond.norm.check_layout(layout)
+        with pytest.raises(ValueError, match="another action layout"):
+            loaded.action_cond.norm.check_layout({"dim": N_ACT, "names": ["other"]})
+
+    def test_statistics_stay_exact_in_bf16(self, tmp_path):
+        """Casting the model to bf16 leaves the statistics exact."""
+        _, loaded, mean, _, _ = dexac_saved_and_loaded(tmp_path)
+        loaded.to(torch.bfloat16)
+        assert torch.equal(loaded.action_cond.norm.stats()[0], mean)
+
+    def test_stats_json_sets_the_statistics_of_a_pretrained_backbone(self, tmp_path):
+        """A stats.json (as `python data.py stats` writes it) given to load_dit sets them on a pretrained backbone."""
+        mean, std, layout = stats_near_bf16_rounding()
+        (tmp_path / "stats.json").write_text(json.dumps({"mean": mean.tolist(), "std": std.tolist(),
+                                                         "layout": layout}))
+        official_pt(randomize(M.DiT(DIT_SMALL)), tmp_path / "base.pt")
+        model = M.load_dit(str(tmp_path / "base.pt"), action_config("dexac"),
+                           action_stats=str(tmp_path / "stats.json"))
+        assert torch.equal(model.action_cond.norm.stats()[0], mean) and int(model.action_cond.norm.has_stats) == 1
+        assert int(model.action_cond.norm.layout_id) == conditioning.layout_fingerprint(layout)
+
+    @pytest.mark.parametrize("case", list(ACTION_BAD_INPUTS))
+    def test_bad_input_is_one_clear_error(self, case, tmp_path):
+        call, error, message = ACTION_BAD_INPUTS[case]
+        with pytest.raises(error, match=message):
+            call(tmp_path)
+
+    def test_cosmos2b_action_parameter_counts(self):
+        with torch.device("meta"):
+            base = M.DiT(M.config_from_preset("cosmos2b"))
+            flat = M.DiT(M.config_from_preset("cosmos2b", action_mode="mlp-flat"))
+        count = lambda m: sum(p.numel() for p in m.parameters())
+        assert count(base) == 2_059_174_912
+        assert count(flat) - count(base) == 684 * 8192 + 8192 + 8192 * 2048 + 2048  # the paper's 22.39M
+
+    def test_cosmos2b_mlp_action_keys_are_the_official_ones(self):
+        with torch.device("meta"):
+            chunk = M.DiT(M.config_from_preset("cosmos2b", action_mode="mlp", action_dim=7))
+        official = {k: tuple(v.shape) for k, v in M.state_dict_as(chunk.state_dict(), "official", 28).items()}
+        assert {k: v for k, v in official.items() if "action" in k} == {
+            "action_embedder_B_D.fc1.weight": (8192, 28), "action_embedder_B_D.fc1.bias": (8192,),
+            "action_embedder_B_D.fc2.weight": (2048, 8192), "action_embedder_B_D.fc2.bias": (2048,),
+            "action_embedder_B_3D.fc1.weight": (8192, 28), "action_embedder_B_3D.fc1.bias": (8192,),
+            "action_embedder_B_3D.fc2.weight": (6144, 8192), "action_embedder_B_3D.fc2.bias": (6144,)}
+
+    def test_cost_table(self):
+        rows = conditioning.costs()
+        assert rows["SAT"] == (2 * 256 + 13, 2 * 12 * 57 * 256)  # Linear(1 -> C) per entry, fusion over 12 steps
+        assert rows["global attention"][0] == 4 * (256 * 256 + 256) + 256 + 256 * 8192 + 8192  # the paper's 2.37M
+        assert rows["MLP action embed (mlp-flat)"][1] == 684 * 8192 + 8192 * 2048  # multiply-accumulates
+        parts = ["SAT", "  + per-dimension embedding (ours)", "local attention", "global attention"]
+        assert rows["full DexAC"][0] == sum(rows[k][0] for k in parts)
+
+
+# =====================================================================================================================
+# model.py: the DiT against diffusers' CosmosTransformer3DModel, rectified flow and its samplers, official weights
+
+@pytest.fixture(scope="module")
+def dit_and_diffusers():
+    """A DIT_SMALL with random weights and diffusers' model holding the same weights under its own names."""
+    ours = randomize(M.DiT(DIT_SMALL)).eval()
+    ref = diffusers_cosmos(DIT_SMALL)
+    ref.load_state_dict(M.state_dict_as(ours.state_dict(), "diffusers", DIT_SMALL.n_blocks), strict=True)
+    return ours, ref
+
+
+def official_2b_keys():
+    """The official Predict2.5-2B key set and the shapes DESIGN.md section 1 lists, written out independently."""
+    D = 2048
+    keys = {"x_embedder.proj.1.weight": (D, 72), "t_embedder.1.linear_1.weight": (D, D),
+                     "t_embedder.1.linear_2.weight": (3 * D, D), "t_embedding_norm.weight": (D,),
+                     "crossattn_proj.0.weight": (1024, 100352), "crossattn_proj.0.bias": (1024,),
+                     "final_layer.adaln_modulation.1.weight": (256, D),
+                     "final_layer.adaln_modulation.2.weight": (2 * D, 256), "final_layer.linear.weight": (64, D)}
+    for i in range(28):
+        b = f"blocks.{i}."
+        for p in "qkv":
+            keys[b + f"self_attn.{p}_proj.weight"] = (D, D)
+            keys[b + f"cross_attn.{p}_proj.weight"] = (D, D if p == "q" else 1024)
+        for a in ("self_attn", "cross_attn"):
+            keys[b + f"{a}.output_proj.weight"] = (D, D)
+            keys[b + f"{a}.q_norm.weight"] = keys[b + f"{a}.k_norm.weight"] = (128,)
+            keys[b + f"adaln_modulation_{a}.1.weight"] = (256, D)
+            keys[b + f"adaln_modulation_{a}.2.weight"] = (3 * D, 256)
+        keys[b + "adaln_modulation_mlp.1.weight"], keys[b + "adaln_modulation_mlp.2.weight"] = (256, D), (3 * D, 256)
+        keys[b + "mlp.layer1.weight"], keys[b + "mlp.layer2.weight"] = (4 * D, D), (D, 4 * D)
+    return keys
+
+
+MIX_MEANS = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]], dtype=torch.float64)
+MIX_STD, MIX_W = torch.tensor([0.3, 0.5, 0.4], dtype=torch.float64), torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+# ^ a mixture of three isotropic 2-D Gaussians: means, standard deviations, weights
+
+
+def mixture_velocity(x, sigma):
+    """E[eps - x0 | x_sigma] for x0 ~ mixture of isotropic Gaussians; x (B, 2, 1, 1, 1), sigma (B, 1)."""
+    z, s = x.flatten(1).double(), sigma[:, :1].double()  # (B, 2), (B, 1)
+    var = (1 - s) ** 2 * MIX_STD**2 + s**2  # (B, K): Var[x_sigma | k] per coordinate
+    diff = z[:, None, :] - (1 - s)[:, :, None] * MIX_MEANS  # (B, K, 2)
+    logp = torch.log(MIX_W) - diff.square().sum(-1) / (2 * var) - torch.log(var)
+    post = torch.softmax(logp, dim=1)  # p(k | x)
+    e_x0 = MIX_MEANS + ((1 - s) * MIX_STD**2 / var)[..., None] * diff
+    e_eps = (s / var)[..., None] * diff
+    return (post[..., None] * (e_eps - e_x0)).sum(1).view_as(x).to(x.dtype)
+
+
+@pytest.fixture(scope="module")
+def mixture_errors():
+    """{(solver, steps): mean distance of its samples to a 4000-step Euler reference}, on the same noise."""
+    noise = torch.randn(4000, 2, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    reference = M.sample(mixture_velocity, noise, M.shifted_sigmas(4000), solver="euler")
+    errors = {}
+    for solver in M.SOLVERS:
+        for n in (5, 10, 20, 40):
+            x = M.sample(mixture_velocity, noise, M.shifted_sigmas(n), solver=solver)
+            errors[solver, n] = (x - reference).flatten(1).norm(dim=1).mean().item()
+    return errors
+
+
+def zero_prediction_flow_loss():
+    """flow_loss of a model that predicts zero, on 4096 3-frame clips whose frame 0 is conditional ->
+    (x0, what the model saw, loss, sigma)."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4096, 2, 3, 1, 1, generator=g)
+    mask = torch.zeros(4096, 3)
+    mask[:, 0] = 1
+    seen = {}
+
+    def model_fn(x_in, sigma):
+        seen["x_in"], seen["sigma"] = x_in, sigma
+        return torch.zeros_like(x_in)
+
+    loss, sigma = M.flow_loss(model_fn, x0, mask, cond_sigma=0.1, generator=g)
+    return x0, seen, loss, sigma
+
+
+DIT_BAD_INPUTS = {  # case -> (call, exception, message)
+    "channels": (lambda: M.DiT(DIT_SMALL)(torch.randn(1, 15, 1, 4, 4), torch.rand(1), torch.randn(1, 3, 48)),
+                 ValueError, r"expected latents \(B, 16, T, H, W\)"),
+    "patch_size": (lambda: M.DiT(DIT_SMALL)(torch.randn(1, 16, 1, 5, 4), torch.rand(1), torch.randn(1, 3, 48)),
+                   ValueError, "must be divisible by the patch size"),
+    "max_size": (lambda: M.DiT(DIT_SMALL)(torch.randn(1, 16, 1, 4, 40), torch.rand(1), torch.randn(1, 3, 48)),
+                 ValueError, "exceeds the model's max_size"),
+    "unknown_preset": (lambda: M.config_from_preset("huge"), ValueError, "unknown preset 'huge'"),
+    "unknown_solver": (lambda: M.sample(lambda x, s: x, torch.randn(1, 1, 1, 1, 1), M.shifted_sigmas(2),
+                                        solver="heun"),
+                       ValueError, "unknown solver"),
+}
+
+
+class TestModel:
+    """The DiT equals diffusers' Cosmos DiT on the same weights; official checkpoints load in every layout;
+    rectified flow's loss and samplers give known answers on a Gaussian mixture with an exact velocity."""
+
+    @pytest.mark.parametrize("B,T,H,W,cond,pad", [
+        (1, 1, 4, 4, False, False),
+        (2, 3, 6, 10, True, True),  # non-square, batch > 1, several frames, condition + padding masks
+        (3, 4, 8, 6, True, True),
+    ])
+    def test_dit_matches_diffusers(self, dit_and_diffusers, B, T, H, W, cond, pad):
+        ours, ref = dit_and_diffusers
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(B, DIT_SMALL.in_channels, T, H, W, generator=g)
+        text = torch.randn(B, 7, DIT_SMALL.text_dim, generator=g)
+        sigma = torch.rand(B, T, generator=g)  # a noise level per latent frame, as for conditional frames
+        frame_mask = torch.zeros(B, T)
+        if cond:
+            frame_mask[:, 0] = 1
+        padding = (torch.rand(1, 1, H, W, generator=g) > 0.5).float() if pad else torch.zeros(1, 1, H, W)
+        with torch.no_grad():
+            out = ours(x, sigma, text, frame_mask=frame_mask, padding_mask=padding.expand(B, -1, -1, -1))
+            expected = ref(x, sigma.view(B, 1, T, 1, 1), text,
+                           condition_mask=frame_mask[:, None, :, None, None].expand(B, 1, T, H, W),
+                           padding_mask=padding, return_dict=False)[0]
+        assert out.shape == (B, DIT_SMALL.out_channels, T, H, W)
+        rel = (out - expected).abs().max() / expected.abs().max()
+        assert rel < 1e-5, f"relative error {rel:.2e}"
+
+    def test_padding_mask_is_resized_nearest_from_pixels(self):
+        """A mask at pixel resolution acts as the same mask at latent resolution (and the mask does act)."""
+        model = randomize(M.DiT(DIT_SMALL)).eval()
+        x, text, sigma = torch.randn(1, 16, 1, 4, 6), torch.randn(1, 3, DIT_SMALL.text_dim), torch.rand(1)
+        small = (torch.rand(1, 1, 4, 6) > 0.5).float()
+        big = small.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)  # the same mask at pixel resolution
+        with torch.no_grad():
+            assert torch.equal(model(x, sigma, text, padding_mask=small), model(x, sigma, text, padding_mask=big))
+            assert not torch.equal(model(x, sigma, text, padding_mask=small), model(x, sigma, text))
+
+    @pytest.mark.parametrize("layout", ["official_pt", "diffusers_safetensors", "folder"])
+    def test_load_official_pt_diffusers_safetensors_and_folder(self, tmp_path, layout):
+        src = randomize(M.DiT(DIT_SMALL), seed=3).eval()
+        g = torch.Generator().manual_seed(0)
+        x, text, sigma = torch.randn(2, 16, 2, 4, 6, generator=g), torch.randn(2, 5, 48, generator=g), torch.rand(2)
+        with torch.no_grad():
+            expected = src(x, sigma, text)
+        official_pt(src, tmp_path / "dit.pt")
+        save_file(M.state_dict_as(src.state_dict(), "diffusers", DIT_SMALL.n_blocks),
+                  str(tmp_path / "diffusion_pytorch_model.safetensors"))
+        path = {"official_pt": tmp_path / "dit.pt", "folder": tmp_path,
+                "diffusers_safetensors": tmp_path / "diffusion_pytorch_model.safetensors"}[layout]
+        loaded = M.load_dit(str(path), DIT_SMALL).eval()
+        assert next(loaded.parameters()).device.type == "cpu"
+        with torch.no_grad():
+            assert torch.equal(loaded(x, sigma, text), expected), path
+
+    def test_loader_reports_every_mismatch(self, tmp_path):
+        src = M.DiT(DIT_SMALL)
+        sd = M.state_dict_as(src.state_dict(), "official", DIT_SMALL.n_blocks)
+        del sd["blocks.1.mlp.layer2.weight"]
+        sd["blocks.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
+        sd["mystery.weight"] = torch.zeros(1)
+        torch.save(sd, tmp_path / "bad.pt")
+        with pytest.raises(ValueError) as e:
+            M.load_dit(str(tmp_path / "bad.pt"), DIT_SMALL)
+        msg = str(e.value)
+        assert "missing (1): blocks.1.fc2.weight" in msg and "unexpected (1): mystery.weight" in msg
+        assert "blocks.0.self_attn.q.weight: checkpoint (3, 3) vs model (64, 64)" in msg
+
+    def test_cosmos2b_parameter_count(self):
+        with torch.device("meta"):
+            model = M.DiT(M.config_from_preset("cosmos2b"))
+        assert sum(p.numel() for p in model.parameters()) == 2_059_174_912
+
+    def test_cosmos2b_has_the_official_keys_and_shapes(self):
+        with torch.device("meta"):
+            model = M.DiT(M.config_from_preset("cosmos2b"))
+        ours = {k: tuple(v.shape) for k, v in M.state_dict_as(model.state_dict(), "official", 28).items()}
+        assert ours == official_2b_keys()
+
+    def test_cosmos2b_under_diffusers_names_matches_diffusers_2b(self):
+        """The same tensors under diffusers' names, against diffusers' own 2B model built on the meta device."""
+        diffusers = pytest.importorskip("diffusers")
+        with torch.device("meta"):
+            model = M.DiT(M.config_from_preset("cosmos2b"))
+            ref = diffusers.CosmosTransformer3DModel(
+                in_channels=17, num_attention_heads=16, attention_head_dim=128, num_layers=28, mlp_ratio=4,
+                text_embed_dim=1024, adaln_lora_dim=256, max_size=(128, 240, 240), patch_size=(1, 2, 2),
+                rope_scale=(1.0, 3.0, 3.0), concat_padding_mask=True, extra_pos_embed_type=None,
+                use_crossattn_projection=True, crossattn_proj_in_channels=100352, encoder_hidden_states_channels=1024)
+        theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in M.state_dict_as(model.state_dict(), "diffusers", 28).items()} == theirs
+
+    @pytest.mark.parametrize("case", list(DIT_BAD_INPUTS))
+    def test_bad_input_is_one_clear_error(self, case):
+        call, error, message = DIT_BAD_INPUTS[case]
+        with pytest.raises(error, match=message):
+            call()
+
+    @pytest.mark.parametrize("solver", M.SOLVERS)
+    def test_samplers_converge_with_more_steps(self, mixture_errors, solver):
+        errs = [mixture_errors[solver, n] for n in (5, 10, 20, 40)]
+        assert all(a > b for a, b in zip(errs, errs[1:])), (solver, errs)
+
+    def test_multistep_beats_euler(self, mixture_errors):
+        for n in (20, 40):  # at 5-10 steps the schedule's last jump (to sigma 0) dominates both solvers
+            assert mixture_errors["dpm++2m", n] < 0.6 * mixture_errors["euler", n], mixture_errors
+
+    def test_samples_follow_the_mixture(self):
+        """Component frequencies and per-component means of DPM-Solver++(2M) samples."""
+        noise = torch.randn(4000, 2, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        x = M.sample(mixture_velocity, noise, M.shifted_sigmas(35), solver="dpm++2m").flatten(1)
+        nearest = torch.cdist(x, MIX_MEANS).argmin(1)
+        for k in range(3):
+            assert abs((nearest == k).double().mean() - MIX_W[k]) < 0.03
+            assert (x[nearest == k].mean(0) - MIX_MEANS[k]).norm() < 0.1
+
+    def test_karras_schedule(self):
+        s = M.karras_sigmas(10)
+        assert math.isclose(s[0].item(), 200 / 201, rel_tol=1e-6)
+        assert math.isclose(s[-2].item(), 0.01 / 1.01, rel_tol=1e-5)
+        assert s[-1] == 0 and torch.all(s[1:] < s[:-1])
+
+    def test_sampler_holds_conditional_frames(self):
+        """Conditional frames come out as given and enter the model at cond_sigma, the others at the schedule's."""
+        s = M.karras_sigmas(10)
+        x_cond = torch.randn(2, 3, 3, 2, 2)
+        mask = torch.tensor([[1.0, 0, 0], [1, 1, 0]])
+        seen = []
+
+        def v_fn(x, sigma):
+            seen.append(sigma.clone())
+            return torch.ones_like(x)
+
+        out = M.sample(v_fn, torch.randn(2, 3, 3, 2, 2), s, x_cond=x_cond, frame_mask=mask, cond_sigma=1e-4)
+        keep = mask.bool()[:, None, :, None, None].expand_as(out)
+        assert torch.equal(out[keep], x_cond[keep]) and not torch.equal(out[~keep], x_cond[~keep])
+        assert torch.all(seen[0][mask.bool()] == 1e-4) and torch.all(seen[0][~mask.bool()] == s[0])
+
+    def test_classifier_free_guidance(self):
+        vc, vu = torch.randn(3, 4), torch.randn(3, 4)
+        assert torch.equal(M.guided(vc, vu, 0.0), vc)
+        assert torch.allclose(M.guided(vc, vu, 7.0), vc + 7 * (vc - vu))
+
+    def test_flow_loss_feeds_conditional_frames_clean(self):
+        x0, seen, _, sigma = zero_prediction_flow_loss()
+        assert torch.equal(seen["x_in"][:, :, 0], x0[:, :, 0])  # conditional frame enters clean
+        assert torch.all(seen["sigma"][:, 0] == 0.1) and torch.equal(seen["sigma"][:, 1], sigma)
+
+    def test_flow_loss_of_a_zero_prediction(self):
+        """With a zero prediction the loss is E|eps - x0|^2 = 2 on the 2 of 3 frames that count."""
+        _, _, loss, _ = zero_prediction_flow_loss()
+        assert abs(loss.mean().item() - 2 * 2 / 3) < 0.05
+
+    def test_flow_loss_sigma_distribution(self):
+        """Logit-normal u shifted by 5: the median of sigma is 5 * 0.5 / (1 + 4 * 0.5) = 5/6."""
+        _, _, _, sigma = zero_prediction_flow_loss()
+        assert abs(sigma.median().item() - 5 / 6) < 0.02
+
+    def test_flow_loss_ignores_predictions_on_conditional_frames(self):
+        """Whatever the net predicts on conditional frames does not reach the loss, while without the mask it would."""
+        x0 = torch.randn(4096, 2, 3, 1, 1, generator=torch.Generator().manual_seed(0))
+        mask = torch.zeros(4096, 3)
+        mask[:, 0] = 1
+        garbage = lambda x_in, sigma: torch.where(mask.bool()[:, None, :, None, None], 1e3, 0.0).expand_as(x_in)
+        zero = lambda x_in, sigma: torch.zeros_like(x_in)
+        losses = [M.flow_loss(f, x0, mask, generator=torch.Generator().manual_seed(5))[0] for f in (zero, garbage)]
+        assert torch.equal(*losses)
+        no_mask = M.flow_loss(garbage, x0, None, generator=torch.Generator().manual_seed(5))[0]
+        assert no_mask.mean() > 1e5  # ...while without the mask it would
+
+
+# =====================================================================================================================
+# tokenizer.py: the Wan2.1 VAE against diffusers, weight layouts, chunking and tiling, the pixel tokenizer
+
+@pytest.fixture(scope="module")
+def vae_weight_files(vae_pair, tmp_path_factory):
+    """diffusers' own save_pretrained output, and a flat torch.save dict in the original layout."""
+    ref, ours = vae_pair[0], vae_pair[1]
+    root = tmp_path_factory.mktemp("weights")
+    ref.save_pretrained(root / "diffusers" / "vae", safe_serialization=True)
+    torch.save(ours.state_dict(), root / "Wan2.1_VAE.pth")
+    return root
+
+
+@contextlib.contextmanager
+def tiled(vae, size, overlap=0):
+    """Within the block the VAE encodes and decodes in tiles of `size` pixels that overlap by `overlap`."""
+    vae.tile_size, vae.tile_overlap = size, overlap
+    try:
+        yield vae
+    finally:
+        vae.tile_size = 0
+
+
+@pytest.fixture(scope="module")
+def untiled_64x128(vae_pair):
+    """A 5-frame 64x128 video, its latents and their decoding by the tiny Wan VAE without tiling -> (x, z, x_dec)."""
+    ours = vae_pair[1]
+    x = rand_video(1, 5, 64, 128)
+    return x, ours.encode(x), ours.decode(ours.encode(x))
+
+
+TOKENIZER_BAD_INPUTS = {  # case -> (call on a tokenizer, exception, message)
+    "2_channels": (lambda tok: tok.encode(rand_video(1, 5, 16, 16)[:, :2]), ValueError, r"\(B, 3, T, H, W\)"),
+    "no_batch_dim": (lambda tok: tok.encode(rand_video(1, 5, 16, 16)[0]), ValueError, r"\(B, 3, T, H, W\)"),
+    "size_not_multiple_of_8": (lambda tok: tok.encode(rand_video(1, 5, 16, 12)), ValueError, "multiples of 8"),
+    "uint8": (lambda tok: tok.encode(torch.zeros(1, 3, 5, 16, 16, dtype=torch.uint8)), TypeError, "127.5"),
+    "0_255_floats": (lambda tok: tok.encode(rand_video(1, 5, 16, 16) * 255), ValueError, r"\[-1, 1\]"),
+    "latent_channels": (lambda tok: tok.decode(torch.zeros(1, tok.latent_channels + 1, 2, 2, 2)),
+                        ValueError, "expected latents"),
+}
+
+BUILD_TOKENIZER_ERRORS = {  # case -> (call, exception, message)
+    "unknown_tokenizer": (lambda: tk.build_tokenizer("wan2.2"), ValueError, "unknown tokenizer"),
+    "unknown_wan_preset": (lambda: tk.build_tokenizer("wan2.1", config="huge"), ValueError,
+                           "unknown Wan VAE preset"),
+    "pixel_std_0": (lambda: tk.PixelTokenizer(2, std=0.0), ValueError, "std must be positive"),
+}
+
+
+class TestTokenizer:
+    """The Wan2.1 VAE equals diffusers' on the same weights and loads both official layouts; its chunked and
+    tiled paths agree with whole-clip passes; the pixel tokenizer is exactly invertible."""
+
+    @pytest.mark.parametrize("T", [1, 5, 9, 13, 17])
+    def test_wan_vae_matches_diffusers(self, vae_pair, T):
+        ref, ours, mean, std = vae_pair
+        x = rand_video(2, T, 32, 48, seed=T)  # batch 2, non-square
+        with torch.no_grad():
+            z_ref = (ref.encode(x).latent_dist.mean - mean) * (1 / std)
+            z = ours.encode(x)
+            x_ref = ref.decode(z / (1 / std) + mean).sample
+        x_ours = ours.decode(z)
+        assert z.shape == (2, 4, tk.latent_frames(T), 4, 6) and x_ours.shape == x.shape
+        assert (x_ours.abs() < 1).float().mean() > 0.5  # most pixels unclamped, so the comparison means something
+        assert (z - z_ref).abs().max() <= 1e-5, (z - z_ref).abs().max()  # 0.0 on our CPU
+        assert (x_ours - x_ref).abs().max() <= 1e-5, (x_ours - x_ref).abs().max()
+
+    def test_full_size_key_map_and_shapes_match_diffusers(self):
+        # the real 127M-parameter config, built on the meta device (no memory): every tensor maps 1:1
+        diffusers = pytest.importorskip("diffusers")
+        with torch.device("meta"):
+            ref, ours = diffusers.AutoencoderKLWan(), tk.WanVAE("full")
+        ref_sd = ref.state_dict()
+        mapped = {tk.diffusers_key(k): v.shape for k, v in ours.state_dict().items()}
+        assert mapped.keys() == ref_sd.keys() and all(mapped[k] == v.shape for k, v in ref_sd.items())
+        assert sum(v.numel() for v in ref_sd.values()) == sum(p.numel() for p in ours.parameters()) > 126e6
+
+    def test_key_map_agrees_with_diffusers_own_converter(self, vae_pair):
+        # diffusers ships its own original-Wan -> diffusers converter (for from_single_file): fed our state dict,
+        # it must produce exactly the names our key map gives, holding the same tensors
+        convert = pytest.importorskip("diffusers.loaders.single_file_utils").convert_wan_vae_to_diffusers
+        ours = vae_pair[1].state_dict()
+        converted = convert(dict(ours))
+        assert converted.keys() == {tk.diffusers_key(k) for k in ours}
+        assert all(converted[tk.diffusers_key(k)] is v for k, v in ours.items())
+
+    def test_native_names_are_the_original_layout(self, vae_pair):
+        # every key of ours follows a pattern of the original Wan2.1_VAE.pth (DESIGN section 3), and vice versa
+        res = r"\.residual\.([03]\.gamma|[26]\.(weight|bias))"  # [norm, SiLU, conv, norm, SiLU, dropout, conv]
+        patterns = [r"conv1", r"conv2", r"(en|de)coder\.conv1", r"(en|de)coder\.head\.(0\.gamma|2)",
+                    r"(en|de)coder\.middle\.[02]" + res, r"(en|de)coder\.middle\.1\.(norm\.gamma|to_qkv|proj)",
+                    r"encoder\.downsamples\.(0|1|3|4|6|7|9|10)" + res, r"encoder\.downsamples\.(3|6)\.shortcut",
+                    r"encoder\.downsamples\.(2|5|8)\.resample\.1", r"encoder\.downsamples\.(5|8)\.time_conv",
+                    r"decoder\.upsamples\.(0|1|2|4|5|6|8|9|10|12|13|14)" + res,
+                    r"decoder\.upsamples\.4\.shortcut",
+                    r"decoder\.upsamples\.(3|7|11)\.resample\.1", r"decoder\.upsamples\.(3|7)\.time_conv"]
+        keys, suffix = list(vae_pair[1].state_dict()), r"(\.(weight|bias|gamma))?"
+        unmatched = [k for k in keys if not any(re.fullmatch(p + suffix, k) for p in patterns)]
+        unused = [p for p in patterns if not any(re.fullmatch(p + suffix, k) for k in keys)]
+        assert not unmatched and not unused, (unmatched, unused)
+
+    def test_encoder_sees_frame_0_then_4_frames_per_chunk(self, vae_pair):
+        """The cached chunk path keeps memory bounded: it never feeds the whole clip."""
+        ours = vae_pair[1]
+        seen = []
+        hook = ours.encoder.conv1.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[2]))
+        ours.encode(rand_video(1, 33, 16, 24))
+        hook.remove()
+        assert seen == [1] + [4] * 8  # frame 0 alone, then 4 new frames per chunk: never the whole clip
+
+    def test_chunked_path_equals_whole_clip(self, vae_pair):
+        """The cached chunk path against one whole-clip pass with the same causal semantics."""
+        ours = vae_pair[1]
+        x = rand_video(1, 33, 16, 24)
+        z = ours.encode(x)
+        torch.testing.assert_close(ours.encode(x, chunked=False), z, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.decode(z, chunked=False), ours.decode(z), rtol=0, atol=1e-4)
+
+    def test_dtype_follows_the_weights_and_out_device(self, vae_pair):
+        """fp32 input with bf16 weights gives bf16 latents and frames, close to the fp32 latents."""
+        ours = vae_pair[1]
+        x = rand_video(1, 9, 16, 16)
+        z32 = ours.encode(x, out_device="cpu")
+        bf16 = tk.WanVAE(ours.config).to(torch.bfloat16).eval()
+        bf16.load_state_dict(ours.state_dict())
+        z16 = bf16.encode(x)  # fp32 input, bf16 weights: the weights decide the dtype
+        assert z16.dtype == torch.bfloat16 and bf16.decode(z16).dtype == torch.bfloat16
+        assert (z16.float() - z32).abs().mean() < 0.05 * z32.abs().mean()
+
+    def test_both_layouts_load_and_agree(self, vae_pair, vae_weight_files):
+        ours = vae_pair[1]
+        # a diffusers directory (vae/diffusion_pytorch_model.safetensors inside), and a .pth file
+        from_diffusers = tk.build_tokenizer("wan2.1", config=ours.config, weights=str(vae_weight_files / "diffusers"))
+        from_original = tk.build_tokenizer("wan2.1", config=ours.config,
+                                           weights=str(vae_weight_files / "Wan2.1_VAE.pth"))
+        x = rand_video(1, 5, 16, 24)
+        z = from_diffusers.encode(x)
+        assert torch.equal(z, from_original.encode(x)) and torch.equal(z, ours.encode(x))
+        assert torch.equal(from_diffusers.decode(z), from_original.decode(z))
+
+    def test_key_mismatch_lists_missing_unexpected_and_misshaped(self, vae_pair, tmp_path):
+        sd = dict(vae_pair[1].state_dict())
+        del sd["encoder.head.2.bias"]
+        sd["encoder.extra.weight"] = torch.zeros(1)
+        sd["conv2.weight"] = torch.zeros(4, 4, 1, 1, 2)
+        torch.save(sd, tmp_path / "bad.pth")
+        with pytest.raises(ValueError) as e:
+            tk.build_tokenizer("wan2.1", config="tiny", weights=str(tmp_path / "bad.pth"))
+        msg = str(e.value)
+        assert "1 missing keys: encoder.head.2.bias" in msg and "1 unexpected keys: encoder.extra.weight" in msg
+        assert "1 bad shapes: conv2.weight (4, 4, 1, 1, 2) (expected (4, 4, 1, 1, 1))" in msg
+
+    def test_weights_of_a_smaller_model_are_bad_shapes(self, vae_weight_files):
+        with pytest.raises(ValueError, match="bad shapes: encoder.conv1.weight"):  # a tiny file, a wider model
+            tk.build_tokenizer("wan2.1", config=replace(tk.WAN_PRESETS["tiny"], base_dim=16),
+                               weights=str(vae_weight_files / "Wan2.1_VAE.pth"))
+
+    @pytest.mark.parametrize("s", [1, 2, 8])
+    def test_pixel_tokenizer_round_trips_exactly(self, s):
+        pix = tk.build_tokenizer("pixel", spatial_compression=s)
+        for T in [1, 5, 9, 13, 17]:
+            x = rand_video(2, T, 16, 24, seed=T)
+            z = pix.encode(x)
+            assert pix.latent_channels == 12 * s * s
+            assert z.shape == (2, pix.latent_channels, 1 + (T - 1) // 4, 16 // s, 24 // s)
+            assert torch.equal(pix.decode(z), x)
+
+    def test_pixel_tokenizer_normalizes_to_unit_variance_and_back(self):
+        x = rand_video(2, 9, 16, 24, seed=3) * 0.2 - 0.05  # low-contrast frames, like the synthetic data
+        plain, norm = tk.PixelTokenizer(2), tk.PixelTokenizer(2, mean=-0.05, std=0.2)
+        z = norm.encode(x)
+        assert torch.allclose(z, (plain.encode(x) + 0.05) / 0.2)
+        assert torch.allclose(norm.decode(z), x, atol=1e-6)
+
+    def test_pixel_latent_frames_hold_the_right_frames(self):
+        pix = tk.PixelTokenizer(spatial_compression=2)
+        T = 13
+        x = (torch.arange(T).float() / 100).view(1, 1, T, 1, 1).expand(1, 3, T, 4, 4)  # frame t has value t / 100
+        z = pix.encode(x)
+        assert torch.all(z[:, :, 0] == 0)  # latent frame 0: frame 0 in all 4 slots
+        for k in range(1, z.shape[2]):  # latent frame k: frames 4k - 3 .. 4k, slot by slot
+            slots = z[0, :, k].reshape(3, 4, 2, 2, 2, 2)
+            for slot in range(4):
+                assert torch.all(slots[:, slot] == (4 * k - 3 + slot) / 100)
+
+    def test_frame_counts_agree(self, vae_pair):
+        ours, pix = vae_pair[1], tk.PixelTokenizer(spatial_compression=8)
+        for T in range(1, 18, 4):
+            x = rand_video(1, T, 8, 8)
+            assert ours.encode(x).shape[2] == pix.encode(x).shape[2] == tk.latent_frames(T) == 1 + (T - 1) // 4
+            assert ours.decode(ours.encode(x)).shape[2] == T
+
+    @pytest.mark.parametrize("kind", ["wan", "pixel"])
+    @pytest.mark.parametrize("T", [2, 3, 4, 6, 12, 14])
+    def test_lengths_other_than_4k_plus_1_raise(self, vae_pair, kind, T):
+        tok = {"wan": vae_pair[1], "pixel": tk.PixelTokenizer(spatial_compression=8)}[kind]
+        with pytest.raises(ValueError, match="4k \\+ 1"):
+            tok.encode(rand_video(1, T, 8, 8))
+
+    def test_pad_repeats_the_last_frame(self, vae_pair):
+        """pad: the last frame repeats up to 4k + 1 frames (6 -> 9); the caller trims decode's output."""
+        ours, pix = vae_pair[1], tk.PixelTokenizer(spatial_compression=8)
+        x = rand_video(1, 6, 8, 8)
+        assert ours.encode(x, pad=True).shape[2] == tk.latent_frames(6, pad=True) == 3
+        assert torch.equal(pix.decode(pix.encode(x, pad=True))[:, :, :6], x)
+
+    def test_tiling_bookkeeping_is_exact_on_the_pixel_tokenizer(self):
+        # space-to-depth is local, so tiles blended with any weights must reproduce the untiled result
+        pix = tk.PixelTokenizer(spatial_compression=4)
+        x = rand_video(1, 5, 40, 56)
+        z = pix.encode(x)
+        torch.testing.assert_close(tk.tiled_apply(pix.encode, x, 16, 8, 1 / 4), z, rtol=0, atol=1e-6)
+        torch.testing.assert_close(tk.tiled_apply(pix.decode, z, 4, 2, 4), x, rtol=0, atol=1e-6)
+
+    def test_one_tile_is_no_tiling(self, vae_pair, untiled_64x128):
+        ours = vae_pair[1]
+        x, z, xd = untiled_64x128
+        with tiled(ours, 128, 16):  # one tile covers the frame: tiling is a no-op
+            assert torch.equal(ours.encode(x), z) and torch.equal(ours.decode(z), xd)
+
+    def test_more_tile_overlap_brings_tiles_closer(self, vae_pair, untiled_64x128):
+        """Two or three 64-pixel tiles across: convolutions and attention see less context at tile borders, so
+        tiled results are only close; more overlap (context plus feathering) must bring them closer."""
+        ours = vae_pair[1]
+        x, z, xd = untiled_64x128
+        errors = []
+        for overlap in (0, 16, 32):
+            with tiled(ours, 64, overlap):
+                zt, xt = ours.encode(x), ours.decode(z)
+            assert zt.shape == z.shape and xt.shape == xd.shape
+            errors.append(((zt - z).abs().mean().item(), (xt - xd).abs().mean().item()))
+        (e0, d0), (e16, d16), (e32, d32) = errors
+        assert e0 > e16 > e32 and d0 > d16 > d32 and e32 < 0.7 * e0 and d32 < 0.7 * d0, errors
+
+    def test_tile_size_must_be_a_multiple_of_8(self, vae_pair):
+        with tiled(vae_pair[1], 44) as vae, pytest.raises(ValueError, match="multiples of 8"):
+            vae.encode(rand_video(1, 5, 64, 128))
+
+    @pytest.mark.parametrize("kind", ["wan", "pixel"])
+    @pytest.mark.parametrize("case", list(TOKENIZER_BAD_INPUTS))
+    def test_bad_input_is_one_clear_error(self, vae_pair, kind, case):
+        call, error, message = TOKENIZER_BAD_INPUTS[case]
+        with pytest.raises(error, match=message):
+            call({"wan": vae_pair[1], "pixel": tk.PixelTokenizer()}[kind])
+
+    @pytest.mark.parametrize("case", list(BUILD_TOKENIZER_ERRORS))
+    def test_bad_settings_are_one_clear_error(self, case):
+        call, error, message = BUILD_TOKENIZER_ERRORS[case]
+        with pytest.raises(error, match=message):
+            call()
+
+
+# =====================================================================================================================
+# semantic.py: DINOv3 against transformers, weight layouts, Reason1 text embeddings, the projector
 
 def original_layout(model):
     """The original dinov3 checkpoint layout, written by hand from the transformers modules: fused qkv
@@ -411,129 +1534,17 @@ def original_layout(model):
     return {k: v.detach().clone() for k, v in sd.items()}
 
 
-def test_original_pth_and_hub_layouts_agree(hf_dino, tmp_path):
-    model, folder = hf_dino
-    torch.save(original_layout(model), tmp_path / "dinov3_tiny.pth")
-    from_pth = load_dino(str(tmp_path / "dinov3_tiny.pth"), preset="tiny")
-    from_hub = load_dino(str(folder / "model.safetensors"), preset="tiny")
-    frames, _ = frames_and_pixels()
-    torch.testing.assert_close(from_pth(frames), from_hub(frames), atol=0, rtol=0)
-
-
-def test_dino_hub_cache_offline(hf_dino, tmp_path, monkeypatch):
-    """The real hf_hub_download path, resolving refs/main in a local cache with HF_HUB_OFFLINE=1."""
-    import huggingface_hub.constants as hub_constants
-    _, folder = hf_dino
-    rev = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / ("models--" + DINO_REPO.replace("/", "--"))
-    (repo / "snapshots" / rev).mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(rev)
-    (repo / "snapshots" / rev / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    frames, _ = frames_and_pixels()
-    from_cache = load_dino(DINO_REPO, preset="tiny")
-    from_folder = load_dino(str(folder), preset="tiny")
-    torch.testing.assert_close(from_cache(frames), from_folder(frames), atol=0, rtol=0)
-    with pytest.raises(FileNotFoundError, match="not in the local Hub cache"):
-        load_dino("facebook/not-cached", preset="tiny")
-
-
-@pytest.mark.parametrize("error_code", ["GatedRepo", "RepoNotFound"])
-def test_gated_repo_message(monkeypatch, error_code):
-    """A 401 from the Hub, turned into an exception by huggingface_hub's own status mapping
-    (GatedRepoError when logged in without the licence, RepositoryNotFoundError without a token)."""
-    from huggingface_hub.utils import hf_raise_for_status
-    try:
-        import httpx2 as httpx  # the HTTP client of huggingface_hub >= 2
-    except ImportError:
-        import httpx
-
-    def refuse(repo_id, filename, **kwargs):
-        url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
-        hf_raise_for_status(httpx.Response(401, headers={"X-Error-Code": error_code},
-                                           request=httpx.Request("GET", url)))
-    monkeypatch.setattr(semantic, "hf_hub_download", refuse)
-    with pytest.raises(PermissionError, match="(?s)accept the licence.*hf auth login.*HF_TOKEN"):
-        load_dino(DINO_REPO, preset="tiny")
-
-
-def test_semantic_bad_inputs(hf_dino, tmp_path):
-    dino = DinoV3(DINO_TINY)
-    with pytest.raises(ValueError, match="multiples of 16"):
-        dino(torch.zeros(1, 3, 40, 64))
-    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        dino(torch.zeros(1, 4, 32, 32))
-    with pytest.raises(ValueError, match="float frames"):
-        dino(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
-    with pytest.raises(FileNotFoundError, match="not a file"):
-        load_dino(str(tmp_path / "missing.pth"), preset="tiny")
-    with pytest.raises(ValueError, match="unknown DINOv3 preset"):
-        load_dino(str(tmp_path), preset="vitb")
-    _, folder = hf_dino
-    sd = semantic.load_file(str(folder / "model.safetensors"))
-    sd.pop("layer.1.norm2.bias")
-    sd["layer.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
-    sd["layer.7.extra.weight"] = torch.zeros(1)
-    save_file(sd, str(tmp_path / "broken.safetensors"))
-    with pytest.raises(ValueError, match=r"(?s)missing: \['blocks.1.norm2.bias'\].*"
-                                         r"unexpected: \['layer.7.extra.weight'\].*blocks.0.mlp.fc1.weight"):
-        load_dino(str(tmp_path / "broken.safetensors"), preset="tiny")
-    with pytest.raises(ValueError, match="do not fit preset 'vitl16'"):
-        load_dino(str(folder), preset="vitl16")
-
-
-def test_dino_frozen_and_per_clip_features():
-    torch.manual_seed(0)
-    dino = DinoV3(DINO_TINY)
-    assert not any(p.requires_grad for p in dino.parameters())
-    video = (torch.rand(3, 3, 5, 32, 48) * 2 - 1).requires_grad_(True)  # (B, C, T, H, W)
-    feats = conditioning_features(dino, video, chunk=2, dtype=torch.bfloat16)
-    assert feats.shape == (3, 6, DINO_TINY.dim) and feats.dtype == torch.bfloat16 and feats.grad_fn is None
-    torch.testing.assert_close(feats, dino(video[:, :, 0]).to(torch.bfloat16), atol=0, rtol=0)
-    assert not torch.equal(dino(video[:, :, 0]), dino(video[:, :, 1]))
-
-
-def test_dino_bf16_runs_close_to_fp32():
-    torch.manual_seed(0)
-    dino, frames = DinoV3(DINO_TINY), torch.rand(2, 3, 32, 64) * 2 - 1
-    half = DinoV3(DINO_TINY).to(torch.bfloat16)
-    half.load_state_dict(dino.state_dict())
-    got = half(frames)
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), dino(frames), atol=0.1, rtol=0.05)
-
-
-def test_semantic_projector():
-    torch.manual_seed(0)
-    feats = torch.randn(2, 6, 32)
-    proj = SemanticProjector(32, 16, injection_weight=0.2)
-    out = proj(feats)
-    assert out.shape == (2, 6, 16) and all(p.requires_grad for p in proj.parameters())
-    torch.testing.assert_close(out, 0.2 * (feats @ proj.proj.weight.T + proj.proj.bias))
-    proj.injection_weight = 0.6
-    torch.testing.assert_close(proj(feats), 3 * out)
-    assert SemanticProjector(32, 16, zero_init=True)(feats).abs().max() == 0
-    with pytest.raises(ValueError, match=r"\(B, P, 32\)"):
-        proj(torch.randn(2, 6, 31))
-
-
-# ------------------------------------------------------------------------------------------------
-# text
-
 LM_WORDS = ["[UNK]", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "system", "user", "You", "are", "a",
-         "helpful", "assistant", "who", "will", "provide", "prompts", "to", "an", "image", "generator", ".",
-         "fold", "the", "towel", "pick", "up", "cup"]
+            "helpful", "assistant", "who", "will", "provide", "prompts", "to", "an", "image", "generator", ".",
+            "fold", "the", "towel", "pick", "up", "cup"]
 LM_CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{{ c['text'] }}"
-        "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-# ^ Qwen2.5-VL's chat template, reduced to text parts
+           "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# ^ the tiny language model's vocabulary, and Qwen2.5-VL's chat template reduced to text parts
 
 
 @pytest.fixture(scope="module")
 def tiny_lm():
+    """A random 3-layer Qwen2 language model and a word-level tokenizer with the chat template of LM_CHAT."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(LM_WORDS)}, unk_token="[UNK]"))
@@ -550,6 +1561,8 @@ def tiny_lm():
 
 
 def reference_embedding(model, tokenizer, prompt, max_tokens):
+    """Reason1's text embedding written out independently: the chat text, padded tokens, every layer's hidden
+    states normalized over the width and concatenated -> (max_tokens, n_layers * width) float64."""
     text = f"<|im_start|>system\n{semantic.SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
     ids = tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
     ids = ids + [tokenizer.pad_token_id] * (max_tokens - len(ids))
@@ -560,107 +1573,262 @@ def reference_embedding(model, tokenizer, prompt, max_tokens):
                            for h in layers], -1)
 
 
-def test_reason1_aggregation_matches_reference(tiny_lm):
+class CountingEncoder(TextEncoder):
+    """A TextEncoder that records the prompts it is asked to encode in self.calls."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def __call__(self, prompts):
+        self.calls.append(list(prompts))
+        return super().__call__(prompts)
+
+
+def filled_text_cache(tiny_lm, cache_dir):
+    """A TextEmbedder over a CountingEncoder that has embedded 'fold the towel' and '' -> (embedder, their
+    embeddings, the encoder's calls)."""
     model, tokenizer = tiny_lm
-    enc = TextEncoder(model, tokenizer, "tiny-qwen2", max_tokens=512)
-    prompts = ["fold the towel .", "pick up the cup"]
-    got = enc(prompts)
-    assert got.shape == (2, 512, 3 * 32) and got.dtype == torch.float32
-    for i, p in enumerate(prompts):
-        np.testing.assert_allclose(got[i].numpy(), reference_embedding(model, tokenizer, p, 512), atol=1e-5)
-    short = TextEncoder(model, tokenizer, "tiny-qwen2", max_tokens=8)([prompts[0]])  # truncation: the start
-    ref = reference_embedding(model, tokenizer, prompts[0], 8)
-    np.testing.assert_allclose(short[0].numpy(), ref, atol=1e-5)
-    with pytest.raises(ValueError, match="embedding output"):
-        aggregate_hidden_states((torch.zeros(1, 2, 3),))
-
-
-def test_text_cache_hits_and_modes(tiny_lm, tmp_path, monkeypatch):
-    model, tokenizer = tiny_lm
-    calls = []
-
-    class CountingEncoder(TextEncoder):
-        def __call__(self, prompts):
-            calls.append(list(prompts))
-            return super().__call__(prompts)
-
     enc = CountingEncoder(model, tokenizer, "tiny-qwen2", max_tokens=16)
-    embedder = TextEmbedder(cache_dir=str(tmp_path), encoder=enc, text_dim=96, max_tokens=16)
-    first = embedder(["fold the towel", ""])
-    assert first.shape == (2, 16, 96) and first.dtype == torch.bfloat16 and len(calls) == 2
-    assert torch.equal(embedder("fold the towel")[0], first[0]) and torch.equal(embedder.null(2)[1], first[1])
-    assert len(calls) == 2  # both hits came from disk
-    no_encoder = TextEmbedder(cache_dir=str(tmp_path), encoder_id="tiny-qwen2", text_dim=96, max_tokens=16)
-    assert torch.equal(no_encoder(["fold the towel"]), first[:1])
-    with pytest.raises(FileNotFoundError, match="no cached text embedding"):
-        no_encoder(["pick up the cup"])
-    other = TextEmbedder(cache_dir=str(tmp_path), encoder_id="another-encoder", text_dim=96, max_tokens=16)
-    with pytest.raises(FileNotFoundError):  # the encoder id is part of the cache key
-        other(["fold the towel"])
-    wrong_dim = TextEmbedder(cache_dir=str(tmp_path), encoder_id="tiny-qwen2", text_dim=64, max_tokens=16)
-    with pytest.raises(ValueError, match=r"expected \(16, 64\)"):
-        wrong_dim("fold the towel")
-    none = TextEmbedder(mode="none", text_dim=64, max_tokens=8, dtype=torch.float32)
-    assert none(["a", "b", "c"]).shape == (3, 8, 64) and none.null(2).abs().max() == 0
-    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
-    with pytest.raises(ImportError, match="pip install transformers"):
-        TextEncoder.from_pretrained("some/model")
+    embedder = TextEmbedder(cache_dir=str(cache_dir), encoder=enc, text_dim=96, max_tokens=16)
+    return embedder, embedder(["fold the towel", ""]), enc.calls
 
 
-def test_from_pretrained_reason1_architecture(tiny_lm, tmp_path):
-    """A saved tiny Qwen2.5-VL (Reason1's architecture) loads through TextEncoder.from_pretrained (the
-    vision-language fallback) and gives the aggregation of its language model's hidden states."""
-    transformers = pytest.importorskip("transformers")
-    _, tokenizer = tiny_lm
-    text = dict(vocab_size=len(LM_WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=1,
-                rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]})
-    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32)
-    torch.manual_seed(0)
-    vl = transformers.Qwen2_5_VLForConditionalGeneration(
-        transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
-    vl.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    enc = TextEncoder.from_pretrained(str(tmp_path), max_tokens=16)
-    assert enc.encoder_id == str(tmp_path)
-    ids = torch.tensor([semantic.prompt_token_ids(tokenizer, "fold the towel", 16)])
-    with torch.no_grad():
-        hs = vl.model.language_model(input_ids=ids, output_hidden_states=True).hidden_states
-    torch.testing.assert_close(enc(["fold the towel"]), aggregate_hidden_states(hs), atol=1e-5, rtol=1e-5)
+def broken_dino_file(hf_dino, tmp_path):
+    """The Hub-layout DINOv3 file with one key missing, one mis-shaped and one unexpected."""
+    _, folder = hf_dino
+    sd = semantic.load_file(str(folder / "model.safetensors"))
+    sd.pop("layer.1.norm2.bias")
+    sd["layer.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    sd["layer.7.extra.weight"] = torch.zeros(1)
+    save_file(sd, str(tmp_path / "broken.safetensors"))
+    return tmp_path / "broken.safetensors"
 
 
-def test_dit_semantic_branch_off_is_the_plain_dit_and_on_depends_on_the_frame(tmp_path):
-    backbone = randomize(M.DiT(SMALL), seed=4).eval()
+SEMANTIC_BAD_INPUTS = {  # case -> (call on tmp_path, exception, message)
+    "size_not_multiple_of_16": (lambda tmp_path: DinoV3(DINO_TINY)(torch.zeros(1, 3, 40, 64)),
+                                ValueError, "multiples of 16"),
+    "4_channels": (lambda tmp_path: DinoV3(DINO_TINY)(torch.zeros(1, 4, 32, 32)), ValueError, r"\(B, 3, H, W\)"),
+    "uint8_frames": (lambda tmp_path: DinoV3(DINO_TINY)(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)),
+                     ValueError, "float frames"),
+    "unknown_dino_preset": (lambda tmp_path: load_dino(str(tmp_path), preset="vitb"),
+                            ValueError, "unknown DINOv3 preset"),
+    "projector_width": (lambda tmp_path: SemanticProjector(32, 16, injection_weight=0.2)(torch.randn(2, 6, 31)),
+                        ValueError, r"\(B, P, 32\)"),
+    "aggregate_without_embedding_output": (lambda tmp_path: aggregate_hidden_states((torch.zeros(1, 2, 3),)),
+                                           ValueError, "embedding output"),
+}
+
+
+def dit_with_semantic_branch(tmp_path):
+    """A random backbone in the official layout and the same backbone loaded with the semantic branch on ->
+    (backbone, with_branch)."""
+    backbone = randomize(M.DiT(DIT_SMALL), seed=4).eval()
     official_pt(backbone, tmp_path / "dit.pt")
-    # the branch is switched on by the config; loading a backbone checkpoint initializes it on the way
-    with_branch = M.load_dit(str(tmp_path / "dit.pt"), replace(SMALL, semantic_dim=DINO_TINY.dim)).eval()
-    assert with_branch.semantic.injection_weight == 0.2 and not with_branch.semantic.proj.weight.is_meta
-    assert M.DiT(replace(SMALL, semantic_dim=8, semantic_weight=0.6)).semantic.injection_weight == 0.6
+    with_branch = M.load_dit(str(tmp_path / "dit.pt"), replace(DIT_SMALL, semantic_dim=DINO_TINY.dim)).eval()
+    return backbone, with_branch
+
+
+def semantic_inputs():
+    """DiT inputs, and DINOv3 features of some frames and of the same frames mirrored ->
+    (x, sigma, text, features, other features)."""
     g = torch.Generator().manual_seed(0)
     x, text, sigma = torch.randn(2, 16, 2, 4, 6, generator=g), torch.randn(2, 5, 48, generator=g), torch.rand(2)
     dino = DinoV3(DINO_TINY)
     frames = torch.rand(2, 3, 32, 48, generator=g) * 2 - 1
-    feats, other = conditioning_features(dino, frames), conditioning_features(dino, frames.flip(-1))
-    with torch.no_grad():
-        plain = backbone(x, sigma, text)
-        assert torch.equal(with_branch(x, sigma, text), plain)  # branch off: no image features given
-        on = with_branch(x, sigma, text, image_features=feats)
-        assert not torch.allclose(on, plain, atol=1e-4)
-        assert not torch.allclose(on, with_branch(x, sigma, text, image_features=other), atol=1e-4)
+    return x, sigma, text, conditioning_features(dino, frames), conditioning_features(dino, frames.flip(-1))
 
 
-# -----------------------------------------------------------------------------
-# data.py: the 57-D action, readers, corruption handling, clips and sharding, statistics, synthetic data
+class TestSemantic:
+    """DINOv3 equals transformers' on the same weights and loads both layouts; Reason1 text embeddings equal a
+    reference aggregation and are cached per prompt; the projector and the DiT's semantic branch."""
+
+    def test_dino_matches_transformers(self, hf_dino):
+        """Same random weights, non-square 48x80 input (3x5 patches), batch 2 -> same patch features."""
+        model, folder = hf_dino
+        ours = load_dino(str(folder), preset="tiny")
+        frames, pixels = frames_and_pixels()
+        with torch.no_grad():
+            ref = model(pixel_values=pixels).last_hidden_state[:, 1 + DINO_TINY.n_registers:]
+        got = ours(frames)
+        assert got.shape == (2, 15, DINO_TINY.dim)
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+
+    def test_original_pth_and_hub_layouts_agree(self, hf_dino, tmp_path):
+        model, folder = hf_dino
+        torch.save(original_layout(model), tmp_path / "dinov3_tiny.pth")
+        from_pth = load_dino(str(tmp_path / "dinov3_tiny.pth"), preset="tiny")
+        from_hub = load_dino(str(folder / "model.safetensors"), preset="tiny")
+        frames, _ = frames_and_pixels()
+        torch.testing.assert_close(from_pth(frames), from_hub(frames), atol=0, rtol=0)
+
+    @pytest.mark.parametrize("case", list(SEMANTIC_BAD_INPUTS))
+    def test_bad_input_is_one_clear_error(self, case, tmp_path):
+        call, error, message = SEMANTIC_BAD_INPUTS[case]
+        with pytest.raises(error, match=message):
+            call(tmp_path)
+
+    def test_dino_key_mismatch_lists_missing_unexpected_and_misshaped(self, hf_dino, tmp_path):
+        with pytest.raises(ValueError, match=r"(?s)missing: \['blocks.1.norm2.bias'\].*"
+                                             r"unexpected: \['layer.7.extra.weight'\].*blocks.0.mlp.fc1.weight"):
+            load_dino(str(broken_dino_file(hf_dino, tmp_path)), preset="tiny")
+
+    def test_dino_weights_of_another_size_do_not_fit_the_preset(self, hf_dino):
+        _, folder = hf_dino
+        with pytest.raises(ValueError, match="do not fit preset 'vitl16'"):
+            load_dino(str(folder), preset="vitl16")
+
+    def test_dino_is_frozen(self):
+        """No DINOv3 parameter trains, and its features carry no graph even from an input that requires grad."""
+        torch.manual_seed(0)
+        dino = DinoV3(DINO_TINY)
+        assert not any(p.requires_grad for p in dino.parameters())
+        video = (torch.rand(3, 3, 5, 32, 48) * 2 - 1).requires_grad_(True)  # (B, C, T, H, W)
+        assert conditioning_features(dino, video, chunk=2, dtype=torch.bfloat16).grad_fn is None
+
+    def test_conditioning_features_are_those_of_the_first_frame(self):
+        torch.manual_seed(0)
+        dino = DinoV3(DINO_TINY)
+        video = torch.rand(3, 3, 5, 32, 48) * 2 - 1  # (B, C, T, H, W)
+        feats = conditioning_features(dino, video, chunk=2, dtype=torch.bfloat16)
+        assert feats.shape == (3, 6, DINO_TINY.dim) and feats.dtype == torch.bfloat16
+        torch.testing.assert_close(feats, dino(video[:, :, 0]).to(torch.bfloat16), atol=0, rtol=0)
+        assert not torch.equal(dino(video[:, :, 0]), dino(video[:, :, 1]))
+
+    def test_dino_bf16_runs_close_to_fp32(self):
+        torch.manual_seed(0)
+        dino, frames = DinoV3(DINO_TINY), torch.rand(2, 3, 32, 64) * 2 - 1
+        half = DinoV3(DINO_TINY).to(torch.bfloat16)
+        half.load_state_dict(dino.state_dict())
+        got = half(frames)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), dino(frames), atol=0.1, rtol=0.05)
+
+    def test_projector_is_a_weighted_trainable_linear_map(self):
+        torch.manual_seed(0)
+        feats = torch.randn(2, 6, 32)
+        proj = SemanticProjector(32, 16, injection_weight=0.2)
+        out = proj(feats)
+        assert out.shape == (2, 6, 16) and all(p.requires_grad for p in proj.parameters())
+        torch.testing.assert_close(out, 0.2 * (feats @ proj.proj.weight.T + proj.proj.bias))
+        proj.injection_weight = 0.6
+        torch.testing.assert_close(proj(feats), 3 * out)
+
+    def test_zero_initialized_projector_outputs_zero(self):
+        feats = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(0))
+        assert SemanticProjector(32, 16, zero_init=True)(feats).abs().max() == 0
+
+    def test_reason1_aggregation_matches_reference(self, tiny_lm):
+        model, tokenizer = tiny_lm
+        enc = TextEncoder(model, tokenizer, "tiny-qwen2", max_tokens=512)
+        prompts = ["fold the towel .", "pick up the cup"]
+        got = enc(prompts)
+        assert got.shape == (2, 512, 3 * 32) and got.dtype == torch.float32
+        for i, p in enumerate(prompts):
+            np.testing.assert_allclose(got[i].numpy(), reference_embedding(model, tokenizer, p, 512), atol=1e-5)
+
+    def test_truncation_keeps_the_start(self, tiny_lm):
+        model, tokenizer = tiny_lm
+        short = TextEncoder(model, tokenizer, "tiny-qwen2", max_tokens=8)(["fold the towel ."])
+        np.testing.assert_allclose(short[0].numpy(), reference_embedding(model, tokenizer, "fold the towel .", 8),
+                                   atol=1e-5)
+
+    def test_text_cache_hits_come_from_disk(self, tiny_lm, tmp_path):
+        embedder, first, calls = filled_text_cache(tiny_lm, tmp_path)
+        assert first.shape == (2, 16, 96) and first.dtype == torch.bfloat16 and len(calls) == 2
+        assert torch.equal(embedder("fold the towel")[0], first[0]) and torch.equal(embedder.null(2)[1], first[1])
+        assert len(calls) == 2  # both hits came from disk
+
+    def test_cached_embeddings_load_without_an_encoder(self, tiny_lm, tmp_path):
+        _, first, _ = filled_text_cache(tiny_lm, tmp_path)
+        no_encoder = TextEmbedder(cache_dir=str(tmp_path), encoder_id="tiny-qwen2", text_dim=96, max_tokens=16)
+        assert torch.equal(no_encoder(["fold the towel"]), first[:1])
+
+    def test_uncached_prompt_without_an_encoder_is_one_clear_error(self, tiny_lm, tmp_path):
+        filled_text_cache(tiny_lm, tmp_path)
+        no_encoder = TextEmbedder(cache_dir=str(tmp_path), encoder_id="tiny-qwen2", text_dim=96, max_tokens=16)
+        with pytest.raises(FileNotFoundError, match="no cached text embedding"):
+            no_encoder(["pick up the cup"])
+
+    def test_the_encoder_id_is_part_of_the_cache_key(self, tiny_lm, tmp_path):
+        filled_text_cache(tiny_lm, tmp_path)
+        other = TextEmbedder(cache_dir=str(tmp_path), encoder_id="another-encoder", text_dim=96, max_tokens=16)
+        with pytest.raises(FileNotFoundError):
+            other(["fold the towel"])
+
+    def test_cached_embedding_of_another_width_is_one_clear_error(self, tiny_lm, tmp_path):
+        filled_text_cache(tiny_lm, tmp_path)
+        wrong_dim = TextEmbedder(cache_dir=str(tmp_path), encoder_id="tiny-qwen2", text_dim=64, max_tokens=16)
+        with pytest.raises(ValueError, match=r"expected \(16, 64\)"):
+            wrong_dim("fold the towel")
+
+    def test_mode_none_gives_zero_embeddings(self):
+        none = TextEmbedder(mode="none", text_dim=64, max_tokens=8, dtype=torch.float32)
+        assert none(["a", "b", "c"]).shape == (3, 8, 64) and none.null(2).abs().max() == 0
+
+    def test_missing_transformers_says_what_to_install(self, monkeypatch):
+        monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+        with pytest.raises(ImportError, match="pip install transformers"):
+            TextEncoder.from_pretrained("some/model")
+
+    def test_from_pretrained_reason1_architecture(self, tiny_lm, tmp_path):
+        """A saved tiny Qwen2.5-VL (Reason1's architecture) loads through TextEncoder.from_pretrained (the
+        vision-language fallback) and gives the aggregation of its language model's hidden states."""
+        transformers = pytest.importorskip("transformers")
+        _, tokenizer = tiny_lm
+        text = dict(vocab_size=len(LM_WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=1,
+                    rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]})
+        vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32)
+        torch.manual_seed(0)
+        vl = transformers.Qwen2_5_VLForConditionalGeneration(
+            transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+        vl.save_pretrained(tmp_path)
+        tokenizer.save_pretrained(tmp_path)
+        enc = TextEncoder.from_pretrained(str(tmp_path), max_tokens=16)
+        assert enc.encoder_id == str(tmp_path)
+        ids = torch.tensor([semantic.prompt_token_ids(tokenizer, "fold the towel", 16)])
+        with torch.no_grad():
+            hs = vl.model.language_model(input_ids=ids, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(enc(["fold the towel"]), aggregate_hidden_states(hs), atol=1e-5, rtol=1e-5)
+
+    def test_loading_a_backbone_initializes_the_semantic_branch(self, tmp_path):
+        """The branch is switched on by the config; loading a backbone checkpoint initializes it on the way."""
+        _, with_branch = dit_with_semantic_branch(tmp_path)
+        assert with_branch.semantic.injection_weight == 0.2 and not with_branch.semantic.proj.weight.is_meta
+        assert M.DiT(replace(DIT_SMALL, semantic_dim=8, semantic_weight=0.6)).semantic.injection_weight == 0.6
+
+    def test_semantic_branch_without_features_is_the_plain_dit(self, tmp_path):
+        backbone, with_branch = dit_with_semantic_branch(tmp_path)
+        x, sigma, text, _, _ = semantic_inputs()
+        with torch.no_grad():
+            assert torch.equal(with_branch(x, sigma, text), backbone(x, sigma, text))
+
+    def test_semantic_branch_with_features_depends_on_the_frame(self, tmp_path):
+        backbone, with_branch = dit_with_semantic_branch(tmp_path)
+        x, sigma, text, feats, other = semantic_inputs()
+        with torch.no_grad():
+            plain = backbone(x, sigma, text)
+            on = with_branch(x, sigma, text, image_features=feats)
+            assert not torch.allclose(on, plain, atol=1e-4)
+            assert not torch.allclose(on, with_branch(x, sigma, text, image_features=other), atol=1e-4)
+
+
+# =====================================================================================================================
+# data.py: the 57-D action, readers, corruption handling, clips and sharding, statistics, the latent cache
 
 def d_rot(axis, a):
+    """data._rot in float64: rotation matrices by angles a about one axis."""
     return data._rot(axis, np.asarray(a, np.float64))
 
 
 def d_pose(R, t):
+    """data._pose in float64: 4x4 poses from rotations and translations."""
     return data._pose(np.asarray(R, np.float64), np.asarray(t, np.float64))
 
 
 def random_rotations(rng, n):
+    """n random rotation matrices (from random quaternions), (n, 3, 3)."""
     q = rng.normal(size=(n, 4))
     return data.quat_pose(np.concatenate([np.zeros((n, 3)), q], 1))[:, :3, :3]
 
@@ -676,239 +1844,11 @@ def static_track(rng, n):
 
 
 @pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    data.write_synthetic(root, tasks=2, episodes=2, test_episodes=1, frames=40, workers=0)
-    return root
-
-
-def one_episode(tmp, frames=40, seed=0, name="part1/task_a"):
-    """Write one synthetic EgoDex episode by hand -> (hdf5 path, joints written, K)."""
-    d = Path(tmp) / name
-    d.mkdir(parents=True, exist_ok=True)
-    joints, _ = data.synth_track(np.random.default_rng(seed), frames)
-    K = np.array([[122.8, 0, 160], [0, 122.8, 90], [0, 0, 1]])
-    data.write_egodex_hdf5(d / "0.hdf5", joints, K, {"llm_description": "Do the thing."})
-    data.write_video(d / "0.mp4", (data.render_frame(joints, i, K, (180, 320), (90, 90, 90))
-                                   for i in range(frames)))
-    return d / "0.hdf5", joints, K
-
-
-# ------------------------------------------------------------------------------------------------
-# layout and the action
-
-
-def test_layout_constants():
-    assert data.ACTION_DIM == 57 and len(data.ACTION_NAMES) == 57 == len(set(data.ACTION_NAMES))
-    assert [n for n, _ in data.ACTION_LAYOUT] == ["left_wrist", "left_fingers", "right_wrist",
-                                                  "right_fingers", "head"]
-    assert [s for _, s in data.ACTION_LAYOUT] == [9, 15, 9, 15, 9]
-    fams = data.ACTION_FAMILIES
-    assert sorted(fams["wrist"] + fams["finger"] + fams["head"]) == list(range(57))
-    assert (len(fams["wrist"]), len(fams["finger"]), len(fams["head"])) == (18, 30, 9)
-    for name, sl in data.ACTION_SLICES.items():
-        family = {"wrist": "wrist", "fingers": "finger", "head": "head"}[name.split("_")[-1]]
-        assert set(range(sl.start, sl.stop)) <= set(fams[family])
-    assert json.loads(json.dumps(data.action_layout())) == data.action_layout()
-    assert len(data.KEYPOINT_NAMES) == len(data.KEYPOINT_COLORS) == 12
-    assert len({tuple(c) for c in data.KEYPOINT_COLORS}) == 12
-
-
-def test_rot6d_convention_numpy_and_torch():
-    Rz90 = d_rot(2, np.pi / 2)
-    np.testing.assert_allclose(data.rot6d_from_matrix(Rz90), [0, 1, 0, -1, 0, 0], atol=1e-12)
-    np.testing.assert_allclose(data.rot6d_from_matrix(np.eye(3)), data.IDENTITY_6D)
-    R = random_rotations(np.random.default_rng(0), 50)
-    np.testing.assert_allclose(data.matrix_from_rot6d(data.rot6d_from_matrix(R)), R, atol=1e-12)
-    Rt = torch.tensor(R)
-    assert torch.allclose(data.rot6d_from_matrix(Rt), torch.tensor(data.rot6d_from_matrix(R)))
-    noisy = data.rot6d_from_matrix(Rt) + 0.01 * torch.randn(50, 6, dtype=torch.float64)
-    M = data.matrix_from_rot6d(noisy)  # Gram-Schmidt always gives a proper rotation
-    assert torch.allclose(M.transpose(-1, -2) @ M, torch.eye(3, dtype=torch.float64).expand_as(M), atol=1e-12)
-    assert torch.allclose(torch.linalg.det(M), torch.ones(50, dtype=torch.float64))
-
-
-def test_action_identity_motion():
-    a = data.compute_actions(static_track(np.random.default_rng(1), 6))
-    assert a.shape == (5, 57) and a.dtype == np.float32
-    expected = np.zeros(57, np.float32)
-    for name in ("left_wrist", "right_wrist", "head"):
-        expected[data.ACTION_SLICES[name].start + 3:data.ACTION_SLICES[name].stop] = data.IDENTITY_6D
-    np.testing.assert_allclose(a, np.broadcast_to(expected, a.shape), atol=1e-6)
-
-
-def test_action_known_rotation_and_translation():
-    """A wrist that rotates 90 deg about z, then moves +y in the WORLD: the action is expressed in
-    the frame of P_t (inv(P_t) @ P_t+1), so the move shows up as +x of the wrist."""
-    track = static_track(np.random.default_rng(2), 3)
-    P0 = d_pose(np.eye(3), [1, 0, 0])
-    P1 = d_pose(d_rot(2, np.pi / 2), [1, 0, 0])
-    P2 = d_pose(d_rot(2, np.pi / 2), [1, 1, 0])
-    track["right_wrist"] = np.stack([P0, P1, P2])
-    tip = np.stack([(P @ np.array([0.1, 0.2, 0.0, 1]))[:3] for P in (P0, P1, P2)])  # rigid with the wrist
-    track["right_tips"] = tip[:, None].repeat(5, 1)
-    a = data.compute_actions(track)[:, data.ACTION_SLICES["right_wrist"]]
-    np.testing.assert_allclose(a[0], [0, 0, 0, 0, 1, 0, -1, 0, 0], atol=1e-6)
-    np.testing.assert_allclose(a[1], [1, 0, 0, 1, 0, 0, 0, 1, 0], atol=1e-6)
-
-
-def test_fingertips_moving_with_the_wrist_give_zero_finger_action():
-    rng = np.random.default_rng(3)
-    n = 20
-    track = static_track(rng, n)
-    for s in data.HANDS:
-        W = d_pose(random_rotations(rng, n), rng.normal(size=(n, 3)))
-        local = rng.normal(size=(5, 3)) * 0.1
-        track[f"{s}_wrist"] = W
-        track[f"{s}_tips"] = np.einsum("tij,kj->tki", W[:, :3, :3], local) + W[:, None, :3, 3]
-    a = data.compute_actions(track)
-    assert np.abs(a[:, list(data.FINGER_IDX)]).max() < 1e-6
-    assert np.abs(a[:, list(data.WRIST_IDX)]).max() > 0.1  # the wrists did move
-
-
-def test_each_part_lands_in_its_slot():
-    """Move one fingertip in its wrist frame, then only the camera: only the named dims change."""
-    track = static_track(np.random.default_rng(4), 2)
-    W = track["right_wrist"][0]
-    track["right_tips"] = track["right_tips"].copy()
-    track["right_tips"][1, 1] += W[:3, :3] @ np.array([0.001, 0, 0])  # index finger +1 mm along wrist x
-    base = data.compute_actions(static_track(np.random.default_rng(4), 2))[0]
-    changed = np.nonzero(np.abs(data.compute_actions(track)[0] - base) > 1e-7)[0]
-    assert [data.ACTION_NAMES[i] for i in changed] == ["right_indexfinger.dx"]
-    track = static_track(np.random.default_rng(4), 2)
-    track["camera"] = track["camera"].copy()
-    track["camera"][1, :3, 3] += 0.05
-    changed = np.nonzero(np.abs(data.compute_actions(track)[0] - base) > 1e-7)[0]
-    assert set(changed) <= set(data.HEAD_IDX) and len(changed) > 0
-
-
-def test_prompt_rule_all_branches():
-    rule = data.egodex_prompt
-    rev = {"llm_type": "reversible", "llm_description": "open it", "llm_description2": "close it"}
-    assert rule({**rev, "which_llm_description": "1"}) == "open it"
-    assert rule({**rev, "which_llm_description": "2"}) == "close it"
-    assert rule({**rev, "which_llm_description": np.int64(1)}) == "open it"
-    assert rule({"llm_type": b"basic", "llm_description": b"pour", "llm_description2": "x"}) == "pour"
-    assert rule({"llm_description": "stack cups", "description": "old"}) == "stack cups"
-    assert rule({"description": "old style"}) == "old style"
-    assert rule({"task": "fold_shirt"}) == "fold shirt"
-    assert rule({}, task="wipe_table") == "wipe table"
-
-
-def test_prompt_rule_read_from_synthetic_files(synth_root):
-    episodes, _ = data.load_index(synth_root)
-    prompts = {e.id.split("/")[1]: data.read_track(e)[2] for e in episodes}
-    assert prompts["pick_place_cube"] == data.SYNTH_TASKS[0][3]
-    assert prompts["open_jar"] == "Open the jar by twisting its lid."  # reversible, which '1'
-
-
-# ------------------------------------------------------------------------------------------------
-# video, resize, intrinsics
-
-
-def test_resize_antialiases_and_intrinsics_follow_pixels():
-    board = (np.indices((64, 64)).sum(0) % 2 * 255).astype(np.uint8)[..., None].repeat(3, -1)
-    small = data.resize_frame(data.av.VideoFrame.from_ndarray(board, format="rgb24"), (16, 16))
-    assert np.abs(small.astype(int) - 128).max() <= 8  # aliasing would leave black/white pixels
-    assert np.abs(data.resize_image(board, (16, 16)).astype(int) - 128).max() <= 8
-    for src, size in (((180, 320), (288, 512)), ((480, 640), (288, 512)), ((1080, 1920), (90, 160))):
-        img = np.zeros(src + (3,), np.uint8)
-        y, x = src[0] // 3, src[1] // 3
-        img[y:y + 8, x:x + 8] = 255  # block centred on (x + 3.5, y + 3.5)
-        K = np.array([[100.0, 0, x + 3.5], [0, 100.0, y + 3.5], [0, 0, 1]])  # principal point on it
-        frame = data.av.VideoFrame.from_ndarray(img, format="rgb24")
-        out = data.resize_frame(frame, size)[..., 0].astype(float)
-        assert out.shape == size
-        vv, uu = np.mgrid[:size[0], :size[1]]
-        K2 = data.scale_intrinsics(K, src, size)
-        assert abs((out * uu).sum() / out.sum() - K2[0, 2]) < 0.3
-        assert abs((out * vv).sum() / out.sum() - K2[1, 2]) < 0.3
-
-
-def test_seek_decodes_exactly_the_requested_frames(tmp_path):
-    frames = [np.full((64, 96, 3), 5 * i, np.uint8) for i in range(45)]  # brightness encodes the index
-    data.write_video(tmp_path / "v.mp4", frames, gop=12)
-    for start in (0, 7, 13, 30):
-        clip, src = data.decode_frames(tmp_path / "v.mp4", start, 9)
-        assert clip.shape == (9, 64, 96, 3) and src == (64, 96)
-        np.testing.assert_allclose(clip.mean((1, 2, 3)), 5 * np.arange(start, start + 9), atol=2)
-    with pytest.raises(data.EpisodeError, match="video ended"):
-        data.decode_frames(tmp_path / "v.mp4", 40, 9)
-
-
-# ------------------------------------------------------------------------------------------------
-# synthetic writer -> reader round trip
-
-
-def test_synthetic_round_trip(tmp_path):
-    h5, joints, K = one_episode(tmp_path, frames=16)
-    track, K_read, prompt, conf, n = data.read_egodex(h5)
-    assert n == 16 and prompt == "Do the thing."
-    np.testing.assert_array_equal(K_read, K.astype(np.float32))
-    with h5py.File(h5) as f:
-        for name in data.POSE_JOINTS:
-            np.testing.assert_array_equal(f[f"transforms/{name}"][:], joints[name].astype(np.float32))
-    ref = data._track_from_joints({k: v.astype(np.float32).astype(np.float64) for k, v in joints.items()})
-    np.testing.assert_array_equal(data.compute_actions(track), data.compute_actions(ref))
-    ep = data.Episode("part1/task_a/0", str(h5), n, "egodex")
-    for size, tol in ((None, 1.0), ((288, 512), 2.5)):  # the colour marker sits at the projected keypoint
-        s = data.load_clip(ep, 2, 13, size)
-        H, W = size or (180, 320)
-        assert s["video"].shape == (3, 13, H, W) and s["video"].dtype == torch.uint8
-        assert s["actions"].shape == (12, 57) and s["keypoints"].shape == (13, 12, 2)
-        assert s["keypoint_valid"].all()
-        video = s["video"].permute(1, 2, 3, 0).numpy()
-        for t in (0, 6, 12):
-            err = np.linalg.norm(data.detect_keypoints(video[t]) - s["keypoints"][t].numpy(), axis=-1)
-            assert err.max() < tol, err
-
-
-def test_zoomed_synthetic_keeps_markers_detectable_when_small(tmp_path):
-    """miniature.py's dataset: at 48x80 EgoDex's view loses every marker; zoom 2 with markers twice as large
-    keeps nearly all of them, at the projected keypoints of the (zoomed) intrinsics."""
-    found = {}
-    for zoom, scale in ((1.0, 1.0), (2.0, 2.0)):
-        root = data.write_synthetic(tmp_path / f"z{zoom}", tasks=1, episodes=0, test_episodes=1, frames=13,
-                                    workers=0, zoom=zoom, marker_scale=scale)
-        ep = data.load_index(root, ("test",))[0][0]
-        s = data.load_clip(ep, 0, 13, (48, 80))
-        video = s["video"].permute(1, 2, 3, 0).numpy()
-        kp = np.stack([data.detect_keypoints(f) for f in video])
-        ok = np.isfinite(kp).all(-1)
-        found[zoom] = ok.mean()
-        if zoom == 2.0:
-            in_view = ((s["keypoints"] >= 2) & (s["keypoints"] <= torch.tensor([78, 46]))).all(-1).numpy()
-            assert ok[in_view].mean() > 0.9 and np.linalg.norm(kp - s["keypoints"].numpy(), axis=-1)[ok].max() < 1.5
-    assert found[1.0] < 0.1 < 0.85 < found[2.0], found
-
-
-def test_synthetic_motion_scales(synth_root):
-    """Large wrist/head motion, finger motion orders of magnitude smaller in the action, yet many
-    pixels in the image (fingertips move in the wrist frame by several pixels)."""
-    stats = data.compute_stats(synth_root, ("part1",))
-    mean, std = np.abs(np.array(stats["mean"])), np.array(stats["std"])
-    wrist_t = [i for i in data.WRIST_IDX if data.ACTION_NAMES[i].endswith(("tx", "ty", "tz"))]
-    assert std[wrist_t].mean() > 8 * std[list(data.FINGER_IDX)].mean()
-    assert mean[list(data.WRIST_IDX)].max() > 1000 * std[list(data.FINGER_IDX)].mean()
-    ep = data.load_index(synth_root, ("part1",))[0][0]
-    track, K, _, _, n = data.read_track(ep)
-    local = data.to_frame(track["right_wrist"], track["right_tips"])  # (T, 5, 3)
-    depth = data.to_frame(track["camera"], track["right_tips"])[..., 2].mean()
-    excursion_px = (local.max(0) - local.min(0)).max(-1).mean() * K[0, 0] / depth * 512 / 320
-    assert excursion_px > 4  # at 288x512
-
-
-def test_synthetic_is_deterministic(tmp_path):
-    for d in ("a", "b"):
-        data.main(["synth", "--out", str(tmp_path / d), "--tasks", "1", "--episodes", "1",
-                   "--test-episodes", "0", "--frames", "8", "--workers", "0"])
-    for name in ("0.hdf5", "0.mp4"):
-        a, b = (tmp_path / d / "part1" / "pick_place_cube" / name for d in "ab")
-        assert a.read_bytes() == b.read_bytes()
-
-
-# ------------------------------------------------------------------------------------------------
-# bad input
+def gop_video(tmp_path_factory):
+    """A 45-frame MP4 with a keyframe every 12 frames whose brightness encodes the frame index (5 per frame)."""
+    path = tmp_path_factory.mktemp("video") / "v.mp4"
+    data.write_video(path, [np.full((64, 96, 3), 5 * i, np.uint8) for i in range(45)], gop=12)
+    return path
 
 
 def _corrupt(root, case):
@@ -937,219 +1877,60 @@ def _corrupt(root, case):
         mp4.unlink()
 
 
-CORRUPT_CASES = {"missing_joint": "missing pose dataset transforms/leftIndexFingerTip",
-         "truncated_dataset": "frame-count mismatch", "truncated_hdf5": "corrupt",
-         "nan_pose": "NaN/inf in transforms/camera", "short_video": "video has 20 frames but poses have 40",
-         "unreadable_video": "unreadable video", "missing_video": "missing video"}
+CORRUPTIONS = {"missing_joint": "missing pose dataset transforms/leftIndexFingerTip",
+               "truncated_dataset": "frame-count mismatch", "truncated_hdf5": "corrupt",
+               "nan_pose": "NaN/inf in transforms/camera", "short_video": "video has 20 frames but poses have 40",
+               "unreadable_video": "unreadable video", "missing_video": "missing video"}
+# ^ each way _corrupt breaks an episode -> the reason the index gives for skipping it
+
+CORRUPT_LOAD_ERRORS = {"missing_joint": "missing pose dataset", "truncated_dataset": "frame-count mismatch",
+                       "truncated_hdf5": "corrupt", "nan_pose": "NaN/inf", "short_video": "video ended after 20 frames",
+                       "unreadable_video": "unreadable video", "missing_video": "missing video"}
+# ^ ... and the error that loading a clip of it raises
 
 
 @pytest.fixture(scope="module")
 def corrupt_root(tmp_path_factory):
+    """A root holding one clean episode and a copy of it broken in each way of CORRUPTIONS."""
     root = tmp_path_factory.mktemp("corrupt")
     h5, _, _ = one_episode(root, frames=40, name="part1/clean")
-    for case in CORRUPT_CASES:
+    for case in CORRUPTIONS:
         shutil.copytree(h5.parent, root / "part1" / case)
         _corrupt(root, case)
     return root
 
 
-def test_index_skips_each_corruption_with_its_reason(corrupt_root, caplog):
-    with caplog.at_level(logging.WARNING, logger="dexac.data"):
-        episodes, skipped = data.load_index(corrupt_root, rebuild=True)
-    assert [e.id for e in episodes] == ["part1/clean/0"]
-    for case, reason in CORRUPT_CASES.items():
-        assert reason in skipped[f"part1/{case}/0"], (case, skipped[f"part1/{case}/0"])
-        assert f"part1/{case}/0" in caplog.text
+PROMPT_RULE = [  # (episode metadata, task folder, the prompt)
+    ({"llm_type": "reversible", "llm_description": "open it", "llm_description2": "close it",
+      "which_llm_description": "1"}, None, "open it"),
+    ({"llm_type": "reversible", "llm_description": "open it", "llm_description2": "close it",
+      "which_llm_description": "2"}, None, "close it"),
+    ({"llm_type": "reversible", "llm_description": "open it", "llm_description2": "close it",
+      "which_llm_description": np.int64(1)}, None, "open it"),
+    ({"llm_type": b"basic", "llm_description": b"pour", "llm_description2": "x"}, None, "pour"),
+    ({"llm_description": "stack cups", "description": "old"}, None, "stack cups"),
+    ({"description": "old style"}, None, "old style"),
+    ({"task": "fold_shirt"}, None, "fold shirt"),
+    ({}, "wipe_table", "wipe table"),
+]
 
 
-CORRUPT_DIRECT = {"missing_joint": "missing pose dataset", "truncated_dataset": "frame-count mismatch",
-          "truncated_hdf5": "corrupt", "nan_pose": "NaN/inf", "short_video": "video ended after 20 frames",
-          "unreadable_video": "unreadable video", "missing_video": "missing video"}
+@pytest.fixture(scope="module")
+def synth_stats(synth_root, tmp_path_factory):
+    """The statistics of synth_root's part1 written by `python data.py stats` -> the stats.json path."""
+    path = tmp_path_factory.mktemp("stats") / "s.json"
+    data.main(["stats", "--data", str(synth_root), "--out", str(path), "--splits", "part1", "--workers", "0"])
+    return path
 
 
-@pytest.mark.parametrize("case", list(CORRUPT_CASES))
-def test_direct_access_to_a_corrupt_episode_raises_a_clear_error(corrupt_root, case):
-    ep = data.Episode(f"part1/{case}/0", str(corrupt_root / "part1" / case / "0.hdf5"), 40, "egodex")
-    start = 15 if case == "short_video" else 0  # the clip must reach past the 20 frames there are
-    with pytest.raises(data.EpisodeError, match=f"episode part1/{case}/0: {CORRUPT_DIRECT[case]}.*rebuild"):
-        data.load_clip(ep, start, 13)
-
-
-def test_stats_skip_bad_episodes_and_never_die(corrupt_root):
-    stats = data.compute_stats(corrupt_root, ("part1",))
-    assert stats["count"] == 39 and stats["episodes"] == 1 and len(stats["skipped"]) == len(CORRUPT_CASES)
-    # an episode that broke after indexing (stale index) is skipped by the stats pass itself
-    stale = data.Episode("part1/stale/0", str(corrupt_root / "part1" / "nan_pose" / "0.hdf5"), 40, "egodex")
-    eid, moments, reason = data._episode_moments(stale)
-    assert moments is None and "NaN" in reason
-
-
-def test_failure_at_load_time_is_replaced_and_counted(tmp_path, caplog):
-    root = tmp_path / "root"
-    for k in range(2):
-        one_episode(root, frames=20, seed=k, name=f"part1/task{k}")
-    episodes, _ = data.load_index(root)
-    (root / "part1" / "task0" / "0.mp4").unlink()  # vanishes after indexing
-    ds = data.ClipDataset(episodes, 13, (72, 128))
-    with caplog.at_level(logging.WARNING, logger="dexac.data"):
-        s = ds[(0, 3)]
-    assert s["episode"] == "part1/task1/0" and s["skipped"] == 1 and "part1/task0/0" in caplog.text
-    assert ds[(0, 3)]["skipped"] == 0  # known bad now, skipped silently
-
-
-def test_wrong_or_empty_root_gives_one_clear_error(tmp_path):
-    with pytest.raises(data.DataError, match="does not exist.*expected an EgoDex root"):
-        data.load_index(tmp_path / "nope")
-    with pytest.raises(data.DataError, match="no usable episodes.*python data.py synth"):
-        data.load_index(tmp_path)
-    with pytest.raises(data.DataError, match="data.py stats"):
-        data.load_stats(tmp_path / "stats.json")
-
-
-def test_index_cache_makes_restarts_instant(synth_root, monkeypatch):
-    first = data.load_index(synth_root)
-    monkeypatch.setattr(data, "_probe", lambda args: pytest.fail("re-probed an unchanged episode"))
-    assert data.load_index(synth_root) == first
-    monkeypatch.undo()
-    d = synth_root / "part1" / "open_jar"
-    shutil.copy(d / "0.hdf5", d / "9.hdf5")
-    shutil.copy(d / "0.mp4", d / "9.mp4")
-    probed = []
-    real = data._probe
-    monkeypatch.setattr(data, "_probe", lambda args: probed.append(args[2]) or real(args))
-    episodes, _ = data.load_index(synth_root)
-    assert sorted(probed) == ["part1/open_jar/0", "part1/open_jar/1", "part1/open_jar/9"]  # only that dir
-    assert len(episodes) == len(first[0]) + 1
-    for suffix in ("hdf5", "mp4"):
-        (d / f"9.{suffix}").unlink()
-    data.load_index(synth_root)
-
-
-# ------------------------------------------------------------------------------------------------
-# clips, sharding, resume
-
-
-def test_train_clips_follow_the_window_protocol():
-    frames = [90, 45, 12, 30, 29]
-    s = data.ClipSampler(frames, clip_len=13, train=True, seed=3)
-    plan = s.plan()
-    # windows: 90 -> 3, 45 -> [0,30) and a 15-frame tail, 12 -> none, 30 -> 1, 29 -> 1 (tail only)
-    assert len(plan) == 2 * (3 + 2 + 0 + 1 + 1)
-    for ep, start in plan:
-        w = start // 30
-        assert start + 13 <= min(30 * (w + 1), frames[ep])  # inside one window and the episode
-    keys = {(ep, start // 30) for ep, start in plan}
-    assert len(keys) == 7 and len({tuple(c) for c in plan}) == len(plan)  # 2 distinct starts each
-    assert not np.array_equal(plan, (s.set_epoch(1), s.plan())[1])  # new random starts per epoch
-    s.set_epoch(0)
-    np.testing.assert_array_equal(plan, s.plan())  # deterministic
-
-
-@pytest.mark.parametrize("clip_len", [25, 65])
-def test_eval_clips_are_deterministic(clip_len):
-    frames = [200, 64, 65, 130]
-    plan = data.ClipSampler(frames, clip_len, train=False).plan()
-    expect = [(e, k * clip_len) for e, n in enumerate(frames) for k in range(n // clip_len)]
-    assert [tuple(p) for p in plan] == expect
-    shards = [list(data.ClipSampler(frames, clip_len, train=False, rank=r, world_size=3)) for r in range(3)]
-    assert sorted(sum(shards, [])) == sorted(expect)
-
-
-def test_sharding_is_disjoint_equal_and_deterministic():
-    frames = np.random.default_rng(0).integers(10, 400, 50)
-    shards = [list(data.ClipSampler(frames, seed=7, rank=r, world_size=3)) for r in range(3)]
-    again = [list(data.ClipSampler(frames, seed=7, rank=r, world_size=3)) for r in range(3)]
-    assert shards == again
-    assert len({len(s) for s in shards}) == 1
-    flat = sum(shards, [])
-    assert len(set(flat)) == len(flat)  # disjoint
-    plan = [tuple(p) for p in data.ClipSampler(frames, seed=7).plan()]
-    assert set(flat) <= set(plan) and len(plan) - len(flat) < 3
-    other = data.ClipSampler(frames, seed=7, rank=0, world_size=3)
-    other.set_epoch(1)
-    assert list(other) != shards[0]
-
-
-def test_resume_continues_with_the_same_samples():
+def sampler_state():
+    """A ClipSampler (seed 5, rank 1 of 2) that has given 11 clips -> (frames, its full order, those 11, its state)."""
     frames = np.random.default_rng(1).integers(30, 300, 40)
     full = list(data.ClipSampler(frames, seed=5, rank=1, world_size=2))
     s = data.ClipSampler(frames, seed=5, rank=1, world_size=2)
     it = iter(s)
     seen = [next(it) for _ in range(11)]
-    state = s.state_dict(consumed=len(seen))
-    resumed = data.ClipSampler(frames, seed=5, rank=1, world_size=2)
-    resumed.load_state_dict(json.loads(json.dumps(state)))
-    resumed.set_epoch(state["epoch"])  # a training loop calls this; it must not reset the position
-    assert seen + list(resumed) == full
-    # elastic: 2 ranks consumed 11 each; 4 ranks continue exactly with the rest of the global plan
-    plan = [tuple(map(int, p)) for p in data.ClipSampler(frames, seed=5).plan()]
-    rest = []
-    for r in range(4):
-        x = data.ClipSampler(frames, seed=5, rank=r, world_size=4)
-        x.load_state_dict(state)
-        rest += list(x)
-    assert sorted(rest) == sorted(plan[22:len(plan) - len(plan) % 4])
-    with pytest.raises(data.DataError, match="seed"):
-        data.ClipSampler(frames, seed=6).load_state_dict(state)
-
-
-def test_dataloader_with_workers_resumes_to_identical_batches(synth_root):
-    def loader():
-        ld, sp = data.make_loader(synth_root, batch_size=2, size=(72, 128), num_workers=2, seed=1)
-        return ld, sp
-
-    ld, sp = loader()
-    sp.set_epoch(1)
-    batches = list(ld)
-    assert len(batches) == len(sp) // 2 >= 3
-    b = batches[0]
-    assert b["video"].shape == (2, 3, 13, 72, 128) and b["actions"].shape == (2, 12, 57)
-    assert len(b["prompt"]) == 2 and isinstance(b["prompt"][0], str) and b["skipped"].sum() == 0
-    state = sp.state_dict(consumed=2 * 2)  # two steps of batch 2 were trained on
-    ld2, sp2 = loader()
-    sp2.load_state_dict(state)
-    sp2.set_epoch(1)
-    for x, y in zip(batches[2:], ld2):
-        assert x["episode"] == y["episode"] and torch.equal(x["start"], y["start"])
-        assert torch.equal(x["video"], y["video"]) and torch.equal(x["actions"], y["actions"])
-
-
-# ------------------------------------------------------------------------------------------------
-# statistics
-
-
-def test_stats_match_a_direct_computation(synth_root, tmp_path):
-    data.main(["stats", "--data", str(synth_root), "--out", str(tmp_path / "s.json"), "--splits", "part1",
-               "--workers", "0"])
-    stats = json.loads((tmp_path / "s.json").read_text())
-    assert stats["layout"] == data.action_layout()
-    episodes, _ = data.load_index(synth_root, ("part1",))
-    a = np.concatenate([data.compute_actions(data.read_track(e)[0]).astype(np.float64) for e in episodes])
-    assert stats["count"] == len(a) == sum(e.frames - 1 for e in episodes)
-    np.testing.assert_allclose(stats["mean"], a.mean(0), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(stats["std"], a.std(0), rtol=1e-7, atol=1e-12)
-    mean, std = data.load_stats(tmp_path / "s.json")
-    assert mean.shape == std.shape == (57,) and mean.dtype == np.float32
-    stats["layout"]["blocks"][0][0] = "something_else"
-    (tmp_path / "bad.json").write_text(json.dumps(stats))
-    with pytest.raises(data.DataError, match="another action layout"):
-        data.load_stats(tmp_path / "bad.json")
-
-
-def test_streaming_merge_is_numerically_stable():
-    rng = np.random.default_rng(0)
-    x = 1e6 + 1e-3 * rng.normal(size=(5000, 57))  # huge mean, tiny spread: sum-of-squares fails here
-    total = None
-    for chunk in np.array_split(x, 37):
-        total = data.merge_moments(total, data.action_moments(chunk))
-    n, mean, m2, mn, mx = total
-    np.testing.assert_allclose(np.sqrt(m2 / n), x.std(0), rtol=1e-6)
-    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12)
-    assert n == 5000 and (mn == x.min(0)).all() and (mx == x.max(0)).all()
-
-
-# ------------------------------------------------------------------------------------------------
-# EgoVerse
+    return frames, full, seen, s.state_dict(consumed=len(seen))
 
 
 def quat_wxyz(R):
@@ -1161,15 +1942,17 @@ def quat_wxyz(R):
     return mag * sign
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # zarr: variable-length bytes have no v3 spec yet
-def test_egoverse_reader_gives_the_same_actions(tmp_path):
+@pytest.fixture(scope="module")
+def egoverse_root(tmp_path_factory):
+    """One synthetic episode written as an EgoVerse Zarr episode (3 frames of zero padding past total_frames)
+    -> (root, episode id, track)."""
     zarr = pytest.importorskip("zarr")
-    import io
     from PIL import Image
+    root = tmp_path_factory.mktemp("egoverse") / "eps"
     n, pad = 16, 3
     joints, track = data.synth_track(np.random.default_rng(9), n)
     K = np.array([[122.8, 0, 160], [0, 122.8, 90], [0, 0, 1]])
-    g = zarr.open_group(str(tmp_path / "eps" / "abc123.zarr"), mode="w")
+    g = zarr.open_group(str(root / "abc123.zarr"), mode="w")
     g.attrs.update({"fps": 30, "task_description": "Open the jar.", "total_frames": n,
                     "intrinsics": {"front_1": np.concatenate([K, np.zeros((3, 1))], 1).tolist()}})
 
@@ -1194,633 +1977,915 @@ def test_egoverse_reader_gives_the_same_actions(tmp_path):
         jpegs.append(buf.getvalue())
     img = g.create_array("images.front_1", shape=(n + pad,), dtype=zarr.dtype.VariableLengthBytes())
     img[:] = np.array(jpegs, dtype=object)
-    episodes, _ = data.load_index(tmp_path / "eps")
-    assert [(e.id, e.frames, e.kind) for e in episodes] == [("egoverse/abc123", n, "egoverse")]
-    s = data.load_clip(episodes[0], 2, 13, (144, 256))
-    np.testing.assert_allclose(s["actions"].numpy(), data.compute_actions(track)[2:14], atol=1e-5)
-    assert s["prompt"] == "Open the jar." and s["video"].shape == (3, 13, 144, 256)
-    h5, _, _ = one_episode(tmp_path / "x", frames=13)
-    assert set(s) == set(data.load_clip(data.Episode("part1/task_a/0", str(h5), 13, "egodex"), 0, 13))
-    found = data.detect_keypoints(s["video"][:, 0].permute(1, 2, 0).numpy())
-    err = np.linalg.norm(found - s["keypoints"][0].numpy(), axis=-1)
-    assert err.max() < 2.5
-    g["left.obs_keypoints"][5, 0] = 1e9  # a missing value
-    with pytest.raises(data.EpisodeError, match="missing"):
-        data.load_clip(episodes[0], 0, 13)
+    return root, n, track
 
 
-
-# -----------------------------------------------------------------------------
-# conditioning.py: DexAC, its ablations and the MLP baselines, wired into the DiT
-
-ACTION_MODES = list(conditioning.MODES)
-N_ACT, T_ACT = 57, 12
-B, T, H, W = 2, 4, 4, 6  # 12 actions = 4 per latent frame after the conditional one
+def egoverse_clip(egoverse_root):
+    """The EgoVerse episode's clip of 13 frames from frame 2 at 144x256."""
+    episodes, _ = data.load_index(egoverse_root[0])
+    return data.load_clip(episodes[0], 2, 13, (144, 256))
 
 
-def action_config(mode, **kw):
-    return replace(SMALL, action_mode=mode, sat_dim=32, **kw)
+@pytest.fixture(scope="module")
+def cache_source(tmp_path_factory):
+    """A synthetic root of 2 episodes of 40 frames at 48x80 to cache latents from."""
+    return data.write_synthetic(tmp_path_factory.mktemp("cache_source") / "syn", tasks=1, episodes=2,
+                                test_episodes=0, frames=40, size=(48, 80), workers=0)
 
 
-def stats(seed=0):
-    """Per-dimension statistics of very different scales, like the 57-D action (mm fingers, unit 6D entries)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(N_ACT, generator=g), 10.0 ** (-4 * torch.rand(N_ACT, generator=g))  # std from 1e-4 to 1
+CACHE_SETTINGS = dict(clip_len=5, size=(32, 64), shard_size=3, batch=2, workers=0, dtype=torch.float32)
 
 
-def batch(seed=0, mask_frames=(0,)):
-    g = torch.Generator().manual_seed(seed)
-    mean, std = stats()
-    actions = mean + std * torch.randn(B, T_ACT, N_ACT, generator=g)
-    mask = torch.zeros(B, T)
-    mask[:, list(mask_frames)] = 1
-    return (torch.randn(B, 16, T, H, W, generator=g), torch.rand(B, generator=g),
-            torch.randn(B, 3, SMALL.text_dim, generator=g), mask, actions)
+def cache_on_two_ranks(root, out):
+    """Pixel-tokenizer latents of root's clips cached into out by ranks 0 and 1 of 2 -> the shards each wrote."""
+    return [data.cache_clips(root, out, tk.build_tokenizer("pixel"), "pixel", rank=r, world_size=2,
+                             **CACHE_SETTINGS) for r in (0, 1)]
 
 
-def load_with_actions(tmp_path, mode, base=None, **kw):
-    """A random-weight backbone in the official layout, loaded through the meta-device path with `mode` added."""
-    base = base or randomize(M.DiT(SMALL), seed=1).eval()
+class TestData:
+    """The 57-D action from poses, the EgoDex and EgoVerse readers, corrupt episodes, clips, sharding and exact
+    resume, action statistics, and the latent cache."""
+
+    def test_action_names_and_blocks(self):
+        assert data.ACTION_DIM == 57 and len(data.ACTION_NAMES) == 57 == len(set(data.ACTION_NAMES))
+        assert [n for n, _ in data.ACTION_LAYOUT] == ["left_wrist", "left_fingers", "right_wrist",
+                                                      "right_fingers", "head"]
+        assert [s for _, s in data.ACTION_LAYOUT] == [9, 15, 9, 15, 9]
+
+    def test_action_families_partition_the_dimensions(self):
+        fams = data.ACTION_FAMILIES
+        assert sorted(fams["wrist"] + fams["finger"] + fams["head"]) == list(range(57))
+        assert (len(fams["wrist"]), len(fams["finger"]), len(fams["head"])) == (18, 30, 9)
+        for name, sl in data.ACTION_SLICES.items():
+            family = {"wrist": "wrist", "fingers": "finger", "head": "head"}[name.split("_")[-1]]
+            assert set(range(sl.start, sl.stop)) <= set(fams[family])
+
+    def test_action_layout_is_json(self):
+        assert json.loads(json.dumps(data.action_layout())) == data.action_layout()
+
+    def test_keypoints_have_names_and_distinct_colors(self):
+        assert len(data.KEYPOINT_NAMES) == len(data.KEYPOINT_COLORS) == 12
+        assert len({tuple(c) for c in data.KEYPOINT_COLORS}) == 12
+
+    def test_rot6d_convention(self):
+        Rz90 = d_rot(2, np.pi / 2)
+        np.testing.assert_allclose(data.rot6d_from_matrix(Rz90), [0, 1, 0, -1, 0, 0], atol=1e-12)
+        np.testing.assert_allclose(data.rot6d_from_matrix(np.eye(3)), data.IDENTITY_6D)
+
+    def test_rot6d_round_trips_in_numpy_and_torch(self):
+        R = random_rotations(np.random.default_rng(0), 50)
+        np.testing.assert_allclose(data.matrix_from_rot6d(data.rot6d_from_matrix(R)), R, atol=1e-12)
+        assert torch.allclose(data.rot6d_from_matrix(torch.tensor(R)), torch.tensor(data.rot6d_from_matrix(R)))
+
+    def test_noisy_rot6d_gives_a_proper_rotation(self):
+        """Gram-Schmidt always gives a proper rotation."""
+        R = random_rotations(np.random.default_rng(0), 50)
+        noisy = data.rot6d_from_matrix(torch.tensor(R)) + 0.01 * torch.randn(50, 6, dtype=torch.float64)
+        Rn = data.matrix_from_rot6d(noisy)
+        assert torch.allclose(Rn.transpose(-1, -2) @ Rn, torch.eye(3, dtype=torch.float64).expand_as(Rn), atol=1e-12)
+        assert torch.allclose(torch.linalg.det(Rn), torch.ones(50, dtype=torch.float64))
+
+    def test_action_identity_motion(self):
+        a = data.compute_actions(static_track(np.random.default_rng(1), 6))
+        assert a.shape == (5, 57) and a.dtype == np.float32
+        expected = np.zeros(57, np.float32)
+        for name in ("left_wrist", "right_wrist", "head"):
+            expected[data.ACTION_SLICES[name].start + 3:data.ACTION_SLICES[name].stop] = data.IDENTITY_6D
+        np.testing.assert_allclose(a, np.broadcast_to(expected, a.shape), atol=1e-6)
+
+    def test_action_known_rotation_and_translation(self):
+        """A wrist that rotates 90 deg about z, then moves +y in the WORLD: the action is expressed in
+        the frame of P_t (inv(P_t) @ P_t+1), so the move shows up as +x of the wrist."""
+        track = static_track(np.random.default_rng(2), 3)
+        P0 = d_pose(np.eye(3), [1, 0, 0])
+        P1 = d_pose(d_rot(2, np.pi / 2), [1, 0, 0])
+        P2 = d_pose(d_rot(2, np.pi / 2), [1, 1, 0])
+        track["right_wrist"] = np.stack([P0, P1, P2])
+        tip = np.stack([(P @ np.array([0.1, 0.2, 0.0, 1]))[:3] for P in (P0, P1, P2)])  # rigid with the wrist
+        track["right_tips"] = tip[:, None].repeat(5, 1)
+        a = data.compute_actions(track)[:, data.ACTION_SLICES["right_wrist"]]
+        np.testing.assert_allclose(a[0], [0, 0, 0, 0, 1, 0, -1, 0, 0], atol=1e-6)
+        np.testing.assert_allclose(a[1], [1, 0, 0, 1, 0, 0, 0, 1, 0], atol=1e-6)
+
+    def test_fingertips_moving_with_the_wrist_give_zero_finger_action(self):
+        rng = np.random.default_rng(3)
+        n = 20
+        track = static_track(rng, n)
+        for s in data.HANDS:
+            W = d_pose(random_rotations(rng, n), rng.normal(size=(n, 3)))
+            local = rng.normal(size=(5, 3)) * 0.1
+            track[f"{s}_wrist"] = W
+            track[f"{s}_tips"] = np.einsum("tij,kj->tki", W[:, :3, :3], local) + W[:, None, :3, 3]
+        a = data.compute_actions(track)
+        assert np.abs(a[:, list(data.FINGER_IDX)]).max() < 1e-6
+        assert np.abs(a[:, list(data.WRIST_IDX)]).max() > 0.1  # the wrists did move
+
+    def test_one_fingertip_moves_one_dimension(self):
+        """Move one fingertip in its wrist frame: only its dimension changes."""
+        track = static_track(np.random.default_rng(4), 2)
+        W = track["right_wrist"][0]
+        track["right_tips"] = track["right_tips"].copy()
+        track["right_tips"][1, 1] += W[:3, :3] @ np.array([0.001, 0, 0])  # index finger +1 mm along wrist x
+        base = data.compute_actions(static_track(np.random.default_rng(4), 2))[0]
+        changed = np.nonzero(np.abs(data.compute_actions(track)[0] - base) > 1e-7)[0]
+        assert [data.ACTION_NAMES[i] for i in changed] == ["right_indexfinger.dx"]
+
+    def test_camera_moves_only_head_dimensions(self):
+        base = data.compute_actions(static_track(np.random.default_rng(4), 2))[0]
+        track = static_track(np.random.default_rng(4), 2)
+        track["camera"] = track["camera"].copy()
+        track["camera"][1, :3, 3] += 0.05
+        changed = np.nonzero(np.abs(data.compute_actions(track)[0] - base) > 1e-7)[0]
+        assert set(changed) <= set(data.HEAD_IDX) and len(changed) > 0
+
+    @pytest.mark.parametrize("meta,task,prompt", PROMPT_RULE)
+    def test_prompt_rule(self, meta, task, prompt):
+        assert (data.egodex_prompt(meta, task=task) if task else data.egodex_prompt(meta)) == prompt
+
+    def test_prompt_rule_read_from_synthetic_files(self, synth_root):
+        episodes, _ = data.load_index(synth_root)
+        prompts = {e.id.split("/")[1]: data.read_track(e)[2] for e in episodes}
+        assert prompts["pick_place_cube"] == data.SYNTH_TASKS[0][3]
+        assert prompts["open_jar"] == "Open the jar by twisting its lid."  # reversible, which '1'
+
+    def test_resize_antialiases(self):
+        board = (np.indices((64, 64)).sum(0) % 2 * 255).astype(np.uint8)[..., None].repeat(3, -1)
+        small = data.resize_frame(data.av.VideoFrame.from_ndarray(board, format="rgb24"), (16, 16))
+        assert np.abs(small.astype(int) - 128).max() <= 8  # aliasing would leave black/white pixels
+        assert np.abs(data.resize_image(board, (16, 16)).astype(int) - 128).max() <= 8
+
+    @pytest.mark.parametrize("src,size", [((180, 320), (288, 512)), ((480, 640), (288, 512)),
+                                          ((1080, 1920), (90, 160))])
+    def test_intrinsics_follow_the_pixels(self, src, size):
+        img = np.zeros(src + (3,), np.uint8)
+        y, x = src[0] // 3, src[1] // 3
+        img[y:y + 8, x:x + 8] = 255  # block centred on (x + 3.5, y + 3.5)
+        K = np.array([[100.0, 0, x + 3.5], [0, 100.0, y + 3.5], [0, 0, 1]])  # principal point on it
+        frame = data.av.VideoFrame.from_ndarray(img, format="rgb24")
+        out = data.resize_frame(frame, size)[..., 0].astype(float)
+        assert out.shape == size
+        vv, uu = np.mgrid[:size[0], :size[1]]
+        K2 = data.scale_intrinsics(K, src, size)
+        assert abs((out * uu).sum() / out.sum() - K2[0, 2]) < 0.3
+        assert abs((out * vv).sum() / out.sum() - K2[1, 2]) < 0.3
+
+    @pytest.mark.parametrize("start", [0, 7, 13, 30])
+    def test_seek_decodes_exactly_the_requested_frames(self, gop_video, start):
+        clip, src = data.decode_frames(gop_video, start, 9)
+        assert clip.shape == (9, 64, 96, 3) and src == (64, 96)
+        np.testing.assert_allclose(clip.mean((1, 2, 3)), 5 * np.arange(start, start + 9), atol=2)
+
+    def test_decoding_past_the_end_is_one_clear_error(self, gop_video):
+        with pytest.raises(data.EpisodeError, match="video ended"):
+            data.decode_frames(gop_video, 40, 9)
+
+    def test_index_skips_each_corruption_with_its_reason(self, corrupt_root, caplog):
+        with caplog.at_level(logging.WARNING, logger="dexac.data"):
+            episodes, skipped = data.load_index(corrupt_root, rebuild=True)
+        assert [e.id for e in episodes] == ["part1/clean/0"]
+        for case, reason in CORRUPTIONS.items():
+            assert reason in skipped[f"part1/{case}/0"], (case, skipped[f"part1/{case}/0"])
+            assert f"part1/{case}/0" in caplog.text
+
+    @pytest.mark.parametrize("case", list(CORRUPTIONS))
+    def test_direct_access_to_a_corrupt_episode_raises_a_clear_error(self, corrupt_root, case):
+        ep = data.Episode(f"part1/{case}/0", str(corrupt_root / "part1" / case / "0.hdf5"), 40, "egodex")
+        start = 15 if case == "short_video" else 0  # the clip must reach past the 20 frames there are
+        with pytest.raises(data.EpisodeError, match=f"episode part1/{case}/0: {CORRUPT_LOAD_ERRORS[case]}.*rebuild"):
+            data.load_clip(ep, start, 13)
+
+    def test_stats_skip_bad_episodes(self, corrupt_root):
+        stats = data.compute_stats(corrupt_root, ("part1",))
+        assert stats["count"] == 39 and stats["episodes"] == 1 and len(stats["skipped"]) == len(CORRUPTIONS)
+
+    def test_stats_skip_an_episode_that_broke_after_indexing(self, corrupt_root):
+        """A stale index: the stats pass itself skips the episode, with the reason."""
+        stale = data.Episode("part1/stale/0", str(corrupt_root / "part1" / "nan_pose" / "0.hdf5"), 40, "egodex")
+        eid, moments, reason = data._episode_moments(stale)
+        assert moments is None and "NaN" in reason
+
+    def test_failure_at_load_time_is_replaced_and_counted(self, tmp_path, caplog):
+        root = tmp_path / "root"
+        for k in range(2):
+            one_episode(root, frames=20, seed=k, name=f"part1/task{k}")
+        episodes, _ = data.load_index(root)
+        (root / "part1" / "task0" / "0.mp4").unlink()  # vanishes after indexing
+        ds = data.ClipDataset(episodes, 13, (72, 128))
+        with caplog.at_level(logging.WARNING, logger="dexac.data"):
+            s = ds[(0, 3)]
+        assert s["episode"] == "part1/task1/0" and s["skipped"] == 1 and "part1/task0/0" in caplog.text
+        assert ds[(0, 3)]["skipped"] == 0  # known bad now, skipped silently
+
+    def test_missing_root_is_one_clear_error(self, tmp_path):
+        with pytest.raises(data.DataError, match="does not exist.*expected an EgoDex root"):
+            data.load_index(tmp_path / "nope")
+
+    def test_empty_root_is_one_clear_error(self, tmp_path):
+        with pytest.raises(data.DataError, match="no usable episodes.*python data.py synth"):
+            data.load_index(tmp_path)
+
+    def test_missing_stats_file_is_one_clear_error(self, tmp_path):
+        with pytest.raises(data.DataError, match="data.py stats"):
+            data.load_stats(tmp_path / "stats.json")
+
+    def test_index_cache_skips_probing_an_unchanged_root(self, synth_root, monkeypatch):
+        first = data.load_index(synth_root)
+        monkeypatch.setattr(data, "_probe", lambda args: pytest.fail("re-probed an unchanged episode"))
+        assert data.load_index(synth_root) == first
+
+    def test_index_cache_probes_only_a_changed_folder(self, synth_root, monkeypatch):
+        first = data.load_index(synth_root)
+        d = synth_root / "part1" / "open_jar"
+        shutil.copy(d / "0.hdf5", d / "9.hdf5")
+        shutil.copy(d / "0.mp4", d / "9.mp4")
+        probed = []
+        real = data._probe
+        monkeypatch.setattr(data, "_probe", lambda args: probed.append(args[2]) or real(args))
+        try:
+            episodes, _ = data.load_index(synth_root)
+        finally:
+            for suffix in ("hdf5", "mp4"):
+                (d / f"9.{suffix}").unlink()
+            monkeypatch.undo()
+            data.load_index(synth_root)
+        assert sorted(probed) == ["part1/open_jar/0", "part1/open_jar/1", "part1/open_jar/9"]  # only that dir
+        assert len(episodes) == len(first[0]) + 1
+
+    def test_train_clips_follow_the_window_protocol(self):
+        frames = [90, 45, 12, 30, 29]
+        plan = data.ClipSampler(frames, clip_len=13, train=True, seed=3).plan()
+        # windows: 90 -> 3, 45 -> [0,30) and a 15-frame tail, 12 -> none, 30 -> 1, 29 -> 1 (tail only)
+        assert len(plan) == 2 * (3 + 2 + 0 + 1 + 1)
+        for ep, start in plan:
+            w = start // 30
+            assert start + 13 <= min(30 * (w + 1), frames[ep])  # inside one window and the episode
+        keys = {(ep, start // 30) for ep, start in plan}
+        assert len(keys) == 7 and len({tuple(c) for c in plan}) == len(plan)  # 2 distinct starts each
+
+    def test_train_clips_change_with_the_epoch_and_repeat_with_it(self):
+        s = data.ClipSampler([90, 45, 12, 30, 29], clip_len=13, train=True, seed=3)
+        plan = s.plan()
+        assert not np.array_equal(plan, (s.set_epoch(1), s.plan())[1])  # new random starts per epoch
+        s.set_epoch(0)
+        np.testing.assert_array_equal(plan, s.plan())  # deterministic
+
+    @pytest.mark.parametrize("clip_len", [25, 65])
+    def test_eval_clips_are_deterministic(self, clip_len):
+        frames = [200, 64, 65, 130]
+        plan = data.ClipSampler(frames, clip_len, train=False).plan()
+        expect = [(e, k * clip_len) for e, n in enumerate(frames) for k in range(n // clip_len)]
+        assert [tuple(p) for p in plan] == expect
+
+    @pytest.mark.parametrize("clip_len", [25, 65])
+    def test_eval_clip_shards_cover_the_plan(self, clip_len):
+        frames = [200, 64, 65, 130]
+        expect = [(e, k * clip_len) for e, n in enumerate(frames) for k in range(n // clip_len)]
+        shards = [list(data.ClipSampler(frames, clip_len, train=False, rank=r, world_size=3)) for r in range(3)]
+        assert sorted(sum(shards, [])) == sorted(expect)
+
+    def test_shards_are_deterministic(self):
+        frames = np.random.default_rng(0).integers(10, 400, 50)
+        shards = [list(data.ClipSampler(frames, seed=7, rank=r, world_size=3)) for r in range(3)]
+        again = [list(data.ClipSampler(frames, seed=7, rank=r, world_size=3)) for r in range(3)]
+        assert shards == again
+
+    def test_shards_are_equal_disjoint_and_drop_less_than_one_per_rank(self):
+        frames = np.random.default_rng(0).integers(10, 400, 50)
+        shards = [list(data.ClipSampler(frames, seed=7, rank=r, world_size=3)) for r in range(3)]
+        assert len({len(s) for s in shards}) == 1
+        flat = sum(shards, [])
+        assert len(set(flat)) == len(flat)  # disjoint
+        plan = [tuple(p) for p in data.ClipSampler(frames, seed=7).plan()]
+        assert set(flat) <= set(plan) and len(plan) - len(flat) < 3
+
+    def test_shards_change_with_the_epoch(self):
+        frames = np.random.default_rng(0).integers(10, 400, 50)
+        other = data.ClipSampler(frames, seed=7, rank=0, world_size=3)
+        other.set_epoch(1)
+        assert list(other) != list(data.ClipSampler(frames, seed=7, rank=0, world_size=3))
+
+    def test_resume_continues_with_the_same_samples(self):
+        frames, full, seen, state = sampler_state()
+        resumed = data.ClipSampler(frames, seed=5, rank=1, world_size=2)
+        resumed.load_state_dict(json.loads(json.dumps(state)))
+        resumed.set_epoch(state["epoch"])  # a training loop calls this; it must not reset the position
+        assert seen + list(resumed) == full
+
+    def test_elastic_resume_continues_the_global_plan(self):
+        """2 ranks consumed 11 each; 4 ranks continue exactly with the rest of the global plan."""
+        frames, _, _, state = sampler_state()
+        plan = [tuple(map(int, p)) for p in data.ClipSampler(frames, seed=5).plan()]
+        rest = []
+        for r in range(4):
+            x = data.ClipSampler(frames, seed=5, rank=r, world_size=4)
+            x.load_state_dict(state)
+            rest += list(x)
+        assert sorted(rest) == sorted(plan[22:len(plan) - len(plan) % 4])
+
+    def test_resume_with_another_seed_is_refused(self):
+        frames, _, _, state = sampler_state()
+        with pytest.raises(data.DataError, match="seed"):
+            data.ClipSampler(frames, seed=6).load_state_dict(state)
+
+    def test_dataloader_with_workers_resumes_to_identical_batches(self, synth_root):
+        """Two workers: the batches hold what they should, and a loader resumed after two steps gives the same
+        batches as the uninterrupted one (one loader run, checked both ways)."""
+        def loader():
+            ld, sp = data.make_loader(synth_root, batch_size=2, size=(72, 128), num_workers=2, seed=1)
+            return ld, sp
+
+        ld, sp = loader()
+        sp.set_epoch(1)
+        batches = list(ld)
+        assert len(batches) == len(sp) // 2 >= 3
+        b = batches[0]
+        assert b["video"].shape == (2, 3, 13, 72, 128) and b["actions"].shape == (2, 12, 57)
+        assert len(b["prompt"]) == 2 and isinstance(b["prompt"][0], str) and b["skipped"].sum() == 0
+        state = sp.state_dict(consumed=2 * 2)  # two steps of batch 2 were trained on
+        ld2, sp2 = loader()
+        sp2.load_state_dict(state)
+        sp2.set_epoch(1)
+        for x, y in zip(batches[2:], ld2):
+            assert x["episode"] == y["episode"] and torch.equal(x["start"], y["start"])
+            assert torch.equal(x["video"], y["video"]) and torch.equal(x["actions"], y["actions"])
+
+    def test_stats_match_a_direct_computation(self, synth_root, synth_stats):
+        stats = json.loads(synth_stats.read_text())
+        assert stats["layout"] == data.action_layout()
+        episodes, _ = data.load_index(synth_root, ("part1",))
+        a = np.concatenate([data.compute_actions(data.read_track(e)[0]).astype(np.float64) for e in episodes])
+        assert stats["count"] == len(a) == sum(e.frames - 1 for e in episodes)
+        np.testing.assert_allclose(stats["mean"], a.mean(0), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(stats["std"], a.std(0), rtol=1e-7, atol=1e-12)
+        mean, std = data.load_stats(synth_stats)
+        assert mean.shape == std.shape == (57,) and mean.dtype == np.float32
+
+    def test_stats_of_another_layout_are_refused(self, synth_stats, tmp_path):
+        stats = json.loads(synth_stats.read_text())
+        stats["layout"]["blocks"][0][0] = "something_else"
+        (tmp_path / "bad.json").write_text(json.dumps(stats))
+        with pytest.raises(data.DataError, match="another action layout"):
+            data.load_stats(tmp_path / "bad.json")
+
+    def test_streaming_merge_is_numerically_stable(self):
+        rng = np.random.default_rng(0)
+        x = 1e6 + 1e-3 * rng.normal(size=(5000, 57))  # huge mean, tiny spread: sum-of-squares fails here
+        total = None
+        for chunk in np.array_split(x, 37):
+            total = data.merge_moments(total, data.action_moments(chunk))
+        n, mean, m2, mn, mx = total
+        np.testing.assert_allclose(np.sqrt(m2 / n), x.std(0), rtol=1e-6)
+        np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12)
+        assert n == 5000 and (mn == x.min(0)).all() and (mx == x.max(0)).all()
+
+    @pytest.mark.filterwarnings("ignore::FutureWarning")  # zarr: variable-length bytes have no v3 spec yet
+    def test_egoverse_episode_is_indexed(self, egoverse_root):
+        root, n, _ = egoverse_root
+        episodes, _ = data.load_index(root)
+        assert [(e.id, e.frames, e.kind) for e in episodes] == [("egoverse/abc123", n, "egoverse")]
+
+    @pytest.mark.filterwarnings("ignore::FutureWarning")
+    def test_egoverse_reader_gives_the_same_actions(self, egoverse_root):
+        s = egoverse_clip(egoverse_root)
+        np.testing.assert_allclose(s["actions"].numpy(), data.compute_actions(egoverse_root[2])[2:14], atol=1e-5)
+        assert s["prompt"] == "Open the jar." and s["video"].shape == (3, 13, 144, 256)
+
+    @pytest.mark.filterwarnings("ignore::FutureWarning")
+    def test_egoverse_clip_has_the_keys_of_an_egodex_clip(self, egoverse_root, tmp_path):
+        h5, _, _ = one_episode(tmp_path / "x", frames=13)
+        egodex = data.load_clip(data.Episode("part1/task_a/0", str(h5), 13, "egodex"), 0, 13)
+        assert set(egoverse_clip(egoverse_root)) == set(egodex)
+
+    @pytest.mark.filterwarnings("ignore::FutureWarning")
+    def test_egoverse_markers_are_detected_at_the_keypoints(self, egoverse_root):
+        s = egoverse_clip(egoverse_root)
+        found = data.detect_keypoints(s["video"][:, 0].permute(1, 2, 0).numpy())
+        err = np.linalg.norm(found - s["keypoints"][0].numpy(), axis=-1)
+        assert err.max() < 2.5
+
+    @pytest.mark.filterwarnings("ignore::FutureWarning")
+    def test_egoverse_missing_value_is_one_clear_error(self, egoverse_root, tmp_path):
+        zarr = pytest.importorskip("zarr")
+        root = tmp_path / "eps"
+        shutil.copytree(egoverse_root[0], root)
+        episodes, _ = data.load_index(root)
+        zarr.open_group(str(root / "abc123.zarr"), mode="r+")["left.obs_keypoints"][5, 0] = 1e9  # a missing value
+        with pytest.raises(data.EpisodeError, match="missing"):
+            data.load_clip(episodes[0], 0, 13)
+
+    def test_latent_cache_shards_across_ranks_and_equals_raw_clips(self, cache_source, tmp_path):
+        mine = cache_on_two_ranks(cache_source, tmp_path / "cache")
+        shards = sorted((tmp_path / "cache").glob("shard-*.safetensors"))
+        assert sorted(mine[0] + mine[1]) == shards and not set(mine[0]) & set(mine[1]) and len(shards) == 3
+        cached = data.CachedClipDataset(tmp_path / "cache")
+        episodes = {e.id: e for e in data.load_index(cache_source)[0]}
+        assert len(cached) == 8  # 2 episodes x (a 30-frame window + a 10-frame tail window) x 2 starts
+        pix = tk.build_tokenizer("pixel")
+        for i in range(len(cached)):
+            s = cached[i]
+            raw = data.load_clip(episodes[s["episode"]], s["start"], 5, (32, 64))
+            assert torch.equal(s["latents"], pix.encode(raw["video"][None].float() / 127.5 - 1)[0])
+            assert torch.equal(s["actions"], raw["actions"]) and s["prompt"] == raw["prompt"]
+
+    def test_latent_cache_rewrites_only_a_lost_shard(self, cache_source, tmp_path):
+        """A lost shard makes the cache incomplete (refused), and caching again rewrites that shard alone."""
+        out = tmp_path / "cache"
+        cache_on_two_ranks(cache_source, out)
+        shards = sorted(out.glob("shard-*.safetensors"))
+        stamps = {p: p.stat().st_mtime_ns for p in shards}
+        shards[1].unlink()
+        with pytest.raises(data.DataError, match="incomplete"):
+            data.CachedClipDataset(out)
+        assert cache_on_two_ranks(cache_source, out) == [[], [shards[1]]]
+        assert all(p.stat().st_mtime_ns == stamps[p] for p in (shards[0], shards[2]))
+
+    def test_latent_cache_of_other_settings_is_refused(self, cache_source, tmp_path):
+        cache_on_two_ranks(cache_source, tmp_path / "cache")
+        with pytest.raises(data.DataError, match="other settings"):
+            data.cache_clips(cache_source, tmp_path / "cache", tk.build_tokenizer("pixel"), "pixel",
+                             **dict(CACHE_SETTINGS, clip_len=9))
+
+    def test_latent_cache_feeds_the_loader(self, cache_source, tmp_path):
+        cache_on_two_ranks(cache_source, tmp_path / "cache")
+        loader, sampler = data.make_loader(tmp_path / "cache", batch_size=4, num_workers=0)
+        b = next(iter(loader))
+        assert b["latents"].shape == (4, tk.build_tokenizer("pixel").latent_channels, 2, 4, 8)
+        assert b["actions"].shape == (4, 4, 57) and len(sampler) == 8
+
+
+# =====================================================================================================================
+# the synthetic dataset: its EgoDex writer, its renderer and the colour-marker detector
+
+class TestSynthetic:
+    """The synthetic writer round-trips through the readers, draws markers where the keypoints project (also
+    zoomed for small frames), moves at the scales of real data, and writes the same bytes every time."""
+
+    def test_egodex_writer_round_trips_through_the_reader(self, tmp_path):
+        h5, joints, K = one_episode(tmp_path, frames=16)
+        track, K_read, prompt, conf, n = data.read_egodex(h5)
+        assert n == 16 and prompt == "Do the thing."
+        np.testing.assert_array_equal(K_read, K.astype(np.float32))
+        with h5py.File(h5) as f:
+            for name in data.POSE_JOINTS:
+                np.testing.assert_array_equal(f[f"transforms/{name}"][:], joints[name].astype(np.float32))
+        ref = data._track_from_joints({k: v.astype(np.float32).astype(np.float64) for k, v in joints.items()})
+        np.testing.assert_array_equal(data.compute_actions(track), data.compute_actions(ref))
+
+    @pytest.mark.parametrize("size,tol", [(None, 1.0), ((288, 512), 2.5)])
+    def test_markers_sit_at_the_projected_keypoints(self, tmp_path, size, tol):
+        """The colour marker sits at the projected keypoint, at the source size and resized."""
+        h5, _, _ = one_episode(tmp_path, frames=16)
+        ep = data.Episode("part1/task_a/0", str(h5), 16, "egodex")
+        s = data.load_clip(ep, 2, 13, size)
+        H, W = size or (180, 320)
+        assert s["video"].shape == (3, 13, H, W) and s["video"].dtype == torch.uint8
+        assert s["actions"].shape == (12, 57) and s["keypoints"].shape == (13, 12, 2)
+        assert s["keypoint_valid"].all()
+        video = s["video"].permute(1, 2, 3, 0).numpy()
+        for t in (0, 6, 12):
+            err = np.linalg.norm(data.detect_keypoints(video[t]) - s["keypoints"][t].numpy(), axis=-1)
+            assert err.max() < tol, err
+
+    def test_zoomed_synthetic_keeps_markers_detectable_when_small(self, tmp_path):
+        """miniature.py's dataset: at 48x80 EgoDex's view loses every marker; zoom 2 with markers twice as large
+        keeps nearly all of them, at the projected keypoints of the (zoomed) intrinsics."""
+        found = {}
+        for zoom, scale in ((1.0, 1.0), (2.0, 2.0)):
+            root = data.write_synthetic(tmp_path / f"z{zoom}", tasks=1, episodes=0, test_episodes=1, frames=13,
+                                        workers=0, zoom=zoom, marker_scale=scale)
+            ep = data.load_index(root, ("test",))[0][0]
+            s = data.load_clip(ep, 0, 13, (48, 80))
+            video = s["video"].permute(1, 2, 3, 0).numpy()
+            kp = np.stack([data.detect_keypoints(f) for f in video])
+            ok = np.isfinite(kp).all(-1)
+            found[zoom] = ok.mean()
+            if zoom == 2.0:
+                in_view = ((s["keypoints"] >= 2) & (s["keypoints"] <= torch.tensor([78, 46]))).all(-1).numpy()
+                assert ok[in_view].mean() > 0.9 and np.linalg.norm(kp - s["keypoints"].numpy(), axis=-1)[ok].max() < 1.5
+        assert found[1.0] < 0.1 < 0.85 < found[2.0], found
+
+    def test_synthetic_finger_actions_are_orders_of_magnitude_smaller(self, synth_root):
+        """Large wrist/head motion, finger motion orders of magnitude smaller in the action."""
+        stats = data.compute_stats(synth_root, ("part1",))
+        mean, std = np.abs(np.array(stats["mean"])), np.array(stats["std"])
+        wrist_t = [i for i in data.WRIST_IDX if data.ACTION_NAMES[i].endswith(("tx", "ty", "tz"))]
+        assert std[wrist_t].mean() > 8 * std[list(data.FINGER_IDX)].mean()
+        assert mean[list(data.WRIST_IDX)].max() > 1000 * std[list(data.FINGER_IDX)].mean()
+
+    def test_synthetic_fingertips_move_several_pixels(self, synth_root):
+        """...yet many pixels in the image: fingertips move in the wrist frame by several pixels."""
+        ep = data.load_index(synth_root, ("part1",))[0][0]
+        track, K, _, _, n = data.read_track(ep)
+        local = data.to_frame(track["right_wrist"], track["right_tips"])  # (T, 5, 3)
+        depth = data.to_frame(track["camera"], track["right_tips"])[..., 2].mean()
+        excursion_px = (local.max(0) - local.min(0)).max(-1).mean() * K[0, 0] / depth * 512 / 320
+        assert excursion_px > 4  # at 288x512
+
+    def test_synthetic_is_deterministic(self, tmp_path):
+        for d in ("a", "b"):
+            data.main(["synth", "--out", str(tmp_path / d), "--tasks", "1", "--episodes", "1",
+                       "--test-episodes", "0", "--frames", "8", "--workers", "0"])
+        for name in ("0.hdf5", "0.mp4"):
+            a, b = (tmp_path / d / "part1" / "pick_place_cube" / name for d in "ab")
+            assert a.read_bytes() == b.read_bytes()
+
+
+# =====================================================================================================================
+# train.py: one process and torchrun, exact resume, SIGTERM, export, bad input
+
+def main_error(argv, out):
+    """The message train.main exits with for TRAIN_ARGS plus argv (one step, output under out)."""
+    with pytest.raises(SystemExit) as e:
+        train.main([*TRAIN_ARGS, "--steps", "1", "--out", str(out), *map(str, argv)])
+    return str(e.value)
+
+
+def other_layout_stats(train_synth, tmp_path):
+    """train_synth's stats.json with another action dimension -> its path."""
+    other = json.loads((train_synth / "stats.json").read_text())
+    other["layout"]["dim"] = 56
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    return tmp_path / "other.json"
+
+
+TRAIN_BAD_ARGS = {  # case -> (flags given train_synth and tmp_path, the message)
+    "missing_data": (lambda root, tmp: ["--data", tmp / "missing", "--no-synthetic"], "does not exist"),
+    "missing_stats": (lambda root, tmp: ["--data", root, "--stats", tmp / "none.json", "--no-synthetic"],
+                      "stats file"),
+    "stats_of_another_layout": (lambda root, tmp: ["--data", root, "--stats", other_layout_stats(root, tmp)],
+                                "another action layout"),
+    "height_not_multiple_of_16": (lambda root, tmp: ["--data", root, "--height", 40], "multiples of 16"),
+    "batch_not_multiple_of_micro_batch": (lambda root, tmp: ["--data", root, "--batch-size", 3, "--micro-batch", 2],
+                                          "multiple of --micro-batch"),
+    "resume_without_a_checkpoint": (lambda root, tmp: ["--data", root, "--resume", tmp], "no complete checkpoint"),
+}
+
+
+class TestTrain:
+    """train.py end to end on the CPU: what a run writes, exact resume (also from 2 torchrun ranks onto 1),
+    SIGTERM checkpoints, non-finite steps, --init with --trainable new, and one clear error per bad flag."""
+
+    @pytest.mark.slow
+    def test_run_writes_everything_and_the_export_loads_samples_and_carries_the_statistics(self, train_synth,
+                                                                                           tmp_path):
+        """One 3-step run checked several ways: the run directory's files, the kept checkpoint, the metrics
+        lines; the export loads in the asked dtype, holds stats.json's statistics bit for bit with their layout,
+        holds trained EMA weights, and samples."""
+        run_train(["--data", train_synth, "--out", tmp_path / "runs", "--steps", 3, "--batch-size", 2,
+                   "--micro-batch", 2, "--ckpt-every", 2, "--keep", 1])
+        d = only_run(tmp_path / "runs")
+        assert d.name.startswith("000-tiny-dexac")
+        for f in ("config.json", "metrics.jsonl", "loss.png", "preview.png", "model.safetensors"):
+            assert (d / f).is_file(), f
+        assert [c.name for c in (d / "checkpoints").iterdir()] == ["step_0000003"]  # keep 1: step 2 was removed
+        line = json.loads(open(d / "metrics.jsonl").readline())
+        for key in ("loss", "loss_per_sigma_bin", "grad_norm", "lr", "step_time", "tokens_per_s"):
+            assert key in line
+        assert len(run_losses(d)) == 3 and all(np.isfinite(run_losses(d)))
+
+        net, info = M.load_exported(d / "model.safetensors", "cpu", torch.float32)
+        assert info["step"] == 3 and info["action_layout"] == data.action_layout()
+        assert net.patch_embed.weight.dtype == torch.float32  # exported in bf16, loaded as asked
+        # the statistics of stats.json are in the weights, bit for bit and with their layout
+        stats = json.loads((train_synth / "stats.json").read_text())
+        mean, std = net.action_cond.norm.stats()
+        assert torch.equal(mean, torch.tensor(stats["mean"], dtype=torch.float32))
+        assert torch.equal(std, torch.tensor(stats["std"], dtype=torch.float32))
+        assert int(net.action_cond.norm.has_stats) == 1 and std.min() > 0 and mean.abs().max() > 0
+        net.action_cond.norm.check_layout(data.action_layout())
+        # the EMA weights were trained (the output layer starts at zero) and the model samples
+        assert net.final.linear.weight.abs().max() > 0
+        c = net.config
+        x = torch.randn(1, c.in_channels, 2, 4, 8)
+        mask = torch.tensor([[1.0, 0.0]])
+        text = torch.zeros(1, 16, c.text_dim)
+        actions = torch.randn(1, 4, 57) * std + mean
+        fn = lambda z, s: net(z, s, text, mask, actions=actions)
+        out = M.sample(fn, torch.randn_like(x), M.shifted_sigmas(3), x_cond=x, frame_mask=mask)
+        assert out.shape == x.shape and torch.isfinite(out).all() and torch.equal(out[:, :, 0], x[:, :, 0])
+
+    @pytest.mark.slow
+    def test_kill_and_resume_equals_an_uninterrupted_run(self, train_synth, tmp_path):
+        """4 steps in one go, and 2 steps, an exit and a resume: the same losses and the same exported weights."""
+        args = ["--data", train_synth, "--steps", 4, "--batch-size", 2, "--micro-batch", 1, "--ckpt-every", 100]
+        run_train([*args, "--out", tmp_path / "a"])
+        b = run_train([*args, "--out", tmp_path / "b", "--exit-after", 2])
+        assert not (b / "model.safetensors").exists() and (b / "checkpoints" / "step_0000002").is_dir()
+        run_train([*args, "--resume", b])
+        a = only_run(tmp_path / "a")
+        assert len(run_losses(a)) == 4 and run_losses(a) == run_losses(b)  # exact: model, optimizer, EMA, data, noise
+        ta = M.load_exported(a / "model.safetensors")[0].state_dict()
+        tb = M.load_exported(b / "model.safetensors")[0].state_dict()
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+    @pytest.mark.slow
+    def test_two_ranks_match_one_and_resume_on_one_rank(self, train_synth, tmp_path):
+        """torchrun with 2 gloo ranks x 1 clip == 1 process x 2 accumulated clips (same global batch of 2), and
+        the 2-rank checkpoint resumes on 1 rank (DCP resharding) on the same trajectory."""
+        args = ["--data", train_synth, "--steps", 3, "--batch-size", 2, "--micro-batch", 1, "--ckpt-every", 100]
+        run_train([*args, "--out", tmp_path / "one"])
+        run_train([*args, "--out", tmp_path / "two", "--exit-after", 2], nproc=2)
+        two = only_run(tmp_path / "two")
+        assert json.loads((two / "checkpoints" / "step_0000002" / "meta.json").read_text())["world_size"] == 2
+        run_train([*args, "--resume", two])
+        l1, l2 = run_losses(only_run(tmp_path / "one")), run_losses(two)
+        assert len(l1) == len(l2) == 3
+        np.testing.assert_allclose(l2, l1, rtol=1e-5)
+        assert len(set(l1)) == 3  # the steps differ, so agreement is not trivial
+
+    @pytest.mark.slow
+    def test_sigterm_mid_run_leaves_a_resumable_checkpoint(self, train_synth, tmp_path):
+        """SIGTERM to the whole process group, as clusters do: the loader worker ignores it, the trainer finishes
+        its step, checkpoints and exits 0; the run then resumes to the end."""
+        args = ["--data", train_synth, "--out", tmp_path / "runs", "--batch-size", 2, "--micro-batch", 2,
+                "--ckpt-every", 1000]
+        p = run_train([*args, "--steps", 1000, "--workers", 1], wait=False)
+        deadline = time.time() + 120
+        while not list((tmp_path / "runs").glob("*/loss.png")) and time.time() < deadline:
+            time.sleep(0.2)
+        os.killpg(p.pid, signal.SIGTERM)
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out[-3000:]
+        assert "signal SIGTERM" in out
+        d = only_run(tmp_path / "runs")
+        (ckpt,) = (d / "checkpoints").iterdir()
+        step = json.loads((ckpt / "meta.json").read_text())["step"]
+        assert 1 <= step < 1000
+        run_train([*args, "--steps", step + 1, "--resume", d])
+        assert len(run_losses(d)) == step + 1 and (d / "model.safetensors").is_file()
+
+    def test_unknown_preset_is_an_argparse_error(self, capsys):
+        with pytest.raises(SystemExit):
+            train.main(["--preset", "nope"])
+        assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+    @pytest.mark.parametrize("case", list(TRAIN_BAD_ARGS))
+    def test_bad_flag_is_one_clear_error(self, train_synth, tmp_path, case):
+        flags, message = TRAIN_BAD_ARGS[case]
+        assert message in main_error(flags(train_synth, tmp_path), tmp_path / "err")
+
+    def test_resuming_with_another_configuration_is_refused(self, train_synth, tmp_path):
+        run_train(["--data", train_synth, "--out", tmp_path / "runs", "--steps", 1, "--batch-size", 1,
+                   "--micro-batch", 1])
+        msg = main_error(["--data", train_synth, "--resume", only_run(tmp_path / "runs"), "--action-mode", "mlp",
+                          "--batch-size", 1, "--micro-batch", 1], tmp_path / "err")
+        assert "another configuration" in msg and "action_mode" in msg
+
+    def test_lr_schedule(self):
+        cfg = train.TrainConfig(lr=1.0, warmup=10, steps=110, schedule="cosine", min_lr_ratio=0.1)
+        assert train.lr_at(0, cfg) == pytest.approx(0.1) and train.lr_at(9, cfg) == pytest.approx(1.0)
+        assert train.lr_at(60, cfg) == pytest.approx(0.55) and train.lr_at(110, cfg) == pytest.approx(0.1)
+        assert train.lr_at(500, train.TrainConfig(lr=2.0, warmup=1, schedule="constant")) == 2.0
+
+    def test_every_flag_has_help(self):
+        assert set(train.HELP) == {f.name for f in train.fields(train.TrainConfig)}
+
+    def test_non_finite_steps_are_skipped_then_stop_the_run(self, train_synth, tmp_path):
+        """An absurd lr makes the weights huge after one update: the following losses are not finite, their
+        updates are skipped, and the fifth one in a row stops the run with a message (no checkpoint written)."""
+        msg = main_error(["--data", train_synth, "--lr", "1e30", "--warmup", 1, "--batch-size", 1, "--micro-batch", 1,
+                          "--steps", 20, "--ckpt-every", 1000], tmp_path / "runs")
+        assert "non-finite steps in a row" in msg
+        d = only_run(tmp_path / "runs")
+        assert not list((d / "checkpoints").iterdir())
+        assert len(run_losses(d)) >= 5 and not np.isfinite(run_losses(d)[-5:]).any()
+
+    @pytest.mark.slow
+    def test_init_loads_the_backbone_and_trainable_new_keeps_it_frozen(self, train_synth, tmp_path):
+        """--init: an official-layout checkpoint is loaded on the meta device; --trainable new trains only DexAC
+        (zero-initialized outputs become non-zero) and exports the backbone bit for bit."""
+        cfg = train.TrainConfig(dim=64, blocks=2, frames=5, tokenizer="wan2.1")
+        backbone = M.DiT(train.model_config(cfg, 16))
+        for p in backbone.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        official = M.state_dict_as(backbone.state_dict(), "official", 2)
+        torch.save({f"net.{k}": v for k, v in official.items()}, tmp_path / "backbone.pt")
+        d = run_train(["--data", train_synth, "--out", tmp_path / "runs", "--steps", 2, "--batch-size", 1,
+                       "--micro-batch", 1, "--tokenizer", "wan2.1", "--init", tmp_path / "backbone.pt",
+                       "--trainable", "new", "--export-dtype", "fp32"])
+        net, info = M.load_exported(d / "model.safetensors")
+        got, want = net.state_dict(), backbone.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want if not k.startswith("action_cond."))
+        zero_at_init = (net.action_cond.glob.to_3d.weight, net.action_cond.local.attn.o.weight)
+        assert all(w.abs().max() > 0 for w in zero_at_init)
+
+    def test_training_stream_summarizes_skipped_episodes_each_epoch(self, train_synth, tmp_path, capsys):
+        root = tmp_path / "data"
+        shutil.copytree(train_synth, root)
+        data.load_index(root)  # indexed while intact, then one video is overwritten in place (the index keeps it)
+        with open(next(root.glob("part1/*/*.mp4")), "r+b") as f:
+            f.write(bytes(4096))
+        cfg = replace(train.PRESETS["cpu"], data=str(root), micro_batch=4, frames=5, height=32, width=64, workers=0)
+        stream = train.Stream(cfg, rank=0, world=1)
+        clips_per_epoch = len(stream.sampler)
+        for _ in range(clips_per_epoch // 4 + 1):  # one epoch and the first batch of the next
+            stream.next()
+        assert f"epoch 0 done: {clips_per_epoch} clips on this rank, 1 unreadable episode(s) skipped" in \
+            capsys.readouterr().out
+        assert stream.sampler.epoch == 1
+
+
+# =====================================================================================================================
+# sample.py: autoregressive rollouts from a model exported by train.py
+
+def rollout(wm, frames, actions, seeds):
+    """wm's 2-step rollout of frames under actions, one seed per sample, with empty prompts."""
+    return wm.rollout(frames, actions, [""] * len(seeds), seeds, steps=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def seed0_rollout(exported, train_synth):
+    """The exported model rolled out from a real first frame with 30 slightly noisy still actions, seed 0 ->
+    (world model, frame, actions for 2 samples, the rollout of the first)."""
+    wm = S.WorldModel(str(exported))
+    episode = data.load_index(train_synth)[0][0]
+    frame = data.load_clip(episode, 0, 1, wm.size)["video"][:, 0].permute(1, 2, 0).numpy()  # (H, W, 3)
+    g = np.random.default_rng(0)
+    acts = S.still_actions(30)[None] + 1e-3 * g.standard_normal((2, 30, data.ACTION_DIM)).astype(np.float32)
+    return wm, frame, acts, rollout(wm, frame[None], acts[:1], [0])
+
+
+@pytest.fixture
+def sample_inputs(train_synth, tmp_path):
+    """A grayscale 50x70 first frame, 9 still actions and an episode file -> (image, actions, episode) paths."""
+    from PIL import Image
+    frame = data.load_clip(data.load_index(train_synth)[0][0], 0, 1, (50, 70))["video"][:, 0]
+    Image.fromarray(frame.permute(1, 2, 0).numpy()).convert("L").save(tmp_path / "gray.png")
+    np.save(tmp_path / "acts.npy", S.still_actions(9))
+    return tmp_path / "gray.png", tmp_path / "acts.npy", sorted(Path(train_synth).glob("part1/*/*.hdf5"))[0]
+
+
+SAMPLE_BAD_ACTIONS = {  # case -> (the actions file's array, the error sample.py gives for it)
+    "wrong_width": (np.zeros((5, 56)), r"must be \(K, 57\)"),
+    "one_dim": (np.zeros(57), r"must be \(K, 57\)"),
+    "nan": (np.full((5, 57), np.nan), "NaN/inf"),
+    "empty": (np.zeros((0, 57)), "no actions"),
+}
+
+
+def bare_checkpoint(tmp):
+    """A safetensors file holding one tensor and no metadata -> its path."""
+    save_file({"x": torch.zeros(1)}, str(tmp / "bare.safetensors"))
+    return str(tmp / "bare.safetensors")
+
+
+SAMPLE_BAD_ARGS = {  # case -> (argv given the usual flags, the image and actions flags and a folder; the error)
+    "unknown_sampler": (lambda base, image_args, tmp: base + image_args + ["--sampler", "heun"],
+                        "unknown sampler 'heun'"),
+    "checkpoint_without_statistics": (lambda base, image_args, tmp: ["--checkpoint", bare_checkpoint(tmp)] + image_args,
+                                      "carries no action statistics"),
+    "missing_checkpoint": (lambda base, image_args, tmp: ["--checkpoint", str(tmp / "none.safetensors")] + image_args,
+                           "not found"),
+}
+
+
+def dexac_only_export(tmp_path, stats):
+    """A DexAC model on a random official-layout backbone, exported by train.export with --trainable new (the
+    DexAC modules only, with fake EMA weights) -> (export path, model, EMA weights, the keys in the file)."""
+    mcfg = replace(DIT_SMALL, action_mode="dexac", action_steps=4)
+    base = randomize(M.DiT(replace(DIT_SMALL)), seed=5)
     official_pt(base, tmp_path / "base.pt")
-    model = M.load_dit(str(tmp_path / "base.pt"), action_config(mode, **kw)).eval()
-    if model.action_cond.norm.mode == "zscore":
-        model.action_cond.set_stats(*stats())
-    return base, model
-
-
-@pytest.mark.parametrize("mode", ACTION_MODES)
-def test_identity_at_initialization(tmp_path, mode):
-    base, model = load_with_actions(tmp_path, mode)
-    x, sigma, text, mask, actions = batch()
-    with torch.no_grad():
-        expected = base(x, sigma, text, frame_mask=mask)
-        assert torch.equal(model(x, sigma, text, frame_mask=mask, actions=actions), expected)
-    # ...because the new modules were initialized after to_empty, not because they are all zero or garbage
-    fresh = conditioning.build_action_cond(mode, SMALL.dim, SMALL.n_heads, width=32)
-    loaded = dict(model.action_cond.named_parameters())
-    for name, p in fresh.named_parameters():
-        assert torch.isfinite(loaded[name]).all(), name
-        assert (loaded[name] == 0).all() == (p == 0).all(), name
-
-
-def train_steps(model, steps, lr=1e-2):
-    """`steps` Adam steps on the new parameters only (random data); the names whose gradient was ever non-zero."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = dict(model.action_cond.named_parameters())
-    for p in params.values():
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params.values(), lr=lr)
-    learned = set()
-    for step in range(steps):
-        x, _, text, mask, actions = batch(seed=10 + step)
-        fn = lambda x_in, s: model(x_in, s, text, frame_mask=mask, actions=actions)
-        loss, _ = M.flow_loss(fn, x, mask, cond_sigma=1e-4, generator=torch.Generator().manual_seed(step))
-        opt.zero_grad()
-        loss.mean().backward()
-        learned |= {n for n, p in params.items() if p.grad is not None and p.grad.abs().sum() > 0}
-        opt.step()
-    return learned, set(params)
-
-
-@pytest.mark.parametrize("mode", ACTION_MODES)
-def test_every_new_parameter_learns_within_two_steps(tmp_path, mode):
-    _, model = load_with_actions(tmp_path, mode)
-    learned, params = train_steps(model, 2)
-    assert learned == params, f"no gradient in two steps: {sorted(params - learned)}"
-
-
-@pytest.mark.parametrize("mode", ACTION_MODES)
-def test_no_action_dimension_or_step_ignored(tmp_path, mode):
-    _, model = load_with_actions(tmp_path, mode)
-    train_steps(model, 3)
-    x, sigma, text, mask, actions = batch(seed=99)
-    actions.requires_grad_(True)
-    out = model(x, sigma, text, frame_mask=mask, actions=actions)
-    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
-    sensitivity = actions.grad.abs().sum(0)  # (T_a, N_ACT)
-    assert (sensitivity.sum(0) > 0).all(), f"ignored dimensions: {torch.nonzero(sensitivity.sum(0) == 0).flatten()}"
-    assert (sensitivity > 0).all(), f"ignored (step, dimension) entries: {torch.nonzero(sensitivity == 0).tolist()}"
-
-
-def official_action_file(base, path, seed=5, action_dim=7):
-    """base in the official robot/action-cond layout, with random action embedders (4 actions per latent frame)."""
-    official_pt(base, path)
-    sd, g, D = torch.load(path), torch.Generator().manual_seed(seed), SMALL.dim
-    for name, out in [("B_D", D), ("B_3D", 3 * D)]:
-        for key, shape in [("fc1.weight", (4 * D, 4 * action_dim)), ("fc1.bias", (4 * D,)),
-                           ("fc2.weight", (out, 4 * D)), ("fc2.bias", (out,))]:
-            sd[f"net.action_embedder_{name}.{key}"] = torch.randn(shape, generator=g) * 0.2
-    torch.save(sd, path)
-    return sd
-
-
-class OfficialActionTimeEmbed(nn.Module):
-    """diffusers' CosmosEmbedding with Cosmos' action injection: emb_3D added to the AdaLN-LoRA term, emb_D to
-    the raw sinusoid before t_embedding_norm. timestep (B*T,) as diffusers flattens it."""
-
-    def __init__(self, time_embed, emb_d, emb_3d):
-        super().__init__()
-        self.base, self.emb_d, self.emb_3d = time_embed, emb_d, emb_3d
-
-    def forward(self, hidden_states, timestep):
-        proj = self.base.time_proj(timestep).type_as(hidden_states)  # (B*T, D)
-        temb = self.base.t_embedder(proj) + self.emb_3d.flatten(0, 1)
-        return temb, self.base.norm(proj + self.emb_d.flatten(0, 1))
-
-
-def test_mlp_loads_official_action_cond_layout_and_matches_official_formula(tmp_path):
-    base = randomize(M.DiT(SMALL), seed=4).eval()
-    sd = official_action_file(base, tmp_path / "action_cond.pt")
-    config = replace(SMALL, action_mode="mlp", action_dim=7, action_norm="scale", action_scale=20.0)
-    model = M.load_dit(str(tmp_path / "action_cond.pt"), config).eval()
-    g = torch.Generator().manual_seed(6)
-    x, text = torch.randn(B, 16, T, H, W, generator=g), torch.randn(B, 5, SMALL.text_dim, generator=g)
-    actions = torch.randn(B, T_ACT, 7, generator=g) * 0.05
-    mask = torch.zeros(B, T)
-    mask[:, 0] = 1
-    sigma = torch.rand(B, 1).expand(B, T).clone()
-    sigma[:, 0] = 1e-4
-
-    # the official formula: x20 scaling, 4 actions per latent frame, GELU-tanh MLPs, zero for frame 0
-    a = (actions * 20).reshape(B, T - 1, 4 * 7)
-    mlp = lambda p: F.linear(F.gelu(F.linear(a, sd[p + "fc1.weight"], sd[p + "fc1.bias"]), approximate="tanh"),
-                             sd[p + "fc2.weight"], sd[p + "fc2.bias"])
-    zero_first = lambda e: torch.cat([torch.zeros_like(e[:, :1]), e], dim=1)
-    emb_d, emb_3d = zero_first(mlp("net.action_embedder_B_D.")), zero_first(mlp("net.action_embedder_B_3D."))
-    ref = diffusers_cosmos(SMALL)
-    ref.load_state_dict(M.state_dict_as(base.state_dict(), "diffusers", SMALL.n_blocks), strict=True)
-    ref.time_embed = OfficialActionTimeEmbed(ref.time_embed, emb_d, emb_3d)
-    with torch.no_grad():
-        out = model(x, sigma, text, frame_mask=mask, actions=actions)
-        expected = ref(x, sigma.view(B, 1, T, 1, 1), text,
-                       condition_mask=mask[:, None, :, None, None].expand(B, 1, T, H, W),
-                       padding_mask=torch.zeros(1, 1, H, W), return_dict=False)[0]
-        without = base(x, sigma, text, frame_mask=mask)
-    rel = (out - expected).abs().max() / expected.abs().max()
-    assert rel < 1e-5, f"relative error {rel:.2e}"
-    assert (out - without).abs().max() > 100 * (out - expected).abs().max()  # the actions matter here
-    # and our weights export back to the official names
-    exported = M.state_dict_as(model.state_dict(), "official", SMALL.n_blocks)
-    assert torch.equal(exported["action_embedder_B_3D.fc2.weight"], sd["net.action_embedder_B_3D.fc2.weight"])
-
-
-@pytest.mark.parametrize("mode", ACTION_MODES)
-def test_conditional_frames_receive_no_action_signal(mode):
-    module = randomize(conditioning.build_action_cond(mode, SMALL.dim, SMALL.n_heads, width=32))
-    module.set_stats(*stats())
-    _, _, _, _, actions = batch()
-    x = torch.randn(B, T, 2, 3, SMALL.dim)
-    mask = torch.tensor([[1.0, 0, 1, 0], [1, 1, 0, 0]])  # other conditional frames than the first, per sample
-    with torch.no_grad():
-        x_out, emb_d, emb_3d = module(actions, x, mask)
-    cond = mask.bool()
-    assert torch.equal(x_out[cond], x[cond])
-    for e in (emb_d, emb_3d):
-        if e is not None:
-            assert e.shape[:2] == (B, T) and torch.all(e[cond] == 0)
-            assert torch.all(e[~cond].abs().amax(-1) > 0)  # ...while every predicted frame gets a signal
-    if mode in ("mlp", "mlp-flat", "dexac-no-local"):
-        assert torch.equal(x_out, x)
-    else:
-        assert torch.all((x_out - x)[~cond].abs().flatten(1).amax(1) > 0)
-
-
-def test_normalization_is_applied():
-    mean, std = stats()
-    _, _, _, _, a = batch()
-    norm = conditioning.ActionNorm(N_ACT)
-    norm.set_stats(mean, std)
-    assert torch.allclose(norm(a), (a - mean) / (std + 1e-6))
-    assert torch.equal(conditioning.ActionNorm(N_ACT, "scale")(a), a * 200)
-    assert torch.equal(conditioning.ActionNorm(N_ACT, "none")(a), a)
-    # inside a module: zscore on raw actions == no normalization on normalized actions, same weights
-    x, mask = torch.randn(B, T, 2, 3, SMALL.dim), torch.zeros(B, T)
-    z = randomize(conditioning.build_action_cond("dexac", SMALL.dim, SMALL.n_heads, width=32))
-    z.set_stats(mean, std)
-    plain = conditioning.build_action_cond("dexac", SMALL.dim, SMALL.n_heads, norm="none", width=32)
-    plain.load_state_dict(z.state_dict())
-    with torch.no_grad():
-        for u, v in zip(z(a, x, mask), plain((a - mean) / (std + 1e-6), x, mask)):
-            assert torch.allclose(u, v, atol=1e-5)
-
-
-def test_statistics_travel_with_the_state_dict(tmp_path):
-    mean, std = stats()
-    mean[:6], std[:6] = 0.99991, 1e-4  # a 6D rotation entry near 1: bf16 would round the mean to 1.0
-    layout = {"dim": N_ACT, "names": [f"a{i}" for i in range(N_ACT)]}
-    src = randomize(M.DiT(action_config("dexac")), seed=2).eval()
-    src.action_cond.set_stats(mean, std, layout)
-    torch.save(src.state_dict(), tmp_path / "ckpt.pt")
-    loaded = M.load_dit(str(tmp_path / "ckpt.pt"), action_config("dexac")).eval()
-    assert all(torch.equal(u, v) for u, v in zip(loaded.action_cond.norm.stats(), (mean, std)))
-    x, sigma, text, mask, actions = batch()
-    with torch.no_grad():
-        assert torch.equal(loaded(x, sigma, text, frame_mask=mask, actions=actions),
-                           src(x, sigma, text, frame_mask=mask, actions=actions))
-    loaded.action_cond.norm.check_layout(layout)
-    with pytest.raises(ValueError, match="another action layout"):
-        loaded.action_cond.norm.check_layout({"dim": N_ACT, "names": ["other"]})
-    # casting the model to bf16 leaves the statistics exact
-    loaded.to(torch.bfloat16)
-    assert torch.equal(loaded.action_cond.norm.stats()[0], mean)
-
-    # a stats.json (as `python data.py stats` writes it) given to load_dit sets them on a pretrained backbone
-    (tmp_path / "stats.json").write_text(json.dumps({"mean": mean.tolist(), "std": std.tolist(), "layout": layout}))
-    official_pt(randomize(M.DiT(SMALL)), tmp_path / "base.pt")
-    model = M.load_dit(str(tmp_path / "base.pt"), action_config("dexac"), action_stats=str(tmp_path / "stats.json"))
-    assert torch.equal(model.action_cond.norm.stats()[0], mean) and int(model.action_cond.norm.has_stats) == 1
-    assert int(model.action_cond.norm.layout_id) == conditioning.layout_fingerprint(layout)
-
-
-def test_bad_inputs_give_one_clear_error(tmp_path):
-    x, sigma, text, mask, actions = batch()
-    model = M.DiT(action_config("dexac"))
-    with pytest.raises(ValueError, match=r"holds no statistics: compute them with `python data.py stats"):
-        model(x, sigma, text, frame_mask=mask, actions=actions)
-    model.action_cond.set_stats(*stats())
-    with pytest.raises(ValueError, match=r"actions have 56 dimensions per step, this model was built for 57"):
-        model(x, sigma, text, frame_mask=mask, actions=actions[..., :56])
-    with pytest.raises(ValueError, match=r"actions have 8 steps, this model takes chunks of 12"):
-        model(x, sigma, text, frame_mask=mask, actions=actions[:, :8])
-    with pytest.raises(ValueError, match=r"pass actions"):
-        model(x, sigma, text, frame_mask=mask)
-    with pytest.raises(ValueError, match=r"12 actions need 4 latent frames, got 3"):
-        M.DiT(action_config("mlp", action_norm="none"))(x[:, :, :3], sigma, text, actions=actions)
-    with pytest.raises(ValueError, match=r"unknown action mode 'dexak'; choose one of none, mlp, mlp-flat, dexac"):
-        M.DiT(action_config("dexak"))
-    with pytest.raises(ValueError, match=r"unknown action normalization 'minmax'"):
-        M.DiT(action_config("dexac", action_norm="minmax"))
-    with pytest.raises(ValueError, match=r"action statistics have 7 means"):
-        model.action_cond.set_stats(torch.zeros(7), torch.ones(7))
-    with pytest.raises(FileNotFoundError, match=r"make it with `python data.py stats"):
-        conditioning.load_stats_file(str(tmp_path / "stats.json"))
-    with pytest.raises(ValueError, match=r"actions were given to a model without action conditioning"):
-        M.DiT(SMALL)(x, sigma, text, actions=actions)
-    # checkpoints: action weights into a model without actions, and a checkpoint with half a module
-    official_action_file(randomize(M.DiT(SMALL)), tmp_path / "action.pt")
-    with pytest.raises(ValueError, match=r"holds action-conditioning weights: set the config's action_mode"):
-        M.load_dit(str(tmp_path / "action.pt"), SMALL)
-    sd = M.DiT(action_config("dexac")).state_dict()
-    del sd["action_cond.local.proj.weight"]
-    torch.save(sd, tmp_path / "partial.pt")
-    with pytest.raises(ValueError, match=r"holds only part of action_cond.local.proj: missing weight"):
-        M.load_dit(str(tmp_path / "partial.pt"), action_config("dexac"))
-
-
-def test_cosmos2b_sizes_keys_and_costs():
-    with torch.device("meta"):
-        base = M.DiT(M.config_from_preset("cosmos2b"))
-        flat = M.DiT(M.config_from_preset("cosmos2b", action_mode="mlp-flat"))
-        chunk = M.DiT(M.config_from_preset("cosmos2b", action_mode="mlp", action_dim=7))
-    count = lambda m: sum(p.numel() for p in m.parameters())
-    assert count(base) == 2_059_174_912
-    assert count(flat) - count(base) == 684 * 8192 + 8192 + 8192 * 2048 + 2048  # the paper's 22.39M
-    official = {k: tuple(v.shape) for k, v in M.state_dict_as(chunk.state_dict(), "official", 28).items()}
-    assert {k: v for k, v in official.items() if "action" in k} == {
-        "action_embedder_B_D.fc1.weight": (8192, 28), "action_embedder_B_D.fc1.bias": (8192,),
-        "action_embedder_B_D.fc2.weight": (2048, 8192), "action_embedder_B_D.fc2.bias": (2048,),
-        "action_embedder_B_3D.fc1.weight": (8192, 28), "action_embedder_B_3D.fc1.bias": (8192,),
-        "action_embedder_B_3D.fc2.weight": (6144, 8192), "action_embedder_B_3D.fc2.bias": (6144,)}
-    rows = conditioning.costs()
-    assert rows["SAT"] == (2 * 256 + 13, 2 * 12 * 57 * 256)  # Linear(1 -> C) per entry, fusion over 12 steps
-    assert rows["global attention"][0] == 4 * (256 * 256 + 256) + 256 + 256 * 8192 + 8192  # the paper's 2.37M
-    assert rows["MLP action embed (mlp-flat)"][1] == 684 * 8192 + 8192 * 2048  # multiply-accumulates
-    parts = ["SAT", "  + per-dimension embedding (ours)", "local attention", "global attention"]
-    assert rows["full DexAC"][0] == sum(rows[k][0] for k in parts)
-
-
-def test_latent_cache_equals_raw_clips_resumes_and_feeds_the_loader(tmp_path):
-    root = data.write_synthetic(tmp_path / "syn", tasks=1, episodes=2, test_episodes=0, frames=40, size=(48, 80),
-                                workers=0)
-    pix, out = tk.build_tokenizer("pixel"), tmp_path / "cache"
-    kw = dict(clip_len=5, size=(32, 64), shard_size=3, batch=2, workers=0, dtype=torch.float32)
-    mine = [data.cache_clips(root, out, pix, "pixel", rank=r, world_size=2, **kw) for r in (0, 1)]
-    shards = sorted(out.glob("shard-*.safetensors"))
-    assert sorted(mine[0] + mine[1]) == shards and not set(mine[0]) & set(mine[1]) and len(shards) == 3
-    cached = data.CachedClipDataset(out)
-    episodes = {e.id: e for e in data.load_index(root)[0]}
-    assert len(cached) == 8  # 2 episodes x (a 30-frame window + a 10-frame tail window) x 2 starts
-    for i in range(len(cached)):
-        s = cached[i]
-        raw = data.load_clip(episodes[s["episode"]], s["start"], 5, (32, 64))
-        assert torch.equal(s["latents"], pix.encode(raw["video"][None].float() / 127.5 - 1)[0])
-        assert torch.equal(s["actions"], raw["actions"]) and s["prompt"] == raw["prompt"]
-    # a lost shard is rewritten, the others are kept; an incomplete cache or other settings are refused
-    stamps = {p: p.stat().st_mtime_ns for p in shards}
-    shards[1].unlink()
-    with pytest.raises(data.DataError, match="incomplete"):
-        data.CachedClipDataset(out)
-    assert [data.cache_clips(root, out, pix, "pixel", rank=r, world_size=2, **kw) for r in (0, 1)] == [[], [shards[1]]]
-    assert all(p.stat().st_mtime_ns == stamps[p] for p in (shards[0], shards[2]))
-    with pytest.raises(data.DataError, match="other settings"):
-        data.cache_clips(root, out, pix, "pixel", **dict(kw, clip_len=9))
-    loader, sampler = data.make_loader(out, batch_size=4, num_workers=0)
-    b = next(iter(loader))
-    assert b["latents"].shape == (4, pix.latent_channels, 2, 4, 8) and b["actions"].shape == (4, 4, 57)
-    assert len(sampler) == 8
-
-
-# -----------------------------------------------------------------------------
-# tokenizer.py: the Wan2.1 VAE against diffusers, weight layouts, chunking and tiling, the pixel tokenizer
-
-def rand_video(B, T, H, W, seed=0):
-    return torch.rand(B, 3, T, H, W, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
-@pytest.fixture(scope="module")
-def vae_pair():
-    """A tiny diffusers AutoencoderKLWan with random weights (gains too) and our WanVAE holding the same
-    ones through the documented key map. Ours gets random latent statistics; the tests apply them to
-    diffusers' unnormalized mean by hand."""
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    ref = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
-                                     temperal_downsample=[False, True, True]).eval()
-    for name, p in ref.named_parameters():
-        if name.endswith("gamma"):
-            p.data.add_(0.2 * torch.randn_like(p))
-    mean, std = torch.randn(4), torch.rand(4) + 0.5
-    cfg = replace(tk.WAN_PRESETS["tiny"], latents_mean=tuple(mean.tolist()), latents_std=tuple(std.tolist()))
-    ours = tk.WanVAE(cfg).eval()
-    ref_sd = ref.state_dict()
-    assert len(ref_sd) == len(ours.state_dict())
-    ours.load_state_dict({k: ref_sd[tk.diffusers_key(k)] for k in ours.state_dict()})
-    return ref, ours, mean.view(1, 4, 1, 1, 1), std.view(1, 4, 1, 1, 1)
-
-
-# --- the Wan VAE against diffusers
-
-
-@pytest.mark.parametrize("T", [1, 5, 9, 13, 17])
-def test_wan_vae_matches_diffusers(vae_pair, T):
-    ref, ours, mean, std = vae_pair
-    x = rand_video(2, T, 32, 48, seed=T)  # batch 2, non-square
-    with torch.no_grad():
-        z_ref = (ref.encode(x).latent_dist.mean - mean) * (1 / std)
-        z = ours.encode(x)
-        x_ref = ref.decode(z / (1 / std) + mean).sample
-    x_ours = ours.decode(z)
-    assert z.shape == (2, 4, tk.latent_frames(T), 4, 6) and x_ours.shape == x.shape
-    assert (x_ours.abs() < 1).float().mean() > 0.5  # most pixels unclamped, so the comparison means something
-    assert (z - z_ref).abs().max() <= 1e-5, (z - z_ref).abs().max()  # 0.0 on our CPU
-    assert (x_ours - x_ref).abs().max() <= 1e-5, (x_ours - x_ref).abs().max()
-
-
-def test_full_size_key_map_and_shapes_match_diffusers():
-    # the real 127M-parameter config, built on the meta device (no memory): every tensor maps 1:1
-    diffusers = pytest.importorskip("diffusers")
-    with torch.device("meta"):
-        ref, ours = diffusers.AutoencoderKLWan(), tk.WanVAE("full")
-    ref_sd = ref.state_dict()
-    mapped = {tk.diffusers_key(k): v.shape for k, v in ours.state_dict().items()}
-    assert mapped.keys() == ref_sd.keys() and all(mapped[k] == v.shape for k, v in ref_sd.items())
-    assert sum(v.numel() for v in ref_sd.values()) == sum(p.numel() for p in ours.parameters()) > 126e6
-
-
-def test_key_map_agrees_with_diffusers_own_converter(vae_pair):
-    # diffusers ships its own original-Wan -> diffusers converter (for from_single_file): fed our state dict,
-    # it must produce exactly the names our key map gives, holding the same tensors
-    convert = pytest.importorskip("diffusers.loaders.single_file_utils").convert_wan_vae_to_diffusers
-    ours = vae_pair[1].state_dict()
-    converted = convert(dict(ours))
-    assert converted.keys() == {tk.diffusers_key(k) for k in ours}
-    assert all(converted[tk.diffusers_key(k)] is v for k, v in ours.items())
-
-
-def test_native_names_are_the_original_layout(vae_pair):
-    # every key of ours follows a pattern of the original Wan2.1_VAE.pth (DESIGN section 3), and vice versa
-    res = r"\.residual\.([03]\.gamma|[26]\.(weight|bias))"  # [norm, SiLU, conv, norm, SiLU, dropout, conv]
-    patterns = [r"conv1", r"conv2", r"(en|de)coder\.conv1", r"(en|de)coder\.head\.(0\.gamma|2)",
-                r"(en|de)coder\.middle\.[02]" + res, r"(en|de)coder\.middle\.1\.(norm\.gamma|to_qkv|proj)",
-                r"encoder\.downsamples\.(0|1|3|4|6|7|9|10)" + res, r"encoder\.downsamples\.(3|6)\.shortcut",
-                r"encoder\.downsamples\.(2|5|8)\.resample\.1", r"encoder\.downsamples\.(5|8)\.time_conv",
-                r"decoder\.upsamples\.(0|1|2|4|5|6|8|9|10|12|13|14)" + res,
-                r"decoder\.upsamples\.4\.shortcut",
-                r"decoder\.upsamples\.(3|7|11)\.resample\.1", r"decoder\.upsamples\.(3|7)\.time_conv"]
-    keys, suffix = list(vae_pair[1].state_dict()), r"(\.(weight|bias|gamma))?"
-    unmatched = [k for k in keys if not any(re.fullmatch(p + suffix, k) for p in patterns)]
-    unused = [p for p in patterns if not any(re.fullmatch(p + suffix, k) for k in keys)]
-    assert not unmatched and not unused, (unmatched, unused)
-
-
-def test_chunked_path_equals_whole_clip(vae_pair):
-    # the cached chunk path (bounded memory) against one whole-clip pass with the same causal semantics
-    ours = vae_pair[1]
-    x = rand_video(1, 33, 16, 24)
-    seen = []
-    hook = ours.encoder.conv1.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[2]))
-    z = ours.encode(x)
-    hook.remove()
-    assert seen == [1] + [4] * 8  # frame 0 alone, then 4 new frames per chunk: never the whole clip
-    torch.testing.assert_close(ours.encode(x, chunked=False), z, rtol=0, atol=1e-5)
-    torch.testing.assert_close(ours.decode(z, chunked=False), ours.decode(z), rtol=0, atol=1e-4)
-
-
-def test_dtype_follows_the_weights_and_out_device(vae_pair):
-    ours = vae_pair[1]
-    x = rand_video(1, 9, 16, 16)
-    z32 = ours.encode(x, out_device="cpu")
-    bf16 = tk.WanVAE(ours.config).to(torch.bfloat16).eval()
-    bf16.load_state_dict(ours.state_dict())
-    z16 = bf16.encode(x)  # fp32 input, bf16 weights: the weights decide the dtype
-    assert z16.dtype == torch.bfloat16 and bf16.decode(z16).dtype == torch.bfloat16
-    assert (z16.float() - z32).abs().mean() < 0.05 * z32.abs().mean()
-
-
-# --- weights: files in both layouts, the Hub cache, strict errors
-
-
-@pytest.fixture(scope="module")
-def vae_weight_files(vae_pair, tmp_path_factory):
-    """diffusers' own save_pretrained output, and a flat torch.save dict in the original layout."""
-    ref, ours = vae_pair[0], vae_pair[1]
-    root = tmp_path_factory.mktemp("weights")
-    ref.save_pretrained(root / "diffusers" / "vae", safe_serialization=True)
-    torch.save(ours.state_dict(), root / "Wan2.1_VAE.pth")
-    return root
-
-
-def test_both_layouts_load_and_agree(vae_pair, vae_weight_files):
-    ours = vae_pair[1]
-    # a diffusers directory (vae/diffusion_pytorch_model.safetensors inside), and a .pth file
-    from_diffusers = tk.build_tokenizer("wan2.1", config=ours.config, weights=str(vae_weight_files / "diffusers"))
-    from_original = tk.build_tokenizer("wan2.1", config=ours.config,
-                                       weights=str(vae_weight_files / "Wan2.1_VAE.pth"))
-    x = rand_video(1, 5, 16, 24)
-    z = from_diffusers.encode(x)
-    assert torch.equal(z, from_original.encode(x)) and torch.equal(z, ours.encode(x))
-    assert torch.equal(from_diffusers.decode(z), from_original.decode(z))
-
-
-def test_vae_hub_cache_offline(vae_pair, tmp_path):
-    # a Hub cache laid out as huggingface_hub writes it, read through hf_hub_download with HF_HUB_OFFLINE=1
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--someorg--tiny-vae"
-    (repo / "snapshots" / revision).mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
-    torch.save(vae_pair[1].state_dict(), repo / "snapshots" / revision / "tokenizer.pth")
-    script = (
-        "import torch, tokenizer as tk\n"
-        "vae = tk.build_tokenizer('wan2.1', config='tiny', weights='someorg/tiny-vae')\n"
-        "print('SUM', sum(float(t.double().sum()) for t in vae.state_dict().values()))\n"
-        "try:\n    tk.build_tokenizer('wan2.1', config='tiny', weights='someorg/not-cached')\n"
-        "except FileNotFoundError as e:\n    print('MISSING', e)\n"
-    )
-    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "hub"),
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": HERE}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    expected = sum(float(t.double().sum()) for t in vae_pair[1].state_dict().values())
-    assert f"SUM {expected}" in out.stdout
-    assert "MISSING could not get tokenizer.pth from the Hub repo someorg/not-cached" in out.stdout
-    assert tk.HUB_REPO in out.stdout
-
-
-def test_missing_file_says_where_to_get_it(tmp_path):
-    for missing in [str(tmp_path / "Wan2.1_VAE.pth"), str(tmp_path)]:  # no such file; a directory without one
-        with pytest.raises(FileNotFoundError, match="nvidia/Cosmos-Predict2.5-2B"):
-            tk.build_tokenizer("wan2.1", config="tiny", weights=missing)
-
-
-def test_key_mismatch_is_one_clear_error(vae_pair, vae_weight_files, tmp_path):
-    sd = dict(vae_pair[1].state_dict())
-    del sd["encoder.head.2.bias"]
-    sd["encoder.extra.weight"] = torch.zeros(1)
-    sd["conv2.weight"] = torch.zeros(4, 4, 1, 1, 2)
-    torch.save(sd, tmp_path / "bad.pth")
-    with pytest.raises(ValueError) as e:
-        tk.build_tokenizer("wan2.1", config="tiny", weights=str(tmp_path / "bad.pth"))
-    msg = str(e.value)
-    assert "1 missing keys: encoder.head.2.bias" in msg and "1 unexpected keys: encoder.extra.weight" in msg
-    assert "1 bad shapes: conv2.weight (4, 4, 1, 1, 2) (expected (4, 4, 1, 1, 1))" in msg
-    with pytest.raises(ValueError, match="bad shapes: encoder.conv1.weight"):  # a tiny file, a wider model
-        tk.build_tokenizer("wan2.1", config=replace(tk.WAN_PRESETS["tiny"], base_dim=16),
-                           weights=str(vae_weight_files / "Wan2.1_VAE.pth"))
-
-
-# --- the pixel tokenizer and the frame structure
-
-
-@pytest.mark.parametrize("s", [1, 2, 8])
-def test_pixel_tokenizer_round_trips_exactly(s):
-    pix = tk.build_tokenizer("pixel", spatial_compression=s)
-    for T in [1, 5, 9, 13, 17]:
-        x = rand_video(2, T, 16, 24, seed=T)
-        z = pix.encode(x)
-        assert pix.latent_channels == 12 * s * s
-        assert z.shape == (2, pix.latent_channels, 1 + (T - 1) // 4, 16 // s, 24 // s)
-        assert torch.equal(pix.decode(z), x)
-
-
-def test_pixel_tokenizer_normalizes_to_unit_variance_and_back():
-    x = rand_video(2, 9, 16, 24, seed=3) * 0.2 - 0.05  # low-contrast frames, like the synthetic data
-    plain, norm = tk.PixelTokenizer(2), tk.PixelTokenizer(2, mean=-0.05, std=0.2)
-    z = norm.encode(x)
-    assert torch.allclose(z, (plain.encode(x) + 0.05) / 0.2)
-    assert torch.allclose(norm.decode(z), x, atol=1e-6)
-    with pytest.raises(ValueError, match="std must be positive"):
-        tk.PixelTokenizer(2, std=0.0)
-
-
-def test_pixel_latent_frames_hold_the_right_frames():
-    pix = tk.PixelTokenizer(spatial_compression=2)
-    T = 13
-    x = (torch.arange(T).float() / 100).view(1, 1, T, 1, 1).expand(1, 3, T, 4, 4)  # frame t has value t / 100
-    z = pix.encode(x)
-    assert torch.all(z[:, :, 0] == 0)  # latent frame 0: frame 0 in all 4 slots
-    for k in range(1, z.shape[2]):  # latent frame k: frames 4k - 3 .. 4k, slot by slot
-        slots = z[0, :, k].reshape(3, 4, 2, 2, 2, 2)
-        for slot in range(4):
-            assert torch.all(slots[:, slot] == (4 * k - 3 + slot) / 100)
-
-
-def test_frame_counts_agree_and_bad_lengths_raise(vae_pair):
-    ours, pix = vae_pair[1], tk.PixelTokenizer(spatial_compression=8)
-    for T in range(1, 18, 4):
-        x = rand_video(1, T, 8, 8)
-        assert ours.encode(x).shape[2] == pix.encode(x).shape[2] == tk.latent_frames(T) == 1 + (T - 1) // 4
-        assert ours.decode(ours.encode(x)).shape[2] == T
-    for T in [2, 3, 4, 6, 12, 14]:
-        with pytest.raises(ValueError, match="4k \\+ 1"):
-            ours.encode(rand_video(1, T, 8, 8))
-        with pytest.raises(ValueError, match="4k \\+ 1"):
-            pix.encode(rand_video(1, T, 8, 8))
-    x = rand_video(1, 6, 8, 8)  # pad: the last frame repeats up to 9 frames; the caller trims decode's output
-    assert ours.encode(x, pad=True).shape[2] == tk.latent_frames(6, pad=True) == 3
-    assert torch.equal(pix.decode(pix.encode(x, pad=True))[:, :, :6], x)
-
-
-# --- spatial tiling
-
-
-def test_tiling_bookkeeping_is_exact_on_the_pixel_tokenizer():
-    # space-to-depth is local, so tiles blended with any weights must reproduce the untiled result
-    pix = tk.PixelTokenizer(spatial_compression=4)
-    x = rand_video(1, 5, 40, 56)
-    z = pix.encode(x)
-    torch.testing.assert_close(tk.tiled_apply(pix.encode, x, 16, 8, 1 / 4), z, rtol=0, atol=1e-6)
-    torch.testing.assert_close(tk.tiled_apply(pix.decode, z, 4, 2, 4), x, rtol=0, atol=1e-6)
-
-
-def test_wan_vae_tiling(vae_pair):
-    ours = vae_pair[1]
-    x = rand_video(1, 5, 64, 128)
-    z, xd = ours.encode(x), ours.decode(ours.encode(x))
-    errors = []
-    try:
-        ours.tile_size, ours.tile_overlap = 128, 16  # one tile covers the frame: tiling is a no-op
-        assert torch.equal(ours.encode(x), z) and torch.equal(ours.decode(z), xd)
-        # two or three 64-pixel tiles across: convolutions and attention see less context at tile borders, so
-        # tiled results are only close; more overlap (context plus feathering) must bring them closer
-        for overlap in (0, 16, 32):
-            ours.tile_size, ours.tile_overlap = 64, overlap
-            zt, xt = ours.encode(x), ours.decode(z)
-            assert zt.shape == z.shape and xt.shape == xd.shape
-            errors.append(((zt - z).abs().mean().item(), (xt - xd).abs().mean().item()))
-        ours.tile_size = 44
-        with pytest.raises(ValueError, match="multiples of 8"):
-            ours.encode(x)
-    finally:
-        ours.tile_size = 0
-    (e0, d0), (e16, d16), (e32, d32) = errors
-    assert e0 > e16 > e32 and d0 > d16 > d32 and e32 < 0.7 * e0 and d32 < 0.7 * d0, errors
-
-
-# --- bad input
-
-
-def test_tokenizer_bad_input_gives_one_clear_error(vae_pair):
-    ours, pix = vae_pair[1], tk.PixelTokenizer()
-    for tok in (ours, pix):
-        with pytest.raises(ValueError, match=r"\(B, 3, T, H, W\)"):
-            tok.encode(rand_video(1, 5, 16, 16)[:, :2])  # 2 channels
-        with pytest.raises(ValueError, match=r"\(B, 3, T, H, W\)"):
-            tok.encode(rand_video(1, 5, 16, 16)[0])  # no batch dim
-        with pytest.raises(ValueError, match="multiples of 8"):
-            tok.encode(rand_video(1, 5, 16, 12))
-        with pytest.raises(TypeError, match="127.5"):
-            tok.encode(torch.zeros(1, 3, 5, 16, 16, dtype=torch.uint8))
-        with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-            tok.encode(rand_video(1, 5, 16, 16) * 255)
-        with pytest.raises(ValueError, match="expected latents"):
-            tok.decode(torch.zeros(1, tok.latent_channels + 1, 2, 2, 2))
-    with pytest.raises(ValueError, match="unknown tokenizer"):
-        tk.build_tokenizer("wan2.2")
-    with pytest.raises(ValueError, match="unknown Wan VAE preset"):
-        tk.build_tokenizer("wan2.1", config="huge")
-
-
-def test_benchmark_cli_runs(capsys):
-    tk.main(["--benchmark", "--config", "tiny", "--frames", "5", "9", "--height", "16", "--width", "24",
-             "--warmup", "0"])
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("T=")]
-    assert len(lines) == 2 and all("frames/s" in line and "MiB" in line for line in lines)
-
-
-# -----------------------------------------------------------------------------
-# evaluate.py: metrics against references (lpips, scikit-image, scipy), known answers, weights, PCK
+    model = M.load_dit(str(tmp_path / "base.pt"), mcfg, action_stats=str(stats))
+    train.set_trainable(model, "new")
+    ema = {n: p.detach() + 0.5 for n, p in model.named_parameters() if p.requires_grad}
+    cfg = replace(train.TrainConfig(), trainable="new", init=str(tmp_path / "base.pt"), tokenizer="wan2.1",
+                  height=32, width=64, frames=5)
+    path = train.export(tmp_path / "model.safetensors", model, ema, cfg, mcfg, stats, 7, 0, torch.float32)
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    return path, model, ema, keys
+
+
+class TestSample:
+    """Rollouts from an exported model: length, seeds and batching; the sample command's outputs and input
+    checks; DexAC-only exports on their base; DINOv3 features per chunk."""
+
+    def test_rollout_length_and_first_frame(self, seed0_rollout):
+        wm, frame, _, one = seed0_rollout
+        assert one.shape == (1, 31, *wm.size, 3) and one.dtype == np.uint8  # 30 actions -> 31 frames
+        assert np.array_equal(one[0, 0], frame)  # the first frame is the given one (exact pixel tokenizer)
+
+    def test_rollout_seeds(self, seed0_rollout):
+        wm, frame, acts, one = seed0_rollout
+        assert np.array_equal(rollout(wm, frame[None], acts[:1], [0]), one)  # the same seed twice: identical
+        assert not np.array_equal(rollout(wm, frame[None], acts[:1], [1]), one)  # another seed: another sample
+
+    def test_batched_rollout_equals_one_by_one(self, seed0_rollout):
+        wm, frame, acts, one = seed0_rollout
+        both = rollout(wm, np.stack([frame, frame]), acts, [0, 1])
+        alone = np.concatenate([one, rollout(wm, frame[None], acts[1:], [1])])
+        assert np.abs(both.astype(int) - alone.astype(int)).max() <= 1  # a batch = one by one (up to rounding)
+
+    def test_sample_command_writes_video_and_preview(self, exported, sample_inputs, tmp_path, capsys):
+        image, actions, _ = sample_inputs
+        S.main(["--checkpoint", str(exported), "--steps", "2", "--out", str(tmp_path / "out"),
+                "--image", str(image), "--actions", str(actions)])
+        printed = capsys.readouterr().out
+        assert "is L, not RGB" in printed and "resizing" in printed  # notices, not errors
+        assert sum(1 for _ in __import__("av").open(str(tmp_path / "out" / "acts.mp4")).decode(video=0)) == 10
+        assert (tmp_path / "out" / "acts.png").is_file()
+
+    def test_sample_command_compares_with_the_ground_truth(self, exported, sample_inputs, tmp_path, capsys):
+        """An episode as input: ground truth side by side, and PSNR per frame."""
+        _, _, episode = sample_inputs
+        S.main(["--checkpoint", str(exported), "--steps", "2", "--out", str(tmp_path / "out"),
+                "--episode", str(episode), "--num-actions", "8"])
+        assert "PSNR per frame" in capsys.readouterr().out
+        assert list((tmp_path / "out").glob("*_vs_gt.mp4"))
+
+    @pytest.mark.parametrize("case", list(SAMPLE_BAD_ACTIONS))
+    def test_bad_actions_are_caught_before_a_model_is_loaded(self, exported, sample_inputs, tmp_path, monkeypatch,
+                                                              case):
+        monkeypatch.setattr(M, "load_exported", lambda *a, **k: pytest.fail("loaded a model for a bad input"))
+        image, _, _ = sample_inputs
+        actions, message = SAMPLE_BAD_ACTIONS[case]
+        np.save(tmp_path / f"{case}.npy", actions)
+        with pytest.raises(SystemExit, match=message):
+            S.main(["--checkpoint", str(exported), "--steps", "2", "--out", str(tmp_path / "out"),
+                    "--image", str(image), "--actions", str(tmp_path / f"{case}.npy")])
+
+    @pytest.mark.parametrize("case", list(SAMPLE_BAD_ARGS))
+    def test_bad_flags_are_caught_before_a_model_is_loaded(self, exported, sample_inputs, tmp_path, monkeypatch,
+                                                            case):
+        monkeypatch.setattr(M, "load_exported", lambda *a, **k: pytest.fail("loaded a model for a bad input"))
+        image, actions, _ = sample_inputs
+        base = ["--checkpoint", str(exported), "--steps", "2", "--out", str(tmp_path / "out")]
+        argv, message = SAMPLE_BAD_ARGS[case]
+        with pytest.raises(SystemExit, match=message):
+            S.main(argv(base, ["--image", str(image), "--actions", str(actions)], tmp_path))
+
+    def test_unreadable_image_is_caught_before_a_model_is_loaded(self, exported, sample_inputs, tmp_path,
+                                                                 monkeypatch):
+        monkeypatch.setattr(M, "load_exported", lambda *a, **k: pytest.fail("loaded a model for a bad input"))
+        _, actions, episode = sample_inputs
+        with pytest.raises(SystemExit, match="cannot read the image"):
+            S.main(["--checkpoint", str(exported), "--steps", "2", "--out", str(tmp_path / "out"),
+                    "--image", str(episode), "--actions", str(actions)])
+
+    def test_dexac_only_export_holds_only_the_new_modules(self, tmp_path, train_synth):
+        """--trainable new on a pretrained backbone exports the new modules only, and names the base."""
+        path, _, _, keys = dexac_only_export(tmp_path, train_synth / "stats.json")
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        assert keys and all(k.startswith("action_cond.") for k in keys)  # no backbone tensor in the file
+        assert json.loads(meta["base"]) == str(tmp_path / "base.pt")
+
+    def test_dexac_only_export_loads_on_its_base(self, tmp_path, train_synth):
+        path, model, ema, _ = dexac_only_export(tmp_path, train_synth / "stats.json")
+        loaded, info = M.load_exported(str(path))
+        expected = {**model.state_dict(), **ema}
+        assert set(loaded.state_dict()) == set(expected)
+        assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+
+    def test_init_puts_the_dexac_modules_on_another_backbone(self, tmp_path, train_synth):
+        """--init: another backbone under the same DexAC modules, and it rolls out."""
+        path, model, ema, keys = dexac_only_export(tmp_path, train_synth / "stats.json")
+        expected = {**model.state_dict(), **ema}
+        other = randomize(M.DiT(replace(DIT_SMALL)), seed=6)
+        official_pt(other, tmp_path / "other.pt")
+        wm = S.WorldModel(str(path), base=str(tmp_path / "other.pt"))
+        assert torch.equal(wm.dit.blocks[0].fc1.weight, other.blocks[0].fc1.weight)
+        assert torch.equal(wm.dit.action_cond.state_dict()[keys[0][len("action_cond."):]], expected[keys[0]])
+        frame = np.zeros((1, 32, 64, 3), np.uint8)
+        video = wm.rollout(frame, S.still_actions(4)[None], [""], [0], steps=1, progress=False)
+        assert video.shape == (1, 5, 32, 64, 3)
+
+    def test_dexac_only_export_without_its_base_is_one_clear_error(self, tmp_path, train_synth):
+        path, _, _, _ = dexac_only_export(tmp_path, train_synth / "stats.json")
+        (tmp_path / "base.pt").unlink()
+        with pytest.raises(FileNotFoundError, match="base.pt"):
+            M.load_exported(str(path))
+
+    def test_rollout_feeds_dino_features_of_each_chunk_start(self, hf_dino):
+        """A model with the semantic branch: DINOv3 sees the given frame for chunk 0, then each chunk's first
+        (generated) frame."""
+        _, folder = hf_dino
+        mcfg = replace(DIT_SMALL, in_channels=12 * 4, out_channels=12 * 4, action_mode="dexac", action_steps=4,
+                       semantic_dim=DINO_TINY.dim)
+        dit = randomize(M.DiT(mcfg), seed=2, std=0.05)
+        dit.action_cond.set_stats(torch.zeros(data.ACTION_DIM), torch.ones(data.ACTION_DIM))
+        info = {"tokenizer": {"name": "pixel", "pixel_compression": 2}, "text": {"mode": "none", "tokens": 4},
+                "train_config": {"height": 32, "width": 48, "text_cache": "", "shift": 1.0}}
+        wm = S.WorldModel.from_model(dit, info, dino=str(folder))
+        seen = []
+        forward = wm.dit.forward
+        wm.dit.forward = lambda *a, **k: seen.append(k["image_features"]) or forward(*a, **k)
+        frame = (np.random.default_rng(0).random((2, 32, 48, 3)) * 255).astype(np.uint8)
+        video = wm.rollout(frame, np.broadcast_to(S.still_actions(8), (2, 8, data.ACTION_DIM)), ["", ""], [0, 1],
+                           steps=2, progress=False)
+        assert video.shape == (2, 9, 32, 48, 3) and len(seen) == 4  # 2 chunks x 2 steps
+        expected = semantic.conditioning_features(wm.dino, torch.from_numpy(frame).permute(0, 3, 1, 2) / 127.5 - 1)
+        assert seen[0].shape == (2, 6, DINO_TINY.dim) and torch.allclose(seen[0], expected, atol=1e-5)
+        assert torch.equal(seen[0], seen[1]) and not torch.allclose(seen[2], seen[0])  # per chunk, not per step
+        generated = torch.from_numpy(video[:, 4]).permute(0, 3, 1, 2).float() / 127.5 - 1  # chunk 1's first frame
+        again = semantic.conditioning_features(wm.dino, generated)  # the frame as written: rounded to uint8
+        assert ((seen[2] - again).norm() / again.norm()).item() < 0.02
+
+
+# =====================================================================================================================
+# evaluate.py: metrics against references (lpips, scikit-image, scipy), known answers, weights, PCK, the protocol
 
 def eval_videos(seed=0, B=2, T=4, H=24, W=32, noise=0.1):
     """A random ground truth in [0, 1] and a noisy prediction, (B, 3, T, H, W) float64."""
@@ -1830,11 +2895,8 @@ def eval_videos(seed=0, B=2, T=4, H=24, W=32, noise=0.1):
 
 
 def eval_frames(v):
+    """(B, 3, T, H, W) videos -> (B*T, 3, H, W) frames."""
     return v.transpose(1, 2).flatten(0, 1)  # (B*T, 3, H, W)
-
-
-# -----------------------------------------------------------------------------
-# PSNR and SSIM
 
 
 def ssim_by_hand(x, y):
@@ -1850,72 +2912,8 @@ def ssim_by_hand(x, y):
     return (((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))).mean()
 
 
-def test_psnr_and_ssim_match_a_hand_computation():
-    pred, gt = eval_videos()
-    p, g = eval_frames(pred).numpy(), eval_frames(gt).numpy()
-    want_psnr = [10 * math.log10(1 / ((a - b) ** 2).mean()) for a, b in zip(p, g)]
-    want_ssim = [np.mean([ssim_by_hand(a[c], b[c]) for c in range(3)]) for a, b in zip(p, g)]
-    np.testing.assert_allclose(E.psnr_frames(eval_frames(pred), eval_frames(gt)).numpy(), want_psnr, rtol=1e-12)
-    np.testing.assert_allclose(E.ssim_frames(eval_frames(pred), eval_frames(gt)).numpy(), want_ssim, rtol=0, atol=1e-12)
-
-
-def test_psnr_and_ssim_match_scikit_image():
-    metrics = pytest.importorskip("skimage.metrics")
-    pred, gt = eval_videos(1, H=40, W=56)
-    worst = [0.0, 0.0]
-    for x, y in zip(eval_frames(pred), eval_frames(gt)):
-        a, b = x.permute(1, 2, 0).numpy(), y.permute(1, 2, 0).numpy()  # (H, W, 3)
-        ref = metrics.structural_similarity(a, b, gaussian_weights=True, sigma=1.5, data_range=1,
-                                            use_sample_covariance=False, channel_axis=2)
-        worst[0] = max(worst[0], abs(E.ssim_frames(x[None], y[None]).item() - ref))
-        ref = metrics.peak_signal_noise_ratio(b, a, data_range=1)
-        worst[1] = max(worst[1], abs(E.psnr_frames(x[None], y[None]).item() - ref))
-    print(f"SSIM, PSNR vs scikit-image: max abs differences {worst[0]:.3g}, {worst[1]:.3g}")
-    assert max(worst) < 1e-10
-
-
-def test_identical_videos_give_the_psnr_cap_and_ssim_1_and_inputs_are_checked():
-    _, gt = eval_videos()
-    ev = E.Evaluator(("psnr", "ssim"), n_cond=1)
-    clip = ev.add((gt * 255).round().to(torch.uint8), (gt * 255).round().to(torch.uint8))[0]
-    assert clip["psnr"] == E.PSNR_CAP and abs(clip["ssim"] - 1) < 1e-12
-    pred = gt.clone()
-    pred[:, :, 0] = 0  # the conditioning frame is not scored
-    assert ev.add(pred, gt)[0]["psnr"] == E.PSNR_CAP
-    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
-        ev.add(gt * 2 - 1, gt)  # a [-1, 1] video
-    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
-        ev.add(gt * 255, gt)  # 0-255 floats
-    with pytest.raises(ValueError, match="at least 11x11"):
-        E.ssim_frames(torch.rand(1, 3, 8, 32), torch.rand(1, 3, 8, 32))
-
-
-# -----------------------------------------------------------------------------
-# LPIPS
-
-
-def lpips_files(tmp_path, seed=0):
-    """Random weights in the two official layouts: torchvision's AlexNet (classifier included) and lpips'
-    v0.1 heads (non-negative, like the trained ones) -> (alexnet path, heads path, {our key: tensor})."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3),
-              10: (256, 256, 3, 3)}
-    alex = {}
-    for i, s in shapes.items():
-        alex[f"features.{i}.weight"] = torch.randn(s, generator=g) * math.sqrt(2 / math.prod(s[1:]))
-        alex[f"features.{i}.bias"] = torch.randn(s[0], generator=g) * 0.1
-    for i, s in {1: (4096, 9216), 4: (4096, 4096), 6: (1000, 4096)}.items():
-        alex[f"classifier.{i}.weight"], alex[f"classifier.{i}.bias"] = torch.zeros(s), torch.zeros(s[0])
-    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
-             for i, c in enumerate(E.ALEX_CHANNELS)}
-    torch.save(alex, tmp_path / "alexnet-owt-7be5be79.pth")
-    torch.save(heads, tmp_path / "alex.pth")
-    ours = {k: v for k, v in alex.items() if k.startswith("features.")}
-    ours.update({f"heads.{i}.weight": heads[f"lin{i}.model.1.weight"] for i in range(5)})
-    return tmp_path / "alexnet-owt-7be5be79.pth", tmp_path / "alex.pth", ours
-
-
 ALEX_CONVS = ((0, 4, 2, True), (3, 1, 2, True), (6, 1, 1, False), (8, 1, 1, False), (10, 1, 1, False))
+# ^ AlexNet's convolutions in LPIPS: torchvision feature index, stride, padding, max-pool after the ReLU
 
 
 def lpips_by_hand(w, x, y):
@@ -1935,88 +2933,17 @@ def lpips_by_hand(w, x, y):
                for i, (a, b) in enumerate(zip(relus(x), relus(y))))
 
 
-def test_lpips_loads_the_official_layouts_and_knows_its_answers(tmp_path):
+@pytest.fixture
+def lpips_net(tmp_path):
+    """LPIPS loaded from random weights in the official layouts -> (net, the weights under our keys)."""
     alex, heads, expected = lpips_files(tmp_path)
-    net = E.load_lpips(alex, heads)
-    sd = net.state_dict()
-    assert sd.keys() == expected.keys() and all(torch.equal(sd[k], v) for k, v in expected.items())
-    assert not any(p.requires_grad for p in net.parameters())
-    assert E.load_lpips(tmp_path, tmp_path).state_dict().keys() == sd.keys()  # a folder holding both files
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1, torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
-    with torch.no_grad():
-        d = net(x, y)
-        assert d.shape == (3,) and (d > 0).all() and torch.allclose(d, net(y, x), atol=1e-6)
-        assert net(x, x).abs().max() < 1e-6
-        torch.testing.assert_close(d, lpips_by_hand(expected, x, y), rtol=1e-5, atol=1e-6)
-    pred, gt = eval_videos(2, T=3, H=64, W=64)
-    ev = E.Evaluator(("lpips",), lpips=net)
-    assert all(c["lpips"] < 1e-6 for c in ev.add(gt, gt)) and all(c["lpips"] > 1e-3 for c in ev.add(pred, gt))
-
-
-def test_lpips_equals_the_lpips_package(tmp_path):
-    lpips = pytest.importorskip("lpips")
-    ref = lpips.LPIPS(net="alex", version="0.1", pretrained=False, pnet_rand=True, verbose=False).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.ndim > 1 else 0.1))
-        for lin in ref.lins:  # non-negative, like the trained heads
-            lin.model[1].weight.copy_(torch.rand(lin.model[1].weight.shape, generator=g))
-    feats = {**ref.net.slice1._modules, **ref.net.slice2._modules, **ref.net.slice3._modules,
-             **ref.net.slice4._modules, **ref.net.slice5._modules}  # named by torchvision's feature indices
-    alex = {f"features.{i}.{n}": getattr(m, n).detach().clone() for i, m in feats.items()
-            if isinstance(m, nn.Conv2d) for n in ("weight", "bias")}
-    torch.save(alex, tmp_path / "alexnet-owt-7be5be79.pth")
-    torch.save({k: v for k, v in ref.state_dict().items() if k.startswith("lin")}, tmp_path / "alex.pth")
-    net = E.load_lpips(tmp_path, tmp_path)
-    x, y = torch.rand(4, 3, 64, 96, generator=g) * 2 - 1, torch.rand(4, 3, 64, 96, generator=g) * 2 - 1
-    with torch.no_grad():
-        want, got = ref(x, y).flatten(), net(x, y)
-    print(f"LPIPS vs the lpips package: max abs difference {(got - want).abs().max().item():.3g}, "
-          f"values {want.tolist()}")
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-
-
-# -----------------------------------------------------------------------------
-# Frechet distance, FID and FVD
+    return E.load_lpips(alex, heads), expected
 
 
 def random_cov(rng, d, rank=None):
+    """A random d x d covariance matrix, of the given rank (full by default)."""
     a = rng.normal(size=(d, rank or d))
     return a @ a.T / (rank or d)
-
-
-def test_frechet_distance_equals_scipy():
-    linalg = pytest.importorskip("scipy.linalg")
-    rng = np.random.default_rng(0)
-    for d, rank in ((16, None), (32, 8)):  # the second: singular, like FVD with fewer clips than dimensions
-        mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
-        s1, s2 = random_cov(rng, d), random_cov(rng, d, rank)
-        covmean = linalg.sqrtm(s1 @ s2).real
-        want = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
-        assert abs(E.frechet_distance(mu1, s1, mu2, s2) - want) < 1e-8 * max(1, want), (d, rank)
-
-
-def test_frechet_distance_analytic_answers():
-    rng = np.random.default_rng(1)
-    # 2x2: Tr sqrt(M) = sqrt(Tr M + 2 sqrt(det M)) for M = S1 S2 with positive eigenvalues
-    s1, s2 = random_cov(rng, 2), random_cov(rng, 2)
-    tr_sqrt = math.sqrt(np.trace(s1 @ s2) + 2 * math.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))
-    mu = np.array([0.3, -1.2])
-    want = mu @ mu + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
-    assert abs(E.frechet_distance(np.zeros(2), s1, mu, s2) - want) < 1e-12
-    # diagonal covariances: sum (sqrt(a) - sqrt(b))^2
-    a, b = rng.uniform(0.1, 2, 8), rng.uniform(0.1, 2, 8)
-    want = 4.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    got = E.frechet_distance(np.zeros(8), np.diag(a), np.full(8, math.sqrt(0.5)), np.diag(b))
-    assert abs(got - want) < 1e-12
-    # a shifted distribution: the same samples moved by d -> |d|^2 exactly
-    feats, d = rng.normal(size=(500, 12)) @ rng.normal(size=(12, 12)), rng.normal(size=12)
-    assert abs(E.frechet_from_features(feats, feats + d) - d @ d) < 1e-9
-    assert E.frechet_from_features(feats, feats) < 1e-9
-    with pytest.raises(ValueError, match="at least 2"):
-        E.frechet_from_features(feats[:1], feats)
 
 
 class StandInInception(nn.Module):
@@ -2048,143 +2975,305 @@ class StandInI3D(nn.Module):
         return torch.cat([x.amin((2, 3, 4)), x.amax((2, 3, 4)), x.mean((2, 3, 4)), self.proj(pooled)], 1)
 
 
-class PlainI3D(nn.Module):
-    """A scripted VideoGPT-style InceptionI3d: called as net(x), logits averaged over time."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean((3, 4)).mean(2)
-
-
-def test_fid_fvd_loaders_input_protocol_and_known_answers(tmp_path):
+@pytest.fixture(scope="module")
+def metric_nets(tmp_path_factory):
+    """Stand-ins for the Inception and I3D TorchScript files, and a plain I3D, saved -> (inception, i3d, folder)."""
+    folder = tmp_path_factory.mktemp("metric_nets")
     torch.manual_seed(0)
-    torch.jit.script(StandInInception()).save(str(tmp_path / "inception-2015-12-05.pt"))
-    torch.jit.script(StandInI3D()).save(str(tmp_path / "i3d_torchscript.pt"))
-    torch.jit.script(PlainI3D()).save(str(tmp_path / "i3d_plain.pt"))
-    inception, i3d = E.load_torchscript("inception", tmp_path), E.load_torchscript("i3d", tmp_path)
-    # the Inception file wants 0..255: a frame of 0.5 reaches it as 127.5
-    f = E.inception_features(torch.full((2, 3, 36, 64), 0.5), inception)
-    assert f.dtype == np.float64 and f.shape == (2, 16) and np.allclose(f[:, :3], 127.5)
-    # I3D gets [-1, 1] at 224x224: a black clip is -1 everywhere, a white one +1
-    v = torch.cat([torch.zeros(1, 3, 5, 36, 64), torch.ones(1, 3, 5, 36, 64)])
-    f = E.i3d_features(v, i3d)
-    assert f.shape == (2, 16) and np.allclose(f[0, :9], -1) and np.allclose(f[1, :9], 1)
-    np.testing.assert_allclose(E.i3d_features(v, E.load_torchscript("i3d", tmp_path / "i3d_plain.pt")),
-                               [[-1] * 3, [1] * 3], atol=1e-6)
-    # identical sets give 0, different ones do not
+    torch.jit.script(StandInInception()).save(str(folder / "inception-2015-12-05.pt"))
+    torch.jit.script(StandInI3D()).save(str(folder / "i3d_torchscript.pt"))
+    torch.jit.script(PlainI3D()).save(str(folder / "i3d_plain.pt"))
+    return E.load_torchscript("inception", folder), E.load_torchscript("i3d", folder), folder
+
+
+def fid_fvd_report(metric_nets, same):
+    """FID and FVD of 6 noisy clips against their ground truth, or of the ground truth against itself."""
+    inception, i3d, _ = metric_nets
     pred, gt = eval_videos(3, B=6, T=4, H=36, W=64, noise=0.3)
     ev = E.Evaluator(("fid", "fvd"), inception=inception, i3d=i3d)
-    ev.add(gt, gt)
-    rep = ev.report()
-    assert rep["fid"] < 1e-8 and rep["fvd"] < 1e-8
-    ev = E.Evaluator(("fid", "fvd"), inception=inception, i3d=i3d)
-    ev.add(pred, gt)
-    rep = ev.report()
-    assert rep["fid"] > 1e-2 and rep["fvd"] > 1e-3
+    ev.add(gt if same else pred, gt)
+    return ev.report()
 
 
-def test_missing_or_wrong_weights_give_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    for kind, url in (("alexnet", "download.pytorch.org"), ("lpips", "PerceptualSimilarity"),
-                      ("inception", "nvlabs-fi-cdn"), ("i3d", "i3d_torchscript.pt")):
-        name = E.WEIGHTS[kind][0]
-        for spec in (None, tmp_path / "nowhere" / name, tmp_path):
-            with pytest.raises(E.WeightsError) as e:
-                E.resolve_weights(kind, spec)
-            msg = str(e.value)
-            assert name in msg and url in msg and str(tmp_path / "torch_home") in msg
-    with pytest.raises(E.WeightsError, match="alexnet-owt-7be5be79.pth"):
-        E.load_lpips()
-    with pytest.raises(E.WeightsError, match="inception-2015-12-05.pt"):
-        E.load_torchscript("inception")
-    # the default place is $TORCH_HOME/hub/checkpoints
-    alex, heads, _ = lpips_files(tmp_path)
-    E.weights_dir().mkdir(parents=True)
-    alex.rename(E.weights_dir() / alex.name)
-    heads.rename(E.weights_dir() / heads.name)
-    assert isinstance(E.load_lpips(), E.LPIPS)
-    # wrong files: a state dict for TorchScript, heads that do not fit, TorchScript for a state dict
-    with pytest.raises(E.WeightsError, match="not a TorchScript file"):
-        E.load_torchscript("inception", E.weights_dir() / "alex.pth")
-    torch.save({"lin0.model.1.weight": torch.zeros(1, 3, 1, 1)}, tmp_path / "bad.pth")
-    with pytest.raises(E.WeightsError, match=r"mis-shaped \['heads.0.weight") as e:
-        E.load_lpips(heads=tmp_path / "bad.pth")
-    assert "heads.4.weight" in str(e.value)
+def torchscript_as_state_dict(tmp_path):
+    """A TorchScript file given where a state dict is expected."""
+    _, heads, _ = lpips_files(tmp_path)
     torch.jit.script(PlainI3D()).save(str(tmp_path / "script.pt"))
-    with pytest.raises(E.WeightsError, match="not a state dict"):
-        E.load_lpips(alexnet=tmp_path / "script.pt")
-    with pytest.raises(ValueError, match="lpips needs its network"):
-        E.Evaluator(("psnr", "lpips"))
+    E.load_lpips(alexnet=tmp_path / "script.pt", heads=heads)
 
 
-def test_hub_specs_go_through_huggingface_hub(tmp_path, monkeypatch):
-    hub = pytest.importorskip("huggingface_hub")
-    calls = []
-
-    def fake_download(repo, filename):
-        calls.append((repo, filename))
-        if repo == "org/missing":
-            raise hub.errors.LocalEntryNotFoundError("offline")
-        return str(tmp_path / filename)
-
-    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
-    assert E.resolve_weights("inception", "org/metrics").endswith("inception-2015-12-05.pt")
-    assert E.resolve_weights("i3d", "org/metrics/fvd/i3d.pt").endswith("fvd/i3d.pt")
-    with pytest.raises(E.WeightsError, match="i3d_torchscript.pt.*Hub file org/missing"):
-        E.resolve_weights("i3d", "org/missing")
-    assert calls == [("org/metrics", "inception-2015-12-05.pt"), ("org/metrics", "fvd/i3d.pt"),
-                     ("org/missing", "i3d_torchscript.pt")]
+def state_dict_as_torchscript(tmp_path):
+    """A state dict given where a TorchScript file is expected."""
+    _, heads, _ = lpips_files(tmp_path)
+    E.load_torchscript("inception", heads)
 
 
-def test_urls_download_once_into_the_weights_folder(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    calls = []
-
-    def fake_download(url, dst):
-        calls.append(url)
-        if "broken" in url:
-            raise OSError("no route to host")
-        open(dst, "wb").close()
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    url = E.WEIGHTS["i3d"][2]
-    path = E.resolve_weights("i3d", url)
-    assert path == str(E.weights_dir() / "i3d_torchscript.pt") and E.resolve_weights("i3d", url) == path
-    assert E.resolve_weights("i3d") == path and calls == [url]  # found again without a download
-    with pytest.raises(E.WeightsError, match="alex.pth .*could not be downloaded.*no route to host"):
-        E.resolve_weights("lpips", "https://example.org/broken/alex.pth")
-
-
-def test_latent_l2_counts_predicted_latent_frames_only():
-    gt = torch.randn(2, 4, 4, 3, 5)
-    pred = gt + 1
-    pred[:, :, 0] = 100  # the conditioning latent frame
-    np.testing.assert_allclose(E.latent_l2(pred, gt).numpy(), [1, 1])
-    ev = E.Evaluator(("latent_l2",))
-    _, v = eval_videos(B=2)
-    assert [c["latent_l2"] for c in ev.add(v, v, pred_latents=pred, gt_latents=gt)] == pytest.approx([1, 1])
-
-
-# -----------------------------------------------------------------------------
-# PCK, action families, the report, the command line
+WRONG_WEIGHTS = {  # case -> (call on tmp_path, exception, message)
+    "state_dict_for_torchscript": (state_dict_as_torchscript, E.WeightsError, "not a TorchScript file"),
+    "torchscript_for_state_dict": (torchscript_as_state_dict, E.WeightsError, "not a state dict"),
+    "no_lpips_network": (lambda tmp_path: E.Evaluator(("psnr", "lpips")), ValueError, "lpips needs its network"),
+}
 
 
 @pytest.fixture(scope="module")
 def eval_synth_clip(tmp_path_factory):
+    """A 13-frame clip of a synthetic test episode at the source size, 180x320."""
     root = data.write_synthetic(tmp_path_factory.mktemp("synth"), tasks=1, episodes=0, test_episodes=1,
                                 frames=14, workers=0)
     h5 = next((root / "test").glob("*/0.hdf5"))
     return data.load_clip(data.Episode("test/x/0", str(h5), 14, "egodex"), 0, 13, size=None)
 
 
-def test_pck_on_synthetic_frames(eval_synth_clip):
-    gt = eval_synth_clip["video"][None]  # (1, 3, 13, 180, 320) uint8, decoded from the MP4
-    ev = E.Evaluator(("pck",))
-    clip = ev.add(gt, gt, keypoint_valid=eval_synth_clip["keypoint_valid"][None])[0]
-    assert clip["pck_count"] >= 12 * 12 * 0.9 and clip["pck_hits"] == [clip["pck_count"]] * 4
-    assert all(ev.report()[f"pck@{k:g}"] == 100.0 for k in E.PCK_THRESHOLDS)
-    # shift the prediction right by s = floor(k) + 1 px; count keypoints away from the borders only
-    W = gt.shape[-1]
-    for k in E.PCK_THRESHOLDS:
+def compare_folders(tmp_path, clip):
+    """pred/ and gt/ folders holding the clip as .npy (0-255 and 0-1) and as lossless .mp4 -> (pred, gt)."""
+    gt = clip["video"].permute(1, 2, 3, 0).numpy()  # (T, H, W, 3)
+    for d in ("pred", "gt"):
+        (tmp_path / d).mkdir()
+    np.save(tmp_path / "gt" / "a.npy", gt)
+    np.save(tmp_path / "pred" / "a.npy", gt.astype(np.float32) / 255)
+    data.write_video(tmp_path / "gt" / "b.mp4", gt, crf=0)
+    data.write_video(tmp_path / "pred" / "b.mp4", gt, crf=0)
+    return tmp_path / "pred", tmp_path / "gt"
+
+
+@pytest.fixture(scope="module")
+def protocol_run(exported, train_synth, tmp_path_factory):
+    """The evaluation protocol run on two rows holding the same exported weights ->
+    (argv, {row: checkpoint}, output folder, clip plan, report rows)."""
+    tmp = tmp_path_factory.mktemp("protocol")
+    rows = {}
+    for name in ("dexac-a", "dexac-b"):  # the same weights twice: two rows that must agree exactly
+        (tmp / name).mkdir()
+        shutil.copy(exported, tmp / name / "model.safetensors")
+        rows[name] = str(tmp / name / "model.safetensors")
+    out = tmp / "eval"
+    argv = ["--checkpoint", *rows.values(), "--data", str(train_synth), "--horizon", "9", "--steps", "2",
+            "--metrics", "psnr,ssim,latent_l2,pck", "--batch", "2", "--out", str(out), "--figure-clips", "2"]
+    episodes, plan = E.eval_plan(train_synth, 9)
+    assert E.main(argv) == 0
+    return argv, rows, out, plan, json.loads((out / "report.json").read_text())["rows"]
+
+
+def count_rollouts(monkeypatch):
+    """Record the batch size of every WorldModel.rollout call from now on -> the list it fills."""
+    calls = []
+    rollout = S.WorldModel.rollout
+    monkeypatch.setattr(S.WorldModel, "rollout", lambda self, frames, *x, **k: calls.append(len(frames)) or
+                        rollout(self, frames, *x, **k))
+    return calls
+
+
+def same_scores(row, a):
+    """Whether a report row has the scores of row a (rel 1e-5: a batch of 1 rounds differently)."""
+    return all(row[k] == pytest.approx(a[k], rel=1e-5) for k in ("clips", "psnr", "ssim", "latent_l2"))
+
+
+PROTOCOL_BAD_INPUTS = {  # case -> (argv given protocol_run's argv, rows and a folder; exception; message)
+    "missing_checkpoint": (lambda argv, rows, tmp: ["--checkpoint", str(tmp / "none.safetensors"),
+                                                    "--data", argv[argv.index("--data") + 1]],
+                           FileNotFoundError, "not found"),
+    "unknown_metric": (lambda argv, rows, tmp: [*argv, "--metrics", "psnr,dreamsim"], ValueError, "unknown metrics"),
+    "missing_inception": (lambda argv, rows, tmp: [*argv, "--metrics", "fid", "--inception", str(tmp / "none.pt")],
+                          E.WeightsError, "inception-2015-12-05.pt"),
+    "kept_clips_of_other_settings": (lambda argv, rows, tmp: [*argv, "--steps", "3"], ValueError, "other settings"),
+    "same_checkpoint_twice": (lambda argv, rows, tmp: ["--checkpoint", rows["dexac-a"], rows["dexac-a"],
+                                                       "--data", argv[argv.index("--data") + 1]],
+                              ValueError, "give the row name"),
+}
+
+
+class TestEvaluate:
+    """Every metric against an independent reference or a known answer (PSNR, SSIM, LPIPS, Frechet distances,
+    FID, FVD, latent L2, PCK), the report, the compare command, and the sharded, resumable rollout protocol."""
+
+    def test_psnr_and_ssim_match_a_hand_computation(self):
+        pred, gt = eval_videos()
+        p, g = eval_frames(pred).numpy(), eval_frames(gt).numpy()
+        want_psnr = [10 * math.log10(1 / ((a - b) ** 2).mean()) for a, b in zip(p, g)]
+        want_ssim = [np.mean([ssim_by_hand(a[c], b[c]) for c in range(3)]) for a, b in zip(p, g)]
+        np.testing.assert_allclose(E.psnr_frames(eval_frames(pred), eval_frames(gt)).numpy(), want_psnr, rtol=1e-12)
+        np.testing.assert_allclose(E.ssim_frames(eval_frames(pred), eval_frames(gt)).numpy(), want_ssim, rtol=0,
+                                   atol=1e-12)
+
+    def test_psnr_and_ssim_match_scikit_image(self):
+        metrics = pytest.importorskip("skimage.metrics")
+        pred, gt = eval_videos(1, H=40, W=56)
+        worst = [0.0, 0.0]
+        for x, y in zip(eval_frames(pred), eval_frames(gt)):
+            a, b = x.permute(1, 2, 0).numpy(), y.permute(1, 2, 0).numpy()  # (H, W, 3)
+            ref = metrics.structural_similarity(a, b, gaussian_weights=True, sigma=1.5, data_range=1,
+                                                use_sample_covariance=False, channel_axis=2)
+            worst[0] = max(worst[0], abs(E.ssim_frames(x[None], y[None]).item() - ref))
+            ref = metrics.peak_signal_noise_ratio(b, a, data_range=1)
+            worst[1] = max(worst[1], abs(E.psnr_frames(x[None], y[None]).item() - ref))
+        print(f"SSIM, PSNR vs scikit-image: max abs differences {worst[0]:.3g}, {worst[1]:.3g}")
+        assert max(worst) < 1e-10
+
+    def test_identical_videos_give_the_psnr_cap_and_ssim_1(self):
+        _, gt = eval_videos()
+        ev = E.Evaluator(("psnr", "ssim"), n_cond=1)
+        clip = ev.add((gt * 255).round().to(torch.uint8), (gt * 255).round().to(torch.uint8))[0]
+        assert clip["psnr"] == E.PSNR_CAP and abs(clip["ssim"] - 1) < 1e-12
+
+    def test_the_conditioning_frame_is_not_scored(self):
+        _, gt = eval_videos()
+        pred = gt.clone()
+        pred[:, :, 0] = 0
+        assert E.Evaluator(("psnr", "ssim"), n_cond=1).add(pred, gt)[0]["psnr"] == E.PSNR_CAP
+
+    @pytest.mark.parametrize("case", ["minus_1_to_1", "0_to_255_floats"])
+    def test_videos_outside_0_1_are_refused(self, case):
+        _, gt = eval_videos()
+        pred = {"minus_1_to_1": gt * 2 - 1, "0_to_255_floats": gt * 255}[case]
+        with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+            E.Evaluator(("psnr", "ssim"), n_cond=1).add(pred, gt)
+
+    def test_ssim_needs_11x11_frames(self):
+        with pytest.raises(ValueError, match="at least 11x11"):
+            E.ssim_frames(torch.rand(1, 3, 8, 32), torch.rand(1, 3, 8, 32))
+
+    def test_lpips_loads_the_official_layouts(self, lpips_net, tmp_path):
+        net, expected = lpips_net
+        sd = net.state_dict()
+        assert sd.keys() == expected.keys() and all(torch.equal(sd[k], v) for k, v in expected.items())
+        assert not any(p.requires_grad for p in net.parameters())
+        assert E.load_lpips(tmp_path, tmp_path).state_dict().keys() == sd.keys()  # a folder holding both files
+
+    def test_lpips_is_a_distance_and_equals_a_hand_computation(self, lpips_net):
+        """Positive, symmetric, zero on identical images, and LPIPS v0.1 written with functional ops."""
+        net, expected = lpips_net
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1, torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
+        with torch.no_grad():
+            d = net(x, y)
+            assert d.shape == (3,) and (d > 0).all() and torch.allclose(d, net(y, x), atol=1e-6)
+            assert net(x, x).abs().max() < 1e-6
+            torch.testing.assert_close(d, lpips_by_hand(expected, x, y), rtol=1e-5, atol=1e-6)
+
+    def test_lpips_in_the_evaluator(self, lpips_net):
+        pred, gt = eval_videos(2, T=3, H=64, W=64)
+        ev = E.Evaluator(("lpips",), lpips=lpips_net[0])
+        assert all(c["lpips"] < 1e-6 for c in ev.add(gt, gt)) and all(c["lpips"] > 1e-3 for c in ev.add(pred, gt))
+
+    def test_lpips_equals_the_lpips_package(self, tmp_path):
+        lpips = pytest.importorskip("lpips")
+        ref = lpips.LPIPS(net="alex", version="0.1", pretrained=False, pnet_rand=True, verbose=False).eval()
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.ndim > 1 else 0.1))
+            for lin in ref.lins:  # non-negative, like the trained heads
+                lin.model[1].weight.copy_(torch.rand(lin.model[1].weight.shape, generator=g))
+        feats = {**ref.net.slice1._modules, **ref.net.slice2._modules, **ref.net.slice3._modules,
+                 **ref.net.slice4._modules, **ref.net.slice5._modules}  # named by torchvision's feature indices
+        alex = {f"features.{i}.{n}": getattr(m, n).detach().clone() for i, m in feats.items()
+                if isinstance(m, nn.Conv2d) for n in ("weight", "bias")}
+        torch.save(alex, tmp_path / "alexnet-owt-7be5be79.pth")
+        torch.save({k: v for k, v in ref.state_dict().items() if k.startswith("lin")}, tmp_path / "alex.pth")
+        net = E.load_lpips(tmp_path, tmp_path)
+        x, y = torch.rand(4, 3, 64, 96, generator=g) * 2 - 1, torch.rand(4, 3, 64, 96, generator=g) * 2 - 1
+        with torch.no_grad():
+            want, got = ref(x, y).flatten(), net(x, y)
+        print(f"LPIPS vs the lpips package: max abs difference {(got - want).abs().max().item():.3g}, "
+              f"values {want.tolist()}")
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+    def test_lpips_heads_that_do_not_fit_are_one_clear_error(self, tmp_path):
+        alex, _, _ = lpips_files(tmp_path)
+        torch.save({"lin0.model.1.weight": torch.zeros(1, 3, 1, 1)}, tmp_path / "bad.pth")
+        with pytest.raises(E.WeightsError, match=r"mis-shaped \['heads.0.weight") as e:
+            E.load_lpips(alex, heads=tmp_path / "bad.pth")
+        assert "heads.4.weight" in str(e.value)
+
+    @pytest.mark.parametrize("case", list(WRONG_WEIGHTS))
+    def test_wrong_weights_are_one_clear_error(self, case, tmp_path):
+        call, error, message = WRONG_WEIGHTS[case]
+        with pytest.raises(error, match=message):
+            call(tmp_path)
+
+    def test_frechet_distance_equals_scipy(self):
+        linalg = pytest.importorskip("scipy.linalg")
+        rng = np.random.default_rng(0)
+        for d, rank in ((16, None), (32, 8)):  # the second: singular, like FVD with fewer clips than dimensions
+            mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+            s1, s2 = random_cov(rng, d), random_cov(rng, d, rank)
+            covmean = linalg.sqrtm(s1 @ s2).real
+            want = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+            assert abs(E.frechet_distance(mu1, s1, mu2, s2) - want) < 1e-8 * max(1, want), (d, rank)
+
+    def test_frechet_distance_of_2x2_covariances(self):
+        """Tr sqrt(M) = sqrt(Tr M + 2 sqrt(det M)) for M = S1 S2 with positive eigenvalues."""
+        rng = np.random.default_rng(1)
+        s1, s2 = random_cov(rng, 2), random_cov(rng, 2)
+        tr_sqrt = math.sqrt(np.trace(s1 @ s2) + 2 * math.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))
+        mu = np.array([0.3, -1.2])
+        want = mu @ mu + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+        assert abs(E.frechet_distance(np.zeros(2), s1, mu, s2) - want) < 1e-12
+
+    def test_frechet_distance_of_diagonal_covariances(self):
+        """sum (sqrt(a) - sqrt(b))^2 plus the squared distance of the means."""
+        rng = np.random.default_rng(1)
+        a, b = rng.uniform(0.1, 2, 8), rng.uniform(0.1, 2, 8)
+        want = 4.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+        got = E.frechet_distance(np.zeros(8), np.diag(a), np.full(8, math.sqrt(0.5)), np.diag(b))
+        assert abs(got - want) < 1e-12
+
+    def test_frechet_distance_of_shifted_samples(self):
+        """The same samples moved by d -> |d|^2 exactly, and 0 unmoved."""
+        rng = np.random.default_rng(1)
+        feats, d = rng.normal(size=(500, 12)) @ rng.normal(size=(12, 12)), rng.normal(size=12)
+        assert abs(E.frechet_from_features(feats, feats + d) - d @ d) < 1e-9
+        assert E.frechet_from_features(feats, feats) < 1e-9
+
+    def test_frechet_distance_needs_2_samples(self):
+        feats = np.random.default_rng(1).normal(size=(500, 12))
+        with pytest.raises(ValueError, match="at least 2"):
+            E.frechet_from_features(feats[:1], feats)
+
+    def test_inception_gets_0_to_255(self, metric_nets):
+        """The Inception file wants 0..255: a frame of 0.5 reaches it as 127.5."""
+        f = E.inception_features(torch.full((2, 3, 36, 64), 0.5), metric_nets[0])
+        assert f.dtype == np.float64 and f.shape == (2, 16) and np.allclose(f[:, :3], 127.5)
+
+    def test_i3d_gets_minus_1_to_1_at_224(self, metric_nets):
+        """A black clip reaches I3D as -1 everywhere, a white one as +1, with either I3D file's interface."""
+        _, i3d, folder = metric_nets
+        v = torch.cat([torch.zeros(1, 3, 5, 36, 64), torch.ones(1, 3, 5, 36, 64)])
+        f = E.i3d_features(v, i3d)
+        assert f.shape == (2, 16) and np.allclose(f[0, :9], -1) and np.allclose(f[1, :9], 1)
+        np.testing.assert_allclose(E.i3d_features(v, E.load_torchscript("i3d", folder / "i3d_plain.pt")),
+                                   [[-1] * 3, [1] * 3], atol=1e-6)
+
+    def test_identical_sets_give_zero_fid_and_fvd(self, metric_nets):
+        rep = fid_fvd_report(metric_nets, same=True)
+        assert rep["fid"] < 1e-8 and rep["fvd"] < 1e-8
+
+    def test_different_sets_give_positive_fid_and_fvd(self, metric_nets):
+        rep = fid_fvd_report(metric_nets, same=False)
+        assert rep["fid"] > 1e-2 and rep["fvd"] > 1e-3
+
+    def test_latent_l2_counts_predicted_latent_frames_only(self):
+        gt = torch.randn(2, 4, 4, 3, 5)
+        pred = gt + 1
+        pred[:, :, 0] = 100  # the conditioning latent frame
+        np.testing.assert_allclose(E.latent_l2(pred, gt).numpy(), [1, 1])
+        ev = E.Evaluator(("latent_l2",))
+        _, v = eval_videos(B=2)
+        assert [c["latent_l2"] for c in ev.add(v, v, pred_latents=pred, gt_latents=gt)] == pytest.approx([1, 1])
+
+    def test_pck_is_100_on_identical_frames(self, eval_synth_clip):
+        gt = eval_synth_clip["video"][None]  # (1, 3, 13, 180, 320) uint8, decoded from the MP4
+        ev = E.Evaluator(("pck",))
+        clip = ev.add(gt, gt, keypoint_valid=eval_synth_clip["keypoint_valid"][None])[0]
+        assert clip["pck_count"] >= 12 * 12 * 0.9 and clip["pck_hits"] == [clip["pck_count"]] * 4
+        assert all(ev.report()[f"pck@{k:g}"] == 100.0 for k in E.PCK_THRESHOLDS)
+
+    @pytest.mark.parametrize("k", E.PCK_THRESHOLDS)
+    def test_pck_thresholds_on_shifted_frames(self, eval_synth_clip, k):
+        """Shift the prediction right by s = floor(k) + 1 px: a hit below s, a miss from s on (keypoints away
+        from the borders only)."""
+        gt = eval_synth_clip["video"][None]
+        W = gt.shape[-1]
         s = int(k) + 1
         pred = torch.roll(gt, s, dims=-1)
         kp = np.stack([data.detect_keypoints(f) for f in gt[0].permute(1, 2, 3, 0).numpy()])  # (13, 12, 2)
@@ -2194,553 +3283,235 @@ def test_pck_on_synthetic_frames(eval_synth_clip):
         for i, t in enumerate(E.PCK_THRESHOLDS):
             assert clip["pck_hits"][i] == (0 if t < s else clip["pck_count"]), (k, t, clip)
 
+    def test_pck_counts_missing_predictions_and_skips_invisible_gt(self):
+        gt = np.array([[[10.0, 10.0], [20.0, 20.0], [np.nan, np.nan], [5.0, 5.0]]])
+        pred = np.array([[[13.0, 14.0], [np.nan, np.nan], [0.0, 0.0], [5.0, 5.0]]])
+        hits, count = E.pck(pred, gt, thresholds=(2.5, 5.0))  # distances 5, missing, (no GT), 0
+        assert count == 3 and hits.tolist() == [1, 2]
 
-def test_pck_counts_missing_predictions_and_invisible_gt():
-    gt = np.array([[[10.0, 10.0], [20.0, 20.0], [np.nan, np.nan], [5.0, 5.0]]])
-    pred = np.array([[[13.0, 14.0], [np.nan, np.nan], [0.0, 0.0], [5.0, 5.0]]])
-    hits, count = E.pck(pred, gt, thresholds=(2.5, 5.0))  # distances 5, missing, (no GT), 0
-    assert count == 3 and hits.tolist() == [1, 2]
-    hits, count = E.pck(pred, gt, valid=np.array([[True, True, True, False]]), thresholds=(5.0,))
-    assert count == 2 and hits.tolist() == [1]
+    def test_pck_valid_mask_drops_keypoints(self):
+        gt = np.array([[[10.0, 10.0], [20.0, 20.0], [np.nan, np.nan], [5.0, 5.0]]])
+        pred = np.array([[[13.0, 14.0], [np.nan, np.nan], [0.0, 0.0], [5.0, 5.0]]])
+        hits, count = E.pck(pred, gt, valid=np.array([[True, True, True, False]]), thresholds=(5.0,))
+        assert count == 2 and hits.tolist() == [1]
+
+    def test_keypoint_model_interface(self, tmp_path):
+        """A TorchScript keypoint model gives (x, y, confidence) per keypoint; zero confidence means not found."""
+        class Fixed(nn.Module):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                kp = torch.zeros(x.shape[0], 12, 3)
+                kp[:, :, 0], kp[:, :, 1] = x.shape[3] / 2, x.shape[2] / 2
+                kp[:, 1:, 2] = 1.0  # the first keypoint with zero confidence
+                return kp
+
+        torch.jit.script(Fixed()).save(str(tmp_path / "keypoints.pt"))
+        det = E.KeypointModel(str(tmp_path / "keypoints.pt"))
+        kp = det(np.zeros((2, 40, 60, 3), np.uint8))
+        assert kp.shape == (2, 12, 2) and np.isnan(kp[:, 0]).all() and (kp[:, 1:] == [30, 20]).all()
+
+    def test_action_families_follow_the_normalized_actions(self):
+        mean, std = np.zeros(57), np.ones(57)
+        std[list(data.FINGER_IDX)] = 1e-3  # finger motion is millimetres
+        a = np.zeros((12, 57))
+        a[:, list(data.WRIST_IDX)] = 0.01
+        assert E.action_family(a, mean, np.ones(57)) == "wrist"
+        a[:, list(data.FINGER_IDX)] = 0.002  # tiny in metres, large for fingers
+        assert E.action_family(a, mean, std) == "finger" and E.action_family(a, mean, np.ones(57)) == "wrist"
+        a[:, list(data.HEAD_IDX)] = 5.0  # z = 5 > the fingers' 2
+        assert E.action_family(a, mean, std) == "head"
+
+    def test_report_pools_pck_and_splits_families(self):
+        clips = [{"psnr": 20.0, "pck_hits": [1, 2, 3, 4], "pck_count": 4, "family": "wrist"},
+                 {"psnr": 30.0, "pck_hits": [0, 0, 6, 12], "pck_count": 12, "family": "head"}]
+        rep = E.aggregate(clips, fid=3.5, resolution=[180, 320])
+        assert rep["clips"] == 2 and rep["psnr"] == 25.0 and rep["fid"] == 3.5 and "fvd" not in rep
+        assert rep["pck@2.5"] == 100 * 1 / 16 and rep["pck@20"] == 100.0 and rep["pck_resolution"] == [180, 320]
+        fam = rep["families"]
+        assert fam["wrist"]["clips"] == 1 and fam["wrist"]["pck@10"] == 75.0 and fam["head"]["pck@5"] == 0.0
+        assert fam["finger"] == {"clips": 0, **{f"pck@{k:g}": None for k in E.PCK_THRESHOLDS}}
+        json.dumps(rep)  # the report is JSON as it is
+
+    def test_evaluator_assigns_each_clip_its_action_family(self):
+        ev = E.Evaluator(("psnr",), stats=(np.zeros(57), np.ones(57)))
+        _, v = eval_videos(B=2)
+        actions = torch.zeros(2, 3, 57)
+        actions[0, :, list(data.HEAD_IDX)] = 1
+        actions[1, :, list(data.FINGER_IDX)] = 1
+        assert [c["family"] for c in ev.add(v, v, actions=actions)] == ["head", "finger"]
+
+    def test_command_line_compare(self, tmp_path, eval_synth_clip):
+        pred, gt = compare_folders(tmp_path, eval_synth_clip)
+        out = tmp_path / "report.json"
+        assert E.main(["compare", "--pred", str(pred), "--gt", str(gt), "--metrics", "psnr,ssim,pck",
+                       "--out", str(out)]) == 0
+        rep = json.loads(out.read_text())
+        assert rep["clips"] == 2 and rep["psnr"] > 40 and rep["ssim"] > 0.99 and rep["pck@2.5"] > 99
+        assert rep["pck_resolution"] == [180, 320]
+
+    def test_compare_without_lpips_weights_is_one_clear_error(self, tmp_path, eval_synth_clip):
+        pred, gt = compare_folders(tmp_path, eval_synth_clip)
+        with pytest.raises(E.WeightsError, match="alexnet-owt"):
+            E.main(["compare", "--pred", str(pred), "--gt", str(gt), "--metrics", "lpips",
+                    "--alexnet", str(tmp_path / "none.pth")])
+
+    def test_compare_folders_with_other_names_is_one_clear_error(self, tmp_path, eval_synth_clip):
+        pred, gt = compare_folders(tmp_path, eval_synth_clip)
+        (pred / "a.npy").rename(pred / "c.npy")
+        with pytest.raises(ValueError, match="same names"):
+            E.main(["compare", "--pred", str(pred), "--gt", str(gt)])
+
+    def test_protocol_plans_clips_of_the_test_episodes(self, protocol_run):
+        _, _, _, plan, _ = protocol_run
+        assert len(plan) == 2 * (40 // 9)  # 2 test episodes of 40 frames: starts 0, 9, 18, 27
+
+    def test_protocol_rows_of_the_same_weights_agree_and_average_their_clips(self, protocol_run):
+        _, _, out, plan, report = protocol_run
+        a, b = report["dexac-a"], report["dexac-b"]
+        assert a["clips"] == len(plan) and a == b  # same weights and seeds: identical rows
+        clips = [json.loads(f.read_text()) for f in sorted((out / "dexac-a" / "clips").glob("*.json"))]
+        assert a["psnr"] == pytest.approx(np.mean([c["psnr"] for c in clips]))
+
+    def test_protocol_reports_pck_families_table_and_figure(self, protocol_run):
+        """PCK is wired in (at 32x64 the markers are too small to detect, so it is undefined: None)."""
+        _, _, out, _, report = protocol_run
+        a = report["dexac-a"]
+        assert a["latent_l2"] > 0 and "pck@20" in a and set(a["families"]) == set(E.FAMILIES)
+        table = (out / "table.md").read_text()
+        assert "| Model | PSNR ↑ | SSIM ↑ | LPIPS ↓ | FID ↓ | FVD ↓ | PCK@10 ↑ | PCK@20 ↑ |" in table
+        assert table.count("| dexac-") == 4  # a row per model in both tables
+        assert (out / "figure.png").is_file()
+
+    def test_protocol_resume_rolls_out_only_the_missing_clip(self, protocol_run, monkeypatch):
+        """Only the missing clip is rolled out again, and it scores as before."""
+        argv, _, out, _, report = protocol_run
+        (out / "dexac-a" / "clips" / "00003.json").unlink()
+        calls = count_rollouts(monkeypatch)
+        E.main(argv)
+        assert calls == [1]
+        assert same_scores(json.loads((out / "report.json").read_text())["rows"]["dexac-a"], report["dexac-a"])
+
+    def test_protocol_ranks_share_the_clips_and_give_the_one_rank_report(self, protocol_run, tmp_path,
+                                                                        monkeypatch):
+        """Rank r of 2 rolls out clips r, r + 2, ...; together they give the one-rank report."""
+        argv, rows, _, plan, report = protocol_run
+        for name in ("init_process_group", "barrier", "destroy_process_group"):
+            monkeypatch.setattr(torch.distributed, name, lambda *x, **k: None)
+        sharded = tmp_path / "sharded"
+        calls = count_rollouts(monkeypatch)
+        for rank in (1, 0):  # rank 0 last: it collects after the (no-op) barrier
+            monkeypatch.setenv("RANK", str(rank))
+            monkeypatch.setenv("WORLD_SIZE", "2")
+            calls.clear()
+            E.main([*argv[:-4], "--out", str(sharded), "--figure-clips", "2", "--checkpoint", rows["dexac-a"]])
+            assert calls == [2] * (len(plan) // 4)  # its half of the clips, in batches of 2
+            done = sorted(int(f.stem) for f in (sharded / "dexac-a" / "clips").glob("*.json"))
+            assert set(done) >= set(range(rank, len(plan), 2))
+        assert same_scores(json.loads((sharded / "report.json").read_text())["rows"]["dexac-a"], report["dexac-a"])
+
+    def test_protocol_shuffled_action_control_is_another_row(self, protocol_run, tmp_path):
+        """The shuffled-action control: another row, other actions, same first frames."""
+        argv, rows, _, _, _ = protocol_run
+        out = tmp_path / "eval"
+        E.main(["--checkpoint", rows["dexac-a"], *argv[3:argv.index("--out")], "--out", str(out),
+                *argv[argv.index("--out") + 2:], "--shuffle-actions"])
+        assert "dexac-a (shuffled actions)" in json.loads((out / "report.json").read_text())["rows"]
+
+    @pytest.mark.parametrize("case", list(PROTOCOL_BAD_INPUTS))
+    def test_protocol_bad_input_is_one_clear_error(self, protocol_run, tmp_path, case):
+        argv, rows, _, _, _ = protocol_run
+        make_argv, error, message = PROTOCOL_BAD_INPUTS[case]
+        with pytest.raises(error, match=message):
+            E.main(make_argv(argv, rows, tmp_path))
 
 
-def test_keypoint_model_interface(tmp_path):
-    class Fixed(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            kp = torch.zeros(x.shape[0], 12, 3)
-            kp[:, :, 0], kp[:, :, 1] = x.shape[3] / 2, x.shape[2] / 2
-            kp[:, 1:, 2] = 1.0  # the first keypoint with zero confidence
-            return kp
-
-    torch.jit.script(Fixed()).save(str(tmp_path / "keypoints.pt"))
-    det = E.KeypointModel(str(tmp_path / "keypoints.pt"))
-    kp = det(np.zeros((2, 40, 60, 3), np.uint8))
-    assert kp.shape == (2, 12, 2) and np.isnan(kp[:, 0]).all() and (kp[:, 1:] == [30, 20]).all()
-    with pytest.raises(E.WeightsError, match="keypoints.pt"):
-        E.KeypointModel(str(tmp_path / "nothing.pt"))
-
-
-def test_action_families_follow_the_normalized_actions():
-    mean, std = np.zeros(57), np.ones(57)
-    std[list(data.FINGER_IDX)] = 1e-3  # finger motion is millimetres
-    a = np.zeros((12, 57))
-    a[:, list(data.WRIST_IDX)] = 0.01
-    assert E.action_family(a, mean, np.ones(57)) == "wrist"
-    a[:, list(data.FINGER_IDX)] = 0.002  # tiny in metres, large for fingers
-    assert E.action_family(a, mean, std) == "finger" and E.action_family(a, mean, np.ones(57)) == "wrist"
-    a[:, list(data.HEAD_IDX)] = 5.0  # z = 5 > the fingers' 2
-    assert E.action_family(a, mean, std) == "head"
-
-
-def test_report_pools_pck_and_splits_families():
-    clips = [{"psnr": 20.0, "pck_hits": [1, 2, 3, 4], "pck_count": 4, "family": "wrist"},
-             {"psnr": 30.0, "pck_hits": [0, 0, 6, 12], "pck_count": 12, "family": "head"}]
-    rep = E.aggregate(clips, fid=3.5, resolution=[180, 320])
-    assert rep["clips"] == 2 and rep["psnr"] == 25.0 and rep["fid"] == 3.5 and "fvd" not in rep
-    assert rep["pck@2.5"] == 100 * 1 / 16 and rep["pck@20"] == 100.0 and rep["pck_resolution"] == [180, 320]
-    fam = rep["families"]
-    assert fam["wrist"]["clips"] == 1 and fam["wrist"]["pck@10"] == 75.0 and fam["head"]["pck@5"] == 0.0
-    assert fam["finger"] == {"clips": 0, **{f"pck@{k:g}": None for k in E.PCK_THRESHOLDS}}
-    json.dumps(rep)
-    ev = E.Evaluator(("psnr",), stats=(np.zeros(57), np.ones(57)))
-    _, v = eval_videos(B=2)
-    actions = torch.zeros(2, 3, 57)
-    actions[0, :, list(data.HEAD_IDX)] = 1
-    actions[1, :, list(data.FINGER_IDX)] = 1
-    assert [c["family"] for c in ev.add(v, v, actions=actions)] == ["head", "finger"]
-
-
-def test_command_line_compare(tmp_path, eval_synth_clip):
-    gt = eval_synth_clip["video"].permute(1, 2, 3, 0).numpy()  # (T, H, W, 3)
-    for d in ("pred", "gt"):
-        (tmp_path / d).mkdir()
-    np.save(tmp_path / "gt" / "a.npy", gt)
-    np.save(tmp_path / "pred" / "a.npy", gt.astype(np.float32) / 255)
-    data.write_video(tmp_path / "gt" / "b.mp4", gt, crf=0)
-    data.write_video(tmp_path / "pred" / "b.mp4", gt, crf=0)
-    out = tmp_path / "report.json"
-    assert E.main(["compare", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
-                   "--metrics", "psnr,ssim,pck", "--out", str(out)]) == 0
-    rep = json.loads(out.read_text())
-    assert rep["clips"] == 2 and rep["psnr"] > 40 and rep["ssim"] > 0.99 and rep["pck@2.5"] > 99
-    assert rep["pck_resolution"] == [180, 320]
-    with pytest.raises(E.WeightsError, match="alexnet-owt"):
-        E.main(["compare", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
-                "--metrics", "lpips", "--alexnet", str(tmp_path / "none.pth")])
-    (tmp_path / "pred" / "a.npy").rename(tmp_path / "pred" / "c.npy")
-    with pytest.raises(ValueError, match="same names"):
-        E.main(["compare", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")])
-
-
-# -----------------------------------------------------------------------------
+# =====================================================================================================================
 # miniature.py: the conditioning-mode experiment, end to end at a toy budget
 
+class TestMiniature:
+    """The conditioning-mode experiment: seeds, modes, shuffled-action controls, the table, plot and resume."""
 
-def test_figure_labels_drop_the_parts_every_row_shares():
-    rows = ["000-tiny-dexac-no-local-48x80", "000-tiny-dexac-no-global-48x80 (shuffled actions)",
-            "000-tiny-mlp-48x80"]
-    assert E.short_labels(rows) == ["dexac-no-local", "dexac-no-global (s", "mlp"]
-    assert E.short_labels(["001-tiny-dexac-64x112"]) == ["001-tiny-dexac-64x"]  # one row: only cut
+    def test_figure_labels_drop_the_parts_every_row_shares(self):
+        rows = ["000-tiny-dexac-no-local-48x80", "000-tiny-dexac-no-global-48x80 (shuffled actions)",
+                "000-tiny-mlp-48x80"]
+        assert E.short_labels(rows) == ["dexac-no-local", "dexac-no-global (s", "mlp"]
+        assert E.short_labels(["001-tiny-dexac-64x112"]) == ["001-tiny-dexac-64x"]  # one row: only cut
 
-
-def test_miniature_experiment_trains_evaluates_and_summarizes(train_synth, tmp_path):
-    import miniature
-    from PIL import Image
-    root = tmp_path / "data"
-    shutil.copytree(train_synth, root)
-    argv = ["--out", str(tmp_path / "mini"), "--data", str(root), "--seeds", "0", "1", "--modes", "mlp", "dexac",
-            "--steps", "3", "--horizon", "9", "--clips", "2", "--sample-steps", "1", "--metrics", "psnr,latent_l2",
-            *TRAIN_ARGS, "--batch-size", "2", "--micro-batch", "2"]  # TRAIN_ARGS' 32x64 overrides miniature.SIZE
-    table = miniature.main(argv)
-    out = tmp_path / "mini"
-    results = json.loads((out / "results.json").read_text())
-    assert set(results["per_seed"]) == {"0", "1"}
-    for mode in ("mlp", "dexac"):  # the mean over seeds of each row, and the gap to its shuffled control
-        mine = [results["per_seed"][s][mode]["true"] for s in ("0", "1")]
-        ctrl = [results["per_seed"][s][mode]["shuffled"] for s in ("0", "1")]
-        per_clip = {}
-        for s, m, c in zip((0, 1), mine, ctrl):  # each mode's rows are that model's clips
-            for kind, report, row in (("true", m, f"000-tiny-{mode}-32x64"),
-                                      ("shuffled", c, f"000-tiny-{mode}-32x64 (shuffled actions)")):
-                clips = sorted((out / f"seed{s}" / "eval" / row / "clips").glob("*.json"))
-                l2 = [json.loads(f.read_text())["latent_l2"] for f in clips]
-                per_clip.setdefault(kind, []).extend(l2)
-                assert report["latent_l2"] == pytest.approx(np.mean(l2)) and len(l2) == 2
-        assert table[mode]["psnr"][0] == pytest.approx(np.mean([m["psnr"] for m in mine]))
-        assert table[mode]["latent_l2 gap"][0] == pytest.approx(
-            np.mean([m["latent_l2"] - c["latent_l2"] for m, c in zip(mine, ctrl)]))
-        assert table[mode]["latent_l2 gap"][0] != 0  # trained 2 steps (after lr 0): the actions matter a bit
-        diff = np.subtract(per_clip["true"], per_clip["shuffled"])  # standard errors over 2 seeds x 2 clips
-        assert table[mode]["latent_l2 gap"][1] == pytest.approx(diff.std(ddof=1) / 2)
-        assert table[mode]["latent_l2"][1] == pytest.approx(np.std(per_clip["true"], ddof=1) / 2)
-        assert all(float((out / f"seed{s}" / mode / "train_seconds.txt").read_text()) > 0 for s in (0, 1))
-    assert table["mlp"]["latent_l2"] != table["dexac"]["latent_l2"]
-    md = (out / "results.md").read_text()
-    assert md.count("| dexac |") == 2 and "Gap = true minus shuffled" in md
-    assert Image.open(out / "results.png").size == (600, 284)  # a panel per metric
-    exports = {f: f.stat().st_mtime_ns for f in out.rglob("model.safetensors")}
-    miniature.main(argv)  # everything done: nothing is trained again
-    assert len(exports) == 4 and {f: f.stat().st_mtime_ns for f in out.rglob("model.safetensors")} == exports
-
-
-# -----------------------------------------------------------------------------
-# train.py: one process and torchrun, exact resume, SIGTERM, export, bad input
-
-TRAIN_ARGS = ["--dim", "64", "--blocks", "2", "--height", "32", "--width", "64", "--frames", "5", "--workers", "0",
-              "--pixel-compression", "8", "--log-every", "1", "--warmup", "2", "--lr", "1e-3", "--preview-steps", "2"]
+    @pytest.mark.slow
+    def test_miniature_experiment_trains_evaluates_and_summarizes(self, train_synth, tmp_path):
+        """One toy experiment (2 seeds x 2 modes, 3 steps each) checked several ways: each row's mean over seeds
+        and its gap to the shuffled control equal those of the per-clip files, with standard errors over seeds x
+        clips; the Markdown table and the figure are written; a second run trains nothing again."""
+        import miniature
+        from PIL import Image
+        root = tmp_path / "data"
+        shutil.copytree(train_synth, root)
+        argv = ["--out", str(tmp_path / "mini"), "--data", str(root), "--seeds", "0", "1", "--modes", "mlp", "dexac",
+                "--steps", "3", "--horizon", "9", "--clips", "2", "--sample-steps", "1", "--metrics", "psnr,latent_l2",
+                *TRAIN_ARGS, "--batch-size", "2", "--micro-batch", "2"]  # TRAIN_ARGS' 32x64 overrides miniature.SIZE
+        table = miniature.main(argv)
+        out = tmp_path / "mini"
+        results = json.loads((out / "results.json").read_text())
+        assert set(results["per_seed"]) == {"0", "1"}
+        for mode in ("mlp", "dexac"):  # the mean over seeds of each row, and the gap to its shuffled control
+            mine = [results["per_seed"][s][mode]["true"] for s in ("0", "1")]
+            ctrl = [results["per_seed"][s][mode]["shuffled"] for s in ("0", "1")]
+            per_clip = {}
+            for s, m, c in zip((0, 1), mine, ctrl):  # each mode's rows are that model's clips
+                for kind, report, row in (("true", m, f"000-tiny-{mode}-32x64"),
+                                          ("shuffled", c, f"000-tiny-{mode}-32x64 (shuffled actions)")):
+                    clips = sorted((out / f"seed{s}" / "eval" / row / "clips").glob("*.json"))
+                    l2 = [json.loads(f.read_text())["latent_l2"] for f in clips]
+                    per_clip.setdefault(kind, []).extend(l2)
+                    assert report["latent_l2"] == pytest.approx(np.mean(l2)) and len(l2) == 2
+            assert table[mode]["psnr"][0] == pytest.approx(np.mean([m["psnr"] for m in mine]))
+            assert table[mode]["latent_l2 gap"][0] == pytest.approx(
+                np.mean([m["latent_l2"] - c["latent_l2"] for m, c in zip(mine, ctrl)]))
+            assert table[mode]["latent_l2 gap"][0] != 0  # trained 2 steps (after lr 0): the actions matter a bit
+            diff = np.subtract(per_clip["true"], per_clip["shuffled"])  # standard errors over 2 seeds x 2 clips
+            assert table[mode]["latent_l2 gap"][1] == pytest.approx(diff.std(ddof=1) / 2)
+            assert table[mode]["latent_l2"][1] == pytest.approx(np.std(per_clip["true"], ddof=1) / 2)
+            assert all(float((out / f"seed{s}" / mode / "train_seconds.txt").read_text()) > 0 for s in (0, 1))
+        assert table["mlp"]["latent_l2"] != table["dexac"]["latent_l2"]
+        md = (out / "results.md").read_text()
+        assert md.count("| dexac |") == 2 and "Gap = true minus shuffled" in md
+        assert Image.open(out / "results.png").size == (600, 284)  # a panel per metric
+        exports = {f: f.stat().st_mtime_ns for f in out.rglob("model.safetensors")}
+        miniature.main(argv)  # everything done: nothing is trained again
+        assert len(exports) == 4 and {f: f.stat().st_mtime_ns for f in out.rglob("model.safetensors")} == exports
 
 
-@pytest.fixture(scope="module")
-def train_synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_synth") / "data"
-    data.write_synthetic(root, tasks=2, episodes=2, test_episodes=1, frames=40, size=(64, 112), workers=0)
-    (root / "stats.json").write_text(json.dumps(data.compute_stats(root)))
-    return root
+# =====================================================================================================================
+# benchmark command lines: they run, on tiny shapes (speed and memory are never asserted)
 
+class TestBench:
+    """The benchmark command lines run on tiny shapes and print what they measured."""
 
-def run_train(args, nproc=1, wait=True):
-    """One process: in this one (train.main; no interpreter start-up). Two ranks or no wait: a subprocess."""
-    argv = [*TRAIN_ARGS, *map(str, args)]
-    if nproc == 1 and wait:
-        return train.main(argv)
-    env = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1" if nproc > 1 else "2"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 \
-        else [sys.executable]
-    cmd = launcher + [os.path.join(HERE, "train.py"), *argv]
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    if p.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
+    def test_tokenizer_benchmark_runs(self, capsys):
+        tk.main(["--benchmark", "--config", "tiny", "--frames", "5", "9", "--height", "16", "--width", "24",
+                 "--warmup", "0"])
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("T=")]
+        assert len(lines) == 2 and all("frames/s" in line and "MiB" in line for line in lines)
 
+    def test_sample_benchmark_runs(self):
+        """--benchmark times one chunk of a DexAC model on random weights."""
+        r = S.main(["--benchmark", "--tokenizer", "pixel", "--height", "32", "--width", "48", "--steps", "2",
+                    "--iters", "1", "--warmup", "0", "--batch", "2", "--guidance", "1.5"])
+        assert r["ours (dexac)"]["shape"] == (2, 13, 32, 48, 3)
 
-def run_losses(run_dir):
-    lines = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
-    return [v for line in lines for v in line["losses"]]
+    @pytest.mark.slow
+    def test_sample_benchmark_runs_diffusers_pipeline_on_the_same_weights(self, capsys):
+        """--compare-diffusers runs diffusers' Cosmos-Predict2.5 pipeline on the same weights and shapes (the
+        figures themselves are for a GPU, see README); about two minutes on 2 CPU cores."""
+        pytest.importorskip("diffusers")
+        r = S.main(["--benchmark", "--height", "32", "--width", "48", "--steps", "1", "--iters", "1", "--warmup",
+                    "0", "--compare-diffusers"])
+        assert r["ours (backbone)"]["shape"] == r["diffusers"]["shape"] == (1, 13, 32, 48, 3) and r["ratio"] > 0
+        assert "ours / diffusers" in capsys.readouterr().out
 
-
-def only_run(out):
-    (d,) = [p for p in Path(out).iterdir() if p.is_dir()]
-    return d
-
-
-def test_run_writes_everything_and_the_export_loads_samples_and_carries_the_statistics(train_synth, tmp_path):
-    run_train(["--data", train_synth, "--out", tmp_path / "runs", "--steps", 3, "--batch-size", 2, "--micro-batch", 2,
-         "--ckpt-every", 2, "--keep", 1])
-    d = only_run(tmp_path / "runs")
-    assert d.name.startswith("000-tiny-dexac")
-    for f in ("config.json", "metrics.jsonl", "loss.png", "preview.png", "model.safetensors"):
-        assert (d / f).is_file(), f
-    assert [c.name for c in (d / "checkpoints").iterdir()] == ["step_0000003"]  # keep 1: step 2 was removed
-    line = json.loads(open(d / "metrics.jsonl").readline())
-    for key in ("loss", "loss_per_sigma_bin", "grad_norm", "lr", "step_time", "tokens_per_s"):
-        assert key in line
-    assert len(run_losses(d)) == 3 and all(np.isfinite(run_losses(d)))
-
-    net, info = M.load_exported(d / "model.safetensors", "cpu", torch.float32)
-    assert info["step"] == 3 and info["action_layout"] == data.action_layout()
-    assert net.patch_embed.weight.dtype == torch.float32  # exported in bf16, loaded as asked
-    # the statistics of stats.json are in the weights, bit for bit and with their layout
-    stats = json.loads((train_synth / "stats.json").read_text())
-    mean, std = net.action_cond.norm.stats()
-    assert torch.equal(mean, torch.tensor(stats["mean"], dtype=torch.float32))
-    assert torch.equal(std, torch.tensor(stats["std"], dtype=torch.float32))
-    assert int(net.action_cond.norm.has_stats) == 1 and std.min() > 0 and mean.abs().max() > 0
-    net.action_cond.norm.check_layout(data.action_layout())
-    # the EMA weights were trained (the output layer starts at zero) and the model samples
-    assert net.final.linear.weight.abs().max() > 0
-    c = net.config
-    x = torch.randn(1, c.in_channels, 2, 4, 8)
-    mask = torch.tensor([[1.0, 0.0]])
-    text = torch.zeros(1, 16, c.text_dim)
-    actions = torch.randn(1, 4, 57) * std + mean
-    fn = lambda z, s: net(z, s, text, mask, actions=actions)
-    out = M.sample(fn, torch.randn_like(x), M.shifted_sigmas(3), x_cond=x, frame_mask=mask)
-    assert out.shape == x.shape and torch.isfinite(out).all() and torch.equal(out[:, :, 0], x[:, :, 0])
-
-
-def test_kill_and_resume_equals_an_uninterrupted_run(train_synth, tmp_path):
-    args = ["--data", train_synth, "--steps", 4, "--batch-size", 2, "--micro-batch", 1, "--ckpt-every", 100]
-    run_train([*args, "--out", tmp_path / "a"])
-    b = run_train([*args, "--out", tmp_path / "b", "--exit-after", 2])
-    assert not (b / "model.safetensors").exists() and (b / "checkpoints" / "step_0000002").is_dir()
-    run_train([*args, "--resume", b])
-    a = only_run(tmp_path / "a")
-    assert len(run_losses(a)) == 4 and run_losses(a) == run_losses(b)  # exact: model, optimizer, EMA, data, noise
-    ta = M.load_exported(a / "model.safetensors")[0].state_dict()
-    tb = M.load_exported(b / "model.safetensors")[0].state_dict()
-    assert all(torch.equal(ta[k], tb[k]) for k in ta)
-
-
-def test_two_ranks_match_one_and_resume_on_one_rank(train_synth, tmp_path):
-    """torchrun with 2 gloo ranks x 1 clip == 1 process x 2 accumulated clips (same global batch of 2), and
-    the 2-rank checkpoint resumes on 1 rank (DCP resharding) on the same trajectory."""
-    args = ["--data", train_synth, "--steps", 3, "--batch-size", 2, "--micro-batch", 1, "--ckpt-every", 100]
-    run_train([*args, "--out", tmp_path / "one"])
-    run_train([*args, "--out", tmp_path / "two", "--exit-after", 2], nproc=2)
-    two = only_run(tmp_path / "two")
-    assert json.loads((two / "checkpoints" / "step_0000002" / "meta.json").read_text())["world_size"] == 2
-    run_train([*args, "--resume", two])
-    l1, l2 = run_losses(only_run(tmp_path / "one")), run_losses(two)
-    assert len(l1) == len(l2) == 3
-    np.testing.assert_allclose(l2, l1, rtol=1e-5)
-    assert len(set(l1)) == 3  # the steps differ, so agreement is not trivial
-
-
-def test_sigterm_mid_run_leaves_a_resumable_checkpoint(train_synth, tmp_path):
-    """SIGTERM to the whole process group, as clusters do: the loader worker ignores it, the trainer finishes
-    its step, checkpoints and exits 0; the run then resumes to the end."""
-    args = ["--data", train_synth, "--out", tmp_path / "runs", "--batch-size", 2, "--micro-batch", 2,
-            "--ckpt-every", 1000]
-    p = run_train([*args, "--steps", 1000, "--workers", 1], wait=False)
-    deadline = time.time() + 120
-    while not list((tmp_path / "runs").glob("*/loss.png")) and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(p.pid, signal.SIGTERM)
-    out, _ = p.communicate(timeout=120)
-    assert p.returncode == 0, out[-3000:]
-    assert "signal SIGTERM" in out
-    d = only_run(tmp_path / "runs")
-    (ckpt,) = (d / "checkpoints").iterdir()
-    step = json.loads((ckpt / "meta.json").read_text())["step"]
-    assert 1 <= step < 1000
-    run_train([*args, "--steps", step + 1, "--resume", d])
-    assert len(run_losses(d)) == step + 1 and (d / "model.safetensors").is_file()
-
-
-def main_error(argv, out):
-    with pytest.raises(SystemExit) as e:
-        train.main([*TRAIN_ARGS, "--steps", "1", "--out", str(out), *map(str, argv)])
-    return str(e.value)
-
-
-def test_train_bad_input_gives_one_clear_error(train_synth, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        train.main(["--preset", "nope"])
-    assert "invalid choice: 'nope'" in capsys.readouterr().err
-    err = lambda *argv: main_error(argv, tmp_path / "err")
-    assert "does not exist" in err("--data", tmp_path / "missing", "--no-synthetic")
-    assert "stats file" in err("--data", train_synth, "--stats", tmp_path / "none.json", "--no-synthetic")
-    other = json.loads((train_synth / "stats.json").read_text())
-    other["layout"]["dim"] = 56
-    (tmp_path / "other.json").write_text(json.dumps(other))
-    assert "another action layout" in err("--data", train_synth, "--stats", tmp_path / "other.json")
-    assert "multiples of 16" in err("--data", train_synth, "--height", 40)
-    assert "multiple of --micro-batch" in err("--data", train_synth, "--batch-size", 3, "--micro-batch", 2)
-    # a checkpoint from another configuration
-    run_train(["--data", train_synth, "--out", tmp_path / "runs", "--steps", 1, "--batch-size", 1, "--micro-batch", 1])
-    msg = err("--data", train_synth, "--resume", only_run(tmp_path / "runs"), "--action-mode", "mlp",
-              "--batch-size", 1, "--micro-batch", 1)
-    assert "another configuration" in msg and "action_mode" in msg
-    assert "no complete checkpoint" in err("--data", train_synth, "--resume", tmp_path)
-    with pytest.raises(FileNotFoundError, match="not found"):
-        M.load_exported(tmp_path / "none.safetensors")
-
-
-def test_lr_schedule_and_help():
-    cfg = train.TrainConfig(lr=1.0, warmup=10, steps=110, schedule="cosine", min_lr_ratio=0.1)
-    assert train.lr_at(0, cfg) == pytest.approx(0.1) and train.lr_at(9, cfg) == pytest.approx(1.0)
-    assert train.lr_at(60, cfg) == pytest.approx(0.55) and train.lr_at(110, cfg) == pytest.approx(0.1)
-    assert train.lr_at(500, train.TrainConfig(lr=2.0, warmup=1, schedule="constant")) == 2.0
-    assert set(train.HELP) == {f.name for f in train.fields(train.TrainConfig)}  # every flag has help
-
-
-def test_non_finite_steps_are_skipped_then_stop_the_run(train_synth, tmp_path):
-    """An absurd lr makes the weights huge after one update: the following losses are not finite, their
-    updates are skipped, and the fifth one in a row stops the run with a message (no checkpoint written)."""
-    msg = main_error(["--data", train_synth, "--lr", "1e30", "--warmup", 1, "--batch-size", 1, "--micro-batch", 1,
-                      "--steps", 20, "--ckpt-every", 1000], tmp_path / "runs")
-    assert "non-finite steps in a row" in msg
-    d = only_run(tmp_path / "runs")
-    assert not list((d / "checkpoints").iterdir())
-    assert len(run_losses(d)) >= 5 and not np.isfinite(run_losses(d)[-5:]).any()
-
-
-def test_init_loads_the_backbone_and_trainable_new_keeps_it_frozen(train_synth, tmp_path):
-    """--init: an official-layout checkpoint is loaded on the meta device; --trainable new trains only DexAC
-    (zero-initialized outputs become non-zero) and exports the backbone bit for bit."""
-    cfg = train.TrainConfig(dim=64, blocks=2, frames=5, tokenizer="wan2.1")
-    backbone = M.DiT(train.model_config(cfg, 16))
-    for p in backbone.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    official = M.state_dict_as(backbone.state_dict(), "official", 2)
-    torch.save({f"net.{k}": v for k, v in official.items()}, tmp_path / "backbone.pt")
-    d = run_train(["--data", train_synth, "--out", tmp_path / "runs", "--steps", 2, "--batch-size", 1, "--micro-batch", 1,
-             "--tokenizer", "wan2.1", "--init", tmp_path / "backbone.pt", "--trainable", "new",
-             "--export-dtype", "fp32"])
-    net, info = M.load_exported(d / "model.safetensors")
-    got, want = net.state_dict(), backbone.state_dict()
-    assert all(torch.equal(got[k], want[k]) for k in want if not k.startswith("action_cond."))
-    zero_at_init = (net.action_cond.glob.to_3d.weight, net.action_cond.local.attn.o.weight)
-    assert all(w.abs().max() > 0 for w in zero_at_init)
-
-
-# -----------------------------------------------------------------------------
-# sample.py: autoregressive rollouts from a model exported by train.py
-
-
-@pytest.fixture(scope="module")
-def exported(train_synth, tmp_path_factory):
-    """A 2-step tiny DexAC model trained on 5-frame clips (4 actions per chunk) and exported by train.py."""
-    out = tmp_path_factory.mktemp("sample_runs")
-    run_train(["--data", train_synth, "--out", out, "--steps", 2, "--batch-size", 2, "--micro-batch", 2])
-    return only_run(out) / "model.safetensors"
-
-
-def test_rollout_length_seeds_and_batching(exported, train_synth):
-    wm = S.WorldModel(str(exported))
-    episode = data.load_index(train_synth)[0][0]
-    frame = data.load_clip(episode, 0, 1, wm.size)["video"][:, 0].permute(1, 2, 0).numpy()  # (H, W, 3)
-    g = np.random.default_rng(0)
-    acts = S.still_actions(30)[None] + 1e-3 * g.standard_normal((2, 30, data.ACTION_DIM)).astype(np.float32)
-    roll = lambda frames, a, seeds: wm.rollout(frames, a, [""] * len(seeds), seeds, steps=2, progress=False)
-    one = roll(frame[None], acts[:1], [0])
-    assert one.shape == (1, 31, *wm.size, 3) and one.dtype == np.uint8  # 30 actions -> 31 frames
-    assert np.array_equal(one[0, 0], frame)  # the first frame is the given one (exact pixel tokenizer)
-    assert np.array_equal(roll(frame[None], acts[:1], [0]), one)  # the same seed twice: identical
-    assert not np.array_equal(roll(frame[None], acts[:1], [1]), one)  # another seed: another sample
-    both = roll(np.stack([frame, frame]), acts, [0, 1])
-    alone = np.concatenate([one, roll(frame[None], acts[1:], [1])])
-    assert np.abs(both.astype(int) - alone.astype(int)).max() <= 1  # a batch = one by one (up to rounding)
-
-
-def test_sample_command_outputs_and_bad_inputs(exported, train_synth, tmp_path, capsys, monkeypatch):
-    from PIL import Image
-    episode = sorted(Path(train_synth).glob("part1/*/*.hdf5"))[0]
-    frame = data.load_clip(data.load_index(train_synth)[0][0], 0, 1, (50, 70))["video"][:, 0]
-    Image.fromarray(frame.permute(1, 2, 0).numpy()).convert("L").save(tmp_path / "gray.png")
-    np.save(tmp_path / "acts.npy", S.still_actions(9))
-    base = ["--checkpoint", str(exported), "--steps", "2", "--out", str(tmp_path / "out")]
-    S.main(base + ["--image", str(tmp_path / "gray.png"), "--actions", str(tmp_path / "acts.npy")])
-    printed = capsys.readouterr().out
-    assert "is L, not RGB" in printed and "resizing" in printed  # notices, not errors
-    assert sum(1 for _ in __import__("av").open(str(tmp_path / "out" / "acts.mp4")).decode(video=0)) == 10
-    assert (tmp_path / "out" / "acts.png").is_file()
-    S.main(base + ["--episode", str(episode), "--num-actions", "8"])  # ground truth: side by side + PSNR
-    assert "PSNR per frame" in capsys.readouterr().out
-    assert list((tmp_path / "out").glob("*_vs_gt.mp4"))
-
-    # every bad input is caught before a model is loaded
-    monkeypatch.setattr(M, "load_exported", lambda *a, **k: pytest.fail("loaded a model for a bad input"))
-    save_file({"x": torch.zeros(1)}, str(tmp_path / "bare.safetensors"))
-    bad = {"wrong_width": np.zeros((5, 56)), "one_dim": np.zeros(57), "nan": np.full((5, 57), np.nan),
-           "empty": np.zeros((0, 57))}
-    expected = {"wrong_width": r"must be \(K, 57\)", "one_dim": r"must be \(K, 57\)", "nan": "NaN/inf",
-                "empty": "no actions"}
-    for name, a in bad.items():
-        np.save(tmp_path / f"{name}.npy", a)
-        with pytest.raises(SystemExit, match=expected[name]):
-            S.main(base + ["--image", str(tmp_path / "gray.png"), "--actions", str(tmp_path / f"{name}.npy")])
-    image_args = ["--image", str(tmp_path / "gray.png"), "--actions", str(tmp_path / "acts.npy")]
-    with pytest.raises(SystemExit, match="unknown sampler 'heun'"):
-        S.main(base + image_args + ["--sampler", "heun"])
-    with pytest.raises(SystemExit, match="carries no action statistics"):
-        S.main(["--checkpoint", str(tmp_path / "bare.safetensors")] + image_args)
-    with pytest.raises(SystemExit, match="not found"):
-        S.main(["--checkpoint", str(tmp_path / "none.safetensors")] + image_args)
-    with pytest.raises(SystemExit, match="cannot read the image"):
-        S.main(base + ["--image", str(episode), "--actions", str(tmp_path / "acts.npy")])
-
-
-def test_sample_benchmark_runs_ours_and_diffusers_pipeline(capsys):
-    """--benchmark times one chunk on random weights; --compare-diffusers runs diffusers' Cosmos-Predict2.5
-    pipeline on the same weights and shapes (the figures themselves are for a GPU, see README)."""
-    pytest.importorskip("diffusers")
-    r = S.main(["--benchmark", "--tokenizer", "pixel", "--height", "32", "--width", "48", "--steps", "2",
-                "--iters", "1", "--warmup", "0", "--batch", "2", "--guidance", "1.5"])
-    assert r["ours (dexac)"]["shape"] == (2, 13, 32, 48, 3)
-    r = S.main(["--benchmark", "--height", "32", "--width", "48", "--steps", "1", "--iters", "1", "--warmup", "0",
-                "--compare-diffusers"])
-    assert r["ours (backbone)"]["shape"] == r["diffusers"]["shape"] == (1, 13, 32, 48, 3) and r["ratio"] > 0
-    assert "ours / diffusers" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--tokenizer wan2.1"):
-        S.main(["--benchmark", "--tokenizer", "pixel", "--compare-diffusers"])
-    with pytest.raises(SystemExit, match="guidance only above 1"):
-        S.main(["--benchmark", "--compare-diffusers", "--guidance", "0.5"])
-
-
-def test_dexac_only_export_loads_on_its_base_and_init_overrides_it(tmp_path, train_synth):
-    """--trainable new on a pretrained backbone exports the new modules only; sample.py rebuilds the model from
-    the base the file names, or from --init."""
-    mcfg = replace(SMALL, action_mode="dexac", action_steps=4)
-    base = randomize(M.DiT(replace(SMALL)), seed=5)
-    official_pt(base, tmp_path / "base.pt")
-    model = M.load_dit(str(tmp_path / "base.pt"), mcfg, action_stats=str(train_synth / "stats.json"))
-    train.set_trainable(model, "new")
-    ema = {n: p.detach() + 0.5 for n, p in model.named_parameters() if p.requires_grad}
-    cfg = replace(train.TrainConfig(), trainable="new", init=str(tmp_path / "base.pt"), tokenizer="wan2.1",
-                  height=32, width=64, frames=5)
-    path = train.export(tmp_path / "model.safetensors", model, ema, cfg, mcfg, train_synth / "stats.json", 7, 0,
-                        torch.float32)
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        keys, meta = list(f.keys()), f.metadata()
-    assert keys and all(k.startswith("action_cond.") for k in keys)  # no backbone tensor in the file
-    assert json.loads(meta["base"]) == str(tmp_path / "base.pt")
-    loaded, info = M.load_exported(str(path))
-    expected = {**model.state_dict(), **ema}
-    assert set(loaded.state_dict()) == set(expected)
-    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
-    other = randomize(M.DiT(replace(SMALL)), seed=6)  # --init: another backbone under the same DexAC modules
-    official_pt(other, tmp_path / "other.pt")
-    wm = S.WorldModel(str(path), base=str(tmp_path / "other.pt"))
-    assert torch.equal(wm.dit.blocks[0].fc1.weight, other.blocks[0].fc1.weight)
-    assert torch.equal(wm.dit.action_cond.state_dict()[keys[0][len("action_cond."):]], expected[keys[0]])
-    frame = np.zeros((1, 32, 64, 3), np.uint8)
-    video = wm.rollout(frame, S.still_actions(4)[None], [""], [0], steps=1, progress=False)
-    assert video.shape == (1, 5, 32, 64, 3)
-    (tmp_path / "base.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="base.pt"):
-        M.load_exported(str(path))
-
-
-def test_rollout_feeds_dino_features_of_each_chunk_start(hf_dino):
-    """A model with the semantic branch: DINOv3 sees the given frame for chunk 0, then each chunk's first
-    (generated) frame."""
-    _, folder = hf_dino
-    mcfg = replace(SMALL, in_channels=12 * 4, out_channels=12 * 4, action_mode="dexac", action_steps=4,
-                   semantic_dim=DINO_TINY.dim)
-    dit = randomize(M.DiT(mcfg), seed=2, std=0.05)
-    dit.action_cond.set_stats(torch.zeros(data.ACTION_DIM), torch.ones(data.ACTION_DIM))
-    info = {"tokenizer": {"name": "pixel", "pixel_compression": 2}, "text": {"mode": "none", "tokens": 4},
-            "train_config": {"height": 32, "width": 48, "text_cache": "", "shift": 1.0}}
-    wm = S.WorldModel.from_model(dit, info, dino=str(folder))
-    seen = []
-    forward = wm.dit.forward
-    wm.dit.forward = lambda *a, **k: seen.append(k["image_features"]) or forward(*a, **k)
-    frame = (np.random.default_rng(0).random((2, 32, 48, 3)) * 255).astype(np.uint8)
-    video = wm.rollout(frame, np.broadcast_to(S.still_actions(8), (2, 8, data.ACTION_DIM)), ["", ""], [0, 1],
-                       steps=2, progress=False)
-    assert video.shape == (2, 9, 32, 48, 3) and len(seen) == 4  # 2 chunks x 2 steps
-    expected = semantic.conditioning_features(wm.dino, torch.from_numpy(frame).permute(0, 3, 1, 2) / 127.5 - 1)
-    assert seen[0].shape == (2, 6, DINO_TINY.dim) and torch.allclose(seen[0], expected, atol=1e-5)
-    assert torch.equal(seen[0], seen[1]) and not torch.allclose(seen[2], seen[0])  # per chunk, not per step
-    generated = torch.from_numpy(video[:, 4]).permute(0, 3, 1, 2).float() / 127.5 - 1  # chunk 1's first frame
-    again = semantic.conditioning_features(wm.dino, generated)  # the frame as written: rounded to uint8
-    assert ((seen[2] - again).norm() / again.norm()).item() < 0.02
-
-
-def test_evaluation_protocol_rows_resume_shards_and_control(exported, train_synth, tmp_path, monkeypatch, capsys):
-    rows = {}
-    for name in ("dexac-a", "dexac-b"):  # the same weights twice: two rows that must agree exactly
-        (tmp_path / name).mkdir()
-        shutil.copy(exported, tmp_path / name / "model.safetensors")
-        rows[name] = str(tmp_path / name / "model.safetensors")
-    out = tmp_path / "eval"
-    argv = ["--checkpoint", *rows.values(), "--data", str(train_synth), "--horizon", "9", "--steps", "2",
-            "--metrics", "psnr,ssim,latent_l2,pck", "--batch", "2", "--out", str(out), "--figure-clips", "2"]
-    episodes, plan = E.eval_plan(train_synth, 9)
-    assert len(plan) == 2 * (40 // 9)  # 2 test episodes of 40 frames: starts 0, 9, 18, 27
-    assert E.main(argv) == 0
-    report = json.loads((out / "report.json").read_text())["rows"]
-    a, b = report["dexac-a"], report["dexac-b"]
-    assert a["clips"] == len(plan) and a == b  # same weights and seeds: identical rows
-    clips = [json.loads(f.read_text()) for f in sorted((out / "dexac-a" / "clips").glob("*.json"))]
-    assert a["psnr"] == pytest.approx(np.mean([c["psnr"] for c in clips]))
-    # PCK is wired in (at 32x64 the markers are too small to detect, so it is undefined: None)
-    assert a["latent_l2"] > 0 and "pck@20" in a and set(a["families"]) == set(E.FAMILIES)
-    table = (out / "table.md").read_text()
-    assert "| Model | PSNR ↑ | SSIM ↑ | LPIPS ↓ | FID ↓ | FVD ↓ | PCK@10 ↑ | PCK@20 ↑ |" in table
-    assert table.count("| dexac-") == 4  # a row per model in both tables
-    assert (out / "figure.png").is_file()
-
-    # resume: only the missing clip is rolled out again, and it scores as before
-    (out / "dexac-a" / "clips" / "00003.json").unlink()
-    calls = []
-    rollout = S.WorldModel.rollout
-    monkeypatch.setattr(S.WorldModel, "rollout", lambda self, frames, *x, **k: calls.append(len(frames)) or
-                        rollout(self, frames, *x, **k))
-    E.main(argv)
-    assert calls == [1]
-    same = lambda r: all(r[k] == pytest.approx(a[k], rel=1e-5) for k in ("clips", "psnr", "ssim", "latent_l2"))
-    assert same(json.loads((out / "report.json").read_text())["rows"]["dexac-a"])  # batch of 1: rounding only
-
-    # ranks: rank r of 2 rolls out clips r, r + 2, ...; together they give the one-rank report
-    for name in ("init_process_group", "barrier", "destroy_process_group"):
-        monkeypatch.setattr(torch.distributed, name, lambda *x, **k: None)
-    sharded = tmp_path / "sharded"
-    for rank in (1, 0):  # rank 0 last: it collects after the (no-op) barrier
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        calls.clear()
-        E.main([*argv[:-4], "--out", str(sharded), "--figure-clips", "2", "--checkpoint", rows["dexac-a"]])
-        assert calls == [2] * (len(plan) // 4)  # its half of the clips, in batches of 2
-        done = sorted(int(f.stem) for f in (sharded / "dexac-a" / "clips").glob("*.json"))
-        assert set(done) >= set(range(rank, len(plan), 2))
-    assert same(json.loads((sharded / "report.json").read_text())["rows"]["dexac-a"])
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("RANK", "0")
-
-    # the shuffled-action control: another row, other actions, same first frames
-    E.main(["--checkpoint", rows["dexac-a"], *argv[3:], "--shuffle-actions"])
-    assert "dexac-a (shuffled actions)" in json.loads((out / "report.json").read_text())["rows"]
-
-    # bad input: one clear error each
-    with pytest.raises(FileNotFoundError, match="not found"):
-        E.main(["--checkpoint", str(tmp_path / "none.safetensors"), "--data", str(train_synth)])
-    with pytest.raises(ValueError, match="unknown metrics"):
-        E.main([*argv, "--metrics", "psnr,dreamsim"])
-    with pytest.raises(E.WeightsError, match="inception-2015-12-05.pt"):
-        E.main([*argv, "--metrics", "fid", "--inception", str(tmp_path / "none.pt")])
-    with pytest.raises(ValueError, match="other settings"):  # kept clip results are only reused as they were made
-        E.main([*argv, "--steps", "3"])
-    with pytest.raises(ValueError, match="give the row name"):
-        E.main(["--checkpoint", rows["dexac-a"], rows["dexac-a"], "--data", str(train_synth)])
-
-
-def test_training_stream_summarizes_skipped_episodes_each_epoch(train_synth, tmp_path, capsys):
-    root = tmp_path / "data"
-    shutil.copytree(train_synth, root)
-    data.load_index(root)  # indexed while intact, then one video is overwritten in place (the index keeps it)
-    with open(next(root.glob("part1/*/*.mp4")), "r+b") as f:
-        f.write(bytes(4096))
-    cfg = replace(train.PRESETS["cpu"], data=str(root), micro_batch=4, frames=5, height=32, width=64, workers=0)
-    stream = train.Stream(cfg, rank=0, world=1)
-    clips_per_epoch = len(stream.sampler)
-    for _ in range(clips_per_epoch // 4 + 1):  # one epoch and the first batch of the next
-        stream.next()
-    assert f"epoch 0 done: {clips_per_epoch} clips on this rank, 1 unreadable episode(s) skipped" in \
-        capsys.readouterr().out
-    assert stream.sampler.epoch == 1
+    @pytest.mark.parametrize("flags,message", [
+        pytest.param(["--tokenizer", "pixel", "--compare-diffusers"], "--tokenizer wan2.1", id="pixel_vs_diffusers"),
+        pytest.param(["--compare-diffusers", "--guidance", "0.5"], "guidance only above 1", id="guidance_below_1"),
+    ])
+    def test_sample_benchmark_bad_flags_are_one_clear_error(self, flags, message):
+        with pytest.raises(SystemExit, match=message):
+            S.main(["--benchmark", *flags])

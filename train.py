@@ -63,8 +63,7 @@ import synthetic
 import tokenizer as tok
 
 # -----------------------------------------------------------------------------
-# the configuration: one dataclass whose fields carry their help and choices, two named presets, one argparse
-# flag per field
+# the configuration: one dataclass whose fields carry their help and choices, two presets, a flag per field
 
 
 def opt(default, help, choices=None):
@@ -77,8 +76,8 @@ class TrainConfig:
     model: str = opt("tiny", f"DiT size preset, one of {sorted(M.PRESETS)}", sorted(M.PRESETS))
     dim: int = opt(0, "override the preset's DiT width (0: keep it); the heads stay, so keep dim / heads >= 12")
     blocks: int = opt(0, "override the preset's number of DiT blocks (0: keep it)")
-    action_mode: str = opt("dexac", "action conditioning: none or a conditioning.MODES entry (dexac, dexac-time, "
-                           "mlp, ...)", ["none", *conditioning.MODES])
+    action_mode: str = opt("dexac", "action conditioning: none or a conditioning.MODES entry (dexac, "
+                           "dexac-time, mlp, ...)", ["none", *conditioning.MODES])
     semantic: bool = opt(False, "add DINOv3 features of the first frame to the cross-attention context "
                          "(semantic.py)")
     init: str = opt("", "pretrained backbone: a local file or a Hub spec for model.load_dit ('' trains from "
@@ -89,9 +88,9 @@ class TrainConfig:
                          list(tok.TOKENIZERS))
     tokenizer_weights: str = opt("", "Wan2.1 VAE weights: a path or Hub repo id ('' = random, for tests and "
                                  "timing)")
-    pixel_compression: int = opt(2, "spatial compression s of the pixel tokenizer (12 s^2 channels per latent "
-                                 "pixel; keep 4 x 12 s^2 <= the DiT width, or a 2x2 patch cannot even carry the "
-                                 "noise through)")
+    pixel_compression: int = opt(2, "spatial compression s of the pixel tokenizer (12 s^2 channels per "
+                                 "latent pixel; keep 4 x 12 s^2 <= the DiT width, or a 2x2 patch cannot even "
+                                 "carry the noise through)")
     pixel_mean: float = opt(-0.05, "pixel tokenizer latents are (pixel - mean) / std, pixels in [-1, 1] "
                             "(defaults: the synthetic data's; set your data's)")
     pixel_std: float = opt(0.17, "see --pixel-mean: unit-variance latents, as the VAE's; raw pixels (std 0.17 "
@@ -147,8 +146,8 @@ PRESETS = {
 
 # fields that define the model and its inputs: a checkpoint made with others cannot be resumed
 MUST_MATCH = ("model", "action_mode", "semantic", "trainable", "tokenizer", "pixel_compression", "pixel_mean",
-              "pixel_std", "text",
-              "text_tokens", "height", "width", "frames", "cond_frames", "seed", "batch_size")
+              "pixel_std", "text", "text_tokens", "height", "width", "frames", "cond_frames", "seed",
+              "batch_size")
 
 
 class ConfigError(Exception):
@@ -504,15 +503,16 @@ def export(path, *, model, ema, cfg, mcfg, stats_path, step, rank, dtype):
         v = full_ema.get(k, v)
         out[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
     mean, std = data.load_stats(stats_path)
-    meta = {"model_config": asdict(mcfg), "train_config": asdict(cfg), "step": step,
-            "base": base,
-            "action_layout": conditioning.action_layout(), "action_stats": {"mean": mean.tolist(), "std": std.tolist()},
+    meta = {"model_config": asdict(mcfg), "train_config": asdict(cfg), "step": step, "base": base,
+            "action_layout": conditioning.action_layout(),
+            "action_stats": {"mean": mean.tolist(), "std": std.tolist()},
             "tokenizer": {"name": cfg.tokenizer, "weights": cfg.tokenizer_weights,
                           "pixel_compression": cfg.pixel_compression, "pixel_mean": cfg.pixel_mean,
                           "pixel_std": cfg.pixel_std},
             "text": {"mode": cfg.text, "tokens": cfg.text_tokens}}
+    metadata = {k: json.dumps(v) for k, v in meta.items()}
     # atomic: a run counts as done once its export exists (miniature.py)
-    return hub.atomic_save(path, lambda tmp: save_file(out, tmp, metadata={k: json.dumps(v) for k, v in meta.items()}))
+    return hub.atomic_save(path, lambda tmp: save_file(out, tmp, metadata=metadata))
 
 
 # -----------------------------------------------------------------------------
@@ -645,8 +645,8 @@ def check_config(cfg, world):
 
 def build(cfg, device, *, load=True):
     """The data, tokenizer, sharded model, optimizer, EMA and text/DINOv3 context, in the process group.
-    Without `load` nothing is read or downloaded (no data, statistics, weights or --init): random weights time the
-    same as pretrained ones (`python bench.py train`)."""
+    Without `load` nothing is read or downloaded (no data, statistics, weights or --init): random weights
+    time the same as pretrained ones (`python bench.py train`)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     accum = check_config(cfg, world)
     torch.manual_seed(cfg.seed)
@@ -674,16 +674,15 @@ def build(cfg, device, *, load=True):
 
 
 def describe(t):
-    """The startup print (nanoGPT's): the resolved configs, then parameters, shapes, tokens and FLOPs per step."""
+    """The startup print (nanoGPT's): the resolved configs, parameters, shapes, tokens and FLOPs per step."""
     cfg, params = t.cfg, list(t.model.parameters())  # DTensors count their full size
     n_params, n_train = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
     flops = flops_per_clip(t.mcfg, t.latent, cfg.text_tokens, t.n_patches) * cfg.batch_size
     t.log(json.dumps({"train": asdict(cfg), "model": asdict(t.mcfg)}, indent=1, default=str))
     t.log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trainable), {t.world} rank(s) on "
           f"{t.device.type}, {str(t.dtype).removeprefix('torch.')} compute; latents {t.latent[1:]} per clip, "
-          f"{t.tokens_per_clip} tokens per clip, {t.tokens_per_step:,} per step (batch "
-          f"{cfg.batch_size} = {cfg.micro_batch} x {t.accum} accum x {t.world} ranks); {flops / 1e12:.3f} TFLOP "
-          f"per step")
+          f"{t.tokens_per_clip} tokens per clip, {t.tokens_per_step:,} per step (batch {cfg.batch_size} = "
+          f"{cfg.micro_batch} x {t.accum} accum x {t.world} ranks); {flops / 1e12:.3f} TFLOP per step")
 
 
 def open_run(t, resume):
@@ -711,7 +710,8 @@ def open_run(t, resume):
     history = [json.loads(line) for line in open(metrics)] if metrics.exists() else []
     history = [h for h in history if h["step"] <= step]  # a resumed run rewrites what came after its checkpoint
     if t.rank == 0:
-        hub.atomic_write(run / "config.json", json.dumps({"train": asdict(cfg), "model": asdict(t.mcfg)}, indent=1))
+        config = {"train": asdict(cfg), "model": asdict(t.mcfg)}
+        hub.atomic_write(run / "config.json", json.dumps(config, indent=1))
         hub.atomic_write(metrics, "".join(json.dumps(h) + "\n" for h in history))
     return run, stream, step, history
 
@@ -760,7 +760,7 @@ def micro_step(t, inputs, step, micro):
     x0, text, actions, feats = (v.clone() if v is not None else None for v in inputs)  # out of inference mode
     g = torch.Generator(t.device).manual_seed(noise_seed(t.cfg.seed, step, micro))
     fn = lambda x, sig: t.model(x.to(t.dtype), sig, text, t.frame_mask, actions=actions, image_features=feats)
-    # eq. 1-3: the rectified-flow loss (model.flow_loss)
+    # eq. 3: the rectified-flow loss (model.flow_loss)
     losses, sigma = M.flow_loss(fn, x0, t.frame_mask, shift=t.cfg.shift, generator=g)
     (losses.mean() / t.accum).backward()
     losses = losses.detach()
@@ -825,8 +825,8 @@ def checkpoint(t, run, step, stream):
 def finish(t, run, step, clip, history):
     """The final preview, the export of the EMA weights, and a summary of where everything is."""
     preview(t, run / "preview.png", clip)
-    out = export(run / "model.safetensors", model=t.model, ema=t.ema, cfg=t.cfg, mcfg=t.mcfg, stats_path=t.stats_path,
-                 step=step, rank=t.rank, dtype=hub.DTYPES[t.cfg.export_dtype])
+    out = export(run / "model.safetensors", model=t.model, ema=t.ema, cfg=t.cfg, mcfg=t.mcfg,
+                 stats_path=t.stats_path, step=step, rank=t.rank, dtype=hub.DTYPES[t.cfg.export_dtype])
     where = {"run directory": run, "exported model": out, "metrics": run / "metrics.jsonl",
              "loss curve": run / "loss.png", "preview": run / "preview.png", "checkpoints": run / "checkpoints",
              "data": Path(t.cfg.data), "statistics": t.stats_path}
