@@ -52,6 +52,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import h5py
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -59,12 +60,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+import bench
 import conditioning
 import data
 import evaluate as E
+import hub
 import model as M
 import sample as S
 import semantic
+import synthetic
 import tokenizer as tk
 import train
 from semantic import (DINO_PRESETS, DINO_REPO, DinoV3, SemanticProjector, TextEmbedder, TextEncoder,
@@ -259,7 +263,7 @@ class PlainI3D(nn.Module):
 def synth_root(tmp_path_factory):
     """A small synthetic EgoDex root: 2 tasks x 2 training episodes + 1 test episode, 40 frames each."""
     root = tmp_path_factory.mktemp("synth")
-    data.write_synthetic(root, tasks=2, episodes=2, test_episodes=1, frames=40, workers=0)
+    synthetic.write_synthetic(root, tasks=2, episodes=2, test_episodes=1, frames=40, workers=0)
     return root
 
 
@@ -267,10 +271,10 @@ def one_episode(tmp, frames=40, seed=0, name="part1/task_a"):
     """Write one synthetic EgoDex episode by hand -> (hdf5 path, joints written, K)."""
     d = Path(tmp) / name
     d.mkdir(parents=True, exist_ok=True)
-    joints, _ = data.synth_track(np.random.default_rng(seed), frames)
+    joints, _ = synthetic.synth_track(np.random.default_rng(seed), frames)
     K = np.array([[122.8, 0, 160], [0, 122.8, 90], [0, 0, 1]])
-    data.write_egodex_hdf5(d / "0.hdf5", joints, K, {"llm_description": "Do the thing."})
-    data.write_video(d / "0.mp4", (data.render_frame(joints, i, K, (180, 320), (90, 90, 90))
+    synthetic.write_egodex_hdf5(d / "0.hdf5", joints, K, {"llm_description": "Do the thing."})
+    data.write_video(d / "0.mp4", (synthetic.render_frame(joints, i, K, (180, 320), (90, 90, 90))
                                    for i in range(frames)))
     return d / "0.hdf5", joints, K
 
@@ -285,7 +289,7 @@ TRAIN_ARGS = ["--dim", "64", "--blocks", "2", "--height", "32", "--width", "64",
 def train_synth(tmp_path_factory):
     """The synthetic root training runs read: 2 tasks x 2 + 1 episodes of 40 frames at 64x112, with stats.json."""
     root = tmp_path_factory.mktemp("train_synth") / "data"
-    data.write_synthetic(root, tasks=2, episodes=2, test_episodes=1, frames=40, size=(64, 112), workers=0)
+    synthetic.write_synthetic(root, tasks=2, episodes=2, test_episodes=1, frames=40, size=(64, 112), workers=0)
     (root / "stats.json").write_text(json.dumps(data.compute_stats(root)))
     return root
 
@@ -447,7 +451,7 @@ def missing_inception_default(tmp_path):
 
 
 MISSING_FILES = {  # case -> (call on tmp_path, exception, message)
-    "dit_file": (missing_dit, FileNotFoundError, "neither an existing file nor a Hub file"),
+    "dit_file": (missing_dit, FileNotFoundError, "nor a Hub file"),
     "wan_file": (lambda tmp_path: tk.build_tokenizer("wan2.1", config="tiny",
                                                      weights=str(tmp_path / "Wan2.1_VAE.pth")),
                  FileNotFoundError, "nvidia/Cosmos-Predict2.5-2B"),
@@ -493,7 +497,7 @@ class TestHub:
     def test_dit_file_missing_from_the_hub_cache_gives_the_download_hint(self, tmp_path):
         hub_snapshot(tmp_path / "hub", "nvidia/Cosmos-Predict2.5-2B")
         r = run_offline("import model as M\nM.load_dit('base/pre-trained')\n", tmp_path)
-        assert r.returncode != 0 and "FileNotFoundError" in r.stderr and "hf download" in r.stderr, r.stderr[-2000:]
+        assert r.returncode != 0 and "WeightsError" in r.stderr and "hf download" in r.stderr, r.stderr[-2000:]
 
     @pytest.mark.slow
     def test_dino_hub_cache_offline(self, hf_dino, offline_hub):
@@ -528,7 +532,7 @@ class TestHub:
         assert out.returncode == 0, out.stderr
         expected = sum(float(t.double().sum()) for t in vae_pair[1].state_dict().values())
         assert f"SUM {expected}" in out.stdout
-        assert "MISSING could not get tokenizer.pth from the Hub repo someorg/not-cached" in out.stdout
+        assert "someorg/not-cached/tokenizer.pth is not in the local Hub cache" in out.stdout
         assert tk.HUB_REPO in out.stdout
 
     @pytest.mark.parametrize("error_code", ["GatedRepo", "RepoNotFound"])
@@ -545,7 +549,7 @@ class TestHub:
             url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
             hf_raise_for_status(httpx.Response(401, headers={"X-Error-Code": error_code},
                                                request=httpx.Request("GET", url)))
-        monkeypatch.setattr(semantic, "hf_hub_download", refuse)
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
         with pytest.raises(PermissionError, match="(?s)accept the licence.*hf auth login.*HF_TOKEN"):
             load_dino(DINO_REPO, preset="tiny")
 
@@ -562,7 +566,7 @@ class TestHub:
         monkeypatch.setattr(hub, "hf_hub_download", fake_download)
         assert E.resolve_weights("inception", "org/metrics").endswith("inception-2015-12-05.pt")
         assert E.resolve_weights("i3d", "org/metrics/fvd/i3d.pt").endswith("fvd/i3d.pt")
-        with pytest.raises(E.WeightsError, match="i3d_torchscript.pt.*Hub file org/missing"):
+        with pytest.raises(E.WeightsError, match="i3d_torchscript.pt.*org/missing"):
             E.resolve_weights("i3d", "org/missing")
         assert calls == [("org/metrics", "inception-2015-12-05.pt"), ("org/metrics", "fvd/i3d.pt"),
                          ("org/missing", "i3d_torchscript.pt")]
@@ -983,7 +987,7 @@ class TestConditioning:
             "action_embedder_B_3D.fc2.weight": (6144, 8192), "action_embedder_B_3D.fc2.bias": (6144,)}
 
     def test_cost_table(self):
-        rows = conditioning.costs()
+        rows = bench.costs()
         assert rows["SAT"] == (2 * 256 + 13, 2 * 12 * 57 * 256)  # Linear(1 -> C) per entry, fusion over 12 steps
         assert rows["global attention"][0] == 4 * (256 * 256 + 256) + 256 + 256 * 8192 + 8192  # the paper's 2.37M
         assert rows["MLP action embed (mlp-flat)"][1] == 684 * 8192 + 8192 * 2048  # multiply-accumulates
@@ -1407,11 +1411,11 @@ class TestTokenizer:
         with pytest.raises(ValueError) as e:
             tk.build_tokenizer("wan2.1", config="tiny", weights=str(tmp_path / "bad.pth"))
         msg = str(e.value)
-        assert "1 missing keys: encoder.head.2.bias" in msg and "1 unexpected keys: encoder.extra.weight" in msg
-        assert "1 bad shapes: conv2.weight (4, 4, 1, 1, 2) (expected (4, 4, 1, 1, 1))" in msg
+        assert "missing (1): encoder.head.2.bias" in msg and "unexpected (1): encoder.extra.weight" in msg
+        assert "wrong shape (1): conv2.weight: checkpoint (4, 4, 1, 1, 2) vs model (4, 4, 1, 1, 1)" in msg
 
     def test_weights_of_a_smaller_model_are_bad_shapes(self, vae_weight_files):
-        with pytest.raises(ValueError, match="bad shapes: encoder.conv1.weight"):  # a tiny file, a wider model
+        with pytest.raises(ValueError, match="wrong shape .*encoder.conv1.weight"):  # a tiny file, a wider model
             tk.build_tokenizer("wan2.1", config=replace(tk.WAN_PRESETS["tiny"], base_dim=16),
                                weights=str(vae_weight_files / "Wan2.1_VAE.pth"))
 
@@ -1669,13 +1673,14 @@ class TestSemantic:
             call(tmp_path)
 
     def test_dino_key_mismatch_lists_missing_unexpected_and_misshaped(self, hf_dino, tmp_path):
-        with pytest.raises(ValueError, match=r"(?s)missing: \['blocks.1.norm2.bias'\].*"
-                                             r"unexpected: \['layer.7.extra.weight'\].*blocks.0.mlp.fc1.weight"):
+        with pytest.raises(ValueError, match=r"(?s)missing \(1\): blocks.1.norm2.bias.*"
+                                             r"unexpected \(1\): layer.7.extra.weight.*wrong shape \(1\): "
+                                             r"blocks.0.mlp.fc1.weight"):
             load_dino(str(broken_dino_file(hf_dino, tmp_path)), preset="tiny")
 
     def test_dino_weights_of_another_size_do_not_fit_the_preset(self, hf_dino):
         _, folder = hf_dino
-        with pytest.raises(ValueError, match="do not fit preset 'vitl16'"):
+        with pytest.raises(ValueError, match="of preset 'vitl16'"):
             load_dino(str(folder), preset="vitl16")
 
     def test_dino_is_frozen(self):
@@ -1818,13 +1823,13 @@ class TestSemantic:
 # data.py: the 57-D action, readers, corruption handling, clips and sharding, statistics, the latent cache
 
 def d_rot(axis, a):
-    """data._rot in float64: rotation matrices by angles a about one axis."""
-    return data._rot(axis, np.asarray(a, np.float64))
+    """synthetic._rot in float64: rotation matrices by angles a about one axis."""
+    return synthetic._rot(axis, np.asarray(a, np.float64))
 
 
 def d_pose(R, t):
-    """data._pose in float64: 4x4 poses from rotations and translations."""
-    return data._pose(np.asarray(R, np.float64), np.asarray(t, np.float64))
+    """synthetic._pose in float64: 4x4 poses from rotations and translations."""
+    return synthetic._pose(np.asarray(R, np.float64), np.asarray(t, np.float64))
 
 
 def random_rotations(rng, n):
@@ -1837,7 +1842,7 @@ def static_track(rng, n):
     """A track that does not move at all."""
     W = d_pose(random_rotations(rng, 1), rng.normal(size=(1, 3)))
     track = {"camera": np.repeat(d_pose(random_rotations(rng, 1), rng.normal(size=(1, 3))), n, 0)}
-    for s in data.HANDS:
+    for s in conditioning.HANDS:
         track[f"{s}_wrist"] = np.repeat(W, n, 0)
         track[f"{s}_tips"] = np.repeat(rng.normal(size=(1, 5, 3)), n, 0)
     return track
@@ -1950,7 +1955,7 @@ def egoverse_root(tmp_path_factory):
     from PIL import Image
     root = tmp_path_factory.mktemp("egoverse") / "eps"
     n, pad = 16, 3
-    joints, track = data.synth_track(np.random.default_rng(9), n)
+    joints, track = synthetic.synth_track(np.random.default_rng(9), n)
     K = np.array([[122.8, 0, 160], [0, 122.8, 90], [0, 0, 1]])
     g = zarr.open_group(str(root / "abc123.zarr"), mode="w")
     g.attrs.update({"fps": 30, "task_description": "Open the jar.", "total_frames": n,
@@ -1964,7 +1969,7 @@ def egoverse_root(tmp_path_factory):
         return np.concatenate([T[:, :3, 3], quat_wxyz(T[:, :3, :3])], 1)
 
     put("obs_head_pose", xyz_wxyz(track["camera"]))
-    for s in data.HANDS:
+    for s in conditioning.HANDS:
         put(f"{s}.obs_wrist_pose", xyz_wxyz(track[f"{s}_wrist"]))
         kp = np.zeros((n, 21, 3))
         kp[:, [4, 8, 12, 16, 20]] = track[f"{s}_tips"]  # MANO fingertips, thumb..little
@@ -1972,7 +1977,7 @@ def egoverse_root(tmp_path_factory):
     jpegs = []
     for i in range(n + pad):
         buf = io.BytesIO()
-        frame = data.render_frame(joints, min(i, n - 1), K, (180, 320), (90, 90, 90))
+        frame = synthetic.render_frame(joints, min(i, n - 1), K, (180, 320), (90, 90, 90))
         Image.fromarray(frame).save(buf, "JPEG", quality=95)
         jpegs.append(buf.getvalue())
     img = g.create_array("images.front_1", shape=(n + pad,), dtype=zarr.dtype.VariableLengthBytes())
@@ -1989,7 +1994,7 @@ def egoverse_clip(egoverse_root):
 @pytest.fixture(scope="module")
 def cache_source(tmp_path_factory):
     """A synthetic root of 2 episodes of 40 frames at 48x80 to cache latents from."""
-    return data.write_synthetic(tmp_path_factory.mktemp("cache_source") / "syn", tasks=1, episodes=2,
+    return synthetic.write_synthetic(tmp_path_factory.mktemp("cache_source") / "syn", tasks=1, episodes=2,
                                 test_episodes=0, frames=40, size=(48, 80), workers=0)
 
 
@@ -1998,8 +2003,8 @@ CACHE_SETTINGS = dict(clip_len=5, size=(32, 64), shard_size=3, batch=2, workers=
 
 def cache_on_two_ranks(root, out):
     """Pixel-tokenizer latents of root's clips cached into out by ranks 0 and 1 of 2 -> the shards each wrote."""
-    return [data.cache_clips(root, out, tk.build_tokenizer("pixel"), "pixel", rank=r, world_size=2,
-                             **CACHE_SETTINGS) for r in (0, 1)]
+    return [data.cache_clips(root, out, tk.build_tokenizer("pixel"), tokenizer_name="pixel", rank=r,
+                             world_size=2, **CACHE_SETTINGS) for r in (0, 1)]
 
 
 class TestData:
@@ -2007,50 +2012,53 @@ class TestData:
     resume, action statistics, and the latent cache."""
 
     def test_action_names_and_blocks(self):
-        assert data.ACTION_DIM == 57 and len(data.ACTION_NAMES) == 57 == len(set(data.ACTION_NAMES))
-        assert [n for n, _ in data.ACTION_LAYOUT] == ["left_wrist", "left_fingers", "right_wrist",
+        names = conditioning.ACTION_NAMES
+        assert conditioning.ACTION_DIM == 57 and len(names) == 57 == len(set(names))
+        assert [n for n, _ in conditioning.ACTION_LAYOUT] == ["left_wrist", "left_fingers", "right_wrist",
                                                       "right_fingers", "head"]
-        assert [s for _, s in data.ACTION_LAYOUT] == [9, 15, 9, 15, 9]
+        assert [s for _, s in conditioning.ACTION_LAYOUT] == [9, 15, 9, 15, 9]
 
     def test_action_families_partition_the_dimensions(self):
-        fams = data.ACTION_FAMILIES
+        fams = conditioning.ACTION_FAMILIES
         assert sorted(fams["wrist"] + fams["finger"] + fams["head"]) == list(range(57))
         assert (len(fams["wrist"]), len(fams["finger"]), len(fams["head"])) == (18, 30, 9)
-        for name, sl in data.ACTION_SLICES.items():
+        for name, sl in conditioning.ACTION_SLICES.items():
             family = {"wrist": "wrist", "fingers": "finger", "head": "head"}[name.split("_")[-1]]
             assert set(range(sl.start, sl.stop)) <= set(fams[family])
 
     def test_action_layout_is_json(self):
-        assert json.loads(json.dumps(data.action_layout())) == data.action_layout()
+        assert json.loads(json.dumps(conditioning.action_layout())) == conditioning.action_layout()
 
     def test_keypoints_have_names_and_distinct_colors(self):
-        assert len(data.KEYPOINT_NAMES) == len(data.KEYPOINT_COLORS) == 12
-        assert len({tuple(c) for c in data.KEYPOINT_COLORS}) == 12
+        assert len(data.KEYPOINT_NAMES) == len(synthetic.KEYPOINT_COLORS) == 12
+        assert len({tuple(c) for c in synthetic.KEYPOINT_COLORS}) == 12
 
     def test_rot6d_convention(self):
         Rz90 = d_rot(2, np.pi / 2)
-        np.testing.assert_allclose(data.rot6d_from_matrix(Rz90), [0, 1, 0, -1, 0, 0], atol=1e-12)
-        np.testing.assert_allclose(data.rot6d_from_matrix(np.eye(3)), data.IDENTITY_6D)
+        np.testing.assert_allclose(conditioning.rot6d_from_matrix(Rz90), [0, 1, 0, -1, 0, 0], atol=1e-12)
+        np.testing.assert_allclose(conditioning.rot6d_from_matrix(np.eye(3)), conditioning.IDENTITY_6D)
 
     def test_rot6d_round_trips_in_numpy_and_torch(self):
         R = random_rotations(np.random.default_rng(0), 50)
-        np.testing.assert_allclose(data.matrix_from_rot6d(data.rot6d_from_matrix(R)), R, atol=1e-12)
-        assert torch.allclose(data.rot6d_from_matrix(torch.tensor(R)), torch.tensor(data.rot6d_from_matrix(R)))
+        np.testing.assert_allclose(conditioning.matrix_from_rot6d(conditioning.rot6d_from_matrix(R)), R, atol=1e-12)
+        rot6d = conditioning.rot6d_from_matrix
+        assert torch.allclose(rot6d(torch.tensor(R)), torch.tensor(rot6d(R)))
 
     def test_noisy_rot6d_gives_a_proper_rotation(self):
         """Gram-Schmidt always gives a proper rotation."""
         R = random_rotations(np.random.default_rng(0), 50)
-        noisy = data.rot6d_from_matrix(torch.tensor(R)) + 0.01 * torch.randn(50, 6, dtype=torch.float64)
-        Rn = data.matrix_from_rot6d(noisy)
+        noisy = conditioning.rot6d_from_matrix(torch.tensor(R)) + 0.01 * torch.randn(50, 6, dtype=torch.float64)
+        Rn = conditioning.matrix_from_rot6d(noisy)
         assert torch.allclose(Rn.transpose(-1, -2) @ Rn, torch.eye(3, dtype=torch.float64).expand_as(Rn), atol=1e-12)
         assert torch.allclose(torch.linalg.det(Rn), torch.ones(50, dtype=torch.float64))
 
     def test_action_identity_motion(self):
-        a = data.compute_actions(static_track(np.random.default_rng(1), 6))
+        a = conditioning.compute_actions(static_track(np.random.default_rng(1), 6))
         assert a.shape == (5, 57) and a.dtype == np.float32
         expected = np.zeros(57, np.float32)
         for name in ("left_wrist", "right_wrist", "head"):
-            expected[data.ACTION_SLICES[name].start + 3:data.ACTION_SLICES[name].stop] = data.IDENTITY_6D
+            block = conditioning.ACTION_SLICES[name]
+            expected[block.start + 3:block.stop] = conditioning.IDENTITY_6D
         np.testing.assert_allclose(a, np.broadcast_to(expected, a.shape), atol=1e-6)
 
     def test_action_known_rotation_and_translation(self):
@@ -2063,7 +2071,7 @@ class TestData:
         track["right_wrist"] = np.stack([P0, P1, P2])
         tip = np.stack([(P @ np.array([0.1, 0.2, 0.0, 1]))[:3] for P in (P0, P1, P2)])  # rigid with the wrist
         track["right_tips"] = tip[:, None].repeat(5, 1)
-        a = data.compute_actions(track)[:, data.ACTION_SLICES["right_wrist"]]
+        a = conditioning.compute_actions(track)[:, conditioning.ACTION_SLICES["right_wrist"]]
         np.testing.assert_allclose(a[0], [0, 0, 0, 0, 1, 0, -1, 0, 0], atol=1e-6)
         np.testing.assert_allclose(a[1], [1, 0, 0, 1, 0, 0, 0, 1, 0], atol=1e-6)
 
@@ -2071,14 +2079,14 @@ class TestData:
         rng = np.random.default_rng(3)
         n = 20
         track = static_track(rng, n)
-        for s in data.HANDS:
+        for s in conditioning.HANDS:
             W = d_pose(random_rotations(rng, n), rng.normal(size=(n, 3)))
             local = rng.normal(size=(5, 3)) * 0.1
             track[f"{s}_wrist"] = W
             track[f"{s}_tips"] = np.einsum("tij,kj->tki", W[:, :3, :3], local) + W[:, None, :3, 3]
-        a = data.compute_actions(track)
-        assert np.abs(a[:, list(data.FINGER_IDX)]).max() < 1e-6
-        assert np.abs(a[:, list(data.WRIST_IDX)]).max() > 0.1  # the wrists did move
+        a = conditioning.compute_actions(track)
+        assert np.abs(a[:, list(conditioning.FINGER_IDX)]).max() < 1e-6
+        assert np.abs(a[:, list(conditioning.WRIST_IDX)]).max() > 0.1  # the wrists did move
 
     def test_one_fingertip_moves_one_dimension(self):
         """Move one fingertip in its wrist frame: only its dimension changes."""
@@ -2086,17 +2094,17 @@ class TestData:
         W = track["right_wrist"][0]
         track["right_tips"] = track["right_tips"].copy()
         track["right_tips"][1, 1] += W[:3, :3] @ np.array([0.001, 0, 0])  # index finger +1 mm along wrist x
-        base = data.compute_actions(static_track(np.random.default_rng(4), 2))[0]
-        changed = np.nonzero(np.abs(data.compute_actions(track)[0] - base) > 1e-7)[0]
-        assert [data.ACTION_NAMES[i] for i in changed] == ["right_indexfinger.dx"]
+        base = conditioning.compute_actions(static_track(np.random.default_rng(4), 2))[0]
+        changed = np.nonzero(np.abs(conditioning.compute_actions(track)[0] - base) > 1e-7)[0]
+        assert [conditioning.ACTION_NAMES[i] for i in changed] == ["right_indexfinger.dx"]
 
     def test_camera_moves_only_head_dimensions(self):
-        base = data.compute_actions(static_track(np.random.default_rng(4), 2))[0]
+        base = conditioning.compute_actions(static_track(np.random.default_rng(4), 2))[0]
         track = static_track(np.random.default_rng(4), 2)
         track["camera"] = track["camera"].copy()
         track["camera"][1, :3, 3] += 0.05
-        changed = np.nonzero(np.abs(data.compute_actions(track)[0] - base) > 1e-7)[0]
-        assert set(changed) <= set(data.HEAD_IDX) and len(changed) > 0
+        changed = np.nonzero(np.abs(conditioning.compute_actions(track)[0] - base) > 1e-7)[0]
+        assert set(changed) <= set(conditioning.HEAD_IDX) and len(changed) > 0
 
     @pytest.mark.parametrize("meta,task,prompt", PROMPT_RULE)
     def test_prompt_rule(self, meta, task, prompt):
@@ -2105,7 +2113,7 @@ class TestData:
     def test_prompt_rule_read_from_synthetic_files(self, synth_root):
         episodes, _ = data.load_index(synth_root)
         prompts = {e.id.split("/")[1]: data.read_track(e)[2] for e in episodes}
-        assert prompts["pick_place_cube"] == data.SYNTH_TASKS[0][3]
+        assert prompts["pick_place_cube"] == synthetic.SYNTH_TASKS[0][3]
         assert prompts["open_jar"] == "Open the jar by twisting its lid."  # reversible, which '1'
 
     def test_resize_antialiases(self):
@@ -2181,7 +2189,7 @@ class TestData:
             data.load_index(tmp_path / "nope")
 
     def test_empty_root_is_one_clear_error(self, tmp_path):
-        with pytest.raises(data.DataError, match="no usable episodes.*python data.py synth"):
+        with pytest.raises(data.DataError, match="no usable episodes.*python synthetic.py --out"):
             data.load_index(tmp_path)
 
     def test_missing_stats_file_is_one_clear_error(self, tmp_path):
@@ -2311,9 +2319,9 @@ class TestData:
 
     def test_stats_match_a_direct_computation(self, synth_root, synth_stats):
         stats = json.loads(synth_stats.read_text())
-        assert stats["layout"] == data.action_layout()
+        assert stats["layout"] == conditioning.action_layout()
         episodes, _ = data.load_index(synth_root, ("part1",))
-        a = np.concatenate([data.compute_actions(data.read_track(e)[0]).astype(np.float64) for e in episodes])
+        a = np.concatenate([conditioning.compute_actions(data.read_track(e)[0]).astype(np.float64) for e in episodes])
         assert stats["count"] == len(a) == sum(e.frames - 1 for e in episodes)
         np.testing.assert_allclose(stats["mean"], a.mean(0), rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(stats["std"], a.std(0), rtol=1e-7, atol=1e-12)
@@ -2347,7 +2355,8 @@ class TestData:
     @pytest.mark.filterwarnings("ignore::FutureWarning")
     def test_egoverse_reader_gives_the_same_actions(self, egoverse_root):
         s = egoverse_clip(egoverse_root)
-        np.testing.assert_allclose(s["actions"].numpy(), data.compute_actions(egoverse_root[2])[2:14], atol=1e-5)
+        want = conditioning.compute_actions(egoverse_root[2])[2:14]
+        np.testing.assert_allclose(s["actions"].numpy(), want, atol=1e-5)
         assert s["prompt"] == "Open the jar." and s["video"].shape == (3, 13, 144, 256)
 
     @pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -2359,7 +2368,7 @@ class TestData:
     @pytest.mark.filterwarnings("ignore::FutureWarning")
     def test_egoverse_markers_are_detected_at_the_keypoints(self, egoverse_root):
         s = egoverse_clip(egoverse_root)
-        found = data.detect_keypoints(s["video"][:, 0].permute(1, 2, 0).numpy())
+        found = synthetic.detect_keypoints(s["video"][:, 0].permute(1, 2, 0).numpy())
         err = np.linalg.norm(found - s["keypoints"][0].numpy(), axis=-1)
         assert err.max() < 2.5
 
@@ -2402,7 +2411,7 @@ class TestData:
     def test_latent_cache_of_other_settings_is_refused(self, cache_source, tmp_path):
         cache_on_two_ranks(cache_source, tmp_path / "cache")
         with pytest.raises(data.DataError, match="other settings"):
-            data.cache_clips(cache_source, tmp_path / "cache", tk.build_tokenizer("pixel"), "pixel",
+            data.cache_clips(cache_source, tmp_path / "cache", tk.build_tokenizer("pixel"), tokenizer_name="pixel",
                              **dict(CACHE_SETTINGS, clip_len=9))
 
     def test_latent_cache_feeds_the_loader(self, cache_source, tmp_path):
@@ -2429,7 +2438,7 @@ class TestSynthetic:
             for name in data.POSE_JOINTS:
                 np.testing.assert_array_equal(f[f"transforms/{name}"][:], joints[name].astype(np.float32))
         ref = data._track_from_joints({k: v.astype(np.float32).astype(np.float64) for k, v in joints.items()})
-        np.testing.assert_array_equal(data.compute_actions(track), data.compute_actions(ref))
+        np.testing.assert_array_equal(conditioning.compute_actions(track), conditioning.compute_actions(ref))
 
     @pytest.mark.parametrize("size,tol", [(None, 1.0), ((288, 512), 2.5)])
     def test_markers_sit_at_the_projected_keypoints(self, tmp_path, size, tol):
@@ -2443,7 +2452,7 @@ class TestSynthetic:
         assert s["keypoint_valid"].all()
         video = s["video"].permute(1, 2, 3, 0).numpy()
         for t in (0, 6, 12):
-            err = np.linalg.norm(data.detect_keypoints(video[t]) - s["keypoints"][t].numpy(), axis=-1)
+            err = np.linalg.norm(synthetic.detect_keypoints(video[t]) - s["keypoints"][t].numpy(), axis=-1)
             assert err.max() < tol, err
 
     def test_zoomed_synthetic_keeps_markers_detectable_when_small(self, tmp_path):
@@ -2451,12 +2460,12 @@ class TestSynthetic:
         keeps nearly all of them, at the projected keypoints of the (zoomed) intrinsics."""
         found = {}
         for zoom, scale in ((1.0, 1.0), (2.0, 2.0)):
-            root = data.write_synthetic(tmp_path / f"z{zoom}", tasks=1, episodes=0, test_episodes=1, frames=13,
+            root = synthetic.write_synthetic(tmp_path / f"z{zoom}", tasks=1, episodes=0, test_episodes=1, frames=13,
                                         workers=0, zoom=zoom, marker_scale=scale)
             ep = data.load_index(root, ("test",))[0][0]
             s = data.load_clip(ep, 0, 13, (48, 80))
             video = s["video"].permute(1, 2, 3, 0).numpy()
-            kp = np.stack([data.detect_keypoints(f) for f in video])
+            kp = np.stack([synthetic.detect_keypoints(f) for f in video])
             ok = np.isfinite(kp).all(-1)
             found[zoom] = ok.mean()
             if zoom == 2.0:
@@ -2468,22 +2477,22 @@ class TestSynthetic:
         """Large wrist/head motion, finger motion orders of magnitude smaller in the action."""
         stats = data.compute_stats(synth_root, ("part1",))
         mean, std = np.abs(np.array(stats["mean"])), np.array(stats["std"])
-        wrist_t = [i for i in data.WRIST_IDX if data.ACTION_NAMES[i].endswith(("tx", "ty", "tz"))]
-        assert std[wrist_t].mean() > 8 * std[list(data.FINGER_IDX)].mean()
-        assert mean[list(data.WRIST_IDX)].max() > 1000 * std[list(data.FINGER_IDX)].mean()
+        wrist_t = [i for i in conditioning.WRIST_IDX if conditioning.ACTION_NAMES[i].endswith(("tx", "ty", "tz"))]
+        assert std[wrist_t].mean() > 8 * std[list(conditioning.FINGER_IDX)].mean()
+        assert mean[list(conditioning.WRIST_IDX)].max() > 1000 * std[list(conditioning.FINGER_IDX)].mean()
 
     def test_synthetic_fingertips_move_several_pixels(self, synth_root):
         """...yet many pixels in the image: fingertips move in the wrist frame by several pixels."""
         ep = data.load_index(synth_root, ("part1",))[0][0]
         track, K, _, _, n = data.read_track(ep)
-        local = data.to_frame(track["right_wrist"], track["right_tips"])  # (T, 5, 3)
-        depth = data.to_frame(track["camera"], track["right_tips"])[..., 2].mean()
+        local = conditioning.to_frame(track["right_wrist"], track["right_tips"])  # (T, 5, 3)
+        depth = conditioning.to_frame(track["camera"], track["right_tips"])[..., 2].mean()
         excursion_px = (local.max(0) - local.min(0)).max(-1).mean() * K[0, 0] / depth * 512 / 320
         assert excursion_px > 4  # at 288x512
 
     def test_synthetic_is_deterministic(self, tmp_path):
         for d in ("a", "b"):
-            data.main(["synth", "--out", str(tmp_path / d), "--tasks", "1", "--episodes", "1",
+            synthetic.main(["--out", str(tmp_path / d), "--tasks", "1", "--episodes", "1",
                        "--test-episodes", "0", "--frames", "8", "--workers", "0"])
         for name in ("0.hdf5", "0.mp4"):
             a, b = (tmp_path / d / "part1" / "pick_place_cube" / name for d in "ab")
@@ -2544,7 +2553,7 @@ class TestTrain:
         assert len(run_losses(d)) == 3 and all(np.isfinite(run_losses(d)))
 
         net, info = M.load_exported(d / "model.safetensors", "cpu", torch.float32)
-        assert info["step"] == 3 and info["action_layout"] == data.action_layout()
+        assert info["step"] == 3 and info["action_layout"] == conditioning.action_layout()
         assert net.patch_embed.weight.dtype == torch.float32  # exported in bf16, loaded as asked
         # the statistics of stats.json are in the weights, bit for bit and with their layout
         stats = json.loads((train_synth / "stats.json").read_text())
@@ -2552,7 +2561,7 @@ class TestTrain:
         assert torch.equal(mean, torch.tensor(stats["mean"], dtype=torch.float32))
         assert torch.equal(std, torch.tensor(stats["std"], dtype=torch.float32))
         assert int(net.action_cond.norm.has_stats) == 1 and std.min() > 0 and mean.abs().max() > 0
-        net.action_cond.norm.check_layout(data.action_layout())
+        net.action_cond.norm.check_layout(conditioning.action_layout())
         # the EMA weights were trained (the output layer starts at zero) and the model samples
         assert net.final.linear.weight.abs().max() > 0
         c = net.config
@@ -2638,7 +2647,7 @@ class TestTrain:
         assert train.lr_at(500, train.TrainConfig(lr=2.0, warmup=1, schedule="constant")) == 2.0
 
     def test_every_flag_has_help(self):
-        assert set(train.HELP) == {f.name for f in train.fields(train.TrainConfig)}
+        assert all(f.metadata.get("help") for f in train.fields(train.TrainConfig))  # help beside each default
 
     def test_non_finite_steps_are_skipped_then_stop_the_run(self, train_synth, tmp_path):
         """An absurd lr makes the weights huge after one update: the following losses are not finite, their
@@ -2701,7 +2710,7 @@ def seed0_rollout(exported, train_synth):
     episode = data.load_index(train_synth)[0][0]
     frame = data.load_clip(episode, 0, 1, wm.size)["video"][:, 0].permute(1, 2, 0).numpy()  # (H, W, 3)
     g = np.random.default_rng(0)
-    acts = S.still_actions(30)[None] + 1e-3 * g.standard_normal((2, 30, data.ACTION_DIM)).astype(np.float32)
+    acts = S.still_actions(30)[None] + 1e-3 * g.standard_normal((2, 30, conditioning.ACTION_DIM)).astype(np.float32)
     return wm, frame, acts, rollout(wm, frame[None], acts[:1], [0])
 
 
@@ -2750,7 +2759,8 @@ def dexac_only_export(tmp_path, stats):
     ema = {n: p.detach() + 0.5 for n, p in model.named_parameters() if p.requires_grad}
     cfg = replace(train.TrainConfig(), trainable="new", init=str(tmp_path / "base.pt"), tokenizer="wan2.1",
                   height=32, width=64, frames=5)
-    path = train.export(tmp_path / "model.safetensors", model, ema, cfg, mcfg, stats, 7, 0, torch.float32)
+    path = train.export(tmp_path / "model.safetensors", model=model, ema=ema, cfg=cfg, mcfg=mcfg, stats_path=stats,
+                        step=7, rank=0, dtype=torch.float32)
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
@@ -2760,6 +2770,17 @@ def dexac_only_export(tmp_path, stats):
 class TestSample:
     """Rollouts from an exported model: length, seeds and batching; the sample command's outputs and input
     checks; DexAC-only exports on their base; DINOv3 features per chunk."""
+
+    def test_quick_psnr_equals_the_metric(self):
+        """sample.py prints a per-frame PSNR beside its videos; it is evaluate.py's PSNR, cap included."""
+        rng = np.random.default_rng(0)
+        gt = rng.integers(0, 256, (5, 16, 24, 3), dtype=np.uint8)
+        video = np.clip(gt.astype(int) + rng.integers(-20, 21, gt.shape), 0, 255).astype(np.uint8)
+        video[0] = gt[0]  # an identical frame: the 100 dB cap
+        want = E.psnr_frames(E.as_unit(torch.from_numpy(video)).permute(0, 3, 1, 2),
+                             E.as_unit(torch.from_numpy(gt)).permute(0, 3, 1, 2)).numpy()
+        np.testing.assert_allclose(S.psnr_per_frame(video, gt), want, rtol=1e-6)
+        assert want[0] == E.PSNR_CAP
 
     def test_rollout_length_and_first_frame(self, seed0_rollout):
         wm, frame, _, one = seed0_rollout
@@ -2865,7 +2886,7 @@ class TestSample:
         mcfg = replace(DIT_SMALL, in_channels=12 * 4, out_channels=12 * 4, action_mode="dexac", action_steps=4,
                        semantic_dim=DINO_TINY.dim)
         dit = randomize(M.DiT(mcfg), seed=2, std=0.05)
-        dit.action_cond.set_stats(torch.zeros(data.ACTION_DIM), torch.ones(data.ACTION_DIM))
+        dit.action_cond.set_stats(torch.zeros(conditioning.ACTION_DIM), torch.ones(conditioning.ACTION_DIM))
         info = {"tokenizer": {"name": "pixel", "pixel_compression": 2}, "text": {"mode": "none", "tokens": 4},
                 "train_config": {"height": 32, "width": 48, "text_cache": "", "shift": 1.0}}
         wm = S.WorldModel.from_model(dit, info, dino=str(folder))
@@ -2873,8 +2894,8 @@ class TestSample:
         forward = wm.dit.forward
         wm.dit.forward = lambda *a, **k: seen.append(k["image_features"]) or forward(*a, **k)
         frame = (np.random.default_rng(0).random((2, 32, 48, 3)) * 255).astype(np.uint8)
-        video = wm.rollout(frame, np.broadcast_to(S.still_actions(8), (2, 8, data.ACTION_DIM)), ["", ""], [0, 1],
-                           steps=2, progress=False)
+        still = np.broadcast_to(S.still_actions(8), (2, 8, conditioning.ACTION_DIM))
+        video = wm.rollout(frame, still, ["", ""], [0, 1], steps=2, progress=False)
         assert video.shape == (2, 9, 32, 48, 3) and len(seen) == 4  # 2 chunks x 2 steps
         expected = semantic.conditioning_features(wm.dino, torch.from_numpy(frame).permute(0, 3, 1, 2) / 127.5 - 1)
         assert seen[0].shape == (2, 6, DINO_TINY.dim) and torch.allclose(seen[0], expected, atol=1e-5)
@@ -3018,7 +3039,7 @@ WRONG_WEIGHTS = {  # case -> (call on tmp_path, exception, message)
 @pytest.fixture(scope="module")
 def eval_synth_clip(tmp_path_factory):
     """A 13-frame clip of a synthetic test episode at the source size, 180x320."""
-    root = data.write_synthetic(tmp_path_factory.mktemp("synth"), tasks=1, episodes=0, test_episodes=1,
+    root = synthetic.write_synthetic(tmp_path_factory.mktemp("synth"), tasks=1, episodes=0, test_episodes=1,
                                 frames=14, workers=0)
     h5 = next((root / "test").glob("*/0.hdf5"))
     return data.load_clip(data.Episode("test/x/0", str(h5), 14, "egodex"), 0, 13, size=None)
@@ -3181,7 +3202,7 @@ class TestEvaluate:
     def test_lpips_heads_that_do_not_fit_are_one_clear_error(self, tmp_path):
         alex, _, _ = lpips_files(tmp_path)
         torch.save({"lin0.model.1.weight": torch.zeros(1, 3, 1, 1)}, tmp_path / "bad.pth")
-        with pytest.raises(E.WeightsError, match=r"mis-shaped \['heads.0.weight") as e:
+        with pytest.raises(E.WeightsError, match=r"wrong shape \(1\): heads.0.weight") as e:
             E.load_lpips(alex, heads=tmp_path / "bad.pth")
         assert "heads.4.weight" in str(e.value)
 
@@ -3276,7 +3297,7 @@ class TestEvaluate:
         W = gt.shape[-1]
         s = int(k) + 1
         pred = torch.roll(gt, s, dims=-1)
-        kp = np.stack([data.detect_keypoints(f) for f in gt[0].permute(1, 2, 3, 0).numpy()])  # (13, 12, 2)
+        kp = np.stack([synthetic.detect_keypoints(f) for f in gt[0].permute(1, 2, 3, 0).numpy()])  # (13, 12, 2)
         inner = torch.from_numpy((kp[..., 0] > 12) & (kp[..., 0] < W - s - 12))[None]
         clip = E.Evaluator(("pck",), n_cond=0).add(pred, gt, keypoint_valid=inner)[0]
         assert clip["pck_count"] == inner.sum() > 100
@@ -3311,13 +3332,13 @@ class TestEvaluate:
 
     def test_action_families_follow_the_normalized_actions(self):
         mean, std = np.zeros(57), np.ones(57)
-        std[list(data.FINGER_IDX)] = 1e-3  # finger motion is millimetres
+        std[list(conditioning.FINGER_IDX)] = 1e-3  # finger motion is millimetres
         a = np.zeros((12, 57))
-        a[:, list(data.WRIST_IDX)] = 0.01
+        a[:, list(conditioning.WRIST_IDX)] = 0.01
         assert E.action_family(a, mean, np.ones(57)) == "wrist"
-        a[:, list(data.FINGER_IDX)] = 0.002  # tiny in metres, large for fingers
+        a[:, list(conditioning.FINGER_IDX)] = 0.002  # tiny in metres, large for fingers
         assert E.action_family(a, mean, std) == "finger" and E.action_family(a, mean, np.ones(57)) == "wrist"
-        a[:, list(data.HEAD_IDX)] = 5.0  # z = 5 > the fingers' 2
+        a[:, list(conditioning.HEAD_IDX)] = 5.0  # z = 5 > the fingers' 2
         assert E.action_family(a, mean, std) == "head"
 
     def test_report_pools_pck_and_splits_families(self):
@@ -3335,8 +3356,8 @@ class TestEvaluate:
         ev = E.Evaluator(("psnr",), stats=(np.zeros(57), np.ones(57)))
         _, v = eval_videos(B=2)
         actions = torch.zeros(2, 3, 57)
-        actions[0, :, list(data.HEAD_IDX)] = 1
-        actions[1, :, list(data.FINGER_IDX)] = 1
+        actions[0, :, list(conditioning.HEAD_IDX)] = 1
+        actions[1, :, list(conditioning.FINGER_IDX)] = 1
         assert [c["family"] for c in ev.add(v, v, actions=actions)] == ["head", "finger"]
 
     def test_command_line_compare(self, tmp_path, eval_synth_clip):
@@ -3487,14 +3508,26 @@ class TestBench:
     """The benchmark command lines run on tiny shapes and print what they measured."""
 
     def test_tokenizer_benchmark_runs(self, capsys):
-        tk.main(["--benchmark", "--config", "tiny", "--frames", "5", "9", "--height", "16", "--width", "24",
-                 "--warmup", "0"])
+        bench.main(["vae", "--config", "tiny", "--frames", "5", "9", "--height", "16", "--width", "24",
+                    "--warmup", "0"])
         lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("T=")]
         assert len(lines) == 2 and all("frames/s" in line and "MiB" in line for line in lines)
 
+    def test_dit_benchmark_runs_ours_and_diffusers(self, capsys):
+        pytest.importorskip("diffusers")
+        bench.main(["dit", "--frames", "2", "--height", "8", "--width", "8", "--text-tokens", "4", "--iters", "1",
+                    "--warmup", "0", "--compare-diffusers"])
+        out = capsys.readouterr().out
+        assert "ours: forward" in out and "diffusers: forward" in out and "ours / diffusers" in out
+
+    def test_train_benchmark_times_train_steps(self, capsys):
+        dt = bench.main(["train", "--dim", "64", "--blocks", "1", "--height", "32", "--width", "48", "--batch-size",
+                         "1", "--micro-batch", "1", "--bench-steps", "1", "--device", "cpu"])
+        assert dt > 0 and "benchmark:" in capsys.readouterr().out and not torch.distributed.is_initialized()
+
     def test_sample_benchmark_runs(self):
-        """--benchmark times one chunk of a DexAC model on random weights."""
-        r = S.main(["--benchmark", "--tokenizer", "pixel", "--height", "32", "--width", "48", "--steps", "2",
+        """bench.py sample times one chunk of a DexAC model on random weights."""
+        r = bench.main(["sample", "--tokenizer", "pixel", "--height", "32", "--width", "48", "--steps", "2",
                     "--iters", "1", "--warmup", "0", "--batch", "2", "--guidance", "1.5"])
         assert r["ours (dexac)"]["shape"] == (2, 13, 32, 48, 3)
 
@@ -3503,8 +3536,8 @@ class TestBench:
         """--compare-diffusers runs diffusers' Cosmos-Predict2.5 pipeline on the same weights and shapes (the
         figures themselves are for a GPU, see README); about two minutes on 2 CPU cores."""
         pytest.importorskip("diffusers")
-        r = S.main(["--benchmark", "--height", "32", "--width", "48", "--steps", "1", "--iters", "1", "--warmup",
-                    "0", "--compare-diffusers"])
+        r = bench.main(["sample", "--height", "32", "--width", "48", "--steps", "1", "--iters", "1", "--warmup",
+                        "0", "--compare-diffusers"])
         assert r["ours (backbone)"]["shape"] == r["diffusers"]["shape"] == (1, 13, 32, 48, 3) and r["ratio"] > 0
         assert "ours / diffusers" in capsys.readouterr().out
 
@@ -3514,4 +3547,4 @@ class TestBench:
     ])
     def test_sample_benchmark_bad_flags_are_one_clear_error(self, flags, message):
         with pytest.raises(SystemExit, match=message):
-            S.main(["--benchmark", *flags])
+            bench.main(["sample", *flags])
