@@ -7,11 +7,14 @@ EgoDex layout (`<split>/<task>/<k>.hdf5` + `<k>.mp4`, ARKit camera-to-world pose
 frame). The 57-D action computed from the poses is defined in conditioning.py (`compute_actions`).
 What this file decides where the paper is silent (DESIGN.md section 6):
 - a whole episode is skipped (reason logged) if any pose it needs is NaN/inf, or if its video is
-  shorter than its poses; a clip that fails at load time is replaced by a clip of the next
-  episode and counted in the sample's `skipped` field, so a run never dies on one bad file.
+  shorter than its poses by more than one frame (one frame short keeps the frames both have); any
+  error while reading an episode becomes its EpisodeError (`reading`); a clip that fails at load
+  time is replaced by a clip of the next episode and counted in the sample's `skipped` field, so a
+  run never dies on one bad file.
 - frames are center-cropped to the target aspect, then resized with an antialiasing filter;
   intrinsics follow the crop and scale with pixel centres at integers (u' = (u + .5) s - .5).
-- missing `camera/intrinsic` falls back to the EgoDex constant (it is the same in every file).
+- a missing or non-(3, 3) `camera/intrinsic` (part1 files hold an empty (0, 3) one) falls back to the
+  EgoDex constant, as the official loader does (it is the same in every file).
 - EgoVerse assumptions (not verifiable without the data): keypoints are in the same world frame
   as the wrist poses, and the head pose is camera-to-world in the OpenCV camera frame.
 
@@ -19,6 +22,7 @@ Use: `make_loader(root, batch_size)` -> (DataLoader, ClipSampler); the sample di
 in ClipDataset. Commands: `python data.py {index,stats,cache} -h`.
 """
 import argparse
+import contextlib
 import hashlib
 import io
 import itertools
@@ -68,6 +72,18 @@ class EpisodeError(DataError):
         self.episode, self.reason = str(episode), reason
         super().__init__(f"episode {episode}: {reason}. Remove or repair the file, then rebuild the "
                          f"index with `python data.py index --data ROOT --rebuild`.")
+
+
+@contextlib.contextmanager
+def reading(episode):
+    """Whatever goes wrong while reading one episode becomes that episode's EpisodeError: a quirk the readers
+    do not know skips the episode with a reason, and never kills a loader worker (and the run with it)."""
+    try:
+        yield
+    except EpisodeError:
+        raise
+    except Exception as e:
+        raise EpisodeError(episode, f"unexpected {type(e).__name__} while reading it ({e})") from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,7 +162,10 @@ def read_egodex(path, start=0, stop=None, episode=None):
             for k, v in joints.items():
                 if not np.isfinite(v).all():
                     raise EpisodeError(episode, f"NaN/inf in transforms/{k}")
-            K = f["camera/intrinsic"][()].astype(np.float64) if "camera/intrinsic" in f else EGODEX_K
+            # part1 files hold an empty (0, 3) placeholder: like the official loader, use the constant K (the
+            # same for every EgoDex file) unless the file's own is a finite (3, 3)
+            K = f["camera/intrinsic"][()] if "camera/intrinsic" in f else EGODEX_K
+            K = np.asarray(K, np.float64) if np.shape(K) == (3, 3) and np.isfinite(K).all() else EGODEX_K
             conf = np.ones((stop - start, len(KEYPOINT_JOINTS)), np.float32)
             for i, k in enumerate(KEYPOINT_JOINTS):
                 if f"confidences/{k}" in f:
@@ -363,22 +382,26 @@ class Episode(NamedTuple):
 
 def read_track(ep, start=0, stop=None):
     reader = read_egodex if ep.kind == "egodex" else read_egoverse
-    return reader(ep.path, start, stop, episode=ep.id)
+    with reading(ep.id):
+        return reader(ep.path, start, stop, episode=ep.id)
 
 
 def probe_episode(kind, path, episode):
-    """Check one episode fully -> usable frame count; raises EpisodeError with the reason."""
-    if kind == "egoverse":
-        n = read_egoverse(path, episode=episode)[-1]
-        g = _zarr_group(path, episode)
-        if _zarr_array(g, "images.front_1", episode).shape[0] < n:
-            raise EpisodeError(episode, "fewer images than poses")
-        return n
-    n = read_egodex(path, episode=episode)[-1]
-    v = video_frame_count(Path(path).with_suffix(".mp4"), episode)
-    if v < n:
-        raise EpisodeError(episode, f"video has {v} frames but poses have {n}")
-    return n
+    """Check one episode fully -> usable frame count; raises EpisodeError with the reason.
+    An EgoDex video may hold one frame fewer than the poses (frame i pairs with pose row i): the episode keeps
+    the frames both have. A larger difference means a broken file or another pairing: skipped."""
+    with reading(episode):
+        if kind == "egoverse":
+            n = read_egoverse(path, episode=episode)[-1]
+            g = _zarr_group(path, episode)
+            if _zarr_array(g, "images.front_1", episode).shape[0] < n:
+                raise EpisodeError(episode, "fewer images than poses")
+            return n
+        n = read_egodex(path, episode=episode)[-1]
+        v = video_frame_count(Path(path).with_suffix(".mp4"), episode)
+        if v < n - 1:
+            raise EpisodeError(episode, f"video has {v} frames but poses have {n}")
+        return min(n, v)
 
 
 def _probe(args):
@@ -484,6 +507,11 @@ def parallel_map(fn, items, workers, chunksize=4):
 
 def load_clip(ep, start, length, size=DEFAULT_SIZE, threads=1):
     """One clip of `length` frames -> the sample dict (see ClipDataset)."""
+    with reading(ep.id):
+        return _load_clip(ep, start, length, size, threads)
+
+
+def _load_clip(ep, start, length, size, threads):
     track, K, prompt, conf, _ = read_track(ep, start, start + length)
     if ep.kind == "egodex":
         video, src_hw = decode_frames(Path(ep.path).with_suffix(".mp4"), start, length, size=size, threads=threads,
@@ -762,8 +790,8 @@ def merge_moments(x, y):
 
 def _episode_moments(ep):
     try:
-        track = read_track(ep)[0]
-        return ep.id, action_moments(C.compute_actions(track)), None
+        with reading(ep.id):
+            return ep.id, action_moments(C.compute_actions(read_track(ep)[0])), None
     except EpisodeError as e:
         return ep.id, None, e.reason
 

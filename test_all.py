@@ -2184,6 +2184,51 @@ class TestData:
         assert s["episode"] == "part1/task1/0" and s["skipped"] == 1 and "part1/task0/0" in caplog.text
         assert ds[(0, 3)]["skipped"] == 0  # known bad now, skipped silently
 
+    @pytest.mark.parametrize("stored", [np.zeros((0, 3)), np.full((3, 3), np.nan)], ids=["empty_0x3", "nan"])
+    def test_intrinsics_that_are_not_a_finite_3x3_give_the_egodex_constant(self, tmp_path, stored):
+        """EgoDex part1 files hold camera/intrinsic of shape (0, 3): the constant K, as the official loader."""
+        h5, _, _ = one_episode(tmp_path, frames=14)
+        with h5py.File(h5, "a") as f:
+            del f["camera/intrinsic"]
+            f["camera/intrinsic"] = stored
+        ep = data.load_index(tmp_path)[0][0]
+        np.testing.assert_array_equal(data.read_track(ep)[1], data.EGODEX_K)
+        clip = data.load_clip(ep, 0, 13, (72, 128))
+        want = data.scale_intrinsics(data.EGODEX_K, (180, 320), (72, 128))
+        np.testing.assert_allclose(clip["intrinsics"].numpy(), want, rtol=1e-6)
+
+    def test_video_one_frame_shorter_than_the_poses_keeps_its_episode(self, tmp_path):
+        """Frame i pairs with pose row i; the episode keeps the 39 frames both have (2 short: skipped)."""
+        for name, video_frames in (("part1/one_short", 39), ("part1/two_short", 38)):
+            h5, _, _ = one_episode(tmp_path, frames=40, name=name)
+            frames, _ = data.decode_frames(h5.with_suffix(".mp4"), 0, video_frames)
+            data.write_video(h5.with_suffix(".mp4"), frames)
+        episodes, skipped = data.load_index(tmp_path)
+        assert [(e.id, e.frames) for e in episodes] == [("part1/one_short/0", 39)]
+        assert "video has 38 frames but poses have 40" in skipped["part1/two_short/0"]
+        last = data.load_clip(episodes[0], 39 - 13, 13, (72, 128))
+        assert last["video"].shape[1] == 13 and last["actions"].shape == (12, 57)
+
+    def test_any_error_while_reading_is_that_episodes_error(self, tmp_path, monkeypatch, caplog):
+        """A failure the readers do not foresee (here an IndexError in decoding) skips the episode with its
+        reason: one error type, never a dead loader worker."""
+        for k in range(2):
+            one_episode(tmp_path, frames=20, seed=k, name=f"part1/task{k}")
+        episodes, _ = data.load_index(tmp_path)
+        decode = data.decode_frames
+
+        def fails_on_task0(path, *args, **kwargs):
+            if "task0" in str(path):
+                raise IndexError("index 0 is out of bounds for axis 0 with size 0")
+            return decode(path, *args, **kwargs)
+
+        monkeypatch.setattr(data, "decode_frames", fails_on_task0)
+        with pytest.raises(data.EpisodeError, match="part1/task0/0: unexpected IndexError while reading it"):
+            data.load_clip(episodes[0], 0, 13, (72, 128))
+        with caplog.at_level(logging.WARNING, logger="dexac.data"):
+            s = data.ClipDataset(episodes, 13, (72, 128))[(0, 3)]
+        assert s["episode"] == "part1/task1/0" and s["skipped"] == 1 and "IndexError" in caplog.text
+
     def test_missing_root_is_one_clear_error(self, tmp_path):
         with pytest.raises(data.DataError, match="does not exist.*expected an EgoDex root"):
             data.load_index(tmp_path / "nope")
