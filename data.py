@@ -304,6 +304,10 @@ def read_egoverse(path, start=0, stop=None, episode=None):
         a = np.asarray(_zarr_array(g, key, episode)[start:stop], np.float64)
         if a.shape != (stop - start, width) or not np.isfinite(a).all() or (np.abs(a) >= 1e8).any():
             raise EpisodeError(episode, f"{key} has missing (1e9/NaN) or truncated rows in [{start}, {stop})")
+        # Mecka marks a missing hand with an all-zero row: its zero quaternion would normalize to NaN
+        zero = (a == 0).all(-1) | ((np.linalg.norm(a[:, 3:], axis=-1) < 1e-6) if width == 7 else False)
+        if zero.any():
+            raise EpisodeError(episode, f"{key} has all-zero (missing) rows, first at frame {start + zero.argmax()}")
         return a
 
     track = {"camera": quat_pose(rows("obs_head_pose", 7))}
@@ -813,6 +817,9 @@ def compute_stats(data, splits=TRAIN_SPLITS, workers=0, max_episodes=None, seed=
     if total is None:
         raise DataError(f"no readable episodes for statistics in {data}")
     n, mean, m2, mn, mx = total
+    if not (np.isfinite(mean).all() and np.isfinite(m2).all()):  # never write statistics that poison training
+        raise DataError(f"the action statistics of {data} are not finite: an episode holds NaN/inf actions the "
+                        f"readers did not catch; rebuild the index and report the episode")
     return {"layout": C.action_layout(), "count": int(n), "episodes": used,
             "mean": mean.tolist(), "std": np.sqrt(m2 / n).tolist(), "min": mn.tolist(),
             "max": mx.tolist(), "data": str(data), "splits": list(splits), "skipped": skipped}

@@ -2427,6 +2427,24 @@ class TestData:
         with pytest.raises(data.EpisodeError, match="missing"):
             data.load_clip(episodes[0], 0, 13)
 
+    @pytest.mark.parametrize("key", ["left.obs_wrist_pose", "right.obs_keypoints"])
+    def test_egoverse_all_zero_rows_are_missing_and_the_statistics_stay_finite(self, egoverse_root, tmp_path, key):
+        """Mecka writes a missing hand as an all-zero row: that episode is skipped with the reason (a zero
+        quaternion would normalize to NaN), and the statistics equal those of the clean episode alone."""
+        zarr = pytest.importorskip("zarr")
+        root = tmp_path / "eps"
+        shutil.copytree(egoverse_root[0], root)
+        shutil.copytree(root / "abc123.zarr", root / "mecka0.zarr")
+        zarr.open_group(str(root / "mecka0.zarr"), mode="r+")[key][6] = 0.0
+        episodes, skipped = data.load_index(root)
+        assert [e.id for e in episodes] == ["egoverse/abc123"]
+        assert f"{key} has all-zero (missing) rows, first at frame 6" in skipped["egoverse/mecka0"]
+        clean_root = tmp_path / "clean"
+        shutil.copytree(egoverse_root[0], clean_root)
+        stats, clean = (data.compute_stats(r, ("egoverse",)) for r in (root, clean_root))
+        assert np.isfinite(stats["mean"]).all() and np.isfinite(stats["std"]).all()
+        assert stats["mean"] == clean["mean"] and stats["std"] == clean["std"] and stats["count"] == 15
+
     def test_latent_cache_shards_across_ranks_and_equals_raw_clips(self, cache_source, tmp_path):
         mine = cache_on_two_ranks(cache_source, tmp_path / "cache")
         shards = sorted((tmp_path / "cache").glob("shard-*.safetensors"))
