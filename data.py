@@ -57,7 +57,8 @@ log = logging.getLogger("dexac.data")
 KEYPOINT_NAMES = tuple(f"{s}_{k}" for s in C.HANDS for k in ("wrist",) + tuple(map(str.lower, C.FINGERS)))
 DEFAULT_SIZE = (288, 512)  # (H, W) training resolution
 EGODEX_K = np.array([[736.6339, 0, 960], [0, 736.6339, 540], [0, 0, 1]])
-TRAIN_SPLITS = ("part1", "part2", "part3", "part4", "part5", "extra")
+# EgoDex's training parts; `extra` (about 97 h, collected after the splits were frozen) only when asked for
+TRAIN_SPLITS = ("part1", "part2", "part3", "part4", "part5")
 EVAL_SPLITS = ("test",)
 
 

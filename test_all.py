@@ -2229,6 +2229,17 @@ class TestData:
             s = data.ClipDataset(episodes, 13, (72, 128))[(0, 3)]
         assert s["episode"] == "part1/task1/0" and s["skipped"] == 1 and "IndexError" in caplog.text
 
+    def test_egodex_extra_is_left_out_of_training_unless_named(self, tmp_path):
+        """`extra` was collected after EgoDex's splits were frozen: the training parts are part1-part5."""
+        for name in ("part1/task_a", "extra/task_a"):
+            one_episode(tmp_path, frames=20, name=name)
+        _, sampler = data.make_loader(tmp_path, 1, clip_len=13, size=(72, 128), num_workers=0)
+        assert len(sampler.frames) == 1 and "extra" not in data.TRAIN_SPLITS
+        _, sampler = data.make_loader(tmp_path, 1, clip_len=13, size=(72, 128), num_workers=0,
+                                      splits=(*data.TRAIN_SPLITS, "extra"))
+        assert len(sampler.frames) == 2
+        assert train.parse_args(["--splits", "part1,extra"])[0].splits == "part1,extra"
+
     def test_missing_root_is_one_clear_error(self, tmp_path):
         with pytest.raises(data.DataError, match="does not exist.*expected an EgoDex root"):
             data.load_index(tmp_path / "nope")

@@ -102,6 +102,8 @@ class TrainConfig:
     dino: str = opt("", "DINOv3 weights for --semantic: a Hub repo or a local file")
     data: str = opt("data/synthetic", "EgoDex / EgoVerse root, or a latent cache directory (`python data.py "
                     "cache`)")
+    splits: str = opt("", "training splits, comma-separated (default: EgoDex's part1-part5; its `extra`, "
+                      "collected after the splits were frozen, only when named: part1,...,part5,extra)")
     stats: str = opt("", "action statistics file (default: DATA/stats.json)")
     synthetic: bool = opt(True, "write the synthetic dataset and its statistics to DATA when they are absent")
     height: int = opt(64, "frame height in pixels (a multiple of 16)")
@@ -361,6 +363,7 @@ class Stream:
         self.loader, self.sampler = data.make_loader(
             cfg.data, cfg.micro_batch, clip_len=cfg.frames, size=(cfg.height, cfg.width),
             num_workers=cfg.workers, seed=cfg.seed, rank=rank, world_size=world,
+            splits=tuple(cfg.splits.split(",")) if cfg.splits else None,
             worker_init_fn=ignore_signals if cfg.workers else None)
         self.taken, self.iterator, self.skipped, self.say = 0, None, 0, tqdm.write if rank == 0 else None
 
