@@ -20,7 +20,9 @@ import pickle
 import re
 from pathlib import Path
 
+import huggingface_hub
 import torch
+from safetensors.torch import load_file
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".json")
@@ -36,12 +38,11 @@ def download_dir():
 
 
 def _hub_file(repo, filename, *, what, where, revision, token):
-    import huggingface_hub
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
     kwargs = {k: v for k, v in (("revision", revision), ("token", token)) if v is not None}
     try:
         return huggingface_hub.hf_hub_download(repo, filename, **kwargs)
-    except (GatedRepoError, RepositoryNotFoundError) as e:  # a 401: gated without the licence, or no token
+    # a 401: gated without the licence, or no token
+    except (huggingface_hub.errors.GatedRepoError, huggingface_hub.errors.RepositoryNotFoundError) as e:
         raise PermissionError(
             f"cannot access {repo} on the Hugging Face Hub ({type(e).__name__}). If it is gated, accept the licence "
             f"on https://huggingface.co/{repo} with your account, then log in (`hf auth login`) or set HF_TOKEN. "
@@ -97,7 +98,6 @@ def resolve(spec, *, files=(), names=None, what="weights", where="", revision=No
 def read_state_dict(path):
     """Tensors of a `.safetensors` file, a sharded safetensors checkpoint (its folder or index .json) or a
     `.pt`/`.pth` (a {"model": ...} wrapper is unwrapped) -> {name: tensor}."""
-    from safetensors.torch import load_file
     path = str(path)
     if os.path.isdir(path):
         shards = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
