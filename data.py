@@ -5,21 +5,32 @@ latent cache. The synthetic EgoDex-format dataset is synthetic.py.
 Follows the paper's section 5.1 (clip protocol) and the public
 EgoDex layout (`<split>/<task>/<k>.hdf5` + `<k>.mp4`, ARKit camera-to-world poses, OpenCV camera
 frame). The 57-D action computed from the poses is defined in conditioning.py (`compute_actions`).
-What this file decides where the paper is silent (DESIGN.md section 6):
-- a whole episode is skipped (reason logged) if any pose it needs is NaN/inf, or if its video is
-  shorter than its poses by more than one frame (one frame short keeps the frames both have); any
-  error while reading an episode becomes its EpisodeError (`reading`); a clip that fails at load
-  time is replaced by a clip of the next episode and counted in the sample's `skipped` field, so a
-  run never dies on one bad file.
-- frames are center-cropped to the target aspect, then resized with an antialiasing filter;
-  intrinsics follow the crop and scale with pixel centres at integers (u' = (u + .5) s - .5).
+What this file decides where the paper is silent (DESIGN.md sections 6 and 11, real data as it is):
+- validity is per frame, not per episode: a frame is usable when every pose it needs is known and tracked
+  (EgoDex: finite, wrist and fingertip confidences >= MIN_CONFIDENCE; EgoVerse: no 1e9/NaN, no all-zero row,
+  no degenerate quaternion). The index keeps each episode's usable runs (split also at EgoVerse time gaps);
+  clips, statistics and evaluation only ever see frames and transitions inside one run. An episode is
+  skipped (reason logged and counted) only when no run is left or the file itself is broken; any error while
+  reading an episode becomes its EpisodeError (`reading`), and a clip that fails at load time is replaced by
+  a clip of the next episode and counted in the sample's `skipped` field, so a run never dies on one file.
+- an EgoDex video one frame shorter than its poses keeps the frames both have; a larger difference, or a
+  video whose frames are not evenly timed (pts * fps would pair them with the wrong poses), skips it.
 - a missing or non-(3, 3) `camera/intrinsic` (part1 files hold an empty (0, 3) one) falls back to the
-  EgoDex constant, as the official loader does (it is the same in every file).
-- EgoVerse assumptions (not verifiable without the data): keypoints are in the same world frame
-  as the wrist poses, and the head pose is camera-to-world in the OpenCV camera frame.
+  EgoDex constant, as the official loader does (it is the same in every file). EgoVerse intrinsics come from
+  the calibration block, then `intrinsics`, then the vendor's camera; never from EgoDex.
+- frames are center-cropped to the target aspect when that loses at most MAX_CROP_LOSS of the view (EgoDex,
+  16:9), else letterboxed: a 4:3 EgoVerse frame keeps its whole view (the hands are often at its bottom and
+  sides) and every source shares one training size, so batches mix datasets. Then resized with an
+  antialiasing filter; intrinsics follow, pixel centres at integers (u' = (u + .5) s - .5).
+- splits: EgoDex's folders (training: part1..part5; `extra` only when named); EgoVerse episodes outside
+  train/ and test/ folders are split by hashing their names (`egoverse_split`, EGOVERSE_TEST_FRACTION).
+- EgoVerse assumptions (not verifiable without the data): keypoints are in the same world frame as the
+  wrist poses, and the head pose is camera-to-world in the OpenCV camera frame (the schema says so; the
+  index warns when fewer than 90% of wrist points lie in front of the camera).
 
 Use: `make_loader(root, batch_size)` -> (DataLoader, ClipSampler); the sample dict is described
-in ClipDataset. Commands: `python data.py {index,stats,cache} -h`.
+in ClipDataset. Commands: `python data.py {index,stats,cache} -h`; `index` prints what
+it found, quirk by quirk.
 """
 import argparse
 import contextlib
@@ -57,9 +68,19 @@ log = logging.getLogger("dexac.data")
 KEYPOINT_NAMES = tuple(f"{s}_{k}" for s in C.HANDS for k in ("wrist",) + tuple(map(str.lower, C.FINGERS)))
 DEFAULT_SIZE = (288, 512)  # (H, W) training resolution
 EGODEX_K = np.array([[736.6339, 0, 960], [0, 736.6339, 540], [0, 0, 1]])
-# EgoDex's training parts; `extra` (about 97 h, collected after the splits were frozen) only when asked for
-TRAIN_SPLITS = ("part1", "part2", "part3", "part4", "part5")
+# EgoVerse vendors' cameras when an episode carries no intrinsics: (K, the (H, W) it is for)
+VENDOR_K = {"aria": (np.array([[266.5, 0, 320], [0, 266.5, 240], [0, 0, 1]]), (480, 640)),
+            "mecka": (np.array([[250.8, 0, 320], [0, 250.8, 180], [0, 0, 1]]), (360, 640))}
+# EgoDex's training parts and EgoVerse's hashed `train`; EgoDex's `extra` (about 97 h, collected after the
+# splits were frozen) only when asked for
+TRAIN_SPLITS = ("part1", "part2", "part3", "part4", "part5", "train")
 EVAL_SPLITS = ("test",)
+EGOVERSE_TEST_FRACTION = 0.05  # of a flat EgoVerse folder's episodes, chosen by hashing their names
+# EgoDex tracking loss keeps poses finite (frozen or extrapolated) and shows as a low confidence (0: occluded
+# or undetected): a frame counts only if its wrists and fingertips are all at least this confident
+MIN_CONFIDENCE = 0.1
+MAX_CROP_LOSS = 0.1  # crop to the target aspect up to this fraction of the view, else letterbox (4:3 EgoVerse)
+PLACEHOLDER_PROMPTS = ("", "aria recorded dataset.", "aria recorded dataset")
 
 
 class DataError(Exception):
@@ -87,6 +108,52 @@ def reading(episode):
         raise EpisodeError(episode, f"unexpected {type(e).__name__} while reading it ({e})") from e
 
 
+class Reading(NamedTuple):
+    """What a reader returns for pose rows [start, stop) of one episode."""
+    track: dict        # the C.compute_actions input; poses of invalid frames are identities, never NaN
+    K: np.ndarray      # (3, 3) intrinsics
+    K_hw: tuple        # the (H, W) K is for; None: the frames' own size
+    prompt: str
+    confidence: np.ndarray  # (T, 12) per keypoint, in KEYPOINT_NAMES order
+    valid: np.ndarray  # (T,) bool: every pose this frame needs is known and tracked
+    cut: np.ndarray    # (T,) bool: a time gap lies between frame i - 1 and frame i
+    frames: int        # pose rows of the whole episode
+    quirks: Counter    # what the reader met and handled (see QUIRKS)
+
+
+QUIRKS = {  # name: what it means (the index counts them; `python data.py index` prints the table)
+    "empty K": "EgoDex camera/intrinsic empty or not a finite (3, 3): the EgoDex constant is used",
+    "no confidences": "EgoDex file without a confidences group: every frame is trusted",
+    "low-confidence frames": f"frames with a wrist or fingertip confidence below {MIN_CONFIDENCE}: not used",
+    "non-finite frames": "frames with a NaN/inf pose: not used",
+    "video one frame short": "EgoDex video one frame shorter than the poses: the last pose row is not used",
+    "missing (1e9) frames": "EgoVerse frames with a missing (1e9 or NaN) value: not used",
+    "zero-row frames": "EgoVerse frames with an all-zero pose or keypoint row (Mecka's missing hand): not used",
+    "legacy Aria layout": "EgoVerse episodes with raw Aria keypoints in obs_keypoints: fingertips remapped",
+    "time gaps": "EgoVerse gaps > 1.5 frame periods (frames dropped by old converters): the episode is split there",
+    "placeholder prompt": "EgoVerse task_description empty or a placeholder: task_name is the prompt",
+    "calibration K": "EgoVerse intrinsics from calibration.cameras.front_1 (schema v3.1)",
+    "vendor K": "EgoVerse episodes without intrinsics: the vendor's constant camera",
+    "4:3 frames": f"frames narrower than the training aspect: letterboxed (cropping would lose more than "
+                  f"{MAX_CROP_LOSS:.0%} of the view)",
+}
+
+
+def usable_runs(valid, cut, min_len=2):
+    """-> [(start, stop)] the maximal runs of valid frames with no time gap inside, at least min_len long."""
+    runs, start = [], None
+    for i, ok in enumerate(valid):
+        if start is not None and (not ok or cut[i]):
+            if i - start >= min_len:
+                runs.append((start, i))
+            start = None
+        if ok and start is None:
+            start = i
+    if start is not None and len(valid) - start >= min_len:
+        runs.append((start, len(valid)))
+    return runs
+
+
 # ------------------------------------------------------------------------------------------------
 # Keypoints: the 12 evaluation points in pixels
 
@@ -99,6 +166,14 @@ def project_keypoints(track, K):
     z = cam[..., 2:]
     uv = (cam @ np.asarray(K, np.float64).T)[..., :2] / np.where(np.abs(z) < 1e-9, 1e-9, z)
     return uv, z[..., 0] > 1e-6
+
+
+def wrists_in_front(track, valid):
+    """-> (valid wrist points in front of the camera, valid wrist points): on real data the first should be
+    above 90% of the second, else the camera convention is wrong (load_index warns)."""
+    pts = np.stack([track[f"{s}_wrist"][valid, :3, 3] for s in C.HANDS], 1)  # (T, 2, 3) world
+    z = C.to_frame(track["camera"][valid], pts)[..., 2]
+    return int((z > 0).sum()), int(z.size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,12 +212,14 @@ def _track_from_joints(j):
 
 
 def read_egodex(path, start=0, stop=None, episode=None):
-    """-> (track, K (3, 3), prompt, confidence (T, 12), total frames) for pose rows [start, stop)."""
+    """-> Reading of pose rows [start, stop). A frame is invalid where a pose it needs is NaN/inf or a wrist or
+    fingertip confidence is below MIN_CONFIDENCE; its poses become identities so nothing downstream is NaN."""
     episode = episode or path
     try:
         f = h5py.File(path, "r")
     except OSError as e:
         raise EpisodeError(episode, f"corrupt or unreadable HDF5 ({e})") from None
+    quirks = Counter()
     try:
         with f:
             lengths = {}
@@ -160,32 +237,50 @@ def read_egodex(path, start=0, stop=None, episode=None):
             if not 0 <= start < stop <= n:
                 raise EpisodeError(episode, f"frames [{start}, {stop}) outside the {n} pose frames")
             joints = {k: f[f"transforms/{k}"][start:stop].astype(np.float64) for k in POSE_JOINTS}
-            for k, v in joints.items():
-                if not np.isfinite(v).all():
-                    raise EpisodeError(episode, f"NaN/inf in transforms/{k}")
+            finite = np.logical_and.reduce([np.isfinite(v).all((1, 2)) for v in joints.values()])
             # part1 files hold an empty (0, 3) placeholder: like the official loader, use the constant K (the
             # same for every EgoDex file) unless the file's own is a finite (3, 3)
-            K = f["camera/intrinsic"][()] if "camera/intrinsic" in f else EGODEX_K
-            K = np.asarray(K, np.float64) if np.shape(K) == (3, 3) and np.isfinite(K).all() else EGODEX_K
+            K = f["camera/intrinsic"][()] if "camera/intrinsic" in f else None
+            if np.shape(K) == (3, 3) and np.isfinite(K).all():
+                K = np.asarray(K, np.float64)
+            else:
+                K, quirks["empty K"] = EGODEX_K, 1
             conf = np.ones((stop - start, len(KEYPOINT_JOINTS)), np.float32)
-            for i, k in enumerate(KEYPOINT_JOINTS):
-                if f"confidences/{k}" in f:
-                    conf[:, i] = f[f"confidences/{k}"][start:stop]
+            present = [k for k in KEYPOINT_JOINTS if f"confidences/{k}" in f]
+            for k in present:
+                conf[:, KEYPOINT_JOINTS.index(k)] = np.nan_to_num(f[f"confidences/{k}"][start:stop], nan=0.0)
+            if len(present) < len(KEYPOINT_JOINTS):
+                quirks["no confidences"] = 1
             prompt = egodex_prompt(f.attrs, task=Path(path).parent.name)
     except (OSError, KeyError, ValueError) as e:  # h5py raises these on truncated data
         raise EpisodeError(episode, f"corrupt HDF5 ({type(e).__name__}: {e})") from None
-    return _track_from_joints(joints), K, prompt, conf, n
+    tracked = (conf >= MIN_CONFIDENCE).all(1)
+    quirks["non-finite frames"] = int((~finite).sum())
+    quirks["low-confidence frames"] = int((finite & ~tracked).sum())
+    valid = finite & tracked
+    for v in joints.values():
+        v[~finite] = np.eye(4)
+    return Reading(_track_from_joints(joints), K, None, prompt, conf, valid, np.zeros(len(valid), bool), n,
+                   +quirks)
 
 
 def video_frame_count(path, episode=None):
+    """-> the frames of an MP4, from its header. A frame is paired with a pose row by pts * fps, which holds
+    only at a constant rate: a stream whose mean rate differs from its nominal one (frames dropped, or
+    variable timing) is refused rather than silently shifted."""
     if not Path(path).is_file():
         raise EpisodeError(episode or path, f"missing video {path}")
     try:
         with av.open(str(path)) as c:
             s = c.streams.video[0]
-            if s.frames:
-                return s.frames
-            return int(round(float(s.duration * s.time_base * s.average_rate)))
+            duration = float(s.duration * s.time_base) if s.duration else None
+            n = s.frames or int(round(duration * float(s.average_rate)))
+            nominal = s.base_rate or s.guessed_rate
+            if nominal and s.average_rate and abs(float(s.average_rate) / float(nominal) - 1) > 1e-3:
+                raise EpisodeError(episode or path, f"variable frame rate video (mean {float(s.average_rate):.3f} "
+                                                    f"fps, nominal {float(nominal):.3f}): its frames cannot be "
+                                                    f"paired with pose rows by index")
+            return n
     except (av.FFmpegError, OSError, IndexError, TypeError) as e:
         raise EpisodeError(episode or path, f"unreadable video ({e})") from None
 
@@ -194,11 +289,24 @@ def video_frame_count(path, episode=None):
 # Video: seek + decode only the needed frames, antialiased resize, intrinsics that follow
 
 def fit_geometry(src_hw, size):
-    """Scale to cover `size` keeping the aspect, then center-crop: -> (scaled (h, w), crop (y0, x0))."""
+    """How a src_hw frame becomes `size`: -> scaled (h, w), and the offset (y0, x0) of the output window in
+    the scaled frame. Cover and center-crop while that loses at most MAX_CROP_LOSS of the view (EgoDex's 16:9
+    loses nothing); else fit and pad (letterbox, negative offsets): a 4:3 EgoVerse frame cropped to 16:9 would
+    lose a quarter of the view, often where the hands are."""
     (h, w), (H, W) = src_hw, size
-    s = max(H / h, W / w)
-    sh, sw = max(H, round(h * s)), max(W, round(w * s))
+    cover = max(H / h, W / w)
+    if 1 - H * W / (h * w * cover * cover) <= MAX_CROP_LOSS:
+        sh, sw = max(H, round(h * cover)), max(W, round(w * cover))
+    else:
+        fit = min(H / h, W / w)
+        sh, sw = min(H, round(h * fit)), min(W, round(w * fit))
     return (sh, sw), ((sh - H) // 2, (sw - W) // 2)
+
+
+def content_box(src_hw, size):
+    """-> (x0, y0, x1, y1): the pixels of a `size` frame that show the source (all of it unless letterboxed)."""
+    (sh, sw), (y0, x0) = fit_geometry(src_hw, size)
+    return max(0, -x0), max(0, -y0), min(size[1], sw - x0), min(size[0], sh - y0)
 
 
 def scale_intrinsics(K, src_hw, size):
@@ -210,19 +318,29 @@ def scale_intrinsics(K, src_hw, size):
                      [0, K[1, 1] * sy, (K[1, 2] + 0.5) * sy - 0.5 - y0], [0, 0, 1]])
 
 
+def _window(rgb, size, y0, x0):
+    """The size window at (y0, x0) of a scaled frame: a crop, or black bars where the offsets are negative."""
+    if y0 >= 0 and x0 >= 0:
+        return rgb[y0:y0 + size[0], x0:x0 + size[1]]
+    out = np.zeros(tuple(size) + rgb.shape[2:], rgb.dtype)
+    h, w = min(size[0], rgb.shape[0] - max(y0, 0)), min(size[1], rgb.shape[1] - max(x0, 0))
+    out[max(-y0, 0):max(-y0, 0) + h, max(-x0, 0):max(-x0, 0) + w] = rgb[max(y0, 0):max(y0, 0) + h,
+                                                                         max(x0, 0):max(x0, 0) + w]
+    return out
+
+
 def resize_frame(frame, size):
     """av.VideoFrame -> uint8 (H, W, 3) RGB; swscale's area filter antialiases when shrinking."""
     (sh, sw), (y0, x0) = fit_geometry((frame.height, frame.width), size)
     interp = "AREA" if sh <= frame.height else "BICUBIC"
-    rgb = frame.to_ndarray(format="rgb24", width=sw, height=sh, interpolation=interp)
-    return rgb[y0:y0 + size[0], x0:x0 + size[1]]
+    return _window(frame.to_ndarray(format="rgb24", width=sw, height=sh, interpolation=interp), size, y0, x0)
 
 
 def resize_image(img, size):
     """uint8 (h, w, 3) -> (H, W, 3), same geometry as resize_frame (PIL's filters antialias)."""
     (sh, sw), (y0, x0) = fit_geometry(img.shape[:2], size)
-    out = np.asarray(Image.fromarray(img).resize((sw, sh), Image.BICUBIC, reducing_gap=None))
-    return out[y0:y0 + size[0], x0:x0 + size[1]]
+    return _window(np.asarray(Image.fromarray(img).resize((sw, sh), Image.BICUBIC, reducing_gap=None)), size,
+                   y0, x0)
 
 
 def decode_frames(path, start, count, *, size=None, threads=1, episode=None):
@@ -254,9 +372,10 @@ def decode_frames(path, start, count, *, size=None, threads=1, episode=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# EgoVerse (Zarr v3): the same track dict and sample dict
+# EgoVerse (Zarr v3): the same Reading and sample dict
 
-MANO_TIPS = (4, 8, 12, 16, 20)  # thumb, index, middle, ring, little: same order as C.FINGERS
+MANO_TIPS = (4, 8, 12, 16, 20)  # thumb, index, middle, ring, little: same order as C.FINGERS (MediaPipe too)
+ARIA_TIPS, ARIA_WRIST = (0, 1, 2, 3, 4), 5  # the raw Aria hand-tracking layout of legacy conversions
 
 
 def _zarr_group(path, episode):
@@ -271,17 +390,19 @@ def _zarr_group(path, episode):
         raise EpisodeError(episode, f"unreadable Zarr group ({e})") from None
 
 
-def _zarr_array(g, key, episode):
+def _zarr_array(g, key, episode, required=True):
     for k in (key, key.replace(".", "/")):
         try:
             return g[k]
         except KeyError:
             continue
-    raise EpisodeError(episode, f"missing EgoVerse array {key}")
+    if required:
+        raise EpisodeError(episode, f"missing EgoVerse array {key}")
+    return None
 
 
 def quat_pose(a):
-    """(T, 7) xyz + quaternion wxyz -> (T, 4, 4)."""
+    """(T, 7) xyz + quaternion wxyz -> (T, 4, 4); callers drop rows with a degenerate quaternion first."""
     w, x, y, z = (a[:, 3:] / np.linalg.norm(a[:, 3:], axis=-1, keepdims=True)).T
     T = np.zeros((len(a), 4, 4))
     R = [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
@@ -292,32 +413,98 @@ def quat_pose(a):
     return T
 
 
+def _image_hw(g, episode):
+    """(H, W) of the first front image, from its JPEG header."""
+    return Image.open(io.BytesIO(bytes(_zarr_array(g, "images.front_1", episode)[:1][0]))).size[::-1]
+
+
+def egoverse_intrinsics(g, episode, quirks):
+    """-> (K (3, 3), the (H, W) it is for or None for the frames' own): schema v3.1's
+    calibration.cameras.front_1 (with its resolution), then `intrinsics.front_1` (or an older bare matrix), then
+    the vendor's constant camera by embodiment or, failing that, by the frames' aspect; never EgoDex's K."""
+    cam = ((g.attrs.get("calibration") or {}).get("cameras") or {}).get("front_1") or {}
+    if cam.get("K") is not None:
+        quirks["calibration K"] = 1
+        res = cam.get("resolution")  # [width, height]
+        return np.asarray(cam["K"], np.float64)[:3, :3], (tuple(res[::-1]) if res else None)
+    K = g.attrs.get("intrinsics")
+    K = K.get("front_1") if isinstance(K, dict) else K
+    if K is not None and np.shape(K) in ((3, 3), (3, 4)) and np.isfinite(np.asarray(K, np.float64)).all():
+        return np.asarray(K, np.float64)[:3, :3], None
+    vendor = _text(g.attrs.get("embodiment")).lower().split("_")[0]
+    if vendor not in VENDOR_K:
+        h, w = _image_hw(g, episode)
+        vendor = "aria" if abs(w / h - 4 / 3) < 0.02 else "mecka" if abs(w / h - 16 / 9) < 0.02 else None
+    if vendor is None:
+        raise EpisodeError(episode, "no intrinsics (calibration.cameras.front_1.K or intrinsics.front_1) and "
+                                    "no known vendor camera for its embodiment or frame size")
+    quirks["vendor K"] = 1
+    return VENDOR_K[vendor]
+
+
+def egoverse_prompt(attrs):
+    """task_description, unless it is empty or a converter's placeholder: then the task name."""
+    text = _text(attrs.get("task_description"))
+    if text.lower() in PLACEHOLDER_PROMPTS:
+        return _text(attrs.get("task_name")).replace("_", " "), True
+    return text, False
+
+
 def read_egoverse(path, start=0, stop=None, episode=None):
-    """-> (track, K, prompt, confidence, total frames), as read_egodex; 1e9 marks missing values."""
+    """-> Reading of frames [start, stop), as read_egodex. A frame is invalid where any pose or keypoint row it
+    needs is missing: 1e9 (Aria's marker) or NaN, all zero (Mecka's missing hand), or a degenerate quaternion.
+    A gap in obs_rgb_timestamps_ns above 1.5 frame periods cuts the episode there."""
     episode = episode or path
     g = _zarr_group(path, episode)
+    if _zarr_array(g, "obs_head_pose", episode, required=False) is None:
+        raise EpisodeError(episode, "no obs_head_pose (a Scale episode?): the head action and the keypoint "
+                                    "projection need the camera pose")
     n = int(g.attrs.get("total_frames") or _zarr_array(g, "obs_head_pose", episode).shape[0])
     stop = n if stop is None else stop
     if not 0 <= start < stop <= n:
         raise EpisodeError(episode, f"frames [{start}, {stop}) outside the {n} frames")
+    missing, zero = np.zeros(stop - start, bool), np.zeros(stop - start, bool)
 
     def rows(key, width):
         a = np.asarray(_zarr_array(g, key, episode)[start:stop], np.float64)
-        if a.shape != (stop - start, width) or not np.isfinite(a).all() or (np.abs(a) >= 1e8).any():
-            raise EpisodeError(episode, f"{key} has missing (1e9/NaN) or truncated rows in [{start}, {stop})")
-        # Mecka marks a missing hand with an all-zero row: its zero quaternion would normalize to NaN
-        zero = (a == 0).all(-1) | ((np.linalg.norm(a[:, 3:], axis=-1) < 1e-6) if width == 7 else False)
-        if zero.any():
-            raise EpisodeError(episode, f"{key} has all-zero (missing) rows, first at frame {start + zero.argmax()}")
+        if a.shape != (stop - start, width):
+            raise EpisodeError(episode, f"{key} holds rows of shape {a.shape[1:]} or too few of them for "
+                                        f"frames [{start}, {stop})")
+        gone = ~np.isfinite(a).all(1) | (np.abs(a) >= 1e8).any(1)
+        empty = (a == 0).all(1) | ((np.linalg.norm(a[:, 3:], axis=1) < 1e-6) if width == 7 else False)
+        missing[:] |= gone
+        zero[:] |= empty & ~gone
+        a[gone | empty] = [0, 0, 0, 1, 0, 0, 0] if width == 7 else 0  # an identity pose: never NaN
         return a
 
     track = {"camera": quat_pose(rows("obs_head_pose", 7))}
+    legacy = False
     for s in C.HANDS:
-        track[f"{s}_wrist"] = quat_pose(rows(f"{s}.obs_wrist_pose", 7))
-        track[f"{s}_tips"] = rows(f"{s}.obs_keypoints", 63).reshape(-1, 21, 3)[:, MANO_TIPS]
-    K = np.asarray(g.attrs.get("intrinsics", {}).get("front_1", EGODEX_K), np.float64)[:3, :3]
-    prompt = _text(g.attrs.get("task_description"))
-    return track, K, prompt, np.ones((stop - start, len(KEYPOINT_NAMES)), np.float32), n
+        wrist = quat_pose(rows(f"{s}.obs_wrist_pose", 7))
+        kp = rows(f"{s}.obs_keypoints", 63).reshape(-1, 21, 3)
+        # legacy Aria conversions store the raw Aria layout (wrist at 5) and no obs_aria_keypoints; MANO and
+        # MediaPipe put the wrist at 0: the keypoint nearest the wrist pose tells them apart
+        valid = ~(missing | zero)
+        if _zarr_array(g, f"{s}.obs_aria_keypoints", episode, required=False) is None and valid.any():
+            d = np.linalg.norm(kp[valid][:, [0, ARIA_WRIST]] - wrist[valid, None, :3, 3], axis=-1)
+            legacy |= bool(np.median(d[:, 1]) < np.median(d[:, 0]))
+        track[f"{s}_wrist"], track[f"{s}_tips"] = wrist, kp
+    for s in C.HANDS:
+        track[f"{s}_tips"] = track[f"{s}_tips"][:, ARIA_TIPS if legacy else MANO_TIPS]
+    valid = ~(missing | zero)
+    quirks = Counter({"missing (1e9) frames": int(missing.sum()), "zero-row frames": int((zero & ~missing).sum()),
+                      "legacy Aria layout": int(legacy)})
+    cut = np.zeros(stop - start, bool)
+    stamps = _zarr_array(g, "obs_rgb_timestamps_ns", episode, required=False)
+    if stamps is not None and stop - start > 1:
+        dt = np.diff(np.asarray(stamps[start:stop], np.float64))
+        cut[1:] = (dt <= 0) | (dt > 1.5e9 / float(g.attrs.get("fps") or 30))
+    quirks["time gaps"] = int(cut.sum())
+    K, K_hw = egoverse_intrinsics(g, episode, quirks)
+    prompt, placeholder = egoverse_prompt(g.attrs)
+    quirks["placeholder prompt"] = int(placeholder)
+    conf = np.ones((stop - start, len(KEYPOINT_NAMES)), np.float32)
+    return Reading(track, K, K_hw, prompt, conf, valid, cut, n, +quirks)
 
 
 def decode_jpegs(path, start, count, size=None, episode=None):
@@ -375,46 +562,88 @@ def contact_sheet(path, rows, labels):
 # Episodes and the cached index
 
 class Episode(NamedTuple):
-    id: str      # "part1/<task>/<k>" (EgoDex) or "<split>/<hash>" (EgoVerse, split "egoverse" at root)
+    """One usable run of an episode's frames: clips, statistics and evaluation see only these. An episode
+    whose valid frames are broken by invalid ones or time gaps is several Episodes of the same id."""
+    id: str      # "part1/<task>/<k>" (EgoDex) or "<split>/<hash>" (EgoVerse; see egoverse_split)
     path: str    # the .hdf5 file or the .zarr directory
-    frames: int  # usable frames (poses and video agree)
+    frames: int  # frames in this run
     kind: str    # "egodex" or "egoverse"
+    start: int = 0  # the run's first frame in the episode
 
     @property
     def split(self):
         return self.id.split("/")[0]
 
 
+def egoverse_split(name, test_fraction=EGOVERSE_TEST_FRACTION):
+    """EgoVerse episodes sit side by side: an episode is `test` when the first 8 bytes of the SHA-256 of its
+    name, as a fraction of 2**64, fall below test_fraction, else `train`. Deterministic, and stable when
+    episodes are added (each depends on its own name only)."""
+    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+    return "test" if h < test_fraction * 2 ** 64 else "train"
+
+
 def read_track(ep, start=0, stop=None):
+    """-> Reading of frames [start, stop) of the run ep (relative to ep.start; stop None: the run's end)."""
     reader = read_egodex if ep.kind == "egodex" else read_egoverse
+    stop = ep.frames if stop is None else stop
     with reading(ep.id):
-        return reader(ep.path, start, stop, episode=ep.id)
+        return reader(ep.path, ep.start + start, ep.start + stop, episode=ep.id)
+
+
+class Probe(NamedTuple):
+    frames: int   # pose rows
+    runs: list    # [(start, stop)] usable runs
+    quirks: Counter
+    front: tuple  # (valid wrist points in front of the camera, valid wrist points)
 
 
 def probe_episode(kind, path, episode):
-    """Check one episode fully -> usable frame count; raises EpisodeError with the reason.
+    """Read one episode fully -> Probe; raises EpisodeError when nothing usable remains, with the reason.
     An EgoDex video may hold one frame fewer than the poses (frame i pairs with pose row i): the episode keeps
     the frames both have. A larger difference means a broken file or another pairing: skipped."""
     with reading(episode):
+        r = (read_egoverse if kind == "egoverse" else read_egodex)(path, episode=episode)
+        n, quirks, valid = r.frames, Counter(r.quirks), r.valid
         if kind == "egoverse":
-            n = read_egoverse(path, episode=episode)[-1]
-            g = _zarr_group(path, episode)
-            if _zarr_array(g, "images.front_1", episode).shape[0] < n:
+            if _zarr_array(_zarr_group(path, episode), "images.front_1", episode).shape[0] < n:
                 raise EpisodeError(episode, "fewer images than poses")
-            return n
-        n = read_egodex(path, episode=episode)[-1]
-        v = video_frame_count(Path(path).with_suffix(".mp4"), episode)
-        if v < n - 1:
-            raise EpisodeError(episode, f"video has {v} frames but poses have {n}")
-        return min(n, v)
+            h, w = _image_hw(_zarr_group(path, episode), episode)
+            quirks["4:3 frames"] = int(w / h < 16 / 9 * (1 - MAX_CROP_LOSS))
+        else:
+            v = video_frame_count(Path(path).with_suffix(".mp4"), episode)
+            if v < n - 1:
+                raise EpisodeError(episode, f"video has {v} frames but poses have {n}")
+            if v < n:
+                quirks["video one frame short"] = 1
+                valid = valid & (np.arange(n) < v)
+        runs = usable_runs(valid, r.cut)
+        if not runs:
+            raise EpisodeError(episode, f"no two consecutive usable frames (of {n}: "
+                                        + ", ".join(f"{k} {c}" for k, c in quirks.items()) + ")")
+        return Probe(n, runs, quirks, wrists_in_front(r.track, valid))
+
+
+def run_at(path, frame):
+    """One episode file outside any index (an EgoDex .hdf5 with its .mp4, or an EgoVerse .zarr) -> (the usable
+    run holding `frame` and its next frame, `frame` relative to the run)."""
+    path = Path(path)
+    kind = "egoverse" if path.suffix == ".zarr" else "egodex"
+    eid = f"{path.parent.name}/{path.stem}"
+    runs = probe_episode(kind, str(path), eid).runs
+    for a, b in runs:
+        if a <= frame < b - 1:
+            return Episode(eid, str(path), b - a, kind, a), frame - a
+    raise EpisodeError(eid, f"frame {frame} and the next are not both usable; usable frames: "
+                            + ", ".join(f"[{a}, {b})" for a, b in runs))
 
 
 def _probe(args):
-    kind, path, episode = args
+    kind, path, name = args
     try:
-        return episode, probe_episode(kind, path, episode), None
+        return name, probe_episode(kind, path, name), None
     except EpisodeError as e:
-        return episode, None, e.reason
+        return name, None, e.reason
 
 
 def _groups(root):
@@ -433,10 +662,20 @@ def _groups(root):
 
 
 def _members(root, group, kind):
+    """-> [(kind, path, name)]; the name is the episode id for EgoDex, the group-relative one for EgoVerse."""
     pattern = "*.zarr" if kind == "egoverse" else "*.hdf5"
     files = sorted((root / group).glob(pattern), key=lambda p: (len(p.stem), p.stem))
-    split = "egoverse" if group == "." else group
-    return [(kind, str(p), f"{split}/{p.stem}") for p in files]
+    return [(kind, str(p), p.stem if kind == "egoverse" else f"{group}/{p.stem}") for p in files]
+
+
+def _episode_id(group, kind, name, test_fraction):
+    """EgoDex: `<split>/<task>/<k>`. EgoVerse: a folder named train or test is that split; episodes anywhere
+    else (the root, or a vendor folder) are split by egoverse_split."""
+    if kind == "egodex":
+        return name
+    if group in ("train", "test"):
+        return f"{group}/{name}"
+    return "/".join([egoverse_split(name, test_fraction)] + ([group] if group != "." else []) + [name])
 
 
 def _signature(root, group):
@@ -447,54 +686,81 @@ def _signature(root, group):
     return hashlib.sha1("\n".join(sorted(p.name for p in root.glob("*.zarr"))).encode()).hexdigest()
 
 
-def load_index(root, splits=None, workers=0, rebuild=False, cache=None):
-    """Index a dataset root once; later calls re-probe only directories whose mtime changed.
-    -> (episodes: list[Episode], skipped: {episode id: reason}) restricted to `splits`."""
+ROOT_LAYOUT = ("expected an EgoDex root (<root>/<split>/<task>/<k>.hdf5 + <k>.mp4) or an EgoVerse root "
+               "(<root>/[<folder>/]<hash>.zarr); make a synthetic one with `python synthetic.py --out DIR`")
+INDEX_VERSION = 2  # bumped when what the index stores, or how a frame is judged usable, changes
+
+
+def build_index(root, workers=0, rebuild=False, cache=None):
+    """Probe a dataset root once; later calls re-probe only directories that changed. -> the index dict:
+    {"groups": {group: {"mtime", "kind", "episodes": [[name, frames, runs]], "skipped": [[name, reason]],
+    "quirks": {quirk: count}, "front": [in front, wrist points]}}, ...}, also written to `cache`."""
     root = Path(root).expanduser().resolve()
-    expected = ("expected an EgoDex root (<root>/<split>/<task>/<k>.hdf5 + <k>.mp4) or an EgoVerse root "
-                "(<root>/[<split>/]<hash>.zarr); make a synthetic one with `python synthetic.py --out DIR`")
     if not root.is_dir():
-        raise DataError(f"data root {root} does not exist: {expected}")
+        raise DataError(f"data root {root} does not exist: {ROOT_LAYOUT}")
     cache = Path(cache) if cache else root / ".dexac_index.json"
     if cache == root / ".dexac_index.json" and not os.access(root, os.W_OK):
         cache = Path.home() / ".cache" / "dexac" / f"index-{hashlib.sha1(bytes(root)).hexdigest()[:12]}.json"
+    header = {"version": INDEX_VERSION, "min_confidence": MIN_CONFIDENCE, "root": str(root)}
     old = {}
     if cache.is_file() and not rebuild:
-        old = json.loads(cache.read_text()).get("groups", {})
+        saved = json.loads(cache.read_text())
+        if all(saved.get(k) == v for k, v in header.items()):
+            old = saved.get("groups", {})
     index, todo = {}, []
     for group, kind in _groups(root).items():
         mtime = _signature(root, group)
         if old.get(group, {}).get("mtime") == mtime:
             index[group] = old[group]
         else:
-            index[group] = {"mtime": mtime, "kind": kind, "episodes": [], "skipped": []}
+            index[group] = {"mtime": mtime, "kind": kind, "episodes": [], "skipped": [], "quirks": {},
+                            "front": [0, 0]}
             todo += [(group, m) for m in _members(root, group, kind)]
     if todo:
         results = parallel_map(_probe, [m for _, m in todo], workers)
-        for (group, _), (eid, n, reason) in zip(todo, tqdm(results, total=len(todo), desc="indexing")):
+        for (group, _), (name, probe, reason) in zip(todo, tqdm(results, total=len(todo), desc="indexing")):
+            entry = index[group]
             if reason is None:
-                index[group]["episodes"].append([eid, n])
+                entry["episodes"].append([name, probe.frames, [list(r) for r in probe.runs]])
+                entry["quirks"] = dict(Counter(entry["quirks"]) + probe.quirks)
+                entry["front"] = [a + b for a, b in zip(entry["front"], probe.front)]
             else:
-                log.warning("skipping %s: %s", eid, reason)
-                index[group]["skipped"].append([eid, reason])
+                log.warning("skipping %s: %s", name, reason)
+                entry["skipped"].append([name, reason])
         cache.parent.mkdir(parents=True, exist_ok=True)
-        hub.atomic_write(cache, json.dumps({"root": str(root), "groups": index}).encode())
-    episodes, skipped = [], {}
-    for group, entry in sorted(index.items()):
-        for eid, n in entry["episodes"]:
-            suffix = ".zarr" if entry["kind"] == "egoverse" else ".hdf5"
-            path = root / group / (eid.split("/")[-1] + suffix)
-            episodes.append(Episode(eid, str(path), n, entry["kind"]))
-        skipped.update(dict(entry["skipped"]))
+        hub.atomic_write(cache, json.dumps(header | {"groups": index}).encode())
+    return header | {"groups": index}
+
+
+def load_index(root, splits=None, workers=0, rebuild=False, cache=None, test_fraction=EGOVERSE_TEST_FRACTION):
+    """Index a dataset root (build_index) -> (episodes: list[Episode], the usable runs of the episodes in
+    `splits`; skipped: {episode id: reason}). Warns loudly when the camera convention looks wrong."""
+    index = build_index(root, workers, rebuild, cache)
+    root = Path(index["root"])
+    episodes, skipped, front = [], {}, np.zeros(2, np.int64)
+    for group, entry in sorted(index["groups"].items()):
+        suffix = ".zarr" if entry["kind"] == "egoverse" else ".hdf5"
+        for name, _, runs in entry["episodes"]:
+            eid = _episode_id(group, entry["kind"], name, test_fraction)
+            path = str(root / group / (name.split("/")[-1] + suffix))
+            episodes += [Episode(eid, path, b - a, entry["kind"], a) for a, b in runs]
+        skipped.update({_episode_id(group, entry["kind"], name, test_fraction): reason
+                        for name, reason in entry["skipped"]})
+        front += entry["front"]
+    if front[1] and front[0] < 0.9 * front[1]:
+        log.warning("WARNING: only %.0f%% of the wrist points of %s lie in front of the camera (real data: more "
+                    "than 90%%): the camera poses are probably not camera-to-world in OpenCV axes (x right, y "
+                    "down, z forward), and actions, keypoints and PCK will be wrong", 100 * front[0] / front[1],
+                    root)
     available = sorted({e.split for e in episodes})
     if splits is not None:
         episodes = [e for e in episodes if e.split in splits]
         skipped = {k: v for k, v in skipped.items() if k.split("/")[0] in splits}
     if not episodes:
         raise DataError(f"no usable episodes under {root} for splits {splits} (splits with usable "
-                        f"episodes: {available}; {len(skipped)} skipped): {expected}")
-    log.info("index: %d episodes (%d frames), %d skipped", len(episodes),
-             sum(e.frames for e in episodes), len(skipped))
+                        f"episodes: {available}; {len(skipped)} skipped): {ROOT_LAYOUT}")
+    log.info("index: %d usable runs of %d episodes (%d frames), %d skipped", len(episodes),
+             len({e.id for e in episodes}), sum(e.frames for e in episodes), len(skipped))
     return episodes, skipped
 
 
@@ -517,24 +783,30 @@ def load_clip(ep, start, length, size=DEFAULT_SIZE, threads=1):
 
 
 def _load_clip(ep, start, length, size, threads):
-    track, K, prompt, conf, _ = read_track(ep, start, start + length)
+    r = read_track(ep, start, start + length)
+    if not r.valid.all() or r.cut[1:].any():
+        raise EpisodeError(ep.id, f"frames [{ep.start + start}, {ep.start + start + length}) are not all usable: "
+                                  f"the file changed since it was indexed")
+    first = ep.start + start
     if ep.kind == "egodex":
-        video, src_hw = decode_frames(Path(ep.path).with_suffix(".mp4"), start, length, size=size, threads=threads,
+        video, src_hw = decode_frames(Path(ep.path).with_suffix(".mp4"), first, length, size=size, threads=threads,
                                       episode=ep.id)
     else:
-        video, src_hw = decode_jpegs(ep.path, start, length, size, ep.id)
+        video, src_hw = decode_jpegs(ep.path, first, length, size, ep.id)
+    K = scale_intrinsics(r.K, r.K_hw, src_hw) if r.K_hw and tuple(r.K_hw) != src_hw else r.K
+    box = content_box(src_hw, size) if size else (0, 0, src_hw[1], src_hw[0])
     K = scale_intrinsics(K, src_hw, size) if size else K
-    H, W = video.shape[1:3]
-    uv, front = project_keypoints(track, K)
-    inside = front & (uv >= -0.5).all(-1) & (uv[..., 0] < W - 0.5) & (uv[..., 1] < H - 0.5)
+    uv, front = project_keypoints(r.track, K)
+    inside = front & (uv[..., 0] >= box[0] - 0.5) & (uv[..., 1] >= box[1] - 0.5) & \
+        (uv[..., 0] < box[2] - 0.5) & (uv[..., 1] < box[3] - 0.5)
     return {"video": torch.from_numpy(video).permute(3, 0, 1, 2).contiguous(),  # (3, T, H, W) uint8
-            "actions": torch.from_numpy(C.compute_actions(track)),               # (T-1, 57) float32
-            "prompt": prompt,
+            "actions": torch.from_numpy(C.compute_actions(r.track)),           # (T-1, 57) float32
+            "prompt": r.prompt,
             "intrinsics": torch.tensor(K, dtype=torch.float32),                # (3, 3) at (H, W)
             "keypoints": torch.tensor(uv, dtype=torch.float32),                # (T, 12, 2) pixels
-            "keypoint_valid": torch.from_numpy(inside),                       # (T, 12) bool
-            "keypoint_confidence": torch.from_numpy(conf),                    # (T, 12)
-            "episode": ep.id, "start": start, "skipped": 0}
+            "keypoint_valid": torch.from_numpy(inside & (r.confidence >= MIN_CONFIDENCE)),  # (T, 12) bool
+            "keypoint_confidence": torch.from_numpy(r.confidence),            # (T, 12)
+            "episode": ep.id, "start": first, "skipped": 0}
 
 
 class ClipSampler(torch.utils.data.Sampler):
@@ -649,7 +921,7 @@ class ClipDataset(torch.utils.data.Dataset):
 
 
 def make_loader(data, batch_size, *, train=True, splits=None, clip_len=13, size=DEFAULT_SIZE,
-                num_workers=4, seed=0, rank=0, world_size=1, **loader_kw):
+                num_workers=4, seed=0, rank=0, world_size=1, test_fraction=EGOVERSE_TEST_FRACTION, **loader_kw):
     """-> (DataLoader, ClipSampler) over a dataset root, or over a latent cache directory (`python data.py
     cache`; then clip_len and size come from the cache). Call sampler.set_epoch(e) each epoch; save
     sampler.state_dict(consumed) with checkpoints and load it before iterating on resume.
@@ -659,7 +931,8 @@ def make_loader(data, batch_size, *, train=True, splits=None, clip_len=13, size=
         frames = [dataset.manifest["clip_len"]] * len(dataset)
         clip_len = dataset.manifest["clip_len"]
     else:
-        episodes, _ = load_index(data, splits or (TRAIN_SPLITS if train else EVAL_SPLITS))
+        episodes, _ = load_index(data, splits or (TRAIN_SPLITS if train else EVAL_SPLITS),
+                                 test_fraction=test_fraction)
         dataset, frames = ClipDataset(episodes, clip_len, size), [e.frames for e in episodes]
     sampler = ClipSampler(frames, clip_len, train, seed=seed, rank=rank, world_size=world_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
@@ -680,13 +953,14 @@ CACHE_MANIFEST = "manifest.json"
 
 def cache_clips(data, out, tokenizer, *, tokenizer_name, clip_len=13, size=DEFAULT_SIZE, train=True, splits=None,
                 seed=0, epochs=1, shard_size=256, batch=8, workers=2, device="cpu", dtype=torch.bfloat16,
-                dino=None, rank=0, world_size=1):
+                dino=None, rank=0, world_size=1, test_fraction=EGOVERSE_TEST_FRACTION):
     """Encode the clips of `epochs` epochs of the clip plan into shards under `out`.
 
     tokenizer: an object with encode(video (B, 3, T, H, W) in [-1, 1]); dino: None or a callable frames
     (B, 3, H, W) in [-1, 1] -> features (B, P, D). Rank r writes shards r, r + world_size, ...; shards that
     exist are kept, so an interrupted job resumes where it stopped. -> list of shards this rank wrote."""
-    episodes, _ = load_index(data, splits or (TRAIN_SPLITS if train else EVAL_SPLITS))
+    splits = tuple(splits or (TRAIN_SPLITS if train else EVAL_SPLITS))
+    episodes, _ = load_index(data, splits, test_fraction=test_fraction)
     sampler = ClipSampler([e.frames for e in episodes], clip_len, train, seed=seed)
     plan = []
     for epoch in range(epochs):
@@ -698,7 +972,8 @@ def cache_clips(data, out, tokenizer, *, tokenizer_name, clip_len=13, size=DEFAU
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"data": str(data), "tokenizer": tokenizer_name, "latent_channels": tokenizer.latent_channels,
                 "clip_len": clip_len, "size": list(size), "train": train, "seed": seed, "epochs": epochs,
-                "clips": len(plan), "shard_size": shard_size, "dino": dino is not None, "layout": C.action_layout()}
+                "clips": len(plan), "shard_size": shard_size, "dino": dino is not None, "layout": C.action_layout(),
+                "splits": list(splits), "test_fraction": test_fraction}
     if (out / CACHE_MANIFEST).is_file():
         old = json.loads((out / CACHE_MANIFEST).read_text())
         if old != manifest:
@@ -794,36 +1069,45 @@ def merge_moments(x, y):
 
 
 def _episode_moments(ep):
+    """-> (id, action_moments of the run, None) or (id, None, reason); every transition of a run is valid."""
     try:
         with reading(ep.id):
-            return ep.id, action_moments(C.compute_actions(read_track(ep)[0])), None
+            r = read_track(ep)
+            if not r.valid.all() or r.cut[1:].any():
+                raise EpisodeError(ep.id, "frames indexed as usable are not: the file changed since it was indexed")
+            return ep.id, action_moments(C.compute_actions(r.track)), None
     except EpisodeError as e:
         return ep.id, None, e.reason
 
 
-def compute_stats(data, splits=TRAIN_SPLITS, workers=0, max_episodes=None, seed=0):
-    """Per-dimension action statistics over every consecutive frame pair of the split."""
-    episodes, skipped = load_index(data, splits, workers)
-    episodes = [e for e in episodes if e.frames >= 2]
-    if max_episodes and max_episodes < len(episodes):
-        pick = np.random.default_rng(seed).choice(len(episodes), max_episodes, replace=False)
-        episodes = [episodes[i] for i in sorted(pick)]
-    total, used = None, 0
+def compute_stats(data, splits=TRAIN_SPLITS, workers=0, max_episodes=None, seed=0,
+                  test_fraction=EGOVERSE_TEST_FRACTION):
+    """Per-dimension action statistics over every valid transition (consecutive usable frames, no time gap)
+    of the splits' episodes, or of a random subset of max_episodes of them."""
+    episodes, skipped = load_index(data, splits, workers, test_fraction=test_fraction)
+    if max_episodes:
+        ids = sorted({e.id for e in episodes})
+        if max_episodes < len(ids):
+            ids = set(np.random.default_rng(seed).choice(ids, max_episodes, replace=False).tolist())
+            episodes = [e for e in episodes if e.id in ids]
+    total, used = None, set()
     for eid, m, reason in tqdm(parallel_map(_episode_moments, episodes, workers), total=len(episodes), desc="stats"):
         if m is None:
             log.warning("skipping %s: %s", eid, reason)
             skipped[eid] = reason
         else:
-            total, used = merge_moments(total, m), used + 1
+            total = merge_moments(total, m)
+            used.add(eid)
     if total is None:
         raise DataError(f"no readable episodes for statistics in {data}")
     n, mean, m2, mn, mx = total
     if not (np.isfinite(mean).all() and np.isfinite(m2).all()):  # never write statistics that poison training
         raise DataError(f"the action statistics of {data} are not finite: an episode holds NaN/inf actions the "
                         f"readers did not catch; rebuild the index and report the episode")
-    return {"layout": C.action_layout(), "count": int(n), "episodes": used,
+    return {"layout": C.action_layout(), "count": int(n), "episodes": len(used),
             "mean": mean.tolist(), "std": np.sqrt(m2 / n).tolist(), "min": mn.tolist(),
-            "max": mx.tolist(), "data": str(data), "splits": list(splits), "skipped": skipped}
+            "max": mx.tolist(), "data": str(data), "splits": list(splits), "test_fraction": test_fraction,
+            "skipped": skipped}
 
 
 def load_stats(path):
@@ -838,23 +1122,67 @@ def load_stats(path):
     return np.array(stats["mean"], np.float32), np.array(stats["std"], np.float32)
 
 
+def index_table(index, splits=None, clip_len=13, test_fraction=EGOVERSE_TEST_FRACTION):
+    """The index as a table: per split its episodes, frames, usable frames and training clips per epoch; then
+    the count of every quirk met (QUIRKS) and of every reason an episode was skipped."""
+    per, quirks, skipped = {}, Counter(), Counter()
+    for group, entry in sorted(index["groups"].items()):
+        kind = entry["kind"]
+        for name, frames, runs in entry["episodes"]:
+            split = _episode_id(group, kind, name, test_fraction).split("/")[0]
+            if splits is None or split in splits:
+                row = per.setdefault((kind, split), {"episodes": 0, "frames": 0, "usable": 0, "runs": []})
+                row["episodes"] += 1
+                row["frames"] += frames
+                row["usable"] += sum(b - a for a, b in runs)
+                row["runs"] += [b - a for a, b in runs]
+        quirks.update(entry["quirks"])
+        skipped.update(reason.split(" (")[0] for _, reason in entry["skipped"])
+    lines = [f"{'dataset':10}{'split':8}{'episodes':>10}{'frames':>12}{'usable':>12}{'clips/epoch':>13}"
+             f"   ({clip_len}-frame clips, 2 per 30-frame window)"]
+    for (kind, split), row in sorted(per.items()):
+        clips = len(ClipSampler(row["runs"], clip_len).plan()) if row["runs"] else 0
+        lines.append(f"{kind:10}{split:8}{row['episodes']:>10}{row['frames']:>12}{row['usable']:>12}{clips:>13}")
+    lines.append("quirks met (all splits):")
+    lines += [f"  {quirks[q]:>8}  {q}: {QUIRKS[q]}" for q in QUIRKS if quirks[q]] or ["         none"]
+    lines.append(f"skipped episodes: {sum(skipped.values())}")
+    lines += [f"  {n:>8}  {reason}" for reason, n in skipped.most_common()]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------
 # Command line
 
+def split_names(text):
+    """'part1,part2' (or None) -> ('part1', 'part2') (or None): the --splits value of every command."""
+    return tuple(x for x in text.split(",") if x) if text else None
+
+
+def _add_split_flags(q, default):
+    q.add_argument("--splits", default=default, help=f"comma-separated splits (EgoDex: part1..part5, test, extra; "
+                                                     f"EgoVerse: train, test){'; default: ' + default if default else ''}")
+    q.add_argument("--test-fraction", type=float, default=EGOVERSE_TEST_FRACTION,
+                   help="EgoVerse episodes outside train/ or test/ folders: the fraction hashed into `test` "
+                        "(by the SHA-256 of each name: deterministic, stable when episodes are added)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="DexAC-WM data: index a dataset, its action statistics, a latent cache",
-                                epilog="synthetic data: python synthetic.py --out DIR; decoding speed: python "
-                                       "bench.py decode")
+                                epilog="synthetic data: python synthetic.py --out DIR (--quirks: every real-data "
+                                       "quirk); decoding speed: python bench.py decode")
     sub = p.add_subparsers(dest="cmd")
-    q = sub.add_parser("index", help="index (or refresh the index of) a dataset root")
+    q = sub.add_parser("index", help="index (or refresh the index of) a dataset root; prints what it found: "
+                                     "episodes, frames, clips and every quirk met, per split")
     q.add_argument("--data", required=True, help="EgoDex or EgoVerse root")
     q.add_argument("--workers", type=int, default=8, help="processes probing episodes (0: in-process)")
     q.add_argument("--rebuild", action="store_true", help="ignore the cached index and probe everything")
     q.add_argument("--cache", default=None, help="index file (default: ROOT/.dexac_index.json)")
+    q.add_argument("--clip-len", type=int, default=13, help="frames per clip, for the clip counts")
+    _add_split_flags(q, None)
     q = sub.add_parser("stats", help="per-dimension action mean/std over the training split")
     q.add_argument("--data", required=True, help="EgoDex or EgoVerse root")
     q.add_argument("--out", default="stats.json", help="output JSON")
-    q.add_argument("--splits", nargs="+", default=list(TRAIN_SPLITS), help="splits to include")
+    _add_split_flags(q, ",".join(TRAIN_SPLITS))
     q.add_argument("--workers", type=int, default=8, help="processes reading episodes (0: in-process)")
     q.add_argument("--max-episodes", type=int, default=None, help="random subset of this many episodes")
     q.add_argument("--seed", type=int, default=0, help="seed of the subset")
@@ -862,6 +1190,7 @@ def main(argv=None):
                                      "to split the work across ranks)")
     q.add_argument("--data", required=True, help="EgoDex or EgoVerse root")
     q.add_argument("--out", required=True, help="cache directory (an interrupted run resumes there)")
+    _add_split_flags(q, None)
     q.add_argument("--tokenizer", default="wan2.1", choices=["wan2.1", "pixel"], help="video tokenizer")
     q.add_argument("--vae-weights", default="nvidia/Cosmos-Predict2.5-2B",
                    help="Wan2.1 VAE weights: a local file or a Hub repo id (see tokenizer.py)")
@@ -887,12 +1216,12 @@ def main(argv=None):
 
 def _run(p, args):
     if args.cmd == "index":
-        episodes, skipped = load_index(args.data, None, args.workers, args.rebuild, args.cache)
-        for reason, n in Counter(r.split(" (")[0] for r in skipped.values()).most_common():
-            print(f"  skipped {n}: {reason}")
-        print(f"{len(episodes)} episodes, {sum(e.frames for e in episodes)} frames, {len(skipped)} skipped")
+        index = build_index(args.data, args.workers, args.rebuild, args.cache)
+        load_index(args.data, split_names(args.splits), cache=args.cache, test_fraction=args.test_fraction)
+        print(index_table(index, split_names(args.splits), args.clip_len, args.test_fraction))
     elif args.cmd == "stats":
-        stats = compute_stats(args.data, tuple(args.splits), args.workers, args.max_episodes, args.seed)
+        stats = compute_stats(args.data, split_names(args.splits), args.workers, args.max_episodes, args.seed,
+                              args.test_fraction)
         Path(args.out).write_text(json.dumps(stats, indent=1))
         std = np.array(stats["std"])
         fam = ", ".join(f"{k} {std[list(v)].mean():.2e}" for k, v in C.ACTION_FAMILIES.items())
@@ -913,7 +1242,8 @@ def _cache_command(args):
     if args.dino:
         dino = semantic.load_dino(args.dino, device=device)
     written = cache_clips(args.data, args.out, vae, tokenizer_name=args.tokenizer, clip_len=args.clip_len,
-                          size=(args.height, args.width), train=not args.eval, seed=args.seed, epochs=args.epochs,
+                          size=(args.height, args.width), train=not args.eval, splits=split_names(args.splits),
+                          test_fraction=args.test_fraction, seed=args.seed, epochs=args.epochs,
                           shard_size=args.shard_size, batch=args.batch, workers=args.workers, device=device,
                           dtype=hub.DTYPES[args.dtype], dino=dino, rank=rank, world_size=world)
     print(f"rank {rank}: wrote {len(written)} shards to {args.out}")

@@ -511,12 +511,14 @@ TABLE1 = (("psnr", "PSNR", 1), ("ssim", "SSIM", 1), ("lpips", "LPIPS", -1), ("fi
           ("fvd", "FVD", -1), ("pck@10", "PCK@10", 1), ("pck@20", "PCK@20", 1))  # key, title, better sign
 
 
-def eval_plan(root, horizon, max_clips=None):
-    """-> (test episodes, (N, 2) int64 (episode index, start) of the evaluation clips)."""
-    episodes, _ = data.load_index(root, data.EVAL_SPLITS)
+def eval_plan(root, horizon, max_clips=None, *, splits=data.EVAL_SPLITS,
+              test_fraction=data.EGOVERSE_TEST_FRACTION):
+    """-> (the splits' usable runs, (N, 2) int64 (run index, start) of the evaluation clips): every clip lies
+    within one usable run, so no invalid frame or time gap is ever scored."""
+    episodes, _ = data.load_index(root, splits, test_fraction=test_fraction)
     plan = data.ClipSampler([e.frames for e in episodes], horizon, train=False).plan()
     if not len(plan):
-        raise ValueError(f"no test episode in {root} holds a {horizon}-frame clip")
+        raise ValueError(f"no usable run of the {'/'.join(splits)} episodes in {root} holds a {horizon}-frame clip")
     if max_clips and max_clips < len(plan):
         plan = plan[np.linspace(0, len(plan) - 1, max_clips).round().astype(int)]
     return episodes, plan
@@ -527,6 +529,8 @@ class EvalConfig:
     """The protocol's settings: main() builds one from the command line (its flags, same names and defaults);
     miniature.py builds its own."""
     checkpoints: tuple = ()  # exported models, a table row each
+    splits: str = ",".join(data.EVAL_SPLITS)  # (above `data`, which shadows the module from here on)
+    test_fraction: float = data.EGOVERSE_TEST_FRACTION
     data: str = None
     horizon: int = 25
     clips: int = None  # None: all
@@ -586,7 +590,7 @@ def row_name(checkpoint, shuffled):
 def shuffled_actions(episodes, plan, i, horizon):
     """The control: clip i gets the actions of clip (i + N // 2) mod N, another clip of the same length."""
     e, s = plan[(i + len(plan) // 2) % len(plan)]
-    track = data.read_track(episodes[e], int(s), int(s) + horizon)[0]
+    track = data.read_track(episodes[e], int(s), int(s) + horizon).track
     return conditioning.compute_actions(track)
 
 
@@ -598,7 +602,7 @@ def evaluate_checkpoint(cfg, checkpoint, row, *, size, episodes, plan, metrics, 
     """Roll out and score this rank's clips that are not done yet, a batch at a time."""
     d = Path(cfg.out) / row / "clips"
     d.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(cfg, k) for k in ("data", "horizon", "clips", "steps", "sampler", "schedule", "shift",
+    settings = {k: getattr(cfg, k) for k in ("data", "splits", "test_fraction", "horizon", "clips", "steps", "sampler", "schedule", "shift",
                                              "guidance", "seed", "shuffle_actions", "height", "width", "dtype")}
     settings.update(checkpoint=str(checkpoint), metrics=list(metrics))
     saved = d.parent / "settings.json"
@@ -758,7 +762,8 @@ def protocol(cfg):
     weights = {kind: getattr(cfg, flag) for kind, flag in WEIGHT_FLAGS.items()}
     metrics = protocol_metrics(cfg.metrics, weights)
     nets = load_networks(metrics, weights, cfg.detector, device)
-    episodes, plan = eval_plan(cfg.data, cfg.horizon, cfg.clips)
+    episodes, plan = eval_plan(cfg.data, cfg.horizon, cfg.clips, splits=data.split_names(cfg.splits),
+                               test_fraction=cfg.test_fraction)
     with safe_open(cfg.checkpoints[0], "pt") as f:  # one frame size for every row: as given, else the first's
         tc = json.loads(f.metadata()["train_config"])
     size = (cfg.height or tc["height"], cfg.width or tc["width"])
@@ -807,6 +812,9 @@ def main(argv=None):
     p.add_argument("--checkpoint", dest="checkpoints", metavar="CHECKPOINT", nargs="+",
                    help="exported models (train.py), a table row each")
     p.add_argument("--data", help="dataset root; its test split is evaluated")
+    p.add_argument("--splits", help="comma-separated splits to evaluate (default: test)")
+    p.add_argument("--test-fraction", type=float, help="EgoVerse episodes outside train/ and test/ folders: the "
+                                                        "fraction hashed into `test` (as in training)")
     p.add_argument("--horizon", type=int,
                    help="frames per rollout, the given first one included (the paper: 25 and 65)")
     p.add_argument("--clips", type=int, help="evaluate N clips, evenly spread (default: all)")

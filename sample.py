@@ -237,8 +237,8 @@ def parse_args(argv=None):
                                                 "training run's)")
     p.add_argument("--actions", help=f"(K, {C.ACTION_DIM}) raw actions .npy, or a directory of them (one batch)")
     p.add_argument("--image", help="first frame (PNG/JPEG); resized to the model's resolution with a notice")
-    p.add_argument("--episode", help="an EgoDex .hdf5 (its .mp4 beside it): first frame, prompt, actions and "
-                                     "ground truth from there")
+    p.add_argument("--episode", help="an EgoDex .hdf5 (its .mp4 beside it) or an EgoVerse .zarr: first frame, "
+                                     "prompt, actions and ground truth from there")
     p.add_argument("--start", type=int, default=0, help="first frame index in --episode")
     p.add_argument("--num-actions", type=int, default=24, help="actions taken from --episode when no --actions")
     p.add_argument("--prompt", default=None, help="task description (default: the episode's, else empty)")
@@ -288,11 +288,9 @@ def main(argv=None):
     try:
         gt, prompt = None, args.prompt
         if args.episode:
-            path = Path(args.episode)
-            ep = data.Episode(f"{path.parent.name}/{path.stem}", args.episode,
-                              data.probe_episode("egodex", args.episode, args.episode), "egodex")
+            ep, start = data.run_at(args.episode, args.start)
             n = len(load_actions(args.actions)[0][1]) if args.actions else args.num_actions
-            clip = data.load_clip(ep, args.start, min(n + 1, ep.frames - args.start), size)
+            clip = data.load_clip(ep, start, min(n + 1, ep.frames - start), size)
             gt = clip["video"].permute(1, 2, 3, 0).numpy()  # (T, H, W, 3)
             frame, prompt = gt[0], prompt if prompt is not None else clip["prompt"]
             runs = load_actions(args.actions) if args.actions else [(ep.id.replace("/", "_"), clip["actions"].numpy())]

@@ -2,6 +2,7 @@
 Synthetic egocentric data in the EgoDex format: the embedded default dataset, no download.
 
     python synthetic.py --out data/synthetic        # 4 tasks x (3 train + 1 test) episodes of 90 frames
+    python synthetic.py --out /tmp/quirks --quirks  # 19 small episodes, each with one real-data quirk
 
 A procedural scene that data.py reads exactly like EgoDex (`<split>/<task>/<k>.hdf5` + `<k>.mp4`): ARKit-like
 world (y up, table top at y = 0.8 m), two hands of a wrist SE(3) plus 5 fingers of 3 flexing segments, and a
@@ -12,14 +13,25 @@ real egocentric data. The 12 evaluation keypoints (wrists and fingertips) are dr
 What it deliberately departs from: the hands are cylinders and spheres, not meshes; every joint rotation
 equals its wrist's; confidences are random in [0.6, 1]; one task (wipe_table) writes old-style files without
 the LLM description attributes, as some EgoDex files are.
+
+The quirks root (`write_quirks`, `--quirks`) mixes EgoDex episodes (`part1`, `extra`, `test`) and flat
+EgoVerse Zarr episodes (`write_egoverse_zarr`), each carrying exactly one quirk of the real datasets
+(DESIGN.md section 11): an empty camera/intrinsic, no or low confidences over frozen hands, videos one or
+three frames short or unevenly timed, hands missing as all-zero (Mecka) or 1e9 (Aria) rows, the legacy raw
+Aria keypoint layout, dropped frames leaving a time gap, a placeholder prompt, schema v3.1 calibration, no
+intrinsics, no head pose. Its manifest names each episode's quirk, where it sits and its motion's seed.
 """
 
 import argparse
+import io
 import time
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import h5py
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 import conditioning as C
@@ -46,6 +58,7 @@ _KNUCKLE = np.array([[-0.030, 0.030, 0], [-0.032, 0.085, 0], [-0.011, 0.092, 0],
                      [0.031, 0.078, 0]])  # right hand, wrist frame (x lateral, y along fingers, z back)
 _FAN = np.array([-0.95, -0.32, -0.08, 0.16, 0.42])  # finger directions in the palm plane (rad)
 _SEGMENTS = np.array([[0.035, 0.030, 0.025]] + [[0.042, 0.026, 0.021]] * 4)
+_CHAIN = ("Knuckle", "IntermediateBase", "IntermediateTip", "Tip")  # each finger's joints, palm to tip
 
 
 def _rot(axis, a):
@@ -88,7 +101,7 @@ def synth_track(rng, n, fps=30, motion=(1.0, 1.0, 1.0)):
         for f, finger in enumerate(C.FINGERS):
             d = np.array([np.sin(_FAN[f]), np.cos(_FAN[f]), 0]) * mirror
             p = np.repeat((_KNUCKLE[f] * mirror)[None], n, 0)
-            for k, name in enumerate(("Knuckle", "IntermediateBase", "IntermediateTip", "Tip")):
+            for k, name in enumerate(_CHAIN):
                 if k:
                     theta = flex[:, f:f + 1] * k  # cumulative curl towards the palm (-z)
                     p = p + _SEGMENTS[f, k - 1] * (np.cos(theta) * d - np.sin(theta) * np.array([0, 0, 1]))
@@ -99,15 +112,16 @@ def synth_track(rng, n, fps=30, motion=(1.0, 1.0, 1.0)):
 
 def _segment(img, a, b, r, color):
     """Draw a thick segment a -> b (pixels, (u, v)) with radius r."""
-    lo = np.floor(np.minimum(a, b) - r).astype(int).clip(0, [img.shape[1], img.shape[0]])
-    hi = np.ceil(np.maximum(a, b) + r + 1).astype(int).clip(0, [img.shape[1], img.shape[0]])
-    if (hi <= lo).any():
+    u0, v0 = np.floor(np.minimum(a, b) - r).astype(int)
+    u1, v1 = np.ceil(np.maximum(a, b) + r + 1).astype(int)
+    u0, v0, u1, v1 = max(u0, 0), max(v0, 0), min(u1, img.shape[1]), min(v1, img.shape[0])  # np.clip is slow
+    if u1 <= u0 or v1 <= v0:
         return
-    v, u = np.arange(lo[1], hi[1])[:, None], np.arange(lo[0], hi[0])[None]
+    v, u = np.arange(v0, v1)[:, None] - a[1], np.arange(u0, u1)[None] - a[0]  # relative to a
     ab = b - a
-    s = np.clip(((u - a[0]) * ab[0] + (v - a[1]) * ab[1]) / max(ab @ ab, 1e-9), 0, 1)
-    mask = (u - a[0] - s * ab[0]) ** 2 + (v - a[1] - s * ab[1]) ** 2 <= r * r
-    img[lo[1]:hi[1], lo[0]:hi[0]][mask] = color
+    s = np.minimum(np.maximum((u * ab[0] + v * ab[1]) / max(ab @ ab, 1e-9), 0), 1)
+    mask = (u - s * ab[0]) ** 2 + (v - s * ab[1]) ** 2 <= r * r
+    img[v0:v1, u0:u1][mask] = color
 
 
 def render_frame(joints, i, K, hw, obj_color, *, marker_scale=1.0):
@@ -136,8 +150,7 @@ def render_frame(joints, i, K, hw, obj_color, *, marker_scale=1.0):
         wrist, z = px(joints[f"{side}Hand"][i, :3, 3])
         markers.append(wrist)
         for finger in C.FINGERS:
-            chain = [px(joints[f"{side}{finger}{n}"][i, :3, 3])[0] for n in
-                     ("Knuckle", "IntermediateBase", "IntermediateTip", "Tip")]
+            chain = [px(joints[f"{side}{finger}{n}"][i, :3, 3])[0] for n in _CHAIN]
             _segment(img, wrist, chain[0], 0.022 * K[0, 0] / z, (205, 160, 135))  # palm
             for a, b in zip(chain[:-1], chain[1:]):
                 _segment(img, a, b, 0.008 * K[0, 0] / z, (220, 175, 150))
@@ -163,6 +176,8 @@ def detect_keypoints(frame, tol=60):
 
 
 def write_egodex_hdf5(path, joints, K, attrs, confidence=None):
+    """One EgoDex HDF5 file; K may be (0, 3), as camera/intrinsic is in EgoDex's part1 files;
+    confidence None writes no `confidences` group (it is optional); attrs of value None are left out."""
     with h5py.File(path, "w") as f:
         for name, T in joints.items():
             f[f"transforms/{name}"] = T.astype(np.float32)
@@ -174,13 +189,18 @@ def write_egodex_hdf5(path, joints, K, attrs, confidence=None):
                 f.attrs[k] = v
 
 
+def _egodex_K(size, zoom=1.0):
+    """EgoDex's constant K (fx = 736.6 at 1920 wide, principal point at the centre) for frames of `size`."""
+    H, W = size
+    f = 736.6339 * zoom * W / 1920
+    return np.array([[f, 0, W / 2], [0, f, H / 2], [0, 0, 1]])
+
+
 def _synth_episode(job):
     out, split, t, k, frames, size, seed, zoom, marker_scale = job
     task, llm_type, which, llm1, llm2, desc, color, motion = SYNTH_TASKS[t]
     rng = np.random.default_rng([seed, t, k, split == "test"])
-    H, W = size
-    f = 736.6339 * zoom * W / 1920
-    K = np.array([[f, 0, W / 2], [0, f, H / 2], [0, 0, 1]])
+    K = _egodex_K(size, zoom)
     joints, _ = synth_track(rng, frames, motion=motion)
     d = Path(out) / split / task
     d.mkdir(parents=True, exist_ok=True)
@@ -207,26 +227,299 @@ def write_synthetic(out, *, tasks=4, episodes=3, test_episodes=1, frames=90, siz
     return Path(out)
 
 
+# ------------------------------------------------------------------------------------------------
+# EgoVerse episodes (Zarr v3), and a root of every real-data quirk (DESIGN.md section 11)
+
+# 21 keypoints per hand as joint suffixes; "Palm" is the palm centre, the mean of wrist and middle knuckle
+_MANO_21 = ("Hand",) + tuple(f + j for f in C.FINGERS for j in _CHAIN)
+_ARIA_21 = (tuple(f + "Tip" for f in C.FINGERS) + ("Hand", "ThumbIntermediateBase", "ThumbIntermediateTip")
+            + tuple(f + j for f in C.FINGERS[1:] for j in _CHAIN[:3]) + ("Palm",))
+
+
+def _scaled_K(K640, size):
+    """A 640-wide camera's K (fx = fy, principal point at the centre) for frames of `size`."""
+    H, W = size
+    f = K640[0, 0] * W / 640
+    return np.array([[f, 0, W / 2], [0, f, H / 2], [0, 0, 1]])
+
+
+def _quat_wxyz(R):
+    """(..., 3, 3) rotations -> (..., 4) unit quaternions w, x, y, z with w >= 0. Shepperd's method: the
+    matrix M = 4 q q^T is linear in R; its row k is 4 q_k q, and the row with the largest diagonal 4 q_k^2
+    (>= 1) is normalized, so nothing is divided by a small number, even near 180 degrees."""
+    R = np.asarray(R, np.float64)
+    xx, xy, xz, yx, yy, yz, zx, zy, zz = np.moveaxis(R.reshape(R.shape[:-2] + (9,)), -1, 0)
+    M = np.array([[1 + xx + yy + zz, zy - yz, xz - zx, yx - xy],
+                  [zy - yz, 1 + xx - yy - zz, xy + yx, xz + zx],
+                  [xz - zx, xy + yx, 1 - xx + yy - zz, yz + zy],
+                  [yx - xy, xz + zx, yz + zy, 1 - xx - yy + zz]])  # (4, 4, ...)
+    M = np.moveaxis(M, (0, 1), (-2, -1))  # (..., 4, 4)
+    k = np.diagonal(M, axis1=-2, axis2=-1).argmax(-1)
+    q = np.take_along_axis(M, k[..., None, None], -2)[..., 0, :]
+    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
+    return np.where(q[..., :1] < 0, -q, q)
+
+
+def _pose7(T):
+    """(T, 4, 4) -> (T, 7) position xyz + quaternion wxyz, EgoVerse's pose rows."""
+    return np.concatenate([T[:, :3, 3], _quat_wxyz(T[:, :3, :3])], 1)
+
+
+def _keypoints21(joints, side, order):
+    """-> (n, 63) world keypoints of one hand in `order` (_MANO_21 or _ARIA_21), xyz flattened."""
+    def point(name):
+        if name == "Palm":
+            return (point("Hand") + point("MiddleFingerKnuckle")) / 2
+        return joints[f"{side}{name}"][:, :3, 3]
+    return np.stack([point(name) for name in order], 1).reshape(-1, 63)
+
+
+def _jpeg(img, quality=95):
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _import_zarr():
+    """zarr, imported only when EgoVerse episodes are written: it is an optional dependency."""
+    try:
+        import zarr
+    except ImportError:
+        raise ImportError("writing EgoVerse episodes needs the optional zarr package: "
+                          "pip install 'zarr>=3'") from None
+    if int(zarr.__version__.split(".")[0]) < 3:
+        raise ImportError(f"writing EgoVerse episodes needs Zarr v3, found zarr {zarr.__version__}: "
+                          "pip install 'zarr>=3'")
+    return zarr
+
+
+def write_egoverse_zarr(path, joints, K, size, *, attrs, layout="mano", aria_keypoints=False, keep=None,
+                        pad=3, color=(90, 90, 90), marker_scale=1.0, head_pose=True, intrinsics="attrs"):
+    """One EgoVerse episode, a Zarr v3 group `<name>.zarr`, from synth_track's joints -> what was written.
+    layout "mano" stores MANO-21 keypoints (current converters), "aria" the raw Aria layout (legacy Aria
+    episodes: tips 0-4, wrist 5, palm centre 20); aria_keypoints adds `obs_aria_keypoints` in that layout.
+    keep: the original frame indices kept (an older Aria converter dropped frames, leaving time gaps).
+    Every array holds `pad` rows past total_frames (zeros; the JPEGs repeat the last frame), as real
+    writers pad to a chunk boundary. intrinsics: "attrs" (`intrinsics.front_1`), "calibration" (schema
+    v3.1's `calibration.cameras.front_1`) or None; attrs extend or override the root attributes, None
+    leaves a key out."""
+    zarr = _import_zarr()
+    if layout not in ("mano", "aria"):
+        raise ValueError(f"layout must be 'mano' or 'aria', not {layout!r}")
+    if layout == "aria" and aria_keypoints:
+        raise ValueError("legacy Aria episodes (layout 'aria') have no obs_aria_keypoints: "
+                         "pass aria_keypoints=False")
+    if intrinsics not in ("attrs", "calibration", None):
+        raise ValueError(f"intrinsics must be 'attrs', 'calibration' or None, not {intrinsics!r}")
+    n = len(joints["camera"])
+    keep = np.arange(n) if keep is None else np.asarray(keep, np.int64)
+    if keep.ndim != 1 or len(keep) == 0 or (np.diff(keep) <= 0).any() or keep[0] < 0 or keep[-1] >= n:
+        raise ValueError(f"keep must be increasing frame indices in [0, {n}), got {keep}")
+    T, (H, W) = len(keep), size
+    root = {"fps": 30, "total_frames": T, "task_name": "", "task_description": "",
+            "embodiment": "human_bimanual"}
+    K34 = np.concatenate([np.asarray(K, np.float64)[:3, :3], np.zeros((3, 1))], 1).tolist()
+    if intrinsics == "attrs":
+        root["intrinsics"] = {"front_1": K34}
+    elif intrinsics == "calibration":
+        root["calibration"] = {"reference_frame": "world", "cameras": {"front_1": {
+            "K": K34, "resolution": [W, H], "model": "pinhole", "rectified": True}}}
+    root = {k: v for k, v in {**root, **attrs}.items() if v is not None}
+    g = zarr.open_group(str(path), mode="w")
+    g.attrs.update(root)
+
+    def put(key, a, dtype="float64"):
+        a = np.concatenate([a[keep], np.zeros((pad,) + a.shape[1:], a.dtype)])  # (T + pad, ...)
+        g.create_array(key, shape=a.shape, dtype=dtype)[:] = a
+
+    arrays = {}
+    if head_pose:
+        arrays["obs_head_pose"] = _pose7(joints["camera"])
+    for s in C.HANDS:
+        arrays[f"{s}.obs_wrist_pose"] = _pose7(joints[f"{s}Hand"])
+        arrays[f"{s}.obs_keypoints"] = _keypoints21(joints, s, _MANO_21 if layout == "mano" else _ARIA_21)
+        if aria_keypoints:
+            arrays[f"{s}.obs_aria_keypoints"] = _keypoints21(joints, s, _ARIA_21)
+    for key, a in arrays.items():
+        put(key, a)
+    capture_ns = np.round(np.arange(n) * 1e9 / root.get("fps", 30)).astype(np.int64)  # jumps across a gap
+    put("obs_rgb_timestamps_ns", capture_ns, "int64")
+    jpegs = [_jpeg(render_frame(joints, i, K, size, color, marker_scale=marker_scale)) for i in keep]
+    images = g.create_array("images.front_1", shape=(T + pad,), dtype=zarr.dtype.VariableLengthBytes())
+    images[:] = np.array(jpegs + jpegs[-1:] * pad, dtype=object)
+    return {"path": str(path), "frames": T, "kept": keep, "pad": pad, "size": [H, W], "layout": layout,
+            "arrays": sorted(arrays) + ["obs_rgb_timestamps_ns", "images.front_1"], "attrs": root}
+
+
+def _write_video_pts(path, frames, pts, *, fps=30, crf=12, gop=30):
+    """data.write_video with explicit presentation timestamps (in frame periods): an unevenly timed MP4."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.height, s.width = frames[0].shape[:2]
+        s.pix_fmt, s.time_base = "yuv420p", Fraction(1, fps)
+        s.options = {"crf": str(crf), "preset": "veryfast", "g": str(gop)}
+        for img, t in zip(frames, pts):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            frame.pts, frame.time_base = int(t), Fraction(1, fps)
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+
+
+def _mark_missing(path, side, a, b, value):
+    """Overwrite one hand's pose and keypoint rows [a, b) of a written episode as converters mark a lost
+    hand: Mecka with all-zero rows (zero quaternion included), Aria with 1e9."""
+    g = _import_zarr().open_group(str(path), mode="r+")
+    for key in ("obs_wrist_pose", "obs_keypoints", "obs_aria_keypoints"):
+        if f"{side}.{key}" in g:
+            g[f"{side}.{key}"][a:b] = value
+
+
+def write_quirks(out, *, frames=48, size=(72, 128), seed=0):
+    """A small mixed root in which each episode carries ONE real-data quirk of DESIGN.md section 11
+    -> manifest {episode: {"kind", "path", "quirk", "seed" (synth_track(np.random.default_rng(seed), frames)
+    gives its motion), "frames", "size", "K" (the K its frames were rendered with), the quirk's parameters}}.
+    EgoDex in `out/{part1,extra,test}/quirky_task/<k>.{hdf5,mp4}`, EgoVerse flat in `out/<name>.zarr`.
+    Poses are frozen or hands missing on frames `rows` = [a, b) (ev_gap drops them), with a 13-frame clip
+    on each side; the frames always show the true motion."""
+    if frames < 39:
+        raise ValueError(f"write_quirks needs frames >= 39 (a 13-frame clip on each side of a gap), "
+                         f"got {frames}")
+    out, H = Path(out), size[0]
+    a, b = frames // 3, frames // 3 + 6
+    wide, aspect43 = (H, size[1]), (H, H * 4 // 3)
+    cameras = {"mecka": (wide, _scaled_K(data.VENDOR_K["mecka"][0], wide)),
+               "aria": (aspect43, _scaled_K(data.VENDOR_K["aria"][0], aspect43))}
+    manifest, color = {}, (90, 90, 90)
+
+    egodex = (  # episode, split, k, quirk
+        ("clean", "part1", 0, "none"), ("empty_k", "part1", 1, "empty_intrinsic"),
+        ("no_confidences", "part1", 2, "no_confidences"), ("low_confidence", "part1", 3, "tracking_loss"),
+        ("video_one_short", "part1", 4, "video_one_short"),
+        ("video_three_short", "part1", 5, "video_three_short"),
+        ("variable_rate", "part1", 6, "variable_frame_rate"), ("extra_clean", "extra", 0, "extra_split"),
+        ("test_clean", "test", 0, "none"))
+    K = _egodex_K(wide)
+    attrs = {"task": "quirky_task", "description": "quirky task", "llm_type": "", "which_llm_description": "",
+             "llm_description": "Pick up the cube and place it next to the bowl.", "llm_description2": ""}
+    for e, (name, split, k, quirk) in enumerate(tqdm(egodex, desc="quirks egodex")):
+        rng = np.random.default_rng([seed, e])
+        joints, _ = synth_track(rng, frames)
+        conf = {j: rng.uniform(0.6, 1.0, frames) for j in data.KEYPOINT_JOINTS}
+        video = [render_frame(joints, i, K, wide, color) for i in range(frames)]
+        d = out / split / "quirky_task"
+        d.mkdir(parents=True, exist_ok=True)
+        entry = {"kind": "egodex", "path": str(d / f"{k}.hdf5"), "quirk": quirk, "video": str(d / f"{k}.mp4"),
+                 "seed": [seed, e], "frames": frames, "size": list(wide), "K": K.tolist()}
+        poses, file_K, pts = joints, K, None
+        if name == "empty_k":
+            file_K = np.zeros((0, 3))
+            entry["intrinsic_shape"] = [0, 3]
+        elif name == "no_confidences":
+            conf = None
+        elif name == "low_confidence":  # tracking loss: hand poses frozen at frame a-1, then a jump at b
+            poses = {j: T.copy() for j, T in joints.items()}
+            for j, T in poses.items():
+                if j.startswith(("left", "right")):
+                    T[a:b] = T[a - 1]
+            for j in data.KEYPOINT_JOINTS:
+                conf[j][a:b] = 0.02
+            entry.update(rows=[a, b], confidence=0.02)
+        elif name.startswith("video_"):
+            video = video[:-1] if name == "video_one_short" else video[:-3]
+            entry["video_frames"] = len(video)
+        elif name == "variable_rate":  # a dropped frame period after frame 10: later frames come one late
+            pts = np.arange(frames) + (np.arange(frames) > 10)
+            entry.update(skip_after=10, pts=pts.tolist())
+        write_egodex_hdf5(d / f"{k}.hdf5", poses, file_K, attrs, conf)
+        if pts is None:
+            data.write_video(d / f"{k}.mp4", video)
+        else:
+            _write_video_pts(d / f"{k}.mp4", video, pts)
+        manifest[name] = entry
+
+    aria = {"embodiment": "aria_bimanual"}
+    # episode, quirk, camera (16:9 Mecka-like or 4:3 Aria), writer keywords, root attrs over ev_clean's
+    egoverse = (
+        ("ev_clean", "none", "mecka", {}, {}),
+        ("ev_mecka_zero", "zero_rows", "mecka", {}, {"embodiment": "mecka_bimanual"}),
+        ("ev_missing_1e9", "sentinel_1e9", "aria", {}, aria),
+        ("ev_legacy_aria", "legacy_aria_layout", "aria", {"layout": "aria"}, aria),
+        ("ev_legacy_aria_mano_twin", "aria_keypoints", "aria", {"aria_keypoints": True}, aria),
+        ("ev_gap", "dropped_frames", "aria", {"keep": np.r_[0:a, b:frames]}, aria),
+        ("ev_placeholder_prompt", "placeholder_prompt", "aria", {},
+         {**aria, "task_name": "fold_clothes", "task_description": "Aria recorded dataset."}),
+        ("ev_calibration", "calibration_intrinsics", "aria", {"intrinsics": "calibration"}, aria),
+        ("ev_no_intrinsics_aria", "no_intrinsics", "aria", {"intrinsics": None}, aria),
+        ("ev_no_head_pose", "no_head_pose", "mecka", {"head_pose": False}, {}))
+    missing = {"ev_mecka_zero": ("left", 0.0), "ev_missing_1e9": ("right", 1e9)}  # hand, row value
+    seeds = {}
+    for e, (name, quirk, camera, kw, extra) in enumerate(tqdm(egoverse, desc="quirks egoverse"), len(egodex)):
+        # the twin is the legacy episode's motion as a current converter writes it
+        seeds[name] = seeds["ev_legacy_aria"] if name == "ev_legacy_aria_mano_twin" else [seed, e]
+        joints, _ = synth_track(np.random.default_rng(seeds[name]), frames)
+        hw, ev_K = cameras[camera]
+        ev_attrs = {"task_name": "open_jar", "task_description": "Open the jar.",
+                    "embodiment": "human_bimanual", **extra}
+        info = write_egoverse_zarr(out / f"{name}.zarr", joints, ev_K, hw, attrs=ev_attrs, color=color, **kw)
+        entry = {"kind": "egoverse", "path": info["path"], "quirk": quirk, "seed": seeds[name],
+                 "frames": frames, "stored_frames": info["frames"], "pad": info["pad"], "size": list(hw),
+                 "K": ev_K.tolist()}
+        if name in missing:
+            side, value = missing[name]
+            _mark_missing(out / f"{name}.zarr", side, a, b, value)
+            entry.update(hand=side, rows=[a, b], value=value)
+        elif name == "ev_gap":
+            entry.update(dropped=[a, b], gap_at=a)
+        elif name == "ev_legacy_aria_mano_twin":
+            entry["twin_of"] = "ev_legacy_aria"
+        elif name == "ev_placeholder_prompt":
+            entry.update(task_name="fold_clothes", task_description="Aria recorded dataset.")
+        manifest[name] = entry
+    return manifest
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write a small synthetic dataset in the EgoDex format.")
+    p = argparse.ArgumentParser(description="Write a small synthetic dataset in the EgoDex format, or with "
+                                            "--quirks a root of every real-data quirk (DESIGN.md 11).")
     p.add_argument("--out", required=True, help="output root")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     p.add_argument("--tasks", type=int, default=4, help=f"number of tasks (at most {len(SYNTH_TASKS)})")
     p.add_argument("--episodes", type=int, default=3, help="training episodes per task (split part1)")
     p.add_argument("--test-episodes", type=int, default=1, help="test episodes per task (split test)")
-    p.add_argument("--frames", type=int, default=90, help="frames per episode (30 fps)")
-    p.add_argument("--height", type=int, default=180, help="native frame height")
-    p.add_argument("--width", type=int, default=320, help="native frame width")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames per episode (30 fps; 90, with --quirks 48)")
+    p.add_argument("--height", type=int, default=None, help="native frame height (180, with --quirks 72)")
+    p.add_argument("--width", type=int, default=None,
+                   help="native frame width (320, with --quirks 128; its 4:3 Aria-like ones: 4/3 * height)")
     p.add_argument("--workers", type=int, default=2, help="processes rendering episodes (0: in-process)")
     p.add_argument("--zoom", type=float, default=1.0, help="focal length / EgoDex's (> 1: larger hands)")
     p.add_argument("--marker-scale", type=float, default=1.0, help="keypoint marker radius / the default's")
+    p.add_argument("--quirks", action="store_true",
+                   help="instead write one small mixed root (EgoDex part1/extra/test + flat EgoVerse "
+                        "*.zarr, needs zarr>=3) where each episode carries one real-data quirk of DESIGN.md "
+                        "section 11: empty K, low or no confidences, short or unevenly timed videos, zero or "
+                        "1e9 missing hands, legacy Aria keypoints, time gaps, placeholder prompt, "
+                        "calibration or no intrinsics, no head pose; prints its manifest (--tasks, "
+                        "--episodes, --workers, --zoom and --marker-scale do not apply)")
     args = p.parse_args(argv)
     if args.zoom <= 0 or args.marker_scale <= 0:
         p.error("--zoom and --marker-scale must be positive (1: EgoDex's view and markers)")
     t0 = time.time()
+    if args.quirks:
+        if args.frames is not None and args.frames < 39:
+            p.error("--quirks needs --frames >= 39 (a 13-frame clip on each side of every gap)")
+        size = (args.height or 72, args.width or 128)
+        manifest = write_quirks(args.out, frames=args.frames or 48, size=size, seed=args.seed)
+        kinds = [e["kind"] for e in manifest.values()]
+        print(f"wrote {len(manifest)} quirky episodes ({kinds.count('egodex')} EgoDex, "
+              f"{kinds.count('egoverse')} EgoVerse) to {args.out} in {time.time() - t0:.1f} s")
+        print(f"{'episode':<26} {'kind':<9} quirk")
+        for name, e in manifest.items():
+            print(f"{name:<26} {e['kind']:<9} {e['quirk']}")
+        return
     write_synthetic(args.out, tasks=args.tasks, episodes=args.episodes, test_episodes=args.test_episodes,
-                    frames=args.frames, size=(args.height, args.width), seed=args.seed, workers=args.workers,
-                    zoom=args.zoom, marker_scale=args.marker_scale)
+                    frames=args.frames or 90, size=(args.height or 180, args.width or 320), seed=args.seed,
+                    workers=args.workers, zoom=args.zoom, marker_scale=args.marker_scale)
     print(f"wrote a synthetic EgoDex-format dataset to {args.out} in {time.time() - t0:.1f} s")
 
 

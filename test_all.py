@@ -22,6 +22,7 @@ just above it. Then one class per concept, in the README's reading order:
     TestTokenizer     the Wan2.1 VAE against diffusers, its layouts, chunking and tiling; the pixel tokenizer
     TestSemantic      DINOv3 against transformers, Reason1 text embeddings and their cache, projector, DiT branch
     TestData          the 57-D action, EgoDex/EgoVerse readers, corrupt episodes, clips, sampler, stats, latent cache
+    TestRealData      every quirk of the real datasets, one file each; the EgoVerse split; a run on a quirky root
     TestSynthetic     the synthetic dataset's writer and renderer, and the colour-marker detector
     TestTrain         train.py runs: outputs, exact resume (also 2 torchrun ranks -> 1), SIGTERM, --init, bad flags
     TestSample        rollouts from an export: seeds and batching, the sample command, DexAC-only exports, DINOv3
@@ -48,6 +49,7 @@ import sys
 import time
 import tokenize
 import types
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -1870,9 +1872,6 @@ def _corrupt(root, case):
             f["transforms/rightHand"] = short
     elif case == "truncated_hdf5":
         h5.write_bytes(h5.read_bytes()[:1500])
-    elif case == "nan_pose":
-        with h5py.File(h5, "a") as f:
-            f["transforms/camera"][7, 0, 3] = np.nan
     elif case == "short_video":
         frames, _ = data.decode_frames(mp4, 0, 20)
         data.write_video(mp4, frames)
@@ -1884,12 +1883,12 @@ def _corrupt(root, case):
 
 CORRUPTIONS = {"missing_joint": "missing pose dataset transforms/leftIndexFingerTip",
                "truncated_dataset": "frame-count mismatch", "truncated_hdf5": "corrupt",
-               "nan_pose": "NaN/inf in transforms/camera", "short_video": "video has 20 frames but poses have 40",
+               "short_video": "video has 20 frames but poses have 40",
                "unreadable_video": "unreadable video", "missing_video": "missing video"}
 # ^ each way _corrupt breaks an episode -> the reason the index gives for skipping it
 
 CORRUPT_LOAD_ERRORS = {"missing_joint": "missing pose dataset", "truncated_dataset": "frame-count mismatch",
-                       "truncated_hdf5": "corrupt", "nan_pose": "NaN/inf", "short_video": "video ended after 20 frames",
+                       "truncated_hdf5": "corrupt", "short_video": "video ended after 20 frames",
                        "unreadable_video": "unreadable video", "missing_video": "missing video"}
 # ^ ... and the error that loading a clip of it raises
 
@@ -2112,7 +2111,7 @@ class TestData:
 
     def test_prompt_rule_read_from_synthetic_files(self, synth_root):
         episodes, _ = data.load_index(synth_root)
-        prompts = {e.id.split("/")[1]: data.read_track(e)[2] for e in episodes}
+        prompts = {e.id.split("/")[1]: data.read_track(e).prompt for e in episodes}
         assert prompts["pick_place_cube"] == synthetic.SYNTH_TASKS[0][3]
         assert prompts["open_jar"] == "Open the jar by twisting its lid."  # reversible, which '1'
 
@@ -2168,9 +2167,9 @@ class TestData:
 
     def test_stats_skip_an_episode_that_broke_after_indexing(self, corrupt_root):
         """A stale index: the stats pass itself skips the episode, with the reason."""
-        stale = data.Episode("part1/stale/0", str(corrupt_root / "part1" / "nan_pose" / "0.hdf5"), 40, "egodex")
+        stale = data.Episode("part1/stale/0", str(corrupt_root / "part1" / "missing_joint" / "0.hdf5"), 40, "egodex")
         eid, moments, reason = data._episode_moments(stale)
-        assert moments is None and "NaN" in reason
+        assert moments is None and "missing pose dataset" in reason
 
     def test_failure_at_load_time_is_replaced_and_counted(self, tmp_path, caplog):
         root = tmp_path / "root"
@@ -2192,7 +2191,7 @@ class TestData:
             del f["camera/intrinsic"]
             f["camera/intrinsic"] = stored
         ep = data.load_index(tmp_path)[0][0]
-        np.testing.assert_array_equal(data.read_track(ep)[1], data.EGODEX_K)
+        np.testing.assert_array_equal(data.read_track(ep).K, data.EGODEX_K)
         clip = data.load_clip(ep, 0, 13, (72, 128))
         want = data.scale_intrinsics(data.EGODEX_K, (180, 320), (72, 128))
         np.testing.assert_allclose(clip["intrinsics"].numpy(), want, rtol=1e-6)
@@ -2377,7 +2376,7 @@ class TestData:
         stats = json.loads(synth_stats.read_text())
         assert stats["layout"] == conditioning.action_layout()
         episodes, _ = data.load_index(synth_root, ("part1",))
-        a = np.concatenate([conditioning.compute_actions(data.read_track(e)[0]).astype(np.float64) for e in episodes])
+        a = np.concatenate([conditioning.compute_actions(data.read_track(e).track).astype(np.float64) for e in episodes])
         assert stats["count"] == len(a) == sum(e.frames - 1 for e in episodes)
         np.testing.assert_allclose(stats["mean"], a.mean(0), rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(stats["std"], a.std(0), rtol=1e-7, atol=1e-12)
@@ -2406,7 +2405,7 @@ class TestData:
     def test_egoverse_episode_is_indexed(self, egoverse_root):
         root, n, _ = egoverse_root
         episodes, _ = data.load_index(root)
-        assert [(e.id, e.frames, e.kind) for e in episodes] == [("egoverse/abc123", n, "egoverse")]
+        assert [(e.id, e.frames, e.kind) for e in episodes] == [(f"{data.egoverse_split('abc123')}/abc123", n, "egoverse")]
 
     @pytest.mark.filterwarnings("ignore::FutureWarning")
     def test_egoverse_reader_gives_the_same_actions(self, egoverse_root):
@@ -2435,26 +2434,26 @@ class TestData:
         shutil.copytree(egoverse_root[0], root)
         episodes, _ = data.load_index(root)
         zarr.open_group(str(root / "abc123.zarr"), mode="r+")["left.obs_keypoints"][5, 0] = 1e9  # a missing value
-        with pytest.raises(data.EpisodeError, match="missing"):
-            data.load_clip(episodes[0], 0, 13)
+        with pytest.raises(data.EpisodeError, match=r"frames \[0, 13\) are not all usable: the file changed"):
+            data.load_clip(episodes[0], 0, 13)  # the index said usable: refused, never read as data
 
     @pytest.mark.parametrize("key", ["left.obs_wrist_pose", "right.obs_keypoints"])
     def test_egoverse_all_zero_rows_are_missing_and_the_statistics_stay_finite(self, egoverse_root, tmp_path, key):
-        """Mecka writes a missing hand as an all-zero row: that episode is skipped with the reason (a zero
-        quaternion would normalize to NaN), and the statistics equal those of the clean episode alone."""
+        """Mecka writes a missing hand as an all-zero row: that frame is invalid (a zero quaternion would
+        normalize to NaN), the episode splits around it, and the statistics are finite and equal those of the
+        valid transitions alone."""
         zarr = pytest.importorskip("zarr")
-        root = tmp_path / "eps"
-        shutil.copytree(egoverse_root[0], root)
-        shutil.copytree(root / "abc123.zarr", root / "mecka0.zarr")
+        root, n, track = tmp_path / "eps", egoverse_root[1], egoverse_root[2]
+        shutil.copytree(egoverse_root[0] / "abc123.zarr", root / "mecka0.zarr")
         zarr.open_group(str(root / "mecka0.zarr"), mode="r+")[key][6] = 0.0
         episodes, skipped = data.load_index(root)
-        assert [e.id for e in episodes] == ["egoverse/abc123"]
-        assert f"{key} has all-zero (missing) rows, first at frame 6" in skipped["egoverse/mecka0"]
-        clean_root = tmp_path / "clean"
-        shutil.copytree(egoverse_root[0], clean_root)
-        stats, clean = (data.compute_stats(r, ("egoverse",)) for r in (root, clean_root))
-        assert np.isfinite(stats["mean"]).all() and np.isfinite(stats["std"]).all()
-        assert stats["mean"] == clean["mean"] and stats["std"] == clean["std"] and stats["count"] == 15
+        assert [(e.start, e.frames) for e in episodes] == [(0, 6), (7, n - 7)] and not skipped
+        stats = data.compute_stats(root, (data.egoverse_split("mecka0"),))
+        want = np.concatenate([conditioning.compute_actions({k: v[a:b] for k, v in track.items()})
+                               for a, b in ((0, 6), (7, n))]).astype(np.float64)
+        assert np.isfinite(stats["mean"]).all() and np.isfinite(stats["std"]).all() and stats["count"] == n - 3
+        np.testing.assert_allclose(stats["mean"], want.mean(0), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(stats["std"], want.std(0), rtol=1e-4, atol=1e-7)
 
     def test_latent_cache_shards_across_ranks_and_equals_raw_clips(self, cache_source, tmp_path):
         mine = cache_on_two_ranks(cache_source, tmp_path / "cache")
@@ -2497,6 +2496,244 @@ class TestData:
 
 
 # =====================================================================================================================
+# real datasets as they are: a root where each episode carries one quirk of DESIGN.md section 11
+
+@pytest.fixture(scope="module")
+def quirks(tmp_path_factory):
+    """synthetic.write_quirks's root (48-frame episodes, holes at frames [16, 22)), indexed once
+    -> (root, manifest, {episode name: its usable runs}, skipped {name: reason})."""
+    pytest.importorskip("zarr")
+    root = tmp_path_factory.mktemp("quirks") / "q"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr: variable-length bytes have no stable v3 spec yet
+        manifest = synthetic.write_quirks(root, frames=48, size=(72, 128))
+    episodes, skipped = data.load_index(root)
+    runs = {}
+    for e in episodes:
+        runs.setdefault(e.id, []).append(e)
+    return root, manifest, runs, skipped
+
+
+def quirk_id(quirks, name):
+    """The episode id of one episode of the quirks root, by its manifest name."""
+    root, manifest = quirks[:2]
+    path = Path(manifest[name]["path"])
+    if manifest[name]["kind"] == "egodex":
+        return str(path.relative_to(root).with_suffix(""))
+    return f"{data.egoverse_split(path.stem)}/{path.stem}"
+
+
+def quirk_runs(quirks, name):
+    """The usable runs (Episodes) of one episode of the quirks root, by its manifest name."""
+    return quirks[2].get(quirk_id(quirks, name), [])
+
+
+def valid_actions(track, spans):
+    """The 57-D actions of the transitions inside the frame spans [(a, b)], float64, concatenated."""
+    return np.concatenate([conditioning.compute_actions({k: v[a:b] for k, v in track.items()})
+                           for a, b in spans]).astype(np.float64)
+
+
+class TestRealData:
+    """Every quirk the real EgoDex and EgoVerse files carry (DESIGN.md section 11), each on a file that has exactly
+    that quirk: read correctly (the specific right behaviour), never a crash, never NaN, never a silent change
+    of meaning; the EgoVerse split; the index's quirk table; a short training run on the mixed quirky root."""
+
+    def test_empty_intrinsic_uses_the_egodex_constant(self, quirks):
+        ep = quirk_runs(quirks, "empty_k")[0]
+        r = data.read_track(ep)
+        np.testing.assert_array_equal(r.K, data.EGODEX_K)
+        assert r.quirks["empty K"] == 1 and r.valid.all()
+
+    def test_tracking_loss_frames_are_invalid_and_the_statistics_ignore_them(self, quirks, tmp_path):
+        """Low confidence over frozen hand poses: those frames split the episode, and the statistics equal
+        those of the valid transitions alone (the frozen stretch and the jump back would inflate the std)."""
+        root, manifest, _, _ = quirks
+        a, b = manifest["low_confidence"]["rows"]
+        runs = quirk_runs(quirks, "low_confidence")
+        assert [(e.start, e.start + e.frames) for e in runs] == [(0, a), (b, 48)]
+        one = tmp_path / "one"
+        shutil.copytree(Path(manifest["low_confidence"]["path"]).parent, one / "part1" / "quirky_task",
+                        ignore=lambda d, names: [n for n in names if not n.startswith("3.")])
+        stats = data.compute_stats(one, ("part1",))
+        with h5py.File(manifest["low_confidence"]["path"]) as f:
+            track = data._track_from_joints({k: f[f"transforms/{k}"][:].astype(np.float64) for k in data.POSE_JOINTS})
+        want = valid_actions(track, [(0, a), (b, 48)])
+        assert stats["count"] == len(want) == (a - 1) + (48 - b - 1)
+        np.testing.assert_allclose(stats["mean"], want.mean(0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(stats["std"], want.std(0), rtol=1e-5, atol=1e-9)
+        everything = valid_actions(track, [(0, 48)])
+        fingers = list(conditioning.FINGER_IDX)
+        assert everything[:, fingers].std(0).mean() > 1.2 * want[:, fingers].std(0).mean()  # what it would be
+
+    def test_no_confidences_group_trusts_every_frame(self, quirks):
+        runs = quirk_runs(quirks, "no_confidences")
+        assert [(e.start, e.frames) for e in runs] == [(0, 48)]
+        assert data.read_track(runs[0]).quirks["no confidences"] == 1
+
+    def test_video_one_frame_short_keeps_the_frames_both_have(self, quirks):
+        (ep,) = quirk_runs(quirks, "video_one_short")
+        assert (ep.start, ep.frames) == (0, 47)
+        clip = data.load_clip(ep, 47 - 13, 13, (72, 128))
+        assert clip["video"].shape[1] == 13 and clip["actions"].shape == (12, 57) and clip["start"] == 34
+
+    @pytest.mark.parametrize("name,reason", [("video_three_short", "video has 45 frames but poses have 48"),
+                                             ("variable_rate", "variable frame rate video"),
+                                             ("ev_no_head_pose", "no obs_head_pose")])
+    def test_unusable_episodes_are_skipped_with_their_reason(self, quirks, name, reason):
+        assert not quirk_runs(quirks, name) and reason in quirks[3][quirk_id(quirks, name)]
+
+    def test_variable_rate_video_would_shift_every_later_frame(self, quirks):
+        """Why that video is refused: decoding by pts * fps finds its frame 11 missing."""
+        mp4 = quirks[1]["variable_rate"]["video"]
+        with pytest.raises(data.EpisodeError, match="frame 11 missing"):
+            data.decode_frames(mp4, 5, 13)
+
+    @pytest.mark.parametrize("name,hand", [("ev_mecka_zero", "left"), ("ev_missing_1e9", "right")])
+    def test_missing_hand_rows_are_invalid_frames_and_statistics_stay_finite(self, quirks, name, hand, tmp_path):
+        """Mecka's all-zero rows (a zero quaternion) and Aria's 1e9: those frames are invalid, the rest is kept,
+        and the statistics are finite and equal those of the valid transitions alone."""
+        root, manifest, _, _ = quirks
+        a, b = manifest[name]["rows"]
+        runs = quirk_runs(quirks, name)
+        assert [(e.start, e.start + e.frames) for e in runs] == [(0, a), (b, 48)]
+        one = tmp_path / "one"
+        shutil.copytree(manifest[name]["path"], one / f"{name}.zarr")
+        stats = data.compute_stats(one, ("train", "test"))
+        _, track = synthetic.synth_track(np.random.default_rng(manifest[name]["seed"]), 48)
+        want = valid_actions(track, [(0, a), (b, 48)])
+        assert np.isfinite(stats["mean"]).all() and np.isfinite(stats["std"]).all()
+        assert stats["count"] == len(want)
+        np.testing.assert_allclose(stats["mean"], want.mean(0), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(stats["std"], want.std(0), rtol=1e-4, atol=1e-7)
+        key = "zero-row frames" if name == "ev_mecka_zero" else "missing (1e9) frames"
+        assert data.read_egoverse(manifest[name]["path"]).quirks[key] == b - a
+
+    def test_legacy_aria_layout_gives_the_fingertips_of_the_mano_layout(self, quirks):
+        _, manifest, _, _ = quirks
+        legacy = data.read_egoverse(manifest["ev_legacy_aria"]["path"])
+        twin = data.read_egoverse(manifest["ev_legacy_aria_mano_twin"]["path"])
+        assert legacy.quirks["legacy Aria layout"] == 1 and twin.quirks["legacy Aria layout"] == 0
+        for s in conditioning.HANDS:
+            np.testing.assert_allclose(legacy.track[f"{s}_tips"], twin.track[f"{s}_tips"], atol=1e-12)
+            _, track = synthetic.synth_track(np.random.default_rng(manifest["ev_legacy_aria"]["seed"]), 48)
+            np.testing.assert_allclose(legacy.track[f"{s}_tips"], track[f"{s}_tips"], atol=1e-9)
+        raw = np.asarray(data._zarr_array(data._zarr_group(manifest["ev_legacy_aria"]["path"], "x"),
+                                          "left.obs_keypoints", "x")[:48]).reshape(48, 21, 3)
+        assert np.abs(raw[:, list(data.MANO_TIPS)] - legacy.track["left_tips"]).max() > 0.01  # unmapped: wrong
+
+    def test_time_gap_splits_the_episode(self, quirks):
+        _, manifest, _, _ = quirks
+        gap = manifest["ev_gap"]["gap_at"]
+        runs = quirk_runs(quirks, "ev_gap")
+        stored = manifest["ev_gap"]["stored_frames"]
+        assert [(e.start, e.start + e.frames) for e in runs] == [(0, gap), (gap, stored)]
+        r = data.read_egoverse(manifest["ev_gap"]["path"])
+        assert r.quirks["time gaps"] == 1 and r.cut.nonzero()[0].tolist() == [gap]
+        with pytest.raises(data.EpisodeError, match="not all usable"):  # a clip across the gap is refused
+            data.load_clip(runs[0]._replace(frames=stored), gap - 5, 13)
+
+    def test_placeholder_prompt_falls_back_to_the_task_name(self, quirks):
+        (ep, *_) = quirk_runs(quirks, "ev_placeholder_prompt")
+        r = data.read_track(ep)
+        assert r.prompt == "fold clothes" and r.quirks["placeholder prompt"] == 1
+        assert data.read_track(quirk_runs(quirks, "ev_clean")[0]).prompt == "Open the jar."
+
+    @pytest.mark.parametrize("name,source,tol", [("ev_calibration", "calibration K", 1e-4),
+                                                 ("ev_no_intrinsics_aria", "vendor K", 0.5), ("ev_clean", None, 1e-4)])
+    def test_egoverse_intrinsics_project_where_the_frames_were_drawn(self, quirks, name, source, tol):
+        """The calibration block, `intrinsics`, or Aria's 640x480 constant scaled to the 72x96 frames: the
+        keypoints project where the writer drew them (its own K; the vendor constant's principal point differs
+        by under half a pixel, pixel centres at integers vs W / 2). Letterboxed, they move with the frame."""
+        _, manifest, _, _ = quirks
+        (ep, *_) = quirk_runs(quirks, name)
+        r = data.read_track(ep)
+        assert (r.quirks[source] == 1) if source else not {"calibration K", "vendor K"} & set(r.quirks)
+        native = data.load_clip(ep, 0, 13, size=None)
+        want, _ = data.project_keypoints(r.track, manifest[name]["K"])
+        np.testing.assert_allclose(native["keypoints"].numpy(), want[:13], atol=tol)
+        assert native["keypoint_valid"].float().mean() > 0.8
+        H, W = manifest[name]["size"]
+        boxed = data.load_clip(ep, 0, 13, (144, 256))
+        s = min(144 / H, 256 / W)
+        pad = (np.array([256, 144]) - np.array([W, H]) * s) / 2
+        np.testing.assert_allclose(boxed["keypoints"].numpy(), (native["keypoints"].numpy() + 0.5) * s - 0.5 + pad,
+                                   atol=1e-3)
+
+    def test_four_by_three_frames_are_letterboxed_not_cropped(self, quirks):
+        (ep, *_) = quirk_runs(quirks, "ev_calibration")
+        s = data.load_clip(ep, 0, 13, (144, 256))
+        v = s["video"].numpy()  # (3, T, 144, 256): a 72x96 source fits as 144x192, 32 black columns each side
+        assert v[..., :32].max() == 0 and v[..., -32:].max() == 0 and v[..., 32:224].min(-1).max() > 0
+        assert data.content_box((72, 96), (144, 256)) == (32, 0, 224, 144)
+        assert data.content_box((180, 320), (144, 256)) == (0, 0, 256, 144)  # 16:9: cropped (nothing lost)
+        uv = s["keypoints"].numpy()
+        outside = (uv[..., 0] < 31.5) | (uv[..., 0] >= 223.5)
+        assert not (s["keypoint_valid"].numpy() & outside).any()  # a point in the bars is not counted
+
+    def test_extra_is_left_out_of_training_unless_named(self, quirks):
+        root = quirks[0]
+        train_ids = {e.id for e in data.load_index(root, data.TRAIN_SPLITS)[0]}
+        assert not any(i.startswith("extra/") for i in train_ids) and any(i.startswith("part1/") for i in train_ids)
+        assert any(e.id.startswith("extra/") for e in data.load_index(root, data.TRAIN_SPLITS + ("extra",))[0])
+
+    def test_egoverse_split_is_deterministic_disjoint_and_stable(self, quirks, tmp_path):
+        names = [f"2025-{i:06d}" for i in range(4000)]
+        split = [data.egoverse_split(n, 0.1) for n in names]
+        assert split == [data.egoverse_split(n, 0.1) for n in names]
+        assert 0.08 < split.count("test") / len(names) < 0.12
+        assert all(s == "test" for n, s in zip(names, split) if data.egoverse_split(n, 0.05) == "test")  # nested
+        src = Path(quirks[1]["ev_clean"]["path"])
+        root = tmp_path / "flat"
+        for n in names[:12]:
+            shutil.copytree(src, root / f"{n}.zarr")
+        before = {e.id for e in data.load_index(root, test_fraction=0.3)[0]}
+        for n in names[12:20]:  # new episodes arrive
+            shutil.copytree(src, root / f"{n}.zarr")
+        after = {e.id for e in data.load_index(root, test_fraction=0.3)[0]}
+        assert before <= after and len(after) == 20
+        train, test = ({i.split("/")[1] for i in after if i.startswith(s)} for s in ("train/", "test/"))
+        assert train and test and not train & test and train | test == set(names[:20])
+        assert {e.split for e in data.load_index(root, ("test",), test_fraction=0.3)[0]} == {"test"}
+
+    def test_camera_convention_guard_warns_when_wrists_are_behind_the_camera(self, tmp_path, caplog):
+        h5, joints, K = one_episode(tmp_path / "ok", frames=16)
+        with caplog.at_level(logging.WARNING, logger="dexac.data"):
+            data.load_index(tmp_path / "ok")
+        assert "in front of the camera" not in caplog.text
+        h5, joints, K = one_episode(tmp_path / "flipped", frames=16)
+        with h5py.File(h5, "a") as f:  # an OpenGL camera (z backward): rotate the camera frame about x
+            f["transforms/camera"][...] = f["transforms/camera"][:] @ np.diag([1, -1, -1, 1]).astype(np.float32)
+        with caplog.at_level(logging.WARNING, logger="dexac.data"):
+            data.load_index(tmp_path / "flipped")
+        assert "0% of the wrist points" in caplog.text and "OpenCV axes" in caplog.text
+
+    def test_index_command_prints_every_quirk(self, quirks, capsys):
+        root, manifest, _, _ = quirks
+        data.main(["index", "--data", str(root), "--workers", "0"])
+        out = capsys.readouterr().out
+        counts = {"empty K": 1, "no confidences": 1, "low-confidence frames": 6, "video one frame short": 1,
+                  "missing (1e9) frames": 6, "zero-row frames": 6, "legacy Aria layout": 1, "time gaps": 1,
+                  "placeholder prompt": 1, "calibration K": 1, "vendor K": 1, "4:3 frames": 7}
+        for quirk, n in counts.items():
+            assert re.search(rf"^ +{n}  {re.escape(quirk)}: ", out, re.M), (quirk, out)
+        assert re.search(r"^skipped episodes: 3$", out, re.M)
+        assert re.search(r"^egodex +part1 +5 +240 +233 ", out, re.M)  # 2 skipped; 6 + 1 frames not usable
+        for reason in ("variable frame rate video", "video has 45 frames but poses have 48", "no obs_head_pose"):
+            assert reason in out
+
+    @pytest.mark.slow
+    def test_training_on_the_mixed_quirky_root_has_finite_loss(self, quirks, tmp_path):
+        root = tmp_path / "q"
+        shutil.copytree(quirks[0], root)
+        run_train(["--data", root, "--steps", "4", "--batch-size", "2", "--micro-batch", "2", "--ckpt-every", "100",
+                   "--out", tmp_path / "runs", "--splits", "part1,train,test"])
+        losses = run_losses(only_run(tmp_path / "runs"))
+        assert len(losses) == 4 and np.isfinite(losses).all()
+        stats = json.loads((root / "stats.json").read_text())
+        assert np.isfinite(stats["std"]).all() and stats["count"] > 0
+
+
 # the synthetic dataset: its EgoDex writer, its renderer and the colour-marker detector
 
 class TestSynthetic:
@@ -2505,8 +2742,10 @@ class TestSynthetic:
 
     def test_egodex_writer_round_trips_through_the_reader(self, tmp_path):
         h5, joints, K = one_episode(tmp_path, frames=16)
-        track, K_read, prompt, conf, n = data.read_egodex(h5)
-        assert n == 16 and prompt == "Do the thing."
+        r = data.read_egodex(h5)
+        track, K_read = r.track, r.K
+        assert r.frames == 16 and r.prompt == "Do the thing." and r.valid.all()
+        assert r.quirks == {"no confidences": 1}  # one_episode writes none
         np.testing.assert_array_equal(K_read, K.astype(np.float32))
         with h5py.File(h5) as f:
             for name in data.POSE_JOINTS:
@@ -2558,7 +2797,8 @@ class TestSynthetic:
     def test_synthetic_fingertips_move_several_pixels(self, synth_root):
         """...yet many pixels in the image: fingertips move in the wrist frame by several pixels."""
         ep = data.load_index(synth_root, ("part1",))[0][0]
-        track, K, _, _, n = data.read_track(ep)
+        r = data.read_track(ep)
+        track, K = r.track, r.K
         local = conditioning.to_frame(track["right_wrist"], track["right_tips"])  # (T, 5, 3)
         depth = conditioning.to_frame(track["camera"], track["right_tips"])[..., 2].mean()
         excursion_px = (local.max(0) - local.min(0)).max(-1).mean() * K[0, 0] / depth * 512 / 320

@@ -100,10 +100,13 @@ class TrainConfig:
     text_cache: str = opt("", "directory of cached Cosmos-Reason1 prompt embeddings (text reason1)")
     text_tokens: int = opt(16, "text context length (512 for the released model)")
     dino: str = opt("", "DINOv3 weights for --semantic: a Hub repo or a local file")
+    test_fraction: float = opt(data.EGOVERSE_TEST_FRACTION, "EgoVerse episodes outside train/ and test/ folders: "
+                               "the fraction hashed into `test` (by the SHA-256 of each name)")  # above `data`: it shadows the module
     data: str = opt("data/synthetic", "EgoDex / EgoVerse root, or a latent cache directory (`python data.py "
                     "cache`)")
-    splits: str = opt("", "training splits, comma-separated (default: EgoDex's part1-part5; its `extra`, "
-                      "collected after the splits were frozen, only when named: part1,...,part5,extra)")
+    splits: str = opt("", "training splits, comma-separated (default: EgoDex's part1-part5 and EgoVerse's train; "
+                      "EgoDex's `extra`, collected after the splits were frozen, only when named: "
+                      "part1,...,part5,extra)")
     stats: str = opt("", "action statistics file (default: DATA/stats.json)")
     synthetic: bool = opt(True, "write the synthetic dataset and its statistics to DATA when they are absent")
     height: int = opt(64, "frame height in pixels (a multiple of 16)")
@@ -332,7 +335,8 @@ def prepare_data(cfg, rank):
             print(f"writing the synthetic dataset to {root}")
             synthetic.write_synthetic(root)
         if cfg.synthetic and not stats.exists():
-            hub.atomic_write(stats, json.dumps(data.compute_stats(root), indent=1))
+            hub.atomic_write(stats, json.dumps(data.compute_stats(
+                root, data.split_names(cfg.splits) or data.TRAIN_SPLITS, test_fraction=cfg.test_fraction), indent=1))
             print(f"wrote action statistics to {stats}")
         if (root / data.CACHE_MANIFEST).is_file():
             m = json.loads((root / data.CACHE_MANIFEST).read_text())
@@ -344,7 +348,7 @@ def prepare_data(cfg, rank):
                 raise ConfigError(f"the latent cache {root} holds {m['tokenizer']} latents of {m['clip_len']}-"
                                   f"frame clips at {m['size']}: set --tokenizer, --frames, --height, --width")
         else:
-            data.load_index(root)  # ranks > 0 then read the cached index
+            data.load_index(root, test_fraction=cfg.test_fraction)  # ranks > 0 then read the cached index
         data.load_stats(stats)  # a missing file or another layout: one clear error
     rank0_first(rank, on_rank0)
     return stats
@@ -363,7 +367,7 @@ class Stream:
         self.loader, self.sampler = data.make_loader(
             cfg.data, cfg.micro_batch, clip_len=cfg.frames, size=(cfg.height, cfg.width),
             num_workers=cfg.workers, seed=cfg.seed, rank=rank, world_size=world,
-            splits=tuple(cfg.splits.split(",")) if cfg.splits else None,
+            splits=data.split_names(cfg.splits), test_fraction=cfg.test_fraction,
             worker_init_fn=ignore_signals if cfg.workers else None)
         self.taken, self.iterator, self.skipped, self.say = 0, None, 0, tqdm.write if rank == 0 else None
 
@@ -554,9 +558,10 @@ def preview_clip(cfg):
         return {k: v[None] for k, v in sample.items() if k in ("latents", "actions", "dino")} | \
             {"prompt": [sample["prompt"]]}
     try:
-        episodes, _ = data.load_index(cfg.data, data.EVAL_SPLITS)
+        episodes, _ = data.load_index(cfg.data, data.EVAL_SPLITS, test_fraction=cfg.test_fraction)
     except data.DataError:
-        episodes, _ = data.load_index(cfg.data, data.TRAIN_SPLITS)
+        episodes, _ = data.load_index(cfg.data, data.split_names(cfg.splits) or data.TRAIN_SPLITS,
+                                      test_fraction=cfg.test_fraction)
     sample = data.ClipDataset(episodes, cfg.frames, (cfg.height, cfg.width))[(0, 0)]
     return {"video": sample["video"][None], "actions": sample["actions"][None], "prompt": [sample["prompt"]]}
 
