@@ -130,7 +130,7 @@ QUIRKS = {  # name: what it means (the index counts them; `python data.py index`
     "missing (1e9) frames": "EgoVerse frames with a missing (1e9 or NaN) value: not used",
     "zero-row frames": "EgoVerse frames with an all-zero pose or keypoint row (Mecka's missing hand): not used",
     "legacy Aria layout": "EgoVerse episodes with raw Aria keypoints in obs_keypoints: fingertips remapped",
-    "time gaps": "EgoVerse gaps > 1.5 frame periods (frames dropped by old converters): the episode is split there",
+    "time gaps": "EgoVerse gaps > 1.5 frame periods (frames dropped by old converters): episodes split there",
     "placeholder prompt": "EgoVerse task_description empty or a placeholder: task_name is the prompt",
     "calibration K": "EgoVerse intrinsics from calibration.cameras.front_1 (schema v3.1)",
     "vendor K": "EgoVerse episodes without intrinsics: the vendor's constant camera",
@@ -277,9 +277,9 @@ def video_frame_count(path, episode=None):
             n = s.frames or int(round(duration * float(s.average_rate)))
             nominal = s.base_rate or s.guessed_rate
             if nominal and s.average_rate and abs(float(s.average_rate) / float(nominal) - 1) > 1e-3:
-                raise EpisodeError(episode or path, f"variable frame rate video (mean {float(s.average_rate):.3f} "
-                                                    f"fps, nominal {float(nominal):.3f}): its frames cannot be "
-                                                    f"paired with pose rows by index")
+                raise EpisodeError(episode or path, f"variable frame rate video (mean {float(s.average_rate):.3f}"
+                                                    f" fps, nominal {float(nominal):.3f}): its frames cannot "
+                                                    f"be paired with pose rows by index")
             return n
     except (av.FFmpegError, OSError, IndexError, TypeError) as e:
         raise EpisodeError(episode or path, f"unreadable video ({e})") from None
@@ -492,8 +492,8 @@ def read_egoverse(path, start=0, stop=None, episode=None):
     for s in C.HANDS:
         track[f"{s}_tips"] = track[f"{s}_tips"][:, ARIA_TIPS if legacy else MANO_TIPS]
     valid = ~(missing | zero)
-    quirks = Counter({"missing (1e9) frames": int(missing.sum()), "zero-row frames": int((zero & ~missing).sum()),
-                      "legacy Aria layout": int(legacy)})
+    quirks = Counter({"missing (1e9) frames": int(missing.sum()), "legacy Aria layout": int(legacy),
+                      "zero-row frames": int((zero & ~missing).sum())})
     cut = np.zeros(stop - start, bool)
     stamps = _zarr_array(g, "obs_rgb_timestamps_ns", episode, required=False)
     if stamps is not None and stop - start > 1:
@@ -748,9 +748,9 @@ def load_index(root, splits=None, workers=0, rebuild=False, cache=None, test_fra
                         for name, reason in entry["skipped"]})
         front += entry["front"]
     if front[1] and front[0] < 0.9 * front[1]:
-        log.warning("WARNING: only %.0f%% of the wrist points of %s lie in front of the camera (real data: more "
-                    "than 90%%): the camera poses are probably not camera-to-world in OpenCV axes (x right, y "
-                    "down, z forward), and actions, keypoints and PCK will be wrong", 100 * front[0] / front[1],
+        log.warning("WARNING: only %.0f%% of the wrist points of %s lie in front of the camera (real data: "
+                    "more than 90%%): the camera poses are probably not camera-to-world in OpenCV axes (x right, "
+                    "y down, z forward), and actions, keypoints and PCK will be wrong", 100 * front[0] / front[1],
                     root)
     available = sorted({e.split for e in episodes})
     if splits is not None:
@@ -785,12 +785,12 @@ def load_clip(ep, start, length, size=DEFAULT_SIZE, threads=1):
 def _load_clip(ep, start, length, size, threads):
     r = read_track(ep, start, start + length)
     if not r.valid.all() or r.cut[1:].any():
-        raise EpisodeError(ep.id, f"frames [{ep.start + start}, {ep.start + start + length}) are not all usable: "
-                                  f"the file changed since it was indexed")
+        raise EpisodeError(ep.id, f"frames [{ep.start + start}, {ep.start + start + length}) are not all "
+                                  f"usable: the file changed since it was indexed")
     first = ep.start + start
     if ep.kind == "egodex":
-        video, src_hw = decode_frames(Path(ep.path).with_suffix(".mp4"), first, length, size=size, threads=threads,
-                                      episode=ep.id)
+        video, src_hw = decode_frames(Path(ep.path).with_suffix(".mp4"), first, length, size=size,
+                                      threads=threads, episode=ep.id)
     else:
         video, src_hw = decode_jpegs(ep.path, first, length, size, ep.id)
     K = scale_intrinsics(r.K, r.K_hw, src_hw) if r.K_hw and tuple(r.K_hw) != src_hw else r.K
@@ -972,8 +972,8 @@ def cache_clips(data, out, tokenizer, *, tokenizer_name, clip_len=13, size=DEFAU
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"data": str(data), "tokenizer": tokenizer_name, "latent_channels": tokenizer.latent_channels,
                 "clip_len": clip_len, "size": list(size), "train": train, "seed": seed, "epochs": epochs,
-                "clips": len(plan), "shard_size": shard_size, "dino": dino is not None, "layout": C.action_layout(),
-                "splits": list(splits), "test_fraction": test_fraction}
+                "clips": len(plan), "shard_size": shard_size, "dino": dino is not None,
+                "layout": C.action_layout(), "splits": list(splits), "test_fraction": test_fraction}
     if (out / CACHE_MANIFEST).is_file():
         old = json.loads((out / CACHE_MANIFEST).read_text())
         if old != manifest:
@@ -1074,7 +1074,7 @@ def _episode_moments(ep):
         with reading(ep.id):
             r = read_track(ep)
             if not r.valid.all() or r.cut[1:].any():
-                raise EpisodeError(ep.id, "frames indexed as usable are not: the file changed since it was indexed")
+                raise EpisodeError(ep.id, "frames indexed as usable are not: the file changed since indexing")
             return ep.id, action_moments(C.compute_actions(r.track)), None
     except EpisodeError as e:
         return ep.id, None, e.reason
@@ -1158,18 +1158,19 @@ def split_names(text):
     return tuple(x for x in text.split(",") if x) if text else None
 
 
-def _add_split_flags(q, default):
-    q.add_argument("--splits", default=default, help=f"comma-separated splits (EgoDex: part1..part5, test, extra; "
-                                                     f"EgoVerse: train, test){'; default: ' + default if default else ''}")
+def _add_split_flags(q, default, default_help):
+    q.add_argument("--splits", default=default, help="comma-separated splits (EgoDex: part1..part5, test, extra; "
+                   f"EgoVerse: train, test); default: {default_help}")
     q.add_argument("--test-fraction", type=float, default=EGOVERSE_TEST_FRACTION,
                    help="EgoVerse episodes outside train/ or test/ folders: the fraction hashed into `test` "
                         "(by the SHA-256 of each name: deterministic, stable when episodes are added)")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="DexAC-WM data: index a dataset, its action statistics, a latent cache",
-                                epilog="synthetic data: python synthetic.py --out DIR (--quirks: every real-data "
-                                       "quirk); decoding speed: python bench.py decode")
+    p = argparse.ArgumentParser(description="DexAC-WM data: index a dataset, its action statistics, a latent "
+                                            "cache", epilog="synthetic data: python synthetic.py --out DIR (--quirks: "
+                                                            "every real-data quirk); decoding speed: python bench.py "
+                                                            "decode")
     sub = p.add_subparsers(dest="cmd")
     q = sub.add_parser("index", help="index (or refresh the index of) a dataset root; prints what it found: "
                                      "episodes, frames, clips and every quirk met, per split")
@@ -1178,11 +1179,11 @@ def main(argv=None):
     q.add_argument("--rebuild", action="store_true", help="ignore the cached index and probe everything")
     q.add_argument("--cache", default=None, help="index file (default: ROOT/.dexac_index.json)")
     q.add_argument("--clip-len", type=int, default=13, help="frames per clip, for the clip counts")
-    _add_split_flags(q, None)
+    _add_split_flags(q, None, "all")
     q = sub.add_parser("stats", help="per-dimension action mean/std over the training split")
     q.add_argument("--data", required=True, help="EgoDex or EgoVerse root")
     q.add_argument("--out", default="stats.json", help="output JSON")
-    _add_split_flags(q, ",".join(TRAIN_SPLITS))
+    _add_split_flags(q, ",".join(TRAIN_SPLITS), ",".join(TRAIN_SPLITS))
     q.add_argument("--workers", type=int, default=8, help="processes reading episodes (0: in-process)")
     q.add_argument("--max-episodes", type=int, default=None, help="random subset of this many episodes")
     q.add_argument("--seed", type=int, default=0, help="seed of the subset")
@@ -1190,7 +1191,7 @@ def main(argv=None):
                                      "to split the work across ranks)")
     q.add_argument("--data", required=True, help="EgoDex or EgoVerse root")
     q.add_argument("--out", required=True, help="cache directory (an interrupted run resumes there)")
-    _add_split_flags(q, None)
+    _add_split_flags(q, None, f"{','.join(TRAIN_SPLITS)}, with --eval {','.join(EVAL_SPLITS)}")
     q.add_argument("--tokenizer", default="wan2.1", choices=["wan2.1", "pixel"], help="video tokenizer")
     q.add_argument("--vae-weights", default="nvidia/Cosmos-Predict2.5-2B",
                    help="Wan2.1 VAE weights: a local file or a Hub repo id (see tokenizer.py)")

@@ -518,7 +518,8 @@ def eval_plan(root, horizon, max_clips=None, *, splits=data.EVAL_SPLITS,
     episodes, _ = data.load_index(root, splits, test_fraction=test_fraction)
     plan = data.ClipSampler([e.frames for e in episodes], horizon, train=False).plan()
     if not len(plan):
-        raise ValueError(f"no usable run of the {'/'.join(splits)} episodes in {root} holds a {horizon}-frame clip")
+        raise ValueError(f"no usable run of the {'/'.join(splits)} episodes in {root} holds a {horizon}-frame "
+                         f"clip")
     if max_clips and max_clips < len(plan):
         plan = plan[np.linspace(0, len(plan) - 1, max_clips).round().astype(int)]
     return episodes, plan
@@ -602,7 +603,8 @@ def evaluate_checkpoint(cfg, checkpoint, row, *, size, episodes, plan, metrics, 
     """Roll out and score this rank's clips that are not done yet, a batch at a time."""
     d = Path(cfg.out) / row / "clips"
     d.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(cfg, k) for k in ("data", "splits", "test_fraction", "horizon", "clips", "steps", "sampler", "schedule", "shift",
+    settings = {k: getattr(cfg, k) for k in ("data", "splits", "test_fraction", "horizon", "clips", "steps",
+                                             "sampler", "schedule", "shift",
                                              "guidance", "seed", "shuffle_actions", "height", "width", "dtype")}
     settings.update(checkpoint=str(checkpoint), metrics=list(metrics))
     saved = d.parent / "settings.json"
@@ -813,8 +815,8 @@ def main(argv=None):
                    help="exported models (train.py), a table row each")
     p.add_argument("--data", help="dataset root; its test split is evaluated")
     p.add_argument("--splits", help="comma-separated splits to evaluate (default: test)")
-    p.add_argument("--test-fraction", type=float, help="EgoVerse episodes outside train/ and test/ folders: the "
-                                                        "fraction hashed into `test` (as in training)")
+    p.add_argument("--test-fraction", type=float, help="EgoVerse episodes outside train/ and test/ folders: "
+                                                        "the fraction hashed into `test` (as in training)")
     p.add_argument("--horizon", type=int,
                    help="frames per rollout, the given first one included (the paper: 25 and 65)")
     p.add_argument("--clips", type=int, help="evaluate N clips, evenly spread (default: all)")

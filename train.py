@@ -100,12 +100,13 @@ class TrainConfig:
     text_cache: str = opt("", "directory of cached Cosmos-Reason1 prompt embeddings (text reason1)")
     text_tokens: int = opt(16, "text context length (512 for the released model)")
     dino: str = opt("", "DINOv3 weights for --semantic: a Hub repo or a local file")
-    test_fraction: float = opt(data.EGOVERSE_TEST_FRACTION, "EgoVerse episodes outside train/ and test/ folders: "
-                               "the fraction hashed into `test` (by the SHA-256 of each name)")  # above `data`: it shadows the module
+    # (above `data`, which shadows the module from there on)
+    test_fraction: float = opt(data.EGOVERSE_TEST_FRACTION, "EgoVerse episodes outside train/ and test/ "
+                               "folders: the fraction hashed into `test` (by the SHA-256 of each name)")
     data: str = opt("data/synthetic", "EgoDex / EgoVerse root, or a latent cache directory (`python data.py "
                     "cache`)")
-    splits: str = opt("", "training splits, comma-separated (default: EgoDex's part1-part5 and EgoVerse's train; "
-                      "EgoDex's `extra`, collected after the splits were frozen, only when named: "
+    splits: str = opt("", "training splits, comma-separated (default: EgoDex's part1-part5 and EgoVerse's "
+                      "train; EgoDex's `extra`, collected after the splits were frozen, only when named: "
                       "part1,...,part5,extra)")
     stats: str = opt("", "action statistics file (default: DATA/stats.json)")
     synthetic: bool = opt(True, "write the synthetic dataset and its statistics to DATA when they are absent")
@@ -335,8 +336,9 @@ def prepare_data(cfg, rank):
             print(f"writing the synthetic dataset to {root}")
             synthetic.write_synthetic(root)
         if cfg.synthetic and not stats.exists():
-            hub.atomic_write(stats, json.dumps(data.compute_stats(
-                root, data.split_names(cfg.splits) or data.TRAIN_SPLITS, test_fraction=cfg.test_fraction), indent=1))
+            splits = data.split_names(cfg.splits) or data.TRAIN_SPLITS
+            moments = data.compute_stats(root, splits, test_fraction=cfg.test_fraction)
+            hub.atomic_write(stats, json.dumps(moments, indent=1))
             print(f"wrote action statistics to {stats}")
         if (root / data.CACHE_MANIFEST).is_file():
             m = json.loads((root / data.CACHE_MANIFEST).read_text())
