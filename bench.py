@@ -16,6 +16,7 @@ so nothing is downloaded unless asked.
 """
 
 import argparse
+import copy
 import gc
 import math
 import os
@@ -69,6 +70,26 @@ def diffusers_dit(c, state_dict, device="cpu", dtype=None):
     return ref
 
 
+def low_precision_errors(model, x, sigma, text):
+    """Relative L2 errors of a low-precision DiT against the same weights run in fp64 (inputs of the same
+    values): its output, and what the first block's AdaLN receives: emb, the AdaLN-LoRA term, and its
+    self-attention shift/scale/gate before their cast to the activation dtype."""
+    def run(m, *inputs):
+        seen = {}
+        hooks = [m.blocks[0].register_forward_pre_hook(lambda _, a: seen.update(emb=a[1], lora=a[2])),
+                 m.blocks[0].mod_self_attn.register_forward_hook(lambda _, a, out: seen.update(mod=out))]
+        with torch.no_grad():
+            out = m(*inputs)
+        for h in hooks:
+            h.remove()
+        return {"output": out, "emb": seen["emb"], "AdaLN-LoRA term": seen["lora"],
+                "block-0 shift/scale/gate": seen["mod"].double() + seen["lora"].double()}
+
+    ours = run(model, x, sigma, text)
+    exact = run(copy.deepcopy(model).double(), x.double(), sigma.double(), text.double())
+    return {k: ((ours[k].double() - exact[k]).norm() / exact[k].norm()).item() for k in ours}
+
+
 def bench_dit(args):
     device = torch.device(args.device)
     dtype = hub.DTYPES[args.dtype]
@@ -110,6 +131,10 @@ def bench_dit(args):
               f"{t_fb * 1e3:.1f} ms ({tokens / t_fb:,.0f} tokens/s), peak memory {peak:.2f} GiB")
         return t_fb
 
+    if dtype != torch.float32:
+        errors = low_precision_errors(model, x, sigma, text)
+        print(f"{args.dtype} against the same weights in fp64, relative L2 error: "
+              + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     ours = lambda: model(x, sigma, text)
     t_ours = report("ours", torch.no_grad()(ours), lambda: ours().float().square().mean().backward())
     if args.compare_diffusers:
@@ -599,7 +624,7 @@ def main(argv=None):
     q.add_argument("--action-mode", default="dexac", choices=["none", *C.MODES], help="action conditioning")
     q.add_argument("--tokenizer", default="wan2.1", choices=tok.TOKENIZERS, help="video tokenizer")
     q.add_argument("--steps", type=int, default=35, help="denoising steps per chunk")
-    q.add_argument("--sampler", default="dpm++2m", choices=M.SOLVERS, help="ODE solver")
+    q.add_argument("--sampler", default="unipc", choices=M.SOLVERS, help="ODE solver (the official one: unipc)")
     q.add_argument("--guidance", type=float, default=0.0, help="classifier-free text guidance g (0: off)")
     q.add_argument("--device", default=default_device, help="cpu or cuda")
     q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model dtype")

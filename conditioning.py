@@ -36,10 +36,17 @@ Our decisions (the paper is silent or lost):
   attends to (and is modulated by) its own actions only, as in Cosmos' chunk MLP;
 - the normalization statistics live in the module's state as the bit patterns of fp32 values (int32
   buffers): they travel with every state dict, and casting the model to bf16 cannot round them (a 6D
-  rotation entry near 1 with a std of 1e-4 would otherwise normalize to garbage).
+  rotation entry near 1 with a std of 1e-4 would otherwise normalize to garbage);
+- the parts that produce the AdaLN terms emb_d / emb_3d (each mode's `FP32_PARTS`: the MLP embedders, DexAC's
+  tokenizer and global modulation) belong to the DiT's fp32 path (model.py, `FP32_MODULES`): fp32 parameters
+  whatever dtype the model is cast to, fp32 compute with autocast off, as the official code computes the AdaLN
+  inputs. (The official action embedders run before its fp32 region, in the model's dtype; only their sums
+  with the timestep terms are fp32.) Local refinement keeps the activation dtype: it works on every latent
+  token, like the DiT's own attention, and its update joins the residual stream in that dtype.
 Costs: `python bench.py costs` prints parameters and FLOPs per component beside the paper's Table 6.
 """
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -166,13 +173,30 @@ def load_stats_file(path):
     return torch.tensor(stats["mean"]), torch.tensor(stats["std"]), stats.get("layout")
 
 
+# the released robot/action-cond recipe: the six xyz/rpy deltas x20, the absolute gripper state x1
+ROBOT_ACTION_SCALE = (20.0,) * 6 + (1.0,)
+
+
+def default_action_scale(mode, n_dims, scale=None):
+    """The factor of action_norm="scale" when none is given: the released robot model's for its 7-D actions
+    (mode mlp), else x200 (our ablation)."""
+    if scale is not None:
+        return scale
+    return ROBOT_ACTION_SCALE if (mode, n_dims) == ("mlp", len(ROBOT_ACTION_SCALE)) else 200.0
+
+
 class ActionNorm(nn.Module):
-    """(B, T_a, N) raw actions -> (B, T_a, N) fp32: z-score per dimension (eq. 4), nothing, or x scale."""
+    """(B, T_a, N) raw actions -> (B, T_a, N) fp32: z-score per dimension (eq. 4), nothing, or x scale (a
+    number, or one factor per dimension)."""
 
     def __init__(self, n_dims, mode="zscore", scale=200.0, eps=1e-6):
         super().__init__()
         if mode not in NORMS:
             raise ValueError(f"unknown action normalization {mode!r}; choose one of {NORMS}")
+        scale = tuple(float(s) for s in scale) if isinstance(scale, (list, tuple)) else float(scale)
+        if isinstance(scale, tuple) and len(scale) != n_dims:
+            raise ValueError(f"action_scale has {len(scale)} factors for {n_dims} action dimensions: give one "
+                             f"number or {n_dims}")
         self.n_dims, self.mode, self.scale, self.eps = n_dims, mode, scale, eps
         # fp32 bit patterns in int32 buffers: saved with the state dict, untouched by model.to(bf16)
         self.register_buffer("mean_bits", torch.empty(n_dims, dtype=torch.int32))
@@ -221,7 +245,7 @@ class ActionNorm(nn.Module):
         if self.mode == "none":
             return a
         if self.mode == "scale":
-            return a * self.scale
+            return a * torch.as_tensor(self.scale, dtype=torch.float32, device=a.device)
         if not int(self.has_stats):
             raise ValueError("this model normalizes actions per dimension (action_norm='zscore') but holds "
                              "no statistics: compute them with `python data.py stats --data ROOT --out "
@@ -233,6 +257,13 @@ class ActionNorm(nn.Module):
 
 # -----------------------------------------------------------------------------
 # layers
+
+
+def no_autocast(device):
+    """Autocast off: the fp32 path computes in its parameters' dtype inside a caller's bf16 autocast too."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()  # the meta device (bench.py costs) has no autocast
 
 
 class Mlp(nn.Module):
@@ -426,6 +457,7 @@ def first_frame_zero(e):
 
 class ChunkMLP(ActionConditioning):
     """`mlp`: Cosmos-Predict2.5's action embedder. k actions per latent frame -> (B, T-1, kN) -> two MLPs."""
+    FP32_PARTS = ("embed_d", "embed_3d")  # the DiT's fp32 path (model.FP32_MODULES)
 
     def __init__(self, n_dims, steps, dim, *, norm="zscore", scale=200.0, per_frame=4):
         super().__init__("mlp", n_dims, steps, norm=norm, scale=scale, per_frame=per_frame, framewise=True)
@@ -441,11 +473,14 @@ class ChunkMLP(ActionConditioning):
         a = a.reshape(a.shape[0], -1, self.per_frame * self.n_dims)  # (B, T-1, kN), step-major as Cosmos
         a = a.to(self.embed_d.fc1.weight.dtype)
         keep = (1 - frame_mask)[..., None]  # (B, T, 1)
-        return x, first_frame_zero(self.embed_d(a)) * keep, first_frame_zero(self.embed_3d(a)) * keep
+        with no_autocast(a.device):
+            d, d3 = self.embed_d(a), self.embed_3d(a)  # (B, T-1, D), (B, T-1, 3D)
+        return x, first_frame_zero(d) * keep, first_frame_zero(d3) * keep
 
 
 class FlatMLP(ActionConditioning):
     """`mlp-flat`: the whole chunk flattened, Mlp(T_a * N -> 4D -> D), the same embedding for every frame."""
+    FP32_PARTS = ("embed_d",)
 
     def __init__(self, n_dims, steps, dim, *, norm="zscore", scale=200.0):
         super().__init__("mlp-flat", n_dims, steps, norm=norm, scale=scale, per_frame=1, framewise=False)
@@ -457,11 +492,14 @@ class FlatMLP(ActionConditioning):
 
     def forward(self, actions, x, frame_mask):
         a = self.prepare(actions, x).flatten(1).to(self.embed_d.fc1.weight.dtype)  # (B, T_a * N)
-        return x, self.embed_d(a)[:, None] * (1 - frame_mask)[..., None], None
+        with no_autocast(a.device):
+            d = self.embed_d(a)  # (B, D)
+        return x, d[:, None] * (1 - frame_mask)[..., None], None
 
 
 class DexAC(ActionConditioning):
     """`dexac` and variants: SAT tokens -> local refinement of x, global modulation of the AdaLN inputs."""
+    FP32_PARTS = ("tokenizer", "glob")  # the AdaLN path; local refinement keeps the activation dtype
 
     def __init__(self, mode, n_dims, steps, dim, n_heads, *, width=256, norm="zscore", scale=200.0,
                  dim_embedding=True, per_frame=4, global_heads=4):
@@ -479,7 +517,8 @@ class DexAC(ActionConditioning):
 
     def forward(self, actions, x, frame_mask):
         a = self.prepare(actions, x).to(next(self.tokenizer.parameters()).dtype)
-        tokens = self.tokenizer(a)  # (B, S, N, C): S = 1 (faithful) or one group per predicted latent frame
+        with no_autocast(a.device):
+            tokens = self.tokenizer(a)  # (B, S, N, C): S = 1 (faithful) or one per predicted latent frame
         B, S, N, C = tokens.shape
         _, T, H, W, D = x.shape
         keep = (1 - frame_mask).to(x.dtype)  # (B, T)
@@ -492,7 +531,8 @@ class DexAC(ActionConditioning):
                 update = first_frame_zero(update.flatten(2)).view(B, T, H, W, D)
             x = x + update * keep[:, :, None, None, None]  # eq. 7: x + CrossAttn(norm(x), tokens)
         if self.glob is not None:
-            d, d3 = self.glob(tokens.reshape(B * S, N, C))  # (B S, D), (B S, 3D)
+            with no_autocast(tokens.device):
+                d, d3 = self.glob(tokens.reshape(B * S, N, C))  # (B S, D), (B S, 3D)
             d, d3 = d.view(B, S, D), d3.view(B, S, 3 * D)
             if self.framewise:
                 d, d3 = first_frame_zero(d), first_frame_zero(d3)
@@ -500,11 +540,13 @@ class DexAC(ActionConditioning):
         return x, emb_d, emb_3d
 
 
-def build_action_cond(mode, dim, n_heads, *, n_dims=57, steps=12, norm="zscore", scale=200.0, width=256,
+def build_action_cond(mode, dim, n_heads, *, n_dims=57, steps=12, norm="zscore", scale=None, width=256,
                       dim_embedding=True, per_frame=4):
-    """The conditioning module for a mode name (None for "none"). dim, n_heads: the DiT's width and heads."""
+    """The conditioning module for a mode name (None for "none"). dim, n_heads: the DiT's width and heads;
+    scale: the factor(s) of norm "scale" (None: default_action_scale)."""
     if mode == "none":
         return None
+    scale = default_action_scale(mode, n_dims, scale)
     if mode not in MODES:
         listing = "".join(f"\n  {k}: {v}" for k, v in MODES.items())
         raise ValueError(f"unknown action mode {mode!r}; choose one of {', '.join(['none', *MODES])}{listing}")

@@ -30,7 +30,9 @@ Protocols (DESIGN.md section 8), with the choices we make where the references d
 - Frechet distance |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^1/2) in float64; the last trace sums
   the square roots of the eigenvalues of the symmetric sqrt(S_r) S_f sqrt(S_r) (the same spectrum), tiny
   negatives clamped to 0: no complex parts to discard, fine for singular covariances.
-- latent L2: MSE between predicted and ground-truth VAE latents over the predicted latent frames.
+- latent L2: MSE between predicted and ground-truth VAE latents over the predicted latent frames (the
+  ground truth encoded from the clip's first frame on; with --carry reencode a later chunk's predicted
+  latents follow its own re-encoded first frame, as in training).
 - PCK@k, k = 2.5/5/10/20 px at the evaluation frames' resolution (in the report; DexWM uses 224x392):
   one detector finds the 12 keypoints (data.KEYPOINT_NAMES) on ground-truth and predicted frames; a GT
   keypoint counts where detected (and keypoint_valid, if given) and is a hit when the predicted one is
@@ -61,6 +63,7 @@ from tqdm import tqdm
 import conditioning
 import data
 import hub
+import model as M
 import sample
 import synthetic
 from hub import WeightsError  # missing or wrong weights: the one error class of every loader
@@ -506,6 +509,8 @@ def compare(pred, gt, *, metrics="psnr,ssim", cond_frames=1, weights=None, detec
 # with seed (seed + i), so results do not depend on ranks or batching. Rank r of W takes clips r, r + W, ...
 # Each clip's scores go to OUT/<row>/clips/<i>.json as soon as they exist (FID/FVD features beside it), so
 # a restarted job skips what is done. Rank 0 then writes report.json, table.md and figure.png.
+# Chunks are chained as the official code does (--carry reencode: each chunk's last frame decoded, quantized
+# to uint8, encoded alone); the carry is in each row's settings.json, report.json's config and table.md.
 
 TABLE1 = (("psnr", "PSNR", 1), ("ssim", "SSIM", 1), ("lpips", "LPIPS", -1), ("fid", "FID", -1),
           ("fvd", "FVD", -1), ("pck@10", "PCK@10", 1), ("pck@20", "PCK@20", 1))  # key, title, better sign
@@ -538,10 +543,12 @@ class EvalConfig:
     metrics: str = "auto"
     out: str = "evals"
     steps: int = 35
-    sampler: str = "dpm++2m"
+    sampler: str = "unipc"  # the official action model's (UniPC, 35 steps, the training shift)
     schedule: str = "shifted"
     shift: float = None  # None: the training run's
     guidance: float = 0.0
+    negative_prompt: str = None  # the unconditional branch's text with guidance; None: the null embedding
+    carry: str = "reencode"  # what conditions the next chunk (sample.CARRIES): the official re-encoded frame
     seed: int = 0
     batch: int = 4
     shuffle_actions: bool = False
@@ -604,8 +611,8 @@ def evaluate_checkpoint(cfg, checkpoint, row, *, size, episodes, plan, metrics, 
     d = Path(cfg.out) / row / "clips"
     d.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(cfg, k) for k in ("data", "splits", "test_fraction", "horizon", "clips", "steps",
-                                             "sampler", "schedule", "shift",
-                                             "guidance", "seed", "shuffle_actions", "height", "width", "dtype")}
+                                             "sampler", "schedule", "shift", "guidance", "negative_prompt",
+                                             "carry", "seed", "shuffle_actions", "height", "width", "dtype")}
     settings.update(checkpoint=str(checkpoint), metrics=list(metrics))
     saved = d.parent / "settings.json"
     if saved.is_file() and json.loads(saved.read_text()) != settings:  # kept clips must be these clips
@@ -642,7 +649,8 @@ def evaluate_checkpoint(cfg, checkpoint, row, *, size, episodes, plan, metrics, 
         given = torch.stack([c.get("rollout_actions", c["actions"]) for c in clips])
         pred, z = wm.rollout(gt[:, :, 0].permute(0, 2, 3, 1).numpy(), given.numpy(), [c["prompt"] for c in clips],
                              [cfg.seed + i for i in batch], steps=cfg.steps, solver=cfg.sampler,
-                             schedule=cfg.schedule, shift=cfg.shift, guidance=cfg.guidance, progress=False,
+                             schedule=cfg.schedule, shift=cfg.shift, guidance=cfg.guidance,
+                             negative_prompt=cfg.negative_prompt, carry=cfg.carry, progress=False,
                              return_latents=True)
         pred = torch.from_numpy(pred).permute(0, 4, 1, 2, 3)  # (B, 3, T, H, W)
         with torch.inference_mode():
@@ -687,14 +695,16 @@ def _cell(value, ref=None, digits=2):
     return text
 
 
-def markdown_tables(reports, horizon):
+def markdown_tables(reports, horizon, carry="reencode"):
     """Table 1's layout (PSNR SSIM LPIPS FID FVD PCK@10 PCK@20, relative change against the first row), then
-    latent L2, the finer PCK thresholds and PCK@10 per action family (Table 4)."""
+    latent L2, the finer PCK thresholds and PCK@10 per action family (Table 4). carry: the rollouts'
+    (sample.CARRIES), named in the header line."""
     first = next(iter(reports.values()))
     res = first.get("pck_resolution")
     digits = {"ssim": 3, "lpips": 3}
     lines = [f"Horizon {horizon} frames (1 given, {horizon - 1} predicted); {first['clips']} clips"
-             + (f"; PCK in pixels at {res[0]}x{res[1]}" if res else ""), "",
+             + (f"; PCK in pixels at {res[0]}x{res[1]}" if res else "")
+             + f"; chunks chained by carry {carry}: {sample.CARRIES[carry]}", "",
              "| Model | " + " | ".join(t + (" ↑" if s > 0 else " ↓") for _, t, s in TABLE1) + " |",
              "|---|" + "---|" * len(TABLE1)]
     lines += [f"| {name} | " + " | ".join(_cell(r.get(k), first.get(k) if r is not first else None,
@@ -789,7 +799,7 @@ def protocol(cfg):
     reports = {row: collect(out / row / "clips", len(plan), size) for row in rows.values()}
     _save_json(out / "report.json", {"config": {**asdict(cfg), "size": list(size)}, "metrics": list(metrics),
                                      "rows": reports})
-    table = markdown_tables(reports, cfg.horizon)
+    table = markdown_tables(reports, cfg.horizon, cfg.carry)
     (out / "table.md").write_text(table)
     figure(cfg, out / "figure.png", rows=list(rows.values()), size=size, episodes=episodes, plan=plan)
     print(table)
@@ -824,10 +834,15 @@ def main(argv=None):
                                      "whose network weights are found")
     p.add_argument("--out", help="output folder (report.json, table.md, figure.png, per clip)")
     p.add_argument("--steps", type=int, help="denoising steps per chunk")
-    p.add_argument("--sampler", choices=["euler", "dpm++2m"], help="ODE solver (model.SOLVERS)")
+    p.add_argument("--sampler", choices=list(M.SOLVERS), help="ODE solver")
     p.add_argument("--schedule", choices=["shifted", "karras"], help="sigma schedule")
     p.add_argument("--shift", type=float, help="schedule shift (default: the training run's)")
     p.add_argument("--guidance", type=float, help="classifier-free text guidance (0: off)")
+    p.add_argument("--negative-prompt", help="text of the unconditional branch with --guidance (its embedding "
+                                             "in the text cache); default: the empty prompt's null embedding")
+    p.add_argument("--carry", choices=list(sample.CARRIES),
+                   help="what conditions the next chunk (default reencode, the official): "
+                        + "; ".join(f"{k}: {v}" for k, v in sample.CARRIES.items()))
     p.add_argument("--seed", type=int, help="clip i is rolled out with seed + i")
     p.add_argument("--batch", type=int, help="clips rolled out together")
     p.add_argument("--shuffle-actions", action="store_true",

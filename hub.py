@@ -5,7 +5,8 @@ Where weights come from and how they are loaded, once for every model in this re
   (downloaded once) or a Hugging Face Hub file ('org/repo' or 'org/repo/path/in/repo') -> a local path.
   Hub files go through huggingface_hub's cache, so HF_TOKEN, HF_HUB_CACHE and HF_HUB_OFFLINE=1 work as usual.
 - `read_state_dict(path)`: the tensors of a .safetensors file, a sharded safetensors checkpoint (folder or
-  index .json) or a torch.save'd .pt/.pth (loaded with weights_only=True: no code runs).
+  index .json) or a torch.save'd .pt/.pth (loaded with weights_only=True: no code runs; the only other objects
+  allowed are the KNOWN_SAFE types the official Cosmos files hold in `_extra_state` entries, which are dropped).
 - `load_strict(module, sd)`: every key and shape checked, one error listing what is missing, unexpected and
   mis-shaped; `assign=True`, so a model built on the meta device takes the tensors without a second copy.
 - `atomic_write(path, ...)`: readers see the old file or the new one, never half of one.
@@ -14,6 +15,8 @@ Where weights come from and how they are loaded, once for every model in this re
 Key maps stay beside their models (model.py, tokenizer.py, semantic.py): they are part of each model's story.
 """
 
+import contextlib
+import io
 import json
 import os
 import pickle
@@ -26,6 +29,9 @@ from safetensors.torch import load_file
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".json")
+# Python types a weights_only load may also rebuild: Transformer Engine's `_extra_state` entries, which upstream
+# loads with weights_only=False, are io.BytesIO objects in the official Cosmos .pt files
+KNOWN_SAFE = {"_io.BytesIO": io.BytesIO}
 
 
 class WeightsError(FileNotFoundError):
@@ -109,21 +115,44 @@ def read_state_dict(path):
     elif path.endswith(".safetensors"):
         shards = [path]
     else:
-        try:
-            try:  # memory-mapped: a 2B checkpoint is not read twice
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # the legacy (pre-zipfile) format cannot be mapped, e.g. LPIPS' alex.pth
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, ValueError, OSError, pickle.UnpicklingError) as e:  # not torch.save'd, or holds code
-            raise WeightsError(f"{path} is not a state dict saved by torch.save ({type(e).__name__})") from e
+        sd = _torch_load(path)
         sd = sd.get("model", sd) if isinstance(sd, dict) else sd
         if not isinstance(sd, dict):
             raise WeightsError(f"{path} is not a state dict (a {{name: tensor}} dict)")
-        return sd
+        return {k: v for k, v in sd.items() if torch.is_tensor(v) or not k.endswith("_extra_state")}
     sd = {}
     for shard in shards:
         sd.update(load_file(shard))
     return sd
+
+
+def _torch_load(path):
+    """torch.load with weights_only=True, memory-mapped when the format allows; a file whose only other Python
+    objects are KNOWN_SAFE types is loaded again allowing exactly those. Anything else is refused unread."""
+    def load():
+        try:  # memory-mapped: a 2B checkpoint is not read twice
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zipfile) format cannot be mapped, e.g. LPIPS' alex.pth
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+    try:
+        try:
+            return load()
+        except pickle.UnpicklingError:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            unknown = [g for g in found if g not in KNOWN_SAFE]
+            if unknown or not found:
+                raise
+            with torch.serialization.safe_globals([KNOWN_SAFE[g] for g in found]):
+                return load()
+    except (RuntimeError, ValueError, OSError, pickle.UnpicklingError) as e:  # not torch.save'd, or holds code
+        found = []
+        with contextlib.suppress(Exception):
+            found = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in KNOWN_SAFE]
+        what = f"holds Python objects of types {found} (loading them could run code)" if found else \
+            f"is not a state dict saved by torch.save ({type(e).__name__})"
+        raise WeightsError(f"{path} {what}: re-save it as a plain {{name: tensor}} state dict "
+                           f"(torch.save(model.state_dict(), ...)) or as .safetensors") from e
 
 
 def check_state_dict(expected, sd, *, source, target, hint="", allow_missing=()):

@@ -13,16 +13,28 @@ Departures from the official code, all deliberate:
 - our own, shorter module names; `KEY_MAPS` below maps the official `.pt` and the diffusers names.
 - the conditional-frame mask is passed per latent frame `(B, T)` and broadcast to the input channel.
 - training sigmas are continuous (the official code snaps them to a 1/1000 grid).
-- the second-order sampler is DPM-Solver++(2M) on the flow ODE; the official sampler is UniPC (bh2).
+- the official sampler is UniPC (order 2, bh2); `sample` offers it as "unipc" beside "euler" and
+  "dpm++2m" (DPM-Solver++(2M), second order to the end, where UniPC takes a first-order last step).
 - two extension points the official network lacks: `action_cond` (DexAC, see conditioning.py) and
   `semantic` (extra cross-attention context tokens, see semantic.py). Both default to None; the config's
   `action_mode` builds the first (`mlp` loads the released `robot/action-cond` embedders).
+
+Numerics follow the official fp32 strategy (`use_wan_fp32_strategy`): the timestep MLP and its RMSNorm, every
+block's AdaLN modulation, the final layer (modulation, LayerNorm and linear) and the action conditioning's
+AdaLN heads (conditioning.py's `FP32_PARTS`) form the fp32 path, `FP32_MODULES`. It computes in fp32 with
+autocast off; the blocks cast shift/scale/gate to the activation dtype, in which the modulation, attention and
+MLP then run (RoPE is applied in fp32). Where we differ: the official code stores these weights in the model's
+dtype and upcasts them per op (an fp32 autocast region); ours KEEP fp32 parameters whatever dtype the model is
+cast to (`DiT._apply`, exact for bf16 checkpoints; train.py's `parallelize` gives them fp32 FSDP groups); the
+official action embedders run in the model's dtype, ours in fp32; the official final layer returns fp32, ours
+casts its output to the activation dtype, in which the samplers step.
 
 `python model.py --preset cosmos2b` prints a config and its parameter count without allocating memory;
 `python bench.py dit` measures speed and memory, and compares with diffusers.
 """
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -117,7 +129,8 @@ class AdaLNModulation(nn.Module):
         self.up = nn.Linear(lora_dim, n * dim, bias=False)
 
     def forward(self, emb):
-        return self.up(self.down(F.silu(emb)))
+        with conditioning.no_autocast(emb.device):  # the fp32 path: computes in its (fp32) weights' dtype
+            return self.up(self.down(F.silu(emb.to(self.down.weight.dtype))))
 
 
 class Block(nn.Module):
@@ -135,13 +148,14 @@ class Block(nn.Module):
 
     def forward(self, x, emb, adaln_lora, context, rope):
         # x (B, T, HW, D); emb (B, T, D) and adaln_lora (B, T, 3D) are per latent frame, so they
-        # broadcast over the HW tokens of their frame. modulation runs in fp32 (official fp32 strategy).
+        # broadcast over the HW tokens of their frame. As the official fp32 strategy: shift/scale/gate are
+        # computed in fp32 and cast to the activation dtype, in which the rest of the block runs.
         B, T, S, D = x.shape
 
         def sublayer(mod, f, x):
-            shift, scale, gate = (mod(emb).float() + adaln_lora.float())[:, :, None].chunk(3, dim=-1)
-            h = modulate(F.layer_norm(x.float(), (D,), eps=1e-6), shift, scale).type_as(x)  # eq. 10: AdaLN
-            return x + (gate * f(h).float()).type_as(x)
+            shift, scale, gate = (mod(emb) + adaln_lora).type_as(x)[:, :, None].chunk(3, dim=-1)
+            h = modulate(F.layer_norm(x, (D,), eps=1e-6), shift, scale)  # eq. 10: AdaLN
+            return x + gate * f(h)
 
         attend = lambda h: self.self_attn(h.view(B, T * S, D), rope=rope).view(B, T, S, D)
         cross = lambda h: self.cross_attn(h.view(B, T * S, D), context).view(B, T, S, D)
@@ -152,6 +166,9 @@ class Block(nn.Module):
 
 
 class FinalLayer(nn.Module):
+    """LayerNorm, AdaLN modulation, Linear(D -> patch * C), all in fp32 (the fp32 path, as the official final
+    layer); the output is cast to the activation dtype."""
+
     def __init__(self, dim, lora_dim, out_dim):
         super().__init__()
         self.mod = AdaLNModulation(dim, lora_dim, 2)
@@ -159,8 +176,10 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, emb, adaln_lora):
         D = x.shape[-1]
-        shift, scale = (self.mod(emb).float() + adaln_lora[..., : 2 * D].float())[:, :, None].chunk(2, dim=-1)
-        return self.linear(modulate(F.layer_norm(x.float(), (D,), eps=1e-6), shift, scale).type_as(x))
+        with conditioning.no_autocast(x.device):
+            shift, scale = (self.mod(emb) + adaln_lora[..., : 2 * D])[:, :, None].chunk(2, dim=-1)
+            h = modulate(F.layer_norm(x.to(self.linear.weight.dtype), (D,), eps=1e-6), shift, scale)
+            return self.linear(h).type_as(x)
 
 
 # -----------------------------------------------------------------------------
@@ -189,7 +208,7 @@ class DiTConfig:
     action_dim: int = 57  # N, the width of one action (7 for the released robot/action-cond model)
     action_steps: int = 12  # T_a, actions per chunk
     action_norm: str = "zscore"  # zscore (statistics travel in the state dict), none, or scale
-    action_scale: float = 200.0  # the factor of action_norm="scale" (the released robot model used 20)
+    action_scale: object = None  # norm "scale": a number or one per dimension (None: conditioning's default)
     actions_per_frame: int = 4  # actions per latent frame (the VAE's temporal compression): mlp, dexac-time
     sat_dim: int = 256  # C, the SAT token width
     action_dim_embedding: bool = True  # learned per-dimension embedding on the SAT tokens (our addition)
@@ -212,6 +231,12 @@ def config_from_preset(name, **overrides):
     return replace(PRESETS[name], **overrides)
 
 
+# the fp32 path (the official fp32 strategy): these modules keep fp32 parameters whatever dtype the DiT is
+# cast to, and compute in fp32; the action conditioning adds its own (its FP32_PARTS)
+FP32_MODULES = ("t_linear_1", "t_linear_2", "t_norm", "blocks.*.mod_self_attn", "blocks.*.mod_cross_attn",
+                "blocks.*.mod_mlp", "final")
+
+
 class DiT(nn.Module):
     """Cosmos-Predict2.5 DiT. Optional extension points:
 
@@ -220,7 +245,8 @@ class DiT(nn.Module):
         AdaLN-LoRA term (either may be None): exactly where Cosmos' action models inject actions.
     semantic(image_features (B, P, C_img)) -> (B, P, context_dim) tokens appended to the text context.
     Without modules passed in, the config builds them: action_mode (conditioning.build_action_cond) and
-    semantic_dim > 0 (semantic.SemanticProjector).
+    semantic_dim > 0 (semantic.SemanticProjector). An action_cond module names the submodules that make
+    emb_d / emb_3d in `FP32_PARTS`; they join the fp32 path.
     """
 
     def __init__(self, config, action_cond=None, semantic=None):
@@ -271,6 +297,25 @@ class DiT(nn.Module):
         nn.init.zeros_(self.t_linear_2.weight)
         nn.init.zeros_(self.final.linear.weight)
 
+    def fp32_modules(self):
+        """[(name, module)] of the fp32 path: FP32_MODULES and the action conditioning's FP32_PARTS."""
+        names = FP32_MODULES + tuple(f"action_cond.{n}" for n in getattr(self.action_cond, "FP32_PARTS", ()))
+        return [(n, m) for n, m in self.named_modules() if any(fnmatch.fnmatchcase(n, p) for p in names)]
+
+    def _apply(self, fn, recurse=True):
+        """Every cast and move (`to`, `bfloat16`, `half`, `to_empty`) comes through here: the fp32 path never
+        drops below fp32. A lower target is redone from the original tensor, so fp32 weights are not rounded
+        on the way (a bf16 checkpoint's weights are upcast exactly)."""
+        keep = {id(t) for _, m in self.fp32_modules() for p in m.parameters() for t in (p, p.grad)
+                if t is not None}
+
+        def at_least_fp32(t):
+            out = fn(t)
+            if id(t) not in keep or not out.is_floating_point() or out.dtype.itemsize >= 4:
+                return out
+            return out.float() if t.is_meta or t.dtype.itemsize < 4 else t.to(out.device, torch.float32)
+        return super()._apply(at_least_fp32, recurse)
+
     def check_input(self, x):
         c = self.config
         if x.ndim != 5 or x.shape[1] != c.in_channels:
@@ -307,21 +352,24 @@ class DiT(nn.Module):
         x = x.view(B, -1, Tp, pt, Hp, ps, Wp, ps).permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4)
         x = self.patch_embed(x)  # (B, Tp, Hp, Wp, D)
 
-        # timestep path: per latent frame, sinusoid of t = sigma * 1000 * timestep_scale
-        sigma = sigma.reshape(B, -1).expand(B, T)[:, ::pt]  # (B, Tp)
-        sinusoid = timestep_sinusoid(sigma * 1000 * c.timestep_scale, c.dim)  # (B, Tp, D) fp32
-        adaln_lora = self.t_linear_2(F.silu(self.t_linear_1(sinusoid.to(x.dtype))))  # (B, Tp, 3D)
+        emb_d = emb_3d = None
         if self.action_cond is not None:
             if actions is None:
                 raise ValueError("this model is action-conditioned: pass actions (B, T_a, N)")
             x, emb_d, emb_3d = self.action_cond(actions, x, frame_mask[:, ::pt])  # eq. 5-8 (and 7 on x)
-            # eq. 9: the global action context enters the AdaLN inputs, where Cosmos' action models add actions
-            sinusoid = sinusoid if emb_d is None else sinusoid + emb_d.float()
-            adaln_lora = adaln_lora if emb_3d is None else adaln_lora + emb_3d
         elif actions is not None:
             raise ValueError("actions were given to a model without action conditioning (config action_mode "
                              f"{c.action_mode!r}); build it with an action_mode from {sorted(conditioning.MODES)}")
-        emb = F.rms_norm(sinusoid, (c.dim,), self.t_norm.weight.float(), 1e-6).to(x.dtype)  # (B, Tp, D)
+
+        # the AdaLN inputs, on the fp32 path: per latent frame, sinusoid of t = sigma * 1000 * timestep_scale
+        sigma = sigma.reshape(B, -1).expand(B, T)[:, ::pt]  # (B, Tp)
+        with conditioning.no_autocast(x.device):
+            sinusoid = timestep_sinusoid(sigma * 1000 * c.timestep_scale, c.dim).to(self.t_norm.weight.dtype)
+            adaln_lora = self.t_linear_2(F.silu(self.t_linear_1(sinusoid)))  # (B, Tp, 3D)
+            # eq. 9: the global action context enters the AdaLN inputs where Cosmos' action models add them
+            sinusoid = sinusoid if emb_d is None else sinusoid + emb_d  # (B, Tp, D)
+            adaln_lora = adaln_lora if emb_3d is None else adaln_lora + emb_3d
+            emb = self.t_norm(sinusoid)  # (B, Tp, D), fp32 like adaln_lora
 
         context = F.gelu(self.text_proj(text.to(x.dtype)))  # (B, L, context_dim)
         if self.semantic is not None and image_features is not None:
@@ -380,10 +428,14 @@ def shifted_sigmas(n_steps, shift=5.0, sigma_max=0.999):
 
 
 def karras_sigmas(n_steps, sigma_max=200.0, sigma_min=0.01, rho=7.0):
-    """Karras et al. schedule in EDM sigma, mapped to flow sigma by s / (1 + s), then a final 0."""
-    ramp = torch.linspace(0, 1, n_steps)
+    """Karras et al. schedule in EDM sigma, mapped to flow sigma by s / (1 + s), then a final 0. (n + 2,)
+
+    as in the official base/post-trained inference: n_steps + 1 points (ramp arange(n + 1) / n), so the
+    sampler makes n_steps + 1 network calls (diffusers' Karras schedule has n points, n calls).
+    """
+    ramp = torch.arange(n_steps + 1, dtype=torch.float64) / n_steps
     s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([s / (1 + s), torch.zeros(1)])
+    return torch.cat([s / (1 + s), torch.zeros(1, dtype=torch.float64)]).float()
 
 
 def guided(v_cond, v_uncond, guidance):
@@ -391,7 +443,31 @@ def guided(v_cond, v_uncond, guidance):
     return v_cond + guidance * (v_cond - v_uncond)
 
 
-SOLVERS = ("euler", "dpm++2m")
+SOLVERS = ("euler", "dpm++2m", "unipc")
+
+
+def _unipc_update(x, points, s_to, x0_new=None):
+    """One UniPC-bh2 step in data prediction (Zhao et al. 2023; diffusers' UniPCMultistepScheduler) from x
+    at sigma points[0][0] to s_to. points: [(sigma, x0 prediction)], newest first, one (order 1) or two
+    (order 2). Given x0_new, the prediction made at s_to, it is the corrector UniC, else the predictor UniP.
+    """
+    lam = lambda s: math.inf if s == 0 else math.log((1 - s) / s)  # log(alpha / sigma), alpha = 1 - s
+    s, x0 = points[0]
+    h = lam(s_to) - lam(s)
+    phi = math.expm1(-h)  # B(h) of bh2; -1 at s_to = 0, where the update returns x0 plus its correction
+    if len(points) == 2:
+        r = (lam(points[1][0]) - lam(s)) / h  # < 0: the older point lies behind
+        d = (points[1][1] - x0) / r
+    if x0_new is None:
+        res = 0.5 * d if len(points) == 2 else 0  # diffusers fixes rho = 1/2 for the order-2 predictor
+    elif len(points) == 1:
+        res = 0.5 * (x0_new - x0)
+    else:  # rho solves [[1, 1], [r, 1]] rho = (b1, b2), the bh2 order conditions
+        b1 = (phi / -h - 1) / phi
+        b2 = 2 * ((phi / -h - 1) / -h - 0.5) / phi
+        rho = (b1 - b2) / (1 - r)
+        res = rho * d + (b1 - rho) * (x0_new - x0)
+    return (s_to / s) * x - (1 - s_to) * phi * (x0 + res)
 
 
 @torch.no_grad()
@@ -399,12 +475,18 @@ def sample(velocity_fn, noise, sigmas, *, solver="dpm++2m", x_cond=None, frame_m
            return_trajectory=False):
     """Integrate the flow ODE from sigmas[0] to sigmas[-1] = 0.
 
-    velocity_fn(x, sigma (B, T)) -> v; noise (B, C, T, H, W); sigmas (n + 1,) decreasing. Conditional frames
-    (frame_mask 1) are held at x_cond throughout. "euler": x <- x + (s' - s) v. "dpm++2m": DPM-Solver++(2M)
-    in data prediction x0 = x - s v with log-SNR lambda = log((1 - s) / s), first order on the first step;
-    lambda is infinite at s = 0, so the last step is a variable-step Adams-Bashforth-2 step in sigma. On a
-    Gaussian mixture (test_all.py) it is 4x closer to the exact ODE solution than Euler at 35 steps; at 10
-    steps or fewer the shifted schedule's large final jump makes both solvers about equally wrong.
+    velocity_fn(x, sigma (B, T)) -> v; noise (B, C, T, H, W); sigmas (n + 1,) decreasing: n network calls.
+    Conditional frames (frame_mask 1) are held at x_cond throughout and seen at cond_sigma when it is given.
+    "euler": x <- x + (s' - s) v. The multistep solvers work in data prediction x0 = x - s v with log-SNR
+    lambda = log((1 - s) / s) and take a first-order first step. "dpm++2m": DPM-Solver++(2M); lambda is
+    infinite at s = 0, so its last step is a variable-step Adams-Bashforth-2 step in sigma. "unipc": the
+    official sampler, UniPC-bh2 of order 2, whose predictor is the dpm++2m step and whose corrector UniC
+    reuses each new v (no extra call); as diffusers' lower_order_final, the last step is first order, i.e.
+    it returns the x0 predicted at the last sigma > 0. It equals diffusers' UniPCMultistepScheduler (flow
+    sigmas, flow_prediction, bh2) on the same sigmas. Distance to the exact ODE solution at 35 steps on a
+    Gaussian mixture (test_all.py): Euler 0.069, unipc 0.030 (its first-order last step costs the most),
+    dpm++2m 0.017; at 10 steps or fewer the shifted schedule's large final jump makes all about equally wrong.
+    The trajectory holds x at each sigma, where v was taken (unipc: before its correction).
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
@@ -415,7 +497,9 @@ def sample(velocity_fn, noise, sigmas, *, solver="dpm++2m", x_cond=None, frame_m
     sigmas = sigmas.tolist()
     x = hold(noise * sigmas[0])  # the flow's prior at sigma ~ 1 is (1 - sigma) * x0 + sigma * eps ~ eps
     trajectory, x0_prev, h_prev, v_prev, s_prev = [x], None, None, None, None
+    points, used, x_last = [], None, None  # unipc: newest (sigma, x0) pairs, the last step's pairs and x
     lam = lambda s: math.log((1 - s) / s)
+    n = len(sigmas) - 1
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         sig = torch.full((B, T), s, device=x.device, dtype=x.dtype)
         if cond_sigma is not None:
@@ -423,6 +507,12 @@ def sample(velocity_fn, noise, sigmas, *, solver="dpm++2m", x_cond=None, frame_m
         v = velocity_fn(x, sig)
         if solver == "euler":
             x = x + (s_next - s) * v
+        elif solver == "unipc":
+            points = [(s, x - s * v)] + points[:1]
+            if i > 0:  # UniC: redo the last step with the x0 predicted at its end (v was taken before this)
+                x = _unipc_update(x_last, used, s, points[0][1])
+            used = points[: 1 if i in (0, n - 1) else 2]  # order 1 to warm up and last (lower_order_final)
+            x_last, x = x, _unipc_update(x, used, s_next)
         else:
             x0 = x - s * v
             if s_next == 0 and v_prev is not None:

@@ -7,22 +7,38 @@ Autoregressive rollouts of a trained world model: one frame + a task + K raw 57-
 
 The actions are cut into chunks of the model's length (12 for 13-frame training clips: 3 latent frames of 4
 actions each); every chunk is denoised with the latent frame it starts from held clean (Cosmos' video2world
-conditioning), and its last latent frame conditions the next chunk: the paper's eq. 1-2, a video predicted
-from its first frame as a chain of action-conditioned transitions. The last chunk is padded with still
-actions (no motion) and trimmed.
+conditioning), and its last frame conditions the next chunk: the paper's eq. 1-2, a video predicted from its
+first frame as a chain of action-conditioned transitions. The last chunk is padded with still actions (no
+motion) and trimmed.
+
+As the official `action_conditioned.py` does (carry "reencode", the default), each chunk's latents (its
+first frame's included) are decoded alone, clamped and quantized to uint8 exactly as the video is written
+(round((x + 1) * 127.5)); its last frame, back in [-1, 1], is encoded alone as the next chunk's first latent
+frame, which is what the model saw in training (a clip's first latent frame holds one frame, later ones
+four). The video is the chunks' decodes, each later chunk without its first frame (the previous chunk's
+last). A chunk starts on a first-frame latent, so it is a whole causal clip: decoding it alone is the right
+decode, and the cost is one decode of 1 + chunk/4 latent frames and one 1-frame encode per chunk (linear
+in the number of chunks; no decode from the start).
 
 Deliberate choices:
-- the latent is carried from chunk to chunk (no decode -> re-encode round trip); `--reencode` decodes the
-  last frame and encodes it as a fresh first frame instead, which is what the model saw in training (a
-  clip's first latent frame holds one frame, later ones four) at the cost of one VAE round trip per chunk;
+- the official code truncates to uint8 where we round, as our video files do: the frame a chunk is given
+  is the one written to the file;
+- carry "latent" (`--carry latent`) is kept as an option: the last latent frame (four frames' worth) goes on
+  as the next chunk's first, no VAE round trip; the whole latent video is decoded once at the end;
+- classifier-free guidance: the unconditional branch sees the embedding of `--negative-prompt`, as the
+  official code uses its default negative prompt's, else the empty prompt's (the null embedding); with the
+  text mode "none" every prompt, the negative one included, has the same zero embedding and text guidance
+  changes nothing;
 - each sample draws its noise from its own generator (seed + sample index, chunk), so a batch gives exactly
-  the samples that one-by-one runs give, up to floating-point reordering;
+  the samples that one-by-one runs give, up to floating-point reordering (which the uint8 step of carry
+  "reencode" can turn into one level of difference in a frame that starts a chunk);
 - input checks (action shape, NaN, image mode and size, sampler, checkpoint statistics) run before any model
   is loaded;
 - a model trained with `--trainable new` on a pretrained backbone is exported as its DexAC modules only; it is
   rebuilt on the backbone the file names, or on `--init` (a local file or a Hub spec, model.load_dit);
 - with the semantic branch, DINOv3 sees each chunk's first frame, as in training: the given image, then the
-  last generated frame (its latent decoded alone: exact for the pixel tokenizer, close for the VAE).
+  last generated frame: with carry "reencode" the quantized frame that is encoded (one decode for both), with
+  carry "latent" the last latent frame decoded alone (exact for the pixel tokenizer, close for the VAE).
 Outputs: an MP4 and a PNG contact sheet per sample; with ground truth (--episode) a side-by-side video and
 the per-frame PSNR.
 """
@@ -45,6 +61,17 @@ import hub
 import model as M
 import semantic as sem
 import tokenizer as tok
+
+CARRIES = {  # what conditions chunk c + 1 (rollout's `carry`; evaluate.py records the one it used)
+    "reencode": "each chunk's last frame decoded, quantized to uint8 and encoded alone (official)",
+    "latent": "each chunk's last latent frame carried over as is",
+}
+
+
+def to_uint8(video):
+    """(B, 3, T, H, W) pixels in [-1, 1] -> uint8 (B, T, H, W, 3), clamped and rounded as video files hold them."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1)
+
 
 def still_actions(n):
     """(n, 57) actions of no motion: zero translations and displacements, identity 6D rotations."""
@@ -134,12 +161,22 @@ class WorldModel:
             preset = next(k for k, v in sem.DINO_PRESETS.items() if v.dim == c.semantic_dim)
             self.dino = sem.load_dino(dino or tc.get("dino") or sem.DINO_REPO, preset, device=device, dtype=dtype)
 
+    def text_context(self, prompts, *, guidance=0.0, negative_prompt=None):
+        """prompts [B] -> the DiT's text context (B, L, D); with guidance (2B, L, D): the prompts', then the
+        unconditional branch's: the negative prompt's embedding (the official CFG), else the null one (the
+        empty prompt's). Built once per rollout: the Reason1 context is 100 MB a sample in bf16."""
+        text = self.text(prompts)
+        if guidance:
+            uncond = self.text.null(1) if negative_prompt is None else self.text([negative_prompt])
+            text = torch.cat([text, uncond.expand(len(text), -1, -1)])
+        return text.to(self.device, self.dtype)
+
     def velocity_fn(self, text, actions, frame_mask, *, guidance, feats=None, bar=None):
-        """v(x, sigma) with classifier-free guidance over the text (cond and uncond in one batch)."""
+        """v(x, sigma) with classifier-free guidance over the text: with guidance, text is text_context's
+        (2B, L, D), conditional then unconditional, and both branches run in one batch."""
         actions = actions if self.dit.action_cond is not None else None  # action_mode none: the backbone
         two = lambda t: None if t is None else torch.cat([t, t])
-        if guidance:  # built once per chunk, not per step (the Reason1 context is 100 MB a sample in bf16)
-            text = torch.cat([text, self.text.null(text.shape[0]).to(self.device, self.dtype)])
+        if guidance:  # built once per chunk, not per step
             frame_mask, actions, feats = two(frame_mask), two(actions), two(feats)
 
         def v(x, sigma):
@@ -152,34 +189,37 @@ class WorldModel:
         return v
 
     @torch.inference_mode()
-    def rollout(self, frame, actions, prompts, seeds, *, steps=35, solver="dpm++2m", schedule="shifted", shift=None,
-                guidance=0.0, reencode=False, progress=True, return_latents=False):
+    def rollout(self, frame, actions, prompts, seeds, *, steps=35, solver="unipc", schedule="shifted", shift=None,
+                guidance=0.0, negative_prompt=None, carry="reencode", progress=True, return_latents=False):
         """frame uint8 (B, H, W, 3); actions (B, K, 57) raw; prompts [B]; seeds [B] -> uint8 (B, 1 + K, H, W, 3)
-        (and the latents (B, C, T', h, w), first frame included, with return_latents). shift: the training
-        run's by default."""
+        (and the latents (B, C, T', h, w), first frame included, with return_latents: with carry "reencode"
+        each chunk's generated latents, which follow its re-encoded first frame). shift: the training run's by
+        default. negative_prompt: the unconditional branch's text when guidance > 0 (default: the null
+        embedding). carry: what conditions the next chunk, one of CARRIES."""
+        if carry not in CARRIES:
+            raise ValueError(f"unknown carry {carry!r}; choose one of {tuple(CARRIES)}")
         B, K = actions.shape[:2]
         chunk = self.dit.config.action_steps  # actions per chunk; chunk / 4 latent frames follow the held one
         n_chunks = math.ceil(K / chunk)
         pad = np.broadcast_to(still_actions(n_chunks * chunk - K), (B, n_chunks * chunk - K, C.ACTION_DIM))
         actions = torch.from_numpy(np.concatenate([actions, pad], 1)).to(self.device, self.dtype)
-        video = torch.from_numpy(np.array(frame)).to(self.device).permute(0, 3, 1, 2)[:, :, None]  # (B, 3, 1, H, W)
-        video = video.to(self.dtype) / 127.5 - 1
-        z = self.tokenizer.encode(video)  # (B, C, 1, h, w)
-        text = self.text(prompts).to(self.device, self.dtype)
+        first = torch.from_numpy(np.array(frame)).to(self.device).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+        first = first.to(self.dtype) / 127.5 - 1  # the frame that starts the chunk, in [-1, 1]
+        z = self.tokenizer.encode(first[:, :, None])  # (B, C, 1, h, w)
+        text = self.text_context(prompts, guidance=guidance, negative_prompt=negative_prompt)
         shift = self.shift if shift is None else shift
         sigmas = M.shifted_sigmas(steps, shift) if schedule == "shifted" else M.karras_sigmas(steps)
-        latents, cond = [z], z
+        latents, cond, pieces = [z], z, []  # pieces: carry "reencode", each chunk's frames (B, T, H, W, 3) uint8
         n_new = chunk // tok.TEMPORAL  # latent frames generated per chunk
         frame_mask = torch.zeros(B, 1 + n_new, device=self.device)
         frame_mask[:, 0] = 1
         bar = tqdm(total=n_chunks * steps, desc=f"{n_chunks} chunk(s) x {steps} steps", disable=not progress)
         # eq. 1-2: the video is a chain of action-conditioned transitions, one chunk of actions at a time
         for c in range(n_chunks):
-            # DINOv3 sees each chunk's first frame, as in training: the image, then the last generated frame
-            # (its latent decoded alone; exact for the pixel tokenizer, close for the VAE)
             feats = None
-            if self.dino is not None:
-                first = video[:, :, 0] if c == 0 else self.tokenizer.decode(cond)[:, :, 0].clamp(-1, 1)
+            if self.dino is not None:  # DINOv3 sees each chunk's first frame, as in training
+                if c and carry == "latent":  # the carried latent decoded alone (exact for the pixel tokenizer)
+                    first = self.tokenizer.decode(cond)[:, :, 0].clamp(-1, 1)
                 feats = sem.conditioning_features(self.dino, first).to(self.dtype)
             x_cond = torch.cat([cond, cond.new_zeros(B, cond.shape[1], n_new, *cond.shape[3:])], 2)  # (B, C, 1+n, h, w)
             noise = torch.stack([torch.randn(x_cond.shape[1:], generator=torch.Generator().manual_seed(
@@ -188,13 +228,21 @@ class WorldModel:
                                  feats=feats, bar=bar)
             x = M.sample(v, noise, sigmas, solver=solver, x_cond=x_cond, frame_mask=frame_mask)
             latents.append(x[:, :, 1:])
-            cond = x[:, :, -1:]
-            if reencode:  # decode (causally, so from the start) and encode the last frame alone, as a first frame
-                cond = self.tokenizer.encode(self.tokenizer.decode(torch.cat(latents, 2))[:, :, -1:])
+            if carry == "latent":
+                cond = x[:, :, -1:]
+                continue
+            # the chunk starts on a first-frame latent, so it is a whole causal clip: decoded alone, as written
+            frames = to_uint8(self.tokenizer.decode(x))  # (B, 1 + chunk, H, W, 3)
+            pieces.append((frames if c == 0 else frames[:, 1:]).cpu())  # a later chunk's first is the last one
+            first = frames[:, -1].permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1  # (B, 3, H, W), as frame 0
+            if c + 1 < n_chunks:
+                cond = self.tokenizer.encode(first[:, :, None])  # (B, C, 1, h, w): a first-frame latent
         bar.close()
         z = torch.cat(latents, 2)
-        out = self.tokenizer.decode(z)[:, :, :1 + K]  # (B, 3, 1 + K, H, W)
-        out = ((out.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu().numpy()
+        if carry == "latent":
+            out = to_uint8(self.tokenizer.decode(z)[:, :, :1 + K]).cpu().numpy()  # (B, 1 + K, H, W, 3)
+        else:
+            out = torch.cat(pieces, 1)[:, :1 + K].numpy()
         return (out, z) if return_latents else out
 
 
@@ -243,13 +291,18 @@ def parse_args(argv=None):
     p.add_argument("--num-actions", type=int, default=24, help="actions taken from --episode when no --actions")
     p.add_argument("--prompt", default=None, help="task description (default: the episode's, else empty)")
     p.add_argument("--steps", type=int, default=35, help="denoising steps per chunk")
-    p.add_argument("--sampler", default="dpm++2m", help=f"ODE solver, one of {M.SOLVERS}")
+    p.add_argument("--sampler", default="unipc", help=f"ODE solver, one of {M.SOLVERS} (unipc: the official one)")
     p.add_argument("--schedule", default="shifted", choices=["shifted", "karras"], help="sigma schedule")
     p.add_argument("--shift", type=float, default=None, help="shift of the shifted schedule (default: training's)")
     p.add_argument("--guidance", type=float, default=0.0, help="classifier-free text guidance g (0: off)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="text of the unconditional branch when --guidance > 0 (the official CFG uses its default "
+                        "negative prompt; its embedding must be in the training run's text cache); default: the "
+                        "empty prompt's null embedding")
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
     p.add_argument("--num-samples", type=int, default=1, help="samples per action file")
-    p.add_argument("--reencode", action="store_true", help="re-encode the last frame between chunks")
+    p.add_argument("--carry", default="reencode", choices=list(CARRIES),
+                   help="what conditions the next chunk: " + "; ".join(f"{k}: {v}" for k, v in CARRIES.items()))
     p.add_argument("--tokenizer-weights", default=None, help="override the Wan2.1 VAE weights the export names")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model dtype")
@@ -283,6 +336,10 @@ def main(argv=None):
                          f"{size[0]}x{size[1]}")
     if json.loads(meta.get("base", '""')) and not args.init:
         print(f"the checkpoint holds the DexAC modules only; backbone: {json.loads(meta['base'])}")
+    if args.negative_prompt is not None and not args.guidance:
+        print("notice: --negative-prompt has no effect without --guidance")
+    elif args.guidance and json.loads(meta.get("text", "{}")).get("mode") == "none":
+        print("notice: the model was trained without text (text mode none): --guidance changes nothing")
     if (args.image is None) == (args.episode is None):
         raise SystemExit("error: give the first frame with exactly one of --image or --episode")
     try:
@@ -313,7 +370,7 @@ def main(argv=None):
     t0 = time.time()
     videos = wm.rollout(np.broadcast_to(frame, (len(names), *frame.shape)), actions, [prompt or ""] * len(names),
                         seeds, steps=args.steps, solver=args.sampler, schedule=args.schedule, shift=args.shift,
-                        guidance=args.guidance, reencode=args.reencode)
+                        guidance=args.guidance, negative_prompt=args.negative_prompt, carry=args.carry)
     print(f"{len(names)} rollout(s) of up to {K} actions in {time.time() - t0:.1f} s")
     out = Path(args.out)
     for name, video, k in zip(names, videos, lengths):

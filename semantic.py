@@ -350,7 +350,9 @@ class TextEmbedder:
     mode "none": no text. Every prompt and the null prompt get one fixed embedding, zeros
       (max_tokens, text_dim), which crossattn_proj maps to GELU(bias) per token; text guidance is then
       a no-op (cond == uncond). A tiny DiT may use a small text_dim and max_tokens.
-    The null embedding for classifier-free guidance (and text dropout) is the empty prompt "".
+    The null embedding of classifier-free guidance is the empty prompt's "" (sample.py's --negative-prompt
+    replaces it, as the official CFG does with its default negative prompt); training's text dropout uses
+    zeros, as the official recipe does (train.drop_text).
     Storage is `dtype` (bf16: 512 x 100352 x 2 bytes = 103 MB per prompt), on the CPU."""
 
     def __init__(self, mode="reason1", *, cache_dir=None, encoder=None, encoder_id=REASON1_ID, text_dim=TEXT_DIM,

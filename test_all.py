@@ -18,14 +18,17 @@ just above it. Then one class per concept, in the README's reading order:
     TestStructure     imports flow one way through the modules' levels; README's paper-to-code table names real code
     TestHub           where weights come from: local files, the Hub cache offline, gated repos, URLs, missing files
     TestConditioning  DexAC and the MLP baselines: identity at init, every input used, official layout, norm
-    TestModel         the DiT against diffusers, official-weight loading, rectified flow: loss, samplers, guidance
+    TestModel         the DiT against diffusers, official-weight loading, rectified flow: loss, samplers (UniPC against
+                      diffusers), schedules, guidance
     TestTokenizer     the Wan2.1 VAE against diffusers, its layouts, chunking and tiling; the pixel tokenizer
     TestSemantic      DINOv3 against transformers, Reason1 text embeddings and their cache, projector, DiT branch
     TestData          the 57-D action, EgoDex/EgoVerse readers, corrupt episodes, clips, sampler, stats, latent cache
     TestRealData      every quirk of the real datasets, one file each; the EgoVerse split; a run on a quirky root
     TestSynthetic     the synthetic dataset's writer and renderer, and the colour-marker detector
-    TestTrain         train.py runs: outputs, exact resume (also 2 torchrun ranks -> 1), SIGTERM, --init, bad flags
-    TestSample        rollouts from an export: seeds and batching, the sample command, DexAC-only exports, DINOv3
+    TestTrain         train.py runs: outputs, exact resume (also 2 torchrun ranks -> 1), SIGTERM, --init, bad flags;
+                      the paper preset, text dropout, the official optimizer and schedules
+    TestSample        rollouts from an export: seeds and batching, the sample command, DexAC-only exports, DINOv3,
+                      the chunk carry (re-encoded uint8 last frame), the negative prompt
     TestEvaluate      PSNR, SSIM, LPIPS, Frechet distances, FID, FVD, latent L2, PCK, the report, the protocol
     TestMiniature     the conditioning-mode experiment end to end at a toy budget, and its figure labels
     TestBench         the benchmark command lines run on tiny shapes
@@ -36,6 +39,7 @@ or the miniature experiment, or run diffusers' whole pipeline.
 
 import ast
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -50,7 +54,7 @@ import time
 import tokenize
 import types
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import h5py
@@ -58,6 +62,7 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -131,6 +136,10 @@ def official_pt(model, path):
     sd["net.accum_video_sample_counter"] = torch.tensor(3)
     sd["net.blocks.0.self_attn.q_proj._extra_state"] = torch.tensor(0)
     torch.save(sd, path)
+
+
+class Unsafe:
+    """A Python object a state dict should not hold: loading it would run this module's code."""
 
 
 # --- the Hugging Face Hub cache
@@ -473,6 +482,26 @@ MISSING_FILES = {  # case -> (call on tmp_path, exception, message)
 class TestHub:
     """Every loader resolves its weights the same way: a local file or folder, the Hub cache (also offline),
     a URL downloaded once; what is missing or refused gives one message that says where to get it."""
+
+    def test_official_pt_with_transformer_engine_extra_state_loads(self, tmp_path):
+        """The official .pt files may hold Transformer Engine `_extra_state` entries that are io.BytesIO objects
+        (upstream loads them with weights_only=False): they load, those entries dropped; any other Python
+        object is refused unread, with one message."""
+        src = randomize(M.DiT(DIT_SMALL), seed=3).eval()
+        official_pt(src, tmp_path / "plain.pt")
+        sd = torch.load(tmp_path / "plain.pt")
+        sd["net.blocks.0.self_attn.k_proj._extra_state"] = io.BytesIO(b"fp8 scaling metadata")
+        torch.save(sd, tmp_path / "te.pt")
+        with pytest.raises(Exception, match="Weights only load failed"):  # what a plain weights_only load says
+            torch.load(tmp_path / "te.pt", weights_only=True)
+        model = M.load_dit(str(tmp_path / "te.pt"), DIT_SMALL)
+        for k, v in src.state_dict().items():
+            assert torch.equal(model.state_dict()[k], v), k
+        sd["net.blocks.1.mlp._extra_state"] = Unsafe()
+        torch.save(sd, tmp_path / "unsafe.pt")
+        with pytest.raises(hub.WeightsError, match=r"holds Python objects of types \['[\w.]*Unsafe'\] \(loading them "
+                                                   r"could run code\): re-save it"):
+            M.load_dit(str(tmp_path / "unsafe.pt"), DIT_SMALL)
 
     @pytest.mark.slow
     def test_dit_hub_cache_offline_in_a_fresh_process(self, tmp_path):
@@ -852,7 +881,7 @@ class TestConditioning:
         B, T, H, W = ACTION_GRID
         base = randomize(M.DiT(DIT_SMALL), seed=4).eval()
         sd = official_action_file(base, tmp_path / "action_cond.pt")
-        config = replace(DIT_SMALL, action_mode="mlp", action_dim=7, action_norm="scale", action_scale=20.0)
+        config = replace(DIT_SMALL, action_mode="mlp", action_dim=7, action_norm="scale")  # the default factors
         model = M.load_dit(str(tmp_path / "action_cond.pt"), config).eval()
         g = torch.Generator().manual_seed(6)
         x, text = torch.randn(B, 16, T, H, W, generator=g), torch.randn(B, 5, DIT_SMALL.text_dim, generator=g)
@@ -862,8 +891,9 @@ class TestConditioning:
         sigma = torch.rand(B, 1).expand(B, T).clone()
         sigma[:, 0] = 1e-4
 
-        # the official formula: x20 scaling, 4 actions per latent frame, GELU-tanh MLPs, zero for frame 0
-        a = (actions * 20).reshape(B, T - 1, 4 * 7)
+        # the official formula: xyz/rpy deltas x20 and the absolute gripper x1, 4 actions per latent frame,
+        # GELU-tanh MLPs, zero for frame 0
+        a = (actions * torch.tensor([20.0, 20, 20, 20, 20, 20, 1])).reshape(B, T - 1, 4 * 7)
         mlp = lambda p: F.linear(F.gelu(F.linear(a, sd[p + "fc1.weight"], sd[p + "fc1.bias"]), approximate="tanh"),
                                  sd[p + "fc2.weight"], sd[p + "fc2.bias"])
         zero_first = lambda e: torch.cat([torch.zeros_like(e[:, :1]), e], dim=1)
@@ -918,6 +948,21 @@ class TestConditioning:
     def test_scale_and_no_normalization(self, mode, factor):
         _, _, _, _, a = action_batch()
         assert torch.equal(conditioning.ActionNorm(N_ACT, mode)(a), a * factor)
+
+    def test_scale_takes_one_factor_per_dimension(self):
+        """action_norm "scale" with a vector: each dimension by its own factor; the released robot model's 7-D
+        actions default to x20 on the six xyz/rpy deltas and x1 on the absolute gripper state."""
+        _, _, _, _, a = action_batch()
+        factors = torch.linspace(0.5, 3, N_ACT)
+        assert torch.equal(conditioning.ActionNorm(N_ACT, "scale", factors.tolist())(a), a * factors)
+        with pytest.raises(ValueError, match=f"action_scale has 3 factors for {N_ACT} action dimensions"):
+            conditioning.ActionNorm(N_ACT, "scale", [1, 2, 3])
+        robot = conditioning.build_action_cond("mlp", 64, 4, n_dims=7, steps=4, norm="scale")
+        gripper = torch.zeros(1, 4, 7)
+        gripper[..., 6] = 1.0  # the gripper state alone
+        assert torch.equal(robot.norm(gripper), gripper)
+        assert torch.equal(robot.norm(gripper.roll(1, -1)), gripper.roll(1, -1) * 20)  # an xyz delta: x20
+        assert conditioning.build_action_cond("dexac", 64, 4, norm="scale", width=32).norm.scale == 200.0
 
     def test_zscore_inside_a_module_equals_normalized_actions(self):
         """zscore on raw actions == no normalization on normalized actions, same weights."""
@@ -1093,6 +1138,134 @@ DIT_BAD_INPUTS = {  # case -> (call, exception, message)
 }
 
 
+GAUSS_MU = torch.tensor([0.7, -1.2], dtype=torch.float64)  # per channel: x0 ~ N(mu_c, std_c^2) elementwise
+
+
+GAUSS_STD = torch.tensor([0.4, 0.9], dtype=torch.float64)
+
+
+MIX1_MEANS = torch.tensor([-1.5, 0.5, 2.0], dtype=torch.float64)  # a 1-D mixture, elementwise: nonlinear v
+
+
+MIX1_STD = torch.tensor([0.3, 0.2, 0.5], dtype=torch.float64)
+
+
+MIX1_W = torch.tensor([0.3, 0.5, 0.2], dtype=torch.float64)
+
+
+def gaussian_velocity(x, sigma):
+    """E[eps - x0 | x_sigma] for x0 ~ N(mu_c, std_c^2) per element; x (B, 2, T, H, W), sigma (B, T)."""
+    s = sigma.double()[:, None, :, None, None]
+    mu, std = GAUSS_MU.view(1, 2, 1, 1, 1), GAUSS_STD.view(1, 2, 1, 1, 1)
+    var = (1 - s) ** 2 * std**2 + s**2  # Var[x_sigma]
+    return ((s - (1 - s) * std**2) / var * (x.double() - (1 - s) * mu) - mu).to(x.dtype)
+
+
+def gaussian_exact(x, s):
+    """The exact flow-ODE map of gaussian_velocity from x at sigma s to 0: it keeps the standardized value."""
+    mu, std = GAUSS_MU.view(1, 2, 1, 1, 1), GAUSS_STD.view(1, 2, 1, 1, 1)
+    return mu + std * (x - (1 - s) * mu) / torch.sqrt((1 - s) ** 2 * std**2 + s**2)
+
+
+def mixture1_velocity(x, sigma):
+    """E[eps - x0 | x_sigma] for x0 ~ a 1-D Gaussian mixture per element; x (B, C, T, H, W), sigma (B, T)."""
+    z, s = x.double()[..., None], sigma.double()[:, None, :, None, None, None]  # (..., 1): K on the last axis
+    var = (1 - s) ** 2 * MIX1_STD**2 + s**2
+    diff = z - (1 - s) * MIX1_MEANS
+    post = torch.softmax(torch.log(MIX1_W) - diff**2 / (2 * var) - 0.5 * torch.log(var), dim=-1)
+    e_x0 = MIX1_MEANS + (1 - s) * MIX1_STD**2 / var * diff
+    e_eps = s / var * diff
+    return (post * (e_eps - e_x0)).sum(-1).to(x.dtype)
+
+
+def coupled_velocity(x, sigma):
+    """mixture1_velocity plus a term that mixes frames and their sigmas, so held frames and cond_sigma matter."""
+    mix = torch.tanh((x - sigma[:, None, :, None, None].to(x.dtype)).mean(dim=2, keepdim=True))
+    return mixture1_velocity(x, sigma) + 0.3 * mix
+
+
+def diffusers_unipc(velocity_fn, noise, sigmas, *, x_cond=None, frame_mask=None, cond_sigma=None):
+    """diffusers' UniPCMultistepScheduler (order 2, bh2, flow prediction, lower_order_final) on the flow sigmas
+    `sigmas` (n + 1,): conditional frames enter the velocity as x_cond (at cond_sigma) and are set at the end."""
+    diffusers = pytest.importorskip("diffusers")
+    sigmas = sigmas.double()
+    shifted = torch.allclose(sigmas, M.shifted_sigmas(len(sigmas) - 1).double(), atol=0, rtol=0)
+    # diffusers shifts the sigmas it is given by flow_shift, then appends the final 0 (final_sigmas_type "zero").
+    # Its own schedule (set_timesteps(n)) is linspace(1, 1/1000, n + 1)[:-1], shifted, the first moved to
+    # 1 - 1e-6: not the official linspace(0.999, 0, n + 1)[:-1]. So we hand it the official unshifted sigmas
+    # with flow_shift 5 (the shifted schedule), or our sigmas with flow_shift 1 (anything else, e.g. Karras).
+    scheduler = diffusers.UniPCMultistepScheduler(
+        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=5.0 if shifted else 1.0,
+        solver_order=2, solver_type="bh2", lower_order_final=True, final_sigmas_type="zero")
+    n = len(sigmas) - 1
+    scheduler.set_timesteps(sigmas=np.linspace(0.999, 0, n + 1)[:-1] if shifted else sigmas[:-1].numpy())
+    assert len(scheduler.sigmas) == n + 1 and scheduler.sigmas[-1] == 0
+    assert torch.allclose(scheduler.sigmas.double(), sigmas, atol=1e-6, rtol=0)  # the same sigmas (float32)
+    scheduler.set_begin_index(0)
+    B, _, T = noise.shape[:3]
+    mask = torch.zeros(B, T, dtype=noise.dtype) if frame_mask is None else frame_mask.to(noise.dtype)
+    m = mask[:, None, :, None, None]
+    x = noise * sigmas[0].item()
+    for i, t in enumerate(scheduler.timesteps):
+        sig = torch.full((B, T), scheduler.sigmas[i].item(), dtype=noise.dtype)
+        x_in = x
+        if x_cond is not None:
+            x_in = m * x_cond + (1 - m) * x
+            if cond_sigma is not None:
+                sig = torch.where(mask.bool(), torch.full_like(sig, cond_sigma), sig)
+        x = scheduler.step(velocity_fn(x_in, sig), t, x).prev_sample
+    return x if x_cond is None else m * x_cond + (1 - m) * x
+
+
+FP32_ACTION_PARTS = {"none": (), "mlp": ("embed_d.", "embed_3d."), "mlp-flat": ("embed_d.",),
+                     "dexac": ("tokenizer.", "glob."), "dexac-no-local": ("tokenizer.", "glob."),
+                     "dexac-no-global": ("tokenizer.",), "dexac-time": ("tokenizer.", "glob.")}
+
+
+def on_fp32_path(name, mode):
+    """The spec, written out independently of model.fp32_modules: the timestep MLP and its norm, every block's
+    three AdaLN modulations, the whole final layer, and the action conditioning's AdaLN heads."""
+    name = name.replace("_checkpoint_wrapped_module.", "")
+    return (name.startswith(("t_linear_1.", "t_linear_2.", "t_norm.", "final."))
+            or (name.startswith("blocks.") and name.split(".")[2] in ("mod_self_attn", "mod_cross_attn", "mod_mlp"))
+            or name.startswith(tuple(f"action_cond.{p}" for p in FP32_ACTION_PARTS[mode])))
+
+
+def assert_split(model, mode, low=torch.bfloat16):
+    """fp32 on the fp32 path, `low` everywhere else, and both parts non-empty."""
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    fp32 = [n for n in dtypes if on_fp32_path(n, mode)]
+    assert fp32 and len(fp32) < len(dtypes)
+    wrong = {n: d for n, d in dtypes.items() if d != (torch.float32 if n in fp32 else low)}
+    assert not wrong, wrong
+
+
+def adaln_probe(model, *args, **kwargs):
+    """One forward -> {output, emb, AdaLN-LoRA term, block 0's self-attention shift/scale/gate before the cast}."""
+    seen = {}
+    block = model.blocks[0]
+    hooks = [block.register_forward_pre_hook(lambda _, a: seen.update(emb=a[1], lora=a[2])),
+             block.mod_self_attn.register_forward_hook(lambda _, a, out: seen.update(mod=out))]
+    try:
+        with torch.no_grad():
+            out = model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"output": out.double(), "emb": seen["emb"].double(), "lora": seen["lora"].double(),
+            "shift/scale/gate": seen["mod"].double() + seen["lora"].double()}
+
+
+@pytest.fixture
+def one_rank():
+    """A one-process gloo group, as train.py makes for a plain CPU run."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 class TestModel:
     """The DiT equals diffusers' Cosmos DiT on the same weights; official checkpoints load in every layout;
     rectified flow's loss and samplers give known answers on a Gaussian mixture with an exact velocity."""
@@ -1209,12 +1382,6 @@ class TestModel:
             assert abs((nearest == k).double().mean() - MIX_W[k]) < 0.03
             assert (x[nearest == k].mean(0) - MIX_MEANS[k]).norm() < 0.1
 
-    def test_karras_schedule(self):
-        s = M.karras_sigmas(10)
-        assert math.isclose(s[0].item(), 200 / 201, rel_tol=1e-6)
-        assert math.isclose(s[-2].item(), 0.01 / 1.01, rel_tol=1e-5)
-        assert s[-1] == 0 and torch.all(s[1:] < s[:-1])
-
     def test_sampler_holds_conditional_frames(self):
         """Conditional frames come out as given and enter the model at cond_sigma, the others at the schedule's."""
         s = M.karras_sigmas(10)
@@ -1262,6 +1429,189 @@ class TestModel:
         assert torch.equal(*losses)
         no_mask = M.flow_loss(garbage, x0, None, generator=torch.Generator().manual_seed(5))[0]
         assert no_mask.mean() > 1e5  # ...while without the mask it would
+
+    @pytest.mark.parametrize("schedule, steps", [("shifted", 35), ("shifted", 5), ("shifted", 2), ("karras", 35)])
+    def test_unipc_equals_diffusers(self, schedule, steps):
+        """Same sigmas, same noise, same (nonlinear) velocity field: the same samples to 1e-5."""
+        sigmas = M.shifted_sigmas(steps, 5.0) if schedule == "shifted" else M.karras_sigmas(steps)
+        noise = torch.randn(16, 2, 3, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        ours = M.sample(mixture1_velocity, noise, sigmas, solver="unipc")
+        theirs = diffusers_unipc(mixture1_velocity, noise, sigmas)
+        assert (ours - theirs).abs().max() < 1e-5
+        assert (ours - M.sample(mixture1_velocity, noise, sigmas, solver="dpm++2m")).abs().max() > 1e-3
+
+    def test_unipc_holds_conditional_frames_as_diffusers(self):
+        """Held frames come out as x_cond exactly; the rest equals diffusers fed the held frames at cond_sigma."""
+        sigmas = M.shifted_sigmas(35, 5.0)
+        g = torch.Generator().manual_seed(1)
+        noise = torch.randn(3, 2, 4, 2, 2, generator=g, dtype=torch.float64)
+        x_cond = torch.randn(3, 2, 4, 2, 2, generator=g, dtype=torch.float64)
+        mask = torch.tensor([[1.0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.float64)
+        ours = M.sample(coupled_velocity, noise, sigmas, solver="unipc", x_cond=x_cond, frame_mask=mask,
+                        cond_sigma=0.05)
+        keep = mask.bool()[:, None, :, None, None].expand_as(ours)
+        assert torch.equal(ours[keep], x_cond[keep])
+        theirs = diffusers_unipc(coupled_velocity, noise, sigmas, x_cond=x_cond, frame_mask=mask, cond_sigma=0.05)
+        assert (ours - theirs).abs().max() < 1e-5
+        no_cond_sigma = diffusers_unipc(coupled_velocity, noise, sigmas, x_cond=x_cond, frame_mask=mask)
+        assert (ours - no_cond_sigma)[~keep].abs().max() > 1e-3  # the comparison does see cond_sigma
+
+    @pytest.mark.parametrize("solver", ["euler", "dpm++2m", "unipc"])
+    def test_trajectory_holds_conditional_frames(self, solver):
+        sigmas = M.karras_sigmas(6)
+        x_cond, mask = torch.randn(2, 2, 3, 1, 1, dtype=torch.float64), torch.tensor([[1.0, 0, 0], [0, 0, 0]])
+        noise = torch.randn(2, 2, 3, 1, 1, dtype=torch.float64)
+        x, traj = M.sample(gaussian_velocity, noise, sigmas, solver=solver, x_cond=x_cond, frame_mask=mask,
+                           return_trajectory=True)
+        assert len(traj) == len(sigmas) and torch.equal(traj[-1], x)
+        assert all(torch.equal(t[:1, :, :1], x_cond[:1, :, :1]) for t in traj)
+
+    def test_unipc_converges_to_the_exact_ode_solution(self):
+        """Gaussian data: the flow ODE's solution is known in closed form. Mean distance to it on the official
+        schedule, 35 / 70 steps: Euler 0.079 / 0.040, dpm++2m 0.020 / 0.012, unipc 0.016 / 0.0024."""
+        noise = torch.randn(4000, 2, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        sigmas = M.shifted_sigmas(35, 5.0)
+        exact = gaussian_exact(noise * sigmas[0].item(), sigmas[0].item())
+        err = {}
+        for solver in M.SOLVERS:
+            for n in (35, 70):
+                x = M.sample(gaussian_velocity, noise, M.shifted_sigmas(n, 5.0), solver=solver)
+                err[solver, n] = (x - exact).flatten(1).norm(dim=1).mean().item()
+        assert err["unipc", 35] < 0.5 * err["euler", 35], err
+        assert err["unipc", 70] < 0.5 * err["unipc", 35], err  # halving the step more than halves the error
+
+    @pytest.mark.parametrize("n", [1, 10, 35])
+    def test_karras_schedule_has_the_official_points(self, n):
+        s = M.karras_sigmas(n)
+        assert s.shape == (n + 2,) and s[-1] == 0 and torch.all(s[1:] < s[:-1])
+        assert math.isclose(s[0].item(), 200 / 201, rel_tol=1e-6)
+        assert math.isclose(s[n].item(), 0.01 / 1.01, rel_tol=1e-6)
+        ramp = np.arange(n + 1) / n  # the official formula, independently in numpy float64
+        edm = (200.0 ** (1 / 7) + ramp * (0.01 ** (1 / 7) - 200.0 ** (1 / 7))) ** 7
+        expected = np.append(edm / (1 + edm), 0.0)
+        np.testing.assert_allclose(s.double().numpy(), expected, rtol=1e-6, atol=0)
+
+    def test_karras_schedule_makes_n_plus_1_network_calls(self):
+        calls = []
+        M.sample(lambda x, s: calls.append(1) or torch.zeros_like(x), torch.randn(1, 1, 1, 1, 1),
+                 M.karras_sigmas(35), solver="unipc")
+        assert len(calls) == 36
+
+    @pytest.mark.parametrize("mode", list(FP32_ACTION_PARTS))
+    def test_cast_to_bf16_keeps_the_fp32_path_unrounded(self, mode):
+        """model.to(bf16) (and .bfloat16(), .half()) leave the fp32 path in fp32, bit for bit; everything else
+        is cast. .double() takes all of it to fp64 (the fp32 path is a floor, not a fixed dtype)."""
+        model = randomize(M.DiT(action_config(mode)))
+        ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+        model.to(torch.bfloat16)
+        assert_split(model, mode)
+        for n, p in model.named_parameters():
+            if on_fp32_path(n, mode):
+                assert torch.equal(p, ref[n]), n
+        assert_split(randomize(M.DiT(action_config(mode))).half(), mode, low=torch.float16)
+        assert {p.dtype for p in model.double().parameters()} == {torch.float64}
+
+    def test_meta_construction_and_to_empty_keep_the_fp32_path(self):
+        """train.py's path: built on the meta device, to_empty, then a bf16 cast."""
+        with torch.device("meta"):
+            model = M.DiT(action_config("dexac"))
+        model.to_empty(device="cpu").to(torch.bfloat16)
+        assert_split(model, "dexac")
+
+    def test_load_dit_with_bf16_keeps_the_fp32_path(self, tmp_path):
+        """An official-layout bf16 file loaded as bf16 (and in its own dtype): the fp32 path is upcast exactly."""
+        src = randomize(M.DiT(DIT_SMALL)).to(torch.bfloat16)  # the fp32 path stays fp32 here: round it as a file
+        for p in src.parameters():
+            p.data = p.data.bfloat16()
+        official_pt(src, tmp_path / "base.pt")
+        for dtype in (torch.bfloat16, None):  # None: the file's bf16 for the backbone (new modules stay fp32)
+            model = M.load_dit(str(tmp_path / "base.pt"), action_config("dexac"), dtype=dtype)
+            if dtype is None:  # the backbone in the file's bf16, the new action modules in fp32
+                assert {n: p.dtype for n, p in model.named_parameters() if not n.startswith("action_cond.")} == {
+                    n: torch.float32 if on_fp32_path(n, "dexac") else torch.bfloat16 for n, p in src.named_parameters()}
+                assert {p.dtype for p in model.action_cond.parameters()} == {torch.float32}
+            else:
+                assert_split(model, "dexac")
+            for n, p in src.named_parameters():
+                assert torch.equal(model.get_parameter(n).float(), p.float()), n
+
+    def test_load_exported_with_bf16_keeps_the_fp32_path(self, tmp_path):
+        """A train.py-style export (bf16 tensors, the config in the metadata) loaded as bf16 or in its own
+        dtype: the fp32 path is fp32 with the file's values, the rest bf16."""
+        cfg = action_config("mlp")
+        model = randomize(M.DiT(cfg))
+        model.action_cond.set_stats(*random_action_stats())
+        sd = {k: (v.bfloat16() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+        save_file(sd, str(tmp_path / "model.safetensors"), metadata={"model_config": json.dumps(asdict(cfg))})
+        for dtype in (torch.bfloat16, None):
+            net, _ = M.load_exported(tmp_path / "model.safetensors", dtype=dtype)
+            assert_split(net, "mlp")
+            assert set(net.state_dict()) == set(sd)  # key names unchanged
+            for n, p in net.named_parameters():
+                assert torch.equal(p.float(), sd[n].float()), n
+
+    def test_fp32_path_is_closer_to_fp64_than_all_bf16(self):
+        """Against the same weights in fp64: the AdaLN inputs (emb, the AdaLN-LoRA term, shift/scale/gate) of the
+        fp32 path are at fp32 rounding, the all-bf16 network's at bf16 rounding (~3e-3); the output is closer too."""
+        model = randomize(M.DiT(action_config("dexac")), std=0.2).eval()
+        model.action_cond.set_stats(*random_action_stats())
+        x, sigma, text, mask, actions = action_batch()
+        exact = adaln_probe(copy.deepcopy(model).double(), x.double(), sigma, text.double(), mask, actions=actions)
+        fp32_path = copy.deepcopy(model).to(torch.bfloat16)
+        all_bf16 = copy.deepcopy(model)
+        for p in all_bf16.parameters():  # what the model computed before: the conditioning path in bf16 too
+            p.data = p.data.bfloat16()
+        err = {}
+        for name, m in (("fp32 path", fp32_path), ("all bf16", all_bf16)):
+            got = adaln_probe(m, x.bfloat16(), sigma, text.bfloat16(), mask, actions=actions)
+            err[name] = {k: ((got[k] - exact[k]).norm() / exact[k].norm()).item() for k in got}
+        for k in ("emb", "lora", "shift/scale/gate"):
+            assert err["fp32 path"][k] < 1e-5 < 1e-3 < err["all bf16"][k], (k, err)
+        assert err["fp32 path"]["output"] < err["all bf16"]["output"], err
+
+    def test_fp32_path_computes_in_fp32_under_autocast(self):
+        """Inside a bf16 autocast region the fp32 path still computes in fp32; the blocks' linears do not."""
+        model = randomize(M.DiT(action_config("dexac"))).eval()
+        model.action_cond.set_stats(*random_action_stats())
+        seen = {}
+        watch = {"mod": model.blocks[0].mod_mlp.up, "t_linear_2": model.t_linear_2,
+                 "final": model.final.linear, "glob": model.action_cond.glob.to_3d, "q": model.blocks[0].self_attn.q}
+        for name, m in watch.items():
+            m.register_forward_hook(lambda _, a, out, name=name: seen.setdefault(name, out.dtype) and None)
+        x, sigma, text, mask, actions = action_batch()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x, sigma, text, mask, actions=actions)
+        assert seen == {"mod": torch.float32, "t_linear_2": torch.float32, "final": torch.float32,
+                        "glob": torch.float32, "q": torch.bfloat16}
+
+    @pytest.mark.parametrize("ac", [False, True])
+    def test_fsdp_bf16_keeps_the_fp32_path_in_fp32(self, one_rank, ac):
+        """train.parallelize with the bf16 parameter policy on 1 gloo rank: the fp32 path's linears see fp32
+        weights and inputs, a block's attention projection bf16; its gradients arrive in fp32; and the forward
+        is the same computation as the unsharded model.to(bf16)."""
+        model = randomize(M.DiT(action_config("dexac")))
+        model.action_cond.set_stats(*random_action_stats())
+        plain = copy.deepcopy(model).to(torch.bfloat16)
+        assert train.parallelize(model, torch.device("cpu"), ac, bf16=True) == torch.bfloat16
+        block = getattr(model.blocks[0], "_checkpoint_wrapped_module", model.blocks[0])
+        seen = {}
+        watch = {"mod": block.mod_self_attn.down, "t_linear_1": model.t_linear_1, "final": model.final.linear,
+                 "glob": model.action_cond.glob.to_d, "q": block.self_attn.q, "local": model.action_cond.local.proj}
+        for name, m in watch.items():
+            m.register_forward_hook(lambda mod, a, out, name=name: seen.setdefault(
+                name, (mod.weight.dtype, a[0].dtype, out.dtype)) and None)
+        x, sigma, text, mask, actions = action_batch()
+        args = (x.bfloat16(), sigma, text.bfloat16(), mask)
+        out = model(*args, actions=actions)
+        f32, b16 = (torch.float32,) * 3, (torch.bfloat16,) * 3
+        assert seen == {"mod": f32, "t_linear_1": f32, "final": f32, "glob": f32, "q": b16, "local": b16}
+        with torch.no_grad():
+            assert torch.equal(out, plain(*args, actions=actions))
+        out.float().square().mean().backward()
+        for n, p in model.named_parameters():
+            assert p.dtype == p.grad.dtype == torch.float32 and torch.isfinite(p.grad.full_tensor()).all(), n
+        assert model.blocks[0].get_parameter(
+            "_checkpoint_wrapped_module.mod_mlp.up.weight" if ac else "mod_mlp.up.weight").grad.full_tensor().abs().max() > 0
 
 
 # =====================================================================================================================
@@ -3007,6 +3357,166 @@ class TestTrain:
             capsys.readouterr().out
         assert stream.sampler.epoch == 1
 
+    def test_paper_preset_is_the_paper_protocol(self):
+        """Every value the paper states (DESIGN.md sections 6-7), and the official recipe's choices."""
+        P = train.PRESETS["paper"]
+        # 13-frame clips: 1 conditioning + 12 predicted frames, 12 actions, 4 latent frames at 4x compression
+        assert P.frames == 13 and tk.TEMPORAL == 4 and tk.latent_frames(P.frames) == 4
+        assert train.model_config(P, 16).action_steps == 12
+        assert tk.build_tokenizer("pixel").encode(torch.zeros(1, 3, P.frames, 16, 16)).shape[2] == 4
+        assert (P.height, P.width) == (288, 512)
+        # global batch 64 = 8 GPUs x micro-batch 8, no accumulation
+        assert (P.batch_size, P.micro_batch) == (64, 8) and train.check_config(P, 8) == 1
+        assert P.epochs == 2 and P.weight_decay == 0.1
+        assert isinstance(train.build_optimizer(torch.nn.Linear(2, 2), P), torch.optim.AdamW)
+        assert P.model == "cosmos2b" and P.data == "data/egodex" and P.action_mode == "dexac"
+        # the official robot/action-cond recipe
+        assert P.init == "base/pre-trained" and P.betas == (0.9, 0.999) and P.decay_all
+        assert (P.schedule, P.warmup, P.min_lr_ratio, P.decay_steps) == ("linear", 100, 0.4, 400_000)
+        assert P.grad_clip == 0.1 and P.text_dropout == 0.2
+        # fp32 master weights: not the official pure-bf16 32e-5
+        assert P.lr == 2 ** -14.5 < 32e-5
+        # sampling as the official action model: UniPC, 35 steps, shift 5 (previews, evaluation, sample.py)
+        assert (P.preview_steps, P.shift) == (35, 5.0)
+        assert (E.EvalConfig().sampler, E.EvalConfig().steps) == ("unipc", 35)
+        assert S.parse_args(["--checkpoint", "m"]).sampler == "unipc"
+
+    def test_linear_schedule_by_hand(self):
+        cfg = train.TrainConfig(lr=2.0, warmup=10, steps=110, schedule="linear", min_lr_ratio=0.4)
+        assert train.lr_at(0, cfg) == pytest.approx(0.2) and train.lr_at(9, cfg) == pytest.approx(2.0)
+        assert train.lr_at(10, cfg) == pytest.approx(2.0)
+        assert train.lr_at(35, cfg) == pytest.approx(2.0 * (1 - 0.6 * 25 / 100))  # 1.7
+        assert train.lr_at(60, cfg) == pytest.approx(1.4)
+        assert train.lr_at(110, cfg) == pytest.approx(0.8) and train.lr_at(500, cfg) == pytest.approx(0.8)
+        # decay_steps: the horizon is its own, not the run's length
+        far = replace(cfg, decay_steps=1010)
+        assert train.lr_at(110, far) == pytest.approx(2.0 * (1 - 0.6 * 0.1))  # 1.88
+        assert train.lr_at(510, far) == pytest.approx(1.4) and train.lr_at(2000, far) == pytest.approx(0.8)
+        # cosine honours decay_steps too; without it, nothing changed
+        cos = train.TrainConfig(lr=1.0, warmup=10, steps=110, schedule="cosine", min_lr_ratio=0.1)
+        assert train.lr_at(60, cos) == pytest.approx(0.55)
+        assert train.lr_at(510, replace(cos, steps=5000, decay_steps=1010)) == pytest.approx(0.55)
+
+    def test_paper_schedule_is_the_official_lambda_linear_scheduler(self):
+        """The official LambdaLinearScheduler after its warm-up: f_min + (f_max - f_min) (L - n) / (L - W)."""
+        P = train.PRESETS["paper"]
+        W, L, f_min = 100, 400_000, 0.4
+        for n in (100, 1000, 16_000, 100_000, 200_050, 400_000):
+            assert train.lr_at(n, P) / P.lr == pytest.approx(f_min + (1 - f_min) * (L - n) / (L - W))
+        assert train.lr_at(16_000, P) / P.lr == pytest.approx(0.976, abs=1e-3)  # the official 16k: barely decays
+        assert train.lr_at(99, P) == pytest.approx(P.lr)
+
+    def test_optimizer_groups_betas_and_decay_all(self):
+        net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
+        net[2].requires_grad_(False)  # frozen parameters stay out of the optimizer
+        matrices, rest = [net[0].weight], [net[0].bias, net[1].weight, net[1].bias]
+
+        def groups(cfg):
+            opt = train.build_optimizer(net, cfg)
+            return [(g["params"], g["weight_decay"], g["betas"], g["eps"]) for g in opt.param_groups]
+
+        off = groups(train.TrainConfig())  # the cpu default: matrices only, betas (0.9, 0.99)
+        assert [g[0] for g in off] == [matrices, rest]
+        assert [g[1:] for g in off] == [(0.1, (0.9, 0.99), 1e-8), (0.0, (0.9, 0.99), 1e-8)]
+        on = groups(train.TrainConfig(decay_all=True, betas=(0.9, 0.999), weight_decay=0.05))
+        assert [g[0] for g in on] == [matrices, rest]
+        assert [g[1:] for g in on] == [(0.05, (0.9, 0.999), 1e-8), (0.05, (0.9, 0.999), 1e-8)]
+
+    def test_betas_flag(self):
+        cfg, _ = train.parse_args(["--betas", "0.8", "0.95", "--decay-all", "--schedule", "linear"])
+        assert cfg.betas == (0.8, 0.95) and cfg.decay_all and cfg.schedule == "linear"
+        assert train.parse_args(["--preset", "paper"])[0] == train.PRESETS["paper"]
+
+    def test_drop_text_rate_zeros_and_untouched(self):
+        g = torch.Generator().manual_seed(0)
+        text = torch.randn(20_000, 3, 5, generator=g) + 3.0  # no exact zeros
+        out = train.drop_text(text, 0.2, torch.Generator().manual_seed(1))
+        dropped = (out == 0).all(dim=(1, 2))
+        assert abs(dropped.float().mean().item() - 0.2) < 0.012  # 4 standard deviations of a binomial mean
+        assert torch.equal(out[dropped], torch.zeros_like(out[dropped]))
+        assert not torch.signbit(out[dropped]).any()  # +0.0, as zeros are
+        assert torch.equal(out[~dropped], text[~dropped])  # kept samples bit for bit
+        assert ((out == 0).all(dim=(1, 2)) | (out != 0).all(dim=(1, 2))).all()  # whole samples, never parts
+        # the same generator seed draws the same coins; another seed others
+        assert torch.equal(train.drop_text(text, 0.2, torch.Generator().manual_seed(1)), out)
+        assert not torch.equal(train.drop_text(text, 0.2, torch.Generator().manual_seed(2)), out)
+        # the limits, and another dtype
+        assert torch.equal(train.drop_text(text, 0.0, torch.Generator().manual_seed(1)), text)
+        assert not train.drop_text(text, 1.0, torch.Generator().manual_seed(1)).any()
+        bf = train.drop_text(text[:64].bfloat16(), 0.5, torch.Generator().manual_seed(1))
+        assert bf.dtype == torch.bfloat16
+
+    def test_micro_step_drops_with_its_own_coins_and_keeps_the_noise(self):
+        """micro_step feeds the model drop_text's output for the coins of (seed, step, micro); the noise (hence
+        the loss of a text-blind model) is the same at any --text-dropout."""
+        seen = []
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.ones(()))
+
+            def forward(self, x, sigma, text, mask, actions=None, image_features=None):
+                seen.append(text)
+                return x * self.w
+
+        B, T = 64, 2
+        x0, text = torch.randn(B, 4, T, 2, 2), torch.randn(B, 3, 5) + 3.0
+        mask = torch.zeros(B, T)
+        mask[:, 0] = 1
+
+        def loss(rate, seed=3, step=7, micro=2):
+            cfg = train.TrainConfig(seed=seed, text_dropout=rate)
+            t = types.SimpleNamespace(cfg=cfg, device=torch.device("cpu"), dtype=torch.float32, frame_mask=mask, accum=1,
+                                model=Net())
+            return train.micro_step(t, (x0, text, None, None), step, micro).loss
+
+        l0, l2 = loss(0.0), loss(0.2)
+        assert torch.equal(l0, l2)  # the same noise
+        assert torch.equal(seen[0], text)
+        coins = torch.Generator().manual_seed(train.noise_seed(3, 7, 2, stream=1))
+        assert torch.equal(seen[1], train.drop_text(text, 0.2, coins))
+        assert 0 < (seen[1] == 0).all(dim=(1, 2)).sum() < B
+        loss(0.2, step=8)  # another step, other coins
+        assert not torch.equal(seen[2], seen[1])
+
+    def test_text_dropout_and_epochs_are_checked(self):
+        for bad in (dict(text_dropout=1.5), dict(text_dropout=-0.1), dict(epochs=-1)):
+            with pytest.raises(train.ConfigError, match="--text-dropout"):
+                train.check_config(replace(train.TrainConfig(), **bad), 1)
+
+    def test_epochs_set_the_steps(self, train_synth):
+        """4 training episodes of 40 frames, 5-frame clips: 30-frame windows [0, 30) and [30, 40), 2 clips each,
+        so 16 clips per epoch; 2 epochs at batch 4 are 8 steps, 0.3 epochs at batch 2 are ceil(2.4) = 3."""
+        cfg = train.TrainConfig(data=str(train_synth), frames=5, height=32, width=64)
+        _, sampler = data.make_loader(str(train_synth), 1, clip_len=5, size=(32, 64), num_workers=0)
+        assert len(list(sampler)) == 16
+        assert train.epoch_steps(replace(cfg, epochs=2, batch_size=4)) == 8
+        assert train.epoch_steps(replace(cfg, epochs=0.3, batch_size=2)) == 3
+
+    @pytest.mark.slow
+    def test_a_run_trains_its_epochs(self, train_synth, tmp_path):
+        train.main([*TRAIN_ARGS, "--data", str(train_synth), "--out", str(tmp_path / "runs"), "--epochs", "0.3",
+                    "--steps", "1000", "--batch-size", "2", "--micro-batch", "2", "--text-dropout", "0.5"])
+        run = only_run(tmp_path / "runs")
+        losses = run_losses(run)
+        assert len(losses) == 3
+        assert json.loads((run / "config.json").read_text())["train"]["steps"] == 3
+
+    @pytest.mark.slow
+    def test_resume_takes_the_flags_betas_not_the_checkpoints(self, train_synth, tmp_path):
+        """The optimizer state a resume loads carries the checkpoint's betas and weight decay: the flags must win.
+        Adam's first update does not depend on the betas, its second does: a resume after step 1 with other betas
+        changes the third loss, with the same betas it does not (exact resume)."""
+        args = [*TRAIN_ARGS, "--data", str(train_synth), "--steps", "3", "--batch-size", "2", "--micro-batch", "2",
+                "--ckpt-every", "100"]
+        train.main([*args, "--out", str(tmp_path / "a")])
+        train.main([*args, "--out", str(tmp_path / "b"), "--exit-after", "1"])
+        b = only_run(tmp_path / "b")
+        train.main([*args, "--resume", str(b), "--betas", "0.5", "0.6", "--weight-decay", "0.5"])
+        la, lb = run_losses(only_run(tmp_path / "a")), run_losses(b)
+        assert len(la) == len(lb) == 3 and la[:2] == lb[:2] and la[2] != lb[2]
+
 
 # =====================================================================================================================
 # sample.py: autoregressive rollouts from a model exported by train.py
@@ -3079,6 +3589,68 @@ def dexac_only_export(tmp_path, stats):
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
     return path, model, ema, keys
+
+
+CARRY_HW = (32, 48)  # the frame size of the carry tests
+
+
+def tiny_world_model(*, tokenizer="pixel", text=None):
+    """A random DexAC DiT of 4 actions per chunk on the pixel tokenizer (compression 2) or a tiny random Wan
+    VAE, text mode none unless text=(cache folder, tokens) -> WorldModel."""
+    channels = 12 * 2 * 2 if tokenizer == "pixel" else tk.WAN_PRESETS["tiny"].z_dim
+    mcfg = replace(DIT_SMALL, in_channels=channels, out_channels=channels, action_mode="dexac", action_steps=4)
+    dit = randomize(M.DiT(mcfg), seed=2, std=0.05)
+    dit.action_cond.set_stats(torch.zeros(conditioning.ACTION_DIM), torch.ones(conditioning.ACTION_DIM))
+    cache, tokens = text or ("", 4)
+    info = {"tokenizer": {"name": "pixel", "pixel_compression": 2},
+            "text": {"mode": "reason1" if text else "none", "tokens": tokens},
+            "train_config": {"height": CARRY_HW[0], "width": CARRY_HW[1], "text_cache": str(cache), "shift": 1.0}}
+    wm = S.WorldModel.from_model(dit, info)
+    if tokenizer == "wan2.1":
+        wm.tokenizer = tk.WanVAE("tiny").eval()
+    return wm
+
+
+def inputs(B=1, K=8, seed=0):
+    """Random first frames (B, H, W, 3) uint8 and K slightly noisy still actions (B, K, 57)."""
+    g = np.random.default_rng(seed)
+    frame = (g.random((B, *CARRY_HW, 3)) * 255).astype(np.uint8)
+    acts = S.still_actions(K)[None] + 0.3 * g.standard_normal((B, K, conditioning.ACTION_DIM)).astype(np.float32)
+    return frame, acts
+
+
+def spy_sample(monkeypatch):
+    """Record (x_cond, returned x) of every chunk's M.sample call in sample.py -> the list it fills."""
+    calls, sample = [], M.sample
+    monkeypatch.setattr(S.M, "sample", lambda *a, **k: calls.append((k["x_cond"], sample(*a, **k))) or calls[-1][1])
+    return calls
+
+
+def as_written(wm, x):
+    """A chunk's latents -> its frames as the video file holds them, back in [-1, 1] (B, 3, T, H, W)."""
+    return S.to_uint8(wm.tokenizer.decode(x)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+@pytest.fixture(scope="module")
+def small_synth(tmp_path_factory):
+    """A small synthetic root (1 task x 2 + 1 episodes of 20 frames at 64x112) with stats.json."""
+    root = tmp_path_factory.mktemp("small_synth") / "data"
+    synthetic.write_synthetic(root, tasks=1, episodes=2, test_episodes=1, frames=20, size=(64, 112), workers=0)
+    (root / "stats.json").write_text(json.dumps(data.compute_stats(root)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def small_export(small_synth, tmp_path_factory):
+    """A 2-step tiny DexAC model on 5-frame clips (4 actions per chunk), exported by train.py."""
+    out = tmp_path_factory.mktemp("runs17")
+    run_train(["--data", small_synth, "--out", out, "--steps", 2, "--batch-size", 2, "--micro-batch", 2])
+    return only_run(out) / "model.safetensors"
+
+
+def semantic_embedder(folder):
+    """The TextEmbedder a tiny_world_model(text=(folder, 4)) builds, for its cache paths."""
+    return semantic.TextEmbedder("reason1", cache_dir=str(folder), text_dim=DIT_SMALL.text_dim, max_tokens=4)
 
 
 class TestSample:
@@ -3217,6 +3789,135 @@ class TestSample:
         generated = torch.from_numpy(video[:, 4]).permute(0, 3, 1, 2).float() / 127.5 - 1  # chunk 1's first frame
         again = semantic.conditioning_features(wm.dino, generated)  # the frame as written: rounded to uint8
         assert ((seen[2] - again).norm() / again.norm()).item() < 0.02
+
+    @pytest.mark.parametrize("tokenizer", ["pixel", "wan2.1"])
+    def test_second_chunk_starts_on_the_reencoded_uint8_last_frame(self, monkeypatch, tokenizer):
+        """carry reencode (the default): chunk 2's held latent is the encoding, alone, of chunk 1's last frame
+        decoded and quantized to uint8 as the file holds it; not the carried latent, not the unquantized
+        frame's encoding. The video is the chunks' decodes (chunk 2 without its first frame)."""
+        wm = tiny_world_model(tokenizer=tokenizer)
+        calls = spy_sample(monkeypatch)
+        frame, acts = inputs()
+        video = wm.rollout(frame, acts, [""], [0], steps=2, progress=False)
+        (cond1, x1), (cond2, x2) = calls
+        want = wm.tokenizer.encode(as_written(wm, x1)[:, :, -1:])
+        assert torch.equal(cond2[:, :, :1], want)
+        assert not torch.allclose(cond2[:, :, :1], x1[:, :, -1:], atol=1e-3)  # not the carried latent
+        unquantized = wm.tokenizer.encode(wm.tokenizer.decode(x1)[:, :, -1:])
+        assert not torch.equal(cond2[:, :, :1], unquantized)  # the uint8 step is taken
+        chunk1, chunk2 = S.to_uint8(wm.tokenizer.decode(x1)), S.to_uint8(wm.tokenizer.decode(x2))
+        assert video.shape == (1, 9, *CARRY_HW, 3)
+        assert np.array_equal(video, torch.cat([chunk1, chunk2[:, 1:]], 1).numpy())
+        if tokenizer == "pixel":  # exact round trip: chunk 2's first frame is chunk 1's last, as written
+            assert torch.equal(chunk2[:, 0], chunk1[:, -1])
+            assert np.array_equal(video[0, 0], frame[0])
+
+    def test_latent_carry_holds_the_last_latent_frame(self, monkeypatch):
+        wm = tiny_world_model()
+        calls = spy_sample(monkeypatch)
+        frame, acts = inputs()
+        video, z = wm.rollout(frame, acts, [""], [0], steps=2, progress=False, carry="latent", return_latents=True)
+        (cond1, x1), (cond2, x2) = calls
+        assert torch.equal(cond2[:, :, :1], x1[:, :, -1:])
+        assert np.array_equal(video, S.to_uint8(wm.tokenizer.decode(z)).numpy())  # one decode from the start
+        reencoded = wm.rollout(frame, acts, [""], [0], steps=2, progress=False)
+        assert np.array_equal(reencoded[:, :5], video[:, :5])  # chunk 1 alike
+        assert not np.array_equal(reencoded[:, 5:], video[:, 5:])  # the two modes tell apart from chunk 2 on
+
+    def test_reencode_decodes_each_chunk_alone(self, monkeypatch):
+        """The cost stays linear: every decode is one chunk's 1 + 1 latent frames, every encode one frame."""
+        wm = tiny_world_model(tokenizer="wan2.1")
+        shapes = {"encode": [], "decode": []}
+        for name in shapes:
+            fn = getattr(wm.tokenizer, name)
+            monkeypatch.setattr(wm.tokenizer, name, lambda x, fn=fn, name=name: shapes[name].append(x.shape[2])
+                                or fn(x))
+        frame, acts = inputs(K=12)
+        wm.rollout(frame, acts, [""], [0], steps=1, progress=False)
+        assert shapes == {"encode": [1, 1, 1], "decode": [2, 2, 2]}  # 3 chunks; no re-encode after the last
+
+    def test_unknown_carry_is_one_clear_error(self):
+        wm = tiny_world_model()
+        frame, acts = inputs()
+        with pytest.raises(ValueError, match="unknown carry 'pixels'"):
+            wm.rollout(frame, acts, [""], [0], steps=1, progress=False, carry="pixels")
+
+    def test_sample_flags(self):
+        args = S.parse_args(["--checkpoint", "m.safetensors"])
+        assert args.carry == "reencode" and args.negative_prompt is None
+        args = S.parse_args(["--checkpoint", "m", "--carry", "latent", "--negative-prompt", "blurry"])
+        assert args.carry == "latent" and args.negative_prompt == "blurry"
+        with pytest.raises(SystemExit):
+            S.parse_args(["--checkpoint", "m", "--carry", "pixels"])
+
+    @pytest.mark.parametrize("negative", [None, "static, blurry"])
+    def test_unconditional_branch_sees_the_negative_prompt(self, tmp_path, negative):
+        """With guidance the DiT sees [prompts; negative prompt's embedding] (the null one without a negative
+        prompt); without guidance the prompts only."""
+        embedder = semantic_embedder(tmp_path)
+        emb = {p: torch.randn(4, DIT_SMALL.text_dim, generator=torch.Generator().manual_seed(i))
+               for i, p in enumerate(["", "open the jar", "static, blurry"])}
+        for p, e in emb.items():
+            save_file({"embedding": e}, embedder.cache_path(p))
+        wm = tiny_world_model(text=(tmp_path, 4))
+        seen, forward = [], wm.dit.forward
+        wm.dit.forward = lambda x, sigma, text, **k: seen.append(text) or forward(x, sigma, text, **k)
+        frame, acts = inputs(B=2, K=4)
+        wm.rollout(frame, acts, ["open the jar"] * 2, [0, 1], steps=2, guidance=3.0, negative_prompt=negative,
+                   progress=False)
+        uncond = emb["" if negative is None else negative]
+        assert len(seen) == 2 and all(t.shape == (4, 4, DIT_SMALL.text_dim) for t in seen)
+        for t in seen:
+            assert torch.equal(t[:2], emb["open the jar"].expand(2, -1, -1))
+            assert torch.equal(t[2:], uncond.expand(2, -1, -1))
+        seen.clear()
+        wm.rollout(frame, acts, ["open the jar"] * 2, [0, 1], steps=1, negative_prompt=negative, progress=False)
+        assert seen[0].shape == (2, 4, DIT_SMALL.text_dim)  # guidance 0: no unconditional branch
+
+    def test_negative_prompt_changes_a_guided_rollout(self, tmp_path):
+        embedder = semantic_embedder(tmp_path)
+        for i, p in enumerate(["", "open the jar", "static"]):
+            save_file({"embedding": torch.randn(4, DIT_SMALL.text_dim, generator=torch.Generator().manual_seed(i))},
+                      embedder.cache_path(p))
+        wm = tiny_world_model(text=(tmp_path, 4))
+        frame, acts = inputs(K=4)
+        run = lambda **k: wm.rollout(frame, acts, ["open the jar"], [0], steps=2, progress=False, **k)
+        assert not np.array_equal(run(guidance=3.0), run(guidance=3.0, negative_prompt="static"))
+        assert np.array_equal(run(), run(negative_prompt="static"))  # no guidance: no effect
+
+    def test_evaluate_records_the_carry(self, small_synth, small_export, tmp_path, monkeypatch):
+        """Default reencode, in the rollouts, each row's settings.json, report.json and table.md; kept clips of
+        another carry are not mixed in."""
+        carries = []
+        rollout = S.WorldModel.rollout
+        monkeypatch.setattr(S.WorldModel, "rollout", lambda self, *a, **k: carries.append(k["carry"]) or
+                            rollout(self, *a, **k))
+        argv = ["--checkpoint", str(small_export), "--data", str(small_synth), "--horizon", "9", "--steps", "1",
+                "--metrics", "psnr,latent_l2", "--clips", "2", "--batch", "2", "--figure-clips", "0"]
+        for carry, out in ((None, tmp_path / "a"), ("latent", tmp_path / "b")):
+            assert E.main([*argv, "--out", str(out), *(["--carry", carry] if carry else [])]) == 0
+            want = carry or "reencode"
+            assert carries == [want]
+            carries.clear()
+            row = E.row_name(small_export, False)
+            assert json.loads((out / row / "settings.json").read_text())["carry"] == want
+            assert json.loads((out / "report.json").read_text())["config"]["carry"] == want
+            assert f"carry {want}: {S.CARRIES[want]}" in (out / "table.md").read_text().splitlines()[0]
+        with pytest.raises(ValueError, match="other settings"):
+            E.main([*argv, "--out", str(tmp_path / "a"), "--carry", "latent"])
+
+    def test_evaluate_flags_carry_and_solvers_of_the_model(self, monkeypatch):
+        """--carry defaults to reencode; --sampler offers model.SOLVERS, a solver added there included."""
+        configs = []
+        monkeypatch.setattr(E, "protocol", configs.append)
+        monkeypatch.setattr(M, "SOLVERS", (*M.SOLVERS, "newsolver"))
+        assert E.main(["--checkpoint", "m", "--sampler", "newsolver"]) == 0
+        assert configs[0].sampler == "newsolver" and configs[0].carry == "reencode"
+        assert configs[0].negative_prompt is None
+        E.main(["--checkpoint", "m", "--carry", "latent", "--negative-prompt", "static"])
+        assert configs[1].carry == "latent" and configs[1].negative_prompt == "static"
+        with pytest.raises(SystemExit):
+            E.main(["--checkpoint", "m", "--carry", "pixels"])
 
 
 # =====================================================================================================================

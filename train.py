@@ -23,9 +23,10 @@ What it follows:
 What it deliberately changes:
 - one code path for every world size: a plain `python train.py` makes a one-rank process group, so the
   single process runs the same FSDP2 + DCP code as torchrun (the tests compare 1 and 2 ranks).
-- the noise of micro-batch m of step s comes from a generator seeded by (seed, s, m): no RNG state to
-  carry, exact resume by construction. With a micro-batch of 1 clip per rank, m is the clip's place in the
-  global batch, so the loss of a step does not depend on the world size or the accumulation.
+- the noise of micro-batch m of step s comes from a generator seeded by (seed, s, m), and its text-dropout
+  coins from a second one: no RNG state to carry, exact resume by construction. With a micro-batch of 1 clip
+  per rank, m is the clip's place in the global batch, so the loss of a step does not depend on the world
+  size or the accumulation.
 - sigma stays fp32 into the DiT (FSDP's input cast would round it to bf16); only the latents are cast.
 - a NaN/inf loss or gradient norm skips the update (and is logged); repeated ones stop the run.
 - the EMA decay ramps up as min(decay, (1 + step) / (10 + step)), so short runs get a useful EMA; the
@@ -99,6 +100,9 @@ class TrainConfig:
                     "embeddings)", ["none", "reason1"])
     text_cache: str = opt("", "directory of cached Cosmos-Reason1 prompt embeddings (text reason1)")
     text_tokens: int = opt(16, "text context length (512 for the released model)")
+    text_dropout: float = opt(0.2, "fraction of training clips whose text context is replaced by zeros "
+                              "(official: 0.2), which trains the unconditional branch of classifier-free "
+                              "guidance; changes nothing with --text none, whose context is zeros already")
     dino: str = opt("", "DINOv3 weights for --semantic: a Hub repo or a local file")
     # (above `data`, which shadows the module from there on)
     test_fraction: float = opt(data.EGOVERSE_TEST_FRACTION, "EgoVerse episodes outside train/ and test/ "
@@ -116,14 +120,22 @@ class TrainConfig:
     cond_frames: int = opt(1, "latent frames given clean as the condition (1: the first frame)")
     workers: int = opt(1, "data loader processes per rank")
     steps: int = opt(200, "optimizer steps in total")
+    epochs: float = opt(0.0, "passes over the training clips; when > 0 it sets --steps (the steps of the "
+                        "global batch that cover them, rounded up), else --steps decides")
     batch_size: int = opt(4, "global batch in clips per optimizer step (= micro_batch x accumulation x ranks)")
     micro_batch: int = opt(4, "clips per rank per forward pass")
     lr: float = opt(1e-3, "peak learning rate (AdamW)")
-    min_lr_ratio: float = opt(0.1, "final lr / peak lr of the cosine schedule")
-    schedule: str = opt("cosine", "lr after warmup: 'constant' or 'cosine'", ["constant", "cosine"])
+    min_lr_ratio: float = opt(0.1, "final lr / peak lr of the cosine and linear schedules")
+    schedule: str = opt("cosine", "lr after warmup: 'constant', 'cosine' or 'linear' (the official Cosmos "
+                        "recipe's)", ["constant", "cosine", "linear"])
+    decay_steps: int = opt(0, "the step at which the cosine or linear schedule reaches min_lr_ratio and stays "
+                           "(0: --steps; the official linear decay: 400000)")
     warmup: int = opt(20, "linear warmup steps")
-    weight_decay: float = opt(0.1, "AdamW weight decay on matrices (not on norms, biases, embeddings of size "
-                              "< 2D)")
+    betas: tuple = opt((0.9, 0.99), "AdamW betas (official Cosmos: 0.9 0.999; a beta2 of 0.99 adapts faster in "
+                       "short runs)")
+    weight_decay: float = opt(0.1, "AdamW weight decay, on matrices only unless --decay-all")
+    decay_all: bool = opt(False, "weight decay on every parameter (official Cosmos), not only on matrices "
+                          "(norms, biases and other tensors of < 2 dims spared)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
     ema: float = opt(0.995, "EMA decay of the trainable weights (the export holds the EMA)")
     shift: float = opt(5.0, "sigma shift of the training noise levels (Cosmos: 5)")
@@ -134,20 +146,43 @@ class TrainConfig:
     keep: int = opt(2, "keep the last K checkpoints")
     log_every: int = opt(10, "write a metrics line and update the loss curve every N steps")
     preview_every: int = opt(100, "write a preview rollout every N steps (0: only at the end)")
-    preview_steps: int = opt(12, "sampler steps of the preview rollout")
+    preview_steps: int = opt(12, "sampler steps of the preview rollout (UniPC, the official sampler)")
     export_dtype: str = opt("bf16", "dtype of the exported EMA weights: bf16 or fp32", ["bf16", "fp32"])
 
 
 PRESETS = {
     # the CPU default: tiny DiT with DexAC on synthetic data, a few minutes on 2 cores
     "cpu": TrainConfig(),
-    # the paper's run: 8 GPUs, EgoDex, global batch 64, 13-frame clips at 288x512, Wan2.1 latents
-    "paper": TrainConfig(model="cosmos2b", semantic=True, init="base/post-trained", tokenizer="wan2.1",
-                         tokenizer_weights=tok.HUB_REPO, text="reason1", text_cache="data/egodex/text_cache",
-                         text_tokens=512, dino=sem.DINO_REPO, data="data/egodex", synthetic=False,
-                         height=288, width=512, workers=8, steps=30000, batch_size=64, micro_batch=8,
-                         lr=2 ** -14.5, schedule="constant", warmup=1000, grad_clip=0.1, ema=0.9999,
-                         ac=True, ckpt_every=500, keep=3, preview_every=1000, preview_steps=35),
+    # the paper's run. Sources: [P] the paper (DESIGN.md sections 6-7), [C] the official Cosmos-Predict2.5
+    # robot/action-cond config (DESIGN.md section 7), [D] DESIGN.md's other sections, [O] ours.
+    "paper": TrainConfig(
+        model="cosmos2b", semantic=True,  # [P] Cosmos-Predict2.5-2B with DexAC and the DINOv3 condition (4.5)
+        init="base/pre-trained",  # [C] the fixed public recipe (March 2026) starts from base/pre-trained
+        tokenizer="wan2.1", tokenizer_weights=tok.HUB_REPO,  # [D] 3: 8x spatial, 4x temporal compression
+        text="reason1", text_cache="data/egodex/text_cache", text_tokens=512,  # [D] 5: Cosmos-Reason1
+        text_dropout=0.2,  # [C] zeros for 20% of the clips, what makes text guidance > 0 meaningful
+        dino=sem.DINO_REPO, data="data/egodex", synthetic=False,  # [P] DINOv3 ViT-L/16, EgoDex
+        frames=13,  # [P] 5.1: 1 conditioning + 12 predicted frames, 12 actions; 1 + 12 / 4 = 4 latent frames
+        height=288, width=512,  # [D] 6: 16:9 egocentric frames, as Cosmos-2.5's 512x288 action models [C]
+        epochs=2,  # [P] 2 epochs (about 20 h each on 8 H200); the step count follows from the clip plan
+        batch_size=64, micro_batch=8,  # [P] global batch 64 on 8 GPUs; [C] 8 per GPU, so no accumulation
+        # lr: [C] is 32e-5, but with PURE bf16 weights and AdamW states: an update under half a bf16 ulp is
+        # rounded away (its per-step decay, lr x wd = 3.2e-5 of a weight, always is; so are most steps of
+        # weights above ~0.1, norm scales among them), so it moved the weights far less than its lr says.
+        # Our fp32 master weights take every update: we keep the earlier official action-conditioned lr
+        # 2^-14.5 (4.3e-5; DESIGN.md section 7), 7.4x lower, not a number tuned for another arithmetic.
+        lr=2 ** -14.5,
+        # [C] 100 warm-up steps, then linear decay toward 0.4x at step 400k, so a shorter run decays little:
+        # at step s the lr is 1 - 0.6 (s - 100) / 399900 of the peak (0.98x after the official 16k steps,
+        # 0.85x after 100k)
+        warmup=100, schedule="linear", min_lr_ratio=0.4, decay_steps=400_000,
+        betas=(0.9, 0.999), weight_decay=0.1, decay_all=True,  # [C] (0.9, 0.999), 0.1 on all; [P] AdamW, 0.1
+        grad_clip=0.1,  # [C]
+        ema=0.9999,  # [O] a plain EMA; [C] is a power EMA, sigma_rel 0.10: decay 1 - 7.9 / step, 0.9995 at 16k
+        ac=True,  # [O] activation checkpointing per block, for memory
+        workers=8,  # [O] README's decoding benchmark: about 4 workers per GPU keep the paper's pace
+        ckpt_every=500, keep=3, preview_every=1000,  # [O]
+        preview_steps=35),  # [D] 2: the official 35 sampler steps
 }
 
 # fields that define the model and its inputs: a checkpoint made with others cannot be resumed
@@ -169,6 +204,9 @@ def add_config_flags(p):
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+        elif f.type is tuple:  # of floats, as many as the default holds: --betas 0.9 0.999
+            p.add_argument(flag, type=float, nargs=len(f.default), default=None, help=help,
+                           metavar=tuple(f"{f.name[:-1].upper()}{i + 1}" for i in range(len(f.default))))
         else:
             p.add_argument(flag, type=f.type, default=None, choices=f.metadata["choices"], help=help)
 
@@ -176,6 +214,7 @@ def add_config_flags(p):
 def config_from_flags(args):
     """The preset, overridden by the flags given."""
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}  # argparse's nargs
     return replace(PRESETS[args.preset], **overrides)
 
 
@@ -209,8 +248,10 @@ def setup_distributed(device_arg=""):
     return rank, world, device
 
 
-def noise_seed(seed, step, micro):
-    return (seed * 1_000_003 + step) * 1_000_003 + micro
+def noise_seed(seed, step, micro, stream=0):
+    """The seed of micro-batch `micro` of step `step`: stream 0 for the noise, 1 for the text-dropout coins
+    (2^62 further, beyond any noise seed), so the noise does not depend on --text-dropout."""
+    return (seed * 1_000_003 + step) * 1_000_003 + micro + stream * 2 ** 62
 
 
 # -----------------------------------------------------------------------------
@@ -255,17 +296,25 @@ def set_trainable(model, trainable):
         raise ConfigError("--trainable new, but the model has no new modules: set --action-mode or --semantic")
 
 
-def parallelize(model, device, ac):
-    """torchtitan's order: activation checkpointing per block, then fully_shard per block, then the root.
-    bf16 compute with fp32 master weights and fp32 gradient reduction on GPUs; fp32 throughout on the CPU."""
+def parallelize(model, device, ac, bf16=None):
+    """torchtitan's order: activation checkpointing per block, then fully_shard: the fp32 path, each block, the
+    root. bf16 compute with fp32 master weights and fp32 gradient reduction on GPUs (bf16: force it on or off);
+    fp32 throughout on the CPU. The fp32 path (model.FP32_MODULES, the official fp32 strategy) gets groups of
+    its own, one per parent module (a block's three modulations share one), whose parameters stay fp32."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    groups = {}  # named before activation checkpointing renames the blocks' modules
+    for name, module in model.fp32_modules():
+        groups.setdefault(name.rpartition(".")[0], []).append(module)
     if ac:
         for i, block in enumerate(model.blocks):
             model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
-    bf16 = device.type == "cuda"
+    bf16 = device.type == "cuda" if bf16 is None else bf16
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                               reduce_dtype=torch.float32 if bf16 else None, cast_forward_inputs=False)
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for modules in groups.values():
+        fully_shard(modules, mp_policy=fp32)
     for block in model.blocks:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -362,6 +411,15 @@ def ignore_signals(worker_id):
         signal.signal(sig, signal.SIG_IGN)
 
 
+def epoch_steps(cfg):
+    """--epochs as optimizer steps: passes over one epoch's clip plan (ClipSampler's, as many clips every epoch)
+    in steps of the global batch, rounded up."""
+    _, sampler = data.make_loader(cfg.data, cfg.micro_batch, clip_len=cfg.frames, size=(cfg.height, cfg.width),
+                                  num_workers=0, seed=cfg.seed, splits=data.split_names(cfg.splits),
+                                  test_fraction=cfg.test_fraction)
+    return math.ceil(cfg.epochs * len(sampler) / cfg.batch_size)
+
+
 class Stream:
     """Endless micro-batches over epochs; `state()` is the ClipSampler position after the clips taken."""
 
@@ -397,23 +455,46 @@ class Stream:
 
 
 # -----------------------------------------------------------------------------
-# the recipe: AdamW, warmup then constant or cosine, EMA
+# the recipe: AdamW, warmup then constant, cosine or linear, text dropout, EMA
+
+
+def group_settings(cfg):
+    """AdamW's settings of its two groups, the matrices and the rest (norms, biases, other < 2-D tensors), which
+    are decayed only with --decay-all (as the official recipe does)."""
+    betas = tuple(cfg.betas)
+    return [{"weight_decay": cfg.weight_decay, "betas": betas},
+            {"weight_decay": cfg.weight_decay if cfg.decay_all else 0.0, "betas": betas}]
 
 
 def build_optimizer(model, cfg):
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8, foreach=True)
+    """The same two groups whatever the settings, so that a checkpoint's optimizer state maps onto any of them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2]}, {"params": [p for p in params if p.ndim < 2]}]
+    groups = [g | s for g, s in zip(groups, group_settings(cfg))]
+    return torch.optim.AdamW(groups, lr=cfg.lr, eps=1e-8, foreach=True)
 
 
 def lr_at(step, cfg):
+    """Linear warmup, then constant, or a cosine or linear decay that reaches min_lr_ratio x lr at decay_steps
+    (default: the last step) and stays there. 'linear' is the official LambdaLinearScheduler after its warmup,
+    lr (f_min + (1 - f_min) (L - step) / (L - warmup)), clamped at f_min past L."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.schedule == "constant":
         return cfg.lr
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    progress = min(1.0, (step - cfg.warmup) / max(1, (cfg.decay_steps or cfg.steps) - cfg.warmup))
+    if cfg.schedule == "linear":
+        return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * progress)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def drop_text(text, rate, generator):
+    """Text dropout for classifier-free guidance: each sample's text context (B, L, D) is replaced by zeros with
+    probability `rate` (official: 0.2, zeros), the others are returned untouched; the B coins come from
+    `generator`."""
+    drop = torch.rand(text.shape[0], generator=generator, device=generator.device) < rate  # (B,)
+    return torch.where(drop[:, None, None].to(text.device), torch.zeros((), dtype=text.dtype, device=text.device),
+                       text)
 
 
 def clean(name):
@@ -484,6 +565,8 @@ def load_checkpoint(path, *, cfg, mcfg, model, optimizer, ema):
     state = checkpoint_state(model, optimizer, ema)
     dcp.load(state, checkpoint_id=str(path))  # reshards to this run's world size
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for group, settings in zip(optimizer.param_groups, group_settings(cfg)):
+        group.update(settings)  # the loaded state brought the checkpoint's betas and decay: the flags decide
     torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
     return meta
 
@@ -579,7 +662,8 @@ def preview(t, path, clip):
     g = torch.Generator(device).manual_seed(cfg.seed)
     noise = torch.randn(x0.shape, generator=g, device=device)
     fn = lambda x, s: t.model(x.to(t.dtype), s, text, mask, actions=actions, image_features=feats).float()
-    x = M.sample(fn, noise, M.shifted_sigmas(cfg.preview_steps, cfg.shift), x_cond=x0, frame_mask=mask)
+    x = M.sample(fn, noise, M.shifted_sigmas(cfg.preview_steps, cfg.shift), solver="unipc", x_cond=x0,
+                 frame_mask=mask)  # the official sampler, on the training shift
     pred = t.tokenizer.decode(x).float()
     truth = clip["video"][0].float() / 127.5 - 1 if "video" in clip else t.tokenizer.decode(x0)[0].float()
     data.contact_sheet(path, [data.to_frames(truth), data.to_frames(pred[0])], ["ground truth", "predicted"])
@@ -650,6 +734,8 @@ def check_config(cfg, world):
                           f"x {world} ranks")
     if min(cfg.keep, cfg.ckpt_every, cfg.log_every) < 1 or not 0 < cfg.cond_frames <= (cfg.frames - 1) // 4:
         raise ConfigError("--keep, --ckpt-every, --log-every must be >= 1; 1 <= --cond-frames < latent frames")
+    if not 0 <= cfg.text_dropout <= 1 or cfg.epochs < 0:
+        raise ConfigError(f"--text-dropout {cfg.text_dropout} must lie in [0, 1], --epochs {cfg.epochs} be >= 0")
     return accum
 
 
@@ -662,6 +748,7 @@ def build(cfg, device, *, load=True):
     torch.manual_seed(cfg.seed)
     cfg = cfg if load else replace(cfg, init="")
     stats_path = prepare_data(cfg, rank) if load else None
+    cfg = replace(cfg, steps=epoch_steps(cfg)) if load and cfg.epochs else cfg
     tokenizer = build_tokenizer(cfg, device, load=load)
     mcfg = model_config(cfg, tokenizer.latent_channels)
     model = build_model(cfg, mcfg, device)
@@ -769,6 +856,8 @@ def micro_step(t, inputs, step, micro):
     the step's. inputs: (x0, text, actions, DINOv3 features or None), as `encode_batch` returns them."""
     x0, text, actions, feats = (v.clone() if v is not None else None for v in inputs)  # out of inference mode
     g = torch.Generator(t.device).manual_seed(noise_seed(t.cfg.seed, step, micro))
+    coins = torch.Generator(t.device).manual_seed(noise_seed(t.cfg.seed, step, micro, stream=1))
+    text = drop_text(text, t.cfg.text_dropout, coins)
     fn = lambda x, sig: t.model(x.to(t.dtype), sig, text, t.frame_mask, actions=actions, image_features=feats)
     # eq. 3: the rectified-flow loss (model.flow_loss)
     losses, sigma = M.flow_loss(fn, x0, t.frame_mask, shift=t.cfg.shift, generator=g)
@@ -851,7 +940,10 @@ def finish(t, run, step, clip, history):
 def train(cfg, args):
     _, _, device = setup_distributed(args.device)
     t = build(cfg, device)
+    cfg = t.cfg  # --epochs turned into --steps
     describe(t)
+    if cfg.epochs:
+        t.log(f"{cfg.epochs:g} epochs: {cfg.steps} steps of {cfg.batch_size} clips")
     run, stream, step, history = open_run(t, args.resume)
     catch_signals()
     clip = preview_clip(cfg)
