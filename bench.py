@@ -440,6 +440,7 @@ def bench_sample(args):
 def add_train_args(p):
     """train.py's --preset and config flags, and what the timing needs."""
     train.add_config_flags(p)
+    p.set_defaults(resume="")  # config_from_flags asks; a benchmark never resumes
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--bench-steps", type=int, default=5, help="timed steps (after 2 warmup)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s per device for MFU "
@@ -568,54 +569,61 @@ def print_costs(args):
 
 
 def main(argv=None):
+    """-> the benchmark's measurements (for the tests; the shell gets exit code 0)."""
+    count = data.int_at_least(1)
     p = argparse.ArgumentParser(description="DexAC-WM benchmarks: speed, memory, and comparisons with diffusers.")
     sub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
 
     q = sub.add_parser("dit", help="the DiT's forward and forward+backward (optionally against diffusers)")
     q.add_argument("--preset", default="tiny", choices=sorted(M.PRESETS), help="model size")
-    q.add_argument("--device", default=default_device, help="cpu or cuda")
+    q.add_argument("--device", type=data.device_name, default=default_device, help="cpu or cuda")
     q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="parameter and activation dtype")
-    q.add_argument("--batch", type=int, default=1, help="batch size")
-    q.add_argument("--frames", type=int, default=4, help="latent frames")
-    q.add_argument("--height", type=int, default=36, help="latent height (288 px / 8)")
-    q.add_argument("--width", type=int, default=64, help="latent width (512 px / 8)")
-    q.add_argument("--text-tokens", type=int, default=512, help="text context length")
-    q.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
-    q.add_argument("--iters", type=int, default=5, help="timed iterations")
+    q.add_argument("--batch", type=count, default=1, help="batch size")
+    q.add_argument("--frames", type=count, default=4, help="latent frames")
+    q.add_argument("--height", type=data.int_multiple(2), default=36, help="latent height (288 px / 8), even")
+    q.add_argument("--width", type=data.int_multiple(2), default=64, help="latent width (512 px / 8), even")
+    q.add_argument("--text-tokens", type=count, default=512, help="text context length")
+    q.add_argument("--warmup", type=data.int_at_least(0), default=2, help="untimed iterations first")
+    q.add_argument("--iters", type=count, default=5, help="timed iterations")
     q.add_argument("--compare-diffusers", action="store_true", help="also time diffusers' model, same config")
 
     q = sub.add_parser("vae", help="the video tokenizer's encode and decode, with peak memory")
     q.add_argument("--tokenizer", default="wan2.1", choices=tok.TOKENIZERS, help="which tokenizer to time")
     q.add_argument("--config", default="full", choices=sorted(tok.WAN_PRESETS), help="Wan VAE size preset")
     q.add_argument("--weights", help="weights path or Hub repo id (default: random, which times the same)")
-    q.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    q.add_argument("--device", type=data.device_name, default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and activations dtype")
-    q.add_argument("--frames", type=int, nargs="+", default=[13], help="clip lengths (4k + 1), e.g. 13 61")
-    q.add_argument("--height", type=int, default=288, help="frame height in pixels")
-    q.add_argument("--width", type=int, default=512, help="frame width in pixels")
-    q.add_argument("--batch", type=int, default=1, help="clips per call")
-    q.add_argument("--tile-size", type=int, default=0, help="spatial tile size in pixels (0: no tiling)")
-    q.add_argument("--tile-overlap", type=int, default=64, help="overlap of neighbouring tiles in pixels")
-    q.add_argument("--warmup", type=int, default=1, help="untimed 5-frame encode/decode runs first")
+    q.add_argument("--frames", type=data.clip_length, nargs="+", default=[13],
+                   help="clip lengths (4k + 1), e.g. 13 61")
+    q.add_argument("--height", type=data.int_multiple(8), default=288, help="frame height in pixels (8k)")
+    q.add_argument("--width", type=data.int_multiple(8), default=512, help="frame width in pixels (8k)")
+    q.add_argument("--batch", type=count, default=1, help="clips per call")
+    q.add_argument("--tile-size", type=data.int_at_least(0), default=0,
+                   help="spatial tile size in pixels (0: no tiling)")
+    q.add_argument("--tile-overlap", type=data.int_at_least(0), default=64,
+                   help="overlap of neighbouring tiles in pixels")
+    q.add_argument("--warmup", type=data.int_at_least(0), default=1,
+                   help="untimed 5-frame encode/decode runs first")
 
     q = sub.add_parser("dino", help="DINOv3 images/s and peak memory")
     q.add_argument("--preset", default="vitl16", choices=sorted(sem.DINO_PRESETS), help="DINOv3 size")
     q.add_argument("--weights", help="Hub repo id or local file to load (default: random weights)")
     q.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to run on")
     q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and activations")
-    q.add_argument("--height", type=int, default=288, help="frame height, a multiple of 16")
-    q.add_argument("--width", type=int, default=512, help="frame width, a multiple of 16")
-    q.add_argument("--batch", type=int, default=1, help="frames per forward pass")
-    q.add_argument("--iters", type=int, default=3, help="timed forward passes")
-    q.add_argument("--warmup", type=int, default=1, help="untimed forward passes first")
+    q.add_argument("--height", type=data.int_multiple(16), default=288, help="frame height, a multiple of 16")
+    q.add_argument("--width", type=data.int_multiple(16), default=512, help="frame width, a multiple of 16")
+    q.add_argument("--batch", type=count, default=1, help="frames per forward pass")
+    q.add_argument("--iters", type=count, default=3, help="timed forward passes")
+    q.add_argument("--warmup", type=data.int_at_least(0), default=1, help="untimed forward passes first")
 
     q = sub.add_parser("decode", help="clips/s per data-loader worker from 1920x1080 H.264, and workers per GPU")
-    q.add_argument("--clips", type=int, default=40, help="clips to time")
-    q.add_argument("--frames", type=int, default=150, help="frames in the generated 1080p video")
-    q.add_argument("--gop", type=int, default=30, help="keyframe interval of the generated video")
-    q.add_argument("--batch", type=int, default=64, help="clips per GPU per step (paper: 64)")
-    q.add_argument("--step-time", type=float, default=6.2,
+    q.add_argument("--clips", type=count, default=40, help="clips to time")
+    q.add_argument("--frames", type=data.int_at_least(14, 300), default=150,
+                   help="frames in the generated 1080p video (14 to 300: the pan stays inside its texture)")
+    q.add_argument("--gop", type=count, default=30, help="keyframe interval of the generated video")
+    q.add_argument("--batch", type=count, default=64, help="clips per GPU per step (paper: 64)")
+    q.add_argument("--step-time", type=data.number_above(0), default=6.2,
                    help="seconds per training step; 6.2 is what the paper's 20 h/epoch on 8 GPUs implies "
                         "(829 h * 30 fps / 30 * 2 = 5.97M clips, 10.4 clips/s/GPU, batch 64 per GPU)")
 
@@ -623,16 +631,19 @@ def main(argv=None):
     q.add_argument("--preset", default="tiny", choices=sorted(M.PRESETS), help="DiT size")
     q.add_argument("--action-mode", default="dexac", choices=["none", *C.MODES], help="action conditioning")
     q.add_argument("--tokenizer", default="wan2.1", choices=tok.TOKENIZERS, help="video tokenizer")
-    q.add_argument("--steps", type=int, default=35, help="denoising steps per chunk")
+    q.add_argument("--steps", type=count, default=35, help="denoising steps per chunk")
     q.add_argument("--sampler", default="unipc", choices=M.SOLVERS, help="ODE solver (the official one: unipc)")
-    q.add_argument("--guidance", type=float, default=0.0, help="classifier-free text guidance g (0: off)")
-    q.add_argument("--device", default=default_device, help="cpu or cuda")
+    q.add_argument("--guidance", type=data.number_above(0, inclusive=True), default=0.0,
+                   help="classifier-free text guidance g (0: off)")
+    q.add_argument("--device", type=data.device_name, default=default_device, help="cpu or cuda")
     q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model dtype")
-    q.add_argument("--height", type=int, default=None, help="frame height (default 288)")
-    q.add_argument("--width", type=int, default=None, help="frame width (default 512)")
-    q.add_argument("--batch", type=int, default=1, help="rollouts per call")
-    q.add_argument("--warmup", type=int, default=1, help="untimed chunks first")
-    q.add_argument("--iters", type=int, default=2, help="timed chunks")
+    q.add_argument("--height", type=data.int_multiple(16), default=None, help="frame height, a multiple of 16 "
+                   "(default 288)")
+    q.add_argument("--width", type=data.int_multiple(16), default=None, help="frame width, a multiple of 16 "
+                   "(default 512)")
+    q.add_argument("--batch", type=count, default=1, help="rollouts per call")
+    q.add_argument("--warmup", type=data.int_at_least(0), default=1, help="untimed chunks first")
+    q.add_argument("--iters", type=count, default=2, help="timed chunks")
     q.add_argument("--compare-diffusers", action="store_true",
                    help="also time diffusers' Cosmos-Predict2.5 pipeline, same weights (--batch 1)")
 
@@ -640,23 +651,27 @@ def main(argv=None):
                                  "(every train.py flag; see python bench.py train -h)", add_help=False)
 
     q = sub.add_parser("costs", help="parameters and FLOPs per DexAC component beside the paper's Table 6")
-    q.add_argument("--dim", type=int, default=2048, help="DiT width D (cosmos2b: 2048)")
-    q.add_argument("--heads", type=int, default=16, help="DiT attention heads, used by local refinement")
-    q.add_argument("--frames", type=int, default=4, help="latent frames (13 video frames -> 4)")
-    q.add_argument("--height", type=int, default=288, help="input height in pixels (8x VAE, 2x patch)")
-    q.add_argument("--width", type=int, default=512, help="input width in pixels (8x VAE, 2x patch)")
-    q.add_argument("--steps", type=int, default=12, help="actions per chunk T_a")
-    q.add_argument("--action-dim", type=int, default=57, help="action dimensions N")
-    q.add_argument("--sat-dim", type=int, default=256, help="SAT token width C")
+    q.add_argument("--dim", type=count, default=2048, help="DiT width D (cosmos2b: 2048), a multiple of --heads")
+    q.add_argument("--heads", type=count, default=16, help="DiT attention heads, used by local refinement")
+    q.add_argument("--frames", type=count, default=4, help="latent frames (13 video frames -> 4)")
+    q.add_argument("--height", type=data.int_multiple(16), default=288,
+                   help="input height in pixels (8x VAE, 2x patch): a multiple of 16")
+    q.add_argument("--width", type=data.int_multiple(16), default=512,
+                   help="input width in pixels (8x VAE, 2x patch): a multiple of 16")
+    q.add_argument("--steps", type=count, default=12, help="actions per chunk T_a")
+    q.add_argument("--action-dim", type=count, default=57, help="action dimensions N")
+    q.add_argument("--sat-dim", type=count, default=256, help="SAT token width C")
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # its own parser: every TrainConfig flag, as train.py takes them
         return bench_train(argv[1:])
     args = p.parse_args(argv)
+    if args.what == "costs" and args.dim % args.heads:
+        p.error(f"--dim {args.dim} must be a multiple of --heads {args.heads}")
     run = {"dit": bench_dit, "vae": bench_vae, "dino": bench_dino, "decode": bench_decode, "sample": bench_sample,
            "costs": print_costs}[args.what]
     return run(args)
 
 
 if __name__ == "__main__":
-    main()
+    hub.run_main(lambda argv: main(argv) and None)  # main returns measurements, not an exit code

@@ -164,13 +164,35 @@ def layout_fingerprint(layout):
 
 
 def load_stats_file(path):
-    """stats.json written by `python data.py stats` -> (mean (N,), std (N,), layout or None)."""
+    """stats.json written by `python data.py stats` -> (mean (N,), std (N,), layout or None), checked.
+    Refused: a file that is not such JSON, means and stds of different lengths, a non-finite value, a std < 0,
+    and a std of 0 on a dimension that varies. A dimension the file records as constant (min == max) has std 0
+    legitimately: it gets std 1, so normalizing subtracts its mean and never divides by ~0 (ActionNorm's eps)."""
+    redo = f"recompute it with `python data.py stats --data ROOT --out {path}`"
     if not os.path.isfile(path):
         raise FileNotFoundError(f"action statistics file {path} not found: make it with "
                                 f"`python data.py stats --data ROOT --out {path}`")
-    with open(path) as f:
-        stats = json.load(f)
-    return torch.tensor(stats["mean"]), torch.tensor(stats["std"]), stats.get("layout")
+    try:
+        with open(path) as f:
+            stats = json.load(f)
+        mean, std = (np.asarray(stats[k], np.float64) for k in ("mean", "std"))
+        lo, hi = (np.asarray(stats.get(k, np.nan), np.float64) for k in ("min", "max"))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # not JSON, not a dict, a key or number missing
+        raise ValueError(f"{path} is not an action statistics file ({type(e).__name__}: {e}); {redo}") from None
+    if mean.ndim != 1 or not len(mean) or mean.shape != std.shape:
+        raise ValueError(f"{path} holds {mean.size} means and {std.size} stds, not one of each per action "
+                         f"dimension; {redo}")
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()) or (std < 0).any():
+        raise ValueError(f"{path} holds a non-finite mean or std, or a negative std; {redo}")
+    constant = (lo == hi) if lo.shape == hi.shape == std.shape else np.zeros_like(std, bool)
+    varying = (std == 0) & ~constant
+    if varying.any():
+        raise ValueError(f"{path} has std 0 on {varying.sum()} dimension(s) that vary or whose min and max it does "
+                         f"not record (first: {int(np.flatnonzero(varying)[0])}): normalizing would blow them up; "
+                         f"{redo}")
+    std = np.where(std == 0, 1.0, std)
+    layout = stats.get("layout")
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32), layout
 
 
 # the released robot/action-cond recipe: the six xyz/rpy deltas x20, the absolute gripper state x1
@@ -226,9 +248,9 @@ class ActionNorm(nn.Module):
         if mean.numel() != self.n_dims or std.numel() != self.n_dims:
             raise ValueError(f"action statistics have {mean.numel()} means and {std.numel()} stds, the model "
                              f"takes {self.n_dims} action dimensions (config action_dim)")
-        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std >= 0).all()):
-            raise ValueError("action statistics must be finite with std >= 0: recompute them with "
-                             "`python data.py stats`")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError("action statistics must be finite with std > 0 (a dimension that is constant in the "
+                             "data: std 1, as load_stats_file gives it): recompute them with `python data.py stats`")
         self.mean_bits.copy_(mean.to(self.mean_bits.device).view(torch.int32))
         self.std_bits.copy_(std.to(self.std_bits.device).view(torch.int32))
         self.has_stats.fill_(1)

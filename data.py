@@ -39,7 +39,9 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
+import tempfile
 from collections import Counter
 from multiprocessing import Pool
 from pathlib import Path
@@ -1104,6 +1106,8 @@ def compute_stats(data, splits=TRAIN_SPLITS, workers=0, max_episodes=None, seed=
     if not (np.isfinite(mean).all() and np.isfinite(m2).all()):  # never write statistics that poison training
         raise DataError(f"the action statistics of {data} are not finite: an episode holds NaN/inf actions the "
                         f"readers did not catch; rebuild the index and report the episode")
+    for d in np.flatnonzero(mx == mn):  # std 0 legitimately; load_stats normalizes it with std 1
+        log.warning("action dimension %d (%s) is constant in the data: %g", d, C.action_layout()["names"][d], mn[d])
     return {"layout": C.action_layout(), "count": int(n), "episodes": len(used),
             "mean": mean.tolist(), "std": np.sqrt(m2 / n).tolist(), "min": mn.tolist(),
             "max": mx.tolist(), "data": str(data), "splits": list(splits), "test_fraction": test_fraction,
@@ -1111,15 +1115,19 @@ def compute_stats(data, splits=TRAIN_SPLITS, workers=0, max_episodes=None, seed=
 
 
 def load_stats(path):
-    """stats.json -> (mean, std) float32 (57,); refuses a file made for another action layout."""
+    """stats.json -> (mean, std) float32 (57,); refuses a malformed file, a std of 0 on a dimension that varies
+    and a file made for another action layout (conditioning.load_stats_file: a constant dimension gets std 1)."""
     if not Path(path).is_file():
         raise DataError(f"stats file {path} not found: make it with "
                         f"`python data.py stats --data ROOT --out {path}`")
-    stats = json.loads(Path(path).read_text())
-    if stats.get("layout") != C.action_layout():
+    try:
+        mean, std, layout = C.load_stats_file(str(path))
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    if layout != C.action_layout():
         raise DataError(f"{path} was computed for another action layout; recompute it with "
                         f"`python data.py stats --data ROOT --out {path}`")
-    return np.array(stats["mean"], np.float32), np.array(stats["std"], np.float32)
+    return mean.numpy(), std.numpy()
 
 
 def index_table(index, splits=None, clip_len=13, test_fraction=EGOVERSE_TEST_FRACTION):
@@ -1158,10 +1166,98 @@ def split_names(text):
     return tuple(x for x in text.split(",") if x) if text else None
 
 
+def int_at_least(lo, hi=None):
+    """An argparse type: an integer in [lo, hi], so a bad count or size is a usage error before any work."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo or (hi is not None and value > hi):
+            most = f" and at most {hi}" if hi is not None else ""
+            raise argparse.ArgumentTypeError(f"{value} must be at least {lo}{most}")
+        return value
+    return parse
+
+
+def number_above(lo, inclusive=False):
+    """An argparse type: a finite number > lo (>= lo when inclusive): a rate, a time, a guidance scale."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and (value >= lo if inclusive else value > lo)):
+            raise argparse.ArgumentTypeError(f"{value} must be finite and {'>=' if inclusive else '>'} {lo:g}")
+        return value
+    return parse
+
+
+def device_name(text):
+    """An argparse type: a torch device that exists here (cpu, cuda, cuda:N)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available here; use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: there are {torch.cuda.device_count()} CUDA devices")
+    return text
+
+
+def int_multiple(k):
+    """An argparse type: a positive multiple of k (a frame size the tokenizer and the patches divide)."""
+    def parse(text):
+        value = int_at_least(k)(text)
+        if value % k:
+            raise argparse.ArgumentTypeError(f"{value} must be a multiple of {k}")
+        return value
+    return parse
+
+
+def clip_length(text):
+    """An argparse type: frames per clip, 4k + 1 >= 5 (the video tokenizer's 4x temporal compression)."""
+    value = int_at_least(5)(text)
+    if (value - 1) % 4:
+        raise argparse.ArgumentTypeError(f"{value} is not 4k + 1 (5, 9, 13, ...)")
+    return value
+
+
+def fraction(text):
+    """An argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1)")
+    return value
+
+
+def check_writable(path, flag, folder=False):
+    """Refuse an output location before the work that fills it: a file where a folder goes or the reverse, a
+    missing parent folder, a folder we cannot create files in (a real try: root ignores permission bits)."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise DataError(f"{flag} {path} is a file, not a folder: choose a folder")
+    if not folder and path.is_dir():
+        raise DataError(f"{flag} {path} is a folder: give a file name, e.g. {path / 'stats.json'}")
+    where = path if folder else path.parent
+    while folder and not where.exists() and where != where.parent:  # a new cache folder: its nearest ancestor
+        where = where.parent
+    if not where.is_dir():
+        raise DataError(f"{flag} {path}: {where} is not an existing folder; create it first")
+    try:
+        tempfile.TemporaryFile(dir=where).close()
+    except OSError as e:
+        raise DataError(f"{flag} {path}: cannot write in {where} ({e.strerror}); choose another place") from None
+
+
 def _add_split_flags(q, default, default_help):
     q.add_argument("--splits", default=default, help="comma-separated splits (EgoDex: part1..part5, test, extra; "
                    f"EgoVerse: train, test); default: {default_help}")
-    q.add_argument("--test-fraction", type=float, default=EGOVERSE_TEST_FRACTION,
+    q.add_argument("--test-fraction", type=fraction, default=EGOVERSE_TEST_FRACTION,
                    help="EgoVerse episodes outside train/ or test/ folders: the fraction hashed into `test` "
                         "(by the SHA-256 of each name: deterministic, stable when episodes are added)")
 
@@ -1175,17 +1271,18 @@ def main(argv=None):
     q = sub.add_parser("index", help="index (or refresh the index of) a dataset root; prints what it found: "
                                      "episodes, frames, clips and every quirk met, per split")
     q.add_argument("--data", required=True, help="EgoDex or EgoVerse root")
-    q.add_argument("--workers", type=int, default=8, help="processes probing episodes (0: in-process)")
+    q.add_argument("--workers", type=int_at_least(0), default=8, help="processes probing episodes (0: in-process)")
     q.add_argument("--rebuild", action="store_true", help="ignore the cached index and probe everything")
     q.add_argument("--cache", default=None, help="index file (default: ROOT/.dexac_index.json)")
-    q.add_argument("--clip-len", type=int, default=13, help="frames per clip, for the clip counts")
+    q.add_argument("--clip-len", type=clip_length, default=13, help="frames per clip (4k + 1), for the counts")
     _add_split_flags(q, None, "all")
     q = sub.add_parser("stats", help="per-dimension action mean/std over the training split")
     q.add_argument("--data", required=True, help="EgoDex or EgoVerse root")
     q.add_argument("--out", default="stats.json", help="output JSON")
     _add_split_flags(q, ",".join(TRAIN_SPLITS), ",".join(TRAIN_SPLITS))
-    q.add_argument("--workers", type=int, default=8, help="processes reading episodes (0: in-process)")
-    q.add_argument("--max-episodes", type=int, default=None, help="random subset of this many episodes")
+    q.add_argument("--workers", type=int_at_least(0), default=8, help="processes reading episodes (0: in-process)")
+    q.add_argument("--max-episodes", type=int_at_least(1), default=None,
+                   help="random subset of this many episodes")
     q.add_argument("--seed", type=int, default=0, help="seed of the subset")
     q = sub.add_parser("cache", help="encode clips once into latent shards (resumable; run under torchrun "
                                      "to split the work across ranks)")
@@ -1197,22 +1294,21 @@ def main(argv=None):
                    help="Wan2.1 VAE weights: a local file or a Hub repo id (see tokenizer.py)")
     q.add_argument("--dino", default=None, help="also cache DINOv3 features of frame 0: a Hub repo id or file")
     q.add_argument("--eval", action="store_true", help="cache the evaluation clips instead of training clips")
-    q.add_argument("--epochs", type=int, default=1, help="epochs of random clip starts to cache")
+    q.add_argument("--epochs", type=int_at_least(1), default=1, help="epochs of random clip starts to cache")
     q.add_argument("--seed", type=int, default=0, help="seed of the clip plan (as in training)")
-    q.add_argument("--clip-len", type=int, default=13, help="frames per clip (4k + 1)")
-    q.add_argument("--height", type=int, default=DEFAULT_SIZE[0], help="frame height")
-    q.add_argument("--width", type=int, default=DEFAULT_SIZE[1], help="frame width")
-    q.add_argument("--shard-size", type=int, default=256, help="clips per shard file")
-    q.add_argument("--batch", type=int, default=8, help="clips per encoder batch")
-    q.add_argument("--workers", type=int, default=4, help="data loading processes")
-    q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="encoder device")
+    q.add_argument("--clip-len", type=clip_length, default=13, help="frames per clip (4k + 1)")
+    q.add_argument("--height", type=int_multiple(16), default=DEFAULT_SIZE[0],
+                   help="frame height, a multiple of 16")
+    q.add_argument("--width", type=int_multiple(16), default=DEFAULT_SIZE[1], help="frame width, a multiple of 16")
+    q.add_argument("--shard-size", type=int_at_least(1), default=256, help="clips per shard file")
+    q.add_argument("--batch", type=int_at_least(1), default=8, help="clips per encoder batch")
+    q.add_argument("--workers", type=int_at_least(0), default=4, help="data loading processes (0: in-process)")
+    q.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="encoder device")
     q.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="stored latent/feature dtype")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        _run(p, args)
-    except (DataError, FileNotFoundError, PermissionError) as e:  # missing data, stats or weights
-        raise SystemExit(f"error: {e}") from None
+    _run(p, args)
 
 
 def _run(p, args):
@@ -1221,9 +1317,10 @@ def _run(p, args):
         load_index(args.data, split_names(args.splits), cache=args.cache, test_fraction=args.test_fraction)
         print(index_table(index, split_names(args.splits), args.clip_len, args.test_fraction))
     elif args.cmd == "stats":
+        check_writable(args.out, "--out")  # before the statistics, which take hours on the real data
         stats = compute_stats(args.data, split_names(args.splits), args.workers, args.max_episodes, args.seed,
                               args.test_fraction)
-        Path(args.out).write_text(json.dumps(stats, indent=1))
+        hub.atomic_write(args.out, json.dumps(stats, indent=1))
         std = np.array(stats["std"])
         fam = ", ".join(f"{k} {std[list(v)].mean():.2e}" for k, v in C.ACTION_FAMILIES.items())
         print(f"{args.out}: {stats['count']} actions from {stats['episodes']} episodes "
@@ -1235,6 +1332,7 @@ def _run(p, args):
 
 
 def _cache_command(args):
+    check_writable(args.out, "--out", folder=True)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else args.device
     vae = tok.build_tokenizer(args.tokenizer, **({"weights": args.vae_weights} if args.tokenizer == "wan2.1" else {}))
@@ -1251,4 +1349,4 @@ def _cache_command(args):
 
 
 if __name__ == "__main__":
-    main()
+    hub.run_main(main)

@@ -45,11 +45,10 @@ Protocols (DESIGN.md section 8), with the choices we make where the references d
     python evaluate.py compare --pred runs/pred --gt runs/gt --metrics psnr,ssim,pck
 """
 
-import argparse
 import inspect
 import json
+import math
 import os
-import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -57,7 +56,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from tqdm import tqdm
 
 import conditioning
@@ -66,6 +64,7 @@ import hub
 import model as M
 import sample
 import synthetic
+import tokenizer as tok
 from hub import WeightsError  # missing or wrong weights: the one error class of every loader
 
 METRICS = ("psnr", "ssim", "lpips", "fid", "fvd", "latent_l2", "pck")
@@ -141,6 +140,8 @@ def as_unit(video, name="video"):
     video = torch.as_tensor(video)
     if video.dtype == torch.uint8:
         return video.float() / 255
+    if video.is_floating_point() and not torch.isfinite(video).all():  # NaN compares false: never scored
+        raise ValueError(f"{name} holds NaN/inf values: a damaged prediction cannot be scored")
     lo, hi = video.min().item(), video.max().item()
     if not video.is_floating_point() or lo < -1e-3 or hi > 1 + 1e-3:
         raise ValueError(f"{name} holds {video.dtype} values in [{lo:.3g}, {hi:.3g}]; metrics take uint8 or "
@@ -647,11 +648,15 @@ def evaluate_checkpoint(cfg, checkpoint, row, *, size, episodes, plan, metrics, 
         gt = torch.stack([c["video"] for c in clips])  # (B, 3, T, H, W) uint8
         actions = torch.stack([c["actions"] for c in clips])  # the true ones: they define the family
         given = torch.stack([c.get("rollout_actions", c["actions"]) for c in clips])
-        pred, z = wm.rollout(gt[:, :, 0].permute(0, 2, 3, 1).numpy(), given.numpy(), [c["prompt"] for c in clips],
-                             [cfg.seed + i for i in batch], steps=cfg.steps, solver=cfg.sampler,
-                             schedule=cfg.schedule, shift=cfg.shift, guidance=cfg.guidance,
-                             negative_prompt=cfg.negative_prompt, carry=cfg.carry, progress=False,
-                             return_latents=True)
+        try:
+            pred, z = wm.rollout(gt[:, :, 0].permute(0, 2, 3, 1).numpy(), given.numpy(),
+                                 [c["prompt"] for c in clips], [cfg.seed + i for i in batch], steps=cfg.steps,
+                                 solver=cfg.sampler, schedule=cfg.schedule, shift=cfg.shift, guidance=cfg.guidance,
+                                 negative_prompt=cfg.negative_prompt, carry=cfg.carry, progress=False,
+                                 return_latents=True)
+        except sample.NonFiniteRollout as err:  # never scored: black frames would pass for a (bad) result
+            named = [f"clip {batch[k]} ({clips[k]['episode']} @ {clips[k]['start']})" for k in err.samples]
+            raise sample.NonFiniteRollout(f"{row}: {', '.join(named) or 'a clip'}: {err}", err.samples) from None
         pred = torch.from_numpy(pred).permute(0, 4, 1, 2, 3)  # (B, 3, T, H, W)
         with torch.inference_mode():
             z_gt = wm.tokenizer.encode(gt.to(device, dtype) / 127.5 - 1).float().cpu()
@@ -754,30 +759,66 @@ def figure(cfg, path, *, rows, size, episodes, plan):
         data.contact_sheet(path, sheet_rows, labels)
 
 
+def check_config(cfg):
+    """Every setting of cfg checked before any work (miniature.py builds its own EvalConfig, not from flags)
+    -> {checkpoint: its export metadata}. One ValueError/FileNotFoundError naming the flag."""
+    def need(ok, message):
+        if not ok:
+            raise ValueError(message)
+    need(isinstance(cfg.horizon, int) and cfg.horizon >= 5 and (cfg.horizon - 1) % tok.TEMPORAL == 0,
+         f"--horizon {cfg.horizon}: give 4k + 1 frames (5, 9, ..., 25, 65): the given frame and whole latent "
+         f"frames of {tok.TEMPORAL}, as the latent L2 encodes the ground truth")
+    need(cfg.steps is not None and cfg.steps >= 1, f"--steps {cfg.steps}: give at least 1 denoising step")
+    need(cfg.batch >= 1, f"--batch {cfg.batch}: give at least 1 clip per batch")
+    need(cfg.clips is None or cfg.clips >= 1, f"--clips {cfg.clips}: give at least 1 (or leave it out: all)")
+    need(cfg.seed >= 0, f"--seed {cfg.seed}: give a seed >= 0")
+    need(cfg.figure_clips >= 0, f"--figure-clips {cfg.figure_clips}: give 0 or more")
+    need(math.isfinite(cfg.guidance) and cfg.guidance >= 0, f"--guidance {cfg.guidance}: give a finite g >= 0")
+    need(cfg.shift is None or (math.isfinite(cfg.shift) and cfg.shift > 0), f"--shift {cfg.shift}: give a "
+         f"finite shift > 0")
+    need(0 <= cfg.test_fraction <= 1, f"--test-fraction {cfg.test_fraction}: give a fraction in [0, 1]")
+    for flag in ("height", "width"):
+        need(getattr(cfg, flag) is None or getattr(cfg, flag) > 0, f"--{flag} {getattr(cfg, flag)}: give a "
+             f"positive size")
+    need(cfg.sampler in M.SOLVERS, f"unknown sampler {cfg.sampler!r}; choose one of {M.SOLVERS}")
+    need(cfg.schedule in ("shifted", "karras"), f"unknown schedule {cfg.schedule!r}; choose shifted or karras")
+    need(cfg.carry in sample.CARRIES, f"unknown carry {cfg.carry!r}; choose one of {tuple(sample.CARRIES)}")
+    need(cfg.dtype in ("fp32", "bf16"), f"unknown dtype {cfg.dtype!r}; choose fp32 or bf16")
+    if not cfg.checkpoints:
+        raise ValueError("--checkpoint: no model to evaluate (train.py exports RUN/model.safetensors)")
+    if not cfg.data:
+        raise ValueError("--data: the dataset root whose test split is evaluated")
+    if cfg.device is not None:
+        sample.check_device(cfg.device)
+    metas = {c: sample.read_export_meta(c) for c in cfg.checkpoints}
+    tc = metas[cfg.checkpoints[0]]["train_config"]
+    size = (cfg.height or tc["height"], cfg.width or tc["width"])
+    for c, meta in metas.items():
+        unit = sample.frame_unit(meta)
+        need(not (size[0] % unit or size[1] % unit), f"--height/--width must be multiples of {unit} for {c}, "
+             f"got {size[0]}x{size[1]}")
+        need(not (cfg.guidance and meta.get("text", {}).get("mode") == "none"),
+             f"--guidance needs models trained with text; {c} has text mode none (guidance would double the "
+             f"compute and change nothing): drop --guidance")
+    sample.check_out_dir(cfg.out)
+    return metas
+
+
 def protocol(cfg):
     """Every checkpoint of cfg rolled out and scored on the test clips (this rank's share of them); rank 0 then
     writes report.json, table.md and figure.png under cfg.out and returns {row: report} (other ranks: None)."""
-    if cfg.horizon < 2:
-        raise ValueError(f"--horizon {cfg.horizon}: a rollout needs the given frame and at least one more")
-    if not cfg.checkpoints:
-        raise ValueError("--checkpoint: no model to evaluate (train.py exports RUN/model.safetensors)")
+    metas = check_config(cfg)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu") \
         if cfg.device is None else cfg.device
-    for c in cfg.checkpoints:  # every input is checked before any rollout
-        if not os.path.isfile(c):
-            raise FileNotFoundError(f"checkpoint {c} not found (train.py exports RUN/model.safetensors)")
-    if not cfg.data:
-        raise ValueError("--data: the dataset root whose test split is evaluated")
     weights = {kind: getattr(cfg, flag) for kind, flag in WEIGHT_FLAGS.items()}
     metrics = protocol_metrics(cfg.metrics, weights)
     nets = load_networks(metrics, weights, cfg.detector, device)
     episodes, plan = eval_plan(cfg.data, cfg.horizon, cfg.clips, splits=data.split_names(cfg.splits),
                                test_fraction=cfg.test_fraction)
-    with safe_open(cfg.checkpoints[0], "pt") as f:  # one frame size for every row: as given, else the first's
-        tc = json.loads(f.metadata()["train_config"])
+    tc = metas[cfg.checkpoints[0]]["train_config"]  # one frame size for every row: as given, else the first's
     size = (cfg.height or tc["height"], cfg.width or tc["width"])
     rows = {}
     for c in cfg.checkpoints:
@@ -818,40 +859,41 @@ def weight_flags(p):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
+    p = sample.ArgumentParser(
         description=__doc__.strip().split("\n\n")[0] + " Rollout protocol: python evaluate.py --checkpoint "
         "RUN/model.safetensors [...] --data ROOT --horizon 25 (torchrun shards the clips over ranks).")
     p.add_argument("--checkpoint", dest="checkpoints", metavar="CHECKPOINT", nargs="+",
                    help="exported models (train.py), a table row each")
     p.add_argument("--data", help="dataset root; its test split is evaluated")
     p.add_argument("--splits", help="comma-separated splits to evaluate (default: test)")
-    p.add_argument("--test-fraction", type=float, help="EgoVerse episodes outside train/ and test/ folders: "
-                                                        "the fraction hashed into `test` (as in training)")
-    p.add_argument("--horizon", type=int,
+    p.add_argument("--test-fraction", type=sample.fraction,
+                   help="EgoVerse episodes outside train/ and test/ folders: the fraction hashed into `test` (as "
+                        "in training)")
+    p.add_argument("--horizon", type=sample.positive_int,
                    help="frames per rollout, the given first one included (the paper: 25 and 65)")
-    p.add_argument("--clips", type=int, help="evaluate N clips, evenly spread (default: all)")
+    p.add_argument("--clips", type=sample.positive_int, help="evaluate N clips, evenly spread (default: all)")
     p.add_argument("--metrics", help="comma-separated from psnr,ssim,lpips,fid,fvd,latent_l2,pck; 'auto': all "
                                      "whose network weights are found")
     p.add_argument("--out", help="output folder (report.json, table.md, figure.png, per clip)")
-    p.add_argument("--steps", type=int, help="denoising steps per chunk")
+    p.add_argument("--steps", type=sample.positive_int, help="denoising steps per chunk")
     p.add_argument("--sampler", choices=list(M.SOLVERS), help="ODE solver")
     p.add_argument("--schedule", choices=["shifted", "karras"], help="sigma schedule")
-    p.add_argument("--shift", type=float, help="schedule shift (default: the training run's)")
-    p.add_argument("--guidance", type=float, help="classifier-free text guidance (0: off)")
+    p.add_argument("--shift", type=sample.positive_float, help="schedule shift (default: the training run's)")
+    p.add_argument("--guidance", type=sample.nonnegative_float, help="classifier-free text guidance (0: off)")
     p.add_argument("--negative-prompt", help="text of the unconditional branch with --guidance (its embedding "
                                              "in the text cache); default: the empty prompt's null embedding")
     p.add_argument("--carry", choices=list(sample.CARRIES),
                    help="what conditions the next chunk (default reencode, the official): "
                         + "; ".join(f"{k}: {v}" for k, v in sample.CARRIES.items()))
-    p.add_argument("--seed", type=int, help="clip i is rolled out with seed + i")
-    p.add_argument("--batch", type=int, help="clips rolled out together")
+    p.add_argument("--seed", type=sample.nonnegative_int, help="clip i is rolled out with seed + i")
+    p.add_argument("--batch", type=sample.positive_int, help="clips rolled out together")
     p.add_argument("--shuffle-actions", action="store_true",
                    help="the control: every clip gets another clip's actions (rows are named accordingly)")
-    p.add_argument("--figure-clips", type=int, help="clips shown in figure.png")
+    p.add_argument("--figure-clips", type=sample.nonnegative_int, help="clips shown in figure.png")
     p.add_argument("--init", help="backbone for checkpoints holding only the DexAC modules")
-    p.add_argument("--height", type=int,
+    p.add_argument("--height", type=sample.positive_int,
                    help="evaluation height, one for every row (default: the first checkpoint's training height)")
-    p.add_argument("--width", type=int, help="evaluation width (default: the first checkpoint's)")
+    p.add_argument("--width", type=sample.positive_int, help="evaluation width (default: the first checkpoint's)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="model dtype")
     p.add_argument("--device", help="torch device (default: this rank's GPU, else cpu)")
     weight_flags(p)
@@ -861,12 +903,16 @@ def main(argv=None):
     c.add_argument("--pred", required=True, help="predicted video (.npy/.mp4) or a folder of them")
     c.add_argument("--gt", required=True, help="ground-truth video(s), same names as --pred")
     c.add_argument("--metrics", default="psnr,ssim", help="comma-separated, from psnr,ssim,lpips,fid,fvd,pck")
-    c.add_argument("--cond-frames", type=int, default=1, help="leading conditioning frames, not scored")
+    c.add_argument("--cond-frames", type=sample.nonnegative_int, default=1,
+                   help="leading conditioning frames, not scored")
     weight_flags(c)
     c.add_argument("--device", default="cpu", help="torch device for the feature networks")
     c.add_argument("--out", help="also write the JSON report here")
     args = p.parse_args(argv)
     if args.command == "compare":
+        sample.check_device(args.device)
+        if args.out and Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a folder: name the JSON report's file")
         compare(args.pred, args.gt, metrics=args.metrics, cond_frames=args.cond_frames, device=args.device,
                 weights={kind: getattr(args, flag) for kind, flag in WEIGHT_FLAGS.items()}, detector=args.detector,
                 out=args.out)
@@ -879,7 +925,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (FileNotFoundError, ValueError, data.DataError) as e:  # missing files or weights, bad data: one line
-        sys.exit(f"error: {e}")
+    hub.run_main(main)

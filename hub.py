@@ -11,6 +11,9 @@ Where weights come from and how they are loaded, once for every model in this re
   mis-shaped; `assign=True`, so a model built on the meta device takes the tensors without a second copy.
 - `atomic_write(path, ...)`: readers see the old file or the new one, never half of one.
 - `DTYPES`: the dtype names every command line accepts.
+- `run_main(main)`: how every entry point ends: an error becomes one line (`error: ...`) and exit code 1
+  (argparse's usage errors: 2); `--debug` or DEXAC_DEBUG=1 shows the traceback instead; child processes
+  (data loader workers, which ignore SIGTERM while a trainer checkpoints) are killed, so no error path hangs.
 
 Key maps stay beside their models (model.py, tokenizer.py, semantic.py): they are part of each model's story.
 """
@@ -194,3 +197,35 @@ def atomic_save(path, save):
     save(str(tmp))
     os.replace(tmp, path)
     return path
+
+
+# -----------------------------------------------------------------------------
+# entry points: one line per error, no hang
+
+
+def run_main(main, argv=None):
+    """Run an entry point's main(argv) and exit: its return value is the exit code (None: 0). Any exception is
+    one line on stderr and exit code 1; `--debug` (removed from argv) or DEXAC_DEBUG=1 re-raises it, with its
+    traceback. Child processes left behind (loader workers ignore SIGTERM) are killed first."""
+    import multiprocessing
+    import sys
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("DEXAC_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as e:
+        if debug:
+            raise
+        for child in multiprocessing.active_children():
+            child.kill()
+        what = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        # our own errors and ValueError/OSError are written for the user; others (a TypeError, a torch
+        # RuntimeError) are named, as they may be a bug to report
+        if not (isinstance(e, (ValueError, OSError)) or type(e).__module__ != "builtins") or not what:
+            what = f"{type(e).__name__}: {what}".rstrip(": ")
+        print(f"error: {what} (rerun with --debug for the traceback)", file=sys.stderr)
+        code = 1
+    sys.exit(code or 0)

@@ -13,13 +13,15 @@ is then rolled out by the evaluation protocol (evaluate.py) on the test split, t
 with another clip's actions (the control: a model that ignores its actions scores the same on both). The
 summary gives each metric's mean with its standard error over the evaluated clips, the true-minus-shuffled gap
 paired clip by clip, and PCK per action family. Everything is resumable: finished runs and scored clips are
-kept, interrupted runs resume.
+kept, interrupted runs resume; a run is reused only when the train.py flags it records (settings.json) are this
+call's, else it is refused with a message (deleting a trained model is left to the user).
 
 Outputs under --out: seed<s>/<mode>/ (train.py runs), seed<s>/eval/ (reports), results.json, results.md and
 results.png.
 """
 
-import argparse
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -33,6 +35,8 @@ from PIL import Image, ImageDraw
 
 import data
 import evaluate as E
+import hub
+import sample
 import synthetic
 import train
 
@@ -48,20 +52,47 @@ def run_dir(out):
     return runs[-1] if runs else None
 
 
+def train_argv(mode, seed, args):
+    """The train.py flags of one (mode, seed) run: what its model is, and what settings.json records."""
+    out = Path(args.out) / f"seed{seed}" / mode
+    return ["--data", str(args.data), "--action-mode", mode, "--seed", str(seed), "--height", str(SIZE[0]),
+            "--width", str(SIZE[1]), "--steps", str(args.steps), "--out", str(out), "--preview-every", "0",
+            "--ckpt-every", "50", *args.train_args]
+
+
+def check_cached(mode, seed, args):
+    """A run folder already under --out must have been trained with these settings (kept in settings.json):
+    a model of other settings is never reused, and never deleted; one clear error instead."""
+    out = Path(args.out) / f"seed{seed}" / mode
+    saved, want = out / "settings.json", {"train_argv": train_argv(mode, seed, args)}
+    if run_dir(out) is None:
+        return
+    if not saved.is_file():
+        raise ValueError(f"{out} holds a run whose settings were not recorded (made by an older miniature.py): "
+                         f"delete {out} to retrain it, or choose another --out")
+    had = json.loads(saved.read_text())
+    if had != want:
+        flags = lambda argv: {f: argv[i + 1:i + 2] for i, f in enumerate(argv) if f.startswith("--")}
+        old, new = flags(had.get("train_argv", [])), flags(want["train_argv"])
+        diff = [f for f in {**old, **new} if old.get(f) != new.get(f)]
+        raise ValueError(f"{out} holds a {mode} model (seed {seed}) trained with other settings (differing: "
+                         f"{', '.join(dict.fromkeys(diff)) or 'flag order'}; see {saved}): delete {out} to retrain "
+                         f"it, or choose another --out")
+
+
 def train_one(job):
     """One (mode, seed) run as a train.py process; skipped when exported, resumed when interrupted."""
     mode, seed, args = job
     out = Path(args.out) / f"seed{seed}" / mode
+    check_cached(mode, seed, args)
     run = run_dir(out)
     if run is not None and (run / "model.safetensors").is_file():
         return run / "model.safetensors"
-    cmd = [sys.executable, str(HERE / "train.py"), "--data", args.data, "--action-mode", mode, "--seed", str(seed),
-           "--height", str(SIZE[0]), "--width", str(SIZE[1]),
-           "--steps", str(args.steps), "--out", str(out), "--preview-every", "0", "--ckpt-every", "50",
-           *args.train_args]
+    cmd = [sys.executable, str(HERE / "train.py"), *train_argv(mode, seed, args)]
     if run is not None and (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
         cmd += ["--resume", str(run)]
     out.mkdir(parents=True, exist_ok=True)
+    hub.atomic_write(out / "settings.json", json.dumps({"train_argv": train_argv(mode, seed, args)}))
     t0 = time.time()
     with open(out / "train.log", "a") as log:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(HERE)}
@@ -205,23 +236,43 @@ def plot(path, table, metrics):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
+    p = sample.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
                                 epilog="Any other flag goes to every train.py run (e.g. --lr 5e-4 --batch-size 8); "
                                        "48x80 frames unless --height/--width say otherwise.")
     p.add_argument("--out", default="runs/miniature", help="output folder")
     p.add_argument("--data", default="data/miniature",
                    help=f"synthetic dataset (written when absent, with zoom {ZOOM} and markers x{MARKER_SCALE})")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (initialization, data, noise)")
+    p.add_argument("--seeds", type=sample.nonnegative_int, nargs="+", default=[0],
+                   help="seeds (initialization, data, noise)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="conditioning modes to compare")
-    p.add_argument("--steps", type=int, default=700, help="training steps per run")
-    p.add_argument("--jobs", type=int, default=2, help="runs trained at a time")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
-    p.add_argument("--horizon", type=int, default=25, help="evaluation rollout length in frames")
-    p.add_argument("--clips", type=int, default=12, help="evaluation clips, evenly spread (0: all)")
-    p.add_argument("--sample-steps", type=int, default=8, help="denoising steps per chunk in evaluation")
+    p.add_argument("--steps", type=sample.positive_int, default=700, help="training steps per run")
+    p.add_argument("--jobs", type=sample.positive_int, default=2, help="runs trained at a time")
+    p.add_argument("--threads", type=sample.positive_int, default=1, help="CPU threads per run")
+    p.add_argument("--horizon", type=sample.positive_int, default=25, help="evaluation rollout length in frames")
+    p.add_argument("--clips", type=sample.nonnegative_int, default=12,
+                   help="evaluation clips, evenly spread (0: all)")
+    p.add_argument("--sample-steps", type=sample.positive_int, default=8,
+                   help="denoising steps per chunk in evaluation")
     p.add_argument("--metrics", default="psnr,ssim,latent_l2,pck", help="evaluate.py --metrics")
     args, args.train_args = p.parse_known_args(argv)  # anything else goes to train.py (--height, --lr, ...)
-    train.parse_args(args.train_args)  # a wrong train.py flag stops here, with argparse's message
+    # every setting is checked before any dataset is written or any run trained
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            train.parse_args(args.train_args)  # a wrong train.py flag stops here
+    except SystemExit as e:
+        if e.code:
+            lines = [line for line in errors.getvalue().splitlines() if "error:" in line]
+            p.error(f"train.py flag: {lines[-1].split('error:', 1)[1].strip() if lines else e.code}")
+    if args.horizon < 5 or (args.horizon - 1) % 4:
+        p.error(f"argument --horizon: {args.horizon}: give 4k + 1 frames (5, 9, ..., 25)")
+    unknown = set(args.metrics.split(",")) - set(E.METRICS) - {"auto", ""}
+    if unknown:
+        p.error(f"argument --metrics: unknown {sorted(unknown)}; choose from {E.METRICS}")
+    sample.check_out_dir(args.out)
+    for seed in args.seeds:  # a cached model of other settings is refused now, not after hours of training
+        for mode in args.modes:
+            check_cached(mode, seed, args)
     root = Path(args.data)
     if not root.exists():  # zoomed, with large markers: hands and keypoints stay visible at 48x80
         synthetic.write_synthetic(root, episodes=6, test_episodes=3, zoom=ZOOM, marker_scale=MARKER_SCALE)
@@ -252,5 +303,10 @@ def main(argv=None):
     return table
 
 
+def cli(argv=None):
+    """The command line: main's table is printed and written; exit code 0."""
+    main(argv)
+
+
 if __name__ == "__main__":
-    main()
+    hub.run_main(cli)

@@ -27,13 +27,17 @@ Deliberate choices:
   as the next chunk's first, no VAE round trip; the whole latent video is decoded once at the end;
 - classifier-free guidance: the unconditional branch sees the embedding of `--negative-prompt`, as the
   official code uses its default negative prompt's, else the empty prompt's (the null embedding); with the
-  text mode "none" every prompt, the negative one included, has the same zero embedding and text guidance
-  changes nothing;
+  text mode "none" every prompt, the negative one included, has the same zero embedding, so `--guidance` is
+  refused there (it would double the compute for the unguided video);
 - each sample draws its noise from its own generator (seed + sample index, chunk), so a batch gives exactly
   the samples that one-by-one runs give, up to floating-point reordering (which the uint8 step of carry
   "reencode" can turn into one level of difference in a frame that starts a chunk);
-- input checks (action shape, NaN, image mode and size, sampler, checkpoint statistics) run before any model
-  is loaded;
+- input checks (every flag's range, the device, the output folder, action shape, NaN and float32 overflow,
+  image and checkpoint) run before any model is loaded; actions far (> OUTLIER_STDS stds) from the training
+  statistics are warned about; a rollout whose latents turn NaN/inf stops with an error naming the chunk and
+  the sampler step;
+- images: 16-bit ones are scaled from 0-65535, float ones from [0, 1], transparency is composited on black
+  (what an empty scene looks like to the tokenizer, as a letterbox does) and the EXIF orientation is applied;
 - a model trained with `--trainable new` on a pretrained backbone is exported as its DexAC modules only; it is
   rebuilt on the backbone the file names, or on `--init` (a local file or a Hub spec, model.load_dit);
 - with the semantic branch, DINOv3 sees each chunk's first frame, as in training: the given image, then the
@@ -47,12 +51,14 @@ import argparse
 import json
 import math
 import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import conditioning as C
@@ -66,6 +72,107 @@ CARRIES = {  # what conditions chunk c + 1 (rollout's `carry`; evaluate.py recor
     "reencode": "each chunk's last frame decoded, quantized to uint8 and encoded alone (official)",
     "latent": "each chunk's last latent frame carried over as is",
 }
+
+
+OUTLIER_STDS = 20  # actions farther than this from the training mean (in its stds) get a warning
+
+
+class NonFiniteRollout(ValueError):
+    """A rollout whose latents turned NaN/inf; `samples` holds the batch indices that did."""
+
+    def __init__(self, message, samples=()):
+        super().__init__(message)
+        self.samples = tuple(samples)
+
+
+# -----------------------------------------------------------------------------
+# command-line checks, shared with evaluate.py and miniature.py: every flag is checked before any work
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, `error: ...`, and exit code 2 (subcommands inherit it)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _number(cast, what, ok):
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, "a positive integer", lambda v: v > 0)
+nonnegative_int = _number(int, "an integer >= 0", lambda v: v >= 0)
+positive_float = _number(float, "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+nonnegative_float = _number(float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+fraction = _number(float, "a fraction in [0, 1]", lambda v: 0 <= v <= 1)
+
+
+def check_device(name):
+    """A torch device name that exists here -> its canonical string, or one ValueError."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {name!r}: MPS is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r}: use cpu, cuda or cuda:N")
+    return str(device)
+
+
+def check_out_dir(path, flag="--out"):
+    """Make sure an output folder can be written, before any work: created when absent, probed with a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is an existing file, not a folder: choose another {flag}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path} cannot be written ({e.strerror or e}): choose another {flag}") from None
+    return path
+
+
+def read_export_meta(path):
+    """An exported model's metadata {key: parsed JSON}, or one error for a missing, truncated or foreign file."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found (train.py exports RUN/model.safetensors)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = f.metadata() or {}
+        meta = {k: json.loads(v) for k, v in raw.items()}
+    except Exception as e:  # safetensors' own error type: a truncated file, another format, a bad header
+        raise ValueError(f"{path} is not a readable safetensors export (truncated, damaged or another format: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}): export it again with "
+                         f"train.py") from None
+    missing = [k for k in ("action_stats", "train_config", "tokenizer", "model_config") if k not in meta]
+    if missing:
+        raise ValueError(f"{path} carries no action statistics/config ({', '.join(missing)} missing from its "
+                         f"metadata): export it with train.py")
+    return meta
+
+
+def frame_unit(meta):
+    """Frame sizes must be multiples of this for the export: tokenizer compression x the DiT's patch (2)."""
+    t = meta["tokenizer"]
+    return 2 * (8 if t["name"] == "wan2.1" else t.get("pixel_compression", 8))
 
 
 def to_uint8(video):
@@ -89,11 +196,34 @@ def check_actions(a, name="actions"):
                          f"{a.shape}; a single action is (1, {C.ACTION_DIM})")
     if len(a) < 1:
         raise ValueError(f"{name} holds no actions: give at least one (K >= 1)")
+    if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
+        raise ValueError(f"{name} holds {a.dtype} values: give real numbers")
     if not np.isfinite(a).all():
         bad = np.argwhere(~np.isfinite(a))[0]
         raise ValueError(f"{name} has NaN/inf values (first at step {bad[0]}, dimension {bad[1]} "
                          f"{C.ACTION_NAMES[bad[1]]})")
-    return a.astype(np.float32)
+    with np.errstate(over="ignore"):
+        cast = a.astype(np.float32)
+    if not np.isfinite(cast).all():  # finite in float64, inf in the model's float32
+        bad = np.argwhere(~np.isfinite(cast))[0]
+        raise ValueError(f"{name} overflows float32 (|value| > 3.4e38; first at step {bad[0]}, dimension "
+                         f"{bad[1]} {C.ACTION_NAMES[bad[1]]}: {a[tuple(bad)]:.3g}): give raw actions in metres "
+                         f"and 6D rotations")
+    return cast
+
+
+def warn_outliers(actions, mean, std, limit=OUTLIER_STDS, name="actions"):
+    """A warning (stderr) when actions (..., 57) lie more than `limit` stds from the training statistics."""
+    a = np.asarray(actions, np.float64).reshape(-1, C.ACTION_DIM)
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    z = np.abs(a - mean) / np.maximum(std, 1e-6)  # a constant dimension: any change is far out
+    if len(z) and z.max() > limit:
+        d = int(z.max(0).argmax())
+        print(f"warning: {name} lie up to {z.max():.3g} stds from the training statistics ({(z > limit).sum()} "
+              f"values beyond {limit}; the farthest in dimension {d} {C.ACTION_NAMES[d]}): the model never saw "
+              f"such actions; check their units (metres, 6D rotations)", file=sys.stderr)
+        return True
+    return False
 
 
 def load_actions(path):
@@ -110,17 +240,53 @@ def load_image(path, size):
     try:
         img = Image.open(path)
         img.load()
+        img = ImageOps.exif_transpose(img)  # a camera's orientation tag: the frame as it is viewed
     except OSError as e:  # a missing file, or not an image
         raise FileNotFoundError(f"cannot read the image {path}: {e}") from None
-    if img.mode != "RGB":
-        print(f"notice: {path} is {img.mode}, not RGB; converting it to RGB")
-        img = img.convert("RGB")
-    rgb = np.asarray(img)
+    rgb = image_to_rgb(img, path)
     if rgb.shape[:2] != tuple(size):
         print(f"notice: {path} is {rgb.shape[1]}x{rgb.shape[0]}, the model runs at {size[1]}x{size[0]}; "
               f"resizing (center crop to the aspect, antialiased)")
         rgb = data.resize_image(rgb, size)
     return rgb
+
+
+def image_to_rgb(img, path="image"):
+    """A PIL image of any mode -> uint8 (H, W, 3). 16-bit and 32-bit integer images are scaled from 0-65535
+    (PNG's 16 bits), float images from [0, 1] (or taken as 0-255 when they exceed 1); transparency is composited
+    on black; palettes are expanded."""
+    if img.mode == "RGB":
+        return np.asarray(img)
+    print(f"notice: {path} is {img.mode}, not RGB; converting it to RGB")
+    if img.mode.startswith("I") or img.mode == "F":
+        x = np.asarray(img).astype(np.float64)
+        if not np.isfinite(x).all():
+            raise ValueError(f"the image {path} has NaN/inf pixels: save it as 8-bit RGB")
+        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+        if img.mode == "F":
+            scale = 255.0 if hi <= 1 else 1.0
+            top = 1.0 if hi <= 1 else 255.0
+        else:
+            scale, top = 255.0 / 65535, 65535.0
+        if lo < 0 or hi > top:
+            raise ValueError(f"the image {path} ({img.mode}) holds values in [{lo:.4g}, {hi:.4g}], outside "
+                             f"[0, {top:g}]: save it as 8-bit RGB")
+        gray = np.round(x * scale).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, -1) if gray.ndim == 2 else gray[..., :3]
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(black, rgba)  # transparent pixels become black
+    return np.asarray(img.convert("RGB"))
+
+
+def check_finite(x, where):
+    """Raise NonFiniteRollout naming the samples (batch indices) of x (B, ...) that hold NaN/inf."""
+    bad = ~torch.isfinite(x.flatten(1)).all(1)
+    if bad.any():
+        raise NonFiniteRollout(where, bad.nonzero().flatten().tolist())
 
 
 # -----------------------------------------------------------------------------
@@ -179,14 +345,29 @@ class WorldModel:
         if guidance:  # built once per chunk, not per step
             frame_mask, actions, feats = two(frame_mask), two(actions), two(feats)
 
+        step = [0]
+
         def v(x, sigma):
             if bar is not None:
                 bar.update(1)
+            step[0] += 1
             if guidance == 0:
-                return self.dit(x, sigma, text, frame_mask=frame_mask, actions=actions, image_features=feats)
-            out = self.dit(two(x), two(sigma), text, frame_mask=frame_mask, actions=actions, image_features=feats)
-            return M.guided(*out.chunk(2), guidance)
+                out = self.dit(x, sigma, text, frame_mask=frame_mask, actions=actions, image_features=feats)
+            else:
+                out = self.dit(two(x), two(sigma), text, frame_mask=frame_mask, actions=actions,
+                               image_features=feats)
+                out = M.guided(*out.chunk(2), guidance)
+            check_finite(out, f"at sampler step {step[0]}")  # one reduction per step: cheap beside the DiT
+            return out
         return v
+
+    def check_actions(self, actions):
+        """Raw actions (..., 57) against the model's statistics: a warning for far outliers (zscore models)."""
+        norm = getattr(self.dit.action_cond, "norm", None)
+        if norm is None or norm.mode != "zscore" or not int(norm.has_stats):
+            return False
+        mean, std = (t.float().cpu().numpy() for t in norm.stats())
+        return warn_outliers(actions, mean, std)
 
     @torch.inference_mode()
     def rollout(self, frame, actions, prompts, seeds, *, steps=35, solver="unipc", schedule="shifted", shift=None,
@@ -202,7 +383,11 @@ class WorldModel:
         chunk = self.dit.config.action_steps  # actions per chunk; chunk / 4 latent frames follow the held one
         n_chunks = math.ceil(K / chunk)
         pad = np.broadcast_to(still_actions(n_chunks * chunk - K), (B, n_chunks * chunk - K, C.ACTION_DIM))
+        self.check_actions(actions)
         actions = torch.from_numpy(np.concatenate([actions, pad], 1)).to(self.device, self.dtype)
+        if not torch.isfinite(actions).all():  # bf16's range ends a little below float32's
+            raise ValueError(f"actions overflow the model dtype {self.dtype}: give raw actions in metres and 6D "
+                             f"rotations")
         first = torch.from_numpy(np.array(frame)).to(self.device).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
         first = first.to(self.dtype) / 127.5 - 1  # the frame that starts the chunk, in [-1, 1]
         z = self.tokenizer.encode(first[:, :, None])  # (B, C, 1, h, w)
@@ -226,7 +411,13 @@ class WorldModel:
                 int(s) * 1_000_003 + c)) for s in seeds]).to(self.device, self.dtype)
             v = self.velocity_fn(text, actions[:, c * chunk:(c + 1) * chunk], frame_mask, guidance=guidance,
                                  feats=feats, bar=bar)
-            x = M.sample(v, noise, sigmas, solver=solver, x_cond=x_cond, frame_mask=frame_mask)
+            try:
+                x = M.sample(v, noise, sigmas, solver=solver, x_cond=x_cond, frame_mask=frame_mask)
+                check_finite(x, "after its last sampler step")
+            except NonFiniteRollout as e:
+                raise NonFiniteRollout(f"the rollout turned non-finite (NaN/inf latents) in chunk {c + 1} of "
+                                       f"{n_chunks} {e} (sample(s) {', '.join(map(str, e.samples))} of the "
+                                       f"batch): the model's weights or inputs are damaged", e.samples) from None
             latents.append(x[:, :, 1:])
             if carry == "latent":
                 cond = x[:, :, -1:]
@@ -276,7 +467,7 @@ def write_outputs(out, name, video, gt=None, fps=30):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Roll out a DexAC world model from one frame and raw 57-D actions.")
+    p = ArgumentParser(description="Roll out a DexAC world model from one frame and raw 57-D actions.")
     p.add_argument("--checkpoint", help="an exported model (train.py writes RUN/model.safetensors)")
     p.add_argument("--init", default=None, help="the pretrained backbone for a checkpoint that holds only the DexAC "
                                                 "modules (train.py --trainable new): a local file or Hub spec "
@@ -287,61 +478,66 @@ def parse_args(argv=None):
     p.add_argument("--image", help="first frame (PNG/JPEG); resized to the model's resolution with a notice")
     p.add_argument("--episode", help="an EgoDex .hdf5 (its .mp4 beside it) or an EgoVerse .zarr: first frame, "
                                      "prompt, actions and ground truth from there")
-    p.add_argument("--start", type=int, default=0, help="first frame index in --episode")
-    p.add_argument("--num-actions", type=int, default=24, help="actions taken from --episode when no --actions")
+    p.add_argument("--start", type=nonnegative_int, default=0, help="first frame index in --episode")
+    p.add_argument("--num-actions", type=positive_int, default=24,
+                   help="actions taken from --episode when no --actions")
     p.add_argument("--prompt", default=None, help="task description (default: the episode's, else empty)")
-    p.add_argument("--steps", type=int, default=35, help="denoising steps per chunk")
+    p.add_argument("--steps", type=positive_int, default=35, help="denoising steps per chunk")
     p.add_argument("--sampler", default="unipc", help=f"ODE solver, one of {M.SOLVERS} (unipc: the official one)")
     p.add_argument("--schedule", default="shifted", choices=["shifted", "karras"], help="sigma schedule")
-    p.add_argument("--shift", type=float, default=None, help="shift of the shifted schedule (default: training's)")
-    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free text guidance g (0: off)")
+    p.add_argument("--shift", type=positive_float, default=None,
+                   help="shift of the shifted schedule (default: training's)")
+    p.add_argument("--guidance", type=nonnegative_float, default=0.0, help="classifier-free text guidance g (0: off)")
     p.add_argument("--negative-prompt", default=None,
                    help="text of the unconditional branch when --guidance > 0 (the official CFG uses its default "
                         "negative prompt; its embedding must be in the training run's text cache); default: the "
                         "empty prompt's null embedding")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
-    p.add_argument("--num-samples", type=int, default=1, help="samples per action file")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the first sample; sample i uses seed + i")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="samples per action file")
     p.add_argument("--carry", default="reencode", choices=list(CARRIES),
                    help="what conditions the next chunk: " + "; ".join(f"{k}: {v}" for k, v in CARRIES.items()))
     p.add_argument("--tokenizer-weights", default=None, help="override the Wan2.1 VAE weights the export names")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is here)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model dtype")
-    p.add_argument("--height", type=int, default=None, help="frame height (default: the training resolution)")
-    p.add_argument("--width", type=int, default=None, help="frame width (default: the training resolution)")
+    p.add_argument("--height", type=positive_int, default=None,
+                   help="frame height (default: the training resolution)")
+    p.add_argument("--width", type=positive_int, default=None, help="frame width (default: the training resolution)")
     p.add_argument("--out", default="samples", help="output directory")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    # every input is checked before the model is loaded
+    # every input is checked before the model is loaded and before any rollout
     if not args.checkpoint:
         raise SystemExit("error: --checkpoint is required (an exported model; to time random weights: "
                          "python bench.py sample)")
     if args.sampler not in M.SOLVERS:
         raise SystemExit(f"error: unknown sampler {args.sampler!r}; choose one of {M.SOLVERS}")
-    if not os.path.isfile(args.checkpoint):
-        raise SystemExit(f"error: checkpoint {args.checkpoint} not found (train.py exports RUN/model.safetensors)")
-    from safetensors import safe_open
-    with safe_open(args.checkpoint, "pt") as f:
-        meta = f.metadata() or {}
-    if "action_stats" not in meta or "train_config" not in meta:
-        raise SystemExit(f"error: {args.checkpoint} carries no action statistics/config: export it with train.py")
-    tc = json.loads(meta["train_config"])
+    if (args.image is None) == (args.episode is None):
+        raise SystemExit("error: give the first frame with exactly one of --image or --episode")
+    if args.image and not args.actions:
+        raise SystemExit("error: --image needs --actions")
+    try:
+        device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        meta = read_export_meta(args.checkpoint)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    tc = meta["train_config"]
     size = (args.height or tc["height"], args.width or tc["width"])
-    t = json.loads(meta["tokenizer"])
-    unit = 2 * (8 if t["name"] == "wan2.1" else t.get("pixel_compression", 8))  # tokenizer x DiT patch
+    unit = frame_unit(meta)  # tokenizer x DiT patch
     if size[0] % unit or size[1] % unit:
         raise SystemExit(f"error: --height/--width must be multiples of {unit} for this model, got "
                          f"{size[0]}x{size[1]}")
-    if json.loads(meta.get("base", '""')) and not args.init:
-        print(f"the checkpoint holds the DexAC modules only; backbone: {json.loads(meta['base'])}")
     if args.negative_prompt is not None and not args.guidance:
         print("notice: --negative-prompt has no effect without --guidance")
-    elif args.guidance and json.loads(meta.get("text", "{}")).get("mode") == "none":
-        print("notice: the model was trained without text (text mode none): --guidance changes nothing")
-    if (args.image is None) == (args.episode is None):
-        raise SystemExit("error: give the first frame with exactly one of --image or --episode")
+    elif args.guidance and meta.get("text", {}).get("mode") == "none":
+        # refused, not warned: every prompt has the same zero embedding, so it would double the compute for
+        # exactly the unguided video
+        raise SystemExit("error: --guidance needs a model trained with text; this one has text mode none "
+                         "(guidance would double the compute and change nothing): drop --guidance")
+    if meta.get("base") and not args.init:
+        print(f"the checkpoint holds the DexAC modules only; backbone: {meta['base']}")
     try:
         gt, prompt = None, args.prompt
         if args.episode:
@@ -353,13 +549,12 @@ def main(argv=None):
             runs = load_actions(args.actions) if args.actions else [(ep.id.replace("/", "_"), clip["actions"].numpy())]
         else:
             frame = load_image(args.image, size)
-            if not args.actions:
-                raise SystemExit("error: --image needs --actions")
             runs = load_actions(args.actions)
+        out = check_out_dir(args.out)
     except (ValueError, FileNotFoundError, data.DataError) as e:
         raise SystemExit(f"error: {e}") from None
 
-    wm = WorldModel(args.checkpoint, device=args.device, dtype=hub.DTYPES[args.dtype],
+    wm = WorldModel(args.checkpoint, device=device, dtype=hub.DTYPES[args.dtype],
                     tokenizer_weights=args.tokenizer_weights, base=args.init, dino=args.dino)
     names = [f"{name}_s{i}" if args.num_samples > 1 else name for name, _ in runs for i in range(args.num_samples)]
     K = max(len(a) for _, a in runs)
@@ -372,11 +567,11 @@ def main(argv=None):
                         seeds, steps=args.steps, solver=args.sampler, schedule=args.schedule, shift=args.shift,
                         guidance=args.guidance, negative_prompt=args.negative_prompt, carry=args.carry)
     print(f"{len(names)} rollout(s) of up to {K} actions in {time.time() - t0:.1f} s")
-    out = Path(args.out)
     for name, video, k in zip(names, videos, lengths):
         write_outputs(out, name, video[:1 + k], gt[:1 + k] if gt is not None and len(gt) >= 1 + k else None)
     print(f"wrote {len(names)} video(s) and contact sheet(s) to {out}/")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    hub.run_main(main)

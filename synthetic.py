@@ -24,6 +24,7 @@ intrinsics, no head pose. Its manifest names each episode's quirk, where it sits
 
 import argparse
 import io
+import shutil
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -36,6 +37,7 @@ from tqdm import tqdm
 
 import conditioning as C
 import data
+import hub
 
 # the colours of the 12 evaluation keypoints' markers, in data.KEYPOINT_NAMES order
 KEYPOINT_COLORS = np.array([
@@ -212,14 +214,47 @@ def _synth_episode(job):
     data.write_video(d / f"{k}.mp4", frames)
 
 
+def _dataset_entry(p):
+    """Whether p can be part of a dataset root: a split folder, an EgoVerse episode, the statistics, the index."""
+    splits = data.TRAIN_SPLITS + data.EVAL_SPLITS + ("extra",)
+    return ((p.is_dir() and (p.name in splits or p.suffix == ".zarr"))
+            or (p.is_file() and p.name.split(".tmp")[0] in ("stats.json", ".dexac_index.json")))
+
+
+def prepare_out(out, overwrite=False):
+    """Refuse to write into a non-empty out (old episodes would mix with the new ones, its statistics and index
+    go stale) unless overwrite: then delete out first, which must hold nothing but a dataset."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: choose a folder")
+    old = sorted(out.iterdir()) if out.is_dir() else []
+    if old and not overwrite:
+        raise ValueError(f"--out {out} is not empty: choose a new folder, or pass --overwrite to replace the "
+                         f"dataset there (its episodes, stats.json and index)")
+    stranger = next((p for p in old if not _dataset_entry(p)), None)
+    if stranger is not None:  # --overwrite deletes the whole folder: never one that holds anything else
+        raise ValueError(f"--out {out} holds {stranger.name}, which is not part of a dataset: --overwrite deletes "
+                         f"the whole folder, so choose a new one")
+    if old:
+        shutil.rmtree(out)
+
+
 def write_synthetic(out, *, tasks=4, episodes=3, test_episodes=1, frames=90, size=(180, 320), seed=0,
-                    workers=2, zoom=1.0, marker_scale=1.0):
+                    workers=2, zoom=1.0, marker_scale=1.0, overwrite=False):
     """Write `out/part1/<task>/<k>.{hdf5,mp4}` (train) and `out/test/...`; deterministic by seed.
     K keeps EgoDex's field of view (fx = 736.6 * W / 1920, principal point at the centre); zoom > 1 narrows
     it (hands fill more of the frame) and marker_scale enlarges the keypoint markers, so that both stay
-    visible when the frames are downsampled far below EgoDex's size (miniature.py)."""
+    visible when the frames are downsampled far below EgoDex's size (miniature.py). A non-empty out is refused
+    unless overwrite, which deletes the old dataset first (prepare_out)."""
     if zoom <= 0 or marker_scale <= 0:
         raise ValueError(f"zoom ({zoom}) and marker_scale ({marker_scale}) must be positive; 1 is EgoDex's view")
+    if not 1 <= tasks <= len(SYNTH_TASKS) or episodes < 0 or test_episodes < 0 or episodes + test_episodes < 1:
+        raise ValueError(f"tasks ({tasks}) must be in [1, {len(SYNTH_TASKS)}], episodes ({episodes}) and "
+                         f"test_episodes ({test_episodes}) >= 0, and at least one episode in all")
+    if frames < 2 or min(size) < 16 or size[0] % 2 or size[1] % 2:
+        raise ValueError(f"frames ({frames}) must be >= 2 (an action needs two), size {tuple(size)} even and "
+                         f">= 16 (H.264 yuv420p)")
+    prepare_out(out, overwrite)
     jobs = [(str(out), split, t, k, frames, tuple(size), seed, zoom, marker_scale)
             for t in range(min(tasks, len(SYNTH_TASKS)))
             for split, count in (("part1", episodes), ("test", test_episodes)) for k in range(count)]
@@ -374,7 +409,7 @@ def _mark_missing(path, side, a, b, value):
             g[f"{side}.{key}"][a:b] = value
 
 
-def write_quirks(out, *, frames=48, size=(72, 128), seed=0):
+def write_quirks(out, *, frames=48, size=(72, 128), seed=0, overwrite=False):
     """A small mixed root in which each episode carries ONE real-data quirk of DESIGN.md section 11
     -> manifest {episode: {"kind", "path", "quirk", "seed" (synth_track(np.random.default_rng(seed), frames)
     gives its motion), "frames", "size", "K" (the K its frames were rendered with), the quirk's parameters}}.
@@ -384,6 +419,10 @@ def write_quirks(out, *, frames=48, size=(72, 128), seed=0):
     if frames < 39:
         raise ValueError(f"write_quirks needs frames >= 39 (a 13-frame clip on each side of a gap), "
                          f"got {frames}")
+    if min(size) < 16 or size[0] % 6 or size[1] % 2:
+        raise ValueError(f"write_quirks needs a height that is a multiple of 6 (its 4:3 frames are 4/3 * height "
+                         f"wide, even for H.264) and an even width >= 16, got {tuple(size)}")
+    prepare_out(out, overwrite)
     out, H = Path(out), size[0]
     a, b = frames // 3, frames // 3 + 6
     wide, aspect43 = (H, size[1]), (H, H * 4 // 3)
@@ -483,15 +522,24 @@ def main(argv=None):
                                             "--quirks a root of every real-data quirk (DESIGN.md 11).")
     p.add_argument("--out", required=True, help="output root")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
-    p.add_argument("--tasks", type=int, default=4, help=f"number of tasks (at most {len(SYNTH_TASKS)})")
-    p.add_argument("--episodes", type=int, default=3, help="training episodes per task (split part1)")
-    p.add_argument("--test-episodes", type=int, default=1, help="test episodes per task (split test)")
-    p.add_argument("--frames", type=int, default=None,
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the dataset already in --out (deleted first, with its stats.json and index: "
+                        "nothing stale survives); without it a non-empty --out is refused")
+    p.add_argument("--tasks", type=data.int_at_least(1), default=4,
+                   help=f"number of tasks (at most {len(SYNTH_TASKS)})")
+    p.add_argument("--episodes", type=data.int_at_least(1), default=3,
+                   help="training episodes per task (split part1)")
+    p.add_argument("--test-episodes", type=data.int_at_least(0), default=1,
+                   help="test episodes per task (split test)")
+    p.add_argument("--frames", type=data.int_at_least(2), default=None,
                    help="frames per episode (30 fps; 90, with --quirks 48)")
-    p.add_argument("--height", type=int, default=None, help="native frame height (180, with --quirks 72)")
-    p.add_argument("--width", type=int, default=None,
-                   help="native frame width (320, with --quirks 128; its 4:3 Aria-like ones: 4/3 * height)")
-    p.add_argument("--workers", type=int, default=2, help="processes rendering episodes (0: in-process)")
+    p.add_argument("--height", type=data.int_multiple(2), default=None,
+                   help="native frame height, even, >= 16 (180, with --quirks 72 and a multiple of 6)")
+    p.add_argument("--width", type=data.int_multiple(2), default=None,
+                   help="native frame width, even, >= 16 (320, with --quirks 128; its 4:3 Aria-like ones: 4/3 * "
+                        "height)")
+    p.add_argument("--workers", type=data.int_at_least(0), default=2,
+                   help="processes rendering episodes (0: in-process)")
     p.add_argument("--zoom", type=float, default=1.0, help="focal length / EgoDex's (> 1: larger hands)")
     p.add_argument("--marker-scale", type=float, default=1.0, help="keypoint marker radius / the default's")
     p.add_argument("--quirks", action="store_true",
@@ -502,14 +550,22 @@ def main(argv=None):
                         "calibration or no intrinsics, no head pose; prints its manifest (--tasks, "
                         "--episodes, --workers, --zoom and --marker-scale do not apply)")
     args = p.parse_args(argv)
-    if args.zoom <= 0 or args.marker_scale <= 0:
-        p.error("--zoom and --marker-scale must be positive (1: EgoDex's view and markers)")
+    if not (0 < args.zoom < float("inf") and 0 < args.marker_scale < float("inf")):
+        p.error("--zoom and --marker-scale must be positive and finite (1: EgoDex's view and markers)")
+    if args.tasks > len(SYNTH_TASKS):
+        p.error(f"--tasks {args.tasks}: there are {len(SYNTH_TASKS)} synthetic tasks")
+    size = (args.height or (72 if args.quirks else 180), args.width or (128 if args.quirks else 320))
+    if min(size) < 16:
+        p.error(f"--height and --width must be at least 16, got {size[0]}x{size[1]}")
+    if args.quirks and size[0] % 6:
+        p.error(f"--quirks needs a --height that is a multiple of 6 (its 4:3 frames, 4/3 * height wide, must be "
+                f"even), got {size[0]}")
+    if args.quirks and args.frames is not None and args.frames < 39:
+        p.error("--quirks needs --frames >= 39 (a 13-frame clip on each side of every gap)")
     t0 = time.time()
     if args.quirks:
-        if args.frames is not None and args.frames < 39:
-            p.error("--quirks needs --frames >= 39 (a 13-frame clip on each side of every gap)")
-        size = (args.height or 72, args.width or 128)
-        manifest = write_quirks(args.out, frames=args.frames or 48, size=size, seed=args.seed)
+        manifest = write_quirks(args.out, frames=args.frames or 48, size=size, seed=args.seed,
+                                overwrite=args.overwrite)
         kinds = [e["kind"] for e in manifest.values()]
         print(f"wrote {len(manifest)} quirky episodes ({kinds.count('egodex')} EgoDex, "
               f"{kinds.count('egoverse')} EgoVerse) to {args.out} in {time.time() - t0:.1f} s")
@@ -518,10 +574,10 @@ def main(argv=None):
             print(f"{name:<26} {e['kind']:<9} {e['quirk']}")
         return
     write_synthetic(args.out, tasks=args.tasks, episodes=args.episodes, test_episodes=args.test_episodes,
-                    frames=args.frames or 90, size=(args.height or 180, args.width or 320), seed=args.seed,
-                    workers=args.workers, zoom=args.zoom, marker_scale=args.marker_scale)
+                    frames=args.frames or 90, size=size, seed=args.seed,
+                    workers=args.workers, zoom=args.zoom, marker_scale=args.marker_scale, overwrite=args.overwrite)
     print(f"wrote a synthetic EgoDex-format dataset to {args.out} in {time.time() - t0:.1f} s")
 
 
 if __name__ == "__main__":
-    main()
+    hub.run_main(main)

@@ -65,6 +65,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import save_file
 
 import bench
@@ -72,6 +73,7 @@ import conditioning
 import data
 import evaluate as E
 import hub
+import miniature
 import model as M
 import sample as S
 import semantic
@@ -2356,6 +2358,197 @@ def cache_on_two_ranks(root, out):
                              world_size=2, **CACHE_SETTINGS) for r in (0, 1)]
 
 
+@pytest.fixture(scope="module")
+def d24_root(tmp_path_factory):
+    """A tiny synthetic root with its statistics, and a non-empty folder."""
+    base = tmp_path_factory.mktemp("d24")
+    synthetic.write_synthetic(base / "syn", tasks=1, episodes=1, test_episodes=0, frames=8, workers=0)
+    (base / "syn" / "stats.json").write_text(json.dumps(data.compute_stats(base / "syn", ("part1",))))
+    (base / "afile").write_text("x")
+    return base
+
+
+DATA_BAD_INPUTS = [
+    ("data_index_workers_negative", ["data.py", "index", "--data", "{root}/syn", "--workers", "-1"], 2),
+    ("data_index_clip_len_0", ["data.py", "index", "--data", "{root}/syn", "--clip-len", "0"], 2),
+    ("data_index_clip_len_not_4k1", ["data.py", "index", "--data", "{root}/syn", "--clip-len", "12"], 2),
+    ("data_index_test_fraction_1", ["data.py", "index", "--data", "{root}/syn", "--test-fraction", "1"], 2),
+    ("data_index_test_fraction_negative", ["data.py", "index", "--data", "{root}/syn", "--test-fraction", "-0.1"],
+     2),
+    ("data_index_test_fraction_nan", ["data.py", "index", "--data", "{root}/syn", "--test-fraction", "nan"], 2),
+    ("data_index_missing_root", ["data.py", "index", "--data", "{root}/nope", "--workers", "0"], 1),
+    ("data_stats_max_episodes_0", ["data.py", "stats", "--data", "{root}/syn", "--max-episodes", "0"], 2),
+    ("data_stats_workers_text", ["data.py", "stats", "--data", "{root}/syn", "--workers", "two"], 2),
+    ("data_stats_out_is_folder", ["data.py", "stats", "--data", "{root}/syn", "--out", "{root}", "--workers", "0"],
+     1),
+    ("data_stats_out_parent_missing", ["data.py", "stats", "--data", "{root}/syn", "--out", "{root}/no/s.json",
+                                       "--workers", "0"], 1),
+    ("data_stats_out_parent_is_file", ["data.py", "stats", "--data", "{root}/syn", "--out", "{root}/afile/s.json",
+                                       "--workers", "0"], 1),
+    ("data_stats_out_unwritable", ["data.py", "stats", "--data", "{root}/syn", "--out", "/proc/s.json",
+                                   "--workers", "0"], 1),
+    ("data_cache_height_0", ["data.py", "cache", "--data", "{root}/syn", "--out", "{root}/c", "--height", "0"], 2),
+    ("data_cache_width_negative", ["data.py", "cache", "--data", "{root}/syn", "--out", "{root}/c", "--width",
+                                   "-32"], 2),
+    ("data_cache_height_not_16k", ["data.py", "cache", "--data", "{root}/syn", "--out", "{root}/c", "--height",
+                                   "40"], 2),
+    ("data_cache_clip_len_1", ["data.py", "cache", "--data", "{root}/syn", "--out", "{root}/c", "--clip-len", "1"],
+     2),
+    ("data_cache_shard_size_0", ["data.py", "cache", "--data", "{root}/syn", "--out", "{root}/c", "--shard-size",
+                                 "0"], 2),
+    ("data_cache_batch_0", ["data.py", "cache", "--data", "{root}/syn", "--out", "{root}/c", "--batch", "0"], 2),
+    ("data_cache_epochs_0", ["data.py", "cache", "--data", "{root}/syn", "--out", "{root}/c", "--epochs", "0"], 2),
+    ("data_cache_workers_negative", ["data.py", "cache", "--data", "{root}/syn", "--out", "{root}/c", "--workers",
+                                     "-2"], 2),
+    ("data_cache_unknown_device", ["data.py", "cache", "--data", "{root}/syn", "--out", "{root}/c", "--device",
+                                   "tpu"], 2),
+    ("data_cache_out_is_file", ["data.py", "cache", "--data", "{root}/syn", "--out", "{root}/afile",
+                                "--tokenizer", "pixel", "--device", "cpu"], 1),
+    ("synth_non_empty_out", ["synthetic.py", "--out", "{root}/syn", "--tasks", "1", "--frames", "8"], 1),
+    ("synth_out_is_file", ["synthetic.py", "--out", "{root}/afile", "--tasks", "1", "--frames", "8"], 1),
+    ("synth_overwrite_foreign_folder", ["synthetic.py", "--out", "{root}", "--overwrite", "--tasks", "1"], 1),
+    ("synth_tasks_0", ["synthetic.py", "--out", "{root}/n", "--tasks", "0"], 2),
+    ("synth_tasks_too_many", ["synthetic.py", "--out", "{root}/n", "--tasks", "99"], 2),
+    ("synth_episodes_0", ["synthetic.py", "--out", "{root}/n", "--episodes", "0"], 2),
+    ("synth_test_episodes_negative", ["synthetic.py", "--out", "{root}/n", "--test-episodes", "-1"], 2),
+    ("synth_frames_1", ["synthetic.py", "--out", "{root}/n", "--frames", "1"], 2),
+    ("synth_height_0", ["synthetic.py", "--out", "{root}/n", "--height", "0"], 2),
+    ("synth_width_odd", ["synthetic.py", "--out", "{root}/n", "--width", "33"], 2),
+    ("synth_width_tiny", ["synthetic.py", "--out", "{root}/n", "--width", "8"], 2),
+    ("synth_workers_negative", ["synthetic.py", "--out", "{root}/n", "--workers", "-1"], 2),
+    ("synth_zoom_0", ["synthetic.py", "--out", "{root}/n", "--zoom", "0"], 2),
+    ("synth_marker_scale_inf", ["synthetic.py", "--out", "{root}/n", "--marker-scale", "inf"], 2),
+    ("synth_quirks_height_not_6k", ["synthetic.py", "--out", "{root}/n", "--quirks", "--height", "70"], 2),
+    ("synth_quirks_frames_short", ["synthetic.py", "--out", "{root}/n", "--quirks", "--frames", "20"], 2),
+    ("bench_dit_batch_0", ["bench.py", "dit", "--batch", "0"], 2),
+    ("bench_dit_height_negative", ["bench.py", "dit", "--height", "-8"], 2),
+    ("bench_dit_height_odd", ["bench.py", "dit", "--height", "7"], 2),
+    ("bench_dit_iters_0", ["bench.py", "dit", "--iters", "0"], 2),
+    ("bench_dit_unknown_device", ["bench.py", "dit", "--device", "gpu"], 2),
+    ("bench_vae_frames_not_4k1", ["bench.py", "vae", "--frames", "12"], 2),
+    ("bench_vae_height_0", ["bench.py", "vae", "--height", "0"], 2),
+    ("bench_vae_batch_negative", ["bench.py", "vae", "--batch", "-1"], 2),
+    ("bench_dino_width_not_16k", ["bench.py", "dino", "--width", "500"], 2),
+    ("bench_dino_iters_0", ["bench.py", "dino", "--iters", "0"], 2),
+    ("bench_decode_clips_0", ["bench.py", "decode", "--clips", "0"], 2),
+    ("bench_decode_frames_13", ["bench.py", "decode", "--frames", "13"], 2),
+    ("bench_decode_frames_too_many", ["bench.py", "decode", "--frames", "1000"], 2),
+    ("bench_decode_step_time_0", ["bench.py", "decode", "--step-time", "0"], 2),
+    ("bench_decode_gop_0", ["bench.py", "decode", "--gop", "0"], 2),
+    ("bench_sample_steps_0", ["bench.py", "sample", "--steps", "0"], 2),
+    ("bench_sample_height_0", ["bench.py", "sample", "--height", "0"], 2),
+    ("bench_sample_guidance_negative", ["bench.py", "sample", "--guidance", "-1"], 2),
+    ("bench_sample_guidance_nan", ["bench.py", "sample", "--guidance", "nan"], 2),
+    ("bench_costs_dim_0", ["bench.py", "costs", "--dim", "0"], 2),
+    ("bench_costs_heads_not_dividing", ["bench.py", "costs", "--dim", "100", "--heads", "16"], 2),
+    ("bench_costs_height_not_16k", ["bench.py", "costs", "--height", "100"], 2),
+    ("bench_costs_steps_negative", ["bench.py", "costs", "--steps", "-12"], 2),
+]
+
+
+def stats_variant(tmp_path, d24_root, **change):
+    stats = json.loads((d24_root / "syn" / "stats.json").read_text())
+    stats.update(change)
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(stats))
+    return path, stats
+
+
+class TestStatistics:
+    def test_synthetic_statistics_have_no_zero_std(self, d24_root):
+        stats = json.loads((d24_root / "syn" / "stats.json").read_text())
+        assert min(stats["std"]) > 0
+        mean, std = data.load_stats(d24_root / "syn" / "stats.json")
+        np.testing.assert_allclose(std, stats["std"], rtol=1e-6)
+
+    def test_zero_std_on_a_varying_dimension_is_refused(self, tmp_path, d24_root):
+        stats = json.loads((d24_root / "syn" / "stats.json").read_text())
+        path, _ = stats_variant(tmp_path, d24_root, std=[0.0] + stats["std"][1:])
+        with pytest.raises(data.DataError, match="std 0 on 1 dimension.*first: 0.*data.py stats"):
+            data.load_stats(path)
+        with pytest.raises(ValueError, match="std 0 on 1 dimension"):
+            conditioning.load_stats_file(str(path))
+        norm = conditioning.ActionNorm(57)
+        with pytest.raises(ValueError, match="std > 0"):
+            norm.set_stats(torch.zeros(57), torch.tensor([0.0] + [1.0] * 56))
+
+    def test_zero_std_on_a_constant_dimension_becomes_1(self, tmp_path, d24_root):
+        stats = json.loads((d24_root / "syn" / "stats.json").read_text())
+        mn, mx = list(stats["min"]), list(stats["max"])
+        mn[5] = mx[5] = stats["mean"][5]
+        path, _ = stats_variant(tmp_path, d24_root, std=stats["std"][:5] + [0.0] + stats["std"][6:], min=mn, max=mx)
+        mean, std = data.load_stats(path)
+        assert std[5] == 1 and np.isfinite(std).all()
+        m, s, layout = conditioning.load_stats_file(str(path))
+        assert s[5] == 1
+        norm = conditioning.ActionNorm(57)
+        norm.set_stats(m, s, layout)
+        a = m.expand(1, 12, 57).clone()
+        a[..., 5] += 0.1  # off the constant: moved by 0.1, not blown up by 1 / eps
+        assert torch.allclose(norm(a)[..., 5], torch.full((1, 12), 0.1), atol=1e-5)
+
+    @pytest.mark.parametrize("change,message", [
+        ({"std": [-1.0] * 57}, "negative std"),
+        ({"std": [float("nan")] * 57}, "non-finite"),
+        ({"mean": [1e400] * 57}, "non-finite"),
+        ({"std": [1.0] * 56}, "57 means and 56 stds"),
+        ({"mean": "zero"}, "not an action statistics file"),
+        ({"std": None}, "57 means and 1 stds"),
+        ({"mean": [[1.0, 2.0], [3.0]]}, "not an action statistics file"),
+    ], ids=["negative", "nan", "inf", "short", "string", "null", "ragged"])
+    def test_malformed_statistics_are_one_clear_error(self, tmp_path, d24_root, change, message):
+        path, _ = stats_variant(tmp_path, d24_root, **change)
+        with pytest.raises(data.DataError, match=message):
+            data.load_stats(path)
+        with pytest.raises(ValueError, match=message):
+            conditioning.load_stats_file(str(path))
+
+    @pytest.mark.parametrize("text", ["not json", "[1, 2]", "{}", "\xff\xfe"], ids=["text", "list", "empty", "bytes"])
+    def test_not_a_statistics_file(self, tmp_path, text):
+        path = tmp_path / "s.json"
+        path.write_bytes(text.encode("latin-1"))
+        with pytest.raises(ValueError, match="not an action statistics file"):
+            conditioning.load_stats_file(str(path))
+        with pytest.raises(data.DataError, match="not an action statistics file"):
+            data.load_stats(path)
+
+    def test_missing_min_max_with_zero_std_is_refused(self, tmp_path, d24_root):
+        stats = json.loads((d24_root / "syn" / "stats.json").read_text())
+        del stats["min"], stats["max"]
+        stats["std"][3] = 0.0
+        path = tmp_path / "s.json"
+        path.write_text(json.dumps(stats))
+        with pytest.raises(ValueError, match="whose min and max it does not record"):
+            conditioning.load_stats_file(str(path))
+
+
+def one_error_line(argv):
+    """-> (exit code, stderr) of an entry point on argv: usage errors (exit 2, argparse's) in this process,
+    the others in a subprocess (`python SCRIPT ...`, the way users meet them, through hub.run_main)."""
+    modules = {"data.py": data, "synthetic.py": synthetic, "bench.py": bench}
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            modules[argv[0]].main(argv[1:])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        except Exception:  # a runtime error: see it as users do, in a subprocess
+            code = None
+    if code is not None:
+        return code, err.getvalue()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DEXAC_DEBUG", None)
+    r = subprocess.run([sys.executable, *argv], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    return r.returncode, r.stderr
+
+
+@pytest.fixture(scope="module")
+def d24_results(d24_root):
+    """Every bad input of DATA_BAD_INPUTS: {name: (exit code, stderr)}."""
+    return {name: one_error_line([a.format(root=d24_root) for a in argv]) for name, argv, _ in DATA_BAD_INPUTS}
+
+
 class TestData:
     """The 57-D action from poses, the EgoDex and EgoVerse readers, corrupt episodes, clips, sharding and exact
     resume, action statistics, and the latent cache."""
@@ -2844,6 +3037,132 @@ class TestData:
         assert b["latents"].shape == (4, tk.build_tokenizer("pixel").latent_channels, 2, 4, 8)
         assert b["actions"].shape == (4, 4, 57) and len(sampler) == 8
 
+    @pytest.mark.parametrize("name,argv,code", DATA_BAD_INPUTS, ids=[c[0] for c in DATA_BAD_INPUTS])
+    def test_bad_input_is_one_error_line(self, d24_results, name, argv, code):
+        rc, err = d24_results[name]
+        lines = [x for x in err.splitlines() if x.startswith("error:") or ": error: " in x]
+        assert rc == code, err
+        assert len(lines) == 1 and "Traceback" not in err, err
+
+    def test_stats_out_is_checked_before_the_work(self, d24_root, monkeypatch):
+        called = []
+        monkeypatch.setattr(data, "compute_stats", lambda *a, **k: called.append(1))
+        for out in (d24_root, d24_root / "no" / "s.json", d24_root / "afile" / "s.json"):
+            with pytest.raises(data.DataError, match="--out"):
+                data.main(["stats", "--data", str(d24_root / "syn"), "--out", str(out), "--workers", "0"])
+        assert not called
+
+    def test_cache_out_is_checked_before_the_tokenizer_loads(self, d24_root, monkeypatch):
+        monkeypatch.setattr(data.tok, "build_tokenizer", lambda *a, **k: pytest.fail("built the tokenizer"))
+        with pytest.raises(data.DataError, match="is a file"):
+            data.main(["cache", "--data", str(d24_root / "syn"), "--out", str(d24_root / "afile"), "--device", "cpu"])
+
+    def test_stats_out_replaces_the_old_file(self, d24_root, tmp_path):
+        out = tmp_path / "s.json"
+        out.write_text("old")
+        data.main(["stats", "--data", str(d24_root / "syn"), "--out", str(out), "--splits", "part1", "--workers", "0"])
+        assert json.loads(out.read_text())["count"] == 7 and not list(tmp_path.glob("*.tmp*"))
+
+    def test_synth_refuses_a_non_empty_folder(self, tmp_path):
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "part1").mkdir()
+        with pytest.raises(ValueError, match="not empty.*--overwrite"):
+            synthetic.write_synthetic(tmp_path / "d", tasks=1, episodes=1, test_episodes=0, frames=8, workers=0)
+        synthetic.write_synthetic(tmp_path / "e", tasks=1, episodes=1, test_episodes=0, frames=8, workers=0)
+        (tmp_path / "f").mkdir()  # an empty folder is fine
+        synthetic.write_synthetic(tmp_path / "f", tasks=1, episodes=1, test_episodes=0, frames=8, workers=0)
+
+    def test_synth_overwrite_leaves_nothing_stale(self, tmp_path):
+        d = tmp_path / "d"
+        synthetic.main(["--out", str(d), "--tasks", "2", "--episodes", "2", "--test-episodes", "1", "--frames", "8",
+                        "--workers", "0"])
+        data.main(["stats", "--data", str(d), "--out", str(d / "stats.json"), "--workers", "0"])
+        data.load_index(d)
+        assert (d / ".dexac_index.json").is_file()
+        synthetic.main(["--out", str(d), "--overwrite", "--tasks", "1", "--episodes", "1", "--test-episodes", "0",
+                        "--frames", "8", "--workers", "0"])
+        files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+        assert files == ["part1/pick_place_cube/0.hdf5", "part1/pick_place_cube/0.mp4"]
+
+    def test_synth_overwrite_refuses_a_folder_holding_other_things(self, tmp_path):
+        (tmp_path / "notes.txt").write_text("mine")
+        with pytest.raises(ValueError, match="notes.txt"):
+            synthetic.write_synthetic(tmp_path, tasks=1, episodes=1, frames=8, workers=0, overwrite=True)
+        assert (tmp_path / "notes.txt").read_text() == "mine"
+
+    def test_synth_library_checks(self, tmp_path):
+        for kw in ({"tasks": 0}, {"tasks": 99}, {"episodes": -1}, {"episodes": 0, "test_episodes": 0},
+                   {"frames": 1}, {"size": (0, 32)}, {"size": (31, 32)}):
+            with pytest.raises(ValueError):
+                synthetic.write_synthetic(tmp_path / "x", **{"workers": 0, "frames": 8, **kw})
+        assert not (tmp_path / "x").exists()
+
+    def test_synthetic_statistics_have_no_zero_std(self, d24_root):
+        stats = json.loads((d24_root / "syn" / "stats.json").read_text())
+        assert min(stats["std"]) > 0
+        mean, std = data.load_stats(d24_root / "syn" / "stats.json")
+        np.testing.assert_allclose(std, stats["std"], rtol=1e-6)
+
+    def test_zero_std_on_a_varying_dimension_is_refused(self, tmp_path, d24_root):
+        stats = json.loads((d24_root / "syn" / "stats.json").read_text())
+        path, _ = stats_variant(tmp_path, d24_root, std=[0.0] + stats["std"][1:])
+        with pytest.raises(data.DataError, match="std 0 on 1 dimension.*first: 0.*data.py stats"):
+            data.load_stats(path)
+        with pytest.raises(ValueError, match="std 0 on 1 dimension"):
+            conditioning.load_stats_file(str(path))
+        norm = conditioning.ActionNorm(57)
+        with pytest.raises(ValueError, match="std > 0"):
+            norm.set_stats(torch.zeros(57), torch.tensor([0.0] + [1.0] * 56))
+
+    def test_zero_std_on_a_constant_dimension_becomes_1(self, tmp_path, d24_root):
+        stats = json.loads((d24_root / "syn" / "stats.json").read_text())
+        mn, mx = list(stats["min"]), list(stats["max"])
+        mn[5] = mx[5] = stats["mean"][5]
+        path, _ = stats_variant(tmp_path, d24_root, std=stats["std"][:5] + [0.0] + stats["std"][6:], min=mn, max=mx)
+        mean, std = data.load_stats(path)
+        assert std[5] == 1 and np.isfinite(std).all()
+        m, s, layout = conditioning.load_stats_file(str(path))
+        assert s[5] == 1
+        norm = conditioning.ActionNorm(57)
+        norm.set_stats(m, s, layout)
+        a = m.expand(1, 12, 57).clone()
+        a[..., 5] += 0.1  # off the constant: moved by 0.1, not blown up by 1 / eps
+        assert torch.allclose(norm(a)[..., 5], torch.full((1, 12), 0.1), atol=1e-5)
+
+    @pytest.mark.parametrize("change,message", [
+        ({"std": [-1.0] * 57}, "negative std"),
+        ({"std": [float("nan")] * 57}, "non-finite"),
+        ({"mean": [1e400] * 57}, "non-finite"),
+        ({"std": [1.0] * 56}, "57 means and 56 stds"),
+        ({"mean": "zero"}, "not an action statistics file"),
+        ({"std": None}, "57 means and 1 stds"),
+        ({"mean": [[1.0, 2.0], [3.0]]}, "not an action statistics file"),
+    ], ids=["negative", "nan", "inf", "short", "string", "null", "ragged"])
+    def test_malformed_statistics_are_one_clear_error(self, tmp_path, d24_root, change, message):
+        path, _ = stats_variant(tmp_path, d24_root, **change)
+        with pytest.raises(data.DataError, match=message):
+            data.load_stats(path)
+        with pytest.raises(ValueError, match=message):
+            conditioning.load_stats_file(str(path))
+
+    @pytest.mark.parametrize("text", ["not json", "[1, 2]", "{}", "\xff\xfe"], ids=["text", "list", "empty", "bytes"])
+    def test_not_a_statistics_file(self, tmp_path, text):
+        path = tmp_path / "s.json"
+        path.write_bytes(text.encode("latin-1"))
+        with pytest.raises(ValueError, match="not an action statistics file"):
+            conditioning.load_stats_file(str(path))
+        with pytest.raises(data.DataError, match="not an action statistics file"):
+            data.load_stats(path)
+
+    def test_missing_min_max_with_zero_std_is_refused(self, tmp_path, d24_root):
+        stats = json.loads((d24_root / "syn" / "stats.json").read_text())
+        del stats["min"], stats["max"]
+        stats["std"][3] = 0.0
+        path = tmp_path / "s.json"
+        path.write_text(json.dumps(stats))
+        with pytest.raises(ValueError, match="whose min and max it does not record"):
+            conditioning.load_stats_file(str(path))
+
 
 # =====================================================================================================================
 # real datasets as they are: a root where each episode carries one quirk of DESIGN.md section 11
@@ -3167,8 +3486,9 @@ class TestSynthetic:
 # train.py: one process and torchrun, exact resume, SIGTERM, export, bad input
 
 def main_error(argv, out):
-    """The message train.main exits with for TRAIN_ARGS plus argv (one step, output under out)."""
-    with pytest.raises(SystemExit) as e:
+    """The message train.main raises for TRAIN_ARGS plus argv (one step, output under out); `python train.py`
+    makes it one line (hub.run_main)."""
+    with pytest.raises(Exception) as e:
         train.main([*TRAIN_ARGS, "--steps", "1", "--out", str(out), *map(str, argv)])
     return str(e.value)
 
@@ -3191,6 +3511,50 @@ TRAIN_BAD_ARGS = {  # case -> (flags given train_synth and tmp_path, the message
     "batch_not_multiple_of_micro_batch": (lambda root, tmp: ["--data", root, "--batch-size", 3, "--micro-batch", 2],
                                           "multiple of --micro-batch"),
     "resume_without_a_checkpoint": (lambda root, tmp: ["--data", root, "--resume", tmp], "no complete checkpoint"),
+}
+
+
+T24_SMALL = ["--batch-size", 2, "--micro-batch", 2]
+
+
+@pytest.fixture(scope="module")
+def t24_root(tmp_path_factory):
+    """A small synthetic root for the input tests (1 task x 2 + 1 episodes of 20 frames), with stats.json."""
+    r = tmp_path_factory.mktemp("t24") / "data"
+    synthetic.write_synthetic(r, tasks=1, episodes=2, test_episodes=1, frames=20, size=(64, 112), workers=0)
+    (r / "stats.json").write_text(json.dumps(data.compute_stats(r)))
+    return r
+
+
+@pytest.fixture(scope="module")
+def t24_damaged(t24_root, tmp_path_factory):
+    """t24_root's copy, indexed intact, then every training video overwritten in place (the index keeps them)."""
+    d = tmp_path_factory.mktemp("t24d") / "data"
+    shutil.copytree(t24_root, d)
+    data.load_index(d)
+    data.load_index(d, data.EVAL_SPLITS)
+    for f in d.glob("part1/*/*.mp4"):
+        with open(f, "r+b") as fh:
+            fh.write(bytes(4096))
+    return d
+
+
+def ckpt_meta(ckpt):
+    """A checkpoint's meta.json."""
+    return json.loads((ckpt / "meta.json").read_text())
+
+
+TRAIN_BAD_INPUTS = {  # case -> flags given (the root, its damaged copy, a tmp folder)
+    "steps_0": lambda r, d, t: ["--data", r, "--steps", 0],
+    "batch_negative": lambda r, d, t: ["--data", r, "--batch-size", -4],
+    "ema_1": lambda r, d, t: ["--data", r, "--ema", 1.0],
+    "lr_nan": lambda r, d, t: ["--data", r, "--lr", "nan"],
+    "unknown_device": lambda r, d, t: ["--data", r, "--device", "tpu"],
+    "out_is_a_file": lambda r, d, t: ["--data", r, "--out", Path(r) / "stats.json"],
+    "resume_nothing": lambda r, d, t: ["--data", r, "--resume", t],
+    # the hang cases: the error comes after the loader workers started
+    "pixel_compression_3_workers": lambda r, d, t: ["--data", r, "--pixel-compression", 3, "--workers", 2],
+    "damaged_after_indexing_workers": lambda r, d, t: ["--data", d, "--workers", 2],
 }
 
 
@@ -3517,6 +3881,117 @@ class TestTrain:
         la, lb = run_losses(only_run(tmp_path / "a")), run_losses(b)
         assert len(la) == len(lb) == 3 and la[:2] == lb[:2] and la[2] != lb[2]
 
+    @pytest.mark.slow
+    def test_bad_inputs_are_one_line_and_exit_promptly(self, t24_root, t24_damaged, tmp_path):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
+        procs = {}
+        for case, flags in TRAIN_BAD_INPUTS.items():
+            argv = [*TRAIN_ARGS, *T24_SMALL, "--steps", 2, "--out", tmp_path / case, *flags(t24_root, t24_damaged, tmp_path)]
+            # argparse keeps the last of a repeated flag: the case's own win over TRAIN_ARGS'
+            procs[case] = subprocess.Popen([sys.executable, "train.py", *map(str, argv)], cwd=HERE, env=env,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                           start_new_session=True)
+        failures = []
+        deadline = time.time() + 120
+        for case, p in procs.items():
+            try:
+                out, err = p.communicate(timeout=max(1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+                failures.append(f"{case}: hung")
+                continue
+            lines = [x for x in err.splitlines() if x.strip() and not x.startswith(("synth", "indexing", "stats",
+                                                                                      "train:", "skipping"))]
+            errors = [x for x in lines if x.startswith("error:")]
+            if p.returncode == 0 or len(errors) != 1 or "Traceback" in err + out:
+                failures.append(f"{case}: rc {p.returncode}, stderr {err[-600:]!r}")
+        assert not failures, "\n".join(failures)
+
+    def test_resume_restores_the_runs_configuration(self, t24_root, tmp_path, capsys):
+        run_train(["--data", t24_root, "--out", tmp_path, *T24_SMALL, "--steps", 3, "--lr", 3e-4, "--ckpt-every", 1,
+                   "--keep", 5, "--exit-after", 2])
+        run = only_run(tmp_path)
+        capsys.readouterr()
+        train.main(["--resume", str(run)])  # no other flag: the run's steps, lr and cadence, not the preset's
+        cfg = json.loads((run / "config.json").read_text())["train"]
+        assert (cfg["steps"], cfg["lr"], cfg["ckpt_every"], cfg["keep"]) == (3, 3e-4, 1, 5)
+        assert ckpt_meta(run / "checkpoints" / "step_0000003")["step"] == 3 and len(run_losses(run)) == 3
+        train.main(["--resume", str(run), "--lr", "1e-4", "--steps", "4"])
+        assert "resume: --lr 0.0001 overrides the run's 0.0003" in capsys.readouterr().out
+
+    def test_branch_from_an_older_checkpoint_keeps_it_and_latest_is_the_new_branch(self, t24_root, tmp_path):
+        run_train(["--data", t24_root, "--out", tmp_path, *T24_SMALL, "--steps", 4, "--ckpt-every", 1, "--keep", 3])
+        run = only_run(tmp_path)
+        ckpts = run / "checkpoints"
+        assert sorted(c.name for c in ckpts.iterdir()) == ["step_0000002", "step_0000003", "step_0000004"]
+        train.main(["--resume", str(ckpts / "step_0000002"), "--lr", "5e-4", "--exit-after", "1"])
+        names = sorted(c.name for c in ckpts.iterdir())
+        assert "step_0000002" in names and "step_0000003" in names and "step_0000003_1" in names
+        assert ckpt_meta(ckpts / "step_0000003_1")["parent"] == "step_0000002"
+        train.main(["--resume", str(run), "--exit-after", "1"])  # continues the new branch, not step 4's
+        newest = train.find_checkpoints(run)[0]
+        assert ckpt_meta(newest)["step"] == 4 and ckpt_meta(newest)["parent"] == "step_0000003_1"
+        assert ckpt_meta(newest)["train_config"]["lr"] == 5e-4
+        assert (ckpts / "step_0000002").is_dir()  # pruning never touches the chosen one
+
+    def test_damaged_newest_checkpoint_falls_back(self, t24_root, tmp_path, capsys):
+        run_train(["--data", t24_root, "--out", tmp_path, *T24_SMALL, "--steps", 3, "--ckpt-every", 1, "--exit-after", 2])
+        run = only_run(tmp_path)
+        (shard,) = (run / "checkpoints" / "step_0000002").glob("*.distcp")
+        shard.write_bytes(shard.read_bytes()[:100])
+        capsys.readouterr()
+        train.main(["--resume", str(run)])
+        out = capsys.readouterr().out
+        assert "is damaged" in out and "falling back to" in out and "step_0000001" in out
+        assert "resumed from" in out and "at step 1" in out
+        assert (run / "model.safetensors").is_file()
+
+    def test_export_is_atomic_and_checksummed(self, t24_root, tmp_path, monkeypatch):
+        import safetensors.torch
+        run = run_train(["--data", t24_root, "--out", tmp_path, *T24_SMALL, "--steps", 1])
+        path = run / "model.safetensors"
+        before = path.read_bytes()
+        M.load_exported(path)
+        real = safetensors.torch.save_file
+
+        def dies(tensors, filename, metadata=None):  # a kill in the middle of the write
+            real(tensors, filename, metadata=metadata)
+            Path(filename).write_bytes(Path(filename).read_bytes()[:1000])
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(safetensors.torch, "save_file", dies)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(["--resume", str(run), "--steps", "2"])
+        monkeypatch.undo()
+        assert path.read_bytes() == before
+        M.load_exported(path)
+        flipped = bytearray(before)
+        flipped[-5] ^= 0xFF  # in the weights, past the header
+        (tmp_path / "bad.safetensors").write_bytes(bytes(flipped))
+        with pytest.raises(ValueError, match="damaged export"):
+            M.load_exported(tmp_path / "bad.safetensors")
+        (tmp_path / "cut.safetensors").write_bytes(before[:500])
+        with pytest.raises(ValueError, match="damaged export"):
+            M.load_exported(tmp_path / "cut.safetensors")
+
+    def test_run_lock_and_numbering(self, t24_root, tmp_path, capsys):
+        out = tmp_path / "runs"
+        run_train(["--data", t24_root, "--out", out, *T24_SMALL, "--steps", 1])
+        (out / "005-old").mkdir()
+        run_train(["--data", t24_root, "--out", out, *T24_SMALL, "--steps", 1])
+        assert (out / "006-tiny-dexac-32x64").is_dir()  # one past the highest, never a used number
+        import shutil
+        shutil.rmtree(out / "005-old")
+        run = run_train(["--data", t24_root, "--out", out, *T24_SMALL, "--steps", 1])
+        assert run.name.startswith("007-") and not (run / "lock").exists()
+        (run / "lock").write_text(str(os.getppid()))  # a live process holds it
+        with pytest.raises(train.ConfigError, match="being written by process"):
+            train.main([*TRAIN_ARGS, "--resume", str(run), "--steps", "2"])
+        (run / "lock").write_text("999999999")  # a dead one
+        capsys.readouterr()
+        train.main([*TRAIN_ARGS, "--resume", str(run), "--steps", "2"])
+        assert "taking over the lock" in capsys.readouterr().out and not (run / "lock").exists()
+
 
 # =====================================================================================================================
 # sample.py: autoregressive rollouts from a model exported by train.py
@@ -3651,6 +4126,97 @@ def small_export(small_synth, tmp_path_factory):
 def semantic_embedder(folder):
     """The TextEmbedder a tiny_world_model(text=(folder, 4)) builds, for its cache paths."""
     return semantic.TextEmbedder("reason1", cache_dir=str(folder), text_dim=DIT_SMALL.text_dim, max_tokens=4)
+
+
+CLI_TIMEOUT = 120  # seconds: an entry point that takes longer on a bad input hangs
+
+
+def run_cli(script, argv):
+    """script argv as a subprocess -> (returncode, stderr, seconds)."""
+    t0 = time.time()
+    p = subprocess.run([sys.executable, script, *map(str, argv)], cwd=HERE, capture_output=True, text=True,
+                       timeout=CLI_TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1", "DEXAC_DEBUG": "0"})
+    return p.returncode, p.stderr, time.time() - t0
+
+
+def assert_one_error(script, argv):
+    code, err, seconds = run_cli(script, argv)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code != 0, f"{script} {argv} exited 0:\n{err}"
+    assert len(errors) == 1, f"{script} {argv}: want one error line, got:\n{err}"
+    assert "Traceback" not in err, err
+    assert seconds < CLI_TIMEOUT
+    return code, errors[0]
+
+
+@pytest.fixture(scope="module")
+def bad_input_files(exported, tmp_path_factory):
+    """A first frame, still actions, an export and damaged copies of it -> {name: path}."""
+    d = tmp_path_factory.mktemp("bad_inputs")
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(d / "frame.png")
+    np.save(d / "acts.npy", S.still_actions(4))
+    big = S.still_actions(4).astype(np.float64)
+    big[1, 0] = 1e39  # finite in float64, inf in float32
+    np.save(d / "huge.npy", big)
+    nan = S.still_actions(4)
+    nan[2, 5] = np.nan
+    np.save(d / "nan.npy", nan)
+    (d / "garbage.safetensors").write_bytes(np.random.default_rng(0).bytes(100))
+    raw = Path(exported).read_bytes()
+    (d / "truncated.safetensors").write_bytes(raw[:len(raw) // 2])
+    save_file({"x": torch.zeros(1)}, str(d / "bare.safetensors"))
+    (d / "afile").write_text("not a folder")
+    return {"ckpt": str(exported), "image": d / "frame.png", "acts": d / "acts.npy", "huge": d / "huge.npy",
+            "nan": d / "nan.npy", "garbage": d / "garbage.safetensors", "truncated": d / "truncated.safetensors",
+            "bare": d / "bare.safetensors", "afile": d / "afile", "dir": d}
+
+
+def sample_argv(f, *extra, ckpt=None, actions="acts"):
+    return ["--checkpoint", ckpt or f["ckpt"], "--image", f["image"], "--actions", f[actions], "--steps", "1",
+            "--device", "cpu", "--out", f["dir"] / "out", *extra]
+
+
+SAMPLE_CASES = {  # case -> (argv from the bad_input_files, the error line's words); a subprocess each
+    "garbage_checkpoint": (lambda f: sample_argv(f, ckpt=f["garbage"]), "not a readable safetensors"),
+    "truncated_checkpoint": (lambda f: sample_argv(f, ckpt=f["truncated"]), "not a readable safetensors"),
+    "export_without_metadata": (lambda f: sample_argv(f, ckpt=f["bare"]), "carries no action statistics"),
+    "steps_0": (lambda f: sample_argv(f, "--steps", "0"), "--steps"),
+    "guidance_without_text": (lambda f: sample_argv(f, "--guidance", "3"), "text mode none"),
+    "unknown_device": (lambda f: sample_argv(f, "--device", "tpu9"), "device"),
+    "out_is_a_file": (lambda f: sample_argv(f)[:-1] + [f["afile"]], "existing file"),
+    "actions_overflow_float32": (lambda f: sample_argv(f, actions="huge"), "overflows float32"),
+    "actions_nan": (lambda f: sample_argv(f, actions="nan"), "NaN/inf"),
+    "no_first_frame": (lambda f: ["--checkpoint", f["ckpt"], "--actions", f["acts"]], "exactly one of"),
+}
+
+
+def evaluate_argv(f, *extra, ckpt=None):
+    return ["--checkpoint", ckpt or f["ckpt"], "--data", f["dir"] / "no-data", "--horizon", "9", "--steps", "1",
+            "--device", "cpu", "--out", f["dir"] / "evals", *extra]
+
+
+EVALUATE_CASES = {
+    "steps_0": (lambda f: evaluate_argv(f, "--steps", "0"), "--steps"),
+    "horizon_not_4k_plus_1": (lambda f: evaluate_argv(f, "--horizon", "6"), "--horizon"),
+    "guidance_without_text": (lambda f: evaluate_argv(f, "--guidance", "2"), "text mode none"),
+    "garbage_checkpoint": (lambda f: evaluate_argv(f, ckpt=f["garbage"]), "not a readable safetensors"),
+    "out_is_a_file": (lambda f: evaluate_argv(f)[:-1] + [f["afile"]], "existing file"),
+    "compare_negative_cond_frames": (lambda f: ["compare", "--pred", f["acts"], "--gt", f["acts"],
+                                                "--cond-frames", "-1"], "--cond-frames"),
+}
+
+
+def miniature_argv(f, *extra):
+    return ["--out", f["dir"] / "mini", "--data", f["dir"] / "mini-data", "--seeds", "0", "--modes", "mlp",
+            "--steps", "1", "--horizon", "9", *extra]
+
+
+MINIATURE_CASES = {
+    "steps_0": (lambda f: miniature_argv(f, "--steps", "0"), "--steps"),
+    "unknown_metric": (lambda f: miniature_argv(f, "--metrics", "psnr,fun"), "--metrics"),
+    "bad_train_flag_value": (lambda f: miniature_argv(f, "--lr", "fast"), "train.py flag"),
+    "out_is_a_file": (lambda f: miniature_argv(f)[2:] + ["--out", f["afile"]], "existing file"),
+}
 
 
 class TestSample:
@@ -3918,6 +4484,153 @@ class TestSample:
         assert configs[1].carry == "latent" and configs[1].negative_prompt == "static"
         with pytest.raises(SystemExit):
             E.main(["--checkpoint", "m", "--carry", "pixels"])
+
+    """Issue 24: one error line per bad input, before any work; images of every mode; non-finite rollouts."""
+
+    @pytest.mark.parametrize("case", list(SAMPLE_CASES))
+    def test_sample_bad_input_is_one_error_line(self, bad_input_files, case):
+        argv, words = SAMPLE_CASES[case]
+        if case == "cuda_without_gpu" and torch.cuda.is_available():
+            pytest.skip("a GPU is here")
+        _, line = assert_one_error("sample.py", argv(bad_input_files))
+        assert words in line, line
+        assert not (bad_input_files["dir"] / "out").exists()  # refused before the output is made
+
+    @pytest.mark.parametrize("case", list(EVALUATE_CASES))
+    def test_evaluate_bad_input_is_one_error_line(self, bad_input_files, case):
+        argv, words = EVALUATE_CASES[case]
+        if case == "cuda_without_gpu" and torch.cuda.is_available():
+            pytest.skip("a GPU is here")
+        _, line = assert_one_error("evaluate.py", argv(bad_input_files))
+        assert words in line, line
+
+    @pytest.mark.parametrize("case", list(MINIATURE_CASES))
+    def test_miniature_bad_input_is_one_error_line(self, bad_input_files, case):
+        argv, words = MINIATURE_CASES[case]
+        _, line = assert_one_error("miniature.py", argv(bad_input_files))
+        assert words in line, line
+        assert not (bad_input_files["dir"] / "mini-data").exists()  # refused before the dataset is written
+
+    def test_usage_errors_exit_2_runtime_errors_exit_1(self, bad_input_files):
+        assert assert_one_error("sample.py", sample_argv(bad_input_files, "--steps", "0"))[0] == 2
+        assert assert_one_error("sample.py", sample_argv(bad_input_files, ckpt=bad_input_files["garbage"]))[0] == 1
+
+    def test_miniature_refuses_a_cached_model_of_other_settings(self, bad_input_files, tmp_path):
+        """A run folder without recorded settings, or with other ones, is refused before anything trains."""
+        run = tmp_path / "mini" / "seed0" / "mlp" / "000-tiny"
+        run.mkdir(parents=True)
+        (run / "model.safetensors").write_bytes(b"")
+        argv = ["--out", tmp_path / "mini", "--data", tmp_path / "data", "--seeds", "0", "--modes", "mlp",
+                "--steps", "5", "--horizon", "9"]
+        _, line = assert_one_error("miniature.py", argv)
+        assert "not recorded" in line
+        ns = type("Args", (), {"out": str(tmp_path / "mini"), "data": str(tmp_path / "data"), "steps": 7,
+                                "train_args": []})()
+        (run.parent / "settings.json").write_text(json.dumps({"train_argv": miniature.train_argv("mlp", 0, ns)}))
+        _, line = assert_one_error("miniature.py", argv)  # --steps 5 now, 7 recorded
+        assert "other settings" in line and "--steps" in line
+        assert not (tmp_path / "data").exists()
+        miniature.check_cached("mlp", 0, ns)  # the same settings: reused
+
+    # --- images of every mode -> uint8 RGB
+
+    def test_16bit_png(self, tmp_path):
+        x = (np.arange(24 * 40).reshape(24, 40) * 68).astype(np.uint16)  # 0 .. 65212
+        Image.fromarray(x).save(tmp_path / "a.png")
+        rgb = S.load_image(tmp_path / "a.png", (24, 40))
+        assert rgb.dtype == np.uint8 and rgb.shape == (24, 40, 3)
+        np.testing.assert_array_equal(rgb[..., 0], np.round(x / 257).astype(np.uint8))
+        assert (rgb[..., 0] == rgb[..., 2]).all() and rgb.max() > 250
+
+    def test_float_tiff(self, tmp_path):
+        x = np.linspace(0, 1, 24 * 40, dtype=np.float32).reshape(24, 40)
+        Image.fromarray(x, mode="F").save(tmp_path / "a.tif")
+        rgb = S.load_image(tmp_path / "a.tif", (24, 40))
+        np.testing.assert_array_equal(rgb[..., 1], np.round(x.astype(np.float64) * 255).astype(np.uint8))
+        assert rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255
+
+    def test_float_image_out_of_range_is_refused(self, tmp_path):
+        Image.fromarray(np.full((8, 8), 1e4, np.float32), mode="F").save(tmp_path / "a.tif")
+        with pytest.raises(ValueError, match="save it as 8-bit RGB"):
+            S.load_image(tmp_path / "a.tif", (8, 8))
+
+    def test_rgba_png_composited_on_black(self, tmp_path):
+        x = np.zeros((16, 32, 4), np.uint8)
+        x[..., :3] = (200, 100, 50)
+        x[:, :8, 3] = 255  # opaque
+        x[:, 8:16, 3] = 128  # half
+        Image.fromarray(x, "RGBA").save(tmp_path / "a.png")  # the rest: transparent
+        rgb = S.load_image(tmp_path / "a.png", (16, 32))
+        assert tuple(rgb[0, 0]) == (200, 100, 50)
+        assert np.abs(rgb[0, 10].astype(int) - (100, 50, 25)).max() <= 1
+        assert tuple(rgb[0, 20]) == (0, 0, 0)
+
+    def test_palette_png(self, tmp_path):
+        img = Image.fromarray(np.full((16, 32, 3), (10, 200, 30), np.uint8)).convert("P", palette=Image.ADAPTIVE)
+        img.save(tmp_path / "a.png")
+        assert tuple(S.load_image(tmp_path / "a.png", (16, 32))[3, 3]) == (10, 200, 30)
+
+    def test_exif_rotated_jpeg(self, tmp_path):
+        x = np.zeros((24, 40, 3), np.uint8)  # stored landscape: the left half red
+        x[:, :20] = (255, 0, 0)
+        img = Image.fromarray(x)
+        exif = img.getexif()
+        exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+        img.save(tmp_path / "a.jpg", exif=exif, quality=95)
+        rgb = S.load_image(tmp_path / "a.jpg", (40, 24))  # viewed: portrait, no resize
+        assert rgb.shape == (40, 24, 3)
+        assert rgb[5, 12, 0] > 200 and rgb[5, 12, 1] < 50  # the stored left half is the viewed top
+        assert rgb[35, 12, 0] < 50
+
+    # --- non-finite rollouts, actions beyond the statistics
+
+    def test_nonfinite_rollout_names_chunk_and_step(self):
+        wm = tiny_world_model()
+        with torch.no_grad():
+            for p in wm.dit.parameters():
+                p.fill_(float("nan"))
+        frame = np.zeros((2, 32, 48, 3), np.uint8)
+        with pytest.raises(S.NonFiniteRollout, match=r"chunk 1 of 2 at sampler step 1") as e:
+            wm.rollout(frame, np.broadcast_to(S.still_actions(8), (2, 8, 57)), ["", ""], [0, 1], steps=3,
+                       progress=False)
+        assert e.value.samples == (0, 1)
+
+    def test_evaluate_names_the_clip_of_a_nonfinite_rollout(self, exported, train_synth, tmp_path, monkeypatch):
+        real = M.load_exported
+
+        def poisoned(*a, **k):
+            dit, info = real(*a, **k)
+            with torch.no_grad():
+                for p in dit.parameters():
+                    p.fill_(float("nan"))
+            return dit, info
+        monkeypatch.setattr(M, "load_exported", poisoned)
+        with pytest.raises(S.NonFiniteRollout, match=r"clip 0 \(.*non-finite.*chunk 1"):
+            E.main(["--checkpoint", str(exported), "--data", str(train_synth), "--horizon", "5", "--steps", "1",
+                    "--metrics", "psnr", "--clips", "1", "--out", str(tmp_path / "ev"), "--device", "cpu"])
+        assert not list((tmp_path / "ev").rglob("0000*.json"))  # no row scored
+
+    def test_nan_predictions_are_not_scored(self):
+        pred = torch.full((1, 3, 2, 8, 8), float("nan"))
+        with pytest.raises(ValueError, match="NaN/inf"):
+            E.as_unit(pred, "pred")
+
+    def test_actions_overflowing_float32_are_refused(self):
+        a = S.still_actions(3).astype(np.float64)
+        a[0, 0] = -1e39
+        with pytest.raises(ValueError, match="overflows float32"):
+            S.check_actions(a)
+
+    def test_far_actions_warn(self, capsys):
+        wm = tiny_world_model()  # statistics: mean 0, std 1
+        frame = np.zeros((1, 32, 48, 3), np.uint8)
+        acts = S.still_actions(4)[None].copy()
+        wm.rollout(frame, acts, [""], [0], steps=1, progress=False)
+        assert "warning" not in capsys.readouterr().err
+        acts[0, 1, 3] = 500.0
+        wm.rollout(frame, acts, [""], [0], steps=1, progress=False)
+        err = capsys.readouterr().err
+        assert "warning:" in err and "stds from the training statistics" in err and conditioning.ACTION_NAMES[3] in err
 
 
 # =====================================================================================================================

@@ -212,10 +212,30 @@ def add_config_flags(p):
 
 
 def config_from_flags(args):
-    """The preset, overridden by the flags given."""
+    """The preset, overridden by the flags given. On --resume the run's own configuration (its newest intact
+    checkpoint's) takes the preset's place, and each flag that changes it is printed."""
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}  # argparse's nargs
-    return replace(PRESETS[args.preset], **overrides)
+    if not args.resume:
+        return replace(PRESETS[args.preset], **overrides)
+    saved = resumed_config(args.resume)
+    for k, v in overrides.items():
+        if v != getattr(saved, k) and int(os.environ.get("RANK", 0)) == 0:
+            print(f"resume: --{k.replace('_', '-')} {v} overrides the run's {getattr(saved, k)}")
+    return replace(saved, **overrides)
+
+
+def resumed_config(path):
+    """The TrainConfig a run (or one of its checkpoints) was trained with: its newest readable meta.json's."""
+    for ckpt in find_checkpoints(path):
+        try:
+            saved = json.loads((ckpt / "meta.json").read_text())["train_config"]
+        except (OSError, ValueError, KeyError):
+            continue  # a damaged checkpoint: open_run says so when it falls back
+        names = {f.name for f in fields(TrainConfig)}
+        return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
+    raise ConfigError(f"no complete checkpoint in {path} (expected {path}/checkpoints/step_NNNNNNN): "
+                      f"start a new run without --resume")
 
 
 def parse_args(argv=None):
@@ -234,7 +254,13 @@ def parse_args(argv=None):
 
 def setup_distributed(device_arg=""):
     """-> (rank, world, device). Under torchrun the env names the rank; a plain run makes a one-rank group."""
-    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ConfigError(f"--device {device_arg}: use cpu or cuda (cuda:N for one GPU)") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        raise ConfigError(f"--device {device_arg}: {device.type} is not available here; use cpu"
+                          + (" or cuda" if torch.cuda.is_available() else ""))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":  # one GPU per process: torchrun's LOCAL_RANK, else the one asked for
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0)))
@@ -435,7 +461,10 @@ class Stream:
         while True:
             if self.iterator is None:
                 self.iterator, self.taken, self.skipped = iter(self.loader), 0, 0
-            batch = next(self.iterator, None)
+            try:
+                batch = next(self.iterator, None)
+            except data.DataError as e:  # raised in a worker: the loader made its traceback the message
+                raise data.DataError(str(e).strip().splitlines()[-1].removeprefix("data.DataError: ")) from None
             if batch is not None:
                 self.taken += len(batch["prompt"])
                 self.skipped += int(batch["skipped"].sum()) if "skipped" in batch else 0
@@ -448,6 +477,13 @@ class Stream:
 
     def state(self):
         return self.sampler.state_dict(self.taken)
+
+    def close(self):
+        """Stop the loader workers now: an error's traceback keeps the iterator alive, and its workers, which
+        ignore SIGTERM, would outlive the trainer (or be reported as killed when `hub.run_main` ends them)."""
+        if self.iterator is not None and hasattr(self.iterator, "_shutdown_workers"):
+            self.iterator._shutdown_workers()
+        self.iterator = None
 
     def load(self, state):
         self.sampler.load_state_dict(state)
@@ -523,32 +559,57 @@ def checkpoint_state(model, optimizer, ema):
     return {"model": msd, "optim": osd, "ema": ema}
 
 
-def save_checkpoint(run, step, *, model, optimizer, ema, meta, rank, keep):
+def save_checkpoint(run, step, *, model, optimizer, ema, meta, rank, keep, written):
+    """A DCP directory step_XXXXXXX (step_XXXXXXX_k when another branch holds that step), its meta.json
+    numbered one past the newest written (`seq`: what "latest" means). Pruning removes only this process's
+    own checkpoints beyond the last `keep` of `written`: never the one resumed from, nor another branch's."""
     ckpts = run / "checkpoints"
-    final, tmp = ckpts / f"step_{step:07d}", ckpts / f"step_{step:07d}.tmp"
+    name = [None]
+    if rank == 0:
+        name[0], k = f"step_{step:07d}", 1
+        while (ckpts / name[0]).exists() and (ckpts / name[0]).resolve() not in written:
+            name[0], k = f"step_{step:07d}_{k}", k + 1
+    dist.broadcast_object_list(name)
+    final, tmp = ckpts / name[0], ckpts / f"{name[0]}.tmp"
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     dist.barrier()
     dcp.save(checkpoint_state(model, optimizer, ema), checkpoint_id=str(tmp))
     if rank == 0:
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        seq = 1 + max((checkpoint_seq(c) for c in checkpoint_dirs(run)), default=0)
+        (tmp / "meta.json").write_text(json.dumps(meta | {"seq": seq}, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # a checkpoint directory without .tmp is complete
-        for old in sorted(ckpts.glob("step_???????"))[:-keep]:
-            shutil.rmtree(old)
+    written.append(final.resolve())
+    if rank == 0:
+        for old in written[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    del written[:-keep]
     dist.barrier()
     return final
 
 
-def find_checkpoint(path):
+def checkpoint_dirs(run):
+    return [c for c in (Path(run) / "checkpoints").glob("step_*") if c.is_dir() and not c.name.endswith(".tmp")]
+
+
+def checkpoint_seq(ckpt):
+    """The write order of a checkpoint (its step for those written before `seq` existed); -1 unreadable."""
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text())
+        return meta.get("seq", meta["step"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def find_checkpoints(path):
+    """A checkpoint directory -> [it]; a run directory -> its checkpoints, newest written first (the lineage
+    the last run continued, whatever the step numbers of abandoned branches)."""
     path = Path(path)
     if (path / "meta.json").exists():
-        return path
-    found = sorted((path / "checkpoints").glob("step_???????"))
-    if not found:
-        raise ConfigError(f"no complete checkpoint in {path} (expected {path}/checkpoints/step_NNNNNNN)")
-    return found[-1]
+        return [path]
+    return sorted(checkpoint_dirs(path), key=lambda c: (checkpoint_seq(c), c.name), reverse=True)
 
 
 def load_checkpoint(path, *, cfg, mcfg, model, optimizer, ema):
@@ -560,8 +621,8 @@ def load_checkpoint(path, *, cfg, mcfg, model, optimizer, ema):
     keys = (*MUST_MATCH, *(f"dit.{k}" for k in dit))
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in keys if saved.get(k) != now[k]]
     if diff:
-        raise ConfigError(f"{path} was made with another configuration; resume with the same settings:\n  "
-                          + "\n  ".join(diff))
+        raise ConfigError(f"{path} was made with another configuration; resume with the same settings ("
+                          + "; ".join(diff) + ")")
     state = checkpoint_state(model, optimizer, ema)
     dcp.load(state, checkpoint_id=str(path))  # reshards to this run's world size
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -602,6 +663,7 @@ def export(path, *, model, ema, cfg, mcfg, stats_path, step, rank, dtype):
                           "pixel_compression": cfg.pixel_compression, "pixel_mean": cfg.pixel_mean,
                           "pixel_std": cfg.pixel_std},
             "text": {"mode": cfg.text, "tokens": cfg.text_tokens}}
+    meta["sha256"] = M.tensors_sha256(out)  # model.load_exported refuses a file whose bytes changed since
     metadata = {k: json.dumps(v) for k, v in meta.items()}
     # atomic: a run counts as done once its export exists (miniature.py)
     return hub.atomic_save(path, lambda tmp: save_file(out, tmp, metadata=metadata))
@@ -705,6 +767,10 @@ class Trainer:
     stats_path: Path | None  # the action statistics file; None when built without `load`
     latent: tuple  # (B, C, T', H', W') of one micro-batch
     frame_mask: torch.Tensor  # (B, T'): 1 on the latent frames given clean as the condition
+    resumed_from: Path | None = None  # the checkpoint this process continued
+    written: list = field(default_factory=list)  # the checkpoints this process wrote and kept, oldest first
+    lock: Path | None = None  # the run's lock file, while this process holds it
+    stream: "Stream | None" = None  # the training data, once open_run made it
 
     @property
     def tokens_per_clip(self):
@@ -724,18 +790,73 @@ class Trainer:
             print(*args)
 
 
+def check_ranges(cfg):
+    """The range of every number a flag sets: one ConfigError naming the first flag outside its range."""
+    finite = lambda *v: all(math.isfinite(x) for x in v)
+    rules = [  # (field, holds, what it must be)
+        ("height", cfg.height > 0 and cfg.height % 16 == 0, "> 0 (frame sizes are multiples of 16)"),
+        ("width", cfg.width > 0 and cfg.width % 16 == 0, "> 0 (frame sizes are multiples of 16)"),
+        ("frames", cfg.frames >= 5 and (cfg.frames - 1) % tok.TEMPORAL == 0, "4k + 1 with k >= 1 (5, 9, 13...)"),
+        ("dim", cfg.dim >= 0, ">= 0 (0 keeps the preset's)"),
+        ("blocks", cfg.blocks >= 0, ">= 0 (0 keeps the preset's)"),
+        ("pixel_compression", cfg.pixel_compression >= 1, ">= 1"),
+        ("pixel_std", finite(cfg.pixel_std, cfg.pixel_mean) and cfg.pixel_std > 0, "finite and > 0"),
+        ("text_tokens", cfg.text_tokens >= 1, ">= 1"),
+        ("test_fraction", 0 <= cfg.test_fraction <= 1, "in [0, 1]"),
+        ("steps", cfg.steps >= 1, ">= 1"),
+        ("batch_size", cfg.batch_size >= 1, ">= 1"),
+        ("micro_batch", cfg.micro_batch >= 1, ">= 1"),
+        ("workers", cfg.workers >= 0, ">= 0"),
+        ("warmup", cfg.warmup >= 0, ">= 0"),
+        ("decay_steps", cfg.decay_steps >= 0, ">= 0 (0: --steps)"),
+        ("lr", finite(cfg.lr) and cfg.lr > 0, "finite and > 0"),
+        ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+        ("betas", len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), "two numbers in [0, 1)"),
+        ("weight_decay", finite(cfg.weight_decay) and cfg.weight_decay >= 0, "finite and >= 0"),
+        ("grad_clip", finite(cfg.grad_clip) and cfg.grad_clip >= 0, "finite and >= 0 (0: off)"),
+        ("ema", 0 <= cfg.ema < 1, "in [0, 1)"),
+        ("shift", finite(cfg.shift) and cfg.shift > 0, "finite and > 0"),
+        ("keep", cfg.keep >= 1, ">= 1"),
+        ("ckpt_every", cfg.ckpt_every >= 1, ">= 1"),
+        ("log_every", cfg.log_every >= 1, ">= 1"),
+        ("preview_every", cfg.preview_every >= 0, ">= 0 (0: only at the end)"),
+        ("preview_steps", cfg.preview_steps >= 1, ">= 1"),
+    ]
+    for name, holds, want in rules:
+        if not holds:
+            value = " ".join(map(str, cfg.betas)) if name == "betas" else getattr(cfg, name)
+            raise ConfigError(f"--{name.replace('_', '-')} {value} must be {want}")
+
+
+def check_output(out):
+    """The parent of the run directories exists (or can be made) and is writable, before any work."""
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out} cannot be made ({e.strerror}): choose a writable directory") from None
+    if not Path(out).is_dir() or not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out} is not a writable directory: choose another")
+
+
 def check_config(cfg, world):
     """-> micro-batches per rank per step, after the checks of what the flags can get wrong."""
+    check_ranges(cfg)
     if cfg.height % 16 or cfg.width % 16 or (cfg.frames - 1) % tok.TEMPORAL:
         raise ConfigError(f"frames {cfg.frames} must be 4k + 1 and {cfg.height}x{cfg.width} multiples of 16")
     accum, rest = divmod(cfg.batch_size, cfg.micro_batch * world)
     if rest or not accum:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}"
                           f"x {world} ranks")
-    if min(cfg.keep, cfg.ckpt_every, cfg.log_every) < 1 or not 0 < cfg.cond_frames <= (cfg.frames - 1) // 4:
-        raise ConfigError("--keep, --ckpt-every, --log-every must be >= 1; 1 <= --cond-frames < latent frames")
-    if not 0 <= cfg.text_dropout <= 1 or cfg.epochs < 0:
+    if not 0 < cfg.cond_frames <= (cfg.frames - 1) // 4:
+        raise ConfigError(f"--cond-frames {cfg.cond_frames} must lie in [1, latent frames {(cfg.frames - 1) // 4}]")
+    if not 0 <= cfg.text_dropout <= 1 or not 0 <= cfg.epochs < math.inf:
         raise ConfigError(f"--text-dropout {cfg.text_dropout} must lie in [0, 1], --epochs {cfg.epochs} be >= 0")
+    s = cfg.pixel_compression if cfg.tokenizer == "pixel" else 8
+    patch = M.config_from_preset(cfg.model).patch_spatial
+    if cfg.height % (s * patch) or cfg.width % (s * patch):
+        raise ConfigError(f"--height {cfg.height} and --width {cfg.width} must be multiples of {s * patch} (the "
+                          f"{cfg.tokenizer} tokenizer's compression {s} x the DiT's patch {patch}): change them "
+                          f"or --pixel-compression")
     return accum
 
 
@@ -786,23 +907,33 @@ def open_run(t, resume):
     """-> (run directory, data stream, first step, metrics history): a new numbered directory (DiT style), or
     the resumed one with the model, optimizer, EMA, data position and RNG of its checkpoint."""
     cfg, step = t.cfg, 0
-    stream = Stream(cfg, t.rank, t.world)
+    stream = t.stream = Stream(cfg, t.rank, t.world)
     if resume:
-        ckpt = find_checkpoint(resume)
+        ckpt, meta = load_newest_intact(t, resume)
         run = ckpt.parent.parent
-        meta = load_checkpoint(ckpt, cfg=cfg, mcfg=t.mcfg, model=t.model, optimizer=t.optimizer, ema=t.ema)
+        lock_run(t, run)
         step = meta["step"]
         stream.load(meta["data"])
+        t.resumed_from = ckpt
         t.log(f"resumed from {ckpt} at step {step}")
     else:
         run = [None]
         if t.rank == 0:
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
-            n = len([d for d in os.listdir(cfg.out) if d[:3].isdigit()])
-            run[0] = str(Path(cfg.out) / f"{n:03d}-{cfg.model}-{cfg.action_mode}-{cfg.height}x{cfg.width}")
-            Path(run[0], "checkpoints").mkdir(parents=True)
+            # one past the highest number: a deleted run's number is not given again
+            n = 1 + max((int(d[:3]) for d in os.listdir(cfg.out) if d[:3].isdigit()), default=-1)
+            while True:
+                run[0] = Path(cfg.out) / f"{n:03d}-{cfg.model}-{cfg.action_mode}-{cfg.height}x{cfg.width}"
+                try:
+                    run[0].mkdir()  # exclusive: two runs started at once get two numbers
+                    break
+                except FileExistsError:
+                    n += 1
+            Path(run[0], "checkpoints").mkdir()
+            run[0] = str(run[0])
         dist.broadcast_object_list(run)
         run = Path(run[0])
+        lock_run(t, run)
     metrics = run / "metrics.jsonl"
     history = [json.loads(line) for line in open(metrics)] if metrics.exists() else []
     history = [h for h in history if h["step"] <= step]  # a resumed run rewrites what came after its checkpoint
@@ -811,6 +942,70 @@ def open_run(t, resume):
         hub.atomic_write(run / "config.json", json.dumps(config, indent=1))
         hub.atomic_write(metrics, "".join(json.dumps(h) + "\n" for h in history))
     return run, stream, step, history
+
+
+def load_newest_intact(t, resume):
+    """Load the newest written checkpoint that loads; a damaged one is reported and the one before is tried.
+    -> (checkpoint directory, its meta)."""
+    found = find_checkpoints(resume)
+    if not found:
+        raise ConfigError(f"no complete checkpoint in {resume} (expected {resume}/checkpoints/step_NNNNNNN): "
+                          f"start a new run without --resume")
+    for i, ckpt in enumerate(found):
+        try:
+            meta = load_checkpoint(ckpt, cfg=t.cfg, mcfg=t.mcfg, model=t.model, optimizer=t.optimizer, ema=t.ema)
+            return ckpt, meta
+        except ConfigError:
+            raise
+        # a truncated or half-copied DCP directory (DCP's error is a BaseException), a damaged meta.json
+        except (Exception, dcp.api.CheckpointException) as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            if i + 1 == len(found):
+                raise ConfigError(f"no intact checkpoint in {resume}: the oldest, {ckpt}, is damaged too ({why})")
+            t.log(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {why}); falling back to {found[i + 1]}")
+
+
+def lock_run(t, run):
+    """An exclusive lock file holding the writer's pid, so that two processes cannot write one run; a dead
+    process's lock is taken over. Removed by `unlock_run` when the run ends, however it ends."""
+    if t.rank != 0:
+        return
+    lock = run / "lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid_alive(pid):
+                raise ConfigError(f"{run} is being written by process {pid}: wait for it to end, or stop it "
+                                  f"(a stale lock of a dead process is taken over)") from None
+            t.log(f"taking over the lock of {run} from process {pid or '?'}, which is no longer running")
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        t.lock = lock
+        return
+    raise ConfigError(f"could not lock {run}: another process took its lock file {lock} meanwhile")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def unlock_run(t):
+    if t is not None and t.lock is not None:
+        t.lock.unlink(missing_ok=True)
+        t.lock = None
 
 
 SIGMA_BINS = 5  # loss per noise level, [0, 0.2), ..., [0.8, 1]
@@ -915,10 +1110,12 @@ def log_metrics(t, run, history, step, window, *, seconds):
 
 def checkpoint(t, run, step, stream):
     """Everything an exact resume needs: weights, optimizer, EMA (DCP), the data position and the RNG."""
+    parent = t.written[-1] if t.written else t.resumed_from  # the lineage: which checkpoint this one continues
     meta = {"step": step, "data": stream.state(), "rng": torch.get_rng_state().tolist(),
-            "train_config": asdict(t.cfg), "model_config": asdict(t.mcfg), "world_size": t.world}
+            "train_config": asdict(t.cfg), "model_config": asdict(t.mcfg), "world_size": t.world,
+            "parent": Path(parent).name if parent else None}
     return save_checkpoint(run, step, model=t.model, optimizer=t.optimizer, ema=t.ema, meta=meta, rank=t.rank,
-                           keep=t.cfg.keep)
+                           keep=t.cfg.keep, written=t.written)
 
 
 def finish(t, run, step, clip, history):
@@ -938,8 +1135,19 @@ def finish(t, run, step, clip, history):
 
 
 def train(cfg, args):
+    """Build, then run the loop; the run's lock is released however the loop ends. -> the run directory."""
+    check_output(cfg.out)
     _, _, device = setup_distributed(args.device)
     t = build(cfg, device)
+    try:
+        return loop(t, args)
+    finally:
+        if t.stream is not None:
+            t.stream.close()
+        unlock_run(t)
+
+
+def loop(t, args):
     cfg = t.cfg  # --epochs turned into --steps
     describe(t)
     if cfg.epochs:
@@ -1000,13 +1208,12 @@ def on_signal(signum, frame):
 
 
 def main(argv=None):
+    """-> the run directory. Errors propagate: `python train.py` ends through `hub.run_main`, which turns them
+    into one line and kills the loader workers (they ignore SIGTERM), so that no error path hangs."""
     cfg, args = parse_args(argv)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return train(cfg, args)
-    except (ConfigError, data.DataError, FloatingPointError, FileNotFoundError, PermissionError) as e:
-        # the user's to fix (missing data, weights or stats; a gated repo; a diverged run): one message
-        raise SystemExit(f"error: {e}") from None
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -1015,4 +1222,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    hub.run_main(lambda argv: main(argv) and 0)  # the run directory is for Python callers; the shell gets 0
