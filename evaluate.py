@@ -818,6 +818,9 @@ def protocol(cfg):
     nets = load_networks(metrics, weights, cfg.detector, device)
     episodes, plan = eval_plan(cfg.data, cfg.horizon, cfg.clips, splits=data.split_names(cfg.splits),
                                test_fraction=cfg.test_fraction)
+    if cfg.shuffle_actions and len(plan) < 2:  # clip i takes clip (i + N // 2) mod N's: itself when N = 1
+        raise ValueError(f"--shuffle-actions needs at least 2 clips (each takes another clip's actions); the plan "
+                         f"holds {len(plan)}")
     tc = metas[cfg.checkpoints[0]]["train_config"]  # one frame size for every row: as given, else the first's
     size = (cfg.height or tc["height"], cfg.width or tc["width"])
     rows = {}

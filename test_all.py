@@ -40,6 +40,7 @@ or the miniature experiment, or run diffusers' whole pipeline.
 import ast
 import contextlib
 import copy
+import importlib
 import io
 import json
 import logging
@@ -111,7 +112,7 @@ def diffusers_cosmos(c):
     (diffusers uses 1e-5), and its torchvision padding-mask resize replaced by torch's nearest interpolation
     (torchvision does not import beside the CPU torch build used here; the masks we pass are already at the
     latent size, so the resize is the identity either way)."""
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = importlib.import_module("diffusers")
     import diffusers.models.transformers.transformer_cosmos as tc
     if not hasattr(tc, "transforms"):
         resize = lambda img, size, interpolation: F.interpolate(img, size=size, mode="nearest")
@@ -189,7 +190,7 @@ DINO_TINY = DINO_PRESETS["tiny"]
 def hf_dino(tmp_path_factory):
     """Tiny transformers DINOv3 with every parameter random (LayerScale, norms, tokens too), saved
     with save_pretrained: the genuine Hub layout."""
-    transformers = pytest.importorskip("transformers")
+    transformers = importlib.import_module("transformers")
     cfg = transformers.DINOv3ViTConfig(hidden_size=DINO_TINY.dim, num_hidden_layers=DINO_TINY.depth,
                                        num_attention_heads=DINO_TINY.n_heads, intermediate_size=DINO_TINY.mlp_dim,
                                        num_register_tokens=DINO_TINY.n_registers)
@@ -224,7 +225,7 @@ def vae_pair():
     """A tiny diffusers AutoencoderKLWan with random weights (gains too) and our WanVAE holding the same
     ones through the documented key map. Ours gets random latent statistics; the tests apply them to
     diffusers' unnormalized mean by hand."""
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = importlib.import_module("diffusers")
     torch.manual_seed(0)
     ref = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                                      temperal_downsample=[False, True, True]).eval()
@@ -355,7 +356,7 @@ MODULE_LEVELS = {"hub": 0, "conditioning": 1, "semantic": 1, "tokenizer": 1, "da
 
 def project_modules():
     """The top-level project modules: every *.py in the repository root but this file -> {name: path}."""
-    return {p.stem: p for p in sorted(Path(HERE).glob("*.py")) if p.name != "test_all.py"}
+    return {p.stem: p for p in sorted(Path(HERE).glob("*.py")) if p.name not in ("test_all.py", "conftest.py")}
 
 
 def comments_and_docstrings(path):
@@ -418,6 +419,21 @@ class TestStructure:
                         bad.append(f"{path.name}:{node.lineno} imports {target} (level {MODULE_LEVELS[name]} "
                                    f"imports level {MODULE_LEVELS[target]})")
         assert not bad, "imports must go to a lower level:\n" + "\n".join(bad)
+
+    @pytest.mark.parametrize("body, code", [("pass", 0), ("pytest.skip('no reference package')", 1),
+                                            ("pytest.importorskip('no_such_reference_package')", 1)])
+    def test_a_skipped_test_fails_the_suite(self, tmp_path, body, code):
+        """The suite's pytest settings (conftest.py, pyproject's addopts) on a one-test file: a skip exits 1 and
+        prints its reason; a pass exits 0."""
+        shutil.copy(Path(HERE) / "conftest.py", tmp_path)
+        shutil.copy(Path(HERE) / "pyproject.toml", tmp_path)
+        (tmp_path / "test_one.py").write_text(f"import pytest\n\n\ndef test_one():\n    {body}\n")
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_one.py"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert p.returncode == code, p.stdout + p.stderr
+        if code:
+            assert "SKIPPED" in p.stdout and "no" in p.stdout.split("SKIPPED")[1].splitlines()[0], p.stdout
+            assert "1 skipped: the run fails" in p.stdout, p.stdout
 
     def test_paper_to_code_table_names_real_functions(self):
         """README's `## Paper to code` table names at least 11 `file.py:name` references that exist, and every
@@ -587,7 +603,7 @@ class TestHub:
             load_dino(DINO_REPO, preset="tiny")
 
     def test_hub_specs_go_through_huggingface_hub(self, tmp_path, monkeypatch):
-        hub = pytest.importorskip("huggingface_hub")
+        hub = importlib.import_module("huggingface_hub")
         calls = []
 
         def fake_download(repo, filename):
@@ -910,7 +926,7 @@ class TestConditioning:
                            padding_mask=torch.zeros(1, 1, H, W), return_dict=False)[0]
             without = base(x, sigma, text, frame_mask=mask)
         rel = (out - expected).abs().max() / expected.abs().max()
-        assert rel < 1e-5, f"relative error {rel:.2e}"
+        assert rel < 2e-6, f"relative error {rel:.2e}"
         assert (out - without).abs().max() > 100 * (out - expected).abs().max()  # the actions matter here
         # and our weights export back to the official names
         exported = M.state_dict_as(model.state_dict(), "official", DIT_SMALL.n_blocks)
@@ -1056,27 +1072,61 @@ def dit_and_diffusers():
     return ours, ref
 
 
-def official_2b_keys():
-    """The official Predict2.5-2B key set and the shapes DESIGN.md section 1 lists, written out independently."""
-    D = 2048
-    keys = {"x_embedder.proj.1.weight": (D, 72), "t_embedder.1.linear_1.weight": (D, D),
-                     "t_embedder.1.linear_2.weight": (3 * D, D), "t_embedding_norm.weight": (D,),
-                     "crossattn_proj.0.weight": (1024, 100352), "crossattn_proj.0.bias": (1024,),
-                     "final_layer.adaln_modulation.1.weight": (256, D),
-                     "final_layer.adaln_modulation.2.weight": (2 * D, 256), "final_layer.linear.weight": (64, D)}
-    for i in range(28):
+def official_keys(D=2048, blocks=28, head_dim=128, latent=16, context=1024, text=100352, lora=256):
+    """The official Predict2.x DiT key set and shapes (DESIGN.md section 1), written out independently of the
+    project's key table: width D, latent channels in and out, patch (1, 2, 2), the condition and padding masks
+    concatenated to the input."""
+    keys = {"x_embedder.proj.1.weight": (D, (latent + 2) * 4), "t_embedder.1.linear_1.weight": (D, D),
+            "t_embedder.1.linear_2.weight": (3 * D, D), "t_embedding_norm.weight": (D,),
+            "crossattn_proj.0.weight": (context, text), "crossattn_proj.0.bias": (context,),
+            "final_layer.adaln_modulation.1.weight": (lora, D),
+            "final_layer.adaln_modulation.2.weight": (2 * D, lora), "final_layer.linear.weight": (latent * 4, D)}
+    for i in range(blocks):
         b = f"blocks.{i}."
         for p in "qkv":
             keys[b + f"self_attn.{p}_proj.weight"] = (D, D)
-            keys[b + f"cross_attn.{p}_proj.weight"] = (D, D if p == "q" else 1024)
+            keys[b + f"cross_attn.{p}_proj.weight"] = (D, D if p == "q" else context)
         for a in ("self_attn", "cross_attn"):
             keys[b + f"{a}.output_proj.weight"] = (D, D)
-            keys[b + f"{a}.q_norm.weight"] = keys[b + f"{a}.k_norm.weight"] = (128,)
-            keys[b + f"adaln_modulation_{a}.1.weight"] = (256, D)
-            keys[b + f"adaln_modulation_{a}.2.weight"] = (3 * D, 256)
-        keys[b + "adaln_modulation_mlp.1.weight"], keys[b + "adaln_modulation_mlp.2.weight"] = (256, D), (3 * D, 256)
+            keys[b + f"{a}.q_norm.weight"] = keys[b + f"{a}.k_norm.weight"] = (head_dim,)
+            keys[b + f"adaln_modulation_{a}.1.weight"] = (lora, D)
+            keys[b + f"adaln_modulation_{a}.2.weight"] = (3 * D, lora)
+        keys[b + "adaln_modulation_mlp.1.weight"], keys[b + "adaln_modulation_mlp.2.weight"] = (lora, D), (3 * D, lora)
         keys[b + "mlp.layer1.weight"], keys[b + "mlp.layer2.weight"] = (4 * D, D), (D, 4 * D)
     return keys
+
+
+SMALL_OFFICIAL = dict(D=64, blocks=2, head_dim=32, latent=16, context=32, text=48, lora=16)  # DIT_SMALL's sizes
+
+
+def random_official_file(path, seed=0, std=0.2):
+    """A random-weight DIT_SMALL checkpoint in the official .pt layout, built from official_keys alone (not from
+    the project's key table): "net."-prefixed names plus the buffers and counters a loader must ignore."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"net.{k}": torch.randn(shape, generator=g) * std + (1.0 if len(shape) == 1 else 0.0)
+          for k, shape in official_keys(**SMALL_OFFICIAL).items()}
+    sd["net.pos_embedder.seq"] = torch.arange(10.0)
+    sd["net.accum_video_sample_counter"] = torch.tensor(3)
+    sd["net.blocks.0.self_attn.q_proj._extra_state"] = torch.tensor(0)
+    torch.save(sd, path)
+    return sd
+
+
+def dit_inputs(B=2, T=3, H=6, W=10, seed=1):
+    """Inputs for DIT_SMALL and diffusers' model: latents, per-frame sigma, text, frame 0 conditional, a padding mask.
+    -> (ours' kwargs, diffusers' kwargs)"""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, DIT_SMALL.in_channels, T, H, W, generator=g)
+    text = torch.randn(B, 7, DIT_SMALL.text_dim, generator=g)
+    sigma = torch.rand(B, T, generator=g)
+    frame_mask = torch.zeros(B, T)
+    frame_mask[:, 0] = 1
+    padding = (torch.rand(1, 1, H, W, generator=g) > 0.5).float()
+    ours = dict(x=x, sigma=sigma, text=text, frame_mask=frame_mask, padding_mask=padding.expand(B, -1, -1, -1))
+    theirs = dict(hidden_states=x, timestep=sigma.view(B, 1, T, 1, 1), encoder_hidden_states=text,
+                  condition_mask=frame_mask[:, None, :, None, None].expand(B, 1, T, H, W), padding_mask=padding,
+                  return_dict=False)
+    return ours, theirs
 
 
 MIX_MEANS = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]], dtype=torch.float64)
@@ -1096,16 +1146,31 @@ def mixture_velocity(x, sigma):
     return (post[..., None] * (e_eps - e_x0)).sum(1).view_as(x).to(x.dtype)
 
 
+MIXTURE_STEPS = (5, 10, 20, 35, 70, 140, 280, 560, 1120, 2240)
+
+
 @pytest.fixture(scope="module")
 def mixture_errors():
-    """{(solver, steps): mean distance of its samples to a 4000-step Euler reference}, on the same noise."""
-    noise = torch.randn(4000, 2, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    reference = M.sample(mixture_velocity, noise, M.shifted_sigmas(4000), solver="euler")
+    """{(solver, steps): mean distance of its samples to the exact ODE solution} on the official shifted schedule,
+    for 400 noise draws. The exact solution is SciPy's DOP853 (order 8, adaptive) integrating dx/ds = v(x, s) from
+    the schedule's first sigma to 0 at tolerance 1e-12, an integrator that shares nothing with ours."""
+    from scipy.integrate import solve_ivp
+    n = 400
+    noise = torch.randn(n, 2, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s0 = M.shifted_sigmas(1)[0].item()  # 0.9998 at any step count
+
+    def f(s, y):
+        x = torch.from_numpy(y).view(n, 2, 1, 1, 1)
+        return mixture_velocity(x, torch.full((n, 1), s, dtype=torch.float64)).flatten().numpy()
+
+    sol = solve_ivp(f, (s0, 0.0), (noise * s0).flatten().numpy(), method="DOP853", rtol=1e-12, atol=1e-12)
+    assert sol.success
+    exact = torch.from_numpy(sol.y[:, -1]).view_as(noise)
     errors = {}
     for solver in M.SOLVERS:
-        for n in (5, 10, 20, 40):
-            x = M.sample(mixture_velocity, noise, M.shifted_sigmas(n), solver=solver)
-            errors[solver, n] = (x - reference).flatten(1).norm(dim=1).mean().item()
+        for steps in MIXTURE_STEPS:
+            x = M.sample(mixture_velocity, noise, M.shifted_sigmas(steps), solver=solver)
+            errors[solver, steps] = (x - exact).flatten(1).norm(dim=1).mean().item()
     return errors
 
 
@@ -1189,7 +1254,7 @@ def coupled_velocity(x, sigma):
 def diffusers_unipc(velocity_fn, noise, sigmas, *, x_cond=None, frame_mask=None, cond_sigma=None):
     """diffusers' UniPCMultistepScheduler (order 2, bh2, flow prediction, lower_order_final) on the flow sigmas
     `sigmas` (n + 1,): conditional frames enter the velocity as x_cond (at cond_sigma) and are set at the end."""
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = importlib.import_module("diffusers")
     sigmas = sigmas.double()
     shifted = torch.allclose(sigmas, M.shifted_sigmas(len(sigmas) - 1).double(), atol=0, rtol=0)
     # diffusers shifts the sigmas it is given by flow_shift, then appends the final 0 (final_sigmas_type "zero").
@@ -1261,8 +1326,7 @@ def adaln_probe(model, *args, **kwargs):
 @pytest.fixture
 def one_rank():
     """A one-process gloo group, as train.py makes for a plain CPU run."""
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized")
+    assert not dist.is_initialized(), "a test left a process group behind"
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
@@ -1294,7 +1358,46 @@ class TestModel:
                            padding_mask=padding, return_dict=False)[0]
         assert out.shape == (B, DIT_SMALL.out_channels, T, H, W)
         rel = (out - expected).abs().max() / expected.abs().max()
-        assert rel < 1e-5, f"relative error {rel:.2e}"
+        assert rel < 2e-6, f"relative error {rel:.2e}"
+
+    def test_official_pt_loads_as_diffusers_own_converter_reads_it(self, tmp_path):
+        """One random file in the official layout (built from the independent key list, not our key table), read
+        two ways: by our loader, and by diffusers' own Cosmos 2.x checkpoint converter into diffusers' model. The
+        two models agree, so every official name reaches the tensor its namesake in diffusers uses: two
+        same-shaped names swapped in our table (q and k of one attention, say) would break the agreement."""
+        from diffusers.loaders.single_file_utils import convert_cosmos_transformer_checkpoint_to_diffusers as convert
+        sd = random_official_file(tmp_path / "dit.pt", seed=7)
+        ours = M.load_dit(str(tmp_path / "dit.pt"), DIT_SMALL).eval()
+        ref = diffusers_cosmos(DIT_SMALL)
+        ref.load_state_dict(convert(dict(sd)), strict=True)
+        kw, ref_kw = dit_inputs()
+        with torch.no_grad():
+            out, expected = ours(**kw), ref(**ref_kw)[0]
+        rel = (out - expected).abs().max() / expected.abs().max()
+        assert rel < 2e-6, f"relative error {rel:.2e}"
+
+    def test_dit_matches_diffusers_where_the_qk_norm_eps_shows(self, tmp_path):
+        """Attention q and k scaled down until their mean square is near 1e-6, where the RMSNorm eps decides the
+        result: our DiT agrees with diffusers' model set to the official eps 1e-6, and not with diffusers' own
+        default 1e-5 (so the comparison does see the eps)."""
+        sd = random_official_file(tmp_path / "dit.pt", seed=8)
+        for k in sd:
+            if k.endswith(("q_proj.weight", "k_proj.weight")):
+                sd[k] = sd[k] * 1e-3
+        torch.save(sd, tmp_path / "dit.pt")
+        ours = M.load_dit(str(tmp_path / "dit.pt"), DIT_SMALL).eval()
+        ref = diffusers_cosmos(DIT_SMALL)
+        ref.load_state_dict(M.state_dict_as(ours.state_dict(), "diffusers", DIT_SMALL.n_blocks), strict=True)
+        kw, ref_kw = dit_inputs()
+        with torch.no_grad():
+            out, expected = ours(**kw), ref(**ref_kw)[0]
+            for m in ref.modules():
+                if getattr(m, "norm_q", None) is not None:
+                    m.norm_q.eps = m.norm_k.eps = 1e-5
+            diffusers_default = ref(**ref_kw)[0]
+        scale = expected.abs().max()
+        assert (out - expected).abs().max() / scale < 2e-6
+        assert (out - diffusers_default).abs().max() / scale > 1e-3
 
     def test_padding_mask_is_resized_nearest_from_pixels(self):
         """A mask at pixel resolution acts as the same mask at latent resolution (and the mask does act)."""
@@ -1345,11 +1448,11 @@ class TestModel:
         with torch.device("meta"):
             model = M.DiT(M.config_from_preset("cosmos2b"))
         ours = {k: tuple(v.shape) for k, v in M.state_dict_as(model.state_dict(), "official", 28).items()}
-        assert ours == official_2b_keys()
+        assert ours == official_keys()
 
     def test_cosmos2b_under_diffusers_names_matches_diffusers_2b(self):
         """The same tensors under diffusers' names, against diffusers' own 2B model built on the meta device."""
-        diffusers = pytest.importorskip("diffusers")
+        diffusers = importlib.import_module("diffusers")
         with torch.device("meta"):
             model = M.DiT(M.config_from_preset("cosmos2b"))
             ref = diffusers.CosmosTransformer3DModel(
@@ -1368,12 +1471,25 @@ class TestModel:
 
     @pytest.mark.parametrize("solver", M.SOLVERS)
     def test_samplers_converge_with_more_steps(self, mixture_errors, solver):
-        errs = [mixture_errors[solver, n] for n in (5, 10, 20, 40)]
+        errs = [mixture_errors[solver, n] for n in MIXTURE_STEPS]
         assert all(a > b for a, b in zip(errs, errs[1:])), (solver, errs)
 
-    def test_multistep_beats_euler(self, mixture_errors):
-        for n in (20, 40):  # at 5-10 steps the schedule's last jump (to sigma 0) dominates both solvers
-            assert mixture_errors["dpm++2m", n] < 0.6 * mixture_errors["euler", n], mixture_errors
+    # (solver, n): error(n) / error(2n), the observed order's base. Euler is first order (ratio 2). The second-order
+    # solvers reach ratio 4 only slowly: the shifted schedule's last steps stay about log 2 apart in log-SNR at
+    # any n, so their share of the error fades late (measured dpm++2m 1.80, 1.60, 2.57, 3.05, 3.28, 3.41 from
+    # 35 to 2240 steps; unipc 3.41, 3.77, 3.90 from 280). A halved second-order term, or a first-order last step,
+    # holds the ratio near 2.
+    @pytest.mark.parametrize("solver, n, low, high", [("euler", 140, 1.9, 2.1), ("euler", 1120, 1.95, 2.05),
+                                                      ("dpm++2m", 1120, 3.2, 4.2), ("unipc", 560, 3.5, 4.2)])
+    def test_sampler_convergence_order(self, mixture_errors, solver, n, low, high):
+        ratio = mixture_errors[solver, n] / mixture_errors[solver, 2 * n]
+        assert low < ratio < high, (solver, n, ratio)
+
+    def test_multistep_is_4x_closer_than_euler_at_35_steps(self, mixture_errors):
+        """The README's claim at the official step count: measured 0.071 (Euler), 0.0161 (dpm++2m), 0.0307 (unipc,
+        whose first-order last step costs it the most at 35 steps)."""
+        assert mixture_errors["euler", 35] > 4 * mixture_errors["dpm++2m", 35], mixture_errors
+        assert mixture_errors["euler", 35] > 2 * mixture_errors["unipc", 35], mixture_errors
 
     def test_samples_follow_the_mixture(self):
         """Component frequencies and per-component means of DPM-Solver++(2M) samples."""
@@ -1685,7 +1801,7 @@ class TestTokenizer:
 
     def test_full_size_key_map_and_shapes_match_diffusers(self):
         # the real 127M-parameter config, built on the meta device (no memory): every tensor maps 1:1
-        diffusers = pytest.importorskip("diffusers")
+        diffusers = importlib.import_module("diffusers")
         with torch.device("meta"):
             ref, ours = diffusers.AutoencoderKLWan(), tk.WanVAE("full")
         ref_sd = ref.state_dict()
@@ -1696,7 +1812,7 @@ class TestTokenizer:
     def test_key_map_agrees_with_diffusers_own_converter(self, vae_pair):
         # diffusers ships its own original-Wan -> diffusers converter (for from_single_file): fed our state dict,
         # it must produce exactly the names our key map gives, holding the same tensors
-        convert = pytest.importorskip("diffusers.loaders.single_file_utils").convert_wan_vae_to_diffusers
+        convert = importlib.import_module("diffusers.loaders.single_file_utils").convert_wan_vae_to_diffusers
         ours = vae_pair[1].state_dict()
         converted = convert(dict(ours))
         assert converted.keys() == {tk.diffusers_key(k) for k in ours}
@@ -1903,7 +2019,7 @@ LM_CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['c
 @pytest.fixture(scope="module")
 def tiny_lm():
     """A random 3-layer Qwen2 language model and a word-level tokenizer with the chat template of LM_CHAT."""
-    transformers = pytest.importorskip("transformers")
+    transformers = importlib.import_module("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(LM_WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -2133,7 +2249,7 @@ class TestSemantic:
     def test_from_pretrained_reason1_architecture(self, tiny_lm, tmp_path):
         """A saved tiny Qwen2.5-VL (Reason1's architecture) loads through TextEncoder.from_pretrained (the
         vision-language fallback) and gives the aggregation of its language model's hidden states."""
-        transformers = pytest.importorskip("transformers")
+        transformers = importlib.import_module("transformers")
         _, tokenizer = tiny_lm
         text = dict(vocab_size=len(LM_WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=1,
@@ -2302,7 +2418,7 @@ def quat_wxyz(R):
 def egoverse_root(tmp_path_factory):
     """One synthetic episode written as an EgoVerse Zarr episode (3 frames of zero padding past total_frames)
     -> (root, episode id, track)."""
-    zarr = pytest.importorskip("zarr")
+    zarr = importlib.import_module("zarr")
     from PIL import Image
     root = tmp_path_factory.mktemp("egoverse") / "eps"
     n, pad = 16, 3
@@ -2905,7 +3021,7 @@ class TestData:
 
     @pytest.mark.filterwarnings("ignore::FutureWarning")
     def test_egoverse_missing_value_is_one_clear_error(self, egoverse_root, tmp_path):
-        zarr = pytest.importorskip("zarr")
+        zarr = importlib.import_module("zarr")
         root = tmp_path / "eps"
         shutil.copytree(egoverse_root[0], root)
         episodes, _ = data.load_index(root)
@@ -2918,7 +3034,7 @@ class TestData:
         """Mecka writes a missing hand as an all-zero row: that frame is invalid (a zero quaternion would
         normalize to NaN), the episode splits around it, and the statistics are finite and equal those of the
         valid transitions alone."""
-        zarr = pytest.importorskip("zarr")
+        zarr = importlib.import_module("zarr")
         root, n, track = tmp_path / "eps", egoverse_root[1], egoverse_root[2]
         shutil.copytree(egoverse_root[0] / "abc123.zarr", root / "mecka0.zarr")
         zarr.open_group(str(root / "mecka0.zarr"), mode="r+")[key][6] = 0.0
@@ -3104,7 +3220,6 @@ class TestData:
 def quirks(tmp_path_factory):
     """synthetic.write_quirks's root (48-frame episodes, holes at frames [16, 22)), indexed once
     -> (root, manifest, {episode name: its usable runs}, skipped {name: reason})."""
-    pytest.importorskip("zarr")
     root = tmp_path_factory.mktemp("quirks") / "q"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr: variable-length bytes have no stable v3 spec yet
@@ -4068,7 +4183,8 @@ def run_cli(script, argv):
     """script argv as a subprocess -> (returncode, stderr, seconds)."""
     t0 = time.time()
     p = subprocess.run([sys.executable, script, *map(str, argv)], cwd=HERE, capture_output=True, text=True,
-                       timeout=CLI_TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1", "DEXAC_DEBUG": "0"})
+                       timeout=CLI_TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1", "DEXAC_DEBUG": "0",
+                                                 "CUDA_VISIBLE_DEVICES": ""})  # the same answers on a GPU machine
     return p.returncode, p.stderr, time.time() - t0
 
 
@@ -4418,13 +4534,11 @@ class TestSample:
         with pytest.raises(SystemExit):
             E.main(["--checkpoint", "m", "--carry", "pixels"])
 
-    """Issue 24: one error line per bad input, before any work; images of every mode; non-finite rollouts."""
+    # issue 24: one error line per bad input, before any work; images of every mode; non-finite rollouts
 
     @pytest.mark.parametrize("case", list(SAMPLE_CASES))
     def test_sample_bad_input_is_one_error_line(self, bad_input_files, case):
         argv, words = SAMPLE_CASES[case]
-        if case == "cuda_without_gpu" and torch.cuda.is_available():
-            pytest.skip("a GPU is here")
         _, line = assert_one_error("sample.py", argv(bad_input_files))
         assert words in line, line
         assert not (bad_input_files["dir"] / "out").exists()  # refused before the output is made
@@ -4432,8 +4546,6 @@ class TestSample:
     @pytest.mark.parametrize("case", list(EVALUATE_CASES))
     def test_evaluate_bad_input_is_one_error_line(self, bad_input_files, case):
         argv, words = EVALUATE_CASES[case]
-        if case == "cuda_without_gpu" and torch.cuda.is_available():
-            pytest.skip("a GPU is here")
         _, line = assert_one_error("evaluate.py", argv(bad_input_files))
         assert words in line, line
 
@@ -4778,7 +4890,7 @@ class TestEvaluate:
                                    atol=1e-12)
 
     def test_psnr_and_ssim_match_scikit_image(self):
-        metrics = pytest.importorskip("skimage.metrics")
+        metrics = importlib.import_module("skimage.metrics")
         pred, gt = eval_videos(1, H=40, W=56)
         worst = [0.0, 0.0]
         for x, y in zip(eval_frames(pred), eval_frames(gt)):
@@ -4838,7 +4950,7 @@ class TestEvaluate:
         assert all(c["lpips"] < 1e-6 for c in ev.add(gt, gt)) and all(c["lpips"] > 1e-3 for c in ev.add(pred, gt))
 
     def test_lpips_equals_the_lpips_package(self, tmp_path):
-        lpips = pytest.importorskip("lpips")
+        lpips = importlib.import_module("lpips")
         ref = lpips.LPIPS(net="alex", version="0.1", pretrained=False, pnet_rand=True, verbose=False).eval()
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
@@ -4874,7 +4986,7 @@ class TestEvaluate:
             call(tmp_path)
 
     def test_frechet_distance_equals_scipy(self):
-        linalg = pytest.importorskip("scipy.linalg")
+        linalg = importlib.import_module("scipy.linalg")
         rng = np.random.default_rng(0)
         for d, rank in ((16, None), (32, 8)):  # the second: singular, like FVD with fewer clips than dimensions
             mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
@@ -5175,7 +5287,6 @@ class TestBench:
         assert len(lines) == 2 and all("frames/s" in line and "MiB" in line for line in lines)
 
     def test_dit_benchmark_runs_ours_and_diffusers(self, capsys):
-        pytest.importorskip("diffusers")
         bench.main(["dit", "--frames", "2", "--height", "8", "--width", "8", "--text-tokens", "4", "--iters", "1",
                     "--warmup", "0", "--compare-diffusers"])
         out = capsys.readouterr().out
@@ -5196,7 +5307,6 @@ class TestBench:
     def test_sample_benchmark_runs_diffusers_pipeline_on_the_same_weights(self, capsys):
         """--compare-diffusers runs diffusers' Cosmos-Predict2.5 pipeline on the same weights and shapes (the
         figures themselves are for a GPU, see README); about two minutes on 2 CPU cores."""
-        pytest.importorskip("diffusers")
         r = bench.main(["sample", "--height", "32", "--width", "48", "--steps", "1", "--iters", "1", "--warmup",
                         "0", "--compare-diffusers"])
         assert r["ours (backbone)"]["shape"] == r["diffusers"]["shape"] == (1, 13, 32, 48, 3) and r["ratio"] > 0
