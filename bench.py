@@ -148,9 +148,12 @@ def bench_dit(args):
                 exact = ref.float()(x.float(), sigma, text.float(), condition_mask=cond.float(), return_dict=False)[0]
                 ref.to(dtype)
         err = lambda y: f"{((y - exact).norm() / exact.norm()).item():.2e}"
-        print(f"outputs, relative L2 error against fp32: ours {err(a)}, diffusers {err(b)}")
+        diff = (a - b).abs().max().item()
+        print(f"outputs, relative L2 error against fp32: ours {err(a)}, diffusers {err(b)}; max |ours - diffusers| "
+              f"{diff:.2e} (outputs up to {b.abs().max().item():.2e})")
         t_ref = report("diffusers", torch.no_grad()(theirs), lambda: theirs().float().square().mean().backward())
         print(f"forward+backward time, ours / diffusers = {t_ours / t_ref:.2f}")
+        return {"ratio": t_ours / t_ref, "max_abs_diff": diff, "max_abs": b.abs().max().item()}
 
 # -----------------------------------------------------------------------------
 # vae: encode and decode frames/s of the video tokenizer
@@ -408,6 +411,14 @@ def bench_sample(args):
     if not args.compare_diffusers:
         return results
 
+    # the same random inputs through our backbone and VAE encoder now, through diffusers' below: same outputs
+    g = torch.Generator().manual_seed(0)
+    x, sigma, text = (torch.randn(1, channels, 2, 4, 4, generator=g), torch.rand(1, generator=g),
+                      torch.randn(1, 4, config.text_dim, generator=g))
+    image = torch.from_numpy(frame[:1]).permute(0, 3, 1, 2)[:, :, None] / 127.5 - 1  # (1, 3, 1, H, W)
+    with torch.no_grad():
+        probe = {"dit": dit(x.to(device, dtype), sigma.to(device), text.to(device, dtype)).float().cpu(),
+                 "vae encode": wm.tokenizer.encode(image.to(device, dtype)).float().cpu()}
     # CPU copies, so that our models are freed (gc: the wrapped methods hold the tokenizer in a cycle)
     dit_sd = {k: v.cpu() for k, v in dit.state_dict().items()}
     vae_sd = {k: v.cpu() for k, v in wm.tokenizer.state_dict().items()}
@@ -416,6 +427,15 @@ def bench_sample(args):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     pipe = diffusers_pipeline(dit_sd, vae_sd, config, device, dtype)
+    with torch.no_grad():
+        theirs = {"dit": pipe.transformer(x.to(device, dtype), sigma.to(device, dtype), text.to(device, dtype),
+                                          condition_mask=torch.zeros_like(x[:, :1]).to(device, dtype),
+                                          return_dict=False)[0],
+                  "vae encode": (pipe.vae.encode(image.to(device, pipe.vae.dtype)).latent_dist.mode()
+                                 - pipe.latents_mean.to(device)) * pipe.latents_std.to(device)}
+    results["max_abs_diff"] = {k: (probe[k] - theirs[k].float().cpu()).abs().max().item() for k in probe}
+    print("the same inputs, max |ours - diffusers|: " + ", ".join(
+        f"{k} {v:.2e} (outputs up to {probe[k].abs().max().item():.2e})" for k, v in results["max_abs_diff"].items()))
     watch.wrap(pipe.vae, "encode", "vae_encode")
     watch.wrap(pipe.vae, "decode", "vae_decode")
     video = torch.from_numpy(frame).permute(0, 3, 1, 2)[:, :, None] / 127.5 - 1  # (B, 3, 1, H, W)
