@@ -4,6 +4,10 @@ Where weights come from and how they are loaded, once for every model in this re
 - `resolve(spec)`: a local file, a local folder holding a known file, a short name, an http(s) URL
   (downloaded once) or a Hugging Face Hub file ('org/repo' or 'org/repo/path/in/repo') -> a local path.
   Hub files go through huggingface_hub's cache, so HF_TOKEN, HF_HUB_CACHE and HF_HUB_OFFLINE=1 work as usual.
+- `Network` / `fetch(network)`: a file with a fixed URL (the metric networks), fetched like torchvision does it:
+  one cache folder (`download_dir()`), a sha256 (or a prefix of one) and a size checked whenever known, a copy
+  that another tool already installed used in place, a download that lands under its name only once complete and
+  verified, and offline (HF_HUB_OFFLINE=1) no network at all: `missing_message` names every absent file at once.
 - `read_state_dict(path)`: the tensors of a .safetensors file, a sharded safetensors checkpoint (folder or
   index .json) or a torch.save'd .pt/.pth (loaded with weights_only=True: no code runs; the only other objects
   allowed are the KNOWN_SAFE types the official Cosmos files hold in `_extra_state` entries, which are dropped).
@@ -19,16 +23,24 @@ Key maps stay beside their models (model.py, tokenizer.py, semantic.py): they ar
 """
 
 import contextlib
+import functools
+import hashlib
+import http.client
+import importlib.util
 import io
 import json
 import os
 import pickle
 import re
+import sys
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import huggingface_hub
 import torch
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".json")
@@ -42,8 +54,135 @@ class WeightsError(FileNotFoundError):
 
 
 def download_dir():
-    """Where URLs are downloaded to, once: torch's hub checkpoint folder ($TORCH_HOME/hub/checkpoints)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    """Where URLs are downloaded to, once: $DEXAC_WEIGHTS_DIR if set, else torch's hub checkpoint folder
+    ($TORCH_HOME/hub/checkpoints), which torchvision shares: AlexNet is downloaded once for both."""
+    return Path(os.environ.get("DEXAC_WEIGHTS_DIR") or Path(torch.hub.get_dir()) / "checkpoints")
+
+
+# -----------------------------------------------------------------------------
+# networks with a fixed URL: verified, cached once, never half a file
+
+
+@dataclass(frozen=True)
+class Network:
+    """A file fetched from a fixed URL. sha256: the full hex digest or a prefix of it (torchvision names its files
+    `name-<first 8 hex digits>.pth`); size in bytes; found_in: other tools' copies of the same file, as paths or
+    callables that return one (or None), e.g. package_file("lpips", "weights/v0.1/alex.pth")."""
+    file: str
+    url: str
+    sha256: str = None
+    size: int = None
+    what: str = ""
+    found_in: tuple = ()
+
+
+def package_file(package, path):
+    """A found_in entry: `path` inside an installed package, found without importing it (None if not installed)."""
+    def find():
+        spec = importlib.util.find_spec(package)
+        return Path(spec.origin).parent / path if spec and spec.origin else None
+    return find
+
+
+def is_offline(offline=None):
+    """offline, or when None, huggingface_hub's switch HF_HUB_OFFLINE=1 (one switch for every download)."""
+    if offline is None:
+        return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return offline
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path, size, mtime_ns):  # (size, mtime) in the key: a file is hashed once per process, until it changes
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mismatch(path, network):
+    """None if the file at path has network's size and sha256 (as far as they are known), else what it has."""
+    st = os.stat(path)
+    if network.size is not None and st.st_size != network.size:
+        return f"{st.st_size:,} bytes instead of {network.size:,}"
+    if network.sha256:
+        digest = _sha256(str(path), st.st_size, st.st_mtime_ns)
+        if not digest.startswith(network.sha256.lower()):
+            return f"sha256 {digest} instead of {network.sha256}"
+    return None
+
+
+def locate(network):
+    """The verified local copy of network, or None: the cache folder first, then torch's hub folder and the other
+    tools' copies (used in place: no second copy of a file another package keeps up to date). A copy that does not
+    match is never used, whoever put it there."""
+    places = (download_dir() / network.file, Path(torch.hub.get_dir()) / "checkpoints" / network.file,
+              *network.found_in)
+    for place in places:
+        path = place() if callable(place) else place
+        if path and os.path.isfile(path) and mismatch(path, network) is None:
+            return str(path)
+    return None
+
+
+def missing_message(networks):
+    """One message for all the networks without a verified local copy: each file, its URL and where it goes."""
+    lines = [f"{len(networks)} network file(s) missing, and downloads are off (HF_HUB_OFFLINE=1 or offline=True):"]
+    for n in networks:
+        dest = download_dir() / n.file
+        bad = f" (the file there now has {mismatch(dest, n)}: replace it)" if dest.is_file() else ""
+        lines.append(f"  {n.file}{f' ({n.what})' if n.what else ''}: download {n.url} to {dest}{bad}")
+    lines.append("Run once with network access, or copy the files there (or set DEXAC_WEIGHTS_DIR to their folder).")
+    return "\n".join(lines)
+
+
+def fetch(network, *, offline=None, progress=True):
+    """network -> the path of a verified local copy, downloaded into download_dir() if there is none."""
+    path = locate(network)
+    if path is None and is_offline(offline):
+        raise WeightsError(missing_message([network]))
+    return path or _download(network, progress)
+
+
+def fetch_all(networks, *, offline=None, progress=True):
+    """fetch() for each network; offline, one WeightsError names every missing file before anything is loaded."""
+    absent = [n for n in networks if locate(n) is None]
+    if absent and is_offline(offline):
+        raise WeightsError(missing_message(absent))
+    return [fetch(n, offline=offline, progress=progress) for n in networks]
+
+
+def _download(network, progress=True):
+    """Download into a temporary name beside the destination, check length, size and sha256, then rename: the
+    destination is the verified file or nothing (an interrupted or wrong download is deleted, never kept)."""
+    dest = download_dir() / network.file
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
+    wrong = f"{network.file}{f' ({network.what})' if network.what else ''}: the download from {network.url}"
+    try:
+        with urllib.request.urlopen(network.url, timeout=60) as r, open(tmp, "wb") as f:
+            length = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=length, unit="B", unit_scale=True, desc=network.file, disable=not progress) as bar:
+                for block in iter(lambda: r.read(1 << 20), b""):
+                    bar.update(f.write(block))
+        got = tmp.stat().st_size
+        bad = f"the connection closed after {got:,} of {length:,} bytes" if length and got != length else \
+            mismatch(tmp, network)
+        if bad:
+            raise WeightsError(f"{wrong} is not the expected file ({bad}); it was deleted. Retry, or download it "
+                               f"yourself and put it at {dest}.")
+        os.replace(tmp, dest)
+    except WeightsError:
+        raise
+    except (OSError, http.client.HTTPException) as e:  # no network, HTTP errors, a dropped connection
+        raise WeightsError(f"{wrong} failed ({type(e).__name__}: {e}); nothing was kept. Download it yourself and "
+                           f"put it at {dest}, or rerun where {network.url.split('/')[2]} is reachable.") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    if progress:
+        print(f"downloaded {network.file} ({got:,} bytes{', sha256 verified' if network.sha256 else ''}) "
+              f"to {dest}", file=sys.stderr)
+    return str(dest)
 
 
 def _hub_file(repo, filename, *, what, where, revision, token):
@@ -84,14 +223,10 @@ def resolve(spec, *, files=(), names=None, what="weights", where="", revision=No
     if names and spec in names:
         return _hub_file(*names[spec], what=what, where=where, revision=revision, token=token)
     if spec.startswith(("http://", "https://")):
-        path = download_dir() / Path(spec.split("?")[0]).name
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                torch.hub.download_url_to_file(spec, str(path))
-            except OSError as e:
-                raise WeightsError(f"{what} could not be downloaded from {spec} ({e}). {where}") from e
-        return str(path)
+        try:
+            return fetch(Network(Path(spec.split("?")[0]).name, spec))
+        except WeightsError as e:  # the message names the file and its URL; `what` would repeat them
+            raise WeightsError(f"{e} {where}".rstrip()) from e
     parts = spec.split("/")
     local_looking = spec.startswith((".", "/", "~")) or (len(parts) == 2 and spec.endswith(WEIGHT_SUFFIXES))
     hub_like = all(re.fullmatch(r"[\w.-]+", p) for p in parts[:2])

@@ -40,6 +40,8 @@ or the miniature experiment, or run diffusers' whole pipeline.
 import ast
 import contextlib
 import copy
+import hashlib
+import http.server
 import importlib
 import inspect
 import io
@@ -52,6 +54,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tokenize
 import types
@@ -508,6 +511,60 @@ MISSING_FILES = {  # case -> (call on tmp_path, exception, message)
 }
 
 
+# --- networks with a fixed URL (hub.Network, hub.fetch)
+
+FETCH_PAYLOAD = bytes(range(256)) * 40  # 10,240 bytes
+FETCH_SHA = hashlib.sha256(FETCH_PAYLOAD).hexdigest()
+
+
+@pytest.fixture
+def web():
+    """A local HTTP server: /good the payload, /corrupt other bytes of the same size, /short a Content-Length the
+    body never reaches (the connection closes early). .requests lists every path asked for."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            srv.requests.append(self.path)
+            name = self.path.split("/")[1]
+            body = {"good": FETCH_PAYLOAD, "corrupt": FETCH_PAYLOAD[::-1], "short": FETCH_PAYLOAD[:1000]}.get(name)
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(FETCH_PAYLOAD)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # port 0: a free port
+    srv.requests = []
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def weights_cache(tmp_path, monkeypatch):
+    """Empty cache and torch hub folders; downloads allowed unless a test says otherwise."""
+    monkeypatch.setenv("DEXAC_WEIGHTS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return tmp_path / "cache"
+
+
+def fetch_net(web, path="good/net.pt", sha256=FETCH_SHA, size=len(FETCH_PAYLOAD), **kw):
+    return hub.Network(path.split("/")[-1], f"{web.url}/{path}", sha256=sha256, size=size, **kw)
+
+
+FETCH_CORRUPT = (rf"net.pt: the download from http://127.0.0.1:\d+/corrupt/net.pt is not the expected file "
+                 rf"\(sha256 \w+ instead of {FETCH_SHA}\); it was deleted")
+FETCH_SHORT = r"connection closed after 1,000 of 10,240 bytes"
+
+
 class TestHub:
     """Every loader resolves its weights the same way: a local file or folder, the Hub cache (also offline),
     a URL downloaded once; what is missing or refused gives one message that says where to get it."""
@@ -631,29 +688,109 @@ class TestHub:
         assert calls == [("org/metrics", "inception-2015-12-05.pt"), ("org/metrics", "fvd/i3d.pt"),
                          ("org/missing", "i3d_torchscript.pt")]
 
-    def test_urls_download_once_into_the_weights_folder(self, tmp_path, monkeypatch):
-        monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-        calls = []
+    # hub.fetch: a local HTTP server on 127.0.0.1 stands in for the internet
 
-        def fake_download(url, dst):
-            calls.append(url)
-            open(dst, "wb").close()
+    def test_download_is_verified_cached_and_not_repeated(self, web, weights_cache):
+        n = fetch_net(web, sha256=FETCH_SHA[:8])  # a prefix, torchvision's convention
+        path = hub.fetch(n, progress=False)
+        assert path == str(weights_cache / "net.pt") and Path(path).read_bytes() == FETCH_PAYLOAD
+        assert hub.fetch(n, progress=False) == path and hub.fetch_all([n], progress=False) == [path]
+        assert web.requests == ["/good/net.pt"]  # the second and third fetch found it
+        assert os.listdir(weights_cache) == ["net.pt"]
 
-        monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-        url = E.WEIGHTS["i3d"][2]
-        path = E.resolve_weights("i3d", url)
-        assert path == str(E.weights_dir() / "i3d_torchscript.pt") and E.resolve_weights("i3d", url) == path
-        assert E.resolve_weights("i3d") == path and calls == [url]  # found again without a download
+    # (bytes of the right length that match no known hash or size cannot be told apart: no such case)
+    @pytest.mark.parametrize("case,message,known", [("corrupt", FETCH_CORRUPT, "sha256_and_size"),
+                                                    ("short", FETCH_SHORT, "sha256_and_size"),
+                                                    ("short", FETCH_SHORT, "nothing")])
+    def test_wrong_or_truncated_download_is_one_error_and_leaves_nothing(self, web, weights_cache, case, message,
+                                                                         known):
+        n = fetch_net(web, f"{case}/net.pt", *(() if known == "sha256_and_size" else (None, None)))
+        with pytest.raises(hub.WeightsError, match=message) as e:
+            hub.fetch(n, progress=False)
+        assert str(e.value).count("\n") == 0 and str(weights_cache / "net.pt") in str(e.value)
+        assert os.listdir(weights_cache) == []  # no partial file, no final file
 
-    def test_failed_download_is_one_clear_error(self, tmp_path, monkeypatch):
-        monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    def test_wrong_size_download_is_rejected(self, web, weights_cache):
+        with pytest.raises(hub.WeightsError, match="10,240 bytes instead of 10,241"):
+            hub.fetch(fetch_net(web, size=len(FETCH_PAYLOAD) + 1, sha256=None), progress=False)
+        assert os.listdir(weights_cache) == []
 
-        def fail(url, dst):
-            raise OSError("no route to host")
+    def test_unreachable_url_is_one_error(self, web, weights_cache):
+        with pytest.raises(hub.WeightsError,
+                           match=r"net.pt: the download from .*/missing/net.pt failed \(HTTPError"):
+            hub.fetch(fetch_net(web, "missing/net.pt"), progress=False)
+        assert os.listdir(weights_cache) == []
 
-        monkeypatch.setattr(torch.hub, "download_url_to_file", fail)
-        with pytest.raises(E.WeightsError, match="alex.pth .*could not be downloaded.*no route to host"):
-            E.resolve_weights("lpips", "https://example.org/broken/alex.pth")
+    @pytest.mark.parametrize("switch", ["env", "flag"])
+    def test_offline_lists_every_missing_file_and_never_connects(self, web, weights_cache, monkeypatch, switch):
+        if switch == "env":
+            monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        nets = [fetch_net(web, "good/a.pt", what="network A"), fetch_net(web, "good/b.pt")]
+        with pytest.raises(hub.WeightsError) as e:
+            hub.fetch_all(nets, offline=True if switch == "flag" else None, progress=False)
+        msg = str(e.value)
+        for n in nets:
+            assert f"{n.file}" in msg and n.url in msg and str(weights_cache / n.file) in msg
+        assert "network A" in msg and "2 network file(s) missing" in msg
+        with pytest.raises(hub.WeightsError, match="a.pt"):
+            hub.fetch(nets[0], offline=True if switch == "flag" else None)
+        assert web.requests == []
+
+    def test_offline_resolve_of_a_url_never_connects(self, web, weights_cache, monkeypatch):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        with pytest.raises(hub.WeightsError, match="net.pt"):
+            hub.resolve(f"{web.url}/good/net.pt")
+        assert web.requests == []
+
+    def test_resolve_url_downloads_once_and_keeps_no_partial(self, web, weights_cache):
+        path = hub.resolve(f"{web.url}/good/net.pt?dl=1")
+        assert path == str(weights_cache / "net.pt") and hub.resolve(f"{web.url}/good/net.pt") == path
+        with pytest.raises(hub.WeightsError, match="connection closed after 1,000 of 10,240 bytes.*Get it from X"):
+            hub.resolve(f"{web.url}/short/other.pt", where="Get it from X")
+        assert os.listdir(weights_cache) == ["net.pt"] and web.requests == ["/good/net.pt?dl=1", "/short/other.pt"]
+
+    def test_lpips_heads_are_found_inside_the_lpips_package(self, web, weights_cache):
+        heads = hub.Network("alex.pth", f"{web.url}/good/alex.pth", size=6_009,
+                            sha256="df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0",
+                            found_in=(hub.package_file("not_a_package_here", "alex.pth"),
+                                      hub.package_file("lpips", "weights/v0.1/alex.pth")))
+        path = hub.fetch(heads, offline=False, progress=False)
+        assert path.endswith(os.path.join("lpips", "weights", "v0.1", "alex.pth")) and "site-packages" in path
+        assert web.requests == [] and not weights_cache.exists()  # used in place: nothing downloaded, nothing copied
+
+    def test_a_copy_elsewhere_that_does_not_match_is_ignored(self, web, weights_cache, tmp_path):
+        other = tmp_path / "other_tool" / "net.pt"
+        other.parent.mkdir()
+        other.write_bytes(FETCH_PAYLOAD[::-1])
+        assert hub.fetch(fetch_net(web, found_in=(other,)), progress=False) == str(weights_cache / "net.pt")
+        assert web.requests == ["/good/net.pt"]
+
+    def test_a_cached_file_with_the_wrong_hash_is_never_used(self, web, weights_cache):
+        """Same size, other bytes: online it is replaced by a verified download; offline the error says what is
+        there instead, and the file is left for the user to inspect."""
+        weights_cache.mkdir()
+        (weights_cache / "net.pt").write_bytes(FETCH_PAYLOAD[::-1])
+        with pytest.raises(hub.WeightsError,
+                           match=rf"net.pt.*the file there now has sha256 \w+ instead of {FETCH_SHA}"):
+            hub.fetch(fetch_net(web), offline=True)
+        assert web.requests == [] and (weights_cache / "net.pt").read_bytes() == FETCH_PAYLOAD[::-1]
+        assert Path(hub.fetch(fetch_net(web), progress=False)).read_bytes() == FETCH_PAYLOAD
+        assert web.requests == ["/good/net.pt"]
+
+    def test_torch_hub_folder_is_searched_when_the_cache_is_elsewhere(self, web, weights_cache, tmp_path):
+        torch_copy = tmp_path / "torch_home" / "hub" / "checkpoints" / "net.pt"
+        torch_copy.parent.mkdir(parents=True)
+        torch_copy.write_bytes(FETCH_PAYLOAD)
+        assert hub.fetch(fetch_net(web), offline=True) == str(torch_copy) and web.requests == []
+
+    def test_a_file_changed_after_its_check_is_checked_again(self, web, weights_cache):
+        """The sha256 is remembered per (path, size, mtime): a file rewritten in place is hashed again."""
+        path = Path(hub.fetch(fetch_net(web), progress=False))
+        assert hub.fetch(fetch_net(web), offline=True) == str(path)  # verified, and its hash remembered
+        path.write_bytes(FETCH_PAYLOAD[::-1])
+        os.utime(path, ns=(1, 1))  # a different mtime even on a coarse-clock file system
+        with pytest.raises(hub.WeightsError, match="the file there now has sha256"):
+            hub.fetch(fetch_net(web), offline=True)
 
     @pytest.mark.parametrize("case", list(MISSING_FILES))
     def test_missing_weights_give_one_clear_error(self, case, tmp_path, monkeypatch):
