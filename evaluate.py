@@ -34,22 +34,30 @@ Protocols (DESIGN.md section 8), with the choices we make where the references d
   ground truth encoded from the clip's first frame on; with --carry reencode a later chunk's predicted
   latents follow its own re-encoded first frame, as in training).
 - PCK@k, k = 2.5/5/10/20 px at the evaluation frames' resolution (in the report; DexWM uses 224x392):
-  one detector finds the 12 keypoints (data.KEYPOINT_NAMES) on ground-truth and predicted frames; a GT
-  keypoint counts where detected (and keypoint_valid, if given) and is a hit when the predicted one is
-  found within k px; pooled over all counted keypoints, in percent. Detectors: the synthetic data's
-  exact coloured markers (built in), any real model through KeypointModel.
+  the ground truth is the dataset's annotation, the 12 keypoints (data.KEYPOINT_NAMES) projected from its
+  poses (data.load_clip: `keypoints`, counted where `keypoint_valid`); a detector finds them on the predicted
+  frames, and a keypoint is a hit when found within k px; pooled over all counted keypoints, in percent
+  (`pck@k`). Beside it `pck_gt@k`: the same detector on the ground-truth frames, its own ceiling. Where the
+  detector finds none of the counted keypoints on the ground-truth frames (or none counts), PCK is None, "no
+  keypoints", never 0. Without annotations (compare) the detector on the ground-truth frames stands in for
+  them and there is no ceiling. A detector is any callable with MarkerDetector's interface (--detector):
+  the synthetic data's colour markers (refused on episodes synthetic.py did not write), MediaPipe Hands
+  (the optional extra `hands`), a TorchScript model (KeypointModel), or your own `module:function`.
 - action families (Table 4): a clip is wrist-, finger- or head-dominant by the largest RMS of its
   z-scored actions ((a - mean) / (std + 1e-6), stats.json) over the family's dimensions and all steps.
 
     python evaluate.py --checkpoint runs/000-tiny-dexac-64x112/model.safetensors --data data/synthetic --horizon 25
-    python evaluate.py compare --pred runs/pred --gt runs/gt --metrics psnr,ssim,pck
+    python evaluate.py compare --pred runs/pred --gt runs/gt --metrics psnr,ssim,pck --detector markers
 """
 
+import importlib
+import importlib.util
 import inspect
+import itertools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -299,9 +307,13 @@ def latent_l2(pred, gt, n_cond=1):
 # PCK: keypoint detectors, hits per threshold, action families
 
 class MarkerDetector:
-    """The synthetic data's exact detector: the centroid of each coloured marker (synthetic.detect_keypoints).
-    Interface of every detector: uint8 (N, H, W, 3) RGB -> (N, 12, 2) pixels (u, v) in
-    data.KEYPOINT_NAMES order, NaN where a keypoint is not found."""
+    """The synthetic data's exact detector: the centroid of each coloured marker (synthetic.detect_keypoints);
+    only for episodes synthetic.py wrote (the protocol refuses it on others: real video has no markers).
+    Interface of every detector: detector(frames) with frames uint8 (N, H, W, 3) RGB -> (N, 12, 2) float pixels
+    (u, v) at the frames' resolution, pixel centres at integers, in data.KEYPOINT_NAMES order (left wrist, left
+    thumb to little fingertip, then the right hand), NaN where a keypoint is not found. A detector that also
+    takes the keyword `reference` is given the annotated keypoints of the same frames ((N, 12, 2), NaN where not
+    annotated; None without annotations), e.g. to tell left from right (MediaPipeHands)."""
 
     def __call__(self, frames):
         return np.stack([synthetic.detect_keypoints(f) for f in frames])
@@ -327,6 +339,137 @@ class KeypointModel:
         return kp
 
 
+WRISTS = [data.KEYPOINT_NAMES.index(f"{s}_wrist") for s in conditioning.HANDS]  # (left, right)
+PER_HAND = len(data.KEYPOINT_NAMES) // len(WRISTS)  # a hand's wrist and 5 fingertips, contiguous
+
+
+def match_hands(wrists, reference):
+    """wrists (n, 2) of the detected hands, reference (2, 2) the annotated left and right wrists (NaN: unknown)
+    -> (left, right) indices of the detected hands (None: no hand there), or None where no annotated wrist is
+    known. The assignment chosen places the most hands on known wrists, then the most hands, then lies nearest
+    (the distances to the known wrists summed)."""
+    known = np.isfinite(reference).all(-1)
+    if not known.any():
+        return None
+    options = [p for p in itertools.permutations([*range(len(wrists)), None, None], 2) if None in p or p[0] != p[1]]
+
+    def cost(p):
+        on_known = [(s, i) for s, i in enumerate(p) if i is not None and known[s]]
+        return (-len(on_known), -sum(i is not None for i in p),
+                sum(np.linalg.norm(wrists[i] - reference[s]) for s, i in on_known))
+    return min(options, key=cost)
+
+
+class MediaPipeHands:
+    """Google's MediaPipe Hands through its legacy API `mediapipe.solutions.hands`, offline. The optional extra
+    `hands` (pip install 'dexac-wm[hands]') pins mediapipe 0.10.21: the last version whose wheel bundles the hand
+    models (palm_detection_full.tflite, hand_landmark_full.tflite) and still has the legacy API; later ones ship
+    no model, and their Tasks API downloads hand_landmarker.task. It supports Python 3.9-3.12 only and pins
+    numpy<2 (installing it downgrades numpy). Each frame alone (static_image_mode): 21 landmarks per hand, x and y
+    normalized to [0, 1] by the width and height; ours are landmarks 0, 4, 8, 12, 16, 20 (wrist, thumb to
+    little fingertip). Left and right come from matching the detected wrists to the annotated ones
+    (`reference`, match_hands), not from MediaPipe's label: the legacy and the Tasks API document opposite
+    handedness conventions. Without a reference the legacy documentation's convention is used (it assumes a
+    mirrored selfie image: "Left" is the right hand of an unmirrored egocentric frame)."""
+
+    LANDMARKS = (0, 4, 8, 12, 16, 20)  # of MediaPipe's 21 per hand, in data.KEYPOINT_NAMES' order
+
+    def __init__(self, min_detection_confidence=0.5, model_complexity=1):
+        try:
+            import mediapipe
+        except ImportError:
+            raise ImportError("--detector mediapipe needs the optional mediapipe 0.10.21 (Python 3.9-3.12; it "
+                              "pins numpy<2): pip install 'dexac-wm[hands]'") from None
+        self.hands = mediapipe.solutions.hands.Hands(static_image_mode=True, max_num_hands=2,
+                                                     model_complexity=model_complexity,
+                                                     min_detection_confidence=min_detection_confidence)
+
+    def __call__(self, frames, reference=None):
+        N, H, W = frames.shape[:3]
+        out = np.full((N, len(data.KEYPOINT_NAMES), 2), np.nan)
+        for n in range(N):
+            res = self.hands.process(np.ascontiguousarray(frames[n]))
+            # normalized image coordinates (0: the left edge) -> pixel centres at integers, as data.load_clip's
+            hands = np.array([[(h.landmark[j].x * W - 0.5, h.landmark[j].y * H - 0.5) for j in self.LANDMARKS]
+                              for h in res.multi_hand_landmarks or []]).reshape(-1, PER_HAND, 2)
+            slots = None if reference is None else match_hands(hands[:, 0], np.asarray(reference[n])[WRISTS])
+            if slots is None:  # the label, read as the legacy docs say: swapped on unmirrored frames
+                labels = [h.classification[0].label for h in res.multi_handedness or []]
+                slots = [labels.index(mirrored) if mirrored in labels else None for mirrored in ("Right", "Left")]
+            for s, i in enumerate(slots):
+                if i is not None:
+                    out[n, s * PER_HAND:(s + 1) * PER_HAND] = hands[i]
+        return out
+
+
+NEED_DETECTOR = ("PCK needs a detector, --detector: markers (synthetic.py's data only), mediapipe (pip install "
+                 "'dexac-wm[hands]'), module:function or path/to/file.py:function (your callable, the interface "
+                 "of evaluate.MarkerDetector; a class is instantiated without arguments), or a TorchScript file "
+                 "(evaluate.KeypointModel)")
+REAL_VIDEO = ("PCK on real video needs a hand detector: --detector mediapipe (pip install 'dexac-wm[hands]') or "
+              "--detector module:function (your callable, the interface of evaluate.MarkerDetector)")
+
+
+def load_detector(spec, device="cpu"):
+    """--detector -> a detector (MarkerDetector's interface): 'markers', 'mediapipe', 'module:function' or
+    'path/to/file.py:function' (a callable; a class is instantiated without arguments), else a TorchScript file,
+    URL or Hub file (KeypointModel)."""
+    if spec is None:
+        raise ValueError(NEED_DETECTOR)
+    if spec == "markers":
+        return MarkerDetector()
+    if spec == "mediapipe":
+        return MediaPipeHands()
+    if ":" not in spec or "://" in spec:
+        return KeypointModel(spec, device=device)
+    where, name = spec.rsplit(":", 1)
+    try:
+        if where.endswith(".py"):
+            if not Path(where).is_file():
+                raise ImportError(f"no file {where}")
+            found = importlib.util.spec_from_file_location(Path(where).stem, where)
+            module = importlib.util.module_from_spec(found)
+            found.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+        obj = getattr(module, name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--detector {spec}: {e} (a module on the Python path, or a .py file, and the name of a "
+                         f"callable in it)") from e
+    obj = obj() if inspect.isclass(obj) else obj
+    if not callable(obj):
+        raise ValueError(f"--detector {spec}: {name} is not callable")
+    return obj
+
+
+def detect(detector, frames, reference=None):
+    """uint8 (N, H, W, 3) frames -> the detector's (N, 12, 2) float64 pixels; the annotated keypoints go to a
+    detector that takes `reference`."""
+    try:
+        takes = "reference" in inspect.signature(detector).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin)
+        takes = False
+    out = np.asarray(detector(frames, reference=reference) if takes else detector(frames), np.float64)
+    if out.shape != (len(frames), len(data.KEYPOINT_NAMES), 2):
+        raise ValueError(f"the PCK detector {detector!r} returned {out.shape} for {len(frames)} frames, not "
+                         f"(N, 12, 2) pixels (u, v) in data.KEYPOINT_NAMES order (see MarkerDetector)")
+    return out
+
+
+def pck_detector(spec, episodes):
+    """The protocol's detector for these episodes (data.Episode): None -> 'markers' when synthetic.py wrote every
+    one (synthetic.is_synthetic), else an error naming --detector; 'markers' on any other episode is the same
+    error (real video has no markers); any other spec as given."""
+    if spec not in (None, "markers"):
+        return spec
+    real = sorted({e.id for e in episodes if not synthetic.is_synthetic(e.path)})
+    if real:
+        raise ValueError(f"{REAL_VIDEO}. {len(real)} evaluated episode(s) ({', '.join(real[:3])}) are not "
+                         f"synthetic.py's: the colour-marker detector would score noise there (synthetic data "
+                         f"written before its files were marked: write it again)")
+    return "markers"
+
+
 def pck(pred_kp, gt_kp, valid=None, thresholds=PCK_THRESHOLDS):
     """(..., K, 2) pixels, NaN where not found -> (hits per threshold (len(thresholds),), keypoints counted).
     A GT keypoint counts when found (and valid); a missing prediction is a miss."""
@@ -347,15 +490,24 @@ def action_family(actions, mean, std):
 # ------------------------------------------------------------------------------------------------
 # Per-clip metrics and the report
 
-def _pck_summary(clips, thresholds):
-    count = sum(c["pck_count"] for c in clips if "pck_count" in c)
-    hits = sum(np.asarray(c["pck_hits"]) for c in clips if "pck_count" in c)
-    return {f"pck@{k:g}": (100.0 * hits[i] / count if count else None) for i, k in enumerate(thresholds)}
+def _pck_summary(clips, thresholds, ceiling=False):
+    """pck@k pooled over the clips' counted keypoints (percent), and with ceiling pck_gt@k; both None ("no
+    keypoints") where none counts or the detector found none of them on the ground-truth frames."""
+    scored = [c for c in clips if "pck_count" in c]
+    count = sum(c["pck_count"] for c in scored)
+    found = sum(c.get("pck_found", c["pck_count"]) for c in scored)
+    out = {}
+    for name, key in (("pck", "pck_hits"), ("pck_gt", "pck_gt_hits"))[:1 + ceiling]:
+        hits = sum(np.asarray(c[key]) for c in scored)
+        out.update({f"{name}@{k:g}": (100.0 * hits[i] / count if count and found else None)
+                    for i, k in enumerate(thresholds)})
+    return out
 
 
 def aggregate(clips, fid=None, fvd=None, thresholds=PCK_THRESHOLDS, resolution=None):
     """Per-clip metric dicts -> the report: means over clips of psnr/ssim/lpips/latent_l2, FID/FVD as
-    given, PCK pooled over keypoints (percent), and PCK per action family."""
+    given, PCK pooled over keypoints (percent; pck_gt: the detector's ceiling, where clips were annotated), and
+    PCK per action family. pck_against says what the predicted keypoints were compared with."""
     out = {"clips": len(clips)}
     for m in ("psnr", "ssim", "lpips", "latent_l2"):
         values = [c[m] for c in clips if m in c]
@@ -363,17 +515,20 @@ def aggregate(clips, fid=None, fvd=None, thresholds=PCK_THRESHOLDS, resolution=N
             out[m] = float(np.mean(values))
     out.update({k: v for k, v in (("fid", fid), ("fvd", fvd)) if v is not None})
     if any("pck_count" in c for c in clips):
-        out.update(_pck_summary(clips, thresholds), pck_resolution=resolution)
+        ceiling = any("pck_gt_hits" in c for c in clips)
+        out.update(_pck_summary(clips, thresholds, ceiling), pck_resolution=resolution,
+                   pck_against="annotations" if ceiling else "the detector on the ground-truth frames")
         if any("family" in c for c in clips):
             out["families"] = {f: {"clips": sum(c.get("family") == f for c in clips),
-                                   **_pck_summary([c for c in clips if c.get("family") == f], thresholds)}
+                                   **_pck_summary([c for c in clips if c.get("family") == f], thresholds, ceiling)}
                                for f in FAMILIES}
     return out
 
 
 class Evaluator:
     """Accumulates per-clip metrics (and FID/FVD features) batch by batch; report() -> aggregate(...).
-    Networks come loaded (load_lpips, load_torchscript); a metric whose network is missing is an error."""
+    Networks come loaded (load_lpips, load_torchscript); a metric whose network is missing is an error. The PCK
+    detector (load_detector) defaults to the synthetic data's MarkerDetector."""
 
     def __init__(self, metrics=("psnr", "ssim"), *, n_cond=1, lpips=None, inception=None, i3d=None,
                  detector=None, stats=None, device="cpu", chunk=16):
@@ -394,9 +549,13 @@ class Evaluator:
         with torch.no_grad():
             return torch.cat([fn(a, b) for a, b in zip(x.split(self.chunk), y.split(self.chunk))]).view(B, T)
 
-    def add(self, pred, gt, *, actions=None, keypoint_valid=None, pred_latents=None, gt_latents=None):
-        """pred, gt (B, 3, T, H, W) uint8 or [0, 1]; actions (B, T-1, 57) raw; keypoint_valid (B, T, 12);
-        latents (B, C, T', H', W') -> the per-clip metric dicts of this batch (also kept for report())."""
+    def add(self, pred, gt, *, actions=None, keypoints=None, keypoint_valid=None, pred_latents=None,
+            gt_latents=None):
+        """pred, gt (B, 3, T, H, W) uint8 or [0, 1]; actions (B, T-1, 57) raw; keypoints (B, T, 12, 2) the
+        annotated pixels and keypoint_valid (B, T, 12) (data.load_clip's); latents (B, C, T', H', W') -> the
+        per-clip metric dicts of this batch (also kept for report()). PCK per clip: pck_hits (per threshold) of
+        pck_count keypoints, pck_found of them found on the ground-truth frames, and with keypoints pck_gt_hits;
+        without keypoints the detector on the ground-truth frames is the reference."""
         p, g = as_unit(pred, "pred").to(self.device), as_unit(gt, "gt").to(self.device)
         if p.shape != g.shape or p.ndim != 5 or p.shape[1] != 3 or p.shape[2] <= self.n_cond:
             raise ValueError(f"pred {tuple(p.shape)} and gt {tuple(g.shape)} must be equal (B, 3, T, H, W) "
@@ -427,9 +586,19 @@ class Evaluator:
             to_u8 = lambda v: (v.permute(0, 2, 3, 4, 1) * 255).round().byte().cpu().numpy()  # (B, T, H, W, 3)
             pu8, gu8 = to_u8(p), to_u8(g)
             for b, clip in enumerate(clips):
-                valid = None if keypoint_valid is None else np.asarray(keypoint_valid[b])[self.n_cond:]
-                hits, count = pck(self.detector(pu8[b]), self.detector(gu8[b]), valid)
-                clip.update(pck_hits=hits.tolist(), pck_count=count)
+                valid = None if keypoint_valid is None else np.asarray(keypoint_valid[b], bool)[self.n_cond:]
+                if keypoints is None:
+                    hits, count = pck(detect(self.detector, pu8[b]), detect(self.detector, gu8[b]), valid)
+                    clip.update(pck_hits=hits.tolist(), pck_count=count, pck_found=count)
+                    continue
+                truth = np.asarray(keypoints[b], np.float64)[self.n_cond:]  # (T, 12, 2)
+                if valid is not None:
+                    truth = np.where(valid[..., None], truth, np.nan)  # not counted, and no reference
+                on_gt = detect(self.detector, gu8[b], truth)
+                hits, count = pck(detect(self.detector, pu8[b], truth), truth)
+                found = int((np.isfinite(truth).all(-1) & np.isfinite(on_gt).all(-1)).sum())
+                clip.update(pck_hits=hits.tolist(), pck_count=count, pck_found=found,
+                            pck_gt_hits=pck(on_gt, truth)[0].tolist())
         if actions is not None and self.stats is not None:
             for b, clip in enumerate(clips):
                 clip["family"] = action_family(np.asarray(actions[b]), *self.stats)
@@ -467,21 +636,21 @@ def list_videos(path):
     return {f.stem: f for f in files if f.suffix in (".npy", ".mp4", ".avi", ".mkv")}
 
 
-def load_networks(metrics, weights, detector="markers", device="cpu"):
+def load_networks(metrics, weights, detector=None, device="cpu"):
     """The networks these metrics need, as Evaluator's keyword arguments. weights: {kind: path, URL, Hub file or
-    None} (WEIGHT_FLAGS); detector: 'markers' (MarkerDetector) or a KeypointModel file, used by pck."""
+    None} (WEIGHT_FLAGS); detector: --detector (load_detector), needed by pck."""
     w = weights.get  # a kind not given: None, looked for in weights_dir()
-    model = "pck" in metrics and detector != "markers"  # else Evaluator's MarkerDetector
     return {"lpips": load_lpips(w("alexnet"), w("lpips"), device) if "lpips" in metrics else None,
             "inception": load_torchscript("inception", w("inception"), device) if "fid" in metrics else None,
             "i3d": load_torchscript("i3d", w("i3d"), device) if "fvd" in metrics else None,
-            "detector": KeypointModel(detector, device=device) if model else None}
+            "detector": load_detector(detector, device) if "pck" in metrics else None}
 
 
-def compare(pred, gt, *, metrics="psnr,ssim", cond_frames=1, weights=None, detector="markers", device="cpu",
+def compare(pred, gt, *, metrics="psnr,ssim", cond_frames=1, weights=None, detector=None, device="cpu",
             out=None):
     """Score the videos in pred against those of the same names in gt (or one file against one) -> the report,
-    printed (and written to out)."""
+    printed (and written to out). Videos carry no annotations: PCK compares the detector (which pck needs named:
+    these files cannot tell synthetic data from real video) on pred with the same on gt."""
     preds, gts = list_videos(pred), list_videos(gt)
     if not preds or preds.keys() != gts.keys() and not len(preds) == len(gts) == 1:
         raise ValueError(f"{pred} and {gt} must hold videos with the same names; only in pred: "
@@ -563,7 +732,7 @@ class EvalConfig:
     lpips_heads: str = None
     inception: str = None
     i3d: str = None
-    detector: str = "markers"
+    detector: str = None  # PCK's (load_detector); None: markers on synthetic.py's data, else an error
 
 
 def protocol_metrics(spec, weights):
@@ -613,7 +782,8 @@ def evaluate_checkpoint(cfg, checkpoint, row, *, size, episodes, plan, metrics, 
     d.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(cfg, k) for k in ("data", "splits", "test_fraction", "horizon", "clips", "steps",
                                              "sampler", "schedule", "shift", "guidance", "negative_prompt",
-                                             "carry", "seed", "shuffle_actions", "height", "width", "dtype")}
+                                             "carry", "seed", "shuffle_actions", "height", "width", "dtype",
+                                             "detector")}
     settings.update(checkpoint=str(checkpoint), metrics=list(metrics))
     saved = d.parent / "settings.json"
     if saved.is_file() and json.loads(saved.read_text()) != settings:  # kept clips must be these clips
@@ -660,7 +830,8 @@ def evaluate_checkpoint(cfg, checkpoint, row, *, size, episodes, plan, metrics, 
         pred = torch.from_numpy(pred).permute(0, 4, 1, 2, 3)  # (B, 3, T, H, W)
         with torch.inference_mode():
             z_gt = wm.tokenizer.encode(gt.to(device, dtype) / 127.5 - 1).float().cpu()
-        scores = ev.add(pred, gt, actions=actions, keypoint_valid=torch.stack([c["keypoint_valid"] for c in clips]),
+        scores = ev.add(pred, gt, actions=actions, keypoints=torch.stack([c["keypoints"] for c in clips]),
+                        keypoint_valid=torch.stack([c["keypoint_valid"] for c in clips]),
                         pred_latents=z[:, :, :z_gt.shape[2]].float().cpu(), gt_latents=z_gt)
         feats = {f"{m}_{side}": store[0].reshape(len(batch), -1, store[0].shape[-1])  # a slice per clip
                  for m in ("fid", "fvd") for side, store in zip(("pred", "gt"), ev.features[m]) if store}
@@ -694,34 +865,55 @@ def collect(clip_dir, n_clips, resolution):
 def _cell(value, ref=None, digits=2):
     if value is None:
         return "–"
+    if value == NO_KEYPOINTS:
+        return value
     text = f"{value:.{digits}f}"
     if ref is not None and ref != value and ref != 0:  # the paper's relative change against the first row
         text += f" ({(value - ref) / abs(ref) * 100:+.2f}%)"
     return text
 
 
+NO_KEYPOINTS = "no keypoints"  # the cell of a PCK that counted nothing (None in the report)
+CEILING_ROW = "ground truth (the detector's ceiling)"
+
+
+def _pck_value(r, key):
+    """A report's PCK for a table cell: NO_KEYPOINTS where the report holds None (PCK ran and counted nothing),
+    None where it holds nothing (not run, or an action family without clips)."""
+    counted_nothing = key.startswith("pck") and key in r and r[key] is None and r.get("clips", 1)
+    return NO_KEYPOINTS if counted_nothing else r.get(key)
+
+
 def markdown_tables(reports, horizon, carry="reencode"):
     """Table 1's layout (PSNR SSIM LPIPS FID FVD PCK@10 PCK@20, relative change against the first row), then
-    latent L2, the finer PCK thresholds and PCK@10 per action family (Table 4). carry: the rollouts'
+    latent L2, the finer PCK thresholds and PCK@10 per action family (Table 4). PCK against annotations adds a
+    last row: the detector on the ground-truth frames (pck_gt, the same for every model). carry: the rollouts'
     (sample.CARRIES), named in the header line."""
     first = next(iter(reports.values()))
     res = first.get("pck_resolution")
     digits = {"ssim": 3, "lpips": 3}
+    ceiling = {CEILING_ROW: {"clips": first["clips"], **{k.replace("pck_gt@", "pck@"): v for k, v in first.items()
+                                                         if k.startswith("pck_gt@")},
+                             "families": {f: {"clips": fam["clips"], "pck@10": fam.get("pck_gt@10")}
+                                          for f, fam in first.get("families", {}).items()}}}
+    ceiling = ceiling if any(k.startswith("pck_gt@") for k in first) else {}
     lines = [f"Horizon {horizon} frames (1 given, {horizon - 1} predicted); {first['clips']} clips"
-             + (f"; PCK in pixels at {res[0]}x{res[1]}" if res else "")
+             + (f"; PCK in pixels at {res[0]}x{res[1]} against the {first.get('pck_against')}" if res else "")
              + f"; chunks chained by carry {carry}: {sample.CARRIES[carry]}", "",
              "| Model | " + " | ".join(t + (" ↑" if s > 0 else " ↓") for _, t, s in TABLE1) + " |",
              "|---|" + "---|" * len(TABLE1)]
-    lines += [f"| {name} | " + " | ".join(_cell(r.get(k), first.get(k) if r is not first else None,
-                                                 digits.get(k, 2)) for k, _, _ in TABLE1) + " |"
-              for name, r in reports.items()]
+    for name, r in {**reports, **ceiling}.items():
+        lines.append(f"| {name} | " + " | ".join(
+            _cell(_pck_value(r, k), first.get(k) if r is not first and name != CEILING_ROW else None,
+                  digits.get(k, 2)) for k, _, _ in TABLE1) + " |")
     families = " | ".join(f"PCK@10 {f} ↑" for f in FAMILIES)
     lines += ["", f"| Model | latent L2 ↓ | PCK@2.5 ↑ | PCK@5 ↑ | {families} |",
               "|---|" + "---|" * (3 + len(FAMILIES))]
-    for name, r in reports.items():
+    for name, r in {**reports, **ceiling}.items():
         fams = [r.get("families", {}).get(f, {}) for f in FAMILIES]
-        cells = [_cell(r.get("latent_l2"), digits=4), _cell(r.get("pck@2.5")), _cell(r.get("pck@5"))]
-        cells += [_cell(fam.get("pck@10")) + f" (n={fam.get('clips', 0)})" for fam in fams]
+        cells = [_cell(r.get("latent_l2"), digits=4), _cell(_pck_value(r, "pck@2.5")),
+                 _cell(_pck_value(r, "pck@5"))]
+        cells += [_cell(_pck_value(fam, "pck@10")) + f" (n={fam.get('clips', 0)})" for fam in fams]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -815,9 +1007,17 @@ def protocol(cfg):
         if cfg.device is None else cfg.device
     weights = {kind: getattr(cfg, flag) for kind, flag in WEIGHT_FLAGS.items()}
     metrics = protocol_metrics(cfg.metrics, weights)
-    nets = load_networks(metrics, weights, cfg.detector, device)
     episodes, plan = eval_plan(cfg.data, cfg.horizon, cfg.clips, splits=data.split_names(cfg.splits),
                                test_fraction=cfg.test_fraction)
+    if "pck" in metrics:
+        try:
+            cfg = replace(cfg, detector=pck_detector(cfg.detector, [episodes[e] for e in np.unique(plan[:, 0])]))
+        except ValueError as e:  # 'auto' leaves out what it lacks; asked for, it is an error
+            if cfg.metrics != "auto" or cfg.detector is not None:
+                raise
+            print(f"metrics left out (no detector for this data; name one with --detector):\n  pck: {e}")
+            metrics = tuple(m for m in metrics if m != "pck")
+    nets = load_networks(metrics, weights, cfg.detector, device)
     if cfg.shuffle_actions and len(plan) < 2:  # clip i takes clip (i + N // 2) mod N's: itself when N = 1
         raise ValueError(f"--shuffle-actions needs at least 2 clips (each takes another clip's actions); the plan "
                          f"holds {len(plan)}")
@@ -857,8 +1057,11 @@ def weight_flags(p):
     for kind, flag in WEIGHT_FLAGS.items():
         p.add_argument("--" + flag.replace("_", "-"),
                        help=f"{WEIGHTS[kind][1]}: path, URL or Hub file ({WEIGHTS[kind][0]})")
-    p.add_argument("--detector", default="markers",
-                   help="PCK: 'markers' (synthetic data) or a TorchScript keypoint model (see KeypointModel)")
+    p.add_argument("--detector",
+                   help="PCK's keypoint detector: 'markers' (synthetic.py's data only; there the protocol's "
+                        "default), 'mediapipe' (pip install 'dexac-wm[hands]'), module:function or "
+                        "path/to/file.py:function (a callable with the interface of evaluate.MarkerDetector; a class "
+                        "is instantiated), or a TorchScript file (evaluate.KeypointModel)")
 
 
 def main(argv=None):

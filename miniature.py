@@ -127,10 +127,12 @@ def evaluate_seed(seed, checkpoints, args):
 
 
 def clip_values(clip, metric):
-    """One clip's score (evaluate.py's per-clip record); PCK in percent of its found keypoints."""
+    """One clip's score (evaluate.py's per-clip record); PCK in percent of its counted keypoints, None ("no
+    keypoints") where none counts or the detector found none of them on the ground-truth frames."""
     if metric.startswith("pck@"):
         k = E.PCK_THRESHOLDS.index(float(metric[4:]))
-        return 100.0 * clip["pck_hits"][k] / clip["pck_count"] if clip.get("pck_count") else None
+        counted = clip.get("pck_count") and clip.get("pck_found", clip["pck_count"])
+        return 100.0 * clip["pck_hits"][k] / clip["pck_count"] if counted else None
     return clip.get(metric)
 
 

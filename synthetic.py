@@ -8,7 +8,9 @@ A procedural scene that data.py reads exactly like EgoDex (`<split>/<task>/<k>.h
 world (y up, table top at y = 0.8 m), two hands of a wrist SE(3) plus 5 fingers of 3 flexing segments, and a
 head camera 0.65 m above the table that sways. Wrist and head move a lot, fingers little and slowly, as in
 real egocentric data. The 12 evaluation keypoints (wrists and fingertips) are drawn as coloured markers, and
-`detect_keypoints` finds them again in any frame: the PCK detector of evaluate.py on this data.
+`detect_keypoints` finds them again in any frame: the PCK detector of evaluate.py on this data. Every episode
+file written here carries the root attribute SYNTHETIC_ATTR (`is_synthetic` reads it), so that evaluate.py refuses
+the marker detector on real video, where it would find nothing or stray look-alike pixels.
 
 What it deliberately departs from: the hands are cylinders and spheres, not meshes; every joint rotation
 equals its wrist's; confidences are random in [0.6, 1]; one task (wipe_table) writes old-style files without
@@ -44,6 +46,8 @@ KEYPOINT_COLORS = np.array([
     (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
     (255, 128, 0), (128, 0, 255), (0, 255, 128), (255, 0, 128), (0, 128, 255), (128, 255, 0)],
     np.uint8)
+# the root attribute (HDF5 file, Zarr group) that marks an episode as ours: frames with the markers above
+SYNTHETIC_ATTR, SYNTHETIC_MARK = "dexac_wm_synthetic", "synthetic.py: keypoints drawn as colour markers"
 
 
 SYNTH_TASKS = (  # task, llm_type, which, llm_description, llm_description2, description, object RGB,
@@ -177,16 +181,27 @@ def detect_keypoints(frame, tol=60):
     return out
 
 
+def is_synthetic(path):
+    """Whether the episode at path (an EgoDex .hdf5 file or an EgoVerse .zarr folder) was written here: its root
+    attribute SYNTHETIC_ATTR. Real data, and files written before the mark existed, read False."""
+    if Path(path).suffix == ".zarr":  # zarr is there: data.py has read this episode already
+        import zarr
+        return zarr.open_group(str(path), mode="r").attrs.get(SYNTHETIC_ATTR) == SYNTHETIC_MARK
+    with h5py.File(path, "r") as f:
+        return f.attrs.get(SYNTHETIC_ATTR) == SYNTHETIC_MARK
+
+
 def write_egodex_hdf5(path, joints, K, attrs, confidence=None):
     """One EgoDex HDF5 file; K may be (0, 3), as camera/intrinsic is in EgoDex's part1 files;
-    confidence None writes no `confidences` group (it is optional); attrs of value None are left out."""
+    confidence None writes no `confidences` group (it is optional); attrs of value None are left out, and
+    {SYNTHETIC_ATTR: None} leaves out the mark of our data (a file that looks like real EgoDex)."""
     with h5py.File(path, "w") as f:
         for name, T in joints.items():
             f[f"transforms/{name}"] = T.astype(np.float32)
         for name, c in (confidence or {}).items():
             f[f"confidences/{name}"] = c.astype(np.float32)
         f["camera/intrinsic"] = np.asarray(K, np.float32)
-        for k, v in attrs.items():
+        for k, v in {SYNTHETIC_ATTR: SYNTHETIC_MARK, **attrs}.items():
             if v is not None:
                 f.attrs[k] = v
 
@@ -337,7 +352,7 @@ def write_egoverse_zarr(path, joints, K, size, *, attrs, layout="mano", aria_key
     Every array holds `pad` rows past total_frames (zeros; the JPEGs repeat the last frame), as real
     writers pad to a chunk boundary. intrinsics: "attrs" (`intrinsics.front_1`), "calibration" (schema
     v3.1's `calibration.cameras.front_1`) or None; attrs extend or override the root attributes, None
-    leaves a key out."""
+    leaves a key out ({SYNTHETIC_ATTR: None}: no mark of our data, an episode that looks real)."""
     zarr = _import_zarr()
     if layout not in ("mano", "aria"):
         raise ValueError(f"layout must be 'mano' or 'aria', not {layout!r}")
@@ -352,7 +367,7 @@ def write_egoverse_zarr(path, joints, K, size, *, attrs, layout="mano", aria_key
         raise ValueError(f"keep must be increasing frame indices in [0, {n}), got {keep}")
     T, (H, W) = len(keep), size
     root = {"fps": 30, "total_frames": T, "task_name": "", "task_description": "",
-            "embodiment": "human_bimanual"}
+            "embodiment": "human_bimanual", SYNTHETIC_ATTR: SYNTHETIC_MARK}
     K34 = np.concatenate([np.asarray(K, np.float64)[:3, :3], np.zeros((3, 1))], 1).tolist()
     if intrinsics == "attrs":
         root["intrinsics"] = {"front_1": K34}

@@ -1004,7 +1004,8 @@ ACTION_BAD_INPUTS = {  # case -> (call on tmp_path, exception, message)
 # flowing; these do not)
 
 PER_FRAME = 4  # actions per latent frame after the first (DiTConfig.actions_per_frame)
-WB, WT, WH, WW = 2, 1 + T_ACT // PER_FRAME, 2, 3  # the wiring tests' (B, T, H, W)  # 12 actions -> 3 predicted latent frames after the conditional one
+# the wiring tests' (B, T, H, W): 12 actions -> 3 predicted latent frames after the conditional one
+WB, WT, WH, WW = 2, 1 + T_ACT // PER_FRAME, 2, 3
 # frame 0 conditional in both samples; sample 1 also has frame 2 conditional (it must then receive nothing)
 MASK = torch.tensor([[1.0, 0, 0, 0], [1, 0, 1, 0]])
 
@@ -1025,10 +1026,12 @@ def frames_of_step(mode, s):
 
 
 def wiring_inputs(seed=0):
-    """Raw actions (WB, T_a, N) drawn from random_action_stats, and tokens (WB, WT, WH, WW, D) as after patch embedding."""
+    """Raw actions (WB, T_a, N) drawn from random_action_stats, and tokens (WB, WT, WH, WW, D) as after patch
+    embedding."""
     g = torch.Generator().manual_seed(seed)
     mean, std = random_action_stats()
-    return mean + std * torch.randn(WB, T_ACT, N_ACT, generator=g), torch.randn(WB, WT, WH, WW, DIT_SMALL.dim, generator=g)
+    actions = mean + std * torch.randn(WB, T_ACT, N_ACT, generator=g)
+    return actions, torch.randn(WB, WT, WH, WW, DIT_SMALL.dim, generator=g)
 
 
 def nudge(actions, b, s, seed=1):
@@ -5563,6 +5566,135 @@ def independent_keypoints(h5, start, length, size=None):
     return uv, z
 
 
+# --- PCK on real-format data: stub detectors with known offsets, MediaPipe through a fake module
+
+THRESHOLDS = E.PCK_THRESHOLDS  # 2.5, 5, 10, 20
+
+
+PRED_OFFSETS = np.array([0, 2, 2.4, 3, 4.9, 7, 9.9, 12, 19.9, 21, 40, np.nan])  # px along u, per keypoint
+
+
+GT_OFFSETS = np.array([1, 1, 3, 3, 3, 6, 6, 6, 11, 11, np.nan, 30])
+
+
+def unmark(root):
+    """Strip synthetic.py's mark from every episode under root: files that look like real EgoDex."""
+    for h5 in Path(root).rglob("*.hdf5"):
+        with h5py.File(h5, "a") as f:
+            del f.attrs[synthetic.SYNTHETIC_ATTR]
+    return root
+
+
+@pytest.fixture(scope="module")
+def real_format(tmp_path_factory):
+    """One 14-frame test episode at 180x320 without synthetic.py's mark -> (data.Episode, its 13-frame clip). Seen
+    closer (zoom 3), some keypoints leave the frame: the annotation marks them not valid."""
+    root = unmark(synthetic.write_synthetic(tmp_path_factory.mktemp("real"), tasks=1, episodes=0, test_episodes=1,
+                                            frames=14, workers=0, zoom=3.0))
+    h5 = next((root / "test").glob("*/0.hdf5"))
+    ep = data.Episode("test/x/0", str(h5), 14, "egodex")
+    return ep, data.load_clip(ep, 0, 13, size=None)
+
+
+def expected_pck(offsets, valid):
+    """Percent of the valid (frame, keypoint) pairs whose offset is within each threshold, written out."""
+    out = []
+    for k in THRESHOLDS:
+        hits = total = 0
+        for t in range(valid.shape[0]):
+            for j in range(valid.shape[1]):
+                if valid[t, j]:
+                    total += 1
+                    hits += bool(offsets[j] <= k)  # NaN: a miss
+        out.append(100.0 * hits / total)
+    return out
+
+
+class OffsetDetector:
+    """A stub that 'finds' the annotation shifted by per-keypoint offsets along u: GT_OFFSETS on the ground-truth
+    frames it was shown, PRED_OFFSETS on any other frames. It never looks at `reference`."""
+
+    def __init__(self, gt_frames, annotation):
+        self.gt_frames, self.annotation = gt_frames, annotation
+
+    def __call__(self, frames):
+        offsets = GT_OFFSETS if np.array_equal(frames, self.gt_frames) else PRED_OFFSETS
+        out = self.annotation.copy()
+        out[..., 0] += offsets
+        return out
+
+
+def fake_mediapipe(hands_per_frame):
+    """A stand-in for mediapipe's legacy API: Hands(...).process(rgb) answers, frame after frame, with the given
+    [(label, (21, 2) normalized x, y)] as multi_hand_landmarks[i].landmark[j].x/.y and
+    multi_handedness[i].classification[0].label."""
+    answers = iter(hands_per_frame)
+    ns = types.SimpleNamespace
+
+    class Hands:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def process(self, rgb):
+            assert rgb.dtype == np.uint8 and rgb.ndim == 3
+            hands = next(answers)
+            if not hands:  # mediapipe answers None, not an empty list
+                return ns(multi_hand_landmarks=None, multi_handedness=None)
+            return ns(multi_hand_landmarks=[ns(landmark=[ns(x=x, y=y, z=0.0) for x, y in lm]) for _, lm in hands],
+                      multi_handedness=[ns(classification=[ns(label=label, score=0.9, index=0)])
+                                        for label, _ in hands])
+
+    return ns(solutions=ns(hands=ns(Hands=Hands)))
+
+
+def hand_at(u0, v0, H, W):
+    """21 landmarks (normalized) of a hand whose landmark j sits at pixel (u0 + j, v0 + 2j)."""
+    j = np.arange(21)
+    return np.stack([(u0 + j + 0.5) / W, (v0 + 2 * j + 0.5) / H], 1)
+
+
+DETECTOR_MODULE = '''
+import numpy as np
+
+OFFSETS = np.array({offsets})
+
+def shifted(frames, reference=None):
+    """The annotation it is given, shifted along u; nothing found without one."""
+    if reference is None:
+        return np.full((len(frames), 12, 2), np.nan)
+    out = np.array(reference, dtype=np.float64)
+    out[..., 0] += OFFSETS
+    return out
+
+class Blind:
+    def __call__(self, frames):
+        return np.full((len(frames), 12, 2), np.nan)
+'''
+
+
+@pytest.fixture
+def detector_module(tmp_path, monkeypatch):
+    name = f"my_detector_{os.getpid()}"
+    path = tmp_path / f"{name}.py"
+    path.write_text(DETECTOR_MODULE.format(offsets=[0 if np.isnan(o) else o for o in PRED_OFFSETS.tolist()]))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name, path
+
+
+@pytest.fixture(scope="module")
+def exported_real(exported, train_synth, tmp_path_factory):
+    """The 2-step tiny model, the synthetic root it was trained on, and a copy of that root without synthetic.py's
+    mark -> (checkpoint, synthetic root, real-format root)."""
+    real = tmp_path_factory.mktemp("proto") / "real"
+    shutil.copytree(train_synth, real, ignore=shutil.ignore_patterns(".dexac_index*"))
+    return exported, train_synth, unmark(real)
+
+
+def protocol_argv(checkpoint, root, out, *extra):
+    return ["--checkpoint", str(checkpoint), "--data", str(root), "--horizon", "9", "--steps", "1", "--clips", "2",
+            "--batch", "2", "--out", str(out), "--figure-clips", "0", *extra]
+
+
 class TestEvaluate:
     """Every metric against an independent reference or a known answer (PSNR, SSIM, LPIPS, Frechet distances,
     FID, FVD, latent L2, PCK), the report, the compare command, and the sharded, resumable rollout protocol."""
@@ -5860,10 +5992,11 @@ class TestEvaluate:
         pred, gt = compare_folders(tmp_path, eval_synth_clip)
         out = tmp_path / "report.json"
         assert E.main(["compare", "--pred", str(pred), "--gt", str(gt), "--metrics", "psnr,ssim,pck",
-                       "--out", str(out)]) == 0
+                       "--detector", "markers", "--out", str(out)]) == 0
         rep = json.loads(out.read_text())
         assert rep["clips"] == 2 and rep["psnr"] > 40 and rep["ssim"] > 0.99 and rep["pck@2.5"] > 99
         assert rep["pck_resolution"] == [180, 320]
+        assert rep["pck_against"] == "the detector on the ground-truth frames" and "pck_gt@2.5" not in rep
 
     def test_compare_without_lpips_weights_is_one_clear_error(self, tmp_path, eval_synth_clip):
         pred, gt = compare_folders(tmp_path, eval_synth_clip)
@@ -5992,6 +6125,197 @@ class TestEvaluate:
         make_argv, error, message = PROTOCOL_BAD_INPUTS[case]
         with pytest.raises(error, match=message):
             E.main(make_argv(argv, rows, tmp_path))
+
+    # PCK as the paper means it: the detector on generated frames against the annotation
+
+    def test_pck_on_real_format_clips_is_the_detector_against_the_annotation(self, real_format):
+        ep, clip = real_format
+        assert not synthetic.is_synthetic(ep.path)
+        n_cond = 1
+        annot = clip["keypoints"].numpy().astype(np.float64)[n_cond:]
+        valid = clip["keypoint_valid"].numpy()[n_cond:]
+        assert 50 < valid.sum() < valid.size  # some keypoints are not counted: the mask matters
+        gt = clip["video"][None]  # (1, 3, T, H, W) uint8
+        pred = torch.zeros_like(gt)
+        det = OffsetDetector(gt[0, :, n_cond:].permute(1, 2, 3, 0).numpy(), annot)
+        ev = E.Evaluator(("pck",), n_cond=n_cond, detector=det)
+        (c,) = ev.add(pred, gt, keypoints=clip["keypoints"][None], keypoint_valid=clip["keypoint_valid"][None])
+        assert c["pck_count"] == valid.sum()
+        rep = ev.report()
+        want, want_gt = expected_pck(PRED_OFFSETS, valid), expected_pck(GT_OFFSETS, valid)
+        assert [rep[f"pck@{k:g}"] for k in THRESHOLDS] == pytest.approx(want)
+        assert [rep[f"pck_gt@{k:g}"] for k in THRESHOLDS] == pytest.approx(want_gt)
+        assert want != want_gt and len(set(want)) == 4  # every threshold tells a different story
+        assert rep["pck_against"] == "annotations"
+
+    def test_invalid_keypoints_are_not_counted_even_when_detected(self, real_format):
+        _, clip = real_format
+        gt = clip["video"][None]
+        annot = clip["keypoints"].numpy().astype(np.float64)[1:]
+        det = OffsetDetector(gt[0, :, 1:].permute(1, 2, 3, 0).numpy(), annot)
+        valid = torch.zeros_like(clip["keypoint_valid"])
+        valid[:, 0] = True  # only the left wrist (offset 0 on pred, 1 on the ground truth) counts
+        (c,) = E.Evaluator(("pck",), n_cond=1, detector=det).add(
+            torch.zeros_like(gt), gt, keypoints=clip["keypoints"][None], keypoint_valid=valid[None])
+        assert c["pck_count"] == 12 and c["pck_hits"] == [12] * 4 and c["pck_gt_hits"] == [12] * 4
+
+    def test_synthetic_writers_mark_their_episodes(self, real_format, tmp_path):
+        root = synthetic.write_synthetic(tmp_path / "s", tasks=1, episodes=1, test_episodes=0, frames=4,
+                                         size=(32, 48), workers=0)
+        assert all(synthetic.is_synthetic(h5) for h5 in root.rglob("*.hdf5"))
+        assert not synthetic.is_synthetic(real_format[0].path)
+        joints, _ = synthetic.synth_track(np.random.default_rng(0), 4)
+        K = synthetic._egodex_K((32, 48))
+        synthetic.write_egoverse_zarr(tmp_path / "a.zarr", joints, K, (32, 48), attrs={})
+        synthetic.write_egoverse_zarr(tmp_path / "b.zarr", joints, K, (32, 48),
+                                      attrs={synthetic.SYNTHETIC_ATTR: None})
+        assert synthetic.is_synthetic(tmp_path / "a.zarr") and not synthetic.is_synthetic(tmp_path / "b.zarr")
+
+    def test_marker_detector_is_refused_on_real_data_and_accepted_on_synthetic(self, real_format, tmp_path):
+        ep, _ = real_format
+        for spec in (None, "markers"):
+            with pytest.raises(ValueError, match=r"real video needs a hand detector: --detector mediapipe") as err:
+                E.pck_detector(spec, [ep])
+            assert "test/x/0" in str(err.value) and "--detector module:function" in str(err.value)
+        root = synthetic.write_synthetic(tmp_path / "s", tasks=1, episodes=0, test_episodes=1, frames=4,
+                                         size=(32, 48), workers=0)
+        marked = data.Episode("test/y/0", str(next(root.rglob("*.hdf5"))), 4, "egodex")
+        assert E.pck_detector(None, [marked]) == E.pck_detector("markers", [marked]) == "markers"
+        with pytest.raises(ValueError, match="--detector"):  # one real episode among synthetic ones is enough
+            E.pck_detector("markers", [marked, ep])
+        assert E.pck_detector("mediapipe", [ep]) == "mediapipe"
+
+    def test_compare_needs_a_named_detector_for_pck(self, tmp_path):
+        for d in ("pred", "gt"):
+            (tmp_path / d).mkdir()
+            np.save(tmp_path / d / "a.npy", np.zeros((3, 32, 48, 3), np.uint8))
+        with pytest.raises(ValueError, match="PCK needs a detector, --detector"):
+            E.main(["compare", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--metrics", "pck"])
+
+    def test_mediapipe_hands_are_matched_by_position_not_by_label(self, monkeypatch):
+        H, W = 60, 100
+        left, right = hand_at(10, 5, H, W), hand_at(70, 8, H, W)
+        frames = [[("Left", right), ("Right", left)],  # right hand first, labels as the legacy docs (mirrored)
+                  [("Left", left), ("Right", right)],  # labels swapped against that convention
+                  [("Right", left)],                   # one hand only, near the annotated left wrist
+                  []]                                  # no hand
+        monkeypatch.setitem(sys.modules, "mediapipe", fake_mediapipe(frames))
+        det = E.MediaPipeHands()
+        assert det.hands.kwargs["static_image_mode"] and det.hands.kwargs["max_num_hands"] == 2
+        ref = np.full((4, 12, 2), np.nan)
+        ref[:, 0], ref[:, 6] = (12, 9), (71, 6)  # annotated wrists near (10, 5) and (70, 8)
+        ref[2, 6] = np.nan  # frame 2: the right wrist not annotated
+        kp = E.detect(det, np.zeros((4, H, W, 3), np.uint8), ref)
+        want_left = np.array([(10 + j, 5 + 2 * j) for j in E.MediaPipeHands.LANDMARKS], np.float64)
+        want_right = want_left + (60, 3)
+        for t in (0, 1, 2):
+            np.testing.assert_allclose(kp[t, :6], want_left, atol=1e-9)
+        for t in (0, 1):
+            np.testing.assert_allclose(kp[t, 6:], want_right, atol=1e-9)
+        assert np.isnan(kp[2, 6:]).all() and np.isnan(kp[3]).all()
+
+    def test_mediapipe_without_a_reference_reads_the_legacy_label_as_mirrored(self, monkeypatch):
+        H, W = 60, 100
+        left, right = hand_at(10, 5, H, W), hand_at(70, 8, H, W)
+        monkeypatch.setitem(sys.modules, "mediapipe", fake_mediapipe([[("Left", right), ("Right", left)]]))
+        kp = E.MediaPipeHands()(np.zeros((1, H, W, 3), np.uint8))
+        assert kp[0, 0].tolist() == [10, 5] and kp[0, 6].tolist() == [70, 8]
+
+    def test_match_hands_prefers_known_wrists(self):
+        wrists = np.array([[70.0, 8.0], [10.0, 5.0]])
+        assert tuple(E.match_hands(wrists, np.array([[12.0, 9.0], [71.0, 6.0]]))) == (1, 0)
+        assert tuple(E.match_hands(wrists, np.array([[np.nan, np.nan], [11.0, 4.0]]))) == (0, 1)
+        assert tuple(E.match_hands(wrists[:1], np.array([[np.nan, np.nan], [11.0, 4.0]]))) == (None, 0)
+        assert E.match_hands(wrists, np.full((2, 2), np.nan)) is None
+
+    def test_mediapipe_missing_is_one_clear_error(self, monkeypatch):
+        monkeypatch.setitem(sys.modules, "mediapipe", None)  # import mediapipe raises ImportError
+        with pytest.raises(ImportError, match=r"pip install 'dexac-wm\[hands\]'"):
+            E.load_detector("mediapipe")
+
+    def test_load_detector_specs(self, detector_module):
+        name, path = detector_module
+        assert E.load_detector(f"{name}:shifted").__name__ == "shifted"
+        assert type(E.load_detector(f"{path}:Blind")).__name__ == "Blind"  # a class is instantiated
+        assert isinstance(E.load_detector("markers"), E.MarkerDetector)
+        for spec, message in ((f"{name}:nothing", "has no attribute"), (f"{path.parent}/none.py:f", "no file"),
+                              ("no_such_module_xyz:f", "No module named")):
+            with pytest.raises(ValueError, match=message):
+                E.load_detector(spec)
+        with pytest.raises(ValueError, match="PCK needs a detector"):
+            E.load_detector(None)
+
+    def test_a_detector_of_the_wrong_shape_is_one_clear_error(self):
+        with pytest.raises(ValueError, match=r"not \(N, 12, 2\)"):
+            E.detect(lambda frames: np.zeros((len(frames), 21, 2)), np.zeros((2, 8, 8, 3), np.uint8))
+
+    def test_pck_of_nothing_found_is_none_and_no_keypoints(self, real_format):
+        _, clip = real_format
+        gt = clip["video"][None]
+        kw = dict(keypoints=clip["keypoints"][None], keypoint_valid=clip["keypoint_valid"][None])
+        blind = E.Evaluator(("pck",), n_cond=1, detector=lambda f: np.full((len(f), 12, 2), np.nan))
+        (c,) = blind.add(gt, gt, **kw)
+        assert c["pck_count"] > 0 and c["pck_found"] == 0 and c["pck_hits"] == [0] * 4
+        rep = blind.report()
+        assert all(rep[f"{p}@{k:g}"] is None for p in ("pck", "pck_gt") for k in THRESHOLDS)
+        assert '"pck@10": null' in json.dumps(rep)
+        unannotated = E.Evaluator(("pck",), n_cond=1, detector=E.MarkerDetector())
+        unannotated.add(gt, gt, keypoints=kw["keypoints"],
+                        keypoint_valid=torch.zeros_like(kw["keypoint_valid"]))
+        assert unannotated.report()["pck@20"] is None
+        rep["families"] = {f: {"clips": int(f == "wrist"), **{f"pck@{k:g}": None for k in THRESHOLDS},
+                               **{f"pck_gt@{k:g}": None for k in THRESHOLDS}} for f in E.FAMILIES}
+        table = E.markdown_tables({"model": rep}, 9)
+        model_rows = [line for line in table.splitlines() if line.startswith("| model |")]
+        assert model_rows[0].endswith("| no keypoints | no keypoints |") and "0.00" not in table
+        assert model_rows[1] == "| model | – | no keypoints | no keypoints | no keypoints (n=1) | – (n=0) | – (n=0) |"
+        ceiling = [line for line in table.splitlines() if line.startswith(f"| {E.CEILING_ROW} |")]
+        assert len(ceiling) == 2 and all("no keypoints" in line for line in ceiling)
+
+    def test_tables_show_the_ceiling_row_and_zero_is_zero(self):
+        rep = {"clips": 2, "psnr": 20.0, "pck@2.5": 0.0, "pck@5": 10.0, "pck@10": 50.0, "pck@20": 75.0,
+               "pck_gt@2.5": 40.0, "pck_gt@5": 60.0, "pck_gt@10": 90.0, "pck_gt@20": 100.0,
+               "pck_resolution": [180, 320], "pck_against": "annotations"}
+        table = E.markdown_tables({"a": rep, "b": {**rep, "pck@10": 25.0}}, 9)
+        lines = table.splitlines()
+        assert "against the annotations" in lines[0]
+        assert lines[4].endswith("| 50.00 | 75.00 |") and "25.00 (-50.00%)" in lines[5]
+        assert lines[6] == f"| {E.CEILING_ROW} | – | – | – | – | – | 90.00 | 100.00 |"
+        assert [line for line in lines if line.startswith("| a |")][1].startswith("| a | – | 0.00 | 10.00 |")
+
+    def test_module_function_detector_through_the_command_line(self, exported_real, detector_module, tmp_path):
+        checkpoint, _, real = exported_real
+        name, _ = detector_module
+        out = tmp_path / "eval"
+        assert E.main(protocol_argv(checkpoint, real, out, "--metrics", "psnr,pck", "--detector",
+                                    f"{name}:shifted")) == 0
+        report = json.loads((out / "report.json").read_text())
+        assert report["config"]["detector"] == f"{name}:shifted"
+        (row,) = report["rows"].values()
+        clips = [json.loads(f.read_text()) for f in sorted(out.glob("*/clips/*.json"))]
+        assert len(clips) == 2 and all("pck_gt_hits" in c for c in clips)
+        # the same stub on both sides: prediction and ceiling agree, and follow its offsets (0 for 'not found') over
+        # the keypoints annotated as valid in the clips evaluated, at the checkpoint's 32x64
+        episodes, plan = E.eval_plan(real, 9, 2)
+        valid = np.concatenate([data.load_clip(episodes[e], int(s), 9, (32, 64))["keypoint_valid"].numpy()[1:]
+                                for e, s in plan])
+        frac = expected_pck(np.nan_to_num(PRED_OFFSETS), valid)
+        assert [row[f"pck@{k:g}"] for k in THRESHOLDS] == pytest.approx(frac)
+        assert [row[f"pck_gt@{k:g}"] for k in THRESHOLDS] == pytest.approx(frac)
+        assert f"| {E.CEILING_ROW} |" in (out / "table.md").read_text()
+
+    def test_protocol_refuses_markers_on_real_data_and_picks_them_on_synthetic(self, exported_real, tmp_path):
+        checkpoint, synth, real = exported_real
+        for extra in ((), ("--detector", "markers")):
+            with pytest.raises(ValueError, match="real video needs a hand detector: --detector mediapipe"):
+                E.main(protocol_argv(checkpoint, real, tmp_path / "x", "--metrics", "psnr,pck", *extra))
+        assert not list((tmp_path / "x").rglob("*.json"))  # refused before any rollout
+        E.main(protocol_argv(checkpoint, real, tmp_path / "auto", "--metrics", "auto"))  # 'auto' leaves pck out
+        (row,) = json.loads((tmp_path / "auto" / "report.json").read_text())["rows"].values()
+        assert "psnr" in row and "pck@10" not in row
+        E.main(protocol_argv(checkpoint, synth, tmp_path / "synth", "--metrics", "psnr,pck"))
+        report = json.loads((tmp_path / "synth" / "report.json").read_text())
+        assert report["config"]["detector"] == "markers" and "pck_gt@10" in next(iter(report["rows"].values()))
 
 
 # =====================================================================================================================
