@@ -19,14 +19,22 @@ Protocols (DESIGN.md section 8), with the choices we make where the references d
 - FID: InceptionV3 pool3 (2048-d) of the TorchScript file `inception-2015-12-05.pt` (the TF Inception of
   the original FID, as shipped by StyleGAN2-ADA and used by clean-fid). That file wants floats in
   0..255 (it computes (x - 128) / 128 itself): we resize each frame to 299x299 (bilinear, antialiased;
-  the file's own plain resize then does nothing) and multiply by 255. The Cosmos cookbook script feeds
-  0-255 floats to a network that expects [0, 1]; here the scale belongs to the file and a test checks it.
-- FVD: I3D Kinetics-400 as TorchScript. Default weight set: StyleGAN-V's `i3d_torchscript.pt` (the
-  TF-Hub I3D of the FVD paper), called with rescale=False, resize=False, return_features=True. The
-  cookbook's `i3d_pretrained_400.pt` is another weight set (VideoGPT's port, a pytorch-i3d state dict):
-  `torch.jit.script` the loaded InceptionI3d once and pass that file; it is called as net(x). Scores
-  from the two sets are not comparable. Either way the cookbook protocol: frames resized to 224x224
-  (bilinear), values in [-1, 1], the 400-d logits averaged over time.
+  the file's own plain resize then does nothing) and multiply by 255. The Cosmos cookbook's FID script
+  feeds 0-255 floats to a network that expects [0, 1] (a bug we do not copy): our FID is therefore not
+  comparable with the paper's FID figures, and the table says so.
+- FVD (`fvd`), the Cosmos cookbook's protocol (what the paper names): pytorch-i3d's InceptionI3d(400) with
+  the state dict `i3d_pretrained_400.pt` (VideoGPT/TATS weights, what the cookbook's cd-fvd loads), written
+  here in plain PyTorch (pytorch-i3d itself cannot be TorchScripted). Every frame, the conditioning one
+  included, resized to 224x224 (bilinear, no antialias), truncated to uint8 as cd-fvd does, mapped to
+  2x/255 - 1; the 400 logits averaged over time; clips of at least 9 frames; covariances as cd-fvd computes
+  them (divided by N). `fvd_stylegan`: StyleGAN-V's TorchScript `i3d_torchscript.pt` (the TF-Hub I3D of
+  the FVD paper, another weight set: not comparable), on the predicted frames.
+- DreamSim (`dreamsim`, the paper's Tables 6-7): the `dreamsim` package's ensemble model, per frame, with
+  its own preprocessing; its checkpoint goes to the weights cache folder.
+- Network files (NETWORKS): given by path, URL or Hub file, else fetched by hub.fetch into one cache folder
+  (hub.download_dir()), sha256-checked where known, found in place where another package ships them (the
+  LPIPS heads inside `lpips`); offline (HF_HUB_OFFLINE=1, --offline) one error lists every missing file.
+  `python evaluate.py fetch-weights` gets them all.
 - Frechet distance |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^1/2) in float64; the last trace sums
   the square roots of the eigenvalues of the symmetric sqrt(S_r) S_f sqrt(S_r) (the same spectrum), tiny
   negatives clamped to 0: no complex parts to discard, fine for singular covariances.
@@ -64,6 +72,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 import conditioning
@@ -75,7 +84,9 @@ import synthetic
 import tokenizer as tok
 from hub import WeightsError  # missing or wrong weights: the one error class of every loader
 
-METRICS = ("psnr", "ssim", "lpips", "fid", "fvd", "latent_l2", "pck")
+METRICS = ("psnr", "ssim", "lpips", "dreamsim", "fid", "fvd", "fvd_stylegan", "latent_l2", "pck")
+PAPER_METRICS = ("psnr", "ssim", "lpips", "fid", "fvd", "latent_l2", "pck")  # --metrics paper: Table 1 and latent L2
+FRECHET = ("fid", "fvd", "fvd_stylegan")  # the set-level metrics, from features kept per clip
 PSNR_CAP = 100.0  # dB, the value for identical frames
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 FID_SIZE, FVD_SIZE = (299, 299), (224, 224)
@@ -85,21 +96,36 @@ FAMILIES = tuple(conditioning.ACTION_FAMILIES)  # wrist, finger, head
 # ------------------------------------------------------------------------------------------------
 # Feature-network weights: a local path, a URL or a Hub file (hub.resolve); never random
 
-WEIGHTS = {  # kind -> (file name, what it is, where to get it)
-    "alexnet": ("alexnet-owt-7be5be79.pth", "torchvision's ImageNet AlexNet, the LPIPS backbone",
-                "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
-    "lpips": ("alex.pth", "the LPIPS v0.1 linear heads for AlexNet",
-              "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth "
-              "(also inside `pip install lpips`, at lpips/weights/v0.1/alex.pth)"),
-    "inception": ("inception-2015-12-05.pt", "the FID InceptionV3 as TorchScript", "https://nvlabs-fi-cdn"
-                  ".nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"),
-    "i3d": ("i3d_torchscript.pt", "StyleGAN-V's I3D Kinetics-400 as TorchScript (the FVD network)",
-            "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"),
-    "keypoints": ("keypoints.pt", "a hand-keypoint detector as TorchScript",
-                  "your detector, exported with the interface of evaluate.KeypointModel"),
+NETWORKS = {  # kind -> the file, where it comes from, its sha256 and size where published (hub.fetch)
+    "alexnet": hub.Network(
+        "alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+        sha256="7be5be79", what="torchvision's ImageNet AlexNet, the LPIPS backbone"),  # torchvision's name prefix
+    "lpips": hub.Network(
+        "alex.pth", "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth",
+        sha256="df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0", size=6_009,
+        what="the LPIPS v0.1 linear heads for AlexNet",
+        found_in=(hub.package_file("lpips", "weights/v0.1/alex.pth"),
+                  hub.package_file("torchmetrics", "functional/image/lpips_models/alex.pth"))),
+    "inception": hub.Network(  # sha256 as k-diffusion checks it for this URL
+        "inception-2015-12-05.pt",
+        "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
+        sha256="f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4",
+        what="the FID InceptionV3 as TorchScript"),
+    "i3d": hub.Network(  # where cd-fvd downloads it (no published hash); cd-fvd keeps its copy in its package
+        "i3d_pretrained_400.pt", "https://github.com/songweige/TATS/raw/main/tats/fvd/i3d_pretrained_400.pt",
+        what="pytorch-i3d's InceptionI3d(400) state dict (VideoGPT/TATS), the cookbook's FVD network",
+        found_in=(hub.package_file("cdfvd", "third_party/i3d/i3d_pretrained_400.pt"),)),
+    "i3d_stylegan": hub.Network(
+        "i3d_torchscript.pt", "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1",
+        sha256="bec6519f66ea534e953026b4ae2c65553c17bf105611c746d904657e5860a5e2", size=51_235_320,
+        what="StyleGAN-V's I3D Kinetics-400 as TorchScript"),
+    "keypoints": hub.Network("keypoints.pt", "", what="a hand-keypoint detector as TorchScript, with the "
+                                                      "interface of evaluate.KeypointModel"),
 }
-WEIGHT_FLAGS = {"alexnet": "alexnet", "lpips": "lpips_heads", "inception": "inception", "i3d": "i3d"}  # kind -> flag
-NEEDS = {"lpips": ("alexnet", "lpips"), "fid": ("inception",), "fvd": ("i3d",)}  # metric -> weight kinds
+WEIGHT_FLAGS = {"alexnet": "alexnet", "lpips": "lpips_heads", "inception": "inception", "i3d": "i3d",
+                "i3d_stylegan": "i3d_stylegan"}  # kind -> flag
+NEEDS = {"lpips": ("alexnet", "lpips"), "fid": ("inception",), "fvd": ("i3d",),
+         "fvd_stylegan": ("i3d_stylegan",)}  # metric -> network kinds
 
 
 def weights_dir():
@@ -107,33 +133,34 @@ def weights_dir():
     return hub.download_dir()
 
 
-def resolve_weights(kind, spec=None):
-    """hub.resolve for one of WEIGHTS: a local file or folder, an http(s) URL (downloaded once into weights_dir()),
-    a Hub file ('org/repo' for the standard file name, or 'org/repo/path/in/repo'), or None (look in
-    weights_dir()) -> a local path. Anything missing raises one WeightsError naming the file and where to get it."""
-    name, what, where = WEIGHTS[kind]
-    where = f"Get it from {where}, then pass its path (or the URL itself) or put it in {weights_dir()}."
+def resolve_weights(kind, spec=None, offline=None):
+    """One of NETWORKS -> a local path. spec: a local file or folder, an http(s) URL or a Hub file ('org/repo' for
+    the standard file name, or 'org/repo/path/in/repo') (hub.resolve); None: the verified copy in weights_dir()
+    or another package, else downloaded there when online (hub.fetch). Anything missing raises one WeightsError
+    naming the file and where to get it."""
+    n = NETWORKS[kind]
+    where = f"Get it from {n.url or 'its author'}, then pass its path (or the URL) or put it in {weights_dir()}."
     if spec is not None:
-        return hub.resolve(spec, files=(name,), what=f"{name} ({what})", where=where)
-    if (weights_dir() / name).is_file():
-        return str(weights_dir() / name)
-    raise WeightsError(f"{name} ({what}) was not given and is not in {weights_dir()}. {where}")
+        return hub.resolve(spec, files=(n.file,), what=f"{n.file} ({n.what})", where=where)
+    if not n.url:
+        raise WeightsError(f"{n.file} ({n.what}): pass its path")
+    return hub.fetch(n, offline=offline)
 
 
 def _needs(kind):
-    return f"{kind} needs {WEIGHTS[kind][0]} ({WEIGHTS[kind][1]}), from {WEIGHTS[kind][2]}"
+    return f"{kind} needs {NETWORKS[kind].file} ({NETWORKS[kind].what}), from {NETWORKS[kind].url}"
 
 
-def load_torchscript(kind, spec=None, device="cpu"):
-    path = resolve_weights(kind, spec)
+def load_torchscript(kind, spec=None, device="cpu", offline=None):
+    path = resolve_weights(kind, spec, offline)
     try:
         return torch.jit.load(path, map_location=device).eval()
     except (RuntimeError, ValueError) as e:
         raise WeightsError(f"{path} is not a TorchScript file; {_needs(kind)}") from e
 
 
-def _state_dict(kind, spec):
-    path = resolve_weights(kind, spec)
+def _state_dict(kind, spec, offline=None):
+    path = resolve_weights(kind, spec, offline)
     try:
         return path, hub.read_state_dict(path)
     except WeightsError as e:
@@ -222,16 +249,17 @@ class LPIPS(nn.Module):
         return sum(head((f[:n] - f[n:]) ** 2).mean((1, 2, 3)) for head, f in zip(self.heads, feats))
 
 
-def load_lpips(alexnet=None, heads=None, device="cpu"):
+def load_lpips(alexnet=None, heads=None, device="cpu", offline=None):
     """LPIPS from torchvision's alexnet-owt-7be5be79.pth and lpips' v0.1 alex.pth (see resolve_weights)."""
-    (alex_path, backbone), (heads_path, lins) = _state_dict("alexnet", alexnet), _state_dict("lpips", heads)
+    (alex_path, backbone), (heads_path, lins) = (_state_dict("alexnet", alexnet, offline),
+                                                 _state_dict("lpips", heads, offline))
     net = LPIPS()
     sd = {k: v for k, v in backbone.items() if k.startswith("features.")}  # the classifier is unused
     sd.update({f"heads.{i}.weight": lins[f"lin{i}.model.1.weight"] for i in range(5)
                if f"lin{i}.model.1.weight" in lins})  # lpips' NetLinLayer: Sequential(Dropout, Conv2d)
     try:
         hub.check_state_dict(net.state_dict(), sd, source=f"{alex_path} + {heads_path}", target="LPIPS/AlexNet",
-                             hint=f" (expected {WEIGHTS['alexnet'][0]} and {WEIGHTS['lpips'][0]})")
+                             hint=f" (expected {NETWORKS['alexnet'].file} and {NETWORKS['lpips'].file})")
     except ValueError as e:
         raise WeightsError(str(e)) from e
     net.load_state_dict(sd)  # not hub.load_strict's assign=True: copying keeps float32 whatever the files hold
@@ -271,11 +299,143 @@ def i3d_features(videos, net, batch=8):
     return torch.cat(out).numpy()
 
 
-def feature_stats(features):
+# the cookbook's FVD network: pytorch-i3d's InceptionI3d(400), rebuilt with its parameter names
+
+I3D_MIN_FRAMES = 9  # fewer leave one temporal position before the (2, 7, 7) average pool, which then fails
+
+# name -> (input channels, [1x1, 3x3 reduce, 3x3, 3x3 reduce, 3x3, pool proj]) of each Inception block
+MIXED = {
+    "Mixed_3b": (192, [64, 96, 128, 16, 32, 32]), "Mixed_3c": (256, [128, 128, 192, 32, 96, 64]),
+    "Mixed_4b": (480, [192, 96, 208, 16, 48, 64]), "Mixed_4c": (512, [160, 112, 224, 24, 64, 64]),
+    "Mixed_4d": (512, [128, 128, 256, 24, 64, 64]), "Mixed_4e": (512, [112, 144, 288, 32, 64, 64]),
+    "Mixed_4f": (528, [256, 160, 320, 32, 128, 128]), "Mixed_5b": (832, [256, 160, 320, 32, 128, 128]),
+    "Mixed_5c": (832, [384, 192, 384, 48, 128, 128]),
+}
+
+
+def same_pad(x, kernel, stride):
+    """TensorFlow's 'SAME' padding, recomputed for each input size as pytorch-i3d does: per dim (T, H, W) the total
+    is max(k - s, 0) if n % s == 0 else max(k - n % s, 0), the odd one at the END. Zeros, before max pooling too
+    (harmless there: every pooled tensor follows a ReLU)."""
+    pad = []
+    for n, k, s in zip(reversed(x.shape[2:]), reversed(kernel), reversed(stride)):  # F.pad wants W first
+        total = max(k - (s if n % s == 0 else n % s), 0)
+        pad += [total // 2, total - total // 2]
+    return F.pad(x, pad)
+
+
+def max_pool(x, kernel, stride):
+    return F.max_pool3d(same_pad(x, kernel, stride), kernel, stride)
+
+
+class Unit3D(nn.Module):
+    """'same'-padded Conv3d, then BatchNorm (eps 1e-5) and ReLU; the logits layer has a bias and neither."""
+
+    def __init__(self, cin, cout, kernel=(1, 1, 1), stride=(1, 1, 1), head=False):
+        super().__init__()
+        self.kernel, self.stride, self.head = kernel, stride, head
+        self.conv3d = nn.Conv3d(cin, cout, kernel, stride, bias=head)
+        if not head:
+            self.bn = nn.BatchNorm3d(cout, eps=1e-5, momentum=0.001)
+
+    def forward(self, x):
+        x = self.conv3d(same_pad(x, self.kernel, self.stride))
+        return x if self.head else F.relu(self.bn(x))
+
+
+class Mixed(nn.Module):
+    """Inception block: 1x1 | 1x1 -> 3x3x3 | 1x1 -> 3x3x3 | 3x3x3 max pool -> 1x1, concatenated on channels."""
+
+    def __init__(self, cin, c):
+        super().__init__()
+        self.b0 = Unit3D(cin, c[0])
+        self.b1a, self.b1b = Unit3D(cin, c[1]), Unit3D(c[1], c[2], (3, 3, 3))
+        self.b2a, self.b2b = Unit3D(cin, c[3]), Unit3D(c[3], c[4], (3, 3, 3))
+        self.b3b = Unit3D(cin, c[5])  # b3a is the parameter-free pool
+
+    def forward(self, x):
+        pooled = max_pool(x, (3, 3, 3), (1, 1, 1))
+        return torch.cat([self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)), self.b3b(pooled)], 1)
+
+
+class InceptionI3d(nn.Module):
+    """pytorch-i3d's InceptionI3d(400) for inference (eval mode; its dropout before the logits is left out).
+    Parameter names and shapes are pytorch-i3d's, so `i3d_pretrained_400.pt` loads strictly."""
+
+    def __init__(self, num_classes=400):
+        super().__init__()
+        self.Conv3d_1a_7x7 = Unit3D(3, 64, (7, 7, 7), (2, 2, 2))
+        self.Conv3d_2b_1x1 = Unit3D(64, 64)
+        self.Conv3d_2c_3x3 = Unit3D(64, 192, (3, 3, 3))
+        for name, (cin, c) in MIXED.items():
+            self.add_module(name, Mixed(cin, c))
+        self.logits = Unit3D(1024, num_classes, head=True)
+
+    def forward(self, x):
+        """(B, 3, T, 224, 224) float in [-1, 1], T >= 9 -> (B, num_classes) logits averaged over time."""
+        if x.shape[2] < I3D_MIN_FRAMES or tuple(x.shape[3:]) != FVD_SIZE:
+            raise ValueError(f"I3D takes (B, 3, T >= {I3D_MIN_FRAMES}, 224, 224) clips, got {tuple(x.shape)}")
+        x = max_pool(self.Conv3d_1a_7x7(x), (1, 3, 3), (1, 2, 2))  # (B, 64, T/2, 56, 56)
+        x = max_pool(self.Conv3d_2c_3x3(self.Conv3d_2b_1x1(x)), (1, 3, 3), (1, 2, 2))  # (B, 192, T/2, 28, 28)
+        x = max_pool(self.Mixed_3c(self.Mixed_3b(x)), (3, 3, 3), (2, 2, 2))  # (B, 480, T/4, 14, 14)
+        for name in ("Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f"):
+            x = getattr(self, name)(x)
+        x = max_pool(x, (2, 2, 2), (2, 2, 2))  # (B, 832, T/8, 7, 7)
+        x = self.Mixed_5c(self.Mixed_5b(x))
+        x = F.avg_pool3d(x, (2, 7, 7), stride=1)  # (B, 1024, T/8 - 1, 1, 1): a sliding window over time
+        return self.logits(x).flatten(2).mean(2)  # logits, not softmax, averaged over those positions
+
+
+@torch.no_grad()
+def cookbook_i3d_input(videos):
+    """(B, 3, T, H, W) uint8, or float in [0, 1] -> (B, 3, T, 224, 224) float in [-1, 1], built as the cookbook does.
+
+    Every frame is kept (the cookbook reads all frames of each file, conditioning frame included). The cookbook
+    resizes the uint8 frames as floats to 224x224 (F.interpolate bilinear, align_corners=False, no antialias) and
+    divides by 255; cd-fvd multiplies by 255 and casts with `.byte()`, which TRUNCATES (not rounds) the resized
+    values; cd-fvd's own preprocess_i3d then resizes again (224 -> 224: the identity) and maps to 2x/255 - 1.
+    Float input stands for the uint8 video file the cookbook would read: it is rounded to uint8 first.
+    """
+    v = torch.as_tensor(videos)
+    if v.dtype != torch.uint8:
+        if not v.is_floating_point() or not torch.isfinite(v).all() or v.min() < -1e-3 or v.max() > 1 + 1e-3:
+            raise ValueError(f"videos must be uint8 or floats in [0, 1], got {v.dtype}")
+        v = (v.clamp(0, 1) * 255).round().to(torch.uint8)
+    B, C, T = v.shape[:3]
+    x = v.transpose(1, 2).flatten(0, 1).float()  # (B*T, 3, H, W) in 0..255
+    x = F.interpolate(x, FVD_SIZE, mode="bilinear", align_corners=False)
+    x = (x / 255.0 * 255).to(torch.uint8).float()  # the cookbook's /255, then cd-fvd's *255 and .byte()
+    x = x.view(B, T, C, *FVD_SIZE).transpose(1, 2)
+    return 2.0 * x / 255.0 - 1
+
+
+def load_i3d(spec=None, device="cpu", offline=None):
+    """`i3d_pretrained_400.pt` (pytorch-i3d's InceptionI3d(400) state dict; spec as resolve_weights) -> the
+    cookbook's FVD network in eval mode."""
+    path = resolve_weights("i3d", spec, offline)
+    sd = hub.read_state_dict(path)
+    net = InceptionI3d()
+    for k in net.state_dict():  # BatchNorm's step counter: older saves lack it, and eval never reads it
+        if k.endswith("num_batches_tracked") and k not in sd:
+            sd[k] = torch.tensor(0)
+    hub.load_strict(net, sd, source=str(path), hint=f" (want pytorch-i3d's InceptionI3d(400) state dict "
+                                                   f"i3d_pretrained_400.pt, from {NETWORKS['i3d'].url})")
+    return net.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def cookbook_i3d_features(videos, net, batch=8):
+    """(B, 3, T >= 9, H, W) uint8 or [0, 1], every frame -> (B, 400) float64: the cookbook's FVD features."""
+    return torch.cat([net(cookbook_i3d_input(v).to(next(net.parameters()).device)).double().cpu()
+                      for v in torch.as_tensor(videos).split(batch)]).numpy()
+
+
+def feature_stats(features, biased=False):
+    """(N, D) -> mean, covariance (divided by N - 1, or by N when biased, as cd-fvd's FeatureStats)."""
     f = np.asarray(features, np.float64)
     if f.ndim != 2 or len(f) < 2:
         raise ValueError(f"the Frechet distance needs at least 2 feature vectors (N, D), got shape {f.shape}")
-    return f.mean(0), np.cov(f, rowvar=False)
+    return f.mean(0), np.cov(f, rowvar=False, bias=biased)
 
 
 def _sqrt_psd(s):
@@ -294,8 +454,55 @@ def frechet_distance(mu1, s1, mu2, s2):
     return max(float(d @ d + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt), 0.0)  # >= 0 up to rounding
 
 
-def frechet_from_features(a, b):
-    return frechet_distance(*feature_stats(a), *feature_stats(b))
+def frechet_from_features(a, b, biased=False):
+    return frechet_distance(*feature_stats(a, biased), *feature_stats(b, biased))
+
+
+def frechet_of(metric, a, b):
+    """FID / FVD / FVD (StyleGAN-V) of two feature sets; `fvd` with cd-fvd's covariances (the cookbook's)."""
+    return frechet_from_features(a, b, biased=metric == "fvd")
+
+
+# ------------------------------------------------------------------------------------------------
+# DreamSim (the paper's Tables 6-7), through its package
+
+DREAMSIM = hub.Network(  # the package's default and best model; it downloads and unzips this itself
+    "dreamsim_ensemble_checkpoint.zip",
+    "https://github.com/ssundaram21/dreamsim/releases/download/v0.2.0-checkpoints/"
+    "dreamsim_ensemble_checkpoint.zip",
+    what="DreamSim's ensemble checkpoint (DINO, CLIP, OpenCLIP ViT-B/16 and LoRA), unzipped by `dreamsim`")
+DREAMSIM_FILES = ("dino_vitb16_pretrain.pth", "open_clip_vitb16_pretrain.pth.tar", "clip_vitb16_pretrain.pth.tar",
+                  "ensemble_lora")  # what the package checks for in its cache folder
+
+
+class DreamSim:
+    """DreamSim (Fu et al. 2023) as its package computes it (pip install dreamsim): the ensemble model's distance
+    per frame pair, each frame through the package's own preprocessing (PIL bicubic to 224x224, [0, 1]). Its
+    files live in weights_dir()/dreamsim; offline (HF_HUB_OFFLINE=1, offline=True) without them: one error at
+    once, before the package would try to download."""
+
+    def __init__(self, device="cpu", offline=None):
+        try:
+            from dreamsim import dreamsim
+        except ImportError:
+            raise ImportError("the dreamsim metric needs its package: pip install dreamsim") from None
+        folder = weights_dir() / "dreamsim"
+        missing = [f for f in DREAMSIM_FILES if not (folder / f).exists()]
+        if missing and hub.is_offline(offline):
+            raise WeightsError(f"dreamsim: {', '.join(missing)} not in {folder}, and downloads are off "
+                               f"(HF_HUB_OFFLINE=1 or --offline): download {DREAMSIM.url} and unzip it there, or "
+                               f"run `python evaluate.py fetch-weights --metrics dreamsim` once with network access")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model, self.preprocess = dreamsim(pretrained=True, device=device, cache_dir=str(folder),
+                                               dreamsim_type="ensemble")
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, a, b):
+        """(N, 3, H, W) in [0, 1] twice -> (N,) distances."""
+        prep = lambda v: torch.cat([self.preprocess(Image.fromarray(f)) for f in
+                                    (v.permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()]).to(self.device)
+        return self.model(prep(a), prep(b)).reshape(len(a)).float().cpu()
 
 
 def latent_l2(pred, gt, n_cond=1):
@@ -504,16 +711,16 @@ def _pck_summary(clips, thresholds, ceiling=False):
     return out
 
 
-def aggregate(clips, fid=None, fvd=None, thresholds=PCK_THRESHOLDS, resolution=None):
-    """Per-clip metric dicts -> the report: means over clips of psnr/ssim/lpips/latent_l2, FID/FVD as
-    given, PCK pooled over keypoints (percent; pck_gt: the detector's ceiling, where clips were annotated), and
+def aggregate(clips, frechet=None, thresholds=PCK_THRESHOLDS, resolution=None):
+    """Per-clip metric dicts -> the report: means over clips of psnr/ssim/lpips/dreamsim/latent_l2, the set-level
+    metrics as given (frechet: {fid / fvd / fvd_stylegan: value}), PCK pooled over keypoints (percent; pck_gt: the detector's ceiling, where clips were annotated), and
     PCK per action family. pck_against says what the predicted keypoints were compared with."""
     out = {"clips": len(clips)}
-    for m in ("psnr", "ssim", "lpips", "latent_l2"):
+    for m in ("psnr", "ssim", "lpips", "dreamsim", "latent_l2"):
         values = [c[m] for c in clips if m in c]
         if values:
             out[m] = float(np.mean(values))
-    out.update({k: v for k, v in (("fid", fid), ("fvd", fvd)) if v is not None})
+    out.update({k: v for k, v in (frechet or {}).items() if v is not None})
     if any("pck_count" in c for c in clips):
         ceiling = any("pck_gt_hits" in c for c in clips)
         out.update(_pck_summary(clips, thresholds, ceiling), pck_resolution=resolution,
@@ -530,18 +737,21 @@ class Evaluator:
     Networks come loaded (load_lpips, load_torchscript); a metric whose network is missing is an error. The PCK
     detector (load_detector) defaults to the synthetic data's MarkerDetector."""
 
-    def __init__(self, metrics=("psnr", "ssim"), *, n_cond=1, lpips=None, inception=None, i3d=None,
-                 detector=None, stats=None, device="cpu", chunk=16):
+    def __init__(self, metrics=("psnr", "ssim"), *, n_cond=1, lpips=None, dreamsim=None, inception=None, i3d=None,
+                 i3d_stylegan=None, detector=None, stats=None, device="cpu", chunk=16):
         if set(metrics) - set(METRICS):
             raise ValueError(f"unknown metrics {sorted(set(metrics) - set(METRICS))}; choose from {METRICS}")
-        for m, arg, net in (("lpips", "lpips", lpips), ("fid", "inception", inception), ("fvd", "i3d", i3d)):
+        for m, arg, net in (("lpips", "lpips", lpips), ("dreamsim", "dreamsim", dreamsim),
+                            ("fid", "inception", inception), ("fvd", "i3d", i3d),
+                            ("fvd_stylegan", "i3d_stylegan", i3d_stylegan)):
             if m in metrics and net is None:
-                raise ValueError(f"{m} needs its network: pass {arg}= (load_lpips / load_torchscript)")
+                raise ValueError(f"{m} needs its network: pass {arg}= (load_networks)")
         self.metrics, self.n_cond, self.device, self.chunk = tuple(metrics), n_cond, device, chunk
-        self.lpips, self.inception, self.i3d = lpips, inception, i3d
+        self.lpips, self.dreamsim, self.inception, self.i3d, self.i3d_stylegan = (lpips, dreamsim, inception, i3d,
+                                                                                 i3d_stylegan)
         self.detector = detector or MarkerDetector()
         self.stats = stats  # (mean, std) from data.load_stats, for the action families
-        self.clips, self.features, self.resolution = [], {"fid": ([], []), "fvd": ([], [])}, None
+        self.clips, self.features, self.resolution = [], {m: ([], []) for m in FRECHET}, None
 
     def _per_frame(self, fn, p, g):  # (B, C, T, H, W) pair -> (B, T), frames in chunks
         B, C, T, H, W = p.shape
@@ -560,6 +770,7 @@ class Evaluator:
         if p.shape != g.shape or p.ndim != 5 or p.shape[1] != 3 or p.shape[2] <= self.n_cond:
             raise ValueError(f"pred {tuple(p.shape)} and gt {tuple(g.shape)} must be equal (B, 3, T, H, W) "
                              f"videos with more than n_cond={self.n_cond} frames")
+        whole = (p, g)  # the cookbook's FVD scores every frame, the conditioning one included
         p, g = p[:, :, self.n_cond:], g[:, :, self.n_cond:]  # predicted frames only
         B, _, T, H, W = p.shape
         self.resolution = [H, W]
@@ -570,6 +781,8 @@ class Evaluator:
             per["ssim"] = self._per_frame(ssim_frames, p, g).mean(1)
         if "lpips" in self.metrics:
             per["lpips"] = self._per_frame(lambda a, b: self.lpips(a * 2 - 1, b * 2 - 1), p, g).mean(1)
+        if "dreamsim" in self.metrics:
+            per["dreamsim"] = self._per_frame(self.dreamsim, p, g).mean(1)
         if "latent_l2" in self.metrics:
             if pred_latents is None or gt_latents is None:
                 raise ValueError("latent_l2 needs pred_latents and gt_latents")
@@ -579,8 +792,11 @@ class Evaluator:
             for store, v in zip(self.features["fid"], (p, g)):
                 store.append(inception_features(v.transpose(1, 2).flatten(0, 1), self.inception))
         if "fvd" in self.metrics:
-            for store, v in zip(self.features["fvd"], (p, g)):
-                store.append(i3d_features(v, self.i3d))
+            for store, v in zip(self.features["fvd"], whole):
+                store.append(cookbook_i3d_features(v, self.i3d))
+        if "fvd_stylegan" in self.metrics:
+            for store, v in zip(self.features["fvd_stylegan"], (p, g)):
+                store.append(i3d_features(v, self.i3d_stylegan))
         clips = [{k: float(v[b]) for k, v in per.items()} for b in range(B)]
         if "pck" in self.metrics:
             to_u8 = lambda v: (v.permute(0, 2, 3, 4, 1) * 255).round().byte().cpu().numpy()  # (B, T, H, W, 3)
@@ -606,9 +822,8 @@ class Evaluator:
         return clips
 
     def report(self):
-        fd = {m: frechet_from_features(np.concatenate(f[0]), np.concatenate(f[1]))
-              for m, f in self.features.items() if f[0]}
-        return aggregate(self.clips, fd.get("fid"), fd.get("fvd"), resolution=self.resolution)
+        fd = {m: frechet_of(m, np.concatenate(f[0]), np.concatenate(f[1])) for m, f in self.features.items() if f[0]}
+        return aggregate(self.clips, fd, resolution=self.resolution)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -636,18 +851,30 @@ def list_videos(path):
     return {f.stem: f for f in files if f.suffix in (".npy", ".mp4", ".avi", ".mkv")}
 
 
-def load_networks(metrics, weights, detector=None, device="cpu"):
+def fetch_networks(metrics, weights, offline=None):
+    """The registry files these metrics need and were not given a path for (weights: {kind: spec or None}):
+    found or downloaded (hub.fetch_all); offline, one WeightsError lists every missing one at once."""
+    kinds = dict.fromkeys(k for m in metrics for k in NEEDS.get(m, ()) if weights.get(k) is None)
+    return hub.fetch_all([NETWORKS[k] for k in kinds], offline=offline)
+
+
+def load_networks(metrics, weights, detector=None, device="cpu", offline=None):
     """The networks these metrics need, as Evaluator's keyword arguments. weights: {kind: path, URL, Hub file or
-    None} (WEIGHT_FLAGS); detector: --detector (load_detector), needed by pck."""
-    w = weights.get  # a kind not given: None, looked for in weights_dir()
-    return {"lpips": load_lpips(w("alexnet"), w("lpips"), device) if "lpips" in metrics else None,
-            "inception": load_torchscript("inception", w("inception"), device) if "fid" in metrics else None,
-            "i3d": load_torchscript("i3d", w("i3d"), device) if "fvd" in metrics else None,
+    None} (WEIGHT_FLAGS; None: the registry's file, fetched); detector: --detector (load_detector), for pck."""
+    fetch_networks(metrics, weights, offline)  # offline: every missing file named in one message, up front
+    w = weights.get
+    return {"lpips": load_lpips(w("alexnet"), w("lpips"), device, offline) if "lpips" in metrics else None,
+            "dreamsim": DreamSim(device, offline) if "dreamsim" in metrics else None,
+            "inception": load_torchscript("inception", w("inception"), device, offline) if "fid" in metrics
+            else None,
+            "i3d": load_i3d(w("i3d"), device, offline) if "fvd" in metrics else None,
+            "i3d_stylegan": load_torchscript("i3d_stylegan", w("i3d_stylegan"), device, offline)
+            if "fvd_stylegan" in metrics else None,
             "detector": load_detector(detector, device) if "pck" in metrics else None}
 
 
 def compare(pred, gt, *, metrics="psnr,ssim", cond_frames=1, weights=None, detector=None, device="cpu",
-            out=None):
+            out=None, offline=None):
     """Score the videos in pred against those of the same names in gt (or one file against one) -> the report,
     printed (and written to out). Videos carry no annotations: PCK compares the detector (which pck needs named:
     these files cannot tell synthetic data from real video) on pred with the same on gt."""
@@ -655,11 +882,13 @@ def compare(pred, gt, *, metrics="psnr,ssim", cond_frames=1, weights=None, detec
     if not preds or preds.keys() != gts.keys() and not len(preds) == len(gts) == 1:
         raise ValueError(f"{pred} and {gt} must hold videos with the same names; only in pred: "
                          f"{sorted(set(preds) - set(gts))[:5]}, only in gt: {sorted(set(gts) - set(preds))[:5]}")
-    metrics = tuple(m for m in metrics.split(",") if m)
-    if "latent_l2" in metrics:
+    named = metrics not in ("paper", "auto")
+    metrics, _ = protocol_metrics(metrics, weights or {}, offline)
+    if named and "latent_l2" in metrics:
         raise ValueError("latent_l2 needs latents; it runs in the rollout protocol, not in compare")
+    metrics = tuple(m for m in metrics if m != "latent_l2")  # paper / auto: videos carry no latents
     ev = Evaluator(metrics, n_cond=cond_frames, device=device,
-                   **load_networks(metrics, weights or {}, detector, device))
+                   **load_networks(metrics, weights or {}, detector, device, offline))
     for p, g in tqdm(list(zip(preds.values(), gts.values())), desc="compare"):
         ev.add(read_video(p), read_video(g))
     report = ev.report()
@@ -728,34 +957,40 @@ class EvalConfig:
     width: int = None
     dtype: str = "fp32"
     device: str = None  # None: this rank's GPU, else cpu
-    alexnet: str = None  # feature-network weights (WEIGHT_FLAGS); None: looked for in weights_dir()
+    alexnet: str = None  # feature-network weights (WEIGHT_FLAGS); None: the registry's (NETWORKS), fetched
     lpips_heads: str = None
     inception: str = None
     i3d: str = None
+    i3d_stylegan: str = None
+    offline: bool = False  # never download (as HF_HUB_OFFLINE=1): one error lists every missing network file
     detector: str = None  # PCK's (load_detector); None: markers on synthetic.py's data, else an error
 
 
-def protocol_metrics(spec, weights):
-    """'auto' -> every metric whose network is at hand (the rest named, with where to get it); an explicit
-    list -> those, and a missing network is an error. weights: {kind: path, URL, Hub file or None}."""
-    if spec != "auto":
+def protocol_metrics(spec, weights, offline=None):
+    """--metrics -> (metrics, left out {metric: why}). 'paper': PAPER_METRICS, and any network missing is an
+    error (one message for all, offline); 'auto': those of PAPER_METRICS whose networks are at hand or can be
+    downloaded, the rest left out and named (the report and table.md carry the list); a comma-separated list:
+    those, each an error when its network is missing. dreamsim and fvd_stylegan run only when named."""
+    if spec not in ("auto", "paper"):
         metrics = tuple(m for m in spec.split(",") if m)
         unknown = set(metrics) - set(METRICS)
         if unknown:
-            raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}")
-        return metrics
-    metrics, missing = [], []
-    for m in METRICS:
+            raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}, or paper / auto")
+        return metrics, {}
+    if spec == "paper":
+        return PAPER_METRICS, {}
+    metrics, left_out = [], {}
+    for m in PAPER_METRICS:
         try:
             for kind in NEEDS.get(m, ()):
-                resolve_weights(kind, weights[kind])
+                resolve_weights(kind, weights.get(kind), offline)
             metrics.append(m)
         except WeightsError as e:
-            missing.append(f"{m}: {e}")
-    if missing:
-        print("metrics left out (no network weights; name them with --metrics to make this an error):\n  "
-              + "\n  ".join(missing))
-    return tuple(metrics)
+            left_out[m] = " ".join(str(e).split())  # one line
+    if left_out:
+        print("metrics left out (no network; `python evaluate.py fetch-weights`, or name them with --metrics to "
+              "make this an error):\n  " + "\n  ".join(f"{m}: {why}" for m, why in left_out.items()))
+    return tuple(metrics), left_out
 
 
 def row_name(checkpoint, shuffled):
@@ -834,7 +1069,7 @@ def evaluate_checkpoint(cfg, checkpoint, row, *, size, episodes, plan, metrics, 
                         keypoint_valid=torch.stack([c["keypoint_valid"] for c in clips]),
                         pred_latents=z[:, :, :z_gt.shape[2]].float().cpu(), gt_latents=z_gt)
         feats = {f"{m}_{side}": store[0].reshape(len(batch), -1, store[0].shape[-1])  # a slice per clip
-                 for m in ("fid", "fvd") for side, store in zip(("pred", "gt"), ev.features[m]) if store}
+                 for m in FRECHET for side, store in zip(("pred", "gt"), ev.features[m]) if store}
         for k, (i, score, clip) in enumerate(zip(batch, scores, clips)):
             if feats:
                 np.savez(d / f"{i:05d}.npz", **{name: f[k] for name, f in feats.items()})
@@ -842,7 +1077,7 @@ def evaluate_checkpoint(cfg, checkpoint, row, *, size, episodes, plan, metrics, 
                 np.save(d / f"{i:05d}.npy", pred[k].permute(1, 2, 3, 0).numpy())  # for the figure
             _save_json(d / f"{i:05d}.json", {"index": i, "episode": clip["episode"], "start": clip["start"],
                                              "seed": cfg.seed + i, **score})
-        ev.features = {"fid": ([], []), "fvd": ([], [])}  # on disk now; each batch starts empty
+        ev.features = {m: ([], []) for m in FRECHET}  # on disk now; each batch starts empty
 
 
 def collect(clip_dir, n_clips, resolution):
@@ -850,14 +1085,12 @@ def collect(clip_dir, n_clips, resolution):
     clips = [json.loads((clip_dir / f"{i:05d}.json").read_text()) for i in range(n_clips)]
     scored = [c for c in clips if "skipped" not in c]
     fd = {}
-    for m in ("fid", "fvd"):
-        files = [clip_dir / f"{c['index']:05d}.npz" for c in scored]
-        if scored and all(f.is_file() for f in files):
-            loaded = [np.load(f) for f in files]
-            if f"{m}_pred" in loaded[0]:
-                fd[m] = frechet_from_features(*(np.concatenate([x[f"{m}_{side}"] for x in loaded])
-                                                for side in ("pred", "gt")))
-    report = aggregate(scored, fd.get("fid"), fd.get("fvd"), resolution=list(resolution))
+    files = [clip_dir / f"{c['index']:05d}.npz" for c in scored]
+    loaded = [np.load(f) for f in files] if scored and all(f.is_file() for f in files) else []
+    for m in FRECHET:
+        if loaded and f"{m}_pred" in loaded[0]:
+            fd[m] = frechet_of(m, *(np.concatenate([x[f"{m}_{side}"] for x in loaded]) for side in ("pred", "gt")))
+    report = aggregate(scored, fd, resolution=list(resolution))
     report["skipped"] = [f"{c['episode']} @ {c['start']}: {c['skipped']}" for c in clips if "skipped" in c]
     return report
 
@@ -884,11 +1117,16 @@ def _pck_value(r, key):
     return NO_KEYPOINTS if counted_nothing else r.get(key)
 
 
-def markdown_tables(reports, horizon, carry="reencode"):
+FID_NOTE = ("FID: not comparable with the paper's FID figures (the Cosmos cookbook's FID script feeds 0-255 floats "
+            "where [0, 1] is expected; we feed what the network expects)")
+
+
+def markdown_tables(reports, horizon, carry="reencode", left_out=None):
     """Table 1's layout (PSNR SSIM LPIPS FID FVD PCK@10 PCK@20, relative change against the first row), then
     latent L2, the finer PCK thresholds and PCK@10 per action family (Table 4). PCK against annotations adds a
     last row: the detector on the ground-truth frames (pck_gt, the same for every model). carry: the rollouts'
-    (sample.CARRIES), named in the header line."""
+    (sample.CARRIES), named in the header line. left_out {metric: why}: the metrics --metrics auto could not run,
+    listed first; a FID column carries FID_NOTE; DreamSim, when scored, gets a column in the second table."""
     first = next(iter(reports.values()))
     res = first.get("pck_resolution")
     digits = {"ssim": 3, "lpips": 3}
@@ -897,7 +1135,10 @@ def markdown_tables(reports, horizon, carry="reencode"):
                              "families": {f: {"clips": fam["clips"], "pck@10": fam.get("pck_gt@10")}
                                           for f, fam in first.get("families", {}).items()}}}
     ceiling = ceiling if any(k.startswith("pck_gt@") for k in first) else {}
-    lines = [f"Horizon {horizon} frames (1 given, {horizon - 1} predicted); {first['clips']} clips"
+    notes = ["Left out (no network at hand; `python evaluate.py fetch-weights`): "
+             + "; ".join(f"{m}: {why}" for m, why in left_out.items()), ""] if left_out else []
+    notes += [FID_NOTE, ""] if any("fid" in r for r in reports.values()) else []
+    lines = notes + [f"Horizon {horizon} frames (1 given, {horizon - 1} predicted); {first['clips']} clips"
              + (f"; PCK in pixels at {res[0]}x{res[1]} against the {first.get('pck_against')}" if res else "")
              + f"; chunks chained by carry {carry}: {sample.CARRIES[carry]}", "",
              "| Model | " + " | ".join(t + (" ↑" if s > 0 else " ↓") for _, t, s in TABLE1) + " |",
@@ -907,13 +1148,17 @@ def markdown_tables(reports, horizon, carry="reencode"):
             _cell(_pck_value(r, k), first.get(k) if r is not first and name != CEILING_ROW else None,
                   digits.get(k, 2)) for k, _, _ in TABLE1) + " |")
     families = " | ".join(f"PCK@10 {f} ↑" for f in FAMILIES)
-    lines += ["", f"| Model | latent L2 ↓ | PCK@2.5 ↑ | PCK@5 ↑ | {families} |",
-              "|---|" + "---|" * (3 + len(FAMILIES))]
+    titles = {"dreamsim": "DreamSim ↓", "fvd_stylegan": "FVD (StyleGAN-V I3D) ↓"}  # when scored
+    extra = [k for k in titles if any(k in r for r in reports.values())]
+    lines += ["", f"| Model | latent L2 ↓ | PCK@2.5 ↑ | PCK@5 ↑ | {families} |" + "".join(f" {titles[k]} |"
+                                                                                      for k in extra),
+              "|---|" + "---|" * (3 + len(FAMILIES) + len(extra))]
     for name, r in {**reports, **ceiling}.items():
         fams = [r.get("families", {}).get(f, {}) for f in FAMILIES]
         cells = [_cell(r.get("latent_l2"), digits=4), _cell(_pck_value(r, "pck@2.5")),
                  _cell(_pck_value(r, "pck@5"))]
         cells += [_cell(_pck_value(fam, "pck@10")) + f" (n={fam.get('clips', 0)})" for fam in fams]
+        cells += [_cell(r.get(k), digits=3) for k in extra]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -1006,7 +1251,8 @@ def protocol(cfg):
     device = (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu") \
         if cfg.device is None else cfg.device
     weights = {kind: getattr(cfg, flag) for kind, flag in WEIGHT_FLAGS.items()}
-    metrics = protocol_metrics(cfg.metrics, weights)
+    offline = cfg.offline or None  # None: HF_HUB_OFFLINE decides
+    metrics, left_out = protocol_metrics(cfg.metrics, weights, offline)
     episodes, plan = eval_plan(cfg.data, cfg.horizon, cfg.clips, splits=data.split_names(cfg.splits),
                                test_fraction=cfg.test_fraction)
     if "pck" in metrics:
@@ -1016,8 +1262,8 @@ def protocol(cfg):
             if cfg.metrics != "auto" or cfg.detector is not None:
                 raise
             print(f"metrics left out (no detector for this data; name one with --detector):\n  pck: {e}")
-            metrics = tuple(m for m in metrics if m != "pck")
-    nets = load_networks(metrics, weights, cfg.detector, device)
+            metrics, left_out = tuple(m for m in metrics if m != "pck"), {**left_out, "pck": " ".join(str(e).split())}
+    nets = load_networks(metrics, weights, cfg.detector, device, offline)
     if cfg.shuffle_actions and len(plan) < 2:  # clip i takes clip (i + N // 2) mod N's: itself when N = 1
         raise ValueError(f"--shuffle-actions needs at least 2 clips (each takes another clip's actions); the plan "
                          f"holds {len(plan)}")
@@ -1042,8 +1288,8 @@ def protocol(cfg):
     out = Path(cfg.out)
     reports = {row: collect(out / row / "clips", len(plan), size) for row in rows.values()}
     _save_json(out / "report.json", {"config": {**asdict(cfg), "size": list(size)}, "metrics": list(metrics),
-                                     "rows": reports})
-    table = markdown_tables(reports, cfg.horizon, cfg.carry)
+                                     "left_out": left_out, "rows": reports})
+    table = markdown_tables(reports, cfg.horizon, cfg.carry, left_out)
     (out / "table.md").write_text(table)
     figure(cfg, out / "figure.png", rows=list(rows.values()), size=size, episodes=episodes, plan=plan)
     print(table)
@@ -1055,8 +1301,11 @@ def protocol(cfg):
 
 def weight_flags(p):
     for kind, flag in WEIGHT_FLAGS.items():
+        n = NETWORKS[kind]
         p.add_argument("--" + flag.replace("_", "-"),
-                       help=f"{WEIGHTS[kind][1]}: path, URL or Hub file ({WEIGHTS[kind][0]})")
+                       help=f"{n.what}: path, URL or Hub file (default: {n.file}, fetched from {n.url})")
+    p.add_argument("--offline", action="store_true",
+                   help="never download (as HF_HUB_OFFLINE=1): one error lists every missing network file")
     p.add_argument("--detector",
                    help="PCK's keypoint detector: 'markers' (synthetic.py's data only; there the protocol's "
                         "default), 'mediapipe' (pip install 'dexac-wm[hands]'), module:function or "
@@ -1078,8 +1327,10 @@ def main(argv=None):
     p.add_argument("--horizon", type=sample.positive_int,
                    help="frames per rollout, the given first one included (the paper: 25 and 65)")
     p.add_argument("--clips", type=sample.positive_int, help="evaluate N clips, evenly spread (default: all)")
-    p.add_argument("--metrics", help="comma-separated from psnr,ssim,lpips,fid,fvd,latent_l2,pck; 'auto': all "
-                                     "whose network weights are found")
+    p.add_argument("--metrics", help=f"comma-separated from {','.join(METRICS)}; 'paper': "
+                                     f"{','.join(PAPER_METRICS)} (a missing network is an error); 'auto' (the "
+                                     f"default): those of 'paper' whose networks are at hand or downloadable, the "
+                                     f"rest named at the top of the report")
     p.add_argument("--out", help="output folder (report.json, table.md, figure.png, per clip)")
     p.add_argument("--steps", type=sample.positive_int, help="denoising steps per chunk")
     p.add_argument("--sampler", choices=list(M.SOLVERS), help="ODE solver")
@@ -1108,20 +1359,32 @@ def main(argv=None):
     c = sub.add_parser("compare", help="score predicted videos against ground-truth videos")
     c.add_argument("--pred", required=True, help="predicted video (.npy/.mp4) or a folder of them")
     c.add_argument("--gt", required=True, help="ground-truth video(s), same names as --pred")
-    c.add_argument("--metrics", default="psnr,ssim", help="comma-separated, from psnr,ssim,lpips,fid,fvd,pck")
+    c.add_argument("--metrics", default="psnr,ssim",
+                   help=f"comma-separated, from {','.join(m for m in METRICS if m != 'latent_l2')}; or paper / auto")
     c.add_argument("--cond-frames", type=sample.nonnegative_int, default=1,
                    help="leading conditioning frames, not scored")
     weight_flags(c)
     c.add_argument("--device", default="cpu", help="torch device for the feature networks")
     c.add_argument("--out", help="also write the JSON report here")
+    f = sub.add_parser("fetch-weights", help="download (and verify) every network file the metrics need into the "
+                                             "cache folder, then exit")
+    f.add_argument("--metrics", default="paper", help="comma-separated metrics, or paper (default) / all")
     args = p.parse_args(argv)
+    if args.command == "fetch-weights":
+        metrics = METRICS if args.metrics == "all" else protocol_metrics(args.metrics, {})[0]
+        for path in fetch_networks(metrics, {}):
+            print(path)
+        if "dreamsim" in metrics:
+            DreamSim()  # the package downloads its checkpoint into weights_dir()/dreamsim
+        print(f"network files for {','.join(metrics)} are in place (cache folder {weights_dir()})")
+        return 0
     if args.command == "compare":
         sample.check_device(args.device)
         if args.out and Path(args.out).is_dir():
             raise ValueError(f"--out {args.out} is a folder: name the JSON report's file")
         compare(args.pred, args.gt, metrics=args.metrics, cond_frames=args.cond_frames, device=args.device,
                 weights={kind: getattr(args, flag) for kind, flag in WEIGHT_FLAGS.items()}, detector=args.detector,
-                out=args.out)
+                out=args.out, offline=args.offline or None)
         return 0
     if not args.checkpoints:
         p.print_help()

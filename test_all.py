@@ -79,6 +79,7 @@ import conditioning
 import data
 import evaluate as E
 import hub
+
 import miniature
 import model as M
 import sample as S
@@ -88,6 +89,9 @@ import tokenizer as tk
 import train
 from semantic import (DINO_PRESETS, DINO_REPO, DinoV3, SemanticProjector, TextEmbedder, TextEncoder,
                       aggregate_hidden_states, conditioning_features, load_dino)
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches the internet: hub.fetch reads this at each call, and the
+# download tests lift it and serve their files from 127.0.0.1
 
 torch.set_num_threads(2)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -682,9 +686,9 @@ class TestHub:
 
         monkeypatch.setattr(hub, "hf_hub_download", fake_download)
         assert E.resolve_weights("inception", "org/metrics").endswith("inception-2015-12-05.pt")
-        assert E.resolve_weights("i3d", "org/metrics/fvd/i3d.pt").endswith("fvd/i3d.pt")
+        assert E.resolve_weights("i3d_stylegan", "org/metrics/fvd/i3d.pt").endswith("fvd/i3d.pt")
         with pytest.raises(E.WeightsError, match="i3d_torchscript.pt.*org/missing"):
-            E.resolve_weights("i3d", "org/missing")
+            E.resolve_weights("i3d_stylegan", "org/missing")
         assert calls == [("org/metrics", "inception-2015-12-05.pt"), ("org/metrics", "fvd/i3d.pt"),
                          ("org/missing", "i3d_torchscript.pt")]
 
@@ -799,12 +803,15 @@ class TestHub:
         with pytest.raises(error, match=message):
             call(tmp_path)
 
-    @pytest.mark.parametrize("kind,url", [("alexnet", "download.pytorch.org"), ("lpips", "PerceptualSimilarity"),
-                                          ("inception", "nvlabs-fi-cdn"), ("i3d", "i3d_torchscript.pt")])
-    @pytest.mark.parametrize("where", ["default_folder", "missing_file", "folder_without_it"])
+    @pytest.mark.parametrize("kind,url,where", [  # (the LPIPS heads by default come from the lpips package)
+        (kind, url, where) for kind, url in (("alexnet", "download.pytorch.org"), ("lpips", "PerceptualSimilarity"),
+                                             ("inception", "nvlabs-fi-cdn"), ("i3d", "songweige/TATS"),
+                                             ("i3d_stylegan", "i3d_torchscript.pt"))
+        for where in ("default_folder", "missing_file", "folder_without_it") if (kind, where) != ("lpips",
+                                                                                               "default_folder")])
     def test_missing_metric_weights_say_where_to_get_them(self, kind, url, where, tmp_path, monkeypatch):
         monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-        name = E.WEIGHTS[kind][0]
+        name = E.NETWORKS[kind].file
         spec = {"default_folder": None, "missing_file": tmp_path / "nowhere" / name, "folder_without_it": tmp_path}
         with pytest.raises(E.WeightsError) as e:
             E.resolve_weights(kind, spec[where])
@@ -812,8 +819,11 @@ class TestHub:
         assert name in msg and url in msg and str(tmp_path / "torch_home") in msg
 
     def test_default_weights_folder_is_torch_home(self, tmp_path, monkeypatch):
-        """Weights found in $TORCH_HOME/hub/checkpoints load without being named."""
+        """Weights found in $TORCH_HOME/hub/checkpoints load without being named (the registry's hashes waived
+        for these random stand-ins: with them, the stand-ins are refused, see test_registry_refuses...)."""
         monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+        for kind in ("alexnet", "lpips"):
+            monkeypatch.setitem(E.NETWORKS, kind, replace(E.NETWORKS[kind], sha256=None, size=None, found_in=()))
         alex, heads, _ = lpips_files(tmp_path)
         E.weights_dir().mkdir(parents=True)
         alex.rename(E.weights_dir() / alex.name)
@@ -5354,14 +5364,14 @@ def metric_nets(tmp_path_factory):
     torch.jit.script(StandInInception()).save(str(folder / "inception-2015-12-05.pt"))
     torch.jit.script(StandInI3D()).save(str(folder / "i3d_torchscript.pt"))
     torch.jit.script(PlainI3D()).save(str(folder / "i3d_plain.pt"))
-    return E.load_torchscript("inception", folder), E.load_torchscript("i3d", folder), folder
+    return E.load_torchscript("inception", folder), E.load_torchscript("i3d_stylegan", folder), folder
 
 
 def fid_fvd_report(metric_nets, same):
     """FID and FVD of 6 noisy clips against their ground truth, or of the ground truth against itself."""
     inception, i3d, _ = metric_nets
     pred, gt = eval_videos(3, B=6, T=4, H=36, W=64, noise=0.3)
-    ev = E.Evaluator(("fid", "fvd"), inception=inception, i3d=i3d)
+    ev = E.Evaluator(("fid", "fvd_stylegan"), inception=inception, i3d_stylegan=i3d)
     ev.add(gt if same else pred, gt)
     return ev.report()
 
@@ -5443,7 +5453,7 @@ PROTOCOL_BAD_INPUTS = {  # case -> (argv given protocol_run's argv, rows and a f
     "missing_checkpoint": (lambda argv, rows, tmp: ["--checkpoint", str(tmp / "none.safetensors"),
                                                     "--data", argv[argv.index("--data") + 1]],
                            FileNotFoundError, "not found"),
-    "unknown_metric": (lambda argv, rows, tmp: [*argv, "--metrics", "psnr,dreamsim"], ValueError, "unknown metrics"),
+    "unknown_metric": (lambda argv, rows, tmp: [*argv, "--metrics", "psnr,dreamsm"], ValueError, "unknown metrics"),
     "missing_inception": (lambda argv, rows, tmp: [*argv, "--metrics", "fid", "--inception", str(tmp / "none.pt")],
                           E.WeightsError, "inception-2015-12-05.pt"),
     "kept_clips_of_other_settings": (lambda argv, rows, tmp: [*argv, "--steps", "3"], ValueError, "other settings"),
@@ -5695,6 +5705,74 @@ def protocol_argv(checkpoint, root, out, *extra):
             "--batch", "2", "--out", str(out), "--figure-clips", "0", *extra]
 
 
+# --- the cookbook's FVD network against cd-fvd (what the cookbook calls), on random weights
+
+def randomize_i3d(net, seed=0):
+    """Every parameter and BatchNorm buffer random and non-trivial, scaled so activations stay O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv3d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / fan_in) ** 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+            elif isinstance(m, torch.nn.BatchNorm3d):
+                n = m.num_features
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.2 * torch.randn(n, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                m.num_batches_tracked.fill_(7)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def ref_i3d():
+    """cd-fvd's copy of pytorch-i3d (the cookbook's FVD network), random weights and BatchNorm statistics."""
+    from cdfvd.third_party.i3d.pytorch_i3d import InceptionI3d
+    return randomize_i3d(InceptionI3d(400, in_channels=3))
+
+
+@pytest.fixture(scope="module")
+def i3d_file(ref_i3d, tmp_path_factory):
+    path = tmp_path_factory.mktemp("i3d") / "i3d_pretrained_400.pt"
+    torch.save(ref_i3d.state_dict(), path)  # the published layout: a plain pytorch-i3d state dict
+    return path
+
+
+@pytest.fixture(scope="module")
+def our_i3d(i3d_file):
+    return E.load_i3d(str(i3d_file))
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def cookbook_steps(videos):
+    """The cookbook's load_videos_for_fvd steps (compute_fvd_single_view.py, commit 1d59425) on decoded frames:
+    (B, T, H, W, C) uint8, as decord returns them -> one cd-fvd batch {"video": (B, C, T, 224, 224) in [0, 1]}."""
+    clips = []
+    for v in videos:
+        v = F.interpolate(v.permute(0, 3, 1, 2).float(), (224, 224), mode="bilinear", align_corners=False)
+        clips.append(v.permute(1, 0, 2, 3) / 255.0)
+    return {"video": torch.stack(clips)}
+
+
+def cd_fvd(i3d_file, monkeypatch):
+    """cd-fvd's FVD evaluator (what the cookbook calls) on the random-weight file; it must not download."""
+    monkeypatch.setattr("requests.get", lambda *a, **k: pytest.fail("cd-fvd tried to download"))
+    return importlib.import_module("cdfvd.fvd").cdfvd("i3d", n_real="full", n_fake="full", ckpt_path=str(i3d_file),
+                                                      device="cpu", compute_feats=True)
+
+
+def videos_and_ours(size, T=10):
+    g = torch.Generator().manual_seed(size[0] * T)
+    videos = torch.randint(0, 256, (2, T, *size, 3), dtype=torch.uint8, generator=g)  # (B, T, H, W, C)
+    return videos, videos.permute(0, 4, 1, 2, 3)  # and evaluate.py's (B, C, T, H, W)
+
+
 class TestEvaluate:
     """Every metric against an independent reference or a known answer (PSNR, SSIM, LPIPS, Frechet distances,
     FID, FVD, latent L2, PCK), the report, the compare command, and the sharded, resumable rollout protocol."""
@@ -5854,16 +5932,16 @@ class TestEvaluate:
         v = torch.cat([torch.zeros(1, 3, 5, 36, 64), torch.ones(1, 3, 5, 36, 64)])
         f = E.i3d_features(v, i3d)
         assert f.shape == (2, 16) and np.allclose(f[0, :9], -1) and np.allclose(f[1, :9], 1)
-        np.testing.assert_allclose(E.i3d_features(v, E.load_torchscript("i3d", folder / "i3d_plain.pt")),
+        np.testing.assert_allclose(E.i3d_features(v, E.load_torchscript("i3d_stylegan", folder / "i3d_plain.pt")),
                                    [[-1] * 3, [1] * 3], atol=1e-6)
 
     def test_identical_sets_give_zero_fid_and_fvd(self, metric_nets):
         rep = fid_fvd_report(metric_nets, same=True)
-        assert rep["fid"] < 1e-8 and rep["fvd"] < 1e-8
+        assert rep["fid"] < 1e-8 and rep["fvd_stylegan"] < 1e-8
 
     def test_different_sets_give_positive_fid_and_fvd(self, metric_nets):
         rep = fid_fvd_report(metric_nets, same=False)
-        assert rep["fid"] > 1e-2 and rep["fvd"] > 1e-3
+        assert rep["fid"] > 1e-2 and rep["fvd_stylegan"] > 1e-3
 
     def test_latent_l2_counts_predicted_latent_frames_only(self):
         gt = torch.randn(2, 4, 4, 3, 5)
@@ -5972,7 +6050,7 @@ class TestEvaluate:
     def test_report_pools_pck_and_splits_families(self):
         clips = [{"psnr": 20.0, "pck_hits": [1, 2, 3, 4], "pck_count": 4, "family": "wrist"},
                  {"psnr": 30.0, "pck_hits": [0, 0, 6, 12], "pck_count": 12, "family": "head"}]
-        rep = E.aggregate(clips, fid=3.5, resolution=[180, 320])
+        rep = E.aggregate(clips, {"fid": 3.5}, resolution=[180, 320])
         assert rep["clips"] == 2 and rep["psnr"] == 25.0 and rep["fid"] == 3.5 and "fvd" not in rep
         assert rep["pck@2.5"] == 100 * 1 / 16 and rep["pck@20"] == 100.0 and rep["pck_resolution"] == [180, 320]
         fam = rep["families"]
@@ -6316,6 +6394,179 @@ class TestEvaluate:
         E.main(protocol_argv(checkpoint, synth, tmp_path / "synth", "--metrics", "psnr,pck"))
         report = json.loads((tmp_path / "synth" / "report.json").read_text())
         assert report["config"]["detector"] == "markers" and "pck_gt@10" in next(iter(report["rows"].values()))
+
+    # the cookbook's FVD: our I3D and frame protocol against cd-fvd
+    def test_fvd_equals_cd_fvd_on_the_same_features(self):
+        """The cookbook's Frechet step: cd-fvd's FeatureStats (covariance divided by N) and scipy sqrtm, against
+        ours on the same 400-d features; the N - 1 covariance of FID/StyleGAN-V FVD differs measurably here."""
+        from cdfvd.fvd import cdfvd
+        from cdfvd.utils.metric_utils import FeatureStats
+        g = np.random.default_rng(0)
+        a, b = g.normal(size=(24, 400)), g.normal(size=(24, 400)) * 1.3 + 0.2
+        stats = []
+        for f in (a, b):
+            st = FeatureStats(capture_mean_cov=True)
+            st.append(f)
+            stats.append(st)
+        want = cdfvd.compute_fvd_from_stats(types.SimpleNamespace(), stats[0], stats[1])
+        assert E.frechet_of("fvd", a, b) == pytest.approx(want, rel=1e-6)  # (cd-fvd: E[xx^T] - mu mu^T)
+        assert abs(E.frechet_of("fid", a, b) - want) > 1e-3 * want
+
+    def test_cookbook_fvd_scores_every_frame_with_the_cookbook_input(self, our_i3d):
+        """Evaluator's fvd sees each whole clip, the conditioning frame included, through cookbook_i3d_input; the
+        predicted frames alone go to the other metrics."""
+        seen = []
+        net = lambda x: seen.append(x) or torch.zeros(len(x), 400)
+        net.parameters = our_i3d.parameters  # for the device
+        pred, gt = eval_videos(4, B=2, T=9, H=24, W=40, noise=0.2)
+        E.Evaluator(("psnr", "fvd"), i3d=net).add(pred, gt)
+        assert [tuple(x.shape) for x in seen] == [(2, 3, 9, 224, 224)] * 2
+        assert all(torch.equal(x, E.cookbook_i3d_input(E.as_unit(v))) for x, v in zip(seen, (pred, gt)))
+
+    def test_registry_refuses_stand_ins_and_finds_the_lpips_heads_in_their_package(self, tmp_path, monkeypatch):
+        """Random files under the registry's names are never taken for the real ones (sha256); the LPIPS heads come
+        from the installed lpips package; offline, the one message names what is missing and what is wrong."""
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+        alex, heads, _ = lpips_files(tmp_path)
+        E.weights_dir().mkdir(parents=True)
+        alex.rename(E.weights_dir() / alex.name)
+        heads.rename(E.weights_dir() / heads.name)
+        lpips_pkg = Path(importlib.import_module("lpips").__file__).parent / "weights" / "v0.1" / "alex.pth"
+        assert E.resolve_weights("lpips") == str(lpips_pkg)  # the random alex.pth in the cache is passed over
+        with pytest.raises(E.WeightsError) as e:
+            E.load_networks(("psnr", "lpips", "fid", "fvd"), {})
+        msg = str(e.value)
+        assert "3 network file(s) missing" in msg and "the file there now has" in msg  # the random AlexNet
+        for kind in ("alexnet", "inception", "i3d"):
+            assert E.NETWORKS[kind].url in msg and str(E.weights_dir() / E.NETWORKS[kind].file) in msg
+
+    def test_metrics_paper_is_an_error_offline_and_auto_names_what_it_left_out(self, exported, train_synth,
+                                                                              tmp_path):
+        """--metrics paper without the networks: one error listing them; auto: the rest runs, and report.json and
+        the first line of table.md name what was left out."""
+        argv = ["--checkpoint", str(exported), "--data", str(train_synth), "--horizon", "5", "--steps", "1",
+                "--clips", "2", "--batch", "2", "--figure-clips", "0"]
+        with pytest.raises(E.WeightsError, match=r"3 network file\(s\) missing"):
+            E.main([*argv, "--metrics", "paper", "--out", str(tmp_path / "paper")])
+        assert E.main([*argv, "--metrics", "auto", "--out", str(tmp_path / "auto")]) == 0
+        report = json.loads((tmp_path / "auto" / "report.json").read_text())
+        assert set(report["left_out"]) == {"lpips", "fid", "fvd"} and set(report["metrics"]) == {
+            "psnr", "ssim", "latent_l2", "pck"}
+        first = (tmp_path / "auto" / "table.md").read_text().splitlines()[0]
+        assert first.startswith("Left out") and all(f"{m}:" in first for m in ("lpips", "fid", "fvd"))
+        assert "i3d_pretrained_400.pt" in report["left_out"]["fvd"]
+
+    def test_fetch_weights_downloads_verifies_and_is_offline_one_message(self, web, weights_cache, monkeypatch,
+                                                                        capsys):
+        """`evaluate.py fetch-weights` against a server on 127.0.0.1: each file of the asked metrics downloaded
+        once and verified; offline, one message names both."""
+        for kind, name in (("inception", "inception.pt"), ("i3d", "i3d.pt")):
+            monkeypatch.setitem(E.NETWORKS, kind, replace(E.NETWORKS[kind], file=name, url=f"{web.url}/good/{name}",
+                                                          sha256=FETCH_SHA, size=len(FETCH_PAYLOAD), found_in=()))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        with pytest.raises(E.WeightsError, match=r"2 network file\(s\) missing(.|\n)*inception.pt(.|\n)*i3d.pt"):
+            E.main(["fetch-weights", "--metrics", "fid,fvd"])
+        assert web.requests == []
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        for _ in range(2):
+            assert E.main(["fetch-weights", "--metrics", "fid,fvd"]) == 0
+        assert sorted(web.requests) == ["/good/i3d.pt", "/good/inception.pt"]  # once each
+        assert sorted(os.listdir(weights_cache)) == ["i3d.pt", "inception.pt"] and "in place" in capsys.readouterr().out
+
+    def test_dreamsim_through_its_package(self, tmp_path, monkeypatch):
+        """A stand-in `dreamsim` package: its model gets each frame pair through the package's own preprocessing,
+        with our cache folder; offline without its files, one error before the package is called; without the
+        package, the pip command."""
+        monkeypatch.setenv("DEXAC_WEIGHTS_DIR", str(tmp_path / "cache"))
+        calls = []
+
+        def dreamsim(pretrained, device, cache_dir, dreamsim_type):
+            calls.append((cache_dir, dreamsim_type))
+            prep = lambda im: torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1)[None]
+            return (lambda a, b: (a - b).abs().mean((1, 2, 3))), prep
+
+        monkeypatch.setitem(sys.modules, "dreamsim", types.SimpleNamespace(dreamsim=dreamsim))
+        with pytest.raises(E.WeightsError, match="dreamsim: dino_vitb16_pretrain.pth.*dreamsim_ensemble_checkpoint"):
+            E.DreamSim(offline=True)
+        assert calls == []
+        pred, gt = eval_videos(5, B=2, T=4, H=16, W=24, noise=0.2)
+        clip = E.Evaluator(("dreamsim",), dreamsim=E.DreamSim(offline=False)).add(pred, gt)[0]
+        assert calls == [(str(tmp_path / "cache" / "dreamsim"), "ensemble")]
+        p, g = (v[0, :, 1:].float() / 255 if v.dtype == torch.uint8 else v[0, :, 1:] for v in (pred, gt))
+        want = ((p * 255).round() - (g * 255).round()).abs().mean() / 255  # uint8 frames, as the package sees them
+        assert clip["dreamsim"] == pytest.approx(want.item(), rel=1e-5)
+        monkeypatch.setitem(sys.modules, "dreamsim", None)
+        with pytest.raises(ImportError, match="pip install dreamsim"):
+            E.DreamSim()
+
+
+    @pytest.mark.parametrize("T", [9, 17])  # 9: the shortest clip, odd paddings; 17: two temporal positions averaged
+    def test_network_matches_pytorch_i3d(self, our_i3d, ref_i3d, T):
+        x = torch.rand(1, 3, T, 224, 224, generator=torch.Generator().manual_seed(T)) * 2 - 1  # batch 1: CPU time
+        with torch.no_grad():
+            want, got = ref_i3d(x), our_i3d(x)
+        assert got.shape == want.shape == (1, 400)
+        assert want.std() > 0.1  # non-trivial features
+        err = rel_err(got, want)
+        print(f"T={T}: max |our_i3d - ref_i3d| / max |ref_i3d| = {err:.2e}")
+        assert err < 1e-5
+
+    def test_short_clip_refused(self, our_i3d, ref_i3d):
+        x = torch.zeros(1, 3, 8, 224, 224)
+        with pytest.raises(RuntimeError):  # pytorch-i3d fails inside its (2, 7, 7) average pool
+            ref_i3d(x)
+        with pytest.raises(ValueError, match="T >= 9"):
+            our_i3d(x)
+
+    @pytest.mark.parametrize("size", [(48, 80), (300, 260)])  # (224x224 would not see the resize)
+    def test_input_matches_cookbook(self, i3d_file, monkeypatch, size):
+        """Our network input is bit-identical to the one cd-fvd builds in the cookbook's path (its compute_real_stats,
+        which quantizes with .byte(), then its preprocess_i3d), for uint8 and for [0, 1] float videos."""
+        from cdfvd.third_party.i3d.utils import preprocess_i3d
+        evaluator, seen = cd_fvd(i3d_file, monkeypatch), []
+        evaluator.feature_fn = lambda stats, model, videos, **kw: seen.append(preprocess_i3d(videos)) or stats
+        videos, ours_in = videos_and_ours(size)
+        evaluator.compute_real_stats([cookbook_steps(videos)])
+        want = seen[0]
+        assert torch.equal(E.cookbook_i3d_input(ours_in), want)
+        assert torch.equal(E.cookbook_i3d_input(ours_in.float() / 255), want)
+
+    def test_full_path_matches_cookbook(self, our_i3d, i3d_file, monkeypatch):
+        videos, ours_in = videos_and_ours((48, 80))
+        evaluator = cd_fvd(i3d_file, monkeypatch)
+        evaluator.compute_real_stats([cookbook_steps(videos)])
+        want = torch.from_numpy(evaluator.real_stats.get_all())
+        with torch.no_grad():
+            got = our_i3d(E.cookbook_i3d_input(ours_in))
+        err = rel_err(got, want)
+        print(f"48x80 -> 224: max |our_i3d - cookbook| / max |cookbook| = {err:.2e}")
+        assert got.shape == want.shape == (2, 400) and err < 1e-5
+
+    def test_published_layout_loads_strictly(self, our_i3d, ref_i3d):
+        want = {k: tuple(v.shape) for k, v in ref_i3d.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in our_i3d.state_dict().items()} == want
+        for k, v in ref_i3d.state_dict().items():
+            assert torch.equal(our_i3d.state_dict()[k], v), k
+
+    def test_file_without_bn_counters_loads(self, ref_i3d, tmp_path):
+        path = tmp_path / "old.pt"
+        torch.save({k: v for k, v in ref_i3d.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
+        E.load_i3d(str(path))
+
+    def test_wrong_file_one_clear_error(self, ref_i3d, tmp_path):
+        sd = dict(ref_i3d.state_dict())
+        sd["Mixed_4b.b1b.conv.weight"] = sd.pop("Mixed_4b.b1b.conv3d.weight")
+        del sd["logits.conv3d.bias"]
+        path = tmp_path / "renamed.pt"
+        torch.save(sd, path)
+        with pytest.raises(ValueError) as e:
+            E.load_i3d(str(path))
+        msg = str(e.value)
+        assert "missing (2): Mixed_4b.b1b.conv3d.weight, logits.conv3d.bias" in msg
+        assert "unexpected (1): Mixed_4b.b1b.conv.weight" in msg and "i3d_pretrained_400.pt" in msg
+        torch.save(torch.nn.Conv3d(3, 64, 7), tmp_path / "module.pt")  # a pickled module, not a state dict
+        with pytest.raises(hub.WeightsError):
+            E.load_i3d(str(tmp_path / "module.pt"))
 
 
 # =====================================================================================================================
