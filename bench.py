@@ -8,6 +8,7 @@ Every benchmark and every comparison with diffusers, out of the tutorial files: 
     python bench.py train --preset paper --peak-tflops 989                                # a training step
     python bench.py sample --device cuda --dtype bf16 --compare-diffusers                 # a rollout chunk
     python bench.py costs                                                                 # the paper's Table 6
+    python bench.py eval                                                                  # metrics, per clip
 
 Speed and memory are measured here, never asserted in tests. Times are per call after untimed warmup, with
 CUDA synchronized around the timed region; peak memory is torch's allocator peak on CUDA (on the CPU, the
@@ -36,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import conditioning as C
 import data
+import evaluate as E
 import hub
 import model as M
 import sample as S
@@ -211,6 +213,63 @@ def bench_vae(args):
               f"{enc_peak / mib:6.0f} MiB, working {enc_work / mib:5.0f} MiB | decode "
               f"{args.batch * T / dec_s:7.2f} frames/s, peak {dec_peak / mib:6.0f} MiB, working "
               f"{dec_work / mib:5.0f} MiB")
+
+# -----------------------------------------------------------------------------
+# eval: the evaluation's cost per clip, metric by metric
+
+
+def metric_networks(metrics, device, detector="markers"):
+    """Random-weight stand-ins where the architecture is ours (LPIPS, the cookbook I3D: they time the same as the
+    real weights), the real files where the network is someone else's (FID's Inception, StyleGAN-V's I3D,
+    DreamSim), offline -> ({metric: Evaluator keyword arguments}, {metric: why it was skipped})."""
+    nets, skipped = {}, {}
+    for m in metrics:
+        try:
+            if m == "lpips":
+                nets[m] = {"lpips": E.LPIPS().to(device).eval()}
+            elif m == "fvd":
+                nets[m] = {"i3d": E.InceptionI3d().to(device).eval()}
+            elif m == "pck":
+                nets[m] = {"detector": E.load_detector(detector, device)}
+            else:
+                kw = E.load_networks((m,), {}, device=device, offline=True)
+                nets[m] = {k: v for k, v in kw.items() if v is not None}
+        except (E.WeightsError, ImportError) as e:
+            skipped[m] = " ".join(str(e).split())[:160]
+    return nets, skipped
+
+
+def bench_eval(args):
+    """Seconds per clip of each metric of evaluate.Evaluator on random clips (1 given + predicted frames), the
+    set-level ones (FID, FVD) counting their feature extraction; PCK's detector on both videos."""
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    gt = torch.randint(0, 256, (args.clips, 3, args.frames, args.height, args.width), dtype=torch.uint8, generator=g)
+    noise = torch.randint(-20, 21, gt.shape, generator=g)
+    pred = (gt.int() + noise).clamp(0, 255).byte()
+    kp = torch.rand(args.clips, args.frames, 12, 2, generator=g) * torch.tensor([args.width, args.height])
+    valid = torch.ones(args.clips, args.frames, 12, dtype=torch.bool)
+    nets, skipped = metric_networks(args.metrics, device, args.detector)
+    print(f"{args.clips} clips of {args.frames} frames at {args.height}x{args.width}, {device}, "
+          f"{torch.get_num_threads()} threads")
+    results = {}
+    for m, kw in nets.items():
+        ev = E.Evaluator((m,), device=device, **kw)
+        for _ in range(args.warmup):
+            ev.add(pred[:1], gt[:1], keypoints=kp[:1], keypoint_valid=valid[:1])
+        ev.clips, ev.features = [], {f: ([], []) for f in E.FRECHET}
+        t0 = time.perf_counter()
+        ev.add(pred, gt, keypoints=kp, keypoint_valid=valid)
+        if m in E.FRECHET and args.clips > 1:  # the Frechet distance itself (it needs 2 clips)
+            ev.report()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        results[m] = (time.perf_counter() - t0) / args.clips
+        print(f"{m:>13}: {results[m]:8.3f} s/clip")
+    for m, why in skipped.items():
+        print(f"{m:>13}: skipped ({why})")
+    return {"seconds_per_clip": results, "skipped": skipped}
+
 
 # -----------------------------------------------------------------------------
 # dino: DINOv3 images/s
@@ -682,14 +741,29 @@ def main(argv=None):
     q.add_argument("--action-dim", type=count, default=57, help="action dimensions N")
     q.add_argument("--sat-dim", type=count, default=256, help="SAT token width C")
 
+    q = sub.add_parser("eval", help="evaluate.py's cost per clip, metric by metric (random clips; networks whose "
+                                    "architecture is ours on random weights, others from their files, offline)")
+    q.add_argument("--metrics", type=lambda v: [m for m in v.split(",") if m], default=list(E.PAPER_METRICS[:5])
+                   + ["pck", "dreamsim"], help="comma-separated evaluate.py metrics (latent_l2 needs rollouts)")
+    q.add_argument("--clips", type=count, default=4, help="clips scored together")
+    q.add_argument("--frames", type=data.int_at_least(2), default=25, help="frames per clip, the given one "
+                   "included (the paper: 25); FVD needs at least 9")
+    q.add_argument("--height", type=count, default=288, help="frame height")
+    q.add_argument("--width", type=count, default=512, help="frame width")
+    q.add_argument("--device", type=data.device_name, default=default_device, help="cpu or cuda")
+    q.add_argument("--warmup", type=data.int_at_least(0), default=1, help="untimed one-clip runs first")
+    q.add_argument("--detector", default="markers", help="PCK's detector, as evaluate.py --detector (e.g. mediapipe)")
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # its own parser: every TrainConfig flag, as train.py takes them
         return bench_train(argv[1:])
     args = p.parse_args(argv)
     if args.what == "costs" and args.dim % args.heads:
         p.error(f"--dim {args.dim} must be a multiple of --heads {args.heads}")
+    if args.what == "eval" and set(args.metrics) - set(E.METRICS) - {"latent_l2"} or "latent_l2" in args.metrics:
+        p.error(f"--metrics: from {','.join(m for m in E.METRICS if m != 'latent_l2')}")
     run = {"dit": bench_dit, "vae": bench_vae, "dino": bench_dino, "decode": bench_decode, "sample": bench_sample,
-           "costs": print_costs}[args.what]
+           "costs": print_costs, "eval": bench_eval}[args.what]
     return run(args)
 
 

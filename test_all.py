@@ -6669,6 +6669,16 @@ class TestBench:
         assert set(r["max_abs_diff"]) == {"dit", "vae encode"}
         assert r["max_abs_diff"]["dit"] < 1e-5 and r["max_abs_diff"]["vae encode"] < 1e-4, r["max_abs_diff"]
 
+    def test_eval_benchmark_times_each_metric_and_names_what_it_skipped(self, capsys, monkeypatch, tmp_path):
+        """bench.py eval: a time per clip for every metric it could run (the cookbook I3D and LPIPS on random
+        weights), and each skipped one named with its reason (no Inception file here, offline)."""
+        monkeypatch.setenv("DEXAC_WEIGHTS_DIR", str(tmp_path))
+        r = bench.main(["eval", "--metrics", "psnr,lpips,fvd,fid,pck", "--clips", "1", "--frames", "9", "--height",
+                        "32", "--width", "48", "--warmup", "0", "--device", "cpu"])
+        assert set(r["seconds_per_clip"]) == {"psnr", "lpips", "fvd", "pck"} and set(r["skipped"]) == {"fid"}
+        assert all(t > 0 for t in r["seconds_per_clip"].values()) and "inception-2015-12-05.pt" in r["skipped"]["fid"]
+        assert "fvd:" in capsys.readouterr().out
+
     @pytest.mark.parametrize("flags,message", [
         pytest.param(["--tokenizer", "pixel", "--compare-diffusers"], "--tokenizer wan2.1", id="pixel_vs_diffusers"),
         pytest.param(["--compare-diffusers", "--guidance", "0.5"], "guidance only above 1", id="guidance_below_1"),
