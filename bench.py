@@ -760,7 +760,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.what == "costs" and args.dim % args.heads:
         p.error(f"--dim {args.dim} must be a multiple of --heads {args.heads}")
-    if args.what == "eval" and set(args.metrics) - set(E.METRICS) - {"latent_l2"} or "latent_l2" in args.metrics:
+    if args.what == "eval" and (set(args.metrics) - set(E.METRICS) or "latent_l2" in args.metrics):
         p.error(f"--metrics: from {','.join(m for m in E.METRICS if m != 'latent_l2')}")
     run = {"dit": bench_dit, "vae": bench_vae, "dino": bench_dino, "decode": bench_decode, "sample": bench_sample,
            "costs": print_costs, "eval": bench_eval}[args.what]

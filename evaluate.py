@@ -61,6 +61,7 @@ Protocols (DESIGN.md section 8), with the choices we make where the references d
 import importlib
 import importlib.util
 import inspect
+import io
 import itertools
 import json
 import math
@@ -68,6 +69,7 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import av
 import numpy as np
 import torch
 import torch.nn as nn
@@ -713,8 +715,9 @@ def _pck_summary(clips, thresholds, ceiling=False):
 
 def aggregate(clips, frechet=None, thresholds=PCK_THRESHOLDS, resolution=None):
     """Per-clip metric dicts -> the report: means over clips of psnr/ssim/lpips/dreamsim/latent_l2, the set-level
-    metrics as given (frechet: {fid / fvd / fvd_stylegan: value}), PCK pooled over keypoints (percent; pck_gt: the detector's ceiling, where clips were annotated), and
-    PCK per action family. pck_against says what the predicted keypoints were compared with."""
+    metrics as given (frechet: {fid / fvd / fvd_stylegan: value}), PCK pooled over keypoints (percent; pck_gt:
+    the detector's ceiling, where clips were annotated), and PCK per action family. pck_against says what the
+    predicted keypoints were compared with."""
     out = {"clips": len(clips)}
     for m in ("psnr", "ssim", "lpips", "dreamsim", "latent_l2"):
         values = [c[m] for c in clips if m in c]
@@ -1125,8 +1128,9 @@ def markdown_tables(reports, horizon, carry="reencode", left_out=None):
     """Table 1's layout (PSNR SSIM LPIPS FID FVD PCK@10 PCK@20, relative change against the first row), then
     latent L2, the finer PCK thresholds and PCK@10 per action family (Table 4). PCK against annotations adds a
     last row: the detector on the ground-truth frames (pck_gt, the same for every model). carry: the rollouts'
-    (sample.CARRIES), named in the header line. left_out {metric: why}: the metrics --metrics auto could not run,
-    listed first; a FID column carries FID_NOTE; DreamSim, when scored, gets a column in the second table."""
+    (sample.CARRIES; None: not our rollouts), named in the header line. left_out {metric: why}: the metrics
+    --metrics auto could not run, listed first; a FID column carries FID_NOTE; DreamSim and fvd_stylegan, when
+    scored, get a column in the second table."""
     first = next(iter(reports.values()))
     res = first.get("pck_resolution")
     digits = {"ssim": 3, "lpips": 3}
@@ -1140,7 +1144,8 @@ def markdown_tables(reports, horizon, carry="reencode", left_out=None):
     notes += [FID_NOTE, ""] if any("fid" in r for r in reports.values()) else []
     lines = notes + [f"Horizon {horizon} frames (1 given, {horizon - 1} predicted); {first['clips']} clips"
              + (f"; PCK in pixels at {res[0]}x{res[1]} against the {first.get('pck_against')}" if res else "")
-             + f"; chunks chained by carry {carry}: {sample.CARRIES[carry]}", "",
+             + (f"; chunks chained by carry {carry}: {sample.CARRIES[carry]}" if carry else "; videos made by other "
+                "means, scored on an export's clips (compare --manifest)"), "",
              "| Model | " + " | ".join(t + (" ↑" if s > 0 else " ↓") for _, t, s in TABLE1) + " |",
              "|---|" + "---|" * len(TABLE1)]
     for name, r in {**reports, **ceiling}.items():
@@ -1299,6 +1304,293 @@ def protocol(cfg):
     return reports
 
 
+# ------------------------------------------------------------------------------------------------
+# Other models' videos: `export` writes the evaluation clips, `compare --manifest` scores what a model made of them
+#
+# export: the protocol's plan (eval_plan: the same clips, in the same order) at the protocol's frame size, each clip
+# as data.load_clip gives it to the rollout: DIR/<name>/ holds first.png (the given frame), actions.npy (raw,
+# (T-1, 57) float32), prompt.txt, video.npy (the ground truth, lossless: uint8 (T, H, W, 3)), keypoints.npy
+# ((T, 12, 2) float32 pixels) and keypoint_valid.npy ((T, 12) bool); clip.json, written last, marks it done, so a
+# rerun does only what is missing. DIR/manifest.json lists every clip (name = the protocol's index, 00000, ...) with
+# its episode, start frame, action family (action_family with the statistics it also holds) and prompt.
+# compare --manifest: one video per clip, DIR's clip name + .npy or .mp4 (read_video), T frames with the given one
+# first (it is not scored), scored as evaluate_checkpoint scores a rollout; latent_l2 needs the model's latents and
+# is not available.
+
+EXPORT_VERSION = 1
+EXPORT_FILES = {"first": "first.png", "actions": "actions.npy", "prompt": "prompt.txt", "video": "video.npy",
+                "keypoints": "keypoints.npy", "keypoint_valid": "keypoint_valid.npy"}
+RESIZE_FILTER = "bicubic, antialiased (torch.nn.functional.interpolate, antialias=True), clamped to [0, 1]"
+NO_LATENTS = "latent_l2 needs the model's latents: only the rollout protocol (--checkpoint) has them"
+
+
+def _save_npy(path, array):
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array))
+    hub.atomic_write(path, buf.getvalue())
+
+
+def _save_png(path, frame):
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(frame)).save(buf, format="png")
+    hub.atomic_write(path, buf.getvalue())
+
+
+def export_stats(spec, root):
+    """--stats -> (mean, std) float64 (57,) and where they came from: a stats.json, or an exported model (the
+    statistics the protocol uses for its families); None: ROOT/stats.json."""
+    path = Path(spec) if spec else Path(root) / "stats.json"
+    if path.suffix == ".safetensors":
+        s = sample.read_export_meta(str(path))["action_stats"]
+        return np.asarray(s["mean"], np.float64), np.asarray(s["std"], np.float64), str(path)
+    if not path.is_file():
+        raise ValueError(f"the action families need the action statistics, and {path} does not exist: pass --stats "
+                         f"(a stats.json, or the exported model whose families you compare with), or make it with "
+                         f"`python data.py stats --data {root} --out {path}`")
+    mean, std = data.load_stats(path)
+    return mean.astype(np.float64), std.astype(np.float64), str(path)
+
+
+def export_clips(root, out, *, horizon=25, clips=None, splits=data.EVAL_SPLITS,
+                 test_fraction=data.EGOVERSE_TEST_FRACTION, size=data.DEFAULT_SIZE, stats=None):
+    """The protocol's evaluation clips (eval_plan, data.load_clip at `size`) written into out -> the manifest.
+    Done clips are kept (an interrupted export resumes); a corrupt episode's clips are recorded as skipped."""
+    if horizon < 2:
+        raise ValueError(f"--horizon {horizon}: give at least 2 frames (the given one and one to predict)")
+    size = tuple(int(x) for x in size)
+    mean, std, stats_source = export_stats(stats, root)
+    episodes, plan = eval_plan(root, horizon, clips, splits=tuple(splits), test_fraction=test_fraction)
+    out = sample.check_out_dir(out)
+    settings = {"version": EXPORT_VERSION, "data": str(Path(root).resolve()), "splits": list(splits),
+                "test_fraction": test_fraction, "horizon": horizon, "clips": clips, "size": list(size),
+                "cond_frames": 1, "action_stats": {"source": stats_source, "mean": mean.tolist(), "std": std.tolist()}}
+    saved = out / "settings.json"
+    if saved.is_file() and json.loads(saved.read_text()) != settings:  # kept clips must be these clips
+        raise ValueError(f"{out} holds an export made with other settings ({saved}): choose another --out or "
+                         f"delete it")
+    _save_json(saved, settings)
+    entries, done = [], 0
+    for i, (e, s) in enumerate(tqdm(plan, desc="export")):
+        name, ep = f"{i:05d}", episodes[e]
+        d, marker = out / f"{i:05d}", out / f"{i:05d}" / "clip.json"
+        if marker.is_file():
+            entries.append(json.loads(marker.read_text()))
+            done += 1
+            continue
+        d.mkdir(exist_ok=True)
+        try:
+            clip = data.load_clip(ep, int(s), horizon, size)
+        except data.DataError as err:  # a corrupt episode is skipped, with its reason, never fatal
+            entry = {"index": i, "name": name, "episode": ep.id, "start": ep.start + int(s), "skipped": str(err)}
+            print(f"skipping clip {i} ({ep.id} @ {ep.start + int(s)}): {err}")
+        else:
+            video = clip["video"].permute(1, 2, 3, 0).numpy()  # (T, H, W, 3) uint8
+            _save_png(d / EXPORT_FILES["first"], video[0])
+            _save_npy(d / EXPORT_FILES["video"], video)
+            _save_npy(d / EXPORT_FILES["actions"], clip["actions"].numpy())  # (T-1, 57) float32, raw
+            _save_npy(d / EXPORT_FILES["keypoints"], clip["keypoints"].numpy())  # (T, 12, 2) float32
+            _save_npy(d / EXPORT_FILES["keypoint_valid"], clip["keypoint_valid"].numpy())  # (T, 12) bool
+            hub.atomic_write(d / EXPORT_FILES["prompt"], clip["prompt"])
+            entry = {"index": i, "name": name, "episode": clip["episode"], "start": clip["start"],
+                     "family": action_family(clip["actions"].numpy(), mean, std), "prompt": clip["prompt"],
+                     "files": {k: f"{name}/{f}" for k, f in EXPORT_FILES.items()}}
+        _save_json(marker, entry)  # last: the clip is done
+        entries.append(entry)
+    used = sorted({int(e) for e in plan[:, 0]})
+    manifest = {"format": "dexac-wm evaluation clips", **settings, "frames": horizon,
+                "synthetic": all(synthetic.is_synthetic(episodes[e].path) for e in used),
+                "episodes": len(used), "clips": entries}
+    hub.atomic_write(out / "manifest.json", json.dumps(manifest, indent=1))
+    skipped = sum("skipped" in c for c in entries)
+    print(f"exported {len(entries) - skipped} clips of {horizon} frames at {size[0]}x{size[1]} from {len(used)} "
+          f"episode(s) ({done} already there, {skipped} skipped) -> {out / 'manifest.json'}")
+    return manifest
+
+
+def read_manifest(path):
+    """An export folder (or its manifest.json) -> the manifest, with `dir` (the folder) added; one clear error for
+    a missing, unfinished or newer export."""
+    path = Path(path)
+    file = path / "manifest.json" if path.is_dir() else path
+    if not file.is_file():
+        unfinished = (file.parent / "settings.json").is_file()
+        raise ValueError(f"--manifest {path}: no manifest.json there" + (
+            " (the export did not finish: run the same `evaluate.py export` again)" if unfinished else
+            " (write one with `python evaluate.py export --data ROOT --out DIR`)"))
+    manifest = json.loads(file.read_text())
+    if manifest.get("version") != EXPORT_VERSION:
+        raise ValueError(f"{file} has export format version {manifest.get('version')}; this evaluate.py reads "
+                         f"version {EXPORT_VERSION}: export the clips again")
+    return {**manifest, "dir": str(file.parent)}
+
+
+def manifest_detector(spec, manifest):
+    """pck_detector for an export: None -> 'markers' when synthetic.py wrote every episode, else REAL_VIDEO;
+    'markers' on real video is the same error; any other spec as given."""
+    if spec not in (None, "markers"):
+        return spec
+    if not manifest["synthetic"]:
+        raise ValueError(f"{REAL_VIDEO}. The clips of {manifest['dir']} come from episodes synthetic.py did not "
+                         f"write: the colour-marker detector would score noise there")
+    return "markers"
+
+
+def manifest_metrics(spec, weights, offline=None):
+    """--metrics for compare --manifest -> (metrics, left out {metric: why}) as protocol_metrics, where latent_l2 is
+    always left out (NO_LATENTS); naming it is an error."""
+    metrics, left_out = protocol_metrics(spec, weights, offline)
+    if "latent_l2" in metrics and spec not in ("auto", "paper"):
+        raise ValueError(f"--metrics latent_l2: {NO_LATENTS}; leave it out")
+    return tuple(m for m in metrics if m != "latent_l2"), {"latent_l2": NO_LATENTS, **left_out}
+
+
+def video_shape(path):
+    """A predicted video's (videos, frames, height, width), read from its header (npy or video file)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        shape = np.load(path, mmap_mode="r").shape
+        return (1, *shape[:3]) if len(shape) == 4 else tuple(shape[:4])
+    try:
+        with av.open(str(path)) as c:
+            s = c.streams.video[0]
+            h, w = s.codec_context.height, s.codec_context.width
+    except (av.FFmpegError, OSError, IndexError) as e:
+        raise ValueError(f"{path}: unreadable video ({e})") from None
+    return 1, data.video_frame_count(path), h, w
+
+
+def check_prediction(name, path, shape, *, frames, size, resize=False, trim=False):
+    """One predicted video's shape against the manifest -> None, or what is wrong and the flag that fixes it."""
+    n, t, h, w = shape
+    if n != 1:
+        return f"clip {name}: {path} holds {n} videos; give one video per clip"
+    if t < frames:
+        return (f"clip {name}: {path} has {t} frames, expected {frames} (the given first frame, {name}/first.png, "
+                f"then {frames - 1} predicted): a model that outputs only the predicted frames needs first.png "
+                f"put in front")
+    if t > frames and not trim:
+        return f"clip {name}: {path} has {t} frames, expected {frames}: pass --trim to score its first {frames}"
+    if (h, w) != tuple(size) and not resize:
+        return (f"clip {name}: {path} is {h}x{w}, expected the manifest's {size[0]}x{size[1]}: pass --resize "
+                f"(stretched to {size[0]}x{size[1]}, {RESIZE_FILTER}) or generate at that size")
+    return None
+
+
+def resize_video(video, size):
+    """(N, 3, T, h, w) uint8 or [0, 1] -> (N, 3, T, H, W) float in [0, 1], each frame stretched to size."""
+    v = as_unit(video, "pred")
+    N, C, T = v.shape[:3]
+    x = v.transpose(1, 2).flatten(0, 1).float()  # (N*T, 3, h, w)
+    x = F.interpolate(x, tuple(size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    return x.view(N, T, C, *size).transpose(1, 2)
+
+
+def read_prediction(name, path, *, frames, size, resize=False, trim=False):
+    """A predicted video -> (1, 3, T, H, W) as the manifest's ground truth: trimmed to T frames with trim,
+    stretched to size with resize; any other mismatch is check_prediction's error."""
+    v = read_video(path)
+    problem = check_prediction(name, path, (v.shape[0], v.shape[2], *v.shape[3:]), frames=frames, size=size,
+                               resize=resize, trim=trim)
+    if problem:
+        raise ValueError(problem)
+    v = v[:, :, :frames]
+    return resize_video(v, size) if tuple(v.shape[3:]) != tuple(size) else v
+
+
+def find_predictions(manifest, pred, *, resize=False, trim=False):
+    """{clip name: predicted video path} for the manifest's scored clips, every shape checked before any work:
+    one error listing the missing names, one listing the mismatches."""
+    videos = list_videos(pred)
+    if Path(pred).is_file():
+        raise ValueError(f"--pred {pred}: with --manifest give a folder of videos named by the clips (00000.mp4, ...)")
+    wanted = [c["name"] for c in manifest["clips"] if "skipped" not in c]
+    missing = [n for n in wanted if n not in videos]
+    if missing:
+        raise ValueError(f"{pred} lacks the predicted videos of {len(missing)} of the manifest's {len(wanted)} clips: "
+                         f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} (one .npy or .mp4 per clip, "
+                         f"named as in {manifest['dir']}); every clip is scored, so that rows stay comparable")
+    extra = sorted(set(videos) - set(wanted))
+    if extra:
+        print(f"{pred}: {len(extra)} video(s) not in the manifest, not scored: {', '.join(extra[:5])}")
+    problems = [check_prediction(n, videos[n], video_shape(videos[n]), frames=manifest["frames"],
+                                 size=manifest["size"], resize=resize, trim=trim) for n in wanted]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError("; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
+    return {n: videos[n] for n in wanted}
+
+
+def score_predictions(manifest, videos, clip_dir, *, metrics, nets, resize=False, trim=False, device="cpu"):
+    """Score each clip's predicted video against the manifest's ground truth as evaluate_checkpoint scores a
+    rollout: per-clip files in clip_dir (features beside them), then collect's report."""
+    clip_dir = Path(clip_dir)
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    for f in list(clip_dir.glob("[0-9]*.json")) + list(clip_dir.glob("[0-9]*.npz")):  # no stale clip survives
+        f.unlink()
+    root, size = Path(manifest["dir"]), manifest["size"]
+    ev = Evaluator(metrics, n_cond=manifest["cond_frames"], device=device, **nets)
+    for c in tqdm(manifest["clips"], desc=clip_dir.parent.name):
+        head = {"index": c["index"], "episode": c["episode"], "start": c["start"]}
+        if "skipped" in c:
+            _save_json(clip_dir / f"{c['index']:05d}.json", {**head, "skipped": c["skipped"]})
+            continue
+        load = lambda k: np.load(root / c["files"][k])
+        gt = torch.from_numpy(load("video")).permute(3, 0, 1, 2)[None]  # (1, 3, T, H, W) uint8
+        pred = read_prediction(c["name"], videos[c["name"]], frames=manifest["frames"], size=size, resize=resize,
+                               trim=trim)
+        (score,) = ev.add(pred, gt, keypoints=torch.from_numpy(load("keypoints"))[None],
+                          keypoint_valid=torch.from_numpy(load("keypoint_valid"))[None])
+        score["family"] = c["family"]
+        feats = {f"{m}_{side}": store[0] for m, stores in ev.features.items()
+                 for side, store in zip(("pred", "gt"), stores) if store}
+        if feats:
+            np.savez(clip_dir / f"{c['index']:05d}.npz", **feats)
+        _save_json(clip_dir / f"{c['index']:05d}.json", {**head, **score})
+        ev.features = {m: ([], []) for m in ev.features}  # on disk now
+    return collect(clip_dir, len(manifest["clips"]), size)
+
+
+def compare_manifest(manifest, preds, out, *, metrics="auto", weights=None, detector=None, device="cpu",
+                     resize=False, trim=False, offline=None):
+    """Score folders of predicted videos (a table row each, named by the folder) on an export's clips -> {row:
+    report}; writes out/report.json, out/table.md and out/<row>/clips/ as the protocol does."""
+    manifest = read_manifest(manifest)
+    preds = [Path(p) for p in preds]
+    rows = {p.resolve().name: p for p in preds}
+    if len(rows) != len(preds):
+        raise ValueError(f"--pred: two folders share a name ({', '.join(p.name for p in preds)}); the names are the "
+                         f"table's rows: rename one")
+    weights = weights or {}
+    spec = metrics
+    metrics, left_out = manifest_metrics(spec, weights, offline)
+    if "pck" in metrics:
+        try:
+            detector = manifest_detector(detector, manifest)
+        except ValueError as e:  # 'auto' leaves out what it lacks; asked for, it is an error
+            if spec != "auto" or detector is not None:
+                raise
+            print(f"metrics left out (no detector for this data; name one with --detector):\n  pck: {e}")
+            metrics, left_out = tuple(m for m in metrics if m != "pck"), {**left_out, "pck": " ".join(str(e).split())}
+    videos = {row: find_predictions(manifest, p, resize=resize, trim=trim) for row, p in rows.items()}
+    out = sample.check_out_dir(out)
+    nets = load_networks(metrics, weights, detector, device, offline)
+    print(f"{len(manifest['clips'])} clips of {manifest['frames']} frames from {manifest['dir']}, metrics "
+          f"{','.join(metrics)}, {len(rows)} row(s) -> {out}")
+    reports = {row: score_predictions(manifest, videos[row], out / row / "clips", metrics=metrics, nets=nets,
+                                      resize=resize, trim=trim, device=device) for row in rows}
+    config = {"manifest": manifest["dir"], "pred": {row: str(p) for row, p in rows.items()}, "data": manifest["data"],
+              "splits": manifest["splits"], "horizon": manifest["frames"], "size": manifest["size"],
+              "detector": detector, "resize": RESIZE_FILTER if resize else False, "trim": trim}
+    _save_json(out / "report.json", {"config": config, "metrics": list(metrics), "left_out": left_out,
+                                     "rows": reports})
+    table = markdown_tables(reports, manifest["frames"], carry=None, left_out=left_out)  # made by other means
+    (out / "table.md").write_text(table)
+    print(table)
+    print(f"wrote {out / 'report.json'} and {out / 'table.md'}")
+    return reports
+
+
+
 def weight_flags(p):
     for kind, flag in WEIGHT_FLAGS.items():
         n = NETWORKS[kind]
@@ -1356,20 +1648,53 @@ def main(argv=None):
     weight_flags(p)
     p.set_defaults(**asdict(EvalConfig()))  # the defaults are EvalConfig's
     sub = p.add_subparsers(dest="command")
-    c = sub.add_parser("compare", help="score predicted videos against ground-truth videos")
-    c.add_argument("--pred", required=True, help="predicted video (.npy/.mp4) or a folder of them")
-    c.add_argument("--gt", required=True, help="ground-truth video(s), same names as --pred")
-    c.add_argument("--metrics", default="psnr,ssim",
-                   help=f"comma-separated, from {','.join(m for m in METRICS if m != 'latent_l2')}; or paper / auto")
+    c = sub.add_parser("compare", help="score predicted videos against ground-truth videos, or against the clips "
+                                       "of an export (--manifest)")
+    c.add_argument("--pred", required=True, nargs="+",
+                   help="predicted video (.npy/.mp4) or a folder of them; with --manifest one or more folders, a "
+                        "table row each (named by the folder), one video per clip named as the manifest's clips")
+    c.add_argument("--gt", help="ground-truth video(s), same names as --pred (or --manifest)")
+    c.add_argument("--manifest", help="an `evaluate.py export` folder: score against its clips' ground truth and "
+                                      "annotations, and write the protocol's report.json and table.md into --out")
+    c.add_argument("--metrics",
+                   help=f"comma-separated, from {','.join(m for m in METRICS if m != 'latent_l2')}; or paper / auto "
+                        f"(default psnr,ssim; with --manifest auto, as the protocol; latent_l2 needs latents)")
+    c.add_argument("--resize", action="store_true",
+                   help=f"with --manifest: stretch predicted frames of another size to the manifest's "
+                        f"({RESIZE_FILTER}); without it another size is an error")
+    c.add_argument("--trim", action="store_true",
+                   help="with --manifest: score the first T frames of longer predicted videos; without it another "
+                        "frame count is an error")
     c.add_argument("--cond-frames", type=sample.nonnegative_int, default=1,
                    help="leading conditioning frames, not scored")
     weight_flags(c)
     c.add_argument("--device", default="cpu", help="torch device for the feature networks")
-    c.add_argument("--out", help="also write the JSON report here")
+    c.add_argument("--out", help="also write the JSON report here (with --manifest: the output folder, required)")
+    x = sub.add_parser("export", help="write the protocol's evaluation clips (first frame, actions, prompt, ground "
+                                      "truth, keypoints) for another model to continue, with manifest.json")
+    x.add_argument("--data", required=True, help="dataset root; its --splits are exported")
+    x.add_argument("--out", required=True, help="output folder (a rerun there finishes what is missing)")
+    x.add_argument("--horizon", type=sample.positive_int, default=EvalConfig.horizon,
+                   help="frames per clip, the given first one included (the protocol's --horizon)")
+    x.add_argument("--clips", type=sample.positive_int, help="export N clips, evenly spread (the protocol's --clips)")
+    x.add_argument("--splits", default=EvalConfig.splits, help="comma-separated splits (default: test)")
+    x.add_argument("--test-fraction", type=sample.fraction, default=EvalConfig.test_fraction,
+                   help="EgoVerse episodes outside train/ and test/ folders: the fraction hashed into `test`")
+    x.add_argument("--height", type=sample.positive_int, default=data.DEFAULT_SIZE[0],
+                   help=f"frame height (default {data.DEFAULT_SIZE[0]}); to match a protocol run, its size: the "
+                        f"checkpoint's training height unless --height was given")
+    x.add_argument("--width", type=sample.positive_int, default=data.DEFAULT_SIZE[1],
+                   help=f"frame width (default {data.DEFAULT_SIZE[1]})")
+    x.add_argument("--stats", help="action statistics for the clips' families: a stats.json, or an exported model "
+                                   "(the statistics the protocol uses with it); default DATA/stats.json")
     f = sub.add_parser("fetch-weights", help="download (and verify) every network file the metrics need into the "
                                              "cache folder, then exit")
     f.add_argument("--metrics", default="paper", help="comma-separated metrics, or paper (default) / all")
     args = p.parse_args(argv)
+    if args.command == "export":
+        export_clips(args.data, args.out, horizon=args.horizon, clips=args.clips, splits=data.split_names(args.splits),
+                     test_fraction=args.test_fraction, size=(args.height, args.width), stats=args.stats)
+        return 0
     if args.command == "fetch-weights":
         metrics = METRICS if args.metrics == "all" else protocol_metrics(args.metrics, {})[0]
         for path in fetch_networks(metrics, {}):
@@ -1380,11 +1705,24 @@ def main(argv=None):
         return 0
     if args.command == "compare":
         sample.check_device(args.device)
+        weights = {kind: getattr(args, flag) for kind, flag in WEIGHT_FLAGS.items()}
+        if args.manifest:
+            if args.gt:
+                raise ValueError("--gt and --manifest: give one (the manifest holds the ground truth)")
+            if not args.out:
+                raise ValueError("--out: with --manifest name the folder for report.json, table.md and the per-clip "
+                                 "scores")
+            compare_manifest(args.manifest, args.pred, args.out, metrics=args.metrics or "auto", weights=weights,
+                             detector=args.detector, device=args.device, resize=args.resize, trim=args.trim,
+                             offline=args.offline or None)
+            return 0
+        if not args.gt or len(args.pred) != 1 or args.resize or args.trim:
+            raise ValueError("compare: give --gt and one --pred (or --manifest DIR; --resize and --trim need it)")
         if args.out and Path(args.out).is_dir():
             raise ValueError(f"--out {args.out} is a folder: name the JSON report's file")
-        compare(args.pred, args.gt, metrics=args.metrics, cond_frames=args.cond_frames, device=args.device,
-                weights={kind: getattr(args, flag) for kind, flag in WEIGHT_FLAGS.items()}, detector=args.detector,
-                out=args.out, offline=args.offline or None)
+        compare(args.pred[0], args.gt, metrics=args.metrics or "psnr,ssim", cond_frames=args.cond_frames,
+                device=args.device, weights=weights, detector=args.detector, out=args.out,
+                offline=args.offline or None)
         return 0
     if not args.checkpoints:
         p.print_help()

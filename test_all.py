@@ -5773,6 +5773,69 @@ def videos_and_ours(size, T=10):
     return videos, videos.permute(0, 4, 1, 2, 3)  # and evaluate.py's (B, C, T, H, W)
 
 
+# --- export / compare --manifest: the protocol's clips for other models, and their videos scored
+
+EXPORT_HORIZON, EXPORT_SIZE = 5, (64, 112)  # markers are found at 64x112 (not at the model's 32x64), so PCK is defined
+
+
+
+
+
+@pytest.fixture(scope="module")
+def manifest_protocol(exported, train_synth, tmp_path_factory):
+    """The protocol on every test clip at 64x112, each rollout kept (--figure-clips above the clip count) ->
+    (out, its report row, per-clip scores {index: dict}, the rollouts {index: (T, H, W, 3) uint8})."""
+    out = tmp_path_factory.mktemp("protocol")
+    assert E.main(["--checkpoint", str(exported), "--data", str(train_synth), "--horizon", str(EXPORT_HORIZON),
+                   "--steps", "1", "--metrics", "psnr,ssim,pck", "--height", str(EXPORT_SIZE[0]), "--width", str(EXPORT_SIZE[1]),
+                   "--figure-clips", "1000", "--batch", "8", "--out", str(out), "--device", "cpu"]) == 0
+    (row,) = json.loads((out / "report.json").read_text())["rows"].values()
+    d = only_run(out) / "clips"
+    per_clip = {int(f.stem): json.loads(f.read_text()) for f in sorted(d.glob("*.json"))}
+    rollouts = {int(f.stem): np.load(f) for f in sorted(d.glob("*.npy"))}
+    return out, row, per_clip, rollouts
+
+
+@pytest.fixture(scope="module")
+def export_dir(train_synth, tmp_path_factory):
+    """`evaluate.py export` of the same clips (stats: DATA/stats.json, the file the model was trained with)."""
+    out = tmp_path_factory.mktemp("export") / "clips"
+    assert E.main(["export", "--data", str(train_synth), "--out", str(out), "--horizon", str(EXPORT_HORIZON),
+                   "--height", str(EXPORT_SIZE[0]), "--width", str(EXPORT_SIZE[1])]) == 0
+    return out
+
+
+def pred_folder(path, videos):
+    """{clip name: (T, H, W, 3) frames} -> a folder of <name>.npy."""
+    path.mkdir(parents=True)
+    for name, v in videos.items():
+        np.save(path / f"{name}.npy", v)
+    return path
+
+
+def gt_videos(export_dir):
+    m = E.read_manifest(export_dir)
+    return {c["name"]: np.load(export_dir / c["files"]["video"]) for c in m["clips"]}
+
+
+def same_report(a, b, tol=1e-12):
+    """Equal reports/clip scores: floats to tol (the protocol scores clips in batches, compare one at a time: a
+    float64 mean over a batch's frames may differ in its last bit), everything else exactly."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_report(a[k], b[k], tol) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(same_report(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=tol, abs=tol)
+    return type(a) is type(b) and a == b
+
+
+def compare_manifest_cli(export_dir, pred, out, *extra, metrics="psnr,ssim,pck"):
+    assert E.main(["compare", "--manifest", str(export_dir), "--pred", *map(str, np.atleast_1d(pred)),
+                   "--metrics", metrics, "--out", str(out), *extra]) == 0
+    return json.loads((Path(out) / "report.json").read_text())
+
+
 class TestEvaluate:
     """Every metric against an independent reference or a known answer (PSNR, SSIM, LPIPS, Frechet distances,
     FID, FVD, latent L2, PCK), the report, the compare command, and the sharded, resumable rollout protocol."""
@@ -6567,6 +6630,205 @@ class TestEvaluate:
         torch.save(torch.nn.Conv3d(3, 64, 7), tmp_path / "module.pt")  # a pickled module, not a state dict
         with pytest.raises(hub.WeightsError):
             E.load_i3d(str(tmp_path / "module.pt"))
+
+    # export, then compare --manifest: other models' videos scored on our clips
+
+    def test_export_holds_the_protocols_clips(self, export_dir, train_synth, manifest_protocol):
+        """Same clips, order, episode, start, family as the protocol scored; each file as data.load_clip gives it."""
+        _, _, per_clip, _ = manifest_protocol
+        m = E.read_manifest(export_dir)
+        assert [(c["index"], c["episode"], c["start"]) for c in m["clips"]] == \
+               [(i, c["episode"], c["start"]) for i, c in sorted(per_clip.items())]
+        assert [c["family"] for c in m["clips"]] == [c["family"] for _, c in sorted(per_clip.items())]
+        assert len({c["family"] for c in m["clips"]}) > 1  # a wrong family could show
+        episodes, plan = E.eval_plan(train_synth, EXPORT_HORIZON)
+        for c, (e, s) in zip(m["clips"], plan):
+            clip = data.load_clip(episodes[e], int(s), EXPORT_HORIZON, EXPORT_SIZE)
+            video = clip["video"].permute(1, 2, 3, 0).numpy()
+            d = export_dir / c["name"]
+            first = np.asarray(Image.open(d / "first.png"))
+            assert np.array_equal(first, video[0])
+            got = {k: np.load(d / f) for k, f in (("video", "video.npy"), ("actions", "actions.npy"),
+                                                 ("keypoints", "keypoints.npy"), ("valid", "keypoint_valid.npy"))}
+            assert got["video"].dtype == np.uint8 and np.array_equal(got["video"], video)
+            assert got["actions"].dtype == np.float32 and got["actions"].shape == (EXPORT_HORIZON - 1, 57)
+            assert np.array_equal(got["actions"], clip["actions"].numpy())
+            assert np.array_equal(got["keypoints"], clip["keypoints"].numpy())
+            assert np.array_equal(got["valid"], clip["keypoint_valid"].numpy())
+            assert (d / "prompt.txt").read_text() == clip["prompt"] == c["prompt"]
+
+    def test_manifest_round_trip(self, export_dir, train_synth):
+        m = E.read_manifest(export_dir)
+        assert m == {**json.loads((export_dir / "manifest.json").read_text()), "dir": str(export_dir)}
+        assert (m["version"], m["horizon"], m["frames"], m["size"], m["splits"], m["cond_frames"]) == \
+               (E.EXPORT_VERSION, EXPORT_HORIZON, EXPORT_HORIZON, list(EXPORT_SIZE), ["test"], 1)
+        assert m["data"] == str(train_synth.resolve()) and m["synthetic"] is True and m["episodes"] == 2
+        mean, std = data.load_stats(train_synth / "stats.json")
+        assert m["action_stats"]["mean"] == mean.tolist() and m["action_stats"]["std"] == std.tolist()
+        assert all(set(c["files"]) == set(E.EXPORT_FILES) and all((export_dir / f).is_file()
+                                                                  for f in c["files"].values()) for c in m["clips"])
+
+    def test_export_again_reuses_every_clip_and_resumes_a_missing_one(self, export_dir, train_synth, monkeypatch,
+                                                                      tmp_path):
+        export_dir = Path(shutil.copytree(export_dir, tmp_path / "clips"))
+        before = (export_dir / "manifest.json").read_text()
+        calls = []
+        real = data.load_clip
+        monkeypatch.setattr(data, "load_clip", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+        argv = ["export", "--data", str(train_synth), "--out", str(export_dir), "--horizon", str(EXPORT_HORIZON),
+                "--height", str(EXPORT_SIZE[0]), "--width", str(EXPORT_SIZE[1])]
+        assert E.main(argv) == 0 and calls == []
+        (export_dir / "00003" / "clip.json").unlink()
+        (export_dir / "00003" / "video.npy").write_bytes(b"half a file")
+        assert E.main(argv) == 0 and len(calls) == 1
+        assert (export_dir / "manifest.json").read_text().replace(str(tmp_path / "clips"), "") == before
+        np.load(export_dir / "00003" / "video.npy")
+        with pytest.raises(ValueError, match="other settings"):
+            E.main([*argv[:-4], "--height", "32", "--width", "64"])
+
+    def test_corrupt_episode_is_recorded_as_skipped_and_reported(self, train_synth, tmp_path, exported):
+        root = tmp_path / "data"
+        shutil.copytree(train_synth, root)
+        bad = sorted((root / "test").rglob("*.mp4"))[0]
+        episodes, plan = E.eval_plan(root, EXPORT_HORIZON)
+        n_bad = sum(Path(episodes[e].path).with_suffix(".mp4") == bad for e, _ in plan)
+        bad.write_bytes(bad.read_bytes()[:2000])  # truncated after indexing
+        m = E.export_clips(root, tmp_path / "clips", horizon=EXPORT_HORIZON, size=EXPORT_SIZE)
+        skipped = [c for c in m["clips"] if "skipped" in c]
+        assert len(skipped) == n_bad > 0 and len(m["clips"]) == len(plan)
+        gts = {c["name"]: np.load(tmp_path / "clips" / c["files"]["video"]) for c in m["clips"] if "skipped" not in c}
+        rep = compare_manifest_cli(tmp_path / "clips", pred_folder(tmp_path / "gt", gts), tmp_path / "ev",
+                                   metrics="psnr")
+        (row,) = rep["rows"].values()
+        assert row["clips"] == len(plan) - n_bad and len(row["skipped"]) == n_bad
+
+    def test_unfinished_export_and_missing_stats_are_clear_errors(self, tmp_path, train_synth):
+        (tmp_path / "x").mkdir()
+        (tmp_path / "x" / "settings.json").write_text("{}")
+        with pytest.raises(ValueError, match="did not finish"):
+            E.read_manifest(tmp_path / "x")
+        with pytest.raises(ValueError, match="--stats"):
+            E.export_clips(train_synth, tmp_path / "y", horizon=EXPORT_HORIZON, size=EXPORT_SIZE,
+                           stats=tmp_path / "none.json")
+
+    def test_our_rollouts_score_as_in_the_protocol(self, manifest_protocol, export_dir, tmp_path):
+        """The key check: the protocol's own rollouts, scored through export + compare --manifest, give its
+        per-clip scores and its report exactly."""
+        out, row, per_clip, rollouts = manifest_protocol
+        assert sorted(rollouts) == sorted(per_clip)  # every rollout was kept
+        pred = pred_folder(tmp_path / "ours", {f"{i:05d}": v for i, v in rollouts.items()})
+        rep = compare_manifest_cli(export_dir, pred, tmp_path / "ev")
+        assert same_report(rep["rows"]["ours"], row)
+        assert row["pck@20"] is not None and row["pck_gt@20"] > 0  # PCK is defined: some markers are found
+        mine = {int(f.stem): json.loads(f.read_text()) for f in sorted((tmp_path / "ev" / "ours" / "clips")
+                                                                       .glob("*.json"))}
+        assert same_report(mine, {i: {k: v for k, v in c.items() if k != "seed"} for i, c in per_clip.items()})
+        table = (tmp_path / "ev" / "table.md").read_text()
+        ref = (out / "table.md").read_text().replace(only_run(out).name, "ours")
+        rows = lambda t: [line for line in t.splitlines() if line.startswith("|")]
+        assert rows(table) == rows(ref)  # the same cells; the header lines differ (no carry, latent L2 left out)
+        assert "latent_l2: " + E.NO_LATENTS in table and rep["left_out"] == {"latent_l2": E.NO_LATENTS}
+        assert "carry" not in table and "compare --manifest" in table
+
+    def test_ground_truth_as_prediction_scores_the_ceiling(self, export_dir, tmp_path):
+        rep = compare_manifest_cli(export_dir, pred_folder(tmp_path / "gt", gt_videos(export_dir)), tmp_path / "ev")
+        r = rep["rows"]["gt"]
+        assert r["psnr"] == E.PSNR_CAP and r["ssim"] == pytest.approx(1)
+        assert all(r[f"pck@{k:g}"] == r[f"pck_gt@{k:g}"] for k in E.PCK_THRESHOLDS)
+        assert r["pck_against"] == "annotations" and set(r["families"]) == set(E.FAMILIES)
+
+    def test_rows_of_several_folders(self, export_dir, tmp_path):
+        gts = gt_videos(export_dir)
+        a = pred_folder(tmp_path / "a", gts)
+        b = pred_folder(tmp_path / "b", {n: np.roll(v, 1, axis=2) for n, v in gts.items()})
+        rep = compare_manifest_cli(export_dir, [a, b], tmp_path / "ev", metrics="psnr")
+        assert list(rep["rows"]) == ["a", "b"] and rep["rows"]["a"]["psnr"] > rep["rows"]["b"]["psnr"]
+        assert "| b | " in (tmp_path / "ev" / "table.md").read_text()
+
+    def test_frame_count_mismatch_is_one_error_and_trim_fixes_longer_videos(self, export_dir, tmp_path):
+        gts = gt_videos(export_dir)
+        longer = pred_folder(tmp_path / "longer", {n: np.concatenate([v, v[-1:]]) for n, v in gts.items()})
+        with pytest.raises(ValueError, match=rf"clip 00000: .* has {EXPORT_HORIZON + 1} frames, expected "
+                                             rf"{EXPORT_HORIZON}: "
+                                             rf"pass --trim"):
+            compare_manifest_cli(export_dir, longer, tmp_path / "ev")
+        exact = compare_manifest_cli(export_dir, pred_folder(tmp_path / "exact", gts), tmp_path / "ev0")
+        exact = exact["rows"]["exact"]
+        assert compare_manifest_cli(export_dir, longer, tmp_path / "ev1", "--trim")["rows"]["longer"] == exact
+        shorter = pred_folder(tmp_path / "shorter", {n: v[1:] for n, v in gts.items()})
+        with pytest.raises(ValueError, match=r"expected 5 \(the given first frame, 00000/first.png"):
+            compare_manifest_cli(export_dir, shorter, tmp_path / "ev2", "--trim")
+
+    def test_size_mismatch_is_one_error_and_resize_fixes_it(self, export_dir, tmp_path):
+        gts = gt_videos(export_dir)
+        big = pred_folder(tmp_path / "big", {n: v.repeat(2, 1).repeat(2, 2) for n, v in gts.items()})
+        with pytest.raises(ValueError, match=r"clip 00000: .* is 128x224, expected the manifest's 64x112: pass "
+                                             r"--resize \(stretched to 64x112, bicubic"):
+            compare_manifest_cli(export_dir, big, tmp_path / "ev")
+        r = compare_manifest_cli(export_dir, big, tmp_path / "ev1", "--resize")
+        assert r["config"]["resize"] == E.RESIZE_FILTER and 30 < r["rows"]["big"]["psnr"] < E.PSNR_CAP
+        flat = torch.full((1, 3, 2, 9, 13), 0.25)
+        assert torch.allclose(E.resize_video(flat, (4, 6)), torch.full((1, 3, 2, 4, 6), 0.25))
+
+    def test_missing_videos_are_one_error_naming_them(self, export_dir, tmp_path):
+        gts = gt_videos(export_dir)
+        pred = pred_folder(tmp_path / "p", {n: v for n, v in gts.items() if n not in ("00002", "00005")})
+        with pytest.raises(ValueError, match=r"lacks the predicted videos of 2 of the manifest's \d+ clips: "
+                                             r"00002, 00005"):
+            compare_manifest_cli(export_dir, pred, tmp_path / "ev")
+        assert not (tmp_path / "ev").exists()  # refused before any work
+
+    def test_only_valid_keypoints_count(self, export_dir, tmp_path):
+        clips = Path(shutil.copytree(export_dir, tmp_path / "clips"))
+        valid = np.load(clips / "00000" / "keypoint_valid.npy")
+        assert valid[1:].sum() > 12
+        valid[:, :6] = False  # the left hand not annotated
+        np.save(clips / "00000" / "keypoint_valid.npy", valid)
+        compare_manifest_cli(clips, pred_folder(tmp_path / "gt", gt_videos(clips)), tmp_path / "ev", metrics="pck")
+        score = json.loads((tmp_path / "ev" / "gt" / "clips" / "00000.json").read_text())
+        assert score["pck_count"] == valid[1:].sum()  # the given frame is not scored
+
+    def test_stale_features_in_out_are_not_reported(self, export_dir, tmp_path):
+        """A rerun into the same --out without fid must not report an FID from the last run's feature files."""
+        d = tmp_path / "ev" / "gt" / "clips"
+        d.mkdir(parents=True)
+        n = len(E.read_manifest(export_dir)["clips"])
+        for i in range(n):
+            np.savez(d / f"{i:05d}.npz", fid_pred=np.random.rand(3, 4), fid_gt=np.random.rand(3, 4))
+        rep = compare_manifest_cli(export_dir, pred_folder(tmp_path / "gt", gt_videos(export_dir)), tmp_path / "ev",
+                      metrics="psnr")
+        assert "fid" not in rep["rows"]["gt"]
+
+    def test_mp4_predictions_are_read(self, export_dir, tmp_path):
+        (tmp_path / "mp4").mkdir()
+        for n, v in gt_videos(export_dir).items():
+            data.write_video(tmp_path / "mp4" / f"{n}.mp4", v, crf=0)
+        r = compare_manifest_cli(export_dir, tmp_path / "mp4", tmp_path / "ev", metrics="psnr")["rows"]["mp4"]
+        assert r["psnr"] > 35  # yuv420p, lossy in colour only
+
+    def test_command_line_errors(self, export_dir, tmp_path):
+        pred = pred_folder(tmp_path / "p", gt_videos(export_dir))
+        with pytest.raises(ValueError, match="latent_l2 needs the model's latents"):
+            compare_manifest_cli(export_dir, pred, tmp_path / "ev", metrics="psnr,latent_l2")
+        with pytest.raises(ValueError, match="--gt and --manifest"):
+            E.main(["compare", "--manifest", str(export_dir), "--pred", str(pred), "--gt", str(pred)])
+        with pytest.raises(ValueError, match="--out"):
+            E.main(["compare", "--manifest", str(export_dir), "--pred", str(pred)])
+        with pytest.raises(ValueError, match="need it"):
+            E.main(["compare", "--pred", str(pred), "--gt", str(pred), "--trim"])
+        with pytest.raises(ValueError, match="no manifest.json"):
+            E.main(["compare", "--manifest", str(tmp_path), "--pred", str(pred), "--out", str(tmp_path / "o")])
+        m = json.loads((export_dir / "manifest.json").read_text())
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "manifest.json").write_text(json.dumps({**m, "synthetic": False}))
+        with pytest.raises(ValueError, match="hand detector"):
+            E.compare_manifest(tmp_path / "m", [pred], tmp_path / "o", metrics="pck")
+
+    def test_plain_compare_still_works(self, export_dir, tmp_path):
+        gts = gt_videos(export_dir)
+        a, b = pred_folder(tmp_path / "a", gts), pred_folder(tmp_path / "b", gts)
+        assert E.main(["compare", "--pred", str(a), "--gt", str(b), "--out", str(tmp_path / "r.json")]) == 0
+        assert json.loads((tmp_path / "r.json").read_text())["psnr"] == E.PSNR_CAP
 
 
 # =====================================================================================================================
