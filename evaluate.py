@@ -123,6 +123,15 @@ NETWORKS = {  # kind -> the file, where it comes from, its sha256 and size where
         what="StyleGAN-V's I3D Kinetics-400 as TorchScript"),
     "keypoints": hub.Network("keypoints.pt", "", what="a hand-keypoint detector as TorchScript, with the "
                                                       "interface of evaluate.KeypointModel"),
+    # MediaPipe Hands' models (MediaPipeHands): inside the mediapipe 0.10.21 wheel, no URL; hashes of that wheel
+    "hand_landmark": hub.Network(
+        "hand_landmark_full.tflite", "", size=5_478_917, what="MediaPipe's hand landmark model",
+        sha256="11c272b891e1a99ab034208e23937a8008388cf11ed2a9d776ed3d01d0ba00e3",
+        found_in=(hub.package_file("mediapipe", "modules/hand_landmark/hand_landmark_full.tflite"),)),
+    "palm_detection": hub.Network(
+        "palm_detection_full.tflite", "", size=2_339_846, what="MediaPipe's palm detection model",
+        sha256="1b14e9422c6ad006cde6581a46c8b90dd573c07ab7f3934b5589e7cea3f89a54",
+        found_in=(hub.package_file("mediapipe", "modules/palm_detection/palm_detection_full.tflite"),)),
 }
 WEIGHT_FLAGS = {"alexnet": "alexnet", "lpips": "lpips_heads", "inception": "inception", "i3d": "i3d",
                 "i3d_stylegan": "i3d_stylegan"}  # kind -> flag
@@ -589,6 +598,11 @@ class MediaPipeHands:
         except ImportError:
             raise ImportError("--detector mediapipe needs the optional mediapipe 0.10.21 (Python 3.9-3.12; it "
                               "pins numpy<2): pip install 'dexac-wm[hands]'") from None
+        for kind in ("hand_landmark", "palm_detection"):  # the models its wheel bundles, checked like any network
+            if hub.locate(NETWORKS[kind]) is None:
+                raise WeightsError(f"{NETWORKS[kind].file} ({NETWORKS[kind].what}) is missing from mediapipe "
+                                   f"{getattr(mediapipe, '__version__', '?')} or is another model: pip install "
+                                   f"'dexac-wm[hands]' (mediapipe 0.10.21)")
         self.hands = mediapipe.solutions.hands.Hands(static_image_mode=True, max_num_hands=2,
                                                      model_complexity=model_complexity,
                                                      min_detection_confidence=min_detection_confidence)

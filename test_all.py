@@ -5657,6 +5657,17 @@ def fake_mediapipe(hands_per_frame):
     return ns(solutions=ns(hands=ns(Hands=Hands)))
 
 
+@pytest.fixture
+def mediapipe_models(tmp_path, monkeypatch):
+    """The stand-in mediapipe's two model files, registered (their sha256 and size) as the real ones are."""
+    for i, kind in enumerate(("hand_landmark", "palm_detection")):
+        payload = bytes([i]) * 100
+        (tmp_path / E.NETWORKS[kind].file).write_bytes(payload)
+        monkeypatch.setitem(E.NETWORKS, kind, replace(E.NETWORKS[kind], sha256=hashlib.sha256(payload).hexdigest(),
+                                                      size=100, found_in=(tmp_path / E.NETWORKS[kind].file,)))
+    return tmp_path
+
+
 def hand_at(u0, v0, H, W):
     """21 landmarks (normalized) of a hand whose landmark j sits at pixel (u0 + j, v0 + 2j)."""
     j = np.arange(21)
@@ -5787,7 +5798,8 @@ def manifest_protocol(exported, train_synth, tmp_path_factory):
     (out, its report row, per-clip scores {index: dict}, the rollouts {index: (T, H, W, 3) uint8})."""
     out = tmp_path_factory.mktemp("protocol")
     assert E.main(["--checkpoint", str(exported), "--data", str(train_synth), "--horizon", str(EXPORT_HORIZON),
-                   "--steps", "1", "--metrics", "psnr,ssim,pck", "--height", str(EXPORT_SIZE[0]), "--width", str(EXPORT_SIZE[1]),
+                   "--steps", "1", "--metrics", "psnr,ssim,pck", "--height", str(EXPORT_SIZE[0]),
+                   "--width", str(EXPORT_SIZE[1]),
                    "--figure-clips", "1000", "--batch", "8", "--out", str(out), "--device", "cpu"]) == 0
     (row,) = json.loads((out / "report.json").read_text())["rows"].values()
     d = only_run(out) / "clips"
@@ -6333,7 +6345,7 @@ class TestEvaluate:
         with pytest.raises(ValueError, match="PCK needs a detector, --detector"):
             E.main(["compare", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--metrics", "pck"])
 
-    def test_mediapipe_hands_are_matched_by_position_not_by_label(self, monkeypatch):
+    def test_mediapipe_hands_are_matched_by_position_not_by_label(self, monkeypatch, mediapipe_models):
         H, W = 60, 100
         left, right = hand_at(10, 5, H, W), hand_at(70, 8, H, W)
         frames = [[("Left", right), ("Right", left)],  # right hand first, labels as the legacy docs (mirrored)
@@ -6355,7 +6367,7 @@ class TestEvaluate:
             np.testing.assert_allclose(kp[t, 6:], want_right, atol=1e-9)
         assert np.isnan(kp[2, 6:]).all() and np.isnan(kp[3]).all()
 
-    def test_mediapipe_without_a_reference_reads_the_legacy_label_as_mirrored(self, monkeypatch):
+    def test_mediapipe_without_a_reference_reads_the_legacy_label_as_mirrored(self, monkeypatch, mediapipe_models):
         H, W = 60, 100
         left, right = hand_at(10, 5, H, W), hand_at(70, 8, H, W)
         monkeypatch.setitem(sys.modules, "mediapipe", fake_mediapipe([[("Left", right), ("Right", left)]]))
@@ -6373,6 +6385,13 @@ class TestEvaluate:
         monkeypatch.setitem(sys.modules, "mediapipe", None)  # import mediapipe raises ImportError
         with pytest.raises(ImportError, match=r"pip install 'dexac-wm\[hands\]'"):
             E.load_detector("mediapipe")
+
+    def test_mediapipe_with_other_hand_models_is_one_clear_error(self, monkeypatch, mediapipe_models):
+        """The hand models inside the mediapipe wheel are checked like every network file (sha256, size)."""
+        monkeypatch.setitem(sys.modules, "mediapipe", fake_mediapipe([]))
+        (mediapipe_models / "palm_detection_full.tflite").write_bytes(bytes(100))
+        with pytest.raises(E.WeightsError, match=r"palm_detection_full.tflite .* is missing from mediapipe .*0.10.21"):
+            E.MediaPipeHands()
 
     def test_load_detector_specs(self, detector_module):
         name, path = detector_module
@@ -6409,7 +6428,8 @@ class TestEvaluate:
         table = E.markdown_tables({"model": rep}, 9)
         model_rows = [line for line in table.splitlines() if line.startswith("| model |")]
         assert model_rows[0].endswith("| no keypoints | no keypoints |") and "0.00" not in table
-        assert model_rows[1] == "| model | – | no keypoints | no keypoints | no keypoints (n=1) | – (n=0) | – (n=0) |"
+        want = "| model | – | no keypoints | no keypoints | no keypoints (n=1) | – (n=0) | – (n=0) |"
+        assert model_rows[1] == want
         ceiling = [line for line in table.splitlines() if line.startswith(f"| {E.CEILING_ROW} |")]
         assert len(ceiling) == 2 and all("no keypoints" in line for line in ceiling)
 
