@@ -225,6 +225,10 @@ class ActionNorm(nn.Module):
         self.register_buffer("std_bits", torch.empty(n_dims, dtype=torch.int32))
         self.register_buffer("has_stats", torch.empty((), dtype=torch.int32))
         self.register_buffer("layout_id", torch.empty((), dtype=torch.int64))  # 0: unknown
+        # has_stats as seen from Python, so that forward reads no device tensor once stats were there (no host
+        # synchronization per call, nothing for torch.compile to break on); a state-dict load asks again
+        self.ready = False
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "ready", False))
         self.init_weights()
 
     @torch.no_grad()
@@ -235,6 +239,7 @@ class ActionNorm(nn.Module):
         self.std_bits.copy_((zeros + 1).view(torch.int32))
         self.has_stats.zero_()
         self.layout_id.zero_()
+        self.ready = False
 
     def stats(self):
         """(mean (N,), std (N,)) in fp32."""
@@ -255,6 +260,7 @@ class ActionNorm(nn.Module):
         self.std_bits.copy_(std.to(self.std_bits.device).view(torch.int32))
         self.has_stats.fill_(1)
         self.layout_id.fill_(0 if layout is None else layout_fingerprint(layout))
+        self.ready = True
 
     def check_layout(self, layout):
         """Refuse actions computed with another layout than the statistics were made for."""
@@ -268,11 +274,12 @@ class ActionNorm(nn.Module):
             return a
         if self.mode == "scale":
             return a * torch.as_tensor(self.scale, dtype=torch.float32, device=a.device)
-        if not int(self.has_stats):
+        if not self.ready and not int(self.has_stats):  # asked once (after init or a load), not per call
             raise ValueError("this model normalizes actions per dimension (action_norm='zscore') but holds "
                              "no statistics: compute them with `python data.py stats --data ROOT --out "
                              "stats.json` and pass them (`load_dit(..., action_stats='stats.json')` or "
                              "`model.action_cond.set_stats(mean, std)`), or load a checkpoint that has them")
+        self.ready = True
         mean, std = self.stats()
         return (a - mean) / (std + self.eps)  # eq. 4: dimension-wise normalization
 

@@ -109,12 +109,18 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=eps)
         self.k_norm = nn.RMSNorm(self.head_dim, eps=eps)
 
-    def forward(self, x, context=None, rope=None):
-        context = x if context is None else context
+    def kv(self, context):
+        """context (B, M, context_dim) -> its keys (normed) and values, (B, M, nh, hd) each."""
+        B, M, _ = context.shape
+        k = self.k_norm(self.k(context).view(B, M, self.n_heads, self.head_dim))
+        return k, self.v(context).view(B, M, self.n_heads, self.head_dim)
+
+    def forward(self, x, context=None, rope=None, kv=None):
+        """kv: this attention's (keys, values) of the context, computed beforehand (a rollout's text context is
+        the same at every denoising step: DiT.cross_kv); else from context, or x (self-attention)."""
         B, L, _ = x.shape
         q = self.q_norm(self.q(x).view(B, L, self.n_heads, self.head_dim))  # (B, L, nh, hd)
-        k = self.k_norm(self.k(context).view(B, context.shape[1], self.n_heads, self.head_dim))
-        v = self.v(context).view(B, context.shape[1], self.n_heads, self.head_dim)
+        k, v = self.kv(x if context is None else context) if kv is None else kv
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -147,7 +153,7 @@ class Block(nn.Module):
         self.mod_cross_attn = AdaLNModulation(dim, lora_dim, 3)
         self.mod_mlp = AdaLNModulation(dim, lora_dim, 3)
 
-    def forward(self, x, emb, adaln_lora, context, rope):
+    def forward(self, x, emb, adaln_lora, context, rope, kv=None):
         # x (B, T, HW, D); emb (B, T, D) and adaln_lora (B, T, 3D) are per latent frame, so they
         # broadcast over the HW tokens of their frame. As the official fp32 strategy: shift/scale/gate are
         # computed in fp32 and cast to the activation dtype, in which the rest of the block runs.
@@ -159,7 +165,7 @@ class Block(nn.Module):
             return x + gate * f(h)
 
         attend = lambda h: self.self_attn(h.view(B, T * S, D), rope=rope).view(B, T, S, D)
-        cross = lambda h: self.cross_attn(h.view(B, T * S, D), context).view(B, T, S, D)
+        cross = lambda h: self.cross_attn(h.view(B, T * S, D), context, kv=kv).view(B, T, S, D)
         mlp = lambda h: self.fc2(F.gelu(self.fc1(h)))
         x = sublayer(self.mod_self_attn, attend, x)
         x = sublayer(self.mod_cross_attn, cross, x)
@@ -273,6 +279,7 @@ class DiT(nn.Module):
         if semantic is None and c.semantic_dim:
             semantic = sem.SemanticProjector(c.semantic_dim, c.context_dim, c.semantic_weight)
         self.semantic = semantic
+        self._rope = {}  # (Tp, Hp, Wp, device) -> RoPE cos, sin (self.rope)
         self.init_weights()
 
     @torch.no_grad()
@@ -328,12 +335,39 @@ class DiT(nn.Module):
         if any(n > m for n, m in zip((T, H, W), c.max_size)):
             raise ValueError(f"latent size {(T, H, W)} exceeds the model's max_size {c.max_size}")
 
-    def forward(self, x, sigma, text, frame_mask=None, *, padding_mask=None, actions=None, image_features=None):
+    def context(self, text, image_features=None, dtype=None):
+        """The cross-attention context: the projected text (B, L, context_dim), then the image features' tokens;
+        text cast to dtype (the activations'; default the weights')."""
+        context = F.gelu(self.text_proj(text.to(dtype or self.patch_embed.weight.dtype)))
+        if self.semantic is not None and image_features is not None:
+            context = torch.cat([context, self.semantic(image_features).to(context.dtype)], dim=1)
+        return context
+
+    @torch.no_grad()
+    def cross_kv(self, text, image_features=None):
+        """Every block's cross-attention keys and values for this text (and image features): the same at every
+        denoising step of a rollout chunk, so sampling computes them once per chunk (forward(..., kv=...))
+        instead of once per step (the text projection alone is 100352 x 1024 per token at cosmos2b)."""
+        context = self.context(text, image_features)
+        return [block.cross_attn.kv(context) for block in self.blocks]
+
+    def rope(self, Tp, Hp, Wp, device):
+        """cos, sin of the 3D RoPE for a latent token grid, built once per grid size and device."""
+        key = (Tp, Hp, Wp, str(device))
+        if key not in self._rope:
+            angles = rope_angles(Tp, Hp, Wp, self.config.dim // self.config.n_heads, ratios=self.config.rope_ratios,
+                                 device=device)[:, None]  # (L, 1, hd)
+            self._rope[key] = (angles.cos(), angles.sin())
+        return self._rope[key]
+
+    def forward(self, x, sigma, text=None, frame_mask=None, *, padding_mask=None, actions=None, image_features=None,
+                kv=None):
         """Predict the flow velocity eps - x0.
 
         x (B, C, T, H, W) latents with conditional frames already clean; sigma (B,) or (B, T) noise level in
         [0, 1]; text (B, L, text_dim); frame_mask (B, T), 1 on conditional latent frames; padding_mask
-        (B, 1, H', W') of any size, resized (nearest) to the latent grid, zeros when None.
+        (B, 1, H', W') of any size, resized (nearest) to the latent grid, zeros when None. kv: cross_kv(text,
+        image_features), given instead of text and image_features (a rollout chunk's steps share them).
         Returns (B, out_channels, T, H, W).
         """
         self.check_input(x)
@@ -372,16 +406,14 @@ class DiT(nn.Module):
             adaln_lora = adaln_lora if emb_3d is None else adaln_lora + emb_3d
             emb = self.t_norm(sinusoid)  # (B, Tp, D), fp32 like adaln_lora
 
-        context = F.gelu(self.text_proj(text.to(x.dtype)))  # (B, L, context_dim)
-        if self.semantic is not None and image_features is not None:
-            context = torch.cat([context, self.semantic(image_features).to(context.dtype)], dim=1)
-
-        angles = rope_angles(Tp, Hp, Wp, c.dim // c.n_heads, ratios=c.rope_ratios, device=x.device)  # (L, hd)
-        angles = angles[:, None]  # (L, 1, hd)
-        rope = (angles.cos(), angles.sin())
+        if (kv is None) == (text is None):
+            raise ValueError("give the DiT text (B, L, text_dim) or its precomputed kv (DiT.cross_kv), one of them")
+        kvs = kv if kv is not None else [None] * len(self.blocks)
+        context = self.context(text, image_features, x.dtype) if kv is None else None
+        rope = self.rope(Tp, Hp, Wp, x.device)
         x = x.view(B, Tp, Hp * Wp, c.dim)
-        for block in self.blocks:  # eq. 11: every block's AdaLN sees the action context, x the local refinement
-            x = block(x, emb, adaln_lora, context, rope)
+        for block, block_kv in zip(self.blocks, kvs):  # eq. 11: every block's AdaLN sees the action context
+            x = block(x, emb, adaln_lora, context, rope, block_kv)
         x = self.final(x, emb, adaln_lora)  # (B, Tp, Hp*Wp, pt*ps*ps*C)
 
         # unpatchify with channel as the INNER index: (ph, pw, pt, c)

@@ -339,12 +339,14 @@ class WorldModel:
 
     def velocity_fn(self, text, actions, frame_mask, *, guidance, feats=None, bar=None):
         """v(x, sigma) with classifier-free guidance over the text: with guidance, text is text_context's
-        (2B, L, D), conditional then unconditional, and both branches run in one batch."""
+        (2B, L, D), conditional then unconditional, and both branches run in one batch. The cross-attention keys
+        and values of the text (and DINOv3 features) are computed here, once for the chunk's steps."""
         actions = actions if self.dit.action_cond is not None else None  # action_mode none: the backbone
         two = lambda t: None if t is None else torch.cat([t, t])
         if guidance:  # built once per chunk, not per step
             frame_mask, actions, feats = two(frame_mask), two(actions), two(feats)
 
+        kv = self.dit.cross_kv(text, feats)  # the text (and image) keys and values: once per chunk, not per step
         step = [0]
 
         def v(x, sigma):
@@ -352,10 +354,9 @@ class WorldModel:
                 bar.update(1)
             step[0] += 1
             if guidance == 0:
-                out = self.dit(x, sigma, text, frame_mask=frame_mask, actions=actions, image_features=feats)
+                out = self.dit(x, sigma, frame_mask=frame_mask, actions=actions, kv=kv)
             else:
-                out = self.dit(two(x), two(sigma), text, frame_mask=frame_mask, actions=actions,
-                               image_features=feats)
+                out = self.dit(two(x), two(sigma), frame_mask=frame_mask, actions=actions, kv=kv)
                 out = M.guided(*out.chunk(2), guidance)
             check_finite(out, f"at sampler step {step[0]}")  # one reduction per step: cheap beside the DiT
             return out

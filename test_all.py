@@ -1986,6 +1986,45 @@ class TestModel:
         assert (out - expected).abs().max() / scale < 2e-6
         assert (out - diffusers_default).abs().max() / scale > 1e-3
 
+    @pytest.mark.parametrize("mode", ["dexac", "none"])
+    def test_cross_kv_computed_once_gives_the_plain_forward(self, mode):
+        """DiT.cross_kv(text, image features) passed as kv gives the same output as text and image features
+        passed at every call (bit for bit on the CPU; a rollout chunk computes it once for all its steps), with
+        DexAC and the semantic branch on, classifier-free guidance's doubled batch included."""
+        config = replace(DIT_SMALL, action_mode=mode, semantic_dim=DINO_TINY.dim)
+        model = randomize(M.DiT(config), seed=3, std=0.05).eval()
+        if mode != "none":
+            model.action_cond.set_stats(*random_action_stats())
+        g = torch.Generator().manual_seed(0)
+        x, text = torch.randn(4, 16, 3, 4, 6, generator=g), torch.randn(4, 5, DIT_SMALL.text_dim, generator=g)
+        feats, mask = torch.randn(4, 6, DINO_TINY.dim, generator=g), torch.tensor([[1.0, 0, 0]]).expand(4, 3)
+        actions = torch.randn(4, T_ACT, N_ACT, generator=g) if mode != "none" else None
+        kv = model.cross_kv(text, feats)
+        with torch.no_grad():
+            for sigma in (torch.full((4,), 0.9), torch.full((4,), 0.2)):  # two "steps", one kv
+                plain = model(x, sigma, text, mask, actions=actions, image_features=feats)
+                assert torch.equal(model(x, sigma, frame_mask=mask, actions=actions, kv=kv), plain)
+        with pytest.raises(ValueError, match="text .* or its precomputed kv"):
+            model(x, sigma, text, mask, actions=actions, kv=kv)
+
+    def test_dit_forward_compiles_as_one_graph(self):
+        """torch.compile(fullgraph=True) traces the whole forward (DexAC and the semantic branch on, after the
+        first call that reads the action statistics' flag) without a graph break, and equals eager."""
+        config = replace(DIT_SMALL, action_mode="dexac", semantic_dim=8)
+        model = randomize(M.DiT(config), seed=4, std=0.05).eval()
+        model.action_cond.set_stats(*random_action_stats())
+        g = torch.Generator().manual_seed(0)
+        x, text = torch.randn(2, 16, 2, 4, 4, generator=g), torch.randn(2, 3, DIT_SMALL.text_dim, generator=g)
+        args = dict(frame_mask=torch.tensor([[1.0, 0]]).expand(2, 2), actions=torch.randn(2, T_ACT, N_ACT,
+                                                                                          generator=g),
+                    image_features=torch.randn(2, 5, 8, generator=g))
+        sigma = torch.rand(2, generator=g)
+        with torch.no_grad():
+            eager = model(x, sigma, text, **args)
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+            assert torch.allclose(compiled(x, sigma, text, **args), eager, atol=1e-6)
+
     def test_padding_mask_is_resized_nearest_from_pixels(self):
         """A mask at pixel resolution acts as the same mask at latent resolution (and the mask does act)."""
         model = randomize(M.DiT(DIT_SMALL)).eval()
@@ -4978,19 +5017,20 @@ class TestSample:
         info = {"tokenizer": {"name": "pixel", "pixel_compression": 2}, "text": {"mode": "none", "tokens": 4},
                 "train_config": {"height": 32, "width": 48, "text_cache": "", "shift": 1.0}}
         wm = S.WorldModel.from_model(dit, info, dino=str(folder))
-        seen = []
-        forward = wm.dit.forward
-        wm.dit.forward = lambda *a, **k: seen.append(k["image_features"]) or forward(*a, **k)
+        seen, calls = [], []
+        cross_kv, forward = wm.dit.cross_kv, wm.dit.forward
+        wm.dit.cross_kv = lambda text, feats: seen.append(feats) or cross_kv(text, feats)
+        wm.dit.forward = lambda *a, **k: calls.append(k["kv"] is not None) or forward(*a, **k)
         frame = (np.random.default_rng(0).random((2, 32, 48, 3)) * 255).astype(np.uint8)
         still = np.broadcast_to(S.still_actions(8), (2, 8, conditioning.ACTION_DIM))
         video = wm.rollout(frame, still, ["", ""], [0, 1], steps=2, progress=False)
-        assert video.shape == (2, 9, 32, 48, 3) and len(seen) == 4  # 2 chunks x 2 steps
+        assert video.shape == (2, 9, 32, 48, 3) and len(seen) == 2 and calls == [True] * 4  # per chunk, not step
         expected = semantic.conditioning_features(wm.dino, torch.from_numpy(frame).permute(0, 3, 1, 2) / 127.5 - 1)
         assert seen[0].shape == (2, 6, DINO_TINY.dim) and torch.allclose(seen[0], expected, atol=1e-5)
-        assert torch.equal(seen[0], seen[1]) and not torch.allclose(seen[2], seen[0])  # per chunk, not per step
+        assert not torch.allclose(seen[1], seen[0])
         generated = torch.from_numpy(video[:, 4]).permute(0, 3, 1, 2).float() / 127.5 - 1  # chunk 1's first frame
         again = semantic.conditioning_features(wm.dino, generated)  # the frame as written: rounded to uint8
-        assert ((seen[2] - again).norm() / again.norm()).item() < 0.02
+        assert ((seen[1] - again).norm() / again.norm()).item() < 0.02
 
     @pytest.mark.parametrize("tokenizer", ["pixel", "wan2.1"])
     def test_second_chunk_starts_on_the_reencoded_uint8_last_frame(self, monkeypatch, tokenizer):
@@ -5062,13 +5102,13 @@ class TestSample:
         for p, e in emb.items():
             save_file({"embedding": e}, embedder.cache_path(p))
         wm = tiny_world_model(text=(tmp_path, 4))
-        seen, forward = [], wm.dit.forward
-        wm.dit.forward = lambda x, sigma, text, **k: seen.append(text) or forward(x, sigma, text, **k)
+        seen, cross_kv = [], wm.dit.cross_kv
+        wm.dit.cross_kv = lambda text, feats: seen.append(text) or cross_kv(text, feats)  # once per chunk
         frame, acts = inputs(B=2, K=4)
         wm.rollout(frame, acts, ["open the jar"] * 2, [0, 1], steps=2, guidance=3.0, negative_prompt=negative,
                    progress=False)
         uncond = emb["" if negative is None else negative]
-        assert len(seen) == 2 and all(t.shape == (4, 4, DIT_SMALL.text_dim) for t in seen)
+        assert len(seen) == 1 and all(t.shape == (4, 4, DIT_SMALL.text_dim) for t in seen)
         for t in seen:
             assert torch.equal(t[:2], emb["open the jar"].expand(2, -1, -1))
             assert torch.equal(t[2:], uncond.expand(2, -1, -1))
