@@ -679,18 +679,35 @@ def detect(detector, frames, reference=None):
     return out
 
 
-def pck_detector(spec, episodes):
+def pck_detector(spec, episodes, real=None):
     """The protocol's detector for these episodes (data.Episode): None -> 'markers' when synthetic.py wrote every
     one (synthetic.is_synthetic), else an error naming --detector; 'markers' on any other episode is the same
-    error (real video has no markers); any other spec as given."""
+    error (real video has no markers); any other spec as given. real: instead of episodes, what is known not to
+    be synthetic.py's ('' when all are)."""
     if spec not in (None, "markers"):
         return spec
-    real = sorted({e.id for e in episodes if not synthetic.is_synthetic(e.path)})
+    if real is None:
+        ids = sorted({e.id for e in episodes if not synthetic.is_synthetic(e.path)})
+        real = f"{len(ids)} evaluated episode(s) ({', '.join(ids[:3])}) are not synthetic.py's" if ids else ""
     if real:
-        raise ValueError(f"{REAL_VIDEO}. {len(real)} evaluated episode(s) ({', '.join(real[:3])}) are not "
-                         f"synthetic.py's: the colour-marker detector would score noise there (synthetic data "
-                         f"written before its files were marked: write it again)")
+        raise ValueError(f"{REAL_VIDEO}. {real}: the colour-marker detector would score noise there (synthetic "
+                         f"data written before its files were marked: write it again)")
     return "markers"
+
+
+def detector_or_leave_out(choose, spec, metrics_spec, metrics, left_out):
+    """PCK's detector, choose() (pck_detector's rules), when pck is among metrics -> (detector, metrics, left_out).
+    Under --metrics auto without --detector, no detector for this data leaves pck out, named; else the error
+    stands."""
+    if "pck" not in metrics:
+        return spec, metrics, left_out
+    try:
+        return choose(), metrics, left_out
+    except ValueError as e:  # 'auto' leaves out what it lacks; asked for, it is an error
+        if metrics_spec != "auto" or spec is not None:
+            raise
+        print(f"metrics left out (no detector for this data; name one with --detector):\n  pck: {e}")
+        return spec, tuple(m for m in metrics if m != "pck"), {**left_out, "pck": " ".join(str(e).split())}
 
 
 def pck(pred_kp, gt_kp, valid=None, thresholds=PCK_THRESHOLDS):
@@ -1274,14 +1291,10 @@ def protocol(cfg):
     metrics, left_out = protocol_metrics(cfg.metrics, weights, offline)
     episodes, plan = eval_plan(cfg.data, cfg.horizon, cfg.clips, splits=data.split_names(cfg.splits),
                                test_fraction=cfg.test_fraction)
-    if "pck" in metrics:
-        try:
-            cfg = replace(cfg, detector=pck_detector(cfg.detector, [episodes[e] for e in np.unique(plan[:, 0])]))
-        except ValueError as e:  # 'auto' leaves out what it lacks; asked for, it is an error
-            if cfg.metrics != "auto" or cfg.detector is not None:
-                raise
-            print(f"metrics left out (no detector for this data; name one with --detector):\n  pck: {e}")
-            metrics, left_out = tuple(m for m in metrics if m != "pck"), {**left_out, "pck": " ".join(str(e).split())}
+    used = [episodes[e] for e in np.unique(plan[:, 0])]
+    detector, metrics, left_out = detector_or_leave_out(lambda: pck_detector(cfg.detector, used), cfg.detector,
+                                                        cfg.metrics, metrics, left_out)
+    cfg = replace(cfg, detector=detector)
     nets = load_networks(metrics, weights, cfg.detector, device, offline)
     if cfg.shuffle_actions and len(plan) < 2:  # clip i takes clip (i + N // 2) mod N's: itself when N = 1
         raise ValueError(f"--shuffle-actions needs at least 2 clips (each takes another clip's actions); the plan "
@@ -1438,17 +1451,6 @@ def read_manifest(path):
     return {**manifest, "dir": str(file.parent)}
 
 
-def manifest_detector(spec, manifest):
-    """pck_detector for an export: None -> 'markers' when synthetic.py wrote every episode, else REAL_VIDEO;
-    'markers' on real video is the same error; any other spec as given."""
-    if spec not in (None, "markers"):
-        return spec
-    if not manifest["synthetic"]:
-        raise ValueError(f"{REAL_VIDEO}. The clips of {manifest['dir']} come from episodes synthetic.py did not "
-                         f"write: the colour-marker detector would score noise there")
-    return "markers"
-
-
 def manifest_metrics(spec, weights, offline=None):
     """--metrics for compare --manifest -> (metrics, left out {metric: why}) as protocol_metrics, where latent_l2 is
     always left out (NO_LATENTS); naming it is an error."""
@@ -1577,14 +1579,10 @@ def compare_manifest(manifest, preds, out, *, metrics="auto", weights=None, dete
     weights = weights or {}
     spec = metrics
     metrics, left_out = manifest_metrics(spec, weights, offline)
-    if "pck" in metrics:
-        try:
-            detector = manifest_detector(detector, manifest)
-        except ValueError as e:  # 'auto' leaves out what it lacks; asked for, it is an error
-            if spec != "auto" or detector is not None:
-                raise
-            print(f"metrics left out (no detector for this data; name one with --detector):\n  pck: {e}")
-            metrics, left_out = tuple(m for m in metrics if m != "pck"), {**left_out, "pck": " ".join(str(e).split())}
+    real = "" if manifest["synthetic"] else (f"the clips of {manifest['dir']} come from episodes synthetic.py did "
+                                             f"not write")
+    detector, metrics, left_out = detector_or_leave_out(lambda: pck_detector(detector, (), real), detector, spec,
+                                                        metrics, left_out)
     videos = {row: find_predictions(manifest, p, resize=resize, trim=trim) for row, p in rows.items()}
     out = sample.check_out_dir(out)
     nets = load_networks(metrics, weights, detector, device, offline)

@@ -4192,19 +4192,10 @@ T24_SMALL = ["--batch-size", 2, "--micro-batch", 2]
 
 
 @pytest.fixture(scope="module")
-def t24_root(tmp_path_factory):
-    """A small synthetic root for the input tests (1 task x 2 + 1 episodes of 20 frames), with stats.json."""
-    r = tmp_path_factory.mktemp("t24") / "data"
-    synthetic.write_synthetic(r, tasks=1, episodes=2, test_episodes=1, frames=20, size=(64, 112), workers=0)
-    (r / "stats.json").write_text(json.dumps(data.compute_stats(r)))
-    return r
-
-
-@pytest.fixture(scope="module")
-def t24_damaged(t24_root, tmp_path_factory):
-    """t24_root's copy, indexed intact, then every training video overwritten in place (the index keeps them)."""
+def t24_damaged(small_synth, tmp_path_factory):
+    """small_synth's copy, indexed intact, then every training video overwritten in place (the index keeps them)."""
     d = tmp_path_factory.mktemp("t24d") / "data"
-    shutil.copytree(t24_root, d)
+    shutil.copytree(small_synth, d)
     data.load_index(d)
     data.load_index(d, data.EVAL_SPLITS)
     for f in d.glob("part1/*/*.mp4"):
@@ -4556,11 +4547,12 @@ class TestTrain:
         assert len(la) == len(lb) == 3 and la[:2] == lb[:2] and la[2] != lb[2]
 
     @pytest.mark.slow
-    def test_bad_inputs_are_one_line_and_exit_promptly(self, t24_root, t24_damaged, tmp_path):
+    def test_bad_inputs_are_one_line_and_exit_promptly(self, small_synth, t24_damaged, tmp_path):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
         procs = {}
         for case, flags in TRAIN_BAD_INPUTS.items():
-            argv = [*TRAIN_ARGS, *T24_SMALL, "--steps", 2, "--out", tmp_path / case, *flags(t24_root, t24_damaged, tmp_path)]
+            argv = [*TRAIN_ARGS, *T24_SMALL, "--steps", 2, "--out", tmp_path / case,
+                    *flags(small_synth, t24_damaged, tmp_path)]
             # argparse keeps the last of a repeated flag: the case's own win over TRAIN_ARGS'
             procs[case] = subprocess.Popen([sys.executable, "train.py", *map(str, argv)], cwd=HERE, env=env,
                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -4581,8 +4573,8 @@ class TestTrain:
                 failures.append(f"{case}: rc {p.returncode}, stderr {err[-600:]!r}")
         assert not failures, "\n".join(failures)
 
-    def test_resume_restores_the_runs_configuration(self, t24_root, tmp_path, capsys):
-        run_train(["--data", t24_root, "--out", tmp_path, *T24_SMALL, "--steps", 3, "--lr", 3e-4, "--ckpt-every", 1,
+    def test_resume_restores_the_runs_configuration(self, small_synth, tmp_path, capsys):
+        run_train(["--data", small_synth, "--out", tmp_path, *T24_SMALL, "--steps", 3, "--lr", 3e-4, "--ckpt-every", 1,
                    "--keep", 5, "--exit-after", 2])
         run = only_run(tmp_path)
         capsys.readouterr()
@@ -4593,8 +4585,8 @@ class TestTrain:
         train.main(["--resume", str(run), "--lr", "1e-4", "--steps", "4"])
         assert "resume: --lr 0.0001 overrides the run's 0.0003" in capsys.readouterr().out
 
-    def test_branch_from_an_older_checkpoint_keeps_it_and_latest_is_the_new_branch(self, t24_root, tmp_path):
-        run_train(["--data", t24_root, "--out", tmp_path, *T24_SMALL, "--steps", 4, "--ckpt-every", 1, "--keep", 3])
+    def test_branch_from_an_older_checkpoint_keeps_it_and_latest_is_the_new_branch(self, small_synth, tmp_path):
+        run_train(["--data", small_synth, "--out", tmp_path, *T24_SMALL, "--steps", 4, "--ckpt-every", 1, "--keep", 3])
         run = only_run(tmp_path)
         ckpts = run / "checkpoints"
         assert sorted(c.name for c in ckpts.iterdir()) == ["step_0000002", "step_0000003", "step_0000004"]
@@ -4608,8 +4600,9 @@ class TestTrain:
         assert ckpt_meta(newest)["train_config"]["lr"] == 5e-4
         assert (ckpts / "step_0000002").is_dir()  # pruning never touches the chosen one
 
-    def test_damaged_newest_checkpoint_falls_back(self, t24_root, tmp_path, capsys):
-        run_train(["--data", t24_root, "--out", tmp_path, *T24_SMALL, "--steps", 3, "--ckpt-every", 1, "--exit-after", 2])
+    def test_damaged_newest_checkpoint_falls_back(self, small_synth, tmp_path, capsys):
+        run_train(["--data", small_synth, "--out", tmp_path, *T24_SMALL, "--steps", 3, "--ckpt-every", 1,
+                   "--exit-after", 2])
         run = only_run(tmp_path)
         (shard,) = (run / "checkpoints" / "step_0000002").glob("*.distcp")
         shard.write_bytes(shard.read_bytes()[:100])
@@ -4620,9 +4613,9 @@ class TestTrain:
         assert "resumed from" in out and "at step 1" in out
         assert (run / "model.safetensors").is_file()
 
-    def test_export_is_atomic_and_checksummed(self, t24_root, tmp_path, monkeypatch):
+    def test_export_is_atomic_and_checksummed(self, small_synth, tmp_path, monkeypatch):
         import safetensors.torch
-        run = run_train(["--data", t24_root, "--out", tmp_path, *T24_SMALL, "--steps", 1])
+        run = run_train(["--data", small_synth, "--out", tmp_path, *T24_SMALL, "--steps", 1])
         path = run / "model.safetensors"
         before = path.read_bytes()
         M.load_exported(path)
@@ -4648,15 +4641,15 @@ class TestTrain:
         with pytest.raises(ValueError, match="damaged export"):
             M.load_exported(tmp_path / "cut.safetensors")
 
-    def test_run_lock_and_numbering(self, t24_root, tmp_path, capsys):
+    def test_run_lock_and_numbering(self, small_synth, tmp_path, capsys):
         out = tmp_path / "runs"
-        run_train(["--data", t24_root, "--out", out, *T24_SMALL, "--steps", 1])
+        run_train(["--data", small_synth, "--out", out, *T24_SMALL, "--steps", 1])
         (out / "005-old").mkdir()
-        run_train(["--data", t24_root, "--out", out, *T24_SMALL, "--steps", 1])
+        run_train(["--data", small_synth, "--out", out, *T24_SMALL, "--steps", 1])
         assert (out / "006-tiny-dexac-32x64").is_dir()  # one past the highest, never a used number
         import shutil
         shutil.rmtree(out / "005-old")
-        run = run_train(["--data", t24_root, "--out", out, *T24_SMALL, "--steps", 1])
+        run = run_train(["--data", small_synth, "--out", out, *T24_SMALL, "--steps", 1])
         assert run.name.startswith("007-") and not (run / "lock").exists()
         (run / "lock").write_text(str(os.getppid()))  # a live process holds it
         with pytest.raises(train.ConfigError, match="being written by process"):
