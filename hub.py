@@ -340,7 +340,7 @@ def atomic_save(path, save):
 
 def run_main(main, argv=None):
     """Run an entry point's main(argv) and exit: its return value is the exit code (None: 0). Any exception is
-    one line on stderr and exit code 1; `--debug` (removed from argv) or DEXAC_DEBUG=1 re-raises it, with its
+    one error line on stderr (a multi-line message's other lines indented below it) and exit code 1; `--debug` (removed from argv) or DEXAC_DEBUG=1 re-raises it, with its
     traceback. Child processes left behind (loader workers ignore SIGTERM) are killed first."""
     import multiprocessing
     import sys
@@ -356,11 +356,12 @@ def run_main(main, argv=None):
             raise
         for child in multiprocessing.active_children():
             child.kill()
-        what = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        what, *more = str(e).strip().splitlines() or [""]
         # our own errors and ValueError/OSError are written for the user; others (a TypeError, a torch
         # RuntimeError) are named, as they may be a bug to report
         if not (isinstance(e, (ValueError, OSError)) or type(e).__module__ != "builtins") or not what:
             what = f"{type(e).__name__}: {what}".rstrip(": ")
-        print(f"error: {what} (rerun with --debug for the traceback)", file=sys.stderr)
+        # one error line; a message's further lines (e.g. every missing file, hub.missing_message) follow it
+        print("\n  ".join([f"error: {what} (rerun with --debug for the traceback)", *more]), file=sys.stderr)
         code = 1
     sys.exit(code or 0)

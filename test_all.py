@@ -615,6 +615,17 @@ class TestHub:
         assert r.returncode == 0 and "hub ok" in r.stdout, r.stderr[-2000:]
 
     @pytest.mark.slow
+    def test_a_multi_line_error_keeps_its_lines_under_one_error_line(self, tmp_path, monkeypatch):
+        """`evaluate.py fetch-weights` offline: one `error:` line, then every missing file with its URL (the
+        message hub.missing_message builds), nothing cut after its first line."""
+        monkeypatch.setenv("DEXAC_WEIGHTS_DIR", str(tmp_path))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        code, err, _ = run_cli("evaluate.py", ["fetch-weights", "--metrics", "fid,fvd"])
+        assert code == 1 and sum(line.startswith("error:") for line in err.splitlines()) == 1, err
+        assert "2 network file(s) missing" in err and "Traceback" not in err
+        for kind in ("inception", "i3d"):
+            assert E.NETWORKS[kind].url in err and str(tmp_path / E.NETWORKS[kind].file) in err, err
+
     def test_dit_file_missing_from_the_hub_cache_gives_the_download_hint(self, tmp_path):
         hub_snapshot(tmp_path / "hub", "nvidia/Cosmos-Predict2.5-2B")
         r = run_offline("import model as M\nM.load_dit('base/pre-trained')\n", tmp_path)
