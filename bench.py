@@ -8,6 +8,7 @@ Every benchmark and every comparison with diffusers, out of the tutorial files: 
     python bench.py train --preset paper --peak-tflops 989                                # a training step
     python bench.py sample --device cuda --dtype bf16 --compare-diffusers                 # a rollout chunk
     python bench.py costs                                                                 # the paper's Table 6
+    python bench.py gpu                                  # all of the above that matter at the paper's shapes
     python bench.py eval                                                                  # metrics, per clip
 
 Speed and memory are measured here, never asserted in tests. Times are per call after untimed warmup, with
@@ -19,6 +20,7 @@ so nothing is downloaded unless asked.
 import argparse
 import copy
 import gc
+import json
 import math
 import os
 import resource
@@ -26,6 +28,7 @@ import sys
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +208,7 @@ def bench_vae(args):
 
     for _ in range(args.warmup):
         vae.decode(vae.encode(video(5)))
+    rates = {}
     for T in args.frames:
         x, mib = video(T), 2**20
         z, enc_s, enc_peak, enc_work = _measure(lambda: vae.encode(x), device)
@@ -213,6 +217,9 @@ def bench_vae(args):
               f"{enc_peak / mib:6.0f} MiB, working {enc_work / mib:5.0f} MiB | decode "
               f"{args.batch * T / dec_s:7.2f} frames/s, peak {dec_peak / mib:6.0f} MiB, working "
               f"{dec_work / mib:5.0f} MiB")
+        rates[T] = {"encode_frames_per_s": args.batch * T / enc_s, "decode_frames_per_s": args.batch * T / dec_s,
+                    "encode_peak_gib": enc_peak / 2**30, "decode_peak_gib": dec_peak / 2**30}
+    return rates
 
 # -----------------------------------------------------------------------------
 # eval: the evaluation's cost per clip, metric by metric
@@ -299,6 +306,8 @@ def bench_dino(args):
             f"peak process RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     print(f"features {tuple(feats.shape)}: {args.batch * args.iters / dt:.2f} images/s "
           f"({dt / args.iters * 1000:.0f} ms per batch), {peak}")
+    return {"images_per_s": args.batch * args.iters / dt,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 # -----------------------------------------------------------------------------
 # decode: clips/s per data-loader worker from 1920x1080 H.264 (13-frame clips at 288x512)
@@ -425,9 +434,13 @@ def bench_sample(args):
                          "g (v_c - v_u)): choose --guidance 0 or > 1 to time the same work on both sides")
     # no padding-mask channel when comparing: diffusers resizes it with torchvision (as in bench_dit)
     channels = tok.PixelTokenizer().latent_channels if args.tokenizer == "pixel" else 16
+    semantic, dino = getattr(args, "semantic", False), None  # the DINOv3 branch: ViT-L/16, tiny for tiny
+    if semantic:
+        dino = sem.DinoV3(sem.DINO_PRESETS["tiny" if args.preset == "tiny" else "vitl16"])
     config = M.config_from_preset(
         args.preset, action_mode=args.action_mode, action_steps=K, actions_per_frame=tok.TEMPORAL,
-        in_channels=channels, out_channels=channels, concat_padding_mask=not args.compare_diffusers)
+        in_channels=channels, out_channels=channels, concat_padding_mask=not args.compare_diffusers,
+        semantic_dim=dino.cfg.dim if semantic else 0)
     torch.manual_seed(0)
     with torch.device(device), torch.no_grad():
         dit = M.DiT(config)
@@ -438,11 +451,13 @@ def bench_sample(args):
     info = {"tokenizer": {"name": args.tokenizer, "weights": "", "pixel_compression": 8},
             "text": {"mode": "none", "tokens": sem.TEXT_TOKENS},
             "train_config": {"height": H, "width": W, "text_cache": ""}}
-    wm = S.WorldModel.from_model(dit, info, device=device, dtype=dtype)
+    wm = S.WorldModel.from_model(dit, info, device=device, dtype=dtype, dino=dino,
+                                 compile=getattr(args, "compile", False))
     frame = np.random.default_rng(0).integers(0, 256, (B, H, W, 3), dtype=np.uint8)
     actions = np.broadcast_to(S.still_actions(K), (B, K, C.ACTION_DIM))
     count = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M"
     extra = f" ({count(dit.action_cond)} {args.action_mode})" if dit.action_cond is not None else ""
+    extra += f", DINOv3 {count(dino)}" if semantic else ""
     print(f"preset {args.preset}: {count(dit)} parameters{extra}, {args.tokenizer} tokenizer | {B}x{H}x{W}, "
           f"1 + {K} frames, {args.steps} steps {args.sampler}, guidance {args.guidance:g}, {args.dtype} on "
           f"{device}")
@@ -465,7 +480,7 @@ def bench_sample(args):
     if dit.action_cond is not None:
         report(f"ours ({args.action_mode})", ours)
     if args.compare_diffusers or dit.action_cond is None:
-        dit.action_cond = None  # the backbone alone: what diffusers' pipeline runs
+        dit.action_cond, wm.dino = None, None  # the backbone alone: what diffusers' pipeline runs
         report("ours (backbone)", ours)
     if not args.compare_diffusers:
         return results
@@ -572,6 +587,181 @@ def bench_train(argv):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# gpu: every speed figure of the paper's shapes in one run (training grid, rollout chunks against diffusers,
+# VAE, DINOv3), on random weights: one JSON and one table
+
+
+# dense bf16 peak TFLOP/s from the vendors' data sheets, matched in order against torch's device name
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("H20", 148),
+                    ("A100", 312), ("L40S", 362), ("L4", 121))
+
+
+def peak_tflops(device):
+    """This GPU's dense bf16 peak, or None (the CPU, an unknown GPU: MFU is then not given)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS if k in name), None)
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def train_point(cfg, device, steps, peak):
+    """One training configuration: the first step (the compile's, when compiling), then `steps` timed steps
+    after one more warmup. -> its figures; {"oom": True} when it does not fit."""
+    try:
+        t = train.build(cfg, device, load=False)
+        flops = train.flops_per_clip(t.mcfg, t.latent, cfg.text_tokens, t.n_patches) * cfg.batch_size
+        inputs = lambda: random_inputs(t)
+        _memory(device, reset=True)
+        t0 = time.perf_counter()
+        train.train_step(t, 0, inputs)
+        _memory(device)  # synchronizes
+        first = time.perf_counter() - t0
+        train.train_step(t, 1, inputs)
+        _memory(device, reset=True)
+        t0 = time.perf_counter()
+        for step in range(steps):
+            train.train_step(t, 2 + step, inputs)
+        _, peak_bytes = _memory(device)
+        dt = (time.perf_counter() - t0) / steps
+        return {"first_step_s": first, "ms_per_step": dt * 1e3, "tokens_per_s": t.tokens_per_step / dt,
+                "clips_per_s": cfg.batch_size / dt, "tflop_per_step": flops / 1e12,
+                "mfu": flops / dt / (peak * 1e12) if peak else None, "peak_gib": peak_bytes / 2**30}
+    except torch.OutOfMemoryError:
+        return {"oom": True}
+    finally:
+        t = None
+        free(device)
+
+
+def bench_gpu(args):
+    """Every figure of the speed targets in one run, under a time budget: training (per-GPU batch 1, 2, 4, 8
+    until out of memory; activation checkpointing and compile on/off: step time, tokens/s, MFU, peak memory),
+    rollout chunks (eager and compiled, guidance 0 and 7, ours against diffusers' Cosmos-Predict2.5 pipeline on
+    the same weights), the Wan2.1 VAE's frames/s and DINOv3's images/s. Writes --out (JSON), prints a table."""
+    device = torch.device(args.device)
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    H, W = args.height or (64 if args.preset == "tiny" else 288), args.width or (112 if args.preset == "tiny" else 512)
+    peak = args.peak_tflops or peak_tflops(device)
+    start, report = time.perf_counter(), {
+        "device": device_name(device), "torch": torch.__version__, "preset": args.preset, "dtype": dtype,
+        "size": [H, W], "frames": 13, "peak_tflops": peak, "train": [], "sample": [], "skipped": []}
+    over = lambda: time.perf_counter() - start > args.budget
+
+    def attempt(what, fn):
+        if over():
+            report["skipped"].append(f"{what}: over the {args.budget:g} s budget")
+            return None
+        try:
+            return fn()
+        except ImportError as e:  # diffusers, on a machine without it: the rest still runs
+            report["skipped"].append(f"{what}: {e}")
+            return None
+
+    vae = attempt("vae", lambda: bench_vae(argparse.Namespace(
+        tokenizer="wan2.1", config="full", weights=None, device=args.device, dtype=dtype, frames=[13], height=H,
+        width=W, batch=1, tile_size=0, tile_overlap=64, warmup=args.warmup)))
+    report["vae"] = vae and vae[13]
+    free(device)
+    report["dino"] = attempt("dino", lambda: bench_dino(argparse.Namespace(
+        preset="tiny" if args.preset == "tiny" else "vitl16", weights=None, device=device.type, dtype=dtype,
+        height=H, width=W, batch=args.dino_batch, iters=args.iters, warmup=args.warmup)))
+    # the backbone's forward+backward against diffusers' on the same weights (a training step's DiT part)
+    dit = attempt("dit", lambda: bench_dit(argparse.Namespace(
+        preset=args.preset, device=args.device, dtype=dtype, batch=1, frames=4, height=H // 8, width=W // 8,
+        text_tokens=512, warmup=args.warmup, iters=args.iters, compare_diffusers=True)))
+    report["dit_vs_diffusers"] = dit
+    free(device)
+    train.setup_distributed(args.device)  # a one-rank group: FSDP2 as train.py runs it
+    base = replace(train.PRESETS["paper"], model=args.preset, height=H, width=W)
+    try:
+        for compile in args.compile:
+            for ac in args.ac:
+                for b in args.batches:
+                    cfg = replace(base, micro_batch=b, batch_size=b, ac=ac, compile=compile)
+                    fig = attempt(f"train compile={compile} ac={ac} batch={b}",
+                                  lambda: train_point(cfg, device, args.train_steps, peak))
+                    if fig is None:
+                        break
+                    report["train"].append({"compile": compile, "ac": ac, "batch": b, **fig})
+                    print(f"train compile={compile} ac={ac} batch {b}: {fig}", flush=True)
+                    if fig.get("oom"):
+                        break
+    finally:
+        dist.destroy_process_group()
+
+    def chunk(name, **kw):
+        opts = dict(preset=args.preset, action_mode="dexac", tokenizer="wan2.1", steps=args.steps,
+                    sampler="unipc", device=args.device, dtype=dtype, height=H, width=W, batch=1,
+                    warmup=args.warmup, iters=args.iters, compare_diffusers=False, semantic=True, compile=False)
+        out = attempt(name, lambda: bench_sample(argparse.Namespace(**(opts | kw))))
+        free(device)
+        for what, fig in (out or {}).items():
+            if isinstance(fig, dict) and "total" in fig:
+                report["sample"].append({"run": name, "model": what, **{k: fig[k] for k in fig if k != "shape"}})
+        return out
+
+    for g in args.guidance:
+        for compile in args.compile:
+            chunk(f"ours guidance={g:g} compile={compile}", guidance=g, compile=compile)
+        # diffusers' pipeline holds the backbone only: ours without DexAC and DINOv3 beside it
+        out = chunk(f"diffusers guidance={g:g}", guidance=g, action_mode="none", semantic=False,
+                    compare_diffusers=True)
+        if out and "ratio" in out:
+            report["sample"].append({"run": f"diffusers guidance={g:g}", "model": "ours / diffusers",
+                                     "total": out["ratio"]})
+    report["seconds"] = time.perf_counter() - start
+    print_gpu_table(report)
+    hub.atomic_write(args.out, json.dumps(report, indent=1))
+    print(f"wrote {args.out} ({report['seconds']:.0f} s)")
+    return report
+
+
+def print_gpu_table(r):
+    num = lambda v, f: "-" if v is None else format(v, f)
+    print(f"\n{r['device']}, torch {r['torch']}, preset {r['preset']}, {r['dtype']}, {r['size'][0]}x{r['size'][1]}, "
+          f"13 frames, DexAC + DINOv3 branch on")
+    print(f"\n{'training':10s} {'ac':>5s} {'batch':>5s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU %':>6s} "
+          f"{'peak GiB':>8s} {'1st step s':>10s}")
+    for row in r["train"]:
+        name = "compiled" if row["compile"] else "eager"
+        if row.get("oom"):
+            print(f"{name:10s} {row['ac']:>5s} {row['batch']:5d} {'out of memory':>9s}")
+            continue
+        mfu = None if row["mfu"] is None else 100 * row["mfu"]
+        print(f"{name:10s} {row['ac']:>5s} {row['batch']:5d} {row['ms_per_step']:9.1f} {row['tokens_per_s']:10,.0f} "
+              f"{num(mfu, '6.1f')} {num(row['peak_gib'], '8.2f')} {row['first_step_s']:10.1f}")
+    print(f"\n{'rollout chunk (12 actions)':44s} {'s/chunk':>8s} {'encode':>7s} {'denoise':>8s} {'decode':>7s} "
+          f"{'peak GiB':>8s}")
+    for row in r["sample"]:
+        name = f"{row['run']}: {row['model']}"
+        if "denoise" not in row:
+            print(f"{name:44s} {row['total']:8.2f}  (ratio)")
+            continue
+        print(f"{name:44s} {row['total']:8.3f} {row['vae_encode']:7.3f} {row['denoise']:8.3f} "
+              f"{row['vae_decode']:7.3f} {num(row['peak_gib'], '8.2f')}")
+    if r.get("dit_vs_diffusers"):
+        print(f"\nthe DiT's forward+backward, ours / diffusers on the same weights: {r['dit_vs_diffusers']['ratio']:.2f}")
+    if r.get("vae"):
+        print(f"\nWan2.1 VAE, 13 frames: encode {r['vae']['encode_frames_per_s']:.1f} frames/s, decode "
+              f"{r['vae']['decode_frames_per_s']:.1f} frames/s")
+    if r.get("dino"):
+        print(f"DINOv3: {r['dino']['images_per_s']:.1f} images/s")
+    for s in r["skipped"]:
+        print(f"skipped: {s}")
 
 
 # -----------------------------------------------------------------------------
@@ -725,9 +915,40 @@ def main(argv=None):
     q.add_argument("--iters", type=count, default=2, help="timed chunks")
     q.add_argument("--compare-diffusers", action="store_true",
                    help="also time diffusers' Cosmos-Predict2.5 pipeline, same weights (--batch 1)")
+    q.add_argument("--semantic", action="store_true", help="with the DINOv3 branch (random ViT-L/16; tiny DINOv3 "
+                                                          "for --preset tiny)")
+    q.add_argument("--compile", action="store_true", help="torch.compile each DiT block (sample.py --compile)")
 
     sub.add_parser("train", help="training steps on random latents: time, tokens/s, MFU, peak memory "
                                  "(every train.py flag; see python bench.py train -h)", add_help=False)
+
+    q = sub.add_parser("gpu", help="every speed figure at once: training grid, rollout chunks against diffusers, "
+                                   "VAE, DINOv3 (random weights; one JSON, one table)")
+    q.add_argument("--preset", default="cosmos2b", choices=sorted(M.PRESETS), help="DiT size (tiny: the CPU smoke)")
+    q.add_argument("--device", type=data.device_name, default=default_device, help="cpu or cuda")
+    q.add_argument("--height", type=data.int_multiple(16), default=None,
+                   help="frame height (default 288; 64 at --preset tiny)")
+    q.add_argument("--width", type=data.int_multiple(16), default=None,
+                   help="frame width (default 512; 112 at --preset tiny)")
+    q.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=[1, 2, 4, 8],
+                   help="per-GPU training batches, comma-separated; each setting stops at its first out-of-memory")
+    q.add_argument("--ac", type=lambda v: v.split(","), default=["none", "full"],
+                   help="activation checkpointing modes to time (train.py --ac), comma-separated")
+    q.add_argument("--compile", type=lambda v: [{"off": False, "on": True}[c] for c in v.split(",")],
+                   default=[False, True], help="compile settings to time: off,on")
+    q.add_argument("--guidance", type=lambda v: [float(g) for g in v.split(",")], default=[0.0, 7.0],
+                   help="guidance scales of the rollout chunks")
+    q.add_argument("--steps", type=count, default=35, help="denoising steps per chunk (official: 35)")
+    q.add_argument("--train-steps", type=count, default=3, help="timed training steps per setting")
+    q.add_argument("--warmup", type=data.int_at_least(0), default=1,
+                   help="untimed runs before the timed ones (chunks, DiT passes, VAE and DINOv3 calls)")
+    q.add_argument("--iters", type=count, default=2, help="timed chunks, DiT passes and DINOv3 batches")
+    q.add_argument("--dino-batch", type=count, default=8, help="DINOv3 images per batch")
+    q.add_argument("--peak-tflops", type=data.number_above(0), default=None,
+                   help="the GPU's dense bf16 peak for MFU (default: from its name, e.g. H100 SXM / H200 989)")
+    q.add_argument("--budget", type=data.number_above(0), default=510.0,
+                   help="seconds after which the remaining parts are skipped, each named in the output")
+    q.add_argument("--out", default="bench-gpu.json", help="the JSON written")
 
     q = sub.add_parser("costs", help="parameters and FLOPs per DexAC component beside the paper's Table 6")
     q.add_argument("--dim", type=count, default=2048, help="DiT width D (cosmos2b: 2048), a multiple of --heads")
@@ -763,7 +984,7 @@ def main(argv=None):
     if args.what == "eval" and (set(args.metrics) - set(E.METRICS) or "latent_l2" in args.metrics):
         p.error(f"--metrics: from {','.join(m for m in E.METRICS if m != 'latent_l2')}")
     run = {"dit": bench_dit, "vae": bench_vae, "dino": bench_dino, "decode": bench_decode, "sample": bench_sample,
-           "costs": print_costs, "eval": bench_eval}[args.what]
+           "costs": print_costs, "eval": bench_eval, "gpu": bench_gpu}[args.what]
     return run(args)
 
 

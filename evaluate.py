@@ -991,6 +991,7 @@ class EvalConfig:
     width: int = None
     dtype: str = "fp32"
     device: str = None  # None: this rank's GPU, else cpu
+    compile: bool = False  # torch.compile each DiT block (sample.py --compile)
     alexnet: str = None  # feature-network weights (WEIGHT_FLAGS); None: the registry's (NETWORKS), fetched
     lpips_heads: str = None
     inception: str = None
@@ -1064,7 +1065,7 @@ def evaluate_checkpoint(cfg, checkpoint, row, *, size, episodes, plan, metrics, 
     if not todo:
         return
     dtype = hub.DTYPES[cfg.dtype]
-    wm = sample.WorldModel(checkpoint, device=device, dtype=dtype, base=cfg.init)
+    wm = sample.WorldModel(checkpoint, device=device, dtype=dtype, base=cfg.init, compile=cfg.compile)
     stats = tuple(np.asarray(wm.info["action_stats"][k], np.float64) for k in ("mean", "std"))
     ev = Evaluator(metrics, device=device, stats=stats, **nets)
     for b in tqdm(range(0, len(todo), cfg.batch), desc=row, disable=rank != 0):
@@ -1657,6 +1658,8 @@ def main(argv=None):
     p.add_argument("--width", type=sample.positive_int, help="evaluation width (default: the first checkpoint's)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="model dtype")
     p.add_argument("--device", help="torch device (default: this rank's GPU, else cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each DiT block (a one-time compile, then "
+                                                          "faster sampler steps)")
     weight_flags(p)
     p.set_defaults(**asdict(EvalConfig()))  # the defaults are EvalConfig's
     sub = p.add_subparsers(dest="command")

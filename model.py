@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
+from torch.utils.checkpoint import checkpoint
 from safetensors.torch import load_file
 
 import conditioning
@@ -141,7 +142,14 @@ class AdaLNModulation(nn.Module):
 
 
 class Block(nn.Module):
-    """Self-attention, cross-attention, MLP, each wrapped as x + gate * f(LN(x) * (1 + scale) + shift)."""
+    """Self-attention, cross-attention, MLP, each wrapped as x + gate * f(LN(x) * (1 + scale) + shift).
+
+    forward runs the block's part of the fp32 path (its three AdaLN modulations: own FSDP groups in training),
+    then `body`, the rest: one graph when compiled (compile_blocks), with no FSDP hook inside it.
+    checkpoint_mlp: recompute the MLP sublayer (its norm, modulation and 4x-wide hidden activations, the
+    block's largest) in the backward instead of storing it (train.py --ac mlp); the attentions keep theirs."""
+
+    checkpoint_mlp = False
 
     def __init__(self, dim, context_dim, n_heads, mlp_ratio, lora_dim):
         super().__init__()
@@ -157,19 +165,26 @@ class Block(nn.Module):
         # x (B, T, HW, D); emb (B, T, D) and adaln_lora (B, T, 3D) are per latent frame, so they
         # broadcast over the HW tokens of their frame. As the official fp32 strategy: shift/scale/gate are
         # computed in fp32 and cast to the activation dtype, in which the rest of the block runs.
+        mods = [m(emb) + adaln_lora for m in (self.mod_self_attn, self.mod_cross_attn, self.mod_mlp)]
+        return self.body(x, mods, context, rope, kv)
+
+    def body(self, x, mods, context, rope, kv=None):
+        """The three sublayers, given their fp32 shift/scale/gate (B, T, 3D) each."""
         B, T, S, D = x.shape
 
         def sublayer(mod, f, x):
-            shift, scale, gate = (mod(emb) + adaln_lora).type_as(x)[:, :, None].chunk(3, dim=-1)
+            shift, scale, gate = mod.type_as(x)[:, :, None].chunk(3, dim=-1)
             h = modulate(F.layer_norm(x, (D,), eps=1e-6), shift, scale)  # eq. 10: AdaLN
             return x + gate * f(h)
 
         attend = lambda h: self.self_attn(h.view(B, T * S, D), rope=rope).view(B, T, S, D)
         cross = lambda h: self.cross_attn(h.view(B, T * S, D), context, kv=kv).view(B, T, S, D)
         mlp = lambda h: self.fc2(F.gelu(self.fc1(h)))
-        x = sublayer(self.mod_self_attn, attend, x)
-        x = sublayer(self.mod_cross_attn, cross, x)
-        return sublayer(self.mod_mlp, mlp, x)
+        x = sublayer(mods[0], attend, x)
+        x = sublayer(mods[1], cross, x)
+        if self.checkpoint_mlp and torch.is_grad_enabled():
+            return checkpoint(sublayer, mods[2], mlp, x, use_reentrant=False, preserve_rng_state=False)
+        return sublayer(mods[2], mlp, x)
 
 
 class FinalLayer(nn.Module):
@@ -419,6 +434,17 @@ class DiT(nn.Module):
         # unpatchify with channel as the INNER index: (ph, pw, pt, c)
         x = x.view(B, Tp, Hp, Wp, ps, ps, pt, c.out_channels)
         return x.permute(0, 7, 1, 6, 2, 4, 3, 5).reshape(B, c.out_channels, T, H, W)
+
+
+def compile_blocks(model, backend="inductor"):
+    """torch.compile each block's body (Block.body: all of it but its fp32 AdaLN modulations, which FSDP
+    shards as groups of their own, so their hooks stay outside the graph) -> model, changed in place. One
+    graph per body, fullgraph (a graph break is an error, not a silent slowdown); parameter names unchanged.
+    Call it after activation checkpointing wraps the blocks and before FSDP shards them (torchtitan's order)."""
+    for block in model.blocks:
+        block = getattr(block, "_checkpoint_wrapped_module", block)
+        block.body = torch.compile(block.body, fullgraph=True, backend=backend)
+    return model
 
 
 # -----------------------------------------------------------------------------

@@ -297,20 +297,23 @@ class WorldModel:
     """Everything a rollout needs, rebuilt from one exported file (train.py's export)."""
 
     def __init__(self, checkpoint, *, device="cpu", dtype=torch.float32, tokenizer_weights=None, base=None,
-                 dino=None):
+                 dino=None, compile=False):
         dit, info = M.load_exported(checkpoint, device=device, dtype=dtype, base=base)
-        self._build(dit, info, device=device, dtype=dtype, tokenizer_weights=tokenizer_weights, dino=dino)
+        self._build(dit, info, device=device, dtype=dtype, tokenizer_weights=tokenizer_weights, dino=dino,
+                    compile=compile)
 
     @classmethod
-    def from_model(cls, dit, info, *, device="cpu", dtype=torch.float32, tokenizer_weights=None, dino=None):
+    def from_model(cls, dit, info, *, device="cpu", dtype=torch.float32, tokenizer_weights=None, dino=None,
+                   compile=False):
         """A DiT in memory and an export's metadata dict (keys tokenizer, text, train_config) -> WorldModel."""
         self = cls.__new__(cls)
         self._build(dit.to(device=device, dtype=dtype).eval().requires_grad_(False), info, device=device,
-                    dtype=dtype, tokenizer_weights=tokenizer_weights, dino=dino)
+                    dtype=dtype, tokenizer_weights=tokenizer_weights, dino=dino, compile=compile)
         return self
 
-    def _build(self, dit, info, *, device, dtype, tokenizer_weights, dino):
-        self.dit, self.info = dit, info
+    def _build(self, dit, info, *, device, dtype, tokenizer_weights, dino, compile):
+        """compile: torch.compile each DiT block (model.compile_blocks), after every cast and move."""
+        self.dit, self.info = M.compile_blocks(dit) if compile else dit, info
         self.device, self.dtype = torch.device(device), dtype
         t = self.info["tokenizer"]
         kwargs = ({"weights": tokenizer_weights or t.get("weights") or None} if t["name"] == "wan2.1" else
@@ -323,7 +326,9 @@ class WorldModel:
                                      max_tokens=text["tokens"], dtype=dtype)
         self.size, self.shift = (tc["height"], tc["width"]), tc.get("shift", 5.0)
         self.dino = None
-        if c.semantic_dim:  # the DINOv3 branch: the encoder whose width the model was trained with
+        if isinstance(dino, torch.nn.Module):  # an encoder in memory (bench.py: random weights)
+            self.dino = dino.to(device, dtype)
+        elif c.semantic_dim:  # the DINOv3 branch: the encoder whose width the model was trained with
             preset = next(k for k, v in sem.DINO_PRESETS.items() if v.dim == c.semantic_dim)
             self.dino = sem.load_dino(dino or tc.get("dino") or sem.DINO_REPO, preset, device=device, dtype=dtype)
 
@@ -500,6 +505,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer-weights", default=None, help="override the Wan2.1 VAE weights the export names")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is here)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model dtype")
+    p.add_argument("--compile", action="store_true", help="torch.compile each DiT block (a one-time compile, then "
+                                                          "faster steps; bench.py gpu measures both)")
     p.add_argument("--height", type=positive_int, default=None,
                    help="frame height (default: the training resolution)")
     p.add_argument("--width", type=positive_int, default=None, help="frame width (default: the training resolution)")
@@ -556,7 +563,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
 
     wm = WorldModel(args.checkpoint, device=device, dtype=hub.DTYPES[args.dtype],
-                    tokenizer_weights=args.tokenizer_weights, base=args.init, dino=args.dino)
+                    tokenizer_weights=args.tokenizer_weights, base=args.init, dino=args.dino, compile=args.compile)
     names = [f"{name}_s{i}" if args.num_samples > 1 else name for name, _ in runs for i in range(args.num_samples)]
     K = max(len(a) for _, a in runs)
     actions = np.stack([np.concatenate([a, still_actions(K - len(a))]) for _, a in runs

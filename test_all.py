@@ -2036,6 +2036,72 @@ class TestModel:
             compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
             assert torch.allclose(compiled(x, sigma, text, **args), eager, atol=1e-6)
 
+    def test_compiled_blocks_equal_the_eager_blocks(self):
+        """model.compile_blocks at the tiny preset, DexAC and the semantic branch on: every block's body is
+        compiled by inductor with fullgraph=True (a graph break or a host synchronization would raise); the
+        output equals eager's to 1e-5 relative, and every parameter's gradient is as close to the float64
+        gradient as eager float32's is (within 4x + 1e-5: inductor fuses and reorders fp32 sums, and a few
+        small gradients come from cancelling terms); parameter names stay the eager ones."""
+        config = M.config_from_preset("tiny", action_mode="dexac", semantic_dim=DINO_TINY.dim)
+        model = randomize(M.DiT(config), seed=5, std=0.05)
+        model.action_cond.set_stats(*random_action_stats())
+        eager, exact = copy.deepcopy(model), copy.deepcopy(model).double()
+        g = torch.Generator().manual_seed(0)
+        B, T, H, W = ACTION_GRID
+        mean, std = random_action_stats()
+        x, text = torch.randn(B, 16, T, H, W, generator=g), torch.randn(B, 5, config.text_dim, generator=g)
+        args = dict(frame_mask=torch.tensor([[1.0, 0, 0, 0]]).expand(B, T), image_features=torch.randn(
+            B, 6, DINO_TINY.dim, generator=g), actions=mean + std * torch.randn(B, T_ACT, N_ACT, generator=g))
+        sigma = torch.rand(B, generator=g)
+        torch._dynamo.reset()
+        M.compile_blocks(model)
+        assert all("body" in vars(b) for b in model.blocks)  # each block's own compiled body
+        outputs = []
+        for net in (exact, eager, model):
+            cast = (lambda t: t.double() if t.is_floating_point() else t) if net is exact else (lambda t: t)
+            out = net(cast(x), cast(sigma), cast(text), **{k: cast(v) for k, v in args.items()})
+            out.square().mean().backward()
+            outputs.append(out.detach().double())
+        rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+        assert rel(outputs[2], outputs[1]) < 1e-5 and rel(outputs[1], outputs[0]) < 1e-5
+        assert list(model.state_dict()) == list(eager.state_dict())  # the same names: checkpoints, exports
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # compiled, not run eagerly
+        for (name, p64), p, q in zip(exact.named_parameters(), eager.parameters(), model.parameters()):
+            assert p64.grad.norm() > 0, name
+            assert rel(q.grad, p64.grad) <= 4 * rel(p.grad, p64.grad) + 1e-5, name
+
+    @pytest.mark.parametrize("ac,every", [("full", 1), ("mlp", 1), ("full", 2), ("mlp", 3)])
+    def test_activation_checkpointing_recomputes_the_same_gradients(self, one_rank, ac, every):
+        """train.parallelize's --ac modes: the chosen blocks (every k-th from the first) are wrapped whole or
+        have their MLP checkpointed; each checkpointed part runs its forward again in the backward (fc1 counted)
+        and nothing else does; the loss equals the run without checkpointing exactly, every gradient to float32
+        rounding (recomputing reorders the sums of gradients that several blocks feed, e.g. the timestep MLP's)."""
+        model = randomize(M.DiT(action_config("dexac", n_blocks=3)), std=0.05)
+        model.action_cond.set_stats(*random_action_stats())
+        plain = copy.deepcopy(model)
+        train.parallelize(model, torch.device("cpu"), ac, every)
+        chosen = list(range(0, 3, every))
+        assert [i for i, b in enumerate(model.blocks) if hasattr(b, "_checkpoint_wrapped_module")] == \
+            (chosen if ac == "full" else [])
+        assert [i for i, b in enumerate(model.blocks) if b.checkpoint_mlp] == (chosen if ac == "mlp" else [])
+        calls = []
+        for i, block in enumerate(model.blocks):
+            inner = getattr(block, "_checkpoint_wrapped_module", block)
+            for part, is_mlp in ((inner.self_attn.q, False), (inner.fc1, True)):
+                part.register_forward_hook(lambda m, a, out, key=(i, is_mlp): calls.append(key))
+        x, sigma, text, mask, actions = action_batch()
+        losses = []
+        for net in (plain, model):
+            loss = net(x, sigma, text, mask, actions=actions).square().mean()
+            calls.clear()
+            loss.backward()
+            losses.append(loss.detach())
+        again = sorted(set(calls))
+        assert again == [(i, part) for i in chosen for part in ((False, True) if ac == "full" else (True,))]
+        assert torch.equal(losses[0], losses[1])
+        for (name, p), q in zip(plain.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad.full_tensor(), p.grad, rtol=1e-5, atol=1e-9, msg=name)
+
     def test_padding_mask_is_resized_nearest_from_pixels(self):
         """A mask at pixel resolution acts as the same mask at latent resolution (and the mask does act)."""
         model = randomize(M.DiT(DIT_SMALL)).eval()
@@ -2339,7 +2405,7 @@ class TestModel:
         assert seen == {"mod": torch.float32, "t_linear_2": torch.float32, "final": torch.float32,
                         "glob": torch.float32, "q": torch.bfloat16}
 
-    @pytest.mark.parametrize("ac", [False, True])
+    @pytest.mark.parametrize("ac", ["none", "full", "mlp"])
     def test_fsdp_bf16_keeps_the_fp32_path_in_fp32(self, one_rank, ac):
         """train.parallelize with the bf16 parameter policy on 1 gloo rank: the fp32 path's linears see fp32
         weights and inputs, a block's attention projection bf16; its gradients arrive in fp32; and the forward
@@ -2366,7 +2432,8 @@ class TestModel:
         for n, p in model.named_parameters():
             assert p.dtype == p.grad.dtype == torch.float32 and torch.isfinite(p.grad.full_tensor()).all(), n
         assert model.blocks[0].get_parameter(
-            "_checkpoint_wrapped_module.mod_mlp.up.weight" if ac else "mod_mlp.up.weight").grad.full_tensor().abs().max() > 0
+            "_checkpoint_wrapped_module.mod_mlp.up.weight" if ac == "full" else "mod_mlp.up.weight"
+        ).grad.full_tensor().abs().max() > 0
 
 
 # =====================================================================================================================
@@ -3716,6 +3783,23 @@ class TestData:
             data.cache_clips(cache_source, tmp_path / "cache", tk.build_tokenizer("pixel"), tokenizer_name="pixel",
                              **dict(CACHE_SETTINGS, clip_len=9))
 
+    def test_an_epoch_over_a_cache_is_one_clip_plan(self, cache_source, tmp_path, capsys):
+        """`data.py cache --epochs k` holds k epochs' clip plans, new starts each; train.py's --epochs counts
+        clip plans, so one epoch is as many steps over a cache of 1 or 2 epochs, and asking for more epochs
+        than a cache holds says its clips come back."""
+        counts = {}
+        for k in (1, 2):
+            out = tmp_path / f"epochs{k}"
+            data.cache_clips(cache_source, out, tk.build_tokenizer("pixel"), tokenizer_name="pixel", epochs=k,
+                             **CACHE_SETTINGS)
+            _, sampler = data.make_loader(out, batch_size=1, num_workers=0)
+            cfg = train.TrainConfig(data=str(out), micro_batch=1, batch_size=1, frames=5, height=32, width=64)
+            counts[k] = (len(sampler), train.epoch_steps(replace(cfg, epochs=1)))
+        assert counts[2][0] == 2 * counts[1][0] and counts[2][1] == counts[1][1] == counts[1][0] > 0
+        capsys.readouterr()
+        assert train.epoch_steps(replace(cfg, epochs=3)) == 3 * counts[1][0]
+        assert "its clips come back 1.5 times" in capsys.readouterr().out
+
     def test_latent_cache_feeds_the_loader(self, cache_source, tmp_path):
         cache_on_two_ranks(cache_source, tmp_path / "cache")
         loader, sampler = data.make_loader(tmp_path / "cache", batch_size=4, num_workers=0)
@@ -4187,7 +4271,9 @@ def other_layout_stats(train_synth, tmp_path):
 
 
 TRAIN_BAD_ARGS = {  # case -> (flags given train_synth and tmp_path, the message)
-    "missing_data": (lambda root, tmp: ["--data", tmp / "missing", "--no-synthetic"], "does not exist"),
+    "missing_data": (lambda root, tmp: ["--data", tmp / "missing", "--no-synthetic"],
+                     "first encode one into a latent cache there"),
+    "ac_every_0": (lambda root, tmp: ["--data", root, "--ac", "mlp", "--ac-every", 0], "--ac-every 0 must be >= 1"),
     "missing_stats": (lambda root, tmp: ["--data", root, "--stats", tmp / "none.json", "--no-synthetic"],
                       "stats file"),
     "stats_of_another_layout": (lambda root, tmp: ["--data", root, "--stats", other_layout_stats(root, tmp)],
@@ -4409,7 +4495,9 @@ class TestTrain:
         assert (P.batch_size, P.micro_batch) == (64, 8) and train.check_config(P, 8) == 1
         assert P.epochs == 2 and P.weight_decay == 0.1
         assert isinstance(train.build_optimizer(torch.nn.Linear(2, 2), P), torch.optim.AdamW)
-        assert P.model == "cosmos2b" and P.data == "data/egodex" and P.action_mode == "dexac"
+        assert P.model == "cosmos2b" and P.action_mode == "dexac"
+        # EgoDex as a latent cache with DINOv3 features: the command the missing-data message names makes it
+        assert P.data == "data/egodex-cache" and P.ac == "full" and "--out data/egodex-cache" in train.PAPER_CACHE
         # the official robot/action-cond recipe
         assert P.init == "base/pre-trained" and P.betas == (0.9, 0.999) and P.decay_all
         assert (P.schedule, P.warmup, P.min_lr_ratio, P.decay_steps) == ("linear", 100, 0.4, 400_000)
@@ -4583,6 +4671,34 @@ class TestTrain:
             if p.returncode == 0 or len(errors) != 1 or "Traceback" in err + out:
                 failures.append(f"{case}: rc {p.returncode}, stderr {err[-600:]!r}")
         assert not failures, "\n".join(failures)
+
+    def test_runs_from_before_ac_modes_resume_with_their_setting(self, tmp_path):
+        """--ac was a switch: a run saved with ac true/false resumes with 'full'/'none'."""
+        for old, new in ((True, "full"), (False, "none")):
+            ckpt = tmp_path / str(old) / "checkpoints" / "step_0000010"
+            ckpt.mkdir(parents=True)
+            (ckpt / "meta.json").write_text(json.dumps({"step": 10, "train_config": {"ac": old, "steps": 20}}))
+            assert train.resumed_config(tmp_path / str(old)) == train.TrainConfig(ac=new, steps=20)
+
+    @pytest.mark.parametrize("ac", ["full", "mlp"])
+    def test_compiled_blocks_under_fsdp_and_checkpointing_are_one_graph_each(self, one_rank, ac):
+        """train.parallelize(compile=...) in torchtitan's order (checkpointing, compile, fully_shard) on one gloo
+        rank: every block's body traces as one graph (fullgraph: the fp32 path's FSDP hooks stay outside it,
+        or tracing would stop at them), and the loss and gradients equal the eager, unsharded model's
+        (aot_eager: dynamo and AOT autograd without inductor's codegen, which the tiny-preset test checks)."""
+        model = randomize(M.DiT(action_config("dexac", n_blocks=3)), std=0.05)
+        model.action_cond.set_stats(*random_action_stats())
+        plain = copy.deepcopy(model)
+        torch._dynamo.reset()
+        train.parallelize(model, torch.device("cpu"), ac, 2, compile="aot_eager")
+        x, sigma, text, mask, actions = action_batch()
+        losses = [net(x, sigma, text, mask, actions=actions).square().mean() for net in (plain, model)]
+        for loss in losses:
+            loss.backward()
+        assert abs(losses[1].item() - losses[0].item()) <= 1e-6 * losses[0].item()
+        for (name, p), q in zip(plain.named_parameters(), model.parameters()):
+            assert torch.allclose(q.grad.full_tensor(), p.grad, rtol=1e-5, atol=1e-7), name
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # compiled, not run eagerly
 
     def test_resume_restores_the_runs_configuration(self, small_synth, tmp_path, capsys):
         run_train(["--data", small_synth, "--out", tmp_path, *T24_SMALL, "--steps", 3, "--lr", 3e-4, "--ckpt-every", 1,
@@ -5119,6 +5235,45 @@ class TestSample:
         seen.clear()
         wm.rollout(frame, acts, ["open the jar"] * 2, [0, 1], steps=1, negative_prompt=negative, progress=False)
         assert seen[0].shape == (2, 4, DIT_SMALL.text_dim)  # guidance 0: no unconditional branch
+
+    def test_cached_kv_and_batched_guidance_give_the_plain_rollout(self, tmp_path):
+        """The rollout's velocity (cross-attention keys/values once per chunk, both guidance branches in one
+        batch) against the plain one written here: text and DINOv3 features through the DiT at every step, the
+        conditional and unconditional branches as two forwards, v_c + g (v_c - v_u). Same seed, two chunks
+        carried as latents, DexAC and DINOv3 on: latents within 1e-5 of their largest value (float32 batching
+        reorders sums; guidance multiplies the difference), frames within 1 level."""
+        embedder = semantic_embedder(tmp_path)
+        for i, p in enumerate(["", "open the jar"]):
+            save_file({"embedding": torch.randn(4, DIT_SMALL.text_dim, generator=torch.Generator().manual_seed(i))},
+                      embedder.cache_path(p))
+        mcfg = replace(DIT_SMALL, in_channels=48, out_channels=48, action_mode="dexac", action_steps=4,
+                       semantic_dim=DINO_TINY.dim)
+        dit = randomize(M.DiT(mcfg), seed=2, std=0.05)
+        dit.action_cond.set_stats(torch.zeros(conditioning.ACTION_DIM), torch.ones(conditioning.ACTION_DIM))
+        info = {"tokenizer": {"name": "pixel", "pixel_compression": 2}, "text": {"mode": "reason1", "tokens": 4},
+                "train_config": {"height": CARRY_HW[0], "width": CARRY_HW[1], "text_cache": str(tmp_path),
+                                 "shift": 1.0}}
+        wm = S.WorldModel.from_model(dit, info, dino=randomize(semantic.DinoV3(DINO_TINY), std=0.05))
+        frame, acts = inputs(B=2, K=8)
+
+        def plain(text, actions, frame_mask, *, guidance, feats=None, bar=None):
+            def v(x, sigma):
+                run = lambda t: wm.dit(x, sigma, t, frame_mask, actions=actions, image_features=feats)
+                if not guidance:
+                    return run(text)
+                v_c, v_u = run(text[:len(x)]), run(text[len(x):])
+                return v_c + guidance * (v_c - v_u)
+            return v
+
+        for guidance in (0.0, 3.0):
+            roll = lambda: wm.rollout(frame, acts, ["open the jar"] * 2, [0, 1], steps=3, guidance=guidance,
+                                      carry="latent", progress=False, return_latents=True)
+            fast = roll()
+            wm.velocity_fn = plain
+            slow = roll()
+            del wm.velocity_fn
+            assert (fast[1] - slow[1]).abs().max() < 1e-5 * fast[1].abs().max()
+            assert np.abs(fast[0].astype(int) - slow[0].astype(int)).max() <= 1
 
     def test_negative_prompt_changes_a_guided_rollout(self, tmp_path):
         embedder = semantic_embedder(tmp_path)
@@ -6994,6 +7149,29 @@ class TestBench:
         assert "ours / diffusers" in out and "max |ours - diffusers|" in out
         assert set(r["max_abs_diff"]) == {"dit", "vae encode"}
         assert r["max_abs_diff"]["dit"] < 1e-5 and r["max_abs_diff"]["vae encode"] < 1e-4, r["max_abs_diff"]
+
+    def test_gpu_benchmark_runs_on_the_cpu_and_writes_its_json(self, tmp_path, capsys):
+        """`bench.py gpu --device cpu --preset tiny`, its work cut to one of each (one batch, one step, one
+        timed chunk, 16x32, guidance 0, eager): every part runs (training with and without checkpointing,
+        a DexAC + DINOv3 rollout chunk, ours and diffusers' pipeline on the same weights, the DiT against
+        diffusers', the VAE, DINOv3), nothing is skipped, and the JSON holds what the table printed."""
+        out = tmp_path / "gpu.json"
+        bench.main(["gpu", "--device", "cpu", "--preset", "tiny", "--batches", "1", "--steps", "1", "--train-steps",
+                    "1", "--iters", "1", "--warmup", "0", "--height", "16", "--width", "32", "--compile", "off",
+                    "--guidance", "0", "--out", str(out)])
+        r = json.loads(out.read_text())
+        assert r["skipped"] == [] and r["device"].startswith("CPU") and r["size"] == [16, 32]
+        assert [(t["ac"], t["batch"], t["compile"]) for t in r["train"]] == [("none", 1, False), ("full", 1, False)]
+        assert all(t["ms_per_step"] > 0 and t["tokens_per_s"] > 0 and t["mfu"] is None for t in r["train"])
+        runs = {(s["run"], s["model"]): s["total"] for s in r["sample"]}
+        assert set(runs) == {("ours guidance=0 compile=False", "ours (dexac)"), ("diffusers guidance=0", "diffusers"),
+                             ("diffusers guidance=0", "ours (backbone)"), ("diffusers guidance=0", "ours / diffusers")}
+        assert runs[("diffusers guidance=0", "ours / diffusers")] == pytest.approx(
+            runs[("diffusers guidance=0", "ours (backbone)")] / runs[("diffusers guidance=0", "diffusers")])
+        assert r["dit_vs_diffusers"]["max_abs_diff"] < 1e-5 * r["dit_vs_diffusers"]["max_abs"]
+        assert r["vae"]["decode_frames_per_s"] > 0 and r["dino"]["images_per_s"] > 0
+        printed = capsys.readouterr().out
+        assert f"wrote {out}" in printed and "ours / diffusers" in printed and not torch.distributed.is_initialized()
 
     def test_eval_benchmark_times_each_metric_and_names_what_it_skipped(self, capsys, monkeypatch, tmp_path):
         """bench.py eval: a time per clip for every metric it could run (the cookbook I3D and LPIPS on random

@@ -139,7 +139,13 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
     ema: float = opt(0.995, "EMA decay of the trainable weights (the export holds the EMA)")
     shift: float = opt(5.0, "sigma shift of the training noise levels (Cosmos: 5)")
-    ac: bool = opt(False, "activation checkpointing per DiT block")
+    ac: str = opt("none", "activation checkpointing of the DiT blocks: 'full' recomputes a block's forward in the "
+                  "backward (least memory), 'mlp' only its MLP sublayer (the widest activations; the attentions "
+                  "keep theirs), 'none' stores everything (fastest)", ["none", "full", "mlp"])
+    ac_every: int = opt(1, "with --ac full or mlp: checkpoint every k-th block only (1: all; 2: half of them), "
+                        "trading memory for the recompute time")
+    compile: bool = opt(False, "torch.compile each DiT block (fullgraph), in torchtitan's order: activation "
+                        "checkpointing, compile, FSDP; the first steps pay the compile time")
     seed: int = opt(0, "seed of the initialization, the data order and the noise")
     out: str = opt("runs", "parent directory of the numbered run directories")
     ckpt_every: int = opt(100, "write a DCP checkpoint every N steps (and on SIGTERM/SIGINT, and at the end)")
@@ -161,7 +167,10 @@ PRESETS = {
         tokenizer="wan2.1", tokenizer_weights=tok.HUB_REPO,  # [D] 3: 8x spatial, 4x temporal compression
         text="reason1", text_cache="data/egodex/text_cache", text_tokens=512,  # [D] 5: Cosmos-Reason1
         text_dropout=0.2,  # [C] zeros for 20% of the clips, what makes text guidance > 0 meaningful
-        dino=sem.DINO_REPO, data="data/egodex", synthetic=False,  # [P] DINOv3 ViT-L/16, EgoDex
+        dino=sem.DINO_REPO, synthetic=False,  # [P] DINOv3 ViT-L/16, EgoDex
+        # [O] EgoDex as a latent cache with DINOv3 features (PAPER_CACHE): the online VAE and DINOv3 are the
+        # recipe's largest costs beside the DiT; --data /path/to/egodex encodes online instead
+        data="data/egodex-cache",
         frames=13,  # [P] 5.1: 1 conditioning + 12 predicted frames, 12 actions; 1 + 12 / 4 = 4 latent frames
         height=288, width=512,  # [D] 6: 16:9 egocentric frames, as Cosmos-2.5's 512x288 action models [C]
         epochs=2,  # [P] 2 epochs (about 20 h each on 8 H200); the step count follows from the clip plan
@@ -179,11 +188,15 @@ PRESETS = {
         betas=(0.9, 0.999), weight_decay=0.1, decay_all=True,  # [C] (0.9, 0.999), 0.1 on all; [P] AdamW, 0.1
         grad_clip=0.1,  # [C]
         ema=0.9999,  # [O] a plain EMA; [C] is a power EMA, sigma_rel 0.10: decay 1 - 7.9 / step, 0.9995 at 16k
-        ac=True,  # [O] activation checkpointing per block, for memory
+        ac="full",  # [O] activation checkpointing of every block, for memory (`bench.py gpu` times the others)
         workers=8,  # [O] README's decoding benchmark: about 4 workers per GPU keep the paper's pace
         ckpt_every=500, keep=3, preview_every=1000,  # [O]
         preview_steps=35),  # [D] 2: the official 35 sampler steps
 }
+
+# how to make the paper preset's default input, which the message for a missing --data names
+PAPER_CACHE = ("torchrun --nproc_per_node=8 data.py cache --data /path/to/egodex --out data/egodex-cache "
+               "--epochs 2 --dino facebook/dinov3-vitl16-pretrain-lvd1689m")
 
 # fields that define the model and its inputs: a checkpoint made with others cannot be resumed
 MUST_MATCH = ("model", "action_mode", "semantic", "trainable", "tokenizer", "pixel_compression", "pixel_mean",
@@ -233,6 +246,8 @@ def resumed_config(path):
         except (OSError, ValueError, KeyError):
             continue  # a damaged checkpoint: open_run says so when it falls back
         names = {f.name for f in fields(TrainConfig)}
+        if isinstance(saved.get("ac"), bool):  # runs from before --ac took a mode
+            saved["ac"] = "full" if saved["ac"] else "none"
         return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
     raise ConfigError(f"no complete checkpoint in {path} (expected {path}/checkpoints/step_NNNNNNN): "
                       f"start a new run without --resume")
@@ -322,19 +337,27 @@ def set_trainable(model, trainable):
         raise ConfigError("--trainable new, but the model has no new modules: set --action-mode or --semantic")
 
 
-def parallelize(model, device, ac, bf16=None):
-    """torchtitan's order: activation checkpointing per block, then fully_shard: the fp32 path, each block, the
-    root. bf16 compute with fp32 master weights and fp32 gradient reduction on GPUs (bf16: force it on or off);
-    fp32 throughout on the CPU. The fp32 path (model.FP32_MODULES, the official fp32 strategy) gets groups of
-    its own, one per parent module (a block's three modulations share one), whose parameters stay fp32."""
+def parallelize(model, device, ac="none", ac_every=1, compile=False, bf16=None):
+    """torchtitan's order: activation checkpointing per block (ac 'full': the whole block, 'mlp': its MLP
+    sublayer; every ac_every-th block), then torch.compile per block (model.compile_blocks; compile: True for
+    inductor, or a backend's name), then fully_shard: the fp32 path, each block, the root. bf16 compute with
+    fp32 master weights and fp32 gradient reduction on GPUs (bf16: force it on or off); fp32 throughout on the
+    CPU. The fp32 path (model.FP32_MODULES, the official fp32 strategy) gets groups of its own, one per parent
+    module (a block's three modulations share one), whose parameters stay fp32."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    groups = {}  # named before activation checkpointing renames the blocks' modules
+    groups = {}  # named before activation checkpointing and compile rename the blocks' modules
     for name, module in model.fp32_modules():
         groups.setdefault(name.rpartition(".")[0], []).append(module)
-    if ac:
-        for i, block in enumerate(model.blocks):
+    for i, block in enumerate(model.blocks):
+        if ac == "none" or i % ac_every:
+            continue
+        if ac == "full":
             model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+        else:
+            block.checkpoint_mlp = True
+    if compile:
+        M.compile_blocks(model, **({"backend": compile} if isinstance(compile, str) else {}))
     bf16 = device.type == "cuda" if bf16 is None else bf16
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                               reduce_dtype=torch.float32 if bf16 else None, cast_forward_inputs=False)
@@ -407,6 +430,11 @@ def prepare_data(cfg, rank):
     root, stats = Path(cfg.data), Path(cfg.stats or Path(cfg.data) / "stats.json")
 
     def on_rank0():
+        if not cfg.synthetic and not root.exists():
+            raise ConfigError(f"--data {root} does not exist: give an EgoDex or EgoVerse root (encoded as it "
+                              f"trains), or first encode one into a latent cache there (the paper preset's "
+                              f"input: the online VAE and DINOv3 cost more than the rest of a step beside the "
+                              f"DiT): {PAPER_CACHE.replace('data/egodex-cache', str(root))}")
         if cfg.synthetic and not root.exists():
             print(f"writing the synthetic dataset to {root}")
             synthetic.write_synthetic(root)
@@ -439,11 +467,17 @@ def ignore_signals(worker_id):
 
 def epoch_steps(cfg):
     """--epochs as optimizer steps: passes over one epoch's clip plan (ClipSampler's, as many clips every epoch)
-    in steps of the global batch, rounded up."""
+    in steps of the global batch, rounded up. A latent cache made with `data.py cache --epochs k` holds k
+    epochs' plans (new clip starts each), so one of our epochs is 1/k of it."""
     _, sampler = data.make_loader(cfg.data, cfg.micro_batch, clip_len=cfg.frames, size=(cfg.height, cfg.width),
                                   num_workers=0, seed=cfg.seed, splits=data.split_names(cfg.splits),
                                   test_fraction=cfg.test_fraction)
-    return math.ceil(cfg.epochs * len(sampler) / cfg.batch_size)
+    manifest = Path(cfg.data) / data.CACHE_MANIFEST
+    cached = json.loads(manifest.read_text())["epochs"] if manifest.is_file() else 1
+    if manifest.is_file() and cfg.epochs > cached and int(os.environ.get("RANK", 0)) == 0:
+        print(f"notice: --epochs {cfg.epochs:g} over a cache of {cached} epochs' clips: its clips come back "
+              f"{cfg.epochs / cached:.2g} times (cache more with `data.py cache --epochs`)")
+    return math.ceil(cfg.epochs * len(sampler) / cached / cfg.batch_size)
 
 
 class Stream:
@@ -503,11 +537,13 @@ def group_settings(cfg):
 
 
 def build_optimizer(model, cfg):
-    """The same two groups whatever the settings, so that a checkpoint's optimizer state maps onto any of them."""
+    """The same two groups whatever the settings, so that a checkpoint's optimizer state maps onto any of them.
+    AdamW's fused kernel on GPUs (one launch for all parameters), the multi-tensor one on the CPU."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2]}, {"params": [p for p in params if p.ndim < 2]}]
     groups = [g | s for g, s in zip(groups, group_settings(cfg))]
-    return torch.optim.AdamW(groups, lr=cfg.lr, eps=1e-8, foreach=True)
+    fused = params[0].device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, eps=1e-8, fused=fused, foreach=not fused)
 
 
 def lr_at(step, cfg):
@@ -808,6 +844,7 @@ def check_ranges(cfg):
         ("micro_batch", cfg.micro_batch >= 1, ">= 1"),
         ("workers", cfg.workers >= 0, ">= 0"),
         ("warmup", cfg.warmup >= 0, ">= 0"),
+        ("ac_every", cfg.ac_every >= 1, ">= 1 (1: every block)"),
         ("decay_steps", cfg.decay_steps >= 0, ">= 0 (0: --steps)"),
         ("lr", finite(cfg.lr) and cfg.lr > 0, "finite and > 0"),
         ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
@@ -878,7 +915,7 @@ def build(cfg, device, *, load=True):
     elif model.action_cond is not None:  # unit statistics: enough for shapes and timing
         model.action_cond.set_stats(torch.zeros(mcfg.action_dim), torch.ones(mcfg.action_dim))
     set_trainable(model, cfg.trainable)
-    dtype = parallelize(model, device, cfg.ac)
+    dtype = parallelize(model, device, cfg.ac, cfg.ac_every, cfg.compile)
     optimizer = build_optimizer(model, cfg)
     ema = {clean(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     context = build_context(cfg, mcfg, device) if load else None
