@@ -798,6 +798,7 @@ def costs(*, dim=2048, n_heads=16, frames=4, height=288, width=512, steps=12, n_
             "full DexAC": measure(full["dexac"], a, x, mask),
             "mlp (Cosmos chunk MLP, ours)": measure(full["mlp"], a, x, mask),
             "dexac-time (ours)": measure(full["dexac-time"], a, x, mask),
+            "dexac-channel (ours)": measure(full["dexac-channel"], a, x, mask),
         }
 
 

@@ -30,10 +30,13 @@ Our decisions (the paper is silent or lost):
   permutation invariant, and the paper's tokens carry no sign of WHICH dimension they come from;
 - every output layer that touches the DiT is zero-initialized (the `mlp` baselines too), so adding any
   mode to a pretrained backbone changes nothing at step 0;
-- `dexac-time`, a time-aware SAT beside the faithful one: the faithful SAT is rank one in time (each token
-  is a function of one weighted sum of its dimension's series). Here each dimension gets one token per
-  latent frame, from a Linear(k -> C) over the k = 4 actions of that frame, and every latent frame
-  attends to (and is modulated by) its own actions only, as in Cosmos' chunk MLP;
+- two time-aware SATs beside the faithful one, whose tokens are rank one in time (each a function of one
+  weighted sum of its dimension's series, so two trajectories with equal sums condition identically):
+  `dexac-channel` reads eq. 6's fusion per channel, weights (T_a, C), so channel c of a token is its own
+  weighted sum (one token per dimension still, up to min(T_a, C) functionals of the trajectory);
+  `dexac-time` gives each dimension one token per latent frame, from a Linear(k -> C) over the k = 4 actions
+  of that frame, and every latent frame attends to (and is modulated by) its own actions only, as in Cosmos'
+  chunk MLP;
 - the normalization statistics live in the module's state as the bit patterns of fp32 values (int32
   buffers): they travel with every state dict, and casting the model to bf16 cannot round them (a 6D
   rotation entry near 1 with a std of 1e-4 would otherwise normalize to garbage);
@@ -62,7 +65,9 @@ MODES = {
     "mlp-flat": "the paper's flat MLP baseline: Mlp(T_a * N -> 4D -> D), broadcast over latent frames",
     "dexac": "the paper: SAT tokens, local refinement and global modulation",
     "dexac-no-local": "DexAC without local refinement", "dexac-no-global": "DexAC without global modulation",
-    "dexac-time": "DexAC with the time-aware SAT: tokens per action dimension and latent frame"}
+    "dexac-time": "DexAC with the time-aware SAT: tokens per action dimension and latent frame",
+    "dexac-channel": "DexAC with the per-channel temporal fusion (weights T_a x C): one token per dimension that "
+                     "keeps the timing"}
 NORMS = ("zscore", "none", "scale")
 
 
@@ -337,17 +342,32 @@ class CrossAttention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
 
 
+class ChannelFusion(nn.Module):
+    """The per-channel reading of eq. 6's temporal fusion: (..., C, T_a) -> (..., C, 1), channel c fused over
+    time with its own weights (weight (C, T_a)), where the faithful nn.Linear(T_a, 1) shares one set."""
+
+    def __init__(self, steps, width):
+        super().__init__()
+        self.in_features = steps
+        self.weight = nn.Parameter(torch.empty(width, steps))
+        self.bias = nn.Parameter(torch.empty(width))
+
+    def forward(self, h):
+        return ((h * self.weight).sum(-1) + self.bias)[..., None]
+
+
 class StructuredActionTokenizer(nn.Module):
     """SAT (eq. 5-6): (B, T_a, N) -> (B, 1, N, C), one token per action dimension.
 
     Every scalar entry goes through one shared Linear(1 -> C); a learnable linear fusion over the T_a steps
-    and a GELU give the token. Initialized fan-in (LeCun) so unit-scale actions give unit-scale tokens.
+    (one set of weights, or one per channel: per_channel) and a GELU give the token. Initialized fan-in
+    (LeCun) so unit-scale actions give unit-scale tokens.
     """
 
-    def __init__(self, n_dims, steps, width, dim_embedding=True):
+    def __init__(self, n_dims, steps, width, dim_embedding=True, per_channel=False):
         super().__init__()
         self.entry = nn.Linear(1, width)  # 2C = 512 parameters at C = 256, as in the paper's Table 6
-        self.fuse = nn.Linear(steps, 1)  # the temporal fusion
+        self.fuse = ChannelFusion(steps, width) if per_channel else nn.Linear(steps, 1)  # the temporal fusion
         self.dim_embed = nn.Parameter(torch.empty(n_dims, width)) if dim_embedding else None
         self.init_weights()
 
@@ -535,7 +555,8 @@ class DexAC(ActionConditioning):
         framewise = mode == "dexac-time"
         super().__init__(mode, n_dims, steps, norm=norm, scale=scale, per_frame=per_frame, framewise=framewise)
         self.tokenizer = (FrameActionTokenizer(n_dims, per_frame, width, dim_embedding) if framewise
-                          else StructuredActionTokenizer(n_dims, steps, width, dim_embedding))
+                          else StructuredActionTokenizer(n_dims, steps, width, dim_embedding,
+                                                         per_channel=mode == "dexac-channel"))
         self.local = None if mode == "dexac-no-local" else LocalRefinement(width, dim, n_heads)
         self.glob = None if mode == "dexac-no-global" else GlobalModulation(width, dim, global_heads)
 

@@ -1,23 +1,31 @@
 """
 Does structured action conditioning help? The paper's claim (Tables 1, 3, 4: DexAC follows fine finger actions
-better than a flat MLP action embedding) tested at miniature scale on the synthetic dataset.
+better than a flat MLP action embedding) tested at miniature scale on the synthetic dataset, in the paper's
+regime: every variant fine-tunes one pretrained backbone.
 
-    python miniature.py                                 # every mode, 1 seed, then the evaluation (time: README)
-    python miniature.py --seeds 0 --steps 20 --clips 4  # a smoke run of the whole pipeline
+    python miniature.py                                   # the base, every variant, 1 seed, the evaluation
+    python miniature.py --seeds 0 1 2 --modes mlp dexac   # more seeds for chosen variants (the rest is reused)
+    python miniature.py --base-steps 20 --steps 20 --eval-every 10 --clips 4   # a smoke run of the whole pipeline
 
-The dataset is the synthetic one seen closer (synthetic.write_synthetic with zoom 2 and markers twice as large), so
-that hands, fingers and keypoint markers stay visible at the 48x80 frames a CPU can train on. Every conditioning
-mode trains the `tiny` DiT on the pixel tokenizer with the same budget (steps, batch, data order and
-initialization seed), a run per (mode, seed), `--jobs` runs at a time with one thread each. Each trained model
-is then rolled out by the evaluation protocol (evaluate.py) on the test split, twice: with the true actions and
-with another clip's actions (the control: a model that ignores its actions scores the same on both). The
+The dataset is the synthetic one seen closer (synthetic.write_synthetic: zoom 2, markers twice as large, fingers
+1.5x as thick) with two finger-dominant tasks beside the four wrist-and-head ones, so that hands, finger curls and
+keypoint markers stay visible at the 48x80 frames a CPU can train on, and a model must read finger actions to
+predict the finger tasks. A base `tiny` DiT
+on the pixel tokenizer is pretrained once without actions (--base-steps; it learns what the scene looks like),
+then every variant (VARIANTS: a conditioning mode, or a normalization ablation) fine-tunes all of it from that
+base with the same budget (steps, batch, data order, seed), a run per (variant, seed), `--jobs` runs at a time
+with one thread each; its new modules start at zero, so step 0 is the base exactly. Each fine-tuned model is
+rolled out by the evaluation protocol (evaluate.py) on the test split, twice: with the true actions and with
+another clip's actions (the control: a model that ignores its actions scores the same on both), and so are
+the exports every --eval-every steps, which draw the gap along fine-tuning ("not yet" against "never"). The
 summary gives each metric's mean with its standard error over the evaluated clips, the true-minus-shuffled gap
 paired clip by clip, and PCK per action family. Everything is resumable: finished runs and scored clips are
 kept, interrupted runs resume; a run is reused only when the train.py flags it records (settings.json) are this
 call's, else it is refused with a message (deleting a trained model is left to the user).
 
-Outputs under --out: seed<s>/<mode>/ (train.py runs), seed<s>/eval/ (reports), results.json, results.md and
-results.png.
+Outputs under --out: base/ (the pretrained backbone), seed<s>/<variant>/ (train.py runs), seed<s>/eval/ and
+seed<s>/curves/ (reports), results.json, results.md, results.png (final gaps) and curves.png (gap along
+fine-tuning).
 """
 
 import contextlib
@@ -40,9 +48,19 @@ import sample
 import synthetic
 import train
 
-ZOOM, MARKER_SCALE = 2.0, 2.0  # of the synthetic dataset (synthetic.write_synthetic)
+# the synthetic dataset (synthetic.write_synthetic): zoomed, markers x2, fingers x1.5 and the two finger-dominant
+# tasks, whose curls sweep ~10 px at 48x80 around still wrists; the marker detector finds > 99% of the
+# ground-truth keypoints at 48x80 (synthetic.detector_recall), fingertips included
+ZOOM, MARKER_SCALE, FINGER_WIDTH, FINGER_TASKS = 2.0, 2.0, 1.5, 2
 SIZE = (48, 80)  # training and evaluation frames
-MODES = ("mlp", "mlp-flat", "dexac", "dexac-no-local", "dexac-no-global", "dexac-time")
+# every variant fine-tunes the same base with the same budget; a variant is the train.py flags that make it
+VARIANTS = {
+    "mlp": ["--action-mode", "mlp"], "mlp-flat": ["--action-mode", "mlp-flat"], "dexac": ["--action-mode", "dexac"],
+    "dexac-no-local": ["--action-mode", "dexac-no-local"], "dexac-no-global": ["--action-mode", "dexac-no-global"],
+    "dexac-norm-none": ["--action-mode", "dexac", "--action-norm", "none"],  # the paper's Table 4 ablations
+    "dexac-x200": ["--action-mode", "dexac", "--action-norm", "scale"],
+    "dexac-channel": ["--action-mode", "dexac-channel"], "dexac-time": ["--action-mode", "dexac-time"]}
+MODES = tuple(VARIANTS)  # the variants, by name
 HERE = Path(__file__).resolve().parent
 
 
@@ -52,19 +70,39 @@ def run_dir(out):
     return runs[-1] if runs else None
 
 
+def base_export(args):
+    """Where every fine-tuning run finds the base: a fixed name, linked to the base run's export once trained."""
+    return Path(args.out) / "base" / "model.safetensors"
+
+
+def base_argv(args):
+    """The train.py flags of the base: the backbone without actions, pretrained once (seed 0) for every variant
+    and seed, exported in fp32 so that fine-tuning starts from its exact weights."""
+    return ["--data", str(args.data), "--action-mode", "none", "--seed", "0", "--height", str(SIZE[0]),
+            "--width", str(SIZE[1]), "--steps", str(args.base_steps), "--out", str(Path(args.out) / "base"),
+            "--preview-every", "0", "--ckpt-every", "100", "--export-dtype", "fp32", *args.train_args]
+
+
 def train_argv(mode, seed, args):
-    """The train.py flags of one (mode, seed) run: what its model is, and what settings.json records."""
+    """The train.py flags of one (variant, seed) run: what its model is, and what settings.json records. With a
+    base (--base-steps > 0) the run fine-tunes it, all parameters, at --finetune-lr, exporting every
+    --eval-every steps; without one it trains from scratch."""
     out = Path(args.out) / f"seed{seed}" / mode
-    return ["--data", str(args.data), "--action-mode", mode, "--seed", str(seed), "--height", str(SIZE[0]),
+    start = []
+    if getattr(args, "base_steps", 0):
+        start = ["--init", str(base_export(args)), "--lr", str(args.finetune_lr)]
+    every = ["--export-every", str(args.eval_every)] if getattr(args, "eval_every", 0) else []
+    return ["--data", str(args.data), *VARIANTS[mode], "--seed", str(seed), "--height", str(SIZE[0]),
             "--width", str(SIZE[1]), "--steps", str(args.steps), "--out", str(out), "--preview-every", "0",
-            "--ckpt-every", "50", *args.train_args]
+            "--ckpt-every", "50", *start, *every, *args.train_args]
 
 
-def check_cached(mode, seed, args):
+def check_cached(mode, seed, args, out=None, argv=None):
     """A run folder already under --out must have been trained with these settings (kept in settings.json):
     a model of other settings is never reused, and never deleted; one clear error instead."""
-    out = Path(args.out) / f"seed{seed}" / mode
-    saved, want = out / "settings.json", {"train_argv": train_argv(mode, seed, args)}
+    out = Path(out or Path(args.out) / f"seed{seed}" / mode)
+    argv = argv or train_argv(mode, seed, args)
+    saved, want = out / "settings.json", {"train_argv": argv}
     if run_dir(out) is None:
         return
     if not saved.is_file():
@@ -80,30 +118,49 @@ def check_cached(mode, seed, args):
                          f"it, or choose another --out")
 
 
-def train_one(job):
-    """One (mode, seed) run as a train.py process; skipped when exported, resumed when interrupted."""
-    mode, seed, args = job
-    out = Path(args.out) / f"seed{seed}" / mode
-    check_cached(mode, seed, args)
+def train_run(out, argv, what, threads):
+    """One train.py process in `out`; skipped when exported, resumed when interrupted -> its export."""
     run = run_dir(out)
     if run is not None and (run / "model.safetensors").is_file():
         return run / "model.safetensors"
-    cmd = [sys.executable, str(HERE / "train.py"), *train_argv(mode, seed, args)]
+    cmd = [sys.executable, str(HERE / "train.py"), *argv]
     if run is not None and (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
         cmd += ["--resume", str(run)]
     out.mkdir(parents=True, exist_ok=True)
-    hub.atomic_write(out / "settings.json", json.dumps({"train_argv": train_argv(mode, seed, args)}))
+    hub.atomic_write(out / "settings.json", json.dumps({"train_argv": argv}))
     t0 = time.time()
     with open(out / "train.log", "a") as log:
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(HERE)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(HERE)}
         code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     seconds = out / "train_seconds.txt"  # wall clock, summed over resumed attempts
     seconds.write_text(f"{float(seconds.read_text() if seconds.exists() else 0) + time.time() - t0:.0f}\n")
     run = run_dir(out)
     if code or run is None or not (run / "model.safetensors").is_file():
-        raise RuntimeError(f"training {mode} (seed {seed}) failed; see {out / 'train.log'}")
-    print(f"trained {mode} (seed {seed}): {run}")
+        raise RuntimeError(f"training {what} failed; see {out / 'train.log'}")
+    print(f"trained {what}: {run}")
     return run / "model.safetensors"
+
+
+def train_one(job):
+    """One (variant, seed) run."""
+    mode, seed, args = job
+    check_cached(mode, seed, args)
+    return train_run(Path(args.out) / f"seed{seed}" / mode, train_argv(mode, seed, args), f"{mode} (seed {seed})",
+                     args.threads)
+
+
+def along(export):
+    """A run's exports along training (train.py --export-every), oldest first, then its final one:
+    [(step, path)]."""
+    steps = sorted((export.parent / "exports").glob("step_*.safetensors"))
+    final = json.loads(safe_metadata(export)["step"])
+    return [(int(p.stem[5:]), p) for p in steps] + [(final, export)]
+
+
+def safe_metadata(path):
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
 
 
 def evaluate_seed(seed, checkpoints, args):
@@ -124,6 +181,52 @@ def evaluate_seed(seed, checkpoints, args):
                                         for f in sorted((out / name / "clips").glob("*.json"))]
                                  for kind, name in names.items()}
     return result
+
+
+def evaluate_curve(seed, mode, export, args):
+    """The action-following gap along fine-tuning: the protocol, true and shuffled actions, on each export
+    before the final one (the main table has that) -> [(step, {metric: (true - shuffled mean, its paired
+    standard error over clips)})], so that "not yet" and "never" can be told apart."""
+    points = along(export)[:-1]
+    if not points:
+        return []
+    out = Path(args.out) / f"seed{seed}" / "curves" / mode
+    for shuffled in (False, True):
+        E.protocol(E.EvalConfig(
+            checkpoints=tuple(str(p) for _, p in points), data=args.data, horizon=args.horizon,
+            clips=args.clips or None, metrics=args.metrics, out=str(out), steps=args.sample_steps, seed=seed,
+            shuffle_actions=shuffled, figure_clips=0))
+    curve = []
+    for step, path in points:
+        clips = {kind: [json.loads(f.read_text()) for f in sorted(
+            (out / E.row_name(path, kind == "shuffled") / "clips").glob("*.json"))] for kind in ("true", "shuffled")}
+        curve.append((step, clips))
+    return curve
+
+
+def paired(clips, metric):
+    """(mean, standard error) over clips of true minus shuffled, matched by clip index; None when unscored."""
+    shuffled = {c["index"]: c for c in clips["shuffled"]}
+    gaps = [clip_values(t, metric) - clip_values(shuffled[t["index"]], metric) for t in clips["true"]
+            if t["index"] in shuffled and clip_values(t, metric) is not None
+            and clip_values(shuffled[t["index"]], metric) is not None]
+    return (float(np.mean(gaps)), standard_error(gaps)) if gaps else None
+
+
+def curves(per_seed, metrics):
+    """{seed: {mode: {"curve": [(step, clips)], "clips": final clips, "step": final step}}} -> {mode: {step:
+    {metric: (gap, se)}}}, clips pooled over seeds; the final export's point from the main evaluation."""
+    table = {}
+    for mode in next(iter(per_seed.values())):
+        pooled = {}
+        for seed, rows in per_seed.items():
+            r = rows[mode]
+            for step, clips in [*r.get("curve", []), (r["step"], r["clips"])]:
+                for kind in ("true", "shuffled"):  # clip indices stay apart across seeds
+                    pooled.setdefault(step, {"true": [], "shuffled": []})[kind] += [
+                        {**c, "index": (seed, c["index"])} for c in clips[kind]]
+        table[mode] = {step: {m: paired(clips, m) for m in metrics} for step, clips in sorted(pooled.items())}
+    return table
 
 
 def clip_values(clip, metric):
@@ -200,6 +303,57 @@ def markdown(table, metrics, args, train_minutes):
     return "\n".join(lines) + "\n"
 
 
+def curve_markdown(table, metrics):
+    """The gap along fine-tuning: a table per metric, a row per variant, a column per evaluated step."""
+    steps = sorted({step for rows in table.values() for step in rows})
+    lines = []
+    for m in metrics:
+        k = DECIMALS.get(m, 1) + 1
+        fmt = lambda v: "–" if v is None else f"{v[0]:+.{k}f} ± {v[1]:.{k}f}"
+        lines += ["", f"{m} gap (true minus shuffled actions) along fine-tuning, by step:", "",
+                  "| variant | " + " | ".join(map(str, steps)) + " |", "|---|" + "---|" * len(steps)]
+        lines += [f"| {mode} | " + " | ".join(fmt(rows.get(step, {}).get(m)) for step in steps) + " |"
+                  for mode, rows in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(path, table, metric):
+    """The gap of one metric against fine-tuning steps, a line per variant, whiskers +-1 standard error."""
+    W, H, pad = 640, 360, 48
+    img = Image.new("RGB", (W + 160, H), "white")
+    d = ImageDraw.Draw(img)
+    points = [(step, v) for rows in table.values() for step, r in rows.items() if (v := r.get(metric))]
+    if points:
+        steps = [p[0] for p in points]
+        lo, hi = min(min(v[0] - v[1] for _, v in points), 0.0), max(max(v[0] + v[1] for _, v in points), 0.0)
+        hi = hi if hi > lo else lo + 1
+        x = lambda s: pad + (s - min(steps)) / max(1, max(steps) - min(steps)) * (W - 2 * pad)
+        y = lambda v: H - pad - (v - lo) / (hi - lo) * (H - 2 * pad)
+        d.line([(pad, y(0)), (W - pad, y(0))], fill=(150, 150, 150))  # no gap: the actions ignored
+        for i, (mode, rows) in enumerate(table.items()):
+            color = PALETTE[i % len(PALETTE)]
+            line = [(x(step), y(r[metric][0])) for step, r in sorted(rows.items()) if r.get(metric)]
+            if len(line) > 1:
+                d.line(line, fill=color, width=2)
+            for step, r in rows.items():
+                if r.get(metric):
+                    m, e = r[metric]
+                    d.line([(x(step), y(m - e)), (x(step), y(m + e))], fill=color)
+            d.text((W + 4, pad + 14 * i), mode, fill=color)
+        d.text((4, pad - 12), f"{hi:.3g}", fill="black")
+        d.text((4, H - pad - 6), f"{lo:.3g}", fill="black")
+        d.text((pad, H - pad + 8), f"step {min(steps)}", fill="black")
+        d.text((W - pad - 60, H - pad + 8), f"step {max(steps)}", fill="black")
+    d.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    d.text((pad, 12), f"{metric} gap, true minus shuffled actions, along fine-tuning (whiskers: +-1 s.e.)",
+           fill="black")
+    img.save(path)
+
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
 def plot(path, table, metrics):
     """One panel per metric: each mode's score with true (blue) and shuffled (grey) actions; whiskers: +-1
     standard error over clips (on the grey bar: of the paired gap). Equal bars: the model ignores its actions."""
@@ -239,15 +393,23 @@ def plot(path, table, metrics):
 
 def main(argv=None):
     p = sample.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
-                                epilog="Any other flag goes to every train.py run (e.g. --lr 5e-4 --batch-size 8); "
-                                       "48x80 frames unless --height/--width say otherwise.")
+                                epilog="Any other flag goes to every train.py run, the base's included (e.g. "
+                                       "--batch-size 8); 48x80 frames unless --height/--width say otherwise.")
     p.add_argument("--out", default="runs/miniature", help="output folder")
-    p.add_argument("--data", default="data/miniature",
-                   help=f"synthetic dataset (written when absent, with zoom {ZOOM} and markers x{MARKER_SCALE})")
+    p.add_argument("--data", default="data/miniature-fingers",
+                   help=f"synthetic dataset (written when absent: zoom {ZOOM}, markers x{MARKER_SCALE}, fingers "
+                        f"x{FINGER_WIDTH}, {FINGER_TASKS} finger-dominant tasks)")
     p.add_argument("--seeds", type=sample.nonnegative_int, nargs="+", default=[0],
-                   help="seeds (initialization, data, noise)")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="conditioning modes to compare")
-    p.add_argument("--steps", type=sample.positive_int, default=700, help="training steps per run")
+                   help="seeds of the fine-tuning runs (the new modules' initialization, data order, noise)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, metavar="VARIANT",
+                   help="variants to compare: " + ", ".join(f"{k} ({' '.join(v[1:])})" for k, v in VARIANTS.items()))
+    p.add_argument("--base-steps", type=sample.nonnegative_int, default=1500,
+                   help="steps of the base pretrained without actions, once, that every run fine-tunes (the "
+                        "paper's regime); 0: every run trains from scratch")
+    p.add_argument("--steps", type=sample.positive_int, default=600, help="training steps per run")
+    p.add_argument("--finetune-lr", type=sample.positive_float, default=3e-4, help="peak lr of the fine-tuning runs")
+    p.add_argument("--eval-every", type=sample.nonnegative_int, default=150,
+                   help="evaluate the gap every N fine-tuning steps too (0: only the final models)")
     p.add_argument("--jobs", type=sample.positive_int, default=2, help="runs trained at a time")
     p.add_argument("--threads", type=sample.positive_int, default=1, help="CPU threads per run")
     p.add_argument("--horizon", type=sample.positive_int, default=25, help="evaluation rollout length in frames")
@@ -272,36 +434,51 @@ def main(argv=None):
     if unknown:
         p.error(f"argument --metrics: unknown {sorted(unknown)}; choose from {E.METRICS}")
     sample.check_out_dir(args.out)
+    if args.base_steps:
+        check_cached("base", 0, args, Path(args.out) / "base", base_argv(args))
     for seed in args.seeds:  # a cached model of other settings is refused now, not after hours of training
         for mode in args.modes:
             check_cached(mode, seed, args)
     root = Path(args.data)
-    if not root.exists():  # zoomed, with large markers: hands and keypoints stay visible at 48x80
-        synthetic.write_synthetic(root, episodes=6, test_episodes=3, zoom=ZOOM, marker_scale=MARKER_SCALE)
+    if not root.exists():  # hands, fingers and keypoints visible at 48x80
+        synthetic.write_synthetic(root, episodes=6, test_episodes=3, zoom=ZOOM, marker_scale=MARKER_SCALE,
+                                  finger_width=FINGER_WIDTH, finger_tasks=FINGER_TASKS)
     if not (root / "stats.json").exists():
         (root / "stats.json").write_text(json.dumps(data.compute_stats(root), indent=1))
+    if args.base_steps and not base_export(args).is_file():
+        trained = train_run(Path(args.out) / "base", base_argv(args), "the base (no actions)", args.jobs * args.threads)
+        os.link(trained, base_export(args))  # the same file under the fixed name the runs' flags give
     jobs = [(mode, seed, args) for seed in args.seeds for mode in args.modes]
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on train.py processes
         checkpoints = list(pool.map(train_one, jobs))
     n = len(args.modes)
-    per_seed = {seed: evaluate_seed(seed, checkpoints[i * n:(i + 1) * n], args)
-                for i, seed in enumerate(args.seeds)}
+    per_seed = {}
+    for i, seed in enumerate(args.seeds):
+        per_seed[seed] = evaluate_seed(seed, checkpoints[i * n:(i + 1) * n], args)
+        for mode, export in zip(args.modes, checkpoints[i * n:(i + 1) * n]):
+            per_seed[seed][mode]["step"] = along(export)[-1][0]
+            per_seed[seed][mode]["curve"] = evaluate_curve(seed, mode, export, args)
     metrics = [m for m in ("psnr", "ssim", "lpips", "latent_l2", "pck@5", "pck@10", "pck@20")
                if any(r["true"].get(m) is not None for rows in per_seed.values() for r in rows.values())]
     table = summarize(per_seed, metrics)
+    along_table = curves(per_seed, metrics)
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps({"config": {k: v for k, v in vars(args).items()},
-                                                  "per_seed": per_seed, "summary": table}, indent=1))
+                                                  "per_seed": per_seed, "summary": table,
+                                                  "curves": {m: {str(k): v for k, v in r.items()}
+                                                             for m, r in along_table.items()}}, indent=1))
     train_minutes = {}  # mean over seeds, when every run recorded its time
     for mode in args.modes:
         files = [out / f"seed{s}" / mode / "train_seconds.txt" for s in args.seeds]
         if all(f.exists() for f in files):
             train_minutes[mode] = round(np.mean([float(f.read_text()) for f in files]) / 60, 1)
-    text = markdown(table, metrics, args, train_minutes)
+    key = [m for m in ("psnr", "latent_l2", "pck@10") if m in metrics]
+    text = markdown(table, metrics, args, train_minutes) + curve_markdown(along_table, key)
     (out / "results.md").write_text(text)
-    plot(out / "results.png", table, [m for m in metrics if m in ("psnr", "latent_l2", "pck@10")] or metrics[:3])
+    plot(out / "results.png", table, key or metrics[:3])
+    plot_curves(out / "curves.png", along_table, key[0] if key else metrics[0])
     print(text)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results.png'}")
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'} and {out / 'curves.png'}")
     return table
 
 

@@ -3,18 +3,23 @@ Synthetic egocentric data in the EgoDex format: the embedded default dataset, no
 
     python synthetic.py --out data/synthetic        # 4 tasks x (3 train + 1 test) episodes of 90 frames
     python synthetic.py --out /tmp/quirks --quirks  # 19 small episodes, each with one real-data quirk
+    python synthetic.py --out data/fingers --zoom 2 --marker-scale 2 --finger-width 1.5 --finger-tasks 2
 
 A procedural scene that data.py reads exactly like EgoDex (`<split>/<task>/<k>.hdf5` + `<k>.mp4`): ARKit-like
 world (y up, table top at y = 0.8 m), two hands of a wrist SE(3) plus 5 fingers of 3 flexing segments, and a
 head camera 0.65 m above the table that sways. Wrist and head move a lot, fingers little and slowly, as in
-real egocentric data. The 12 evaluation keypoints (wrists and fingertips) are drawn as coloured markers, and
-`detect_keypoints` finds them again in any frame: the PCK detector of evaluate.py on this data. Every episode
+real egocentric data; the optional finger tasks (FINGER_TASKS) invert this: fingers curl widely around still
+wrists and head, so that predicting them needs the finger actions. The 12 evaluation keypoints (wrists and
+fingertips) are drawn as coloured markers, and `detect_keypoints` finds them again in any frame: the PCK
+detector of evaluate.py on this data. Every episode
 file written here carries the root attribute SYNTHETIC_ATTR (`is_synthetic` reads it), so that evaluate.py refuses
 the marker detector on real video, where it would find nothing or stray look-alike pixels.
 
 What it deliberately departs from: the hands are cylinders and spheres, not meshes; every joint rotation
 equals its wrist's; confidences are random in [0.6, 1]; one task (wipe_table) writes old-style files without
-the LLM description attributes, as some EgoDex files are.
+the LLM description attributes, as some EgoDex files are. Two measures of a written root say whether it holds
+the paper's regime at a given resolution: `action_magnitudes` (how far each action family moves) and
+`detector_recall` (the share of keypoints the marker detector finds in the decoded, resized frames).
 
 The quirks root (`write_quirks`, `--quirks`) mixes EgoDex episodes (`part1`, `extra`, `test`) and flat
 EgoVerse Zarr episodes (`write_egoverse_zarr`), each carrying exactly one quirk of the real datasets
@@ -60,6 +65,16 @@ SYNTH_TASKS = (  # task, llm_type, which, llm_description, llm_description2, des
      (1.0, 0.5, 0.7)),
     ("wipe_table", None, None, None, None, "Wipe the table with a cloth.", (90, 120, 90), (0.3, 1.3, 0.5)),
 )
+# finger-dominant tasks (write_synthetic's finger_tasks): wrists and head nearly still (FINGER_STILL of their
+# usual motion), fingers curling and uncurling widely and fast, each finger with its own phase and frequency,
+# so that the next frames depend on the finger actions; fields as SYNTH_TASKS, then curl (mean angle, Hz)
+FINGER_STILL = 0.03
+FINGER_TASKS = (
+    ("curl_fingers", "", "", "Curl and uncurl the fingers of both hands.", "", "curl fingers", (80, 80, 120),
+     (FINGER_STILL, FINGER_STILL, 5.0), (0.6, 0.8)),
+    ("tap_fingers", "", "", "Tap the fingers one after another.", "", "tap fingers", (120, 90, 60),
+     (FINGER_STILL, FINGER_STILL, 3.5), (0.45, 1.3)),
+)
 _KNUCKLE = np.array([[-0.030, 0.030, 0], [-0.032, 0.085, 0], [-0.011, 0.092, 0], [0.011, 0.088, 0],
                      [0.031, 0.078, 0]])  # right hand, wrist frame (x lateral, y along fingers, z back)
 _FAN = np.array([-0.95, -0.32, -0.08, 0.16, 0.42])  # finger directions in the palm plane (rad)
@@ -81,17 +96,18 @@ def _pose(R, t):
     return T
 
 
-def synth_track(rng, n, fps=30, motion=(1.0, 1.0, 1.0)):
+def synth_track(rng, n, fps=30, motion=(1.0, 1.0, 1.0), head=1.0, curl=(0.3, 0.25)):
     """-> ({EgoDex joint: (n, 4, 4)}, track): large wrist/head motion, small slow finger flexion;
-    motion scales the left wrist, right wrist and finger amplitudes (the task's style)."""
+    motion scales the left wrist, right wrist and finger amplitudes (the task's style), head the head's sway;
+    curl = (mean joint angle in rad, Hz) of the finger flexion, whose amplitude is 0.1 rad * motion[2]."""
     t = np.arange(n) / fps
 
     def wave(amp, hz):  # (n, len(amp)) sinusoids with a random phase and +-20% frequency per column
         return amp * np.sin(2 * np.pi * hz * rng.uniform(0.8, 1.2, len(amp)) * t[:, None]
                             + rng.uniform(0, 2 * np.pi, len(amp)))
 
-    eye = np.array([0, 1.45, 0.05]) + wave(np.array([0.05, 0.015, 0.03]), 0.3)
-    target = np.array([0, 0.8, -0.42]) + wave(np.array([0.12, 0.0, 0.06]), 0.25)
+    eye = np.array([0, 1.45, 0.05]) + wave(np.array([0.05, 0.015, 0.03]) * head, 0.3)
+    target = np.array([0, 0.8, -0.42]) + wave(np.array([0.12, 0.0, 0.06]) * head, 0.25)
     fwd = (target - eye) / np.linalg.norm(target - eye, axis=-1, keepdims=True)
     right = np.cross(fwd, [0, 1, 0])
     right /= np.linalg.norm(right, axis=-1, keepdims=True)
@@ -102,7 +118,7 @@ def synth_track(rng, n, fps=30, motion=(1.0, 1.0, 1.0)):
         R = _rot(2, ang[:, 0] * sign) @ _rot(0, ang[:, 1]) @ _rot(1, ang[:, 2] * sign) @ base
         pos = np.array([0.13 * sign, 1.1, -0.16]) + wave(np.array([0.07, 0.04, 0.05]) * scale, 0.5)
         joints[f"{side}Hand"] = W = _pose(R, pos)
-        flex = 0.3 + wave(np.full(5, 0.1 * motion[2]), 0.25)  # (n, 5) per-finger joint angle
+        flex = curl[0] + wave(np.full(5, 0.1 * motion[2]), curl[1])  # (n, 5) per-finger joint angle
         mirror = np.array([sign, 1, 1])
         for f, finger in enumerate(C.FINGERS):
             d = np.array([np.sin(_FAN[f]), np.cos(_FAN[f]), 0]) * mirror
@@ -130,10 +146,10 @@ def _segment(img, a, b, r, color):
     img[v0:v1, u0:u1][mask] = color
 
 
-def render_frame(joints, i, K, hw, obj_color, *, marker_scale=1.0):
-    """The frame seen by camera pose joints['camera'][i]: checkered table, an object, two hands;
-    wrist and fingertip markers in KEYPOINT_COLORS (radius 3 * marker_scale px at 320 wide), drawn last
-    so they are never occluded."""
+def render_frame(joints, i, K, hw, obj_color, *, marker_scale=1.0, finger_width=1.0):
+    """The frame seen by camera pose joints['camera'][i]: checkered table, an object, two hands (finger radius
+    8 mm * finger_width); wrist and fingertip markers in KEYPOINT_COLORS (radius 3 * marker_scale px at 320
+    wide), drawn last so they are never occluded."""
     H, W = hw
     cam = joints["camera"][i]
     v, u = np.mgrid[:H, :W].astype(np.float32)
@@ -159,7 +175,7 @@ def render_frame(joints, i, K, hw, obj_color, *, marker_scale=1.0):
             chain = [px(joints[f"{side}{finger}{n}"][i, :3, 3])[0] for n in _CHAIN]
             _segment(img, wrist, chain[0], 0.022 * K[0, 0] / z, (205, 160, 135))  # palm
             for a, b in zip(chain[:-1], chain[1:]):
-                _segment(img, a, b, 0.008 * K[0, 0] / z, (220, 175, 150))
+                _segment(img, a, b, 0.008 * finger_width * K[0, 0] / z, (220, 175, 150))
             markers.append(chain[-1])
     for m, color in zip(markers, KEYPOINT_COLORS):
         _segment(img, m, m, 3.0 * marker_scale * W / 320, color)
@@ -214,18 +230,20 @@ def _egodex_K(size, zoom=1.0):
 
 
 def _synth_episode(job):
-    out, split, t, k, frames, size, seed, zoom, marker_scale = job
-    task, llm_type, which, llm1, llm2, desc, color, motion = SYNTH_TASKS[t]
-    rng = np.random.default_rng([seed, t, k, split == "test"])
+    out, split, t, k, frames, size, seed, zoom, marker_scale, finger_width = job
+    task, llm_type, which, llm1, llm2, desc, color, motion, *curl = (SYNTH_TASKS + FINGER_TASKS)[t]
+    rng = np.random.default_rng([seed, t, k, split == "test"])  # a finger task's t: after SYNTH_TASKS
     K = _egodex_K(size, zoom)
-    joints, _ = synth_track(rng, frames, motion=motion)
+    still = dict(head=FINGER_STILL, curl=curl[0]) if curl else {}
+    joints, _ = synth_track(rng, frames, motion=motion, **still)
     d = Path(out) / split / task
     d.mkdir(parents=True, exist_ok=True)
     conf = {j: rng.uniform(0.6, 1.0, frames) for j in data.KEYPOINT_JOINTS}
     attrs = {"task": task, "description": desc, "llm_type": llm_type, "which_llm_description": which,
              "llm_description": llm1, "llm_description2": llm2}
     write_egodex_hdf5(d / f"{k}.hdf5", joints, K, attrs, conf)
-    frames = (render_frame(joints, i, K, size, color, marker_scale=marker_scale) for i in range(frames))
+    frames = (render_frame(joints, i, K, size, color, marker_scale=marker_scale, finger_width=finger_width)
+              for i in range(frames))
     data.write_video(d / f"{k}.mp4", frames)
 
 
@@ -255,14 +273,20 @@ def prepare_out(out, overwrite=False):
 
 
 def write_synthetic(out, *, tasks=4, episodes=3, test_episodes=1, frames=90, size=(180, 320), seed=0,
-                    workers=2, zoom=1.0, marker_scale=1.0, overwrite=False):
+                    workers=2, zoom=1.0, marker_scale=1.0, finger_tasks=0, finger_width=1.0, overwrite=False):
     """Write `out/part1/<task>/<k>.{hdf5,mp4}` (train) and `out/test/...`; deterministic by seed.
     K keeps EgoDex's field of view (fx = 736.6 * W / 1920, principal point at the centre); zoom > 1 narrows
     it (hands fill more of the frame) and marker_scale enlarges the keypoint markers, so that both stay
-    visible when the frames are downsampled far below EgoDex's size (miniature.py). A non-empty out is refused
-    unless overwrite, which deletes the old dataset first (prepare_out)."""
-    if zoom <= 0 or marker_scale <= 0:
-        raise ValueError(f"zoom ({zoom}) and marker_scale ({marker_scale}) must be positive; 1 is EgoDex's view")
+    visible when the frames are downsampled far below EgoDex's size (miniature.py). finger_tasks adds that
+    many FINGER_TASKS (fingers curling widely, wrists and head nearly still), with as many episodes as the
+    others; finger_width thickens every finger so that its curl stays visible in small frames. The defaults
+    write the same files as before these two existed. A non-empty out is refused unless overwrite, which
+    deletes the old dataset first (prepare_out)."""
+    if zoom <= 0 or marker_scale <= 0 or finger_width <= 0:
+        raise ValueError(f"zoom ({zoom}), marker_scale ({marker_scale}) and finger_width ({finger_width}) "
+                         f"must be positive; 1 is EgoDex's view and the default hand")
+    if not 0 <= finger_tasks <= len(FINGER_TASKS):
+        raise ValueError(f"finger_tasks ({finger_tasks}) must be in [0, {len(FINGER_TASKS)}]")
     if not 1 <= tasks <= len(SYNTH_TASKS) or episodes < 0 or test_episodes < 0 or episodes + test_episodes < 1:
         raise ValueError(f"tasks ({tasks}) must be in [1, {len(SYNTH_TASKS)}], episodes ({episodes}) and "
                          f"test_episodes ({test_episodes}) >= 0, and at least one episode in all")
@@ -270,11 +294,63 @@ def write_synthetic(out, *, tasks=4, episodes=3, test_episodes=1, frames=90, siz
         raise ValueError(f"frames ({frames}) must be >= 2 (an action needs two), size {tuple(size)} even and "
                          f">= 16 (H.264 yuv420p)")
     prepare_out(out, overwrite)
-    jobs = [(str(out), split, t, k, frames, tuple(size), seed, zoom, marker_scale)
-            for t in range(min(tasks, len(SYNTH_TASKS)))
+    ids = list(range(tasks)) + list(range(len(SYNTH_TASKS), len(SYNTH_TASKS) + finger_tasks))
+    jobs = [(str(out), split, t, k, frames, tuple(size), seed, zoom, marker_scale, finger_width) for t in ids
             for split, count in (("part1", episodes), ("test", test_episodes)) for k in range(count)]
     list(tqdm(data.parallel_map(_synth_episode, jobs, workers, 1), total=len(jobs), desc="synth"))
     return Path(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Measures of a written root: how large each action family moves, and what the marker detector finds
+
+def still_action():
+    """(57,) the action of no motion: zero translations and fingertip deltas, identity 6D rotations
+    (sample.still_actions' row; this file sits below sample.py, so it is restated here)."""
+    a = np.zeros(C.ACTION_DIM)
+    for block in ("left_wrist", "right_wrist", "head"):
+        a[C.ACTION_SLICES[block].start + 3:C.ACTION_SLICES[block].stop] = C.IDENTITY_6D
+    return a
+
+
+def _episodes(root, splits, tasks, max_episodes=None):
+    """The indexed runs of root's splits, only those of the named tasks (EgoDex ids <split>/<task>/<k>)."""
+    episodes = data.load_index(root, splits)[0]
+    episodes = [e for e in episodes if tasks is None or e.id.split("/")[1] in tasks]
+    if not episodes:
+        raise ValueError(f"no episodes of splits {splits} and tasks {tasks} in {root}")
+    return episodes[:max_episodes]
+
+
+def action_magnitudes(root, splits=None, tasks=None):
+    """-> {family of C.ACTION_FAMILIES: (dims,) median over every transition of |raw action - still action|},
+    in the units of the raw action: metres per frame (translations, fingertip deltas in the wrist frame) and
+    6D entries. splits None: all; tasks (names) keeps only their episodes. How far each family is from
+    standing still: on the default tasks the wrists and head move about ten times as far as the fingertips."""
+    actions = np.concatenate([C.compute_actions(data.read_track(e).track)
+                              for e in _episodes(root, splits, tasks)])  # (N, 57)
+    dev = np.median(np.abs(actions - still_action()), 0)
+    return {family: dev[list(idx)] for family, idx in C.ACTION_FAMILIES.items()}
+
+
+def detector_recall(root, size, split="test", max_episodes=None, radius=1.5, tasks=None):
+    """-> {"all", "wrists", "fingertips": fraction of ground-truth keypoints detect_keypoints finds within
+    radius pixels, "keypoints": how many were counted} on the H.264-decoded frames of the split's episodes
+    (the first max_episodes; tasks: only theirs) resized to size (H, W). The ground truth is data.load_clip's,
+    as evaluate.py's PCK reads it: the keypoints projected with the episode's intrinsics scaled to size,
+    counted where inside the frame and confident."""
+    hits, counted = np.zeros(len(KEYPOINT_COLORS)), np.zeros(len(KEYPOINT_COLORS))  # per keypoint
+    for e in _episodes(root, (split,), tasks, max_episodes):
+        s = data.load_clip(e, 0, e.frames, size)
+        found = np.stack([detect_keypoints(f) for f in s["video"].permute(1, 2, 3, 0).numpy()])  # (T, 12, 2)
+        valid = s["keypoint_valid"].numpy()
+        near = np.linalg.norm(found - s["keypoints"].numpy(), axis=-1) <= radius  # NaN: not found
+        hits += (near & valid).sum(0)
+        counted += valid.sum(0)
+    wrist = np.array([n.endswith("wrist") for n in data.KEYPOINT_NAMES])
+    frac = lambda m: float(hits[m].sum() / max(counted[m].sum(), 1))  # noqa: E731
+    return {"all": frac(slice(None)), "wrists": frac(wrist), "fingertips": frac(~wrist),
+            "keypoints": int(counted.sum())}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -557,16 +633,22 @@ def main(argv=None):
                    help="processes rendering episodes (0: in-process)")
     p.add_argument("--zoom", type=float, default=1.0, help="focal length / EgoDex's (> 1: larger hands)")
     p.add_argument("--marker-scale", type=float, default=1.0, help="keypoint marker radius / the default's")
+    p.add_argument("--finger-tasks", type=data.int_at_least(0, len(FINGER_TASKS)), default=0,
+                   help=f"finger-dominant tasks to add (at most {len(FINGER_TASKS)}): fingers curl widely, "
+                        f"wrists and head nearly still")
+    p.add_argument("--finger-width", type=float, default=1.0, help="finger radius / the default's (8 mm)")
     p.add_argument("--quirks", action="store_true",
                    help="instead write one small mixed root (EgoDex part1/extra/test + flat EgoVerse "
                         "*.zarr, needs zarr>=3) where each episode carries one real-data quirk of DESIGN.md "
                         "section 11: empty K, low or no confidences, short or unevenly timed videos, zero or "
                         "1e9 missing hands, legacy Aria keypoints, time gaps, placeholder prompt, "
                         "calibration or no intrinsics, no head pose; prints its manifest (--tasks, "
-                        "--episodes, --workers, --zoom and --marker-scale do not apply)")
+                        "--episodes, --workers, --zoom, --marker-scale and the --finger-* flags do not "
+                        "apply)")
     args = p.parse_args(argv)
-    if not (0 < args.zoom < float("inf") and 0 < args.marker_scale < float("inf")):
-        p.error("--zoom and --marker-scale must be positive and finite (1: EgoDex's view and markers)")
+    if not all(0 < v < float("inf") for v in (args.zoom, args.marker_scale, args.finger_width)):
+        p.error("--zoom, --marker-scale and --finger-width must be positive and finite (1: EgoDex's view, "
+                "the default markers and fingers)")
     if args.tasks > len(SYNTH_TASKS):
         p.error(f"--tasks {args.tasks}: there are {len(SYNTH_TASKS)} synthetic tasks")
     size = (args.height or (72 if args.quirks else 180), args.width or (128 if args.quirks else 320))
@@ -590,7 +672,8 @@ def main(argv=None):
         return
     write_synthetic(args.out, tasks=args.tasks, episodes=args.episodes, test_episodes=args.test_episodes,
                     frames=args.frames or 90, size=size, seed=args.seed,
-                    workers=args.workers, zoom=args.zoom, marker_scale=args.marker_scale, overwrite=args.overwrite)
+                    workers=args.workers, zoom=args.zoom, marker_scale=args.marker_scale,
+                    finger_tasks=args.finger_tasks, finger_width=args.finger_width, overwrite=args.overwrite)
     print(f"wrote a synthetic EgoDex-format dataset to {args.out} in {time.time() - t0:.1f} s")
 
 

@@ -1034,11 +1034,12 @@ MASK = torch.tensor([[1.0, 0, 0, 0], [1, 0, 1, 0]])
 # how each mode groups the actions, written here rather than read from the module under test: "frame" gives steps
 # 4(f-1)..4f-1 to latent frame f >= 1 (and nothing to frame 0), "chunk" conditions every frame on the whole chunk
 GROUPING = {"mlp": "frame", "mlp-flat": "chunk", "dexac": "chunk", "dexac-no-local": "chunk",
-            "dexac-no-global": "chunk", "dexac-time": "frame"}
+            "dexac-no-global": "chunk", "dexac-time": "frame", "dexac-channel": "chunk"}
 
 # what each mode conditions, also written here: "x" the tokens (local refinement), "emb_d" / "emb_3d" the AdaLN terms
 SIGNALS = {"mlp": {"emb_d", "emb_3d"}, "mlp-flat": {"emb_d"}, "dexac": {"x", "emb_d", "emb_3d"},
-           "dexac-no-local": {"emb_d", "emb_3d"}, "dexac-no-global": {"x"}, "dexac-time": {"x", "emb_d", "emb_3d"}}
+           "dexac-no-local": {"emb_d", "emb_3d"}, "dexac-no-global": {"x"}, "dexac-time": {"x", "emb_d", "emb_3d"},
+           "dexac-channel": {"x", "emb_d", "emb_3d"}}
 
 
 def frames_of_step(mode, s):
@@ -1403,6 +1404,39 @@ class TestConditioning:
         assert rows["full DexAC"][0] == sum(rows[k][0] for k in parts)
 
     # wiring: locality, at the conditioning module's outputs
+
+    def test_per_channel_fusion_tells_equal_sum_trajectories_apart(self):
+        """DESIGN.md section 4: the faithful SAT is rank one in time. Two 12-step trajectories whose fused
+        weighted sums agree (they differ by +1 at steps 0 and 1, whose fusion weights are +1 and -1) condition
+        the faithful `dexac` identically, bit for bit (x, emb_d, emb_3d: dyadic tokenizer weights and integer
+        actions make every sum exact); `dexac-channel`'s fusion weights (T_a, C) tell them apart, as `mlp` does."""
+        g = torch.Generator().manual_seed(0)
+        dyadic = lambda *shape: torch.randint(-8, 9, shape, generator=g).float() / 4
+        a = torch.randint(-3, 4, (1, T_ACT, N_ACT), generator=g).float()
+        b = a.clone()
+        b[:, :2] += 1  # the same weighted sum under the faithful weights below, another trajectory
+        x = torch.randn(1, 4, 2, 3, 64, generator=g)
+        mask = torch.tensor([[1.0, 0, 0, 0]])
+        outputs = {}
+        for mode in ("dexac", "dexac-channel", "mlp"):
+            cond = randomize(conditioning.build_action_cond(mode, 64, 2, norm="none", width=32), seed=1)
+            if mode != "mlp":
+                tok = cond.tokenizer
+                with torch.no_grad():
+                    for p in (tok.entry.weight, tok.entry.bias, tok.fuse.weight, tok.fuse.bias):
+                        p.copy_(dyadic(*p.shape))
+                    if mode == "dexac":
+                        tok.fuse.weight[0, :2] = torch.tensor([1.0, -1.0])
+            with torch.no_grad():
+                outputs[mode] = [cond(acts, x, mask) for acts in (a, b)]
+        for mode, (out_a, out_b) in outputs.items():
+            same = [(u is None and v is None) or torch.equal(u, v) for u, v in zip(out_a, out_b)]
+            if mode == "dexac":
+                assert all(same), same
+            else:
+                assert not any(same[i] for i in range(3) if out_a[i] is not None and i in (
+                    (0, 1, 2) if mode == "dexac-channel" else (1, 2))), (mode, same)
+                assert (out_a[1] - out_b[1]).abs().max() > 1e-3  # not a rounding difference
 
     def test_every_mode_has_a_known_grouping(self):
         """Every mode in conditioning.MODES is classified in GROUPING and SIGNALS (a new mode must say how it groups
@@ -4250,6 +4284,91 @@ class TestSynthetic:
             a, b = (tmp_path / d / "part1" / "pick_place_cube" / name for d in "ab")
             assert a.read_bytes() == b.read_bytes()
 
+    @pytest.fixture(scope="class")
+    @classmethod
+    def finger_root(cls, tmp_path_factory):
+        """Two default tasks and both finger-dominant tasks at the miniature experiment's settings."""
+        return synthetic.write_synthetic(tmp_path_factory.mktemp("fingers") / "syn", tasks=2, episodes=0,
+                                         test_episodes=1, frames=26, workers=0, zoom=2.0, marker_scale=2.0,
+                                         finger_width=1.5, finger_tasks=len(synthetic.FINGER_TASKS))
+
+    def test_finger_tasks_leave_the_default_tasks_files_unchanged(self, tmp_path):
+        """Finger tasks are added after the others with seeds of their own: every default task's file is the
+        same bytes with or without them."""
+        kw = dict(tasks=1, episodes=1, test_episodes=0, frames=6, size=(64, 112), workers=0)
+        a = synthetic.write_synthetic(tmp_path / "a", **kw)
+        b = synthetic.write_synthetic(tmp_path / "b", finger_tasks=2, **kw)
+        files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+        assert len(files) == 2 and all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+        assert sorted(p.name for p in (b / "part1").iterdir()) == sorted(
+            ["pick_place_cube"] + [t[0] for t in synthetic.FINGER_TASKS])
+
+    def test_still_action_is_the_action_of_a_motionless_track(self):
+        joints, _ = synthetic.synth_track(np.random.default_rng(0), 1)
+        frozen = data._track_from_joints({k: np.repeat(v, 3, 0) for k, v in joints.items()})
+        a = conditioning.compute_actions(frozen)  # (2, 57)
+        np.testing.assert_allclose(a, np.broadcast_to(synthetic.still_action(), a.shape), atol=1e-6)
+        moving = conditioning.compute_actions(synthetic.synth_track(np.random.default_rng(0), 3)[1])
+        assert np.abs(moving - synthetic.still_action()).max() > 1e-3
+
+    def test_action_magnitudes_keep_fingers_small_except_on_finger_tasks(self, finger_root):
+        """Default tasks: wrist translation and head motion about ten times the fingertip deltas (metres per
+        frame); finger tasks: the wrists and head nearly still, the fingertips moving far more than both."""
+        default = synthetic.action_magnitudes(finger_root, ("test",), [t[0] for t in synthetic.SYNTH_TASKS])
+        fingers = synthetic.action_magnitudes(finger_root, ("test",), [t[0] for t in synthetic.FINGER_TASKS])
+        assert {k: v.shape for k, v in default.items()} == {"wrist": (18,), "finger": (30,), "head": (9,)}
+        wrist_t = lambda m: np.median(m["wrist"][[0, 1, 2, 9, 10, 11]])  # noqa: E731
+        assert wrist_t(default) > 5 * np.median(default["finger"]) > 0
+        assert np.median(default["head"][:3]) > 2 * np.median(default["finger"])
+        assert np.median(fingers["finger"]) > 10 * max(wrist_t(fingers), np.median(fingers["head"][:3]))
+        assert np.median(fingers["finger"]) > 5 * np.median(default["finger"])
+        with pytest.raises(ValueError, match="no episodes"):
+            synthetic.action_magnitudes(finger_root, ("test",), ["no_such_task"])
+
+    def test_detector_recall_at_48x80_holds_for_the_chosen_settings_only(self, finger_root, tmp_path):
+        """The miniature settings (zoom 2, markers x2, fingers x1.5): the detector finds nearly every wrist and
+        fingertip at 48x80, finger tasks included; EgoDex's view finds almost none at that size."""
+        for tasks in (synthetic.SYNTH_TASKS, synthetic.FINGER_TASKS):
+            r = synthetic.detector_recall(finger_root, (48, 80), tasks=[t[0] for t in tasks])
+            assert r["all"] > 0.9 and r["fingertips"] > 0.9 and r["wrists"] > 0.9 and r["keypoints"] > 400, r
+        plain = synthetic.write_synthetic(tmp_path / "plain", tasks=1, episodes=0, test_episodes=1, frames=13,
+                                          workers=0)
+        r = synthetic.detector_recall(plain, (48, 80))
+        assert r["all"] < 0.1 and r["keypoints"] > 100, r
+        assert synthetic.detector_recall(plain, (180, 320))["all"] > 0.9  # the same frames at their own size
+
+    def test_finger_task_curls_are_visible_in_48x80_frames(self, finger_root):
+        """On a finger task the markers the detector finds in the decoded 48x80 frames show the fingertips
+        sweeping several pixels around still wrists: a model must read the finger actions to predict them."""
+        names = [t[0] for t in synthetic.FINGER_TASKS]
+        for e in synthetic._episodes(finger_root, ("test",), names):
+            s = data.load_clip(e, 0, 13, (48, 80))
+            kp = np.stack([synthetic.detect_keypoints(f) for f in s["video"].permute(1, 2, 3, 0).numpy()])
+            wrists, tips = kp[:, [0, 6]], kp[:, [1, 2, 3, 4, 5, 7, 8, 9, 10, 11]]  # (13, 2, 2), (13, 10, 2)
+            assert np.isfinite(kp).all()
+            assert np.linalg.norm(wrists.max(0) - wrists.min(0), axis=-1).max() < 1.5
+            assert np.median(np.linalg.norm(tips.max(0) - tips.min(0), axis=-1)) > 3
+
+    def test_finger_width_thickens_the_fingers(self):
+        joints, _ = synthetic.synth_track(np.random.default_rng(1), 1)
+        K = synthetic._egodex_K((180, 320), 2.0)
+        skin = lambda img: int((img == (220, 175, 150)).all(-1).sum())  # noqa: E731
+        one = synthetic.render_frame(joints, 0, K, (180, 320), (90, 90, 90))
+        np.testing.assert_array_equal(one, synthetic.render_frame(joints, 0, K, (180, 320), (90, 90, 90),
+                                                                  finger_width=1.0))
+        wide = synthetic.render_frame(joints, 0, K, (180, 320), (90, 90, 90), finger_width=2.0)
+        assert skin(wide) > 1.5 * skin(one)
+
+    @pytest.mark.parametrize("kw,message", [({"finger_tasks": 3}, "finger_tasks"),
+                                            ({"finger_tasks": -1}, "finger_tasks"),
+                                            ({"finger_width": 0.0}, "finger_width")])
+    def test_bad_finger_options_are_refused(self, tmp_path, kw, message):
+        with pytest.raises(ValueError, match=message):
+            synthetic.write_synthetic(tmp_path / "x", workers=0, frames=4, **kw)
+        assert not (tmp_path / "x").exists()
+        with pytest.raises(SystemExit):
+            synthetic.main(["--out", str(tmp_path / "y"), "--finger-tasks", "3"])
+
 
 # =====================================================================================================================
 # train.py: one process and torchrun, exact resume, SIGTERM, export, bad input
@@ -7062,17 +7181,47 @@ class TestMiniature:
         assert E.short_labels(rows) == ["dexac-no-local", "dexac-no-global (s", "mlp"]
         assert E.short_labels(["001-tiny-dexac-64x112"]) == ["001-tiny-dexac-64x"]  # one row: only cut
 
+    def test_fine_tuning_from_a_trained_base_changes_nothing_at_step_0(self, train_synth, tmp_path):
+        """The paper's regime (miniature.py): a base trained without actions, then every variant built on it as
+        train.py builds it (--init, the variant's flags; all of miniature.VARIANTS, the normalization ablations
+        included). At step 0 each gives the base's output bit for bit, whatever the actions, though the base's
+        zero-initialized layers (adaLN-Zero, the output layer) have moved in training."""
+        import miniature
+        run_train(["--data", train_synth, "--out", tmp_path / "runs", "--action-mode", "none", "--steps", 3,
+                   "--batch-size", 2, "--micro-batch", 2, "--export-dtype", "fp32", "--ema", 0])
+        base_file = only_run(tmp_path / "runs") / "model.safetensors"
+        base, _ = M.load_exported(base_file)
+        assert base.action_cond is None and base.final.linear.weight.abs().max() > 0
+        assert min(b.mod_mlp.up.weight.abs().max() for b in base.blocks) > 0
+        g = torch.Generator().manual_seed(0)
+        c = base.config
+        x, sigma = torch.randn(2, c.in_channels, 2, 4, 8, generator=g), torch.rand(2, generator=g)
+        text, mask = torch.zeros(2, 16, c.text_dim), torch.tensor([[1.0, 0]]).expand(2, 2)
+        with torch.no_grad():
+            want = base(x, sigma, text, mask)
+        stats = [torch.as_tensor(v, dtype=torch.float32) for v in data.load_stats(train_synth / "stats.json")]
+        for name, flags in miniature.VARIANTS.items():
+            cfg, _ = train.parse_args(["--data", str(train_synth), *TRAIN_ARGS, *flags, "--init", str(base_file)])
+            model = train.build_model(cfg, train.model_config(cfg, c.in_channels), torch.device("cpu"))
+            model.action_cond.set_stats(*stats)
+            actions = stats[0] + stats[1] * 3 * torch.randn(2, 4, conditioning.ACTION_DIM, generator=g)
+            with torch.no_grad():
+                assert torch.equal(model(x, sigma, text, mask, actions=actions), want), name
+
     @pytest.mark.slow
     def test_miniature_experiment_trains_evaluates_and_summarizes(self, train_synth, tmp_path):
-        """One toy experiment (2 seeds x 2 modes, 3 steps each) checked several ways: each row's mean over seeds
-        and its gap to the shuffled control equal those of the per-clip files, with standard errors over seeds x
-        clips; the Markdown table and the figure are written; a second run trains nothing again."""
+        """One toy experiment (a 2-step base, then 2 seeds x 2 variants fine-tuned 3 steps each, exported at step
+        2 too) checked several ways: each row's mean over seeds and its gap to the shuffled control equal those of
+        the per-clip files, with standard errors over seeds x clips; the gap along fine-tuning is the paired gap
+        of the step-2 exports' clips; every run starts from the one base; the Markdown tables and the figures
+        are written; a second run trains nothing again."""
         import miniature
         from PIL import Image
         root = tmp_path / "data"
         shutil.copytree(train_synth, root)
         argv = ["--out", str(tmp_path / "mini"), "--data", str(root), "--seeds", "0", "1", "--modes", "mlp", "dexac",
-                "--steps", "3", "--horizon", "9", "--clips", "2", "--sample-steps", "1", "--metrics", "psnr,latent_l2",
+                "--base-steps", "2", "--steps", "3", "--eval-every", "2", "--horizon", "9", "--clips", "2",
+                "--sample-steps", "1", "--metrics", "psnr,latent_l2",
                 *TRAIN_ARGS, "--batch-size", "2", "--micro-batch", "2"]  # TRAIN_ARGS' 32x64 overrides miniature.SIZE
         table = miniature.main(argv)
         out = tmp_path / "mini"
@@ -7097,13 +7246,32 @@ class TestMiniature:
             assert table[mode]["latent_l2 gap"][1] == pytest.approx(diff.std(ddof=1) / 2)
             assert table[mode]["latent_l2"][1] == pytest.approx(np.std(per_clip["true"], ddof=1) / 2)
             assert all(float((out / f"seed{s}" / mode / "train_seconds.txt").read_text()) > 0 for s in (0, 1))
+            pooled = []  # the gap at step 2, pooled over seeds, from the step-2 exports' clip files
+            for s in (0, 1):
+                rows = out / f"seed{s}" / "curves" / mode
+                t, c = ([json.loads(f.read_text())["latent_l2"] for f in sorted(
+                    (rows / name / "clips").glob("*.json"))] for name in ("step_0000002",
+                                                                          "step_0000002 (shuffled actions)"))
+                assert len(t) == len(c) == 2
+                pooled += list(np.subtract(t, c))
+            assert results["curves"][mode]["2"]["latent_l2"] == pytest.approx(
+                [np.mean(pooled), np.std(pooled, ddof=1) / 2])
+            assert results["curves"][mode]["3"]["latent_l2"][0] == pytest.approx(np.mean(diff))
+            base = json.loads((out / "base" / "settings.json").read_text())["train_argv"]
+            assert base[base.index("--action-mode") + 1] == "none"
+            for s in (0, 1):
+                argv_s = json.loads((out / f"seed{s}" / mode / "settings.json").read_text())["train_argv"]
+                assert argv_s[argv_s.index("--init") + 1] == str(miniature.base_export(
+                    type("A", (), {"out": str(out)})()))
         assert table["mlp"]["latent_l2"] != table["dexac"]["latent_l2"]
         md = (out / "results.md").read_text()
-        assert md.count("| dexac |") == 2 and "Gap = true minus shuffled" in md
+        assert md.count("| dexac |") == 4 and "Gap = true minus shuffled" in md and "along fine-tuning" in md
         assert Image.open(out / "results.png").size == (600, 284)  # a panel per metric
-        exports = {f: f.stat().st_mtime_ns for f in out.rglob("model.safetensors")}
+        assert Image.open(out / "curves.png").size == (800, 360)
+        exports = {f: f.stat().st_mtime_ns for f in out.rglob("*.safetensors")}
         miniature.main(argv)  # everything done: nothing is trained again
-        assert len(exports) == 4 and {f: f.stat().st_mtime_ns for f in out.rglob("model.safetensors")} == exports
+        # the base (its run's export, and the same file as base/model.safetensors), 4 runs' final and step-2 exports
+        assert len(exports) == 2 + 4 * 2 and {f: f.stat().st_mtime_ns for f in out.rglob("*.safetensors")} == exports
 
 
 # =====================================================================================================================

@@ -79,6 +79,8 @@ class TrainConfig:
     blocks: int = opt(0, "override the preset's number of DiT blocks (0: keep it)")
     action_mode: str = opt("dexac", "action conditioning: none or a conditioning.MODES entry (dexac, "
                            "dexac-time, mlp, ...)", ["none", *conditioning.MODES])
+    action_norm: str = opt("zscore", "action normalization before conditioning: 'zscore' per dimension (eq. 4), "
+                           "or the paper's Table 4 ablations 'none' and 'scale' (x200)", list(conditioning.NORMS))
     semantic: bool = opt(False, "add DINOv3 features of the first frame to the cross-attention context "
                          "(semantic.py)")
     init: str = opt("", "pretrained backbone: a local file or a Hub spec for model.load_dit ('' trains from "
@@ -149,6 +151,8 @@ class TrainConfig:
     seed: int = opt(0, "seed of the initialization, the data order and the noise")
     out: str = opt("runs", "parent directory of the numbered run directories")
     ckpt_every: int = opt(100, "write a DCP checkpoint every N steps (and on SIGTERM/SIGINT, and at the end)")
+    export_every: int = opt(0, "also export the EMA weights every N steps, to RUN/exports/step_NNNNNNN.safetensors "
+                            "(for evaluation along a run; 0: only RUN/model.safetensors at the end)")
     keep: int = opt(2, "keep the last K checkpoints")
     log_every: int = opt(10, "write a metrics line and update the loss curve every N steps")
     preview_every: int = opt(100, "write a preview rollout every N steps (0: only at the end)")
@@ -199,7 +203,7 @@ PAPER_CACHE = ("torchrun --nproc_per_node=8 data.py cache --data /path/to/egodex
                "--epochs 2 --dino facebook/dinov3-vitl16-pretrain-lvd1689m")
 
 # fields that define the model and its inputs: a checkpoint made with others cannot be resumed
-MUST_MATCH = ("model", "action_mode", "semantic", "trainable", "tokenizer", "pixel_compression", "pixel_mean",
+MUST_MATCH = ("model", "action_mode", "action_norm", "semantic", "trainable", "tokenizer", "pixel_compression", "pixel_mean",
               "pixel_std", "text", "text_tokens", "height", "width", "frames", "cond_frames", "seed",
               "batch_size")
 
@@ -301,15 +305,32 @@ def noise_seed(seed, step, micro, stream=0):
 
 def model_config(cfg, latent_channels):
     c = M.config_from_preset(cfg.model, action_mode=cfg.action_mode, action_steps=cfg.frames - 1,
-                             actions_per_frame=tok.TEMPORAL)
+                             actions_per_frame=tok.TEMPORAL, action_norm=cfg.action_norm)
     c = replace(c, dim=cfg.dim or c.dim, n_blocks=cfg.blocks or c.n_blocks)
-    # a pretrained backbone fixes its latent channels; a new one follows the tokenizer
+    # a pretrained backbone fixes its latent channels (the official ones 16, one of our exports its own); a new
+    # one follows the tokenizer
     if c.in_channels != latent_channels:
-        if cfg.init:
-            raise ConfigError(f"--init loads a DiT with {c.in_channels} latent channels, the {cfg.tokenizer} "
-                              f"tokenizer gives {latent_channels}: use --tokenizer wan2.1")
+        channels = exported_channels(cfg.init) if cfg.init else latent_channels
+        if channels != latent_channels:
+            raise ConfigError(f"--init loads a DiT with {channels or c.in_channels} latent channels, the "
+                              f"{cfg.tokenizer} tokenizer gives {latent_channels}: use the tokenizer it was "
+                              f"trained with (--tokenizer wan2.1 for the official weights)")
         c = replace(c, in_channels=latent_channels, out_channels=latent_channels)
     return replace(c, semantic_dim=sem.DINO_PRESETS["vitl16"].dim) if cfg.semantic else c
+
+
+def exported_channels(spec):
+    """The latent channels of an --init that is one of our exports (train.py's, e.g. miniature.py's base),
+    from its metadata; None for anything else (the official checkpoints: 16)."""
+    path = Path(spec)
+    if path.suffix == ".safetensors" and not path.is_file():
+        raise ConfigError(f"--init {spec} does not exist: give an exported model or a Hub spec (model.load_dit)")
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["model_config"])["in_channels"] if "model_config" in meta else None
 
 
 def build_model(cfg, mcfg, device):
@@ -755,6 +776,7 @@ def preview(t, path, clip):
     Every rank runs the sampler (the sharded forward is a collective); the caller's rank 0 keeps the file."""
     cfg, device = t.cfg, t.device
     x0, text, actions, feats = encode_batch(clip, t.tokenizer, *t.context, device)
+    actions = conditioned(t, actions)
     mask = torch.zeros(1, x0.shape[2], device=device)
     mask[:, :cfg.cond_frames] = 1
     g = torch.Generator(device).manual_seed(cfg.seed)
@@ -855,6 +877,7 @@ def check_ranges(cfg):
         ("shift", finite(cfg.shift) and cfg.shift > 0, "finite and > 0"),
         ("keep", cfg.keep >= 1, ">= 1"),
         ("ckpt_every", cfg.ckpt_every >= 1, ">= 1"),
+        ("export_every", cfg.export_every >= 0, ">= 0 (0: only at the end)"),
         ("log_every", cfg.log_every >= 1, ">= 1"),
         ("preview_every", cfg.preview_every >= 0, ">= 0 (0: only at the end)"),
         ("preview_steps", cfg.preview_steps >= 1, ">= 1"),
@@ -1083,6 +1106,11 @@ class StepResult(NamedTuple):
     stats: StepStats  # summed over the ranks
 
 
+def conditioned(t, actions):
+    """The actions the model takes: none with --action-mode none (the backbone alone, e.g. miniature.py's base)."""
+    return actions if t.mcfg.action_mode != "none" else None
+
+
 def micro_step(t, inputs, step, micro):
     """Forward and backward of one micro-batch, its loss scaled by 1 / accum so that the gradients add up to
     the step's. inputs: (x0, text, actions, DINOv3 features or None), as `encode_batch` returns them."""
@@ -1090,6 +1118,7 @@ def micro_step(t, inputs, step, micro):
     g = torch.Generator(t.device).manual_seed(noise_seed(t.cfg.seed, step, micro))
     coins = torch.Generator(t.device).manual_seed(noise_seed(t.cfg.seed, step, micro, stream=1))
     text = drop_text(text, t.cfg.text_dropout, coins)
+    actions = conditioned(t, actions)
     fn = lambda x, sig: t.model(x.to(t.dtype), sig, text, t.frame_mask, actions=actions, image_features=feats)
     # eq. 3: the rectified-flow loss (model.flow_loss)
     losses, sigma = M.flow_loss(fn, x0, t.frame_mask, shift=t.cfg.shift, generator=g)
@@ -1214,6 +1243,11 @@ def loop(t, args):
                                      f"data; the last checkpoint in {run}/checkpoints is intact")
         if cfg.preview_every and step % cfg.preview_every == 0 and step < cfg.steps:
             preview(t, run / f"preview_{step:07d}.png", clip)
+        if cfg.export_every and step % cfg.export_every == 0 and step < cfg.steps:
+            if t.rank == 0:
+                (run / "exports").mkdir(exist_ok=True)
+            export(run / "exports" / f"step_{step:07d}.safetensors", model=t.model, ema=t.ema, cfg=cfg, mcfg=t.mcfg,
+                   stats_path=t.stats_path, step=step, rank=t.rank, dtype=hub.DTYPES[cfg.export_dtype])
         signalled = r.stats.stop.item() > 0
         stop = signalled or (args.exit_after and step - first_step >= args.exit_after)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
