@@ -30,7 +30,9 @@ just above it. Then one class per concept, in the README's reading order:
     TestSample        rollouts from an export: seeds and batching, the sample command, DexAC-only exports, DINOv3,
                       the chunk carry (re-encoded uint8 last frame), the negative prompt
     TestEvaluate      PSNR, SSIM, LPIPS, Frechet distances, FID, FVD, latent L2, PCK, the report, the protocol
-    TestMiniature     the conditioning-mode experiment end to end at a toy budget, and its figure labels
+    TestMiniature     the conditioning-mode experiment end to end at a toy budget (base, fine-tuning, the gap along
+                      it), identity at step 0 from a trained base, and its figure labels
+    TestAnalysis      the analysis figures from a tiny checkpoint, each figure's numbers against a direct computation
     TestBench         the benchmark command lines run on tiny shapes
 
 Tests marked `slow` launch subprocesses or torchrun, read a local Hub cache with HF_HUB_OFFLINE=1, run training
@@ -74,6 +76,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import analysis
 import bench
 import conditioning
 import data
@@ -368,7 +371,7 @@ def exported(train_synth, tmp_path_factory):
 # The repository's structure
 
 MODULE_LEVELS = {"hub": 0, "conditioning": 1, "semantic": 1, "tokenizer": 1, "data": 2, "synthetic": 3, "model": 4,
-                 "train": 5, "sample": 5, "evaluate": 6, "miniature": 7, "bench": 7}
+                 "train": 5, "sample": 5, "evaluate": 6, "miniature": 7, "analysis": 7, "bench": 7}
 # ^ a module may import only modules of a lower level, so the README can be read top to bottom
 
 
@@ -7275,7 +7278,248 @@ class TestMiniature:
 
 
 # =====================================================================================================================
+# analysis.py: the paper's analysis figures (2, 3, 7, 8-9) from a trained checkpoint
+
+
+def still_by_hand():
+    """(57,) the still action from the action names alone: 1 on the r00 and r11 entries of every 6D rotation."""
+    return np.array([float(n.endswith((".r00", ".r11"))) for n in conditioning.ACTION_NAMES])
+
+
+def fake_run(folder, mode, losses):
+    """A train.py-like run directory: config.json with the action mode, metrics.jsonl with one loss per step."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"train": {"action_mode": mode}, "model": {}}))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": k + 1, "loss": v}) + "\n"
+                                                  for k, v in enumerate(losses)))
+    return folder
+
+
+def as_mlp_flat_export(export, path):
+    """The export's model rebuilt with action_mode mlp-flat (random embedder output, the export's statistics),
+    written as train.py writes an export."""
+    dit, info = M.load_exported(export)
+    cfg = replace(dit.config, action_mode="mlp-flat")
+    torch.manual_seed(0)
+    m = M.DiT(cfg)
+    m.action_cond.set_stats(np.array(info["action_stats"]["mean"], np.float32),
+                            np.array(info["action_stats"]["std"], np.float32), conditioning.action_layout())
+    nn.init.normal_(m.action_cond.embed_d.fc2.weight, std=0.1)
+    sd = {k: v.contiguous() for k, v in m.state_dict().items()}
+    meta = {**info, "model_config": json.loads(json.dumps(asdict(cfg))), "sha256": M.tensors_sha256(sd)}
+    save_file(sd, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+    return path
+
+
+class TestAnalysis:
+    """analysis.py on a tiny trained export: the command's outputs, and each figure's numbers against a direct
+    computation (numpy medians, the conditioning module's emb_d and the DiT's AdaLN input, an eigh PCA)."""
+
+    def test_analysis_command_writes_its_figures_from_a_tiny_trained_checkpoint(self, small_export, small_synth,
+                                                                                tmp_path):
+        out = tmp_path / "figures"
+        analysis.main(["--checkpoint", str(small_export), "--data", str(small_synth), "--out", str(out),
+                       "--runs", str(small_export.parent), "--clips", "6"])
+        pngs = ["fig2_action_magnitudes.png", "fig3_loss_curves.png", "fig7_action_embedding.png",
+                "fig8_sat_pca.png", "fig9_sat_tsne.png"]
+        for name in pngs:
+            with Image.open(out / name) as img:
+                img.verify()  # a complete, undamaged PNG
+            with Image.open(out / name) as img:
+                assert img.format == "PNG" and min(img.size) >= 200, (name, img.format, img.size)
+        numbers = json.loads((out / "numbers.json").read_text())
+        mags = numbers["magnitudes"]
+        assert len(mags["median"]) == conditioning.ACTION_DIM and mags["clips"] == 6
+        values = mags["median"] + list(mags["family_median"].values()) + numbers["pca_explained"]["tokens"]
+        assert np.isfinite(values).all() and max(mags["median"]) > 0
+        assert set(mags["family_median"]) == set(conditioning.ACTION_FAMILIES)
+        index = (out / "figures.md").read_text()
+        assert all(name in index for name in pngs + ["numbers.json"]) and "skipped" not in index
+
+    def test_magnitudes_equal_a_direct_numpy_computation(self, small_synth):
+        clips = analysis.load_clips(small_synth, 5, n_clips=5)
+        assert len(clips.actions) == 5 and all(e.startswith("part1/") for e in clips.episodes)  # training clips
+        episodes, _ = data.load_index(small_synth, data.TRAIN_SPLITS)
+        for a, eid, start in zip(clips.actions, clips.episodes, clips.starts):  # the same clips, read with video
+            (ep,) = [e for e in episodes if e.id == eid and e.start <= start < e.start + e.frames]
+            ref = data.load_clip(ep, start - ep.start, 5, (32, 64))["actions"].numpy()
+            np.testing.assert_array_equal(a, ref)
+        mag, numbers = analysis.magnitudes(clips.actions)
+        direct = np.abs(clips.actions.astype(np.float64) - still_by_hand()).reshape(-1, 57)  # (5 clips x 4, 57)
+        np.testing.assert_allclose(mag, direct, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(numbers["median"], np.median(direct, axis=0), rtol=1e-12)
+        for family, idx in conditioning.ACTION_FAMILIES.items():
+            np.testing.assert_allclose(numbers["family_median"][family], np.median(direct[:, list(idx)]), rtol=1e-12)
+        assert numbers["family_median"]["wrist"] != numbers["family_median"]["finger"]
+
+    def test_embedding_heatmap_is_the_emb_d_that_enters_the_adaln(self, small_export, small_synth):
+        dit, info = M.load_exported(small_export, dtype=torch.float32)
+        torch.manual_seed(0)
+        nn.init.normal_(dit.action_cond.glob.to_d.weight, std=0.5)  # 2 steps leave the zero-init output ~zero
+        clips = analysis.load_clips(small_synth, info["train_config"]["frames"], n_clips=6)
+        e = analysis.embeddings(dit, info, clips, top_k=8)
+        B, T_lat = len(clips.actions), 2  # 5 frames: 1 + 4 / 4 latent frames
+        actions = torch.from_numpy(clips.actions)
+        mask = torch.zeros(B, T_lat)
+        mask[:, 0] = 1
+        x = torch.randn(B, T_lat, 2, 3, dit.config.dim)  # other latents than analysis.probe's: emb_d ignores them
+        _, emb_d, _ = dit.action_cond(actions, x, mask)
+        np.testing.assert_allclose(e["emb_d"], emb_d.numpy(), rtol=1e-5, atol=1e-6)
+        assert not e["emb_d"][:, 0].any() and np.abs(e["emb_d"][:, 1]).max() > 1e-3  # zero on the condition frame
+        # the same term is what the DiT adds to the timestep sinusoid before its AdaLN norm
+        seen = []
+        hook = dit.t_norm.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+        c = dit.config
+        sigma = torch.full((B,), 0.5)
+        dit(torch.randn(B, c.in_channels, T_lat, 2 * c.patch_spatial, 2 * c.patch_spatial), sigma,
+            torch.zeros(B, 3, c.text_dim), mask, actions=actions)
+        hook.remove()
+        added = seen[0] - M.timestep_sinusoid(sigma[:, None].expand(B, T_lat) * 1000 * c.timestep_scale, c.dim)
+        np.testing.assert_allclose(e["emb_d"], added.numpy(), rtol=1e-4, atol=1e-5)
+        per_clip = emb_d[:, 1:].mean(1).numpy()  # the predicted latent frames
+        np.testing.assert_allclose(e["heat"], per_clip[e["order"]][:, e["channels"]], rtol=1e-5, atol=1e-6)
+        var = per_clip.var(0)
+        assert var[e["channels"]].min() >= np.delete(var, e["channels"]).max()  # the most variable channels
+        fams = list(conditioning.ACTION_FAMILIES)
+        ranks = [fams.index(e["families"][i]) for i in e["order"]]
+        assert ranks == sorted(ranks)
+        stats = info["action_stats"]
+        z = np.abs((clips.actions - np.array(stats["mean"])) / np.array(stats["std"]))
+        for i, f in enumerate(e["families"]):  # each clip's family: that of its largest z-scored action
+            assert int(np.unravel_index(z[i].argmax(), z[i].shape)[1]) in conditioning.ACTION_FAMILIES[f]
+
+    def test_sat_token_pca_matches_numpy_and_families_sit_on_their_dimensions(self, small_export, small_synth):
+        dit, info = M.load_exported(small_export, dtype=torch.float32)
+        clips = analysis.load_clips(small_synth, info["train_config"]["frames"], n_clips=6)
+        tokens = analysis.sat_tokens(dit, info, clips.actions)
+        ac = dit.action_cond
+        with torch.no_grad():
+            direct = ac.tokenizer(ac.norm(torch.from_numpy(clips.actions))).numpy()  # (B, 1, 57, C)
+        np.testing.assert_allclose(tokens, direct, rtol=1e-6, atol=1e-6)
+        points = analysis.token_points(tokens, clips.tasks)
+        B, S_, N, _ = tokens.shape
+        rng = np.random.default_rng(0)
+        for k in rng.choice(len(points["tokens"]), 20, replace=False):
+            b, d = k // (S_ * N), k % N
+            np.testing.assert_array_equal(points["tokens"][k], tokens[b, 0, d])
+            assert points["dims"][k] == d
+        fams = np.array(points["token_families"])
+        for family, idx in conditioning.ACTION_FAMILIES.items():  # e.g. the finger colour marks finger tokens only
+            assert set(points["dims"][fams == family]) == set(idx)
+        for name in ("tokens", "clips"):
+            X = points[name].astype(np.float64)
+            xy, explained = analysis.pca(X)
+            Xc = X - X.mean(0)
+            w, U = np.linalg.eigh(Xc @ Xc.T)  # independent: the Gram matrix's eigenvectors (P x P, P << 57 C)
+            w, U = w[::-1], U[:, ::-1]
+            ref = U[:, :2] * np.sqrt(w[:2])  # the coordinates on the top 2 principal axes
+            signs = np.sign((xy * ref).sum(0))
+            np.testing.assert_allclose(xy * signs, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+            np.testing.assert_allclose(explained, w[:2] / w.sum(), rtol=1e-6)
+
+    def test_loss_curves_follow_metrics_and_are_labelled_by_mode(self, small_export, tmp_path):
+        rng = np.random.default_rng(0)
+        losses = {m: rng.uniform(0.5, 2.0, 40).tolist() for m in ("dexac", "mlp", "mlp2")}
+        runs = [fake_run(tmp_path / "001-dexac", "dexac", losses["dexac"]),
+                fake_run(tmp_path / "002-mlp", "mlp", losses["mlp"]),
+                fake_run(tmp_path / "003-mlp", "mlp", losses["mlp2"]), small_export.parent]
+        curves = analysis.loss_curves(runs)
+        assert set(curves) == {"dexac (001-dexac)", "mlp (002-mlp)", "mlp (003-mlp)",
+                               f"dexac ({small_export.parent.name})"}  # two runs of a mode: named by their run
+        c = curves["mlp (002-mlp)"]
+        assert c["step"] == list(range(1, 41)) and c["loss"] == losses["mlp"]
+        k = 2  # 40 logged losses: a running mean over 5% of them
+        assert c["smooth"] == pytest.approx([np.mean(losses["mlp"][max(0, i - k + 1):i + 1]) for i in range(40)])
+        logged = [json.loads(line) for line in open(small_export.parent / "metrics.jsonl")]
+        real = curves[f"dexac ({small_export.parent.name})"]
+        assert real["step"] == [h["step"] for h in logged] and real["loss"] == [h["loss"] for h in logged]
+        analysis.plot_losses(curves, tmp_path / "loss.png")
+        with Image.open(tmp_path / "loss.png") as img:
+            assert img.format == "PNG"
+
+    def test_a_checkpoint_without_sat_tokens_skips_figures_8_and_9(self, small_export, small_synth, tmp_path,
+                                                                  capsys):
+        export = as_mlp_flat_export(small_export, tmp_path / "mlp-flat.safetensors")
+        out = tmp_path / "figures"
+        analysis.main(["--checkpoint", str(export), "--data", str(small_synth), "--out", str(out), "--runs",
+                       str(small_export.parent), "--clips", "4"])
+        assert (out / "fig7_action_embedding.png").is_file() and (out / "fig2_action_magnitudes.png").is_file()
+        assert not (out / "fig8_sat_pca.png").exists() and not (out / "fig9_sat_tsne.png").exists()
+        assert "skipped fig8_sat_pca.png: action mode 'mlp-flat' has no SAT tokens" in capsys.readouterr().out
+        assert "skipped `fig9_sat_tsne.png`" in (out / "figures.md").read_text()
+        dit, info = M.load_exported(export)
+        clips = analysis.load_clips(small_synth, 5, n_clips=4)
+        e = analysis.embeddings(dit, info, clips)
+        with torch.no_grad():  # mlp-flat's emb_d: its embedder on the flattened z-scored chunk, on every frame
+            d = dit.action_cond.embed_d(dit.action_cond.norm(torch.from_numpy(clips.actions)).flatten(1))
+        np.testing.assert_allclose(e["per_clip"], d.numpy(), rtol=1e-5, atol=1e-6)
+
+    @pytest.mark.parametrize("case", ["checkpoint", "data", "runs", "matplotlib"])
+    def test_bad_input_is_one_error_line(self, case, small_export, small_synth, tmp_path, capsys, monkeypatch):
+        monkeypatch.delenv("DEXAC_DEBUG", raising=False)
+        argv = {"--checkpoint": str(small_export), "--data": str(small_synth), "--out": str(tmp_path / "o")}
+        expect = {"checkpoint": "not found", "data": "does not exist", "runs": "not a train.py run directory",
+                  "matplotlib": 'pip install -e ".[analysis]"'}[case]
+        if case == "checkpoint":
+            argv["--checkpoint"] = str(tmp_path / "nope" / "model.safetensors")
+        elif case == "data":
+            argv["--data"] = str(tmp_path / "no_data")
+        elif case == "runs":
+            argv["--runs"] = str(tmp_path)
+        else:
+            monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
+        with pytest.raises(SystemExit) as exit:
+            hub.run_main(analysis.main, [x for kv in argv.items() for x in kv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit.value.code == 1 and len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+        assert not (tmp_path / "o" / "numbers.json").exists()
+
+    def test_missing_scikit_learn_is_one_clear_error(self, monkeypatch):
+        monkeypatch.setitem(sys.modules, "sklearn.manifold", None)
+        with pytest.raises(analysis.AnalysisError, match=r'need sklearn: pip install -e "\.\[analysis\]"'):
+            analysis.tsne(np.random.default_rng(0).normal(size=(10, 4)))
+
+# =====================================================================================================================
 # benchmark command lines: they run, on tiny shapes (speed and memory are never asserted)
+
+    def test_action_use_reads_zero_where_the_action_path_is_closed(self, small_synth, tmp_path):
+        """analysis.diagnose along a run (exports every step): a fresh DexAC (zero-initialized output layers) has
+        sensitivity exactly 0 to every family, and only its output layers get a gradient (exactly 0 upstream);
+        after two steps (no EMA) the velocity depends on the actions; a family's sensitivity is the relative
+        change of the velocity computed here directly; --along writes its figure."""
+        run_train(["--data", small_synth, "--out", tmp_path / "runs", "--steps", 2, "--export-every", 1,
+                   "--batch-size", 2, "--micro-batch", 2, "--ema", 0])
+        run = only_run(tmp_path / "runs")
+        use = analysis.diagnose([run], small_synth, clips=2)[run.name]
+        assert [r["step"] for r in use] == [1, 2] and use[-1]["sensitivity"]["all"] > 0
+        wm = S.WorldModel(run / "model.safetensors")
+        cfg = wm.info["train_config"]
+        probe = analysis.probe_batch(wm, small_synth, 2, (cfg["height"], cfg["width"]))
+        x0, actions, text, mask, noise, sigma = probe
+        m, s_ = mask[:, None, :, None, None], sigma[:, None, None, None, None]
+        x = m * x0 + (1 - m) * (s_ * noise + (1 - s_) * x0)
+        other = actions.clone()
+        idx = list(conditioning.ACTION_FAMILIES["finger"])
+        other[..., idx] = actions.roll(1, 0)[..., idx]
+        with torch.no_grad():
+            v, v_f = (wm.dit(x, sigma, text, mask, actions=a) for a in (actions, other))
+        assert analysis.sensitivities(wm.dit, *probe)["finger"] == pytest.approx(
+            ((v_f - v).norm() / v.norm()).item(), rel=1e-6)
+        fresh = M.DiT(wm.dit.config)  # the DexAC modules as initialized: their output layers are zero
+        fresh.load_state_dict({k: v for k, v in wm.dit.state_dict().items() if not k.startswith("action_cond.")},
+                              strict=False)
+        fresh.action_cond.set_stats(*wm.dit.action_cond.norm.stats())
+        fresh.eval().requires_grad_(False)
+        assert set(analysis.sensitivities(fresh, *probe).values()) == {0.0}
+        grads = analysis.grad_norms(fresh, *probe)
+        outputs = {"local.attn.o", "glob.to_d", "glob.to_3d"}
+        assert outputs <= set(grads) and all(grads[k] > 0 for k in outputs)
+        assert all(g == 0 for k, g in grads.items() if k not in outputs and not k.startswith("norm")), grads
+        analysis.main(["--checkpoint", str(run / "model.safetensors"), "--data", str(small_synth), "--out",
+                       str(tmp_path / "fig"), "--runs", str(run), "--along", "--clips", "4", "--probe-clips", "2"])
+        assert (tmp_path / "fig" / "fig_action_use.png").stat().st_size > 1000
+        assert json.loads((tmp_path / "fig" / "numbers.json").read_text())["action_use"][run.name][0]["step"] == 1
+
 
 class TestBench:
     """The benchmark command lines run on tiny shapes and print what they measured."""
