@@ -474,7 +474,8 @@ def diagnose(runs, root, clips=8, size=None):
             cfg = wm.info["train_config"]
             probe = probe or probe_batch(wm, root, clips, size or (cfg["height"], cfg["width"]))
             step = wm.info["step"]
-            rows.append({"step": step, "sensitivity": sensitivities(wm.dit, *probe), "grad": grad_norms(wm.dit, *probe)})
+            rows.append({"step": step, "sensitivity": sensitivities(wm.dit, *probe),
+                         "grad": grad_norms(wm.dit, *probe)})
         result[run.name] = rows
     return result
 

@@ -496,7 +496,7 @@ def bench_sample(args):
     # CPU copies, so that our models are freed (gc: the wrapped methods hold the tokenizer in a cycle)
     dit_sd = {k: v.cpu() for k, v in dit.state_dict().items()}
     vae_sd = {k: v.cpu() for k, v in wm.tokenizer.state_dict().items()}
-    del wm, dit, ours
+    wm = dit = ours = None  # freed (a del would leave the lambdas above naming unbound names)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -754,7 +754,8 @@ def print_gpu_table(r):
         print(f"{name:44s} {row['total']:8.3f} {row['vae_encode']:7.3f} {row['denoise']:8.3f} "
               f"{row['vae_decode']:7.3f} {num(row['peak_gib'], '8.2f')}")
     if r.get("dit_vs_diffusers"):
-        print(f"\nthe DiT's forward+backward, ours / diffusers on the same weights: {r['dit_vs_diffusers']['ratio']:.2f}")
+        print(f"\nthe DiT's forward+backward, ours / diffusers on the same weights: "
+              f"{r['dit_vs_diffusers']['ratio']:.2f}")
     if r.get("vae"):
         print(f"\nWan2.1 VAE, 13 frames: encode {r['vae']['encode_frames_per_s']:.1f} frames/s, decode "
               f"{r['vae']['decode_frames_per_s']:.1f} frames/s")

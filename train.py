@@ -203,8 +203,8 @@ PAPER_CACHE = ("torchrun --nproc_per_node=8 data.py cache --data /path/to/egodex
                "--epochs 2 --dino facebook/dinov3-vitl16-pretrain-lvd1689m")
 
 # fields that define the model and its inputs: a checkpoint made with others cannot be resumed
-MUST_MATCH = ("model", "action_mode", "action_norm", "semantic", "trainable", "tokenizer", "pixel_compression", "pixel_mean",
-              "pixel_std", "text", "text_tokens", "height", "width", "frames", "cond_frames", "seed",
+MUST_MATCH = ("model", "action_mode", "action_norm", "semantic", "trainable", "tokenizer", "pixel_compression",
+              "pixel_mean", "pixel_std", "text", "text_tokens", "height", "width", "frames", "cond_frames", "seed",
               "batch_size")
 
 
@@ -367,7 +367,7 @@ def parallelize(model, device, ac="none", ac_every=1, compile=False, bf16=None):
     module (a block's three modulations share one), whose parameters stay fp32."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    groups = {}  # named before activation checkpointing and compile rename the blocks' modules
+    groups = {}  # named before activation checkpointing renames the blocks' modules
     for name, module in model.fp32_modules():
         groups.setdefault(name.rpartition(".")[0], []).append(module)
     for i, block in enumerate(model.blocks):
