@@ -2522,6 +2522,51 @@ BUILD_TOKENIZER_ERRORS = {  # case -> (call, exception, message)
 }
 
 
+SDXL_TINY = tk.SDXL_PRESETS["tiny"]  # 4 resolutions (8x), widths 16-32, 1 resnet per resolution, 8 groups
+
+
+def sdxl_randomize(module, seed=0):
+    """Every parameter random: weights ~ N(0, 1 / fan_in), norm gains 1 + N(0, 0.3), biases N(0, 0.1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim > 1:
+                p.copy_(noise / math.sqrt(p[0].numel()))
+            else:
+                p.copy_(1 + 0.3 * noise if "norm" in name and name.endswith("weight") else 0.1 * noise)
+    return module
+
+
+def sdxl_diffusers(cfg=SDXL_TINY):
+    """diffusers' AutoencoderKL for cfg (SDXL's architecture: the same block types, act, 1x1 quant convs)."""
+    diffusers = importlib.import_module("diffusers")
+    n = len(cfg.channels)
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=cfg.channels, layers_per_block=cfg.layers,
+        act_fn="silu", latent_channels=cfg.latent_channels, norm_num_groups=cfg.groups,
+        scaling_factor=cfg.scaling_factor)
+
+
+@pytest.fixture(scope="module")
+def sdxl_pair():
+    """A tiny diffusers AutoencoderKL with every parameter random (GroupNorm affine too) and our SDXLVAE holding
+    the same tensors under the same names (chunks of 4 frames, so a 2 x 3-frame video spans 2 chunks)."""
+    ref = sdxl_randomize(sdxl_diffusers()).eval()
+    ours = tk.SDXLVAE(SDXL_TINY, chunk_frames=4).eval()
+    hub.load_strict(ours, ref.state_dict())
+    return ref, ours
+
+
+def sdxl_frames(video):  # (B, 3, T, H, W) -> (B*T, 3, H, W), the image batch diffusers sees
+    return video.transpose(1, 2).flatten(0, 1)
+
+
+def sdxl_video(frames, B):  # (B*T, C, H, W) -> (B, C, T, H, W)
+    return frames.unflatten(0, (B, -1)).transpose(1, 2)
+
+
 class TestTokenizer:
     """The Wan2.1 VAE equals diffusers' on the same weights and loads both official layouts; its chunked and
     tiled paths agree with whole-clip passes; the pixel tokenizer is exactly invertible."""
@@ -2723,6 +2768,134 @@ class TestTokenizer:
         call, error, message = BUILD_TOKENIZER_ERRORS[case]
         with pytest.raises(error, match=message):
             call()
+
+    def test_sdxl_vae_matches_diffusers_autoencoder_kl(self, sdxl_pair):
+        """encode (scaled posterior mean) and decode equal diffusers' on the same random weights: a non-square
+        48x80 video of 2 clips x 3 frames, run in chunks of 4 frames that span both clips. Scaling as IRASim and
+        diffusers' pipelines apply it: z = mean * 0.13025 and decode(z / 0.13025)."""
+        ref, ours = sdxl_pair
+        x = rand_video(2, 3, 48, 80, seed=5)
+        with torch.no_grad():
+            z_ref = sdxl_video(ref.encode(sdxl_frames(x)).latent_dist.mean * ref.config.scaling_factor, 2)
+            # contiguous: diffusers' own decode of the channels-last view differs from itself by 7.5e-6
+            z_in = (sdxl_frames(z_ref) / ref.config.scaling_factor).contiguous()
+            x_ref = sdxl_video(ref.decode(z_in).sample, 2).clamp(-1, 1)
+        z = ours.encode(x)
+        x_ours = ours.decode(z)
+        assert ours.scaling_factor == ref.config.scaling_factor == 0.13025
+        assert z.shape == (2, 4, 3, 6, 10) and x_ours.shape == x.shape and z.is_contiguous()
+        assert z.std() > 0.01 and (x_ours.abs() < 1).float().mean() > 0.5  # nothing trivially 0 or clamped
+        assert (z - z_ref).abs().max() <= 1e-6, (z - z_ref).abs().max()  # 0.0 on our CPU
+        assert (x_ours - x_ref).abs().max() <= 1e-5, (x_ours - x_ref).abs().max()  # 0.0 on our CPU
+
+    def test_sdxl_vae_sample_matches_diffusers_with_the_same_generator(self, sdxl_pair):
+        """sample=True draws mean + std * noise; all frames in one chunk draw what latent_dist.sample does."""
+        ref, ours = sdxl_pair
+        one_chunk = tk.SDXLVAE(SDXL_TINY, chunk_frames=6).eval()
+        one_chunk.load_state_dict(ours.state_dict())
+        x = rand_video(2, 3, 40, 64, seed=6)  # non-square, the other way round
+        with torch.no_grad():
+            dist = ref.encode(sdxl_frames(x)).latent_dist
+            z_ref = sdxl_video(dist.sample(torch.Generator().manual_seed(7)) * 0.13025, 2)
+        z = one_chunk.encode(x, sample=True, generator=torch.Generator().manual_seed(7))
+        assert (z - z_ref).abs().max() <= 1e-6, (z - z_ref).abs().max()  # 0.0 on our CPU
+        assert (z - one_chunk.encode(x)).abs().max() > 1e-3  # the draw differs from the mean
+
+    def test_sdxl_vae_chunking_does_not_change_the_result(self, sdxl_pair):
+        ours = sdxl_pair[1]
+        x = rand_video(2, 5, 16, 24, seed=8)  # any T: no 4k + 1 rule per frame
+        whole = tk.SDXLVAE(SDXL_TINY, chunk_frames=100).eval()
+        whole.load_state_dict(ours.state_dict())
+        seen = []
+        hook = ours.encoder.conv_in.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+        z = ours.encode(x)
+        hook.remove()
+        assert seen == [4, 4, 2]  # 10 frames, 4 at a time: never the whole video
+        assert (z - whole.encode(x)).abs().max() <= 1e-6
+        assert (ours.decode(z) - whole.decode(z)).abs().max() <= 1e-5
+        assert (ours.latent_channels, ours.spatial_compression, ours.temporal_compression) == (4, 8, 1)
+
+    def test_sdxl_full_size_names_and_shapes_match_diffusers(self):
+        """The real config (on the meta device, no memory) has diffusers' SDXL VAE names and shapes, 83.65M."""
+        diffusers = importlib.import_module("diffusers")
+        with torch.device("meta"):
+            ref = diffusers.AutoencoderKL(
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                norm_num_groups=32, sample_size=1024, scaling_factor=0.13025)
+            ours = tk.SDXLVAE("sdxl")
+        ref_sd, ours_sd = ref.state_dict(), ours.state_dict()
+        assert ours_sd.keys() == ref_sd.keys() and all(ours_sd[k].shape == v.shape for k, v in ref_sd.items())
+        assert sum(p.numel() for p in ours.parameters()) == 83_653_863
+        assert (ours.latent_channels, ours.spatial_compression, ours.scaling_factor) == (4, 8, 0.13025)
+
+    def test_sdxl_vae_loads_the_hub_layout(self, sdxl_pair, tmp_path, offline_hub):
+        """diffusers' own save_pretrained folder (vae/diffusion_pytorch_model.safetensors + config.json) and a
+        save_file of its state dict load through the file, its folder and the repo folder above it; the short name
+        'sdxl' reads the same file from a local Hub cache with HF_HUB_OFFLINE=1: all give the same outputs."""
+        ref, ours = sdxl_pair
+        ref.save_pretrained(tmp_path / "repo" / "vae")
+        save_file(ref.state_dict(), tmp_path / "plain.safetensors")
+        (hub_snapshot(offline_hub, tk.SDXL_REPO) / tk.SDXL_FILE).parent.mkdir(parents=True)
+        shutil.copy(tmp_path / "repo" / tk.SDXL_FILE, hub_snapshot(offline_hub, tk.SDXL_REPO) / tk.SDXL_FILE)
+        x = rand_video(1, 2, 32, 48, seed=9)
+        z = ours.encode(x)
+        for spec in (tmp_path / "repo" / tk.SDXL_FILE, tmp_path / "repo" / "vae", tmp_path / "repo",
+                     tmp_path / "plain.safetensors", "sdxl", tk.SDXL_REPO):
+            vae = tk.load_sdxl_vae(str(spec), config=SDXL_TINY)
+            assert torch.equal(vae.encode(x), z), spec
+            assert torch.equal(vae.decode(z), ours.decode(z)), spec
+
+    def test_sdxl_vae_reads_the_old_attention_names(self, sdxl_pair, tmp_path):
+        """A file saved with diffusers' pre-0.14 attention names (query, key, value, proj_attn) loads to the same
+        model; nothing else is renamed (an unknown key still fails)."""
+        ref, ours = sdxl_pair
+        rename = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}
+        old = {}
+        for k, v in ref.state_dict().items():
+            for new_name, old_name in rename.items():
+                k = k.replace("attentions.0." + new_name, "attentions.0." + old_name)
+            old[k] = v.contiguous()
+        assert sum("proj_attn" in k for k in old) == 4  # weight and bias, encoder and decoder
+        save_file(old, str(tmp_path / "old.safetensors"))
+        loaded = tk.SDXLVAE(SDXL_TINY, chunk_frames=4).load_weights(str(tmp_path / "old.safetensors")).eval()
+        x = rand_video(1, 2, 16, 24, seed=1)
+        assert torch.equal(loaded.encode(x), ours.encode(x))
+        assert tk.sdxl_key("decoder.mid_block.attentions.0.key.weight") == "decoder.mid_block.attentions.0.to_k.weight"
+        assert tk.sdxl_key("decoder.up_blocks.0.key.weight") == "decoder.up_blocks.0.key.weight"
+
+    def test_sdxl_vae_wrong_file_is_one_clear_error(self, sdxl_pair, tmp_path, offline_hub):
+        """A file with a missing, an extra and a mis-shaped tensor: one ValueError naming all three and the
+        expected layout; a Wan VAE file likewise; 'sdxl' absent from the Hub cache: where to get it."""
+        sd = dict(sdxl_pair[1].state_dict())
+        del sd["decoder.conv_out.bias"]
+        sd["encoder.extra.weight"] = torch.zeros(1)
+        sd["quant_conv.weight"] = torch.zeros(8, 8, 3, 3)
+        save_file(sd, tmp_path / "bad.safetensors")
+        with pytest.raises(ValueError) as e:
+            tk.load_sdxl_vae(str(tmp_path / "bad.safetensors"), config="tiny")
+        msg = str(e.value)
+        assert "missing (1): decoder.conv_out.bias" in msg and "unexpected (1): encoder.extra.weight" in msg
+        assert "wrong shape (1): quant_conv.weight: checkpoint (8, 8, 3, 3) vs model (8, 8, 1, 1)" in msg
+        assert "diffusers' AutoencoderKL layout" in msg and tk.SDXL_FILE in msg
+        torch.save(tk.WanVAE("tiny").state_dict(), tmp_path / "wan.pth")
+        with pytest.raises(ValueError, match=r"does not match .*\n  missing \(\d+\): encoder.conv_in.weight"):
+            tk.load_sdxl_vae(str(tmp_path / "wan.pth"), config="tiny")
+        with pytest.raises(hub.WeightsError, match="not in the local Hub cache") as e:
+            tk.load_sdxl_vae("sdxl", config="tiny")
+        assert f"hf download {tk.SDXL_REPO} {tk.SDXL_FILE}" in str(e.value)
+
+    def test_sdxl_vae_user_errors(self):
+        with pytest.raises(ValueError, match="unknown SDXL VAE preset 'xl'"):
+            tk.SDXLVAE("xl")
+        with pytest.raises(ValueError, match="groups=32 must divide"):
+            tk.SDXLVAE(tk.SDXLVAEConfig(channels=(16, 32)))
+        vae = tk.SDXLVAE(SDXL_TINY)
+        with pytest.raises(ValueError, match="multiples of 8"):
+            vae.encode(rand_video(1, 2, 20, 24))
+        with pytest.raises(ValueError, match=r"expected latents \(B, 4"):
+            vae.decode(torch.zeros(1, 16, 2, 3, 3))
+        assert "sdxl" not in tk.TOKENIZERS  # not a DiT tokenizer: the DiT pipeline assumes 4x temporal compression
 
 
 # =====================================================================================================================

@@ -1,5 +1,6 @@
 """
-The video tokenizer: the Wan2.1 causal 3D VAE, and a weightless pixel tokenizer with the same frame layout.
+The video tokenizer: the Wan2.1 causal 3D VAE, and a weightless pixel tokenizer with the same frame layout;
+also the SDXL image VAE run per frame (IRASim's tokenizer, `SDXLVAE` / `load_sdxl_vae`; not a DiT tokenizer).
 
 Cosmos-Predict2.5 denoises in the latent space of the Wan2.1 VAE (Cosmos calls it the "tokenizer"):
 8x spatial and 4x temporal compression, 16 channels, causal in time so that frame 0 gets a latent frame of
@@ -63,8 +64,9 @@ def latent_frames(frames: int, pad: bool = False) -> int:
     return 1 + -(-(frames - 1) // TEMPORAL)
 
 
-def check_video(video, spatial: int, pad: bool) -> torch.Tensor:
-    """Validate a (B, 3, T, H, W) video in [-1, 1]; with pad, repeat its last frame up to 4k + 1 frames."""
+def check_video(video, spatial: int, pad: bool, per_frame: bool = False) -> torch.Tensor:
+    """Validate a (B, 3, T, H, W) video in [-1, 1]; with pad, repeat its last frame up to 4k + 1 frames.
+    per_frame: any number of frames (an image VAE sees each frame alone)."""
     if not torch.is_tensor(video) or video.dim() != 5 or video.shape[1] != 3:
         shape = tuple(video.shape) if torch.is_tensor(video) else type(video).__name__
         raise ValueError(f"expected a video (B, 3, T, H, W), got {shape}; images are (B, 3, 1, H, W)")
@@ -75,6 +77,8 @@ def check_video(video, spatial: int, pad: bool) -> torch.Tensor:
         raise ValueError(f"height and width must be multiples of {spatial}, got {H}x{W}")
     if video.numel() and max(-v for v in torch.aminmax(video)) > 1.5:  # catches 0..255 floats
         raise ValueError("video values must lie in [-1, 1] (from uint8 pixels: video / 127.5 - 1)")
+    if per_frame:
+        return video
     missing = 1 + TEMPORAL * (latent_frames(T, pad) - 1) - T
     return torch.cat([video, video[:, :, -1:].expand(-1, -1, missing, -1, -1)], 2) if missing else video
 
@@ -448,6 +452,246 @@ class WanVAE(nn.Module):
             out[:, :, t:t + x.shape[2]] = x.clamp_(-1, 1)  # (B, 3, 1 or 4, 8h, 8w)
             t += x.shape[2]
         return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the SDXL VAE: IRASim's per-frame image tokenizer (DESIGN section 12)
+#
+# diffusers' AutoencoderKL with SDXL's config: 2D convs, GroupNorm and one single-head attention in the middle.
+# Module names are those of the Hub file (vae/diffusion_pytorch_model.safetensors), so it loads with no key map;
+# the few one-element lists (`downsamplers.0`, `attentions.0`, `to_out.0`) exist only to keep those names.
+
+SDXL_REPO, SDXL_FILE = "stabilityai/stable-diffusion-xl-base-1.0", "vae/diffusion_pytorch_model.safetensors"
+SDXL_NAMES = {"sdxl": (SDXL_REPO, SDXL_FILE)}  # short name -> (Hub repo, file in it)
+SDXL_WHERE = (f"The SDXL VAE is `{SDXL_FILE}` in the Hub repo {SDXL_REPO}: `hf download {SDXL_REPO} {SDXL_FILE}`, "
+              "then pass the local path (or its folder), or pass 'sdxl' to fetch it through the Hub cache.")
+
+
+@dataclass
+class SDXLVAEConfig:
+    channels: tuple = (128, 256, 512, 512)  # block_out_channels: one resolution per entry, 2x between them
+    layers: int = 2  # resnets per encoder resolution; the decoder has one more
+    latent_channels: int = 4
+    groups: int = 32  # GroupNorm groups; must divide every width
+    eps: float = 1e-6  # GroupNorm eps
+    scaling_factor: float = 0.13025  # latents = posterior * scaling_factor (SDXL has no shift)
+
+
+SDXL_PRESETS = {"sdxl": SDXLVAEConfig(), "tiny": SDXLVAEConfig(channels=(16, 32, 32, 32), layers=1, groups=8)}
+
+
+class SDXLResBlock(nn.Module):
+    """[GroupNorm, SiLU, conv3, GroupNorm, SiLU, conv3] plus a 1x1 conv shortcut when the width changes."""
+
+    def __init__(self, c_in, c_out, cfg: SDXLVAEConfig):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(cfg.groups, c_in, eps=cfg.eps)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(cfg.groups, c_out, eps=cfg.eps)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):  # (N, C, H, W) -> (N, C', H, W)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.conv_shortcut(x) + h
+
+
+class SDXLAttention(nn.Module):
+    """Single-head self-attention over the H*W positions of one image, GroupNorm in front, residual around."""
+
+    def __init__(self, dim, cfg: SDXLVAEConfig):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(cfg.groups, dim, eps=cfg.eps)
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (N, HW, C)
+        q, k, v = (f(h).unsqueeze(1) for f in (self.to_q, self.to_k, self.to_v))  # (N, 1, HW, C): one head
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (N, HW, C)
+        # branch first: the sum takes its (channels-last) memory layout, on which the next conv's rounding depends
+        return self.to_out[0](h).transpose(1, 2).reshape(N, C, H, W) + x
+
+
+class SDXLResample(nn.Module):
+    """2x down: pad right and bottom by one, then a stride-2 conv. 2x up: nearest neighbour, then a conv."""
+
+    def __init__(self, dim, up: bool):
+        super().__init__()
+        self.up = up
+        self.conv = nn.Conv2d(dim, dim, 3, stride=1 if up else 2, padding=1 if up else 0)
+
+    def forward(self, x):
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class SDXLStage(nn.Module):
+    """One resolution: n resnets, then (resample 'down' or 'up') a 2x resampler, as `{down,up}samplers.0`."""
+
+    def __init__(self, c_in, c_out, n, cfg: SDXLVAEConfig, resample=None):
+        super().__init__()
+        self.resnets = nn.ModuleList(SDXLResBlock(c_in if i == 0 else c_out, c_out, cfg) for i in range(n))
+        self.resample = resample
+        if resample:
+            setattr(self, f"{resample}samplers", nn.ModuleList([SDXLResample(c_out, up=resample == "up")]))
+
+    def forward(self, x):
+        for block in self.resnets:
+            x = block(x)
+        return getattr(self, f"{self.resample}samplers")[0](x) if self.resample else x
+
+
+class SDXLMidBlock(nn.Module):
+    """resnet, attention, resnet at the lowest resolution."""
+
+    def __init__(self, dim, cfg: SDXLVAEConfig):
+        super().__init__()
+        self.resnets = nn.ModuleList([SDXLResBlock(dim, dim, cfg), SDXLResBlock(dim, dim, cfg)])
+        self.attentions = nn.ModuleList([SDXLAttention(dim, cfg)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class SDXLEncoder(nn.Module):
+    def __init__(self, cfg: SDXLVAEConfig):
+        super().__init__()
+        ch, last = cfg.channels, len(cfg.channels) - 1
+        self.conv_in = nn.Conv2d(3, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(SDXLStage(c_in, c_out, cfg.layers, cfg, "down" if i < last else None)
+                                         for i, (c_in, c_out) in enumerate(zip((ch[0], *ch[:-1]), ch)))
+        self.mid_block = SDXLMidBlock(ch[-1], cfg)
+        self.conv_norm_out = nn.GroupNorm(cfg.groups, ch[-1], eps=cfg.eps)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x):  # (N, 3, H, W) -> (N, 2z, H/8, W/8): posterior mean and log-variance
+        x = self.conv_in(x)
+        for stage in self.down_blocks:
+            x = stage(x)
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+
+
+class SDXLDecoder(nn.Module):
+    def __init__(self, cfg: SDXLVAEConfig):
+        super().__init__()
+        ch, last = cfg.channels[::-1], len(cfg.channels) - 1  # 512, 512, 256, 128
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = SDXLMidBlock(ch[0], cfg)
+        self.up_blocks = nn.ModuleList(SDXLStage(c_in, c_out, cfg.layers + 1, cfg, "up" if i < last else None)
+                                       for i, (c_in, c_out) in enumerate(zip((ch[0], *ch[:-1]), ch)))
+        self.conv_norm_out = nn.GroupNorm(cfg.groups, ch[-1], eps=cfg.eps)
+        self.conv_out = nn.Conv2d(ch[-1], 3, 3, padding=1)
+
+    def forward(self, z):  # (N, z, h, w) -> (N, 3, 8h, 8w)
+        x = self.mid_block(self.conv_in(z))
+        for stage in self.up_blocks:
+            x = stage(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+# the mid-block attention's names in files saved before diffusers 0.14 (its loader renames them the same way)
+SDXL_OLD_ATTENTION = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "proj_attn.": "to_out.0."}
+
+
+def sdxl_key(name):
+    """A key of an SDXL VAE file in the current diffusers layout, from either attention naming."""
+    head, _, tail = name.rpartition("attentions.0.")
+    for old, new in SDXL_OLD_ATTENTION.items():
+        if head and tail.startswith(old):
+            return head + "attentions.0." + new + tail[len(old):]
+    return name
+
+
+class SDXLVAE(nn.Module):
+    """The SDXL VAE applied to each frame of a video: (B, 3, T, H, W) in [-1, 1] <-> scaled latents
+    (B, 4, T, H / 8, W / 8), any T (no temporal compression). Frames of all clips are flattened and run
+    chunk_frames at a time, which bounds activation memory. Without load_weights it is randomly initialized.
+    Run it in fp32 or bf16: in fp16 the SDXL VAE overflows (diffusers upcasts it, `force_upcast`)."""
+
+    def __init__(self, config: SDXLVAEConfig | str = "sdxl", chunk_frames: int = 8):
+        super().__init__()
+        if isinstance(config, str):
+            if config not in SDXL_PRESETS:
+                raise ValueError(f"unknown SDXL VAE preset {config!r}; choose from {sorted(SDXL_PRESETS)}")
+            config = SDXL_PRESETS[config]
+        if any(c % config.groups for c in config.channels):
+            raise ValueError(f"groups={config.groups} must divide every width in channels={config.channels}")
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        z = config.latent_channels
+        self.config, self.chunk_frames, self.scaling_factor = config, chunk_frames, config.scaling_factor
+        self.latent_channels, self.temporal_compression = z, 1
+        self.spatial_compression = 2 ** (len(config.channels) - 1)
+        self.encoder = SDXLEncoder(config)
+        self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
+        self.post_quant_conv = nn.Conv2d(z, z, 1)
+        self.decoder = SDXLDecoder(config)
+
+    def load_weights(self, weights: str = "sdxl", revision=None, token=None) -> "SDXLVAE":
+        """Load diffusers' AutoencoderKL layout (the Hub file) strictly: one error lists every missing key,
+        unexpected key and bad shape. weights: a file, a folder holding it (the repo or its vae/), 'sdxl',
+        or a Hub repo id."""
+        path = hub.resolve(weights, files=(SDXL_FILE, "diffusion_pytorch_model.safetensors"), names=SDXL_NAMES,
+                           what="SDXL VAE weights", where=SDXL_WHERE, revision=revision, token=token)
+        layout = f"diffusers' AutoencoderKL layout, as in {SDXL_REPO}/{SDXL_FILE}"
+        sd = {sdxl_key(k): v for k, v in hub.read_state_dict(path).items()}
+        hub.load_strict(self, sd, source=path, hint=f" {self.config} (expected {layout})")
+        return self
+
+    def _per_frame(self, fn, x, out_device):
+        """fn over the B*T frames of x (B, C, T, H, W), chunk_frames at a time (a chunk may span clips) ->
+        (B, C', T, H', W') on out_device. Only one chunk is ever on the model's device."""
+        B, _, T = x.shape[:3]
+        w, out = self.quant_conv.weight, None
+        for start in range(0, B * T, self.chunk_frames):
+            ids = [divmod(i, T) for i in range(start, min(start + self.chunk_frames, B * T))]  # (clip, frame)
+            y = fn(torch.stack([x[b, :, t] for b, t in ids]).to(w.device, w.dtype))  # (n, C', H', W')
+            if out is None:
+                out = y.new_empty(B, y.shape[1], T, *y.shape[2:], device=out_device)
+            for (b, t), frame in zip(ids, y):
+                out[b, :, t] = frame
+        return out
+
+    @torch.no_grad()
+    def encode(self, video, *, sample=False, generator=None, out_device=None) -> torch.Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> (B, 4, T, H / 8, W / 8): the posterior mean times scaling_factor, or
+        with sample=True a draw mean + std * noise (as IRASim trains; noise from generator, one draw per chunk,
+        so that one chunk of B * T frames draws what diffusers' latent_dist.sample(generator) draws)."""
+        video = check_video(video, self.spatial_compression, pad=False, per_frame=True)
+
+        def encode_frames(x):  # (N, 3, H, W) -> (N, z, h, w)
+            mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)  # (N, z, h, w) each
+            if sample:
+                std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+                device = generator.device if generator is not None else mean.device
+                noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+                mean = mean + std * noise.to(mean.device)
+            return mean * self.scaling_factor
+
+        return self._per_frame(encode_frames, video, out_device or video.device)
+
+    @torch.no_grad()
+    def decode(self, latents, *, out_device=None) -> torch.Tensor:
+        """(B, 4, T, h, w) scaled latents -> (B, 3, T, 8h, 8w) pixels, clamped to [-1, 1]."""
+        check_latents(latents, self.latent_channels)
+
+        def decode_frames(z):  # (N, z, h, w) -> (N, 3, 8h, 8w); divided, not multiplied by 1 / s, as pipelines do
+            return self.decoder(self.post_quant_conv(z / self.scaling_factor)).clamp_(-1, 1)
+
+        return self._per_frame(decode_frames, latents, out_device or latents.device)
+
+
+def load_sdxl_vae(spec: str = "sdxl", config: SDXLVAEConfig | str = "sdxl", chunk_frames: int = 8,
+                  revision=None, token=None) -> SDXLVAE:
+    """The SDXL VAE with weights from spec ('sdxl' = SDXL_REPO/SDXL_FILE through the Hub cache, a local file
+    or folder, or a Hub repo id), in eval mode."""
+    vae = SDXLVAE(config, chunk_frames).load_weights(spec, revision=revision, token=token).eval()
+    print(f"SDXL VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.1f}M parameters, "
+          f"{vae.spatial_compression}x spatial, per frame, scaling factor {vae.scaling_factor}")
+    return vae
 
 
 # ---------------------------------------------------------------------------------------------------------
