@@ -1108,7 +1108,7 @@ class StepResult(NamedTuple):
 
 def conditioned(t, actions):
     """The actions the model takes: none with --action-mode none (the backbone alone, e.g. miniature.py's base)."""
-    return actions if t.mcfg.action_mode != "none" else None
+    return actions if t.cfg.action_mode != "none" else None
 
 
 def micro_step(t, inputs, step, micro):
