@@ -723,6 +723,7 @@ def bench_gpu(args):
         if out and "ratio" in out:
             report["sample"].append({"run": f"diffusers guidance={g:g}", "model": "ours / diffusers",
                                      "total": out["ratio"]})
+            report["sample_vs_diffusers"] = out["max_abs_diff"]  # the same inputs through both: DiT, VAE encode
     report["seconds"] = time.perf_counter() - start
     print_gpu_table(report)
     hub.atomic_write(args.out, json.dumps(report, indent=1))
