@@ -840,6 +840,19 @@ def print_costs(args):
 # command line
 
 
+def one_of(*allowed):
+    def parse(v):
+        if v not in allowed:
+            raise argparse.ArgumentTypeError(f"{v!r}: choose from {', '.join(allowed)}")
+        return v
+    return parse
+
+
+def comma_list(parse):
+    """A comma-separated flag value -> [parse(item)], each item checked (one clear usage error otherwise)."""
+    return lambda v: [parse(item) for item in v.split(",")]
+
+
 def main(argv=None):
     """-> the benchmark's measurements (for the tests; the shell gets exit code 0)."""
     count = data.int_at_least(1)
@@ -933,14 +946,14 @@ def main(argv=None):
                    help="frame height (default 288; 64 at --preset tiny)")
     q.add_argument("--width", type=data.int_multiple(16), default=None,
                    help="frame width (default 512; 112 at --preset tiny)")
-    q.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=[1, 2, 4, 8],
+    q.add_argument("--batches", type=comma_list(data.int_at_least(1)), default=[1, 2, 4, 8],
                    help="per-GPU training batches, comma-separated; each setting stops at its first out-of-memory")
-    q.add_argument("--ac", type=lambda v: v.split(","), default=["none", "full"],
-                   help="activation checkpointing modes to time (train.py --ac), comma-separated")
-    q.add_argument("--compile", type=lambda v: [{"off": False, "on": True}[c] for c in v.split(",")],
+    q.add_argument("--ac", type=comma_list(one_of("none", "full", "mlp")), default=["none", "full"],
+                   help="activation checkpointing modes to time (train.py --ac: none, full, mlp), comma-separated")
+    q.add_argument("--compile", type=comma_list(lambda v: {"off": False, "on": True}[one_of("off", "on")(v)]),
                    default=[False, True], help="compile settings to time: off,on")
-    q.add_argument("--guidance", type=lambda v: [float(g) for g in v.split(",")], default=[0.0, 7.0],
-                   help="guidance scales of the rollout chunks")
+    q.add_argument("--guidance", type=comma_list(data.number_above(0, inclusive=True)), default=[0.0, 7.0],
+                   help="guidance scales of the rollout chunks, comma-separated")
     q.add_argument("--steps", type=count, default=35, help="denoising steps per chunk (official: 35)")
     q.add_argument("--train-steps", type=count, default=3, help="timed training steps per setting")
     q.add_argument("--warmup", type=data.int_at_least(0), default=1,

@@ -8088,6 +8088,17 @@ class TestBench:
         printed = capsys.readouterr().out
         assert f"wrote {out}" in printed and "ours / diffusers" in printed and not torch.distributed.is_initialized()
 
+    @pytest.mark.parametrize("flags,message", [
+        pytest.param(["--ac", "none,foo"], "'foo': choose from none, full, mlp", id="unknown_ac"),
+        pytest.param(["--compile", "maybe"], "'maybe': choose from off, on", id="compile_maybe"),
+        pytest.param(["--batches", "1,0"], "0 must be at least 1", id="batch_0"),
+    ])
+    def test_gpu_benchmark_bad_flags_are_one_usage_error(self, flags, message, capsys):
+        """Each item of a comma-separated flag is checked: one usage error (exit 2) naming it, before any work."""
+        with pytest.raises(SystemExit) as e:
+            bench.main(["gpu", *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
     def test_eval_benchmark_times_each_metric_and_names_what_it_skipped(self, capsys, monkeypatch, tmp_path):
         """bench.py eval: a time per clip for every metric it could run (the cookbook I3D and LPIPS on random
         weights), and each skipped one named with its reason (no Inception file here, offline)."""
