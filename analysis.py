@@ -8,7 +8,7 @@ cache) or on the synthetic dataset:
 What it draws (PNG, with the numbers behind each in numbers.json and a list of what was written in figures.md):
 - Figure 2, action magnitudes: per action dimension, |raw action - still action| over the training clips, on a
   log scale and coloured by family (conditioning.ACTION_FAMILIES), beside the same per family. The still action
-  is sample.still_actions: zero translations and finger displacements, identity 6D rotations.
+  is conditioning.still_actions: zero translations and finger displacements, identity 6D rotations.
 - Figure 3, training loss per action mode: loss vs step of train.py run directories (metrics.jsonl), each line
   labelled with the run's action_mode (config.json), raw faint and a running mean on top.
 - Figure 7, the action embedding before AdaLN: emb_d (B, T, D), the term model.DiT.forward adds to the timestep
@@ -142,7 +142,7 @@ def clip_families(actions, mean, std):
 def magnitudes(actions):
     """(n, T_a, 57) raw -> (|a - still| (n T_a, 57), numbers: the median per dimension and per family)."""
     a = np.asarray(actions, np.float64).reshape(-1, C.ACTION_DIM)
-    mag = np.abs(a - S.still_actions(1).astype(np.float64))  # (n T_a, 57)
+    mag = np.abs(a - C.still_actions(1).astype(np.float64))  # (n T_a, 57)
     numbers = {"names": list(C.ACTION_NAMES), "families": FAMILY_OF, "clips": len(actions),
                "median": np.median(mag, 0).tolist(),
                "family_median": {f: float(np.median(mag[:, list(i)])) for f, i in C.ACTION_FAMILIES.items()}}
@@ -384,8 +384,7 @@ def probe_batch(wm, root, clips, size, seed=0):
     noise, sigma), the same for every export of a run (same seed)."""
     cfg = wm.info["train_config"]
     episodes, _ = data.load_index(root, data.split_names(cfg.get("splits", "")) or data.TRAIN_SPLITS)
-    plan = data.ClipSampler([e.frames for e in episodes], cfg["frames"], train=False, seed=seed).plan()
-    plan = plan[spread(len(plan), clips)]
+    plan = clip_plan([e.frames for e in episodes], cfg["frames"], clips)  # as the figures' clips are chosen
     batch = [data.load_clip(episodes[e], int(s), cfg["frames"], size) for e, s in plan]
     video = torch.stack([b["video"] for b in batch]).float() / 127.5 - 1
     with torch.no_grad():
@@ -399,11 +398,16 @@ def probe_batch(wm, root, clips, size, seed=0):
     return x0, actions, wm.text_context([""] * len(batch)).float(), mask, noise, sigma
 
 
+def noised(x0, mask, noise, sigma):
+    """The DiT's input at noise level sigma: x_sigma = sigma eps + (1 - sigma) x0, the conditioning frames clean."""
+    m, s = mask[:, None, :, None, None], sigma[:, None, None, None, None]
+    return m * x0 + (1 - m) * (s * noise + (1 - s) * x0)
+
+
 def sensitivities(dit, x0, actions, text, mask, noise, sigma):
     """{family: ||v(a) - v(a with that family's dims from the next clip)|| / ||v(a)||, "all": every dim}: how
     much the predicted velocity depends on each action family (0: ignored)."""
-    m = mask[:, None, :, None, None]
-    x = m * x0 + (1 - m) * (sigma[:, None, None, None, None] * noise + (1 - sigma[:, None, None, None, None]) * x0)
+    x = noised(x0, mask, noise, sigma)
     other = actions.roll(1, 0)
     groups = {**{f: list(idx) for f, idx in C.ACTION_FAMILIES.items()},
               "all": list(range(actions.shape[-1]))}
@@ -421,8 +425,7 @@ def grad_norms(dit, x0, actions, text, mask, noise, sigma):
     """{conditioning part: gradient norm of the flow loss on this batch / its parameters' norm} for each
     submodule of dit.action_cond with parameters (a part that does not learn: 0)."""
     m = mask[:, None, :, None, None]
-    s = sigma[:, None, None, None, None]
-    x = m * x0 + (1 - m) * (s * noise + (1 - s) * x0)
+    x = noised(x0, mask, noise, sigma)
     dit.zero_grad(set_to_none=True)
     with torch.enable_grad():
         dit.requires_grad_(True)

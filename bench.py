@@ -454,7 +454,7 @@ def bench_sample(args):
     wm = S.WorldModel.from_model(dit, info, device=device, dtype=dtype, dino=dino,
                                  compile=getattr(args, "compile", False))
     frame = np.random.default_rng(0).integers(0, 256, (B, H, W, 3), dtype=np.uint8)
-    actions = np.broadcast_to(S.still_actions(K), (B, K, C.ACTION_DIM))
+    actions = np.broadcast_to(C.still_actions(K), (B, K, C.ACTION_DIM))
     count = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M"
     extra = f" ({count(dit.action_cond)} {args.action_mode})" if dit.action_cond is not None else ""
     extra += f", DINOv3 {count(dino)}" if semantic else ""
@@ -607,7 +607,7 @@ def peak_tflops(device):
     return next((v for k, v in PEAK_BF16_TFLOPS if k in name), None)
 
 
-def device_name(device):
+def hardware_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
 
@@ -657,7 +657,7 @@ def bench_gpu(args):
     H, W = args.height or (64 if args.preset == "tiny" else 288), args.width or (112 if args.preset == "tiny" else 512)
     peak = args.peak_tflops or peak_tflops(device)
     start, report = time.perf_counter(), {
-        "device": device_name(device), "torch": torch.__version__, "preset": args.preset, "dtype": dtype,
+        "device": hardware_name(device), "torch": torch.__version__, "preset": args.preset, "dtype": dtype,
         "size": [H, W], "frames": 13, "peak_tflops": peak, "train": [], "sample": [], "skipped": []}
     over = lambda: time.perf_counter() - start > args.budget
 

@@ -99,6 +99,15 @@ ACTION_NAMES = tuple([n for s in HANDS for n in [f"{s}_wrist.{c}" for c in _POSE
                       + [f"{s}_{f.lower()}.d{c}" for f in FINGERS for c in "xyz"]]
                      + [f"head.{c}" for c in _POSE9])
 
+
+def still_actions(n):
+    """(n, 57) actions of no motion: zero translations and fingertip displacements, identity 6D rotations."""
+    a = np.zeros((n, ACTION_DIM), np.float32)
+    for block in ("left_wrist", "right_wrist", "head"):
+        a[:, ACTION_SLICES[block].start + 3:ACTION_SLICES[block].stop] = IDENTITY_6D
+    return a
+
+
 def action_layout():
     """The layout as plain data, written into stats.json and checked when stats are loaded."""
     return {"dim": ACTION_DIM, "blocks": [[n, s.start, s.stop] for n, s in ACTION_SLICES.items()],

@@ -153,14 +153,7 @@ def along(export):
     """A run's exports along training (train.py --export-every), oldest first, then its final one:
     [(step, path)]."""
     steps = sorted((export.parent / "exports").glob("step_*.safetensors"))
-    final = json.loads(safe_metadata(export)["step"])
-    return [(int(p.stem[5:]), p) for p in steps] + [(final, export)]
-
-
-def safe_metadata(path):
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        return f.metadata()
+    return [(int(p.stem[5:]), p) for p in steps] + [(sample.read_export_meta(str(export))["step"], export)]
 
 
 def evaluate_seed(seed, checkpoints, args):

@@ -180,14 +180,6 @@ def to_uint8(video):
     return ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1)
 
 
-def still_actions(n):
-    """(n, 57) actions of no motion: zero translations and displacements, identity 6D rotations."""
-    a = np.zeros((n, C.ACTION_DIM), np.float32)
-    for block in ("left_wrist", "right_wrist", "head"):
-        a[:, C.ACTION_SLICES[block].start + 3:C.ACTION_SLICES[block].stop] = C.IDENTITY_6D
-    return a
-
-
 def check_actions(a, name="actions"):
     """(K, 57) finite float array, K >= 1, or one clear error."""
     a = np.asarray(a)
@@ -388,7 +380,7 @@ class WorldModel:
         B, K = actions.shape[:2]
         chunk = self.dit.config.action_steps  # actions per chunk; chunk / 4 latent frames follow the held one
         n_chunks = math.ceil(K / chunk)
-        pad = np.broadcast_to(still_actions(n_chunks * chunk - K), (B, n_chunks * chunk - K, C.ACTION_DIM))
+        pad = np.broadcast_to(C.still_actions(n_chunks * chunk - K), (B, n_chunks * chunk - K, C.ACTION_DIM))
         self.check_actions(actions)
         actions = torch.from_numpy(np.concatenate([actions, pad], 1)).to(self.device, self.dtype)
         if not torch.isfinite(actions).all():  # bf16's range ends a little below float32's
@@ -566,7 +558,7 @@ def main(argv=None):
                     tokenizer_weights=args.tokenizer_weights, base=args.init, dino=args.dino, compile=args.compile)
     names = [f"{name}_s{i}" if args.num_samples > 1 else name for name, _ in runs for i in range(args.num_samples)]
     K = max(len(a) for _, a in runs)
-    actions = np.stack([np.concatenate([a, still_actions(K - len(a))]) for _, a in runs
+    actions = np.stack([np.concatenate([a, C.still_actions(K - len(a))]) for _, a in runs
                         for _ in range(args.num_samples)])
     lengths = [len(a) for _, a in runs for _ in range(args.num_samples)]
     seeds = [args.seed + i for i in range(len(names))]

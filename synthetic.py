@@ -304,15 +304,6 @@ def write_synthetic(out, *, tasks=4, episodes=3, test_episodes=1, frames=90, siz
 # ------------------------------------------------------------------------------------------------
 # Measures of a written root: how large each action family moves, and what the marker detector finds
 
-def still_action():
-    """(57,) the action of no motion: zero translations and fingertip deltas, identity 6D rotations
-    (sample.still_actions' row; this file sits below sample.py, so it is restated here)."""
-    a = np.zeros(C.ACTION_DIM)
-    for block in ("left_wrist", "right_wrist", "head"):
-        a[C.ACTION_SLICES[block].start + 3:C.ACTION_SLICES[block].stop] = C.IDENTITY_6D
-    return a
-
-
 def _episodes(root, splits, tasks, max_episodes=None):
     """The indexed runs of root's splits, only those of the named tasks (EgoDex ids <split>/<task>/<k>)."""
     episodes = data.load_index(root, splits)[0]
@@ -329,7 +320,7 @@ def action_magnitudes(root, splits=None, tasks=None):
     standing still: on the default tasks the wrists and head move about ten times as far as the fingertips."""
     actions = np.concatenate([C.compute_actions(data.read_track(e).track)
                               for e in _episodes(root, splits, tasks)])  # (N, 57)
-    dev = np.median(np.abs(actions - still_action()), 0)
+    dev = np.median(np.abs(actions - C.still_actions(1)), 0)
     return {family: dev[list(idx)] for family, idx in C.ACTION_FAMILIES.items()}
 
 

@@ -4485,9 +4485,9 @@ class TestSynthetic:
         joints, _ = synthetic.synth_track(np.random.default_rng(0), 1)
         frozen = data._track_from_joints({k: np.repeat(v, 3, 0) for k, v in joints.items()})
         a = conditioning.compute_actions(frozen)  # (2, 57)
-        np.testing.assert_allclose(a, np.broadcast_to(synthetic.still_action(), a.shape), atol=1e-6)
+        np.testing.assert_allclose(a, np.broadcast_to(conditioning.still_actions(1)[0], a.shape), atol=1e-6)
         moving = conditioning.compute_actions(synthetic.synth_track(np.random.default_rng(0), 3)[1])
-        assert np.abs(moving - synthetic.still_action()).max() > 1e-3
+        assert np.abs(moving - conditioning.still_actions(1)[0]).max() > 1e-3
 
     def test_action_magnitudes_keep_fingers_small_except_on_finger_tasks(self, finger_root):
         """Default tasks: wrist translation and head motion about ten times the fingertip deltas (metres per
@@ -5436,7 +5436,7 @@ def seed0_rollout(exported, train_synth):
     episode = data.load_index(train_synth)[0][0]
     frame = data.load_clip(episode, 0, 1, wm.size)["video"][:, 0].permute(1, 2, 0).numpy()  # (H, W, 3)
     g = np.random.default_rng(0)
-    acts = S.still_actions(30)[None] + 1e-3 * g.standard_normal((2, 30, conditioning.ACTION_DIM)).astype(np.float32)
+    acts = conditioning.still_actions(30)[None] + 1e-3 * g.standard_normal((2, 30, conditioning.ACTION_DIM)).astype(np.float32)
     return wm, frame, acts, rollout(wm, frame[None], acts[:1], [0])
 
 
@@ -5446,7 +5446,7 @@ def sample_inputs(train_synth, tmp_path):
     from PIL import Image
     frame = data.load_clip(data.load_index(train_synth)[0][0], 0, 1, (50, 70))["video"][:, 0]
     Image.fromarray(frame.permute(1, 2, 0).numpy()).convert("L").save(tmp_path / "gray.png")
-    np.save(tmp_path / "acts.npy", S.still_actions(9))
+    np.save(tmp_path / "acts.npy", conditioning.still_actions(9))
     return tmp_path / "gray.png", tmp_path / "acts.npy", sorted(Path(train_synth).glob("part1/*/*.hdf5"))[0]
 
 
@@ -5517,7 +5517,7 @@ def inputs(B=1, K=8, seed=0):
     """Random first frames (B, H, W, 3) uint8 and K slightly noisy still actions (B, K, 57)."""
     g = np.random.default_rng(seed)
     frame = (g.random((B, *CARRY_HW, 3)) * 255).astype(np.uint8)
-    acts = S.still_actions(K)[None] + 0.3 * g.standard_normal((B, K, conditioning.ACTION_DIM)).astype(np.float32)
+    acts = conditioning.still_actions(K)[None] + 0.3 * g.standard_normal((B, K, conditioning.ACTION_DIM)).astype(np.float32)
     return frame, acts
 
 
@@ -5582,11 +5582,11 @@ def bad_input_files(exported, tmp_path_factory):
     """A first frame, still actions, an export and damaged copies of it -> {name: path}."""
     d = tmp_path_factory.mktemp("bad_inputs")
     Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(d / "frame.png")
-    np.save(d / "acts.npy", S.still_actions(4))
-    big = S.still_actions(4).astype(np.float64)
+    np.save(d / "acts.npy", conditioning.still_actions(4))
+    big = conditioning.still_actions(4).astype(np.float64)
     big[1, 0] = 1e39  # finite in float64, inf in float32
     np.save(d / "huge.npy", big)
-    nan = S.still_actions(4)
+    nan = conditioning.still_actions(4)
     nan[2, 5] = np.nan
     np.save(d / "nan.npy", nan)
     (d / "garbage.safetensors").write_bytes(np.random.default_rng(0).bytes(100))
@@ -5750,7 +5750,7 @@ class TestSample:
         assert torch.equal(wm.dit.blocks[0].fc1.weight, other.blocks[0].fc1.weight)
         assert torch.equal(wm.dit.action_cond.state_dict()[keys[0][len("action_cond."):]], expected[keys[0]])
         frame = np.zeros((1, 32, 64, 3), np.uint8)
-        video = wm.rollout(frame, S.still_actions(4)[None], [""], [0], steps=1, progress=False)
+        video = wm.rollout(frame, conditioning.still_actions(4)[None], [""], [0], steps=1, progress=False)
         assert video.shape == (1, 5, 32, 64, 3)
 
     def test_dexac_only_export_without_its_base_is_one_clear_error(self, tmp_path, train_synth):
@@ -5775,7 +5775,7 @@ class TestSample:
         wm.dit.cross_kv = lambda text, feats: seen.append(feats) or cross_kv(text, feats)
         wm.dit.forward = lambda *a, **k: calls.append(k["kv"] is not None) or forward(*a, **k)
         frame = (np.random.default_rng(0).random((2, 32, 48, 3)) * 255).astype(np.uint8)
-        still = np.broadcast_to(S.still_actions(8), (2, 8, conditioning.ACTION_DIM))
+        still = np.broadcast_to(conditioning.still_actions(8), (2, 8, conditioning.ACTION_DIM))
         video = wm.rollout(frame, still, ["", ""], [0, 1], steps=2, progress=False)
         assert video.shape == (2, 9, 32, 48, 3) and len(seen) == 2 and calls == [True] * 4  # per chunk, not step
         expected = semantic.conditioning_features(wm.dino, torch.from_numpy(frame).permute(0, 3, 1, 2) / 127.5 - 1)
@@ -6055,7 +6055,7 @@ class TestSample:
                 p.fill_(float("nan"))
         frame = np.zeros((2, 32, 48, 3), np.uint8)
         with pytest.raises(S.NonFiniteRollout, match=r"chunk 1 of 2 at sampler step 1") as e:
-            wm.rollout(frame, np.broadcast_to(S.still_actions(8), (2, 8, 57)), ["", ""], [0, 1], steps=3,
+            wm.rollout(frame, np.broadcast_to(conditioning.still_actions(8), (2, 8, 57)), ["", ""], [0, 1], steps=3,
                        progress=False)
         assert e.value.samples == (0, 1)
 
@@ -6080,7 +6080,7 @@ class TestSample:
             E.as_unit(pred, "pred")
 
     def test_actions_overflowing_float32_are_refused(self):
-        a = S.still_actions(3).astype(np.float64)
+        a = conditioning.still_actions(3).astype(np.float64)
         a[0, 0] = -1e39
         with pytest.raises(ValueError, match="overflows float32"):
             S.check_actions(a)
@@ -6088,7 +6088,7 @@ class TestSample:
     def test_far_actions_warn(self, capsys):
         wm = tiny_world_model()  # statistics: mean 0, std 1
         frame = np.zeros((1, 32, 48, 3), np.uint8)
-        acts = S.still_actions(4)[None].copy()
+        acts = conditioning.still_actions(4)[None].copy()
         wm.rollout(frame, acts, [""], [0], steps=1, progress=False)
         assert "warning" not in capsys.readouterr().err
         acts[0, 1, 3] = 500.0
@@ -6332,7 +6332,7 @@ def record_rollouts(monkeypatch, ignore_actions=False):
             seen[int(s)] = {"frame": np.array(frame[b]), "actions": np.array(actions[b], np.float64),
                             "prompt": prompts[b]}
         if ignore_actions:
-            actions = np.broadcast_to(S.still_actions(actions.shape[1]), actions.shape).copy()
+            actions = np.broadcast_to(conditioning.still_actions(actions.shape[1]), actions.shape).copy()
         return rollout(self, frame, actions, prompts, seeds, *args, **kwargs)
 
     monkeypatch.setattr(S.WorldModel, "rollout", spy)
