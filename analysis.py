@@ -385,7 +385,14 @@ def probe_batch(wm, root, clips, size, seed=0):
     cfg = wm.info["train_config"]
     episodes, _ = data.load_index(root, data.split_names(cfg.get("splits", "")) or data.TRAIN_SPLITS)
     plan = clip_plan([e.frames for e in episodes], cfg["frames"], clips)  # as the figures' clips are chosen
-    batch = [data.load_clip(episodes[e], int(s), cfg["frames"], size) for e, s in plan]
+    batch = []
+    for e, s in plan:
+        try:
+            batch.append(data.load_clip(episodes[e], int(s), cfg["frames"], size))
+        except data.DataError as err:  # a broken episode (DESIGN.md section 11) costs its clip, not the run
+            tqdm.write(f"skipping {episodes[e].id} @ {s} in the probe: {err}")
+    if len(batch) < 2:
+        raise AnalysisError(f"--along needs at least 2 readable training clips in {root}, found {len(batch)}")
     video = torch.stack([b["video"] for b in batch]).float() / 127.5 - 1
     with torch.no_grad():
         x0 = wm.tokenizer.encode(video.to(wm.device, wm.dtype)).float()
