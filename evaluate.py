@@ -80,7 +80,6 @@ from tqdm import tqdm
 import conditioning
 import data
 import hub
-import model as M
 import sample
 import synthetic
 import tokenizer as tok
@@ -976,7 +975,7 @@ class EvalConfig:
     metrics: str = "auto"
     out: str = "evals"
     steps: int = 35
-    sampler: str = "unipc"  # the official action model's (UniPC, 35 steps, the training shift)
+    sampler: str = None  # None: each backbone's default (sample.DEFAULT_SAMPLER: Cosmos' official UniPC; DDIM)
     schedule: str = "shifted"
     shift: float = None  # None: the training run's
     guidance: float = 0.0
@@ -987,6 +986,7 @@ class EvalConfig:
     shuffle_actions: bool = False
     figure_clips: int = 4
     init: str = None
+    merge: bool = False  # LoRA exports: adapters folded into the base weights (the same function, faster)
     height: int = None  # None: the first checkpoint's training size
     width: int = None
     dtype: str = "fp32"
@@ -1054,7 +1054,9 @@ def evaluate_checkpoint(cfg, checkpoint, row, *, size, episodes, plan, metrics, 
                                              "sampler", "schedule", "shift", "guidance", "negative_prompt",
                                              "carry", "seed", "shuffle_actions", "height", "width", "dtype",
                                              "detector")}
-    settings.update(checkpoint=str(checkpoint), metrics=list(metrics))
+    backbone = sample.read_export_meta(str(checkpoint)).get("backbone", "cosmos")
+    settings.update(checkpoint=str(checkpoint), metrics=list(metrics),
+                    sampler=cfg.sampler or sample.DEFAULT_SAMPLER[backbone])  # the one used, default or not
     saved = d.parent / "settings.json"
     if saved.is_file() and json.loads(saved.read_text()) != settings:  # kept clips must be these clips
         raise ValueError(f"{d.parent} holds results made with other settings ({saved}): choose another --out "
@@ -1065,7 +1067,8 @@ def evaluate_checkpoint(cfg, checkpoint, row, *, size, episodes, plan, metrics, 
     if not todo:
         return
     dtype = hub.DTYPES[cfg.dtype]
-    wm = sample.WorldModel(checkpoint, device=device, dtype=dtype, base=cfg.init, compile=cfg.compile)
+    wm = sample.WorldModel(checkpoint, device=device, dtype=dtype, base=cfg.init, compile=cfg.compile,
+                           merge=cfg.merge)
     stats = tuple(np.asarray(wm.info["action_stats"][k], np.float64) for k in ("mean", "std"))
     ev = Evaluator(metrics, device=device, stats=stats, **nets)
     for b in tqdm(range(0, len(todo), cfg.batch), desc=row, disable=rank != 0):
@@ -1254,7 +1257,6 @@ def check_config(cfg):
     for flag in ("height", "width"):
         need(getattr(cfg, flag) is None or getattr(cfg, flag) > 0, f"--{flag} {getattr(cfg, flag)}: give a "
              f"positive size")
-    need(cfg.sampler in M.SOLVERS, f"unknown sampler {cfg.sampler!r}; choose one of {M.SOLVERS}")
     need(cfg.schedule in ("shifted", "karras"), f"unknown schedule {cfg.schedule!r}; choose shifted or karras")
     need(cfg.carry in sample.CARRIES, f"unknown carry {cfg.carry!r}; choose one of {tuple(sample.CARRIES)}")
     need(cfg.dtype in ("fp32", "bf16"), f"unknown dtype {cfg.dtype!r}; choose fp32 or bf16")
@@ -1268,6 +1270,13 @@ def check_config(cfg):
     tc = metas[cfg.checkpoints[0]]["train_config"]
     size = (cfg.height or tc["height"], cfg.width or tc["width"])
     for c, meta in metas.items():
+        backbone = meta.get("backbone", "cosmos")
+        need(cfg.sampler is None or cfg.sampler in sample.samplers(backbone), f"--sampler {cfg.sampler} does not "
+             f"sample the {backbone} model {c}: choose one of {sample.samplers(backbone)}, or leave it out (each "
+             f"backbone's default)")
+        need(backbone != "irasim" or size == (meta["train_config"]["height"], meta["train_config"]["width"]),
+             f"{c} is an IRASim model: it samples at its training size only, "
+             f"{meta['train_config']['height']}x{meta['train_config']['width']} (its position embedding is fixed)")
         unit = sample.frame_unit(meta)
         need(not (size[0] % unit or size[1] % unit), f"--height/--width must be multiples of {unit} for {c}, "
              f"got {size[0]}x{size[1]}")
@@ -1638,7 +1647,9 @@ def main(argv=None):
                                      f"rest named at the top of the report")
     p.add_argument("--out", help="output folder (report.json, table.md, figure.png, per clip)")
     p.add_argument("--steps", type=sample.positive_int, help="denoising steps per chunk")
-    p.add_argument("--sampler", choices=list(M.SOLVERS), help="ODE solver")
+    p.add_argument("--sampler", choices=sorted({*sample.samplers("cosmos"), *sample.samplers("irasim")}),
+                   help="the sampler of every model (default: each backbone's, sample.DEFAULT_SAMPLER: unipc for "
+                        "Cosmos, ddim for IRASim)")
     p.add_argument("--schedule", choices=["shifted", "karras"], help="sigma schedule")
     p.add_argument("--shift", type=sample.positive_float, help="schedule shift (default: the training run's)")
     p.add_argument("--guidance", type=sample.nonnegative_float, help="classifier-free text guidance (0: off)")
@@ -1652,7 +1663,9 @@ def main(argv=None):
     p.add_argument("--shuffle-actions", action="store_true",
                    help="the control: every clip gets another clip's actions (rows are named accordingly)")
     p.add_argument("--figure-clips", type=sample.nonnegative_int, help="clips shown in figure.png")
-    p.add_argument("--init", help="backbone for checkpoints holding only the DexAC modules")
+    p.add_argument("--init", help="backbone for checkpoints holding only the DexAC modules (or LoRA adapters)")
+    p.add_argument("--merge", action="store_true",
+                   help="LoRA exports: fold the adapters into the base weights before the rollouts")
     p.add_argument("--height", type=sample.positive_int,
                    help="evaluation height, one for every row (default: the first checkpoint's training height)")
     p.add_argument("--width", type=sample.positive_int, help="evaluation width (default: the first checkpoint's)")

@@ -317,6 +317,45 @@ def load_strict(module, sd, *, source="checkpoint", hint="", allow_missing=()):
     return module
 
 
+def tensors_sha256(sd):
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes, in name order: an export's checksum."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        v = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def config_from_json(cls, d):
+    """A config dataclass from its JSON form (an export's metadata): JSON lists back to the tuples they were."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def read_export(path):
+    """A model exported by train.py (one safetensors file, its metadata JSON values) -> (state dict, metadata
+    {key: parsed value}), with one clear error for a missing, damaged or foreign file, or weights whose bytes
+    changed since their checksum was written. The metadata's "backbone" says which network it is (Cosmos
+    when absent: exports older than the IRASim backbone)."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"exported model {path} not found: `python train.py` writes it as "
+                                f"RUN/model.safetensors")
+    try:
+        with safe_open(str(path), "pt") as f:
+            info = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        sd = load_file(str(path))
+    except Exception as e:  # a truncated file, a damaged header, not a safetensors file at all
+        raise ValueError(f"damaged export {path} (not a readable safetensors file: {type(e).__name__}): export "
+                         f"it again from its run (python train.py --resume RUN)") from None
+    if "model_config" not in info:
+        raise ValueError(f"{path} has no model config in its metadata: export it with train.py")
+    if "sha256" in info and tensors_sha256(sd) != info["sha256"]:  # exports older than the checksum have none
+        raise ValueError(f"damaged export {path}: its weights do not match the checksum written with them; "
+                         f"export it again from its run (python train.py --resume RUN)")
+    return sd, info
+
+
 def atomic_write(path, payload):
     """Write bytes or text so that readers see the old file or the new one, never half of one."""
     path = Path(path)

@@ -107,6 +107,10 @@ class Block(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c):
+        return self.body(x, c)
+
+    def body(self, x, c):
+        """The whole block (model.compile_blocks compiles `body`: no FSDP group lives inside an IRASim block)."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)
         x = x + gate_a[:, None] * self.attn(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift_a, scale_a))
         return x + gate_m[:, None] * self.mlp(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift_m, scale_m))
@@ -233,6 +237,13 @@ class IRASim(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def fp32_modules(self):
+        """[(name, module)] kept in fp32 under bf16 training (train.parallelize): the parts of a conditioning
+        module that make the AdaLN input (its FP32_PARTS), as in the Cosmos DiT. The backbone itself has no fp32
+        path (the official IRASim trains in fp32 throughout)."""
+        parts = tuple(f"action_cond.{n}" for n in getattr(self.action_cond, "FP32_PARTS", ()))
+        return [(n, m) for n, m in self.named_modules() if n in parts]
+
     def frame_ada(self, actions, T, drop=None):
         """Frame-Ada's per-frame embedding: actions (B, T - 1, N) -> (B, T, D), frame 0 the mask embedding;
         drop (B,) bool: those samples get the mask embedding at every frame (classifier-free dropout)."""
@@ -290,12 +301,13 @@ class IRASim(nn.Module):
         B, _, T, H, W = x.shape
         if T > c.num_frames:
             raise ValueError(f"{T} frames exceed the model's num_frames {c.num_frames}")
-        h = self.x_embedder(x.transpose(1, 2).reshape(B * T, c.in_channels, H, W)) + self.pos_embed  # (B T, L, D)
+        h = self.x_embedder(x.transpose(1, 2).reshape(B * T, c.in_channels, H, W))
+        h = h + self.pos_embed.to(h.dtype)  # (B T, L, D); the fixed tables are fp32 buffers (FSDP casts parameters)
         h, c_s, c_t, c_final = self.adaln_inputs(t, actions, h.view(B, T, -1, c.dim), drop_actions)
         for i in range(0, len(self.blocks), 2):
             h = self.spatial(self.blocks[i], h, c_s)
             if i == 0:
-                h = h + self.temp_embed[:, :T, None]  # (1, T, 1, D): before the first temporal block only
+                h = h + self.temp_embed[:, :T, None].to(h.dtype)  # (1, T, 1, D): before the first temporal block only
             h = self.temporal(self.blocks[i + 1], h, c_t)
         out = self.final_layer(h.reshape(B * T, -1, c.dim), c_final.reshape(B * T, c.dim))  # (B T, L, p p C)
         gh, gw, p = *self.grid, c.patch
@@ -333,6 +345,9 @@ def discretized_gaussian_nll(x, mean, log_scale):
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+SAMPLERS = ("ddim", "ddpm")  # GaussianDiffusion.sample's methods; the first is the default
 
 
 class GaussianDiffusion:
@@ -419,8 +434,8 @@ class GaussianDiffusion:
         """Reverse process from noise (B, C, T, ...). x_cond (B, C, m, ...): the clean first frames, put back
         after every step (as IRASim's pipeline). method: "ddpm" (ancestral, the model's variance) or "ddim"
         (eta 0: deterministic)."""
-        if method not in ("ddpm", "ddim"):
-            raise ValueError(f"unknown sampler {method!r}; choose ddpm or ddim")
+        if method not in SAMPLERS:
+            raise ValueError(f"unknown sampler {method!r}; choose one of {SAMPLERS}")
         m = 0 if x_cond is None else x_cond.shape[2]
         x = noise if x_cond is None else torch.cat([x_cond, noise[:, :, m:]], dim=2)
         steps = range(self.n_steps - 1, -1, -1)
@@ -451,6 +466,8 @@ def read_checkpoint(path, *, prefer="ema", trust_pickle=False):
     """A released or trained IRASim file -> {name: tensor}. The training script saves {"model", "ema", "opt",
     "args"} (args: the run's argparse Namespace); its evaluation loads "ema" when present, as we do by default
     (prefer="model" for the raw weights). A plain state dict is taken as it is."""
+    if str(path).endswith(".safetensors"):  # one of our exports (train.py --backbone irasim): a backbone to adapt
+        return hub.read_state_dict(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
@@ -467,14 +484,44 @@ def read_checkpoint(path, *, prefer="ema", trust_pickle=False):
     return ckpt
 
 
+FRAME_ADA = ("embed_state.", "mask_emb_fn.")  # the released action conditioning's parameters
+
+
 def load_irasim(path, config, *, prefer="ema", trust_pickle=False, device="cpu"):
     """An IRASim built from config with the weights of a released checkpoint, every key and shape checked
-    (one error lists each missing, unexpected and mis-shaped tensor)."""
+    (one error lists each missing, unexpected and mis-shaped tensor).
+
+    A config whose action conditioning is not Frame-Ada (IRASim + DexAC, or none) takes the released backbone
+    and leaves its Frame-Ada weights out, said in one line; its own conditioning module keeps its
+    initialization (zero output: the released backbone's behaviour without actions, exactly)."""
     model = IRASim(config)
     sd = read_checkpoint(path, prefer=prefer, trust_pickle=trust_pickle)
+    if config.action_mode != "frame-ada" and any(k.startswith(FRAME_ADA) for k in sd):
+        sd = {k: v for k, v in sd.items() if not k.startswith(FRAME_ADA)}
+        print(f"{path}: its Frame-Ada weights ({', '.join(FRAME_ADA)}) left out: this model conditions on actions "
+              f"with {config.action_mode!r}")
     hint = (f" (config: {config.n_blocks} blocks, dim {config.dim}, learn_sigma {config.learn_sigma}, input_size "
             f"{config.input_size}, num_frames {config.num_frames}, action_mode {config.action_mode!r})")
-    return hub.load_strict(model, sd, source=str(path), hint=hint).to(device)
+    return hub.load_strict(model, sd, source=str(path), hint=hint, allow_missing=("action_cond.",)).to(device)
+
+
+def load_exported(path, device="cpu", dtype=None, base=None):
+    """An IRASim exported by train.py (--backbone irasim) -> (IRASim in eval mode, info: the metadata dict), as
+    model.load_exported for the Cosmos DiT. An export of new modules only (--trainable new) names its released
+    backbone in info["base"]; `base` (a released checkpoint) overrides it."""
+    sd, info = hub.read_export(path)
+    if info.get("backbone") != "irasim":
+        raise ValueError(f"{path} is not an IRASim export (backbone {info.get('backbone', 'cosmos')!r}): load it "
+                         f"with sample.WorldModel")
+    c = hub.config_from_json(IRASimConfig, info["model_config"])
+    base = base or info.get("base")
+    if base:
+        model = load_irasim(base, c)
+        backbone = tuple(k for k in model.state_dict() if not k.startswith("action_cond."))
+        hub.load_strict(model, sd, source=str(path), allow_missing=backbone)
+    else:
+        model = hub.load_strict(IRASim(c), sd, source=str(path))
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False), info
 
 
 def main(argv=None):

@@ -35,8 +35,6 @@ casts its output to the activation dtype, in which the samplers step.
 
 import argparse
 import fnmatch
-import hashlib
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, replace
@@ -44,9 +42,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch.utils.checkpoint import checkpoint
-from safetensors.torch import load_file
 
 import conditioning
 import hub
@@ -730,16 +726,6 @@ def load_dit(spec, config=None, *, revision=None, token=None, device="cpu", dtyp
     return model
 
 
-def tensors_sha256(sd):
-    """SHA-256 of a state dict's names, dtypes, shapes and bytes, in name order: the export's checksum."""
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        v = sd[k].detach().cpu().contiguous()
-        h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
-        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def load_exported(path, device="cpu", dtype=None, base=None):
     """A model exported by train.py (one safetensors file: EMA weights, the config and what sampling needs in
     its metadata) -> (DiT in eval mode, info: the metadata dict). Action statistics travel in the weights.
@@ -747,22 +733,11 @@ def load_exported(path, device="cpu", dtype=None, base=None):
     An export of a run that trained only the new modules on a pretrained backbone (`--trainable new`) holds
     just those and names the backbone in info["base"]; `base` (a load_dit spec) overrides where it comes from.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"exported model {path} not found: `python train.py` writes it as "
-                                f"RUN/model.safetensors")
-    try:
-        with safe_open(str(path), "pt") as f:
-            info = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        sd = load_file(str(path))
-    except Exception as e:  # a truncated file, a damaged header, not a safetensors file at all
-        raise ValueError(f"damaged export {path} (not a readable safetensors file: {type(e).__name__}): export "
-                         f"it again from its run (python train.py --resume RUN)") from None
-    if "model_config" not in info:
-        raise ValueError(f"{path} has no model config in its metadata: export it with train.py")
-    if "sha256" in info and tensors_sha256(sd) != info["sha256"]:  # exports older than the checksum have none
-        raise ValueError(f"damaged export {path}: its weights do not match the checksum written with them; "
-                         f"export it again from its run (python train.py --resume RUN)")
-    c = DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["model_config"].items()})
+    sd, info = hub.read_export(path)
+    if info.get("backbone", "cosmos") != "cosmos":
+        raise ValueError(f"{path} is an export of the {info['backbone']} backbone, not a Cosmos DiT: load it with "
+                         f"sample.WorldModel (sample.py and evaluate.py read the backbone from the file)")
+    c = hub.config_from_json(DiTConfig, info["model_config"])
     base = base or info.get("base")
     if base:
         model = load_dit(base, c, device=device)

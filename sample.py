@@ -64,6 +64,8 @@ from tqdm import tqdm
 import conditioning as C
 import data
 import hub
+import irasim
+import lora
 import model as M
 import semantic as sem
 import tokenizer as tok
@@ -73,6 +75,13 @@ CARRIES = {  # what conditions chunk c + 1 (rollout's `carry`; evaluate.py recor
     "latent": "each chunk's last latent frame carried over as is",
 }
 
+
+DEFAULT_SAMPLER = {"cosmos": "unipc", "irasim": "ddim"}  # Cosmos' official ODE solver; DDIM for IRASim's PNDM
+
+
+def samplers(backbone):
+    """The samplers of a backbone's models: model.SOLVERS (Cosmos' ODE solvers) or irasim.SAMPLERS."""
+    return irasim.SAMPLERS if backbone == "irasim" else M.SOLVERS
 
 OUTLIER_STDS = 20  # actions farther than this from the training mean (in its stds) get a warning
 
@@ -170,9 +179,9 @@ def read_export_meta(path):
 
 
 def frame_unit(meta):
-    """Frame sizes must be multiples of this for the export: tokenizer compression x the DiT's patch (2)."""
-    t = meta["tokenizer"]
-    return 2 * (8 if t["name"] == "wan2.1" else t.get("pixel_compression", 8))
+    """Frame sizes must be multiples of this for the export: tokenizer compression x the DiT's patch."""
+    t, patch = meta["tokenizer"], meta["model_config"].get("patch", 2)  # IRASim's patch; Cosmos' is 2
+    return patch * (t.get("pixel_compression", 8) if t["name"] == "pixel" else 8)
 
 
 def to_uint8(video):
@@ -289,8 +298,15 @@ class WorldModel:
     """Everything a rollout needs, rebuilt from one exported file (train.py's export)."""
 
     def __init__(self, checkpoint, *, device="cpu", dtype=torch.float32, tokenizer_weights=None, base=None,
-                 dino=None, compile=False):
-        dit, info = M.load_exported(checkpoint, device=device, dtype=dtype, base=base)
+                 dino=None, compile=False, merge=False):
+        """merge: a LoRA run's adapters folded into the base weights (a plain network, as fast as the base);
+        without it they run beside the base layers."""
+        meta = read_export_meta(checkpoint)
+        if meta.get("lora"):  # adapters and new modules on the base it names (lora.load_exported)
+            dit, info = lora.load_exported(checkpoint, device=device, dtype=dtype, base=base, merged=merge)
+        else:
+            load = irasim.load_exported if meta.get("backbone") == "irasim" else M.load_exported
+            dit, info = load(checkpoint, device=device, dtype=dtype, base=base)
         self._build(dit, info, device=device, dtype=dtype, tokenizer_weights=tokenizer_weights, dino=dino,
                     compile=compile)
 
@@ -307,20 +323,21 @@ class WorldModel:
         """compile: torch.compile each DiT block (model.compile_blocks), after every cast and move."""
         self.dit, self.info = M.compile_blocks(dit) if compile else dit, info
         self.device, self.dtype = torch.device(device), dtype
+        self.backbone = "irasim" if isinstance(dit, irasim.IRASim) else "cosmos"
         t = self.info["tokenizer"]
-        kwargs = ({"weights": tokenizer_weights or t.get("weights") or None} if t["name"] == "wan2.1" else
+        kwargs = ({"weights": tokenizer_weights or t.get("weights") or None} if t["name"] in ("wan2.1", "sdxl") else
                   {"spatial_compression": t.get("pixel_compression", 8), "mean": t.get("pixel_mean", 0.0),
-                   "std": t.get("pixel_std", 1.0)})
+                   "std": t.get("pixel_std", 1.0), "temporal": t.get("temporal", tok.TEMPORAL)})
         self.tokenizer = tok.build_tokenizer(t["name"], **kwargs).to(device, dtype).eval()  # latents in dtype
         c, text = self.dit.config, self.info["text"]
         tc = self.info["train_config"]
-        self.text = sem.TextEmbedder(text["mode"], cache_dir=tc.get("text_cache") or None, text_dim=c.text_dim,
-                                     max_tokens=text["tokens"], dtype=dtype)
+        self.text = sem.TextEmbedder(text["mode"], cache_dir=tc.get("text_cache") or None,
+                                     text_dim=getattr(c, "text_dim", 1024), max_tokens=text["tokens"], dtype=dtype)
         self.size, self.shift = (tc["height"], tc["width"]), tc.get("shift", 5.0)
         self.dino = None
         if isinstance(dino, torch.nn.Module):  # an encoder in memory (bench.py: random weights)
             self.dino = dino.to(device, dtype)
-        elif c.semantic_dim:  # the DINOv3 branch: the encoder whose width the model was trained with
+        elif getattr(c, "semantic_dim", 0):  # the DINOv3 branch: the encoder whose width the model was trained with
             preset = next(k for k, v in sem.DINO_PRESETS.items() if v.dim == c.semantic_dim)
             self.dino = sem.load_dino(dino or tc.get("dino") or sem.DINO_REPO, preset, device=device, dtype=dtype)
 
@@ -359,6 +376,24 @@ class WorldModel:
             return out
         return v
 
+    @property
+    def chunk(self):
+        """Actions per chunk: those of one training clip (Cosmos: 4 per latent frame; IRASim: 1 per frame)."""
+        c = self.dit.config
+        return c.num_frames - c.mask_frames if self.backbone == "irasim" else c.action_steps
+
+    def irasim_denoise(self, cond, actions, noise, steps, solver):
+        """IRASim's chunk: the reverse diffusion on `steps` of its 1000 steps, the first latent frame (cond) held
+        clean, as its pipeline does. -> latents (B, C, 1 + n, h, w)."""
+        step = [0]
+
+        def eps(x, t):
+            step[0] += 1
+            out = self.dit(x, t, actions if self.dit.config.action_mode != "none" else None)
+            check_finite(out, f"at sampler step {step[0]}")
+            return out
+        return irasim.GaussianDiffusion(use_steps=steps).sample(eps, noise, x_cond=cond, method=solver)
+
     def check_actions(self, actions):
         """Raw actions (..., 57) against the model's statistics: a warning for far outliers (zscore models)."""
         norm = getattr(self.dit.action_cond, "norm", None)
@@ -368,17 +403,23 @@ class WorldModel:
         return warn_outliers(actions, mean, std)
 
     @torch.inference_mode()
-    def rollout(self, frame, actions, prompts, seeds, *, steps=35, solver="unipc", schedule="shifted", shift=None,
+    def rollout(self, frame, actions, prompts, seeds, *, steps=35, solver=None, schedule="shifted", shift=None,
                 guidance=0.0, negative_prompt=None, carry="reencode", progress=True, return_latents=False):
         """frame uint8 (B, H, W, 3); actions (B, K, 57) raw; prompts [B]; seeds [B] -> uint8 (B, 1 + K, H, W, 3)
         (and the latents (B, C, T', h, w), first frame included, with return_latents: with carry "reencode"
         each chunk's generated latents, which follow its re-encoded first frame). shift: the training run's by
         default. negative_prompt: the unconditional branch's text when guidance > 0 (default: the null
-        embedding). carry: what conditions the next chunk, one of CARRIES."""
+        embedding). carry: what conditions the next chunk, one of CARRIES. solver: one of the backbone's
+        samplers (default DEFAULT_SAMPLER's); an IRASim model takes no guidance (it has no text)."""
+        solver = solver or DEFAULT_SAMPLER[self.backbone]
         if carry not in CARRIES:
             raise ValueError(f"unknown carry {carry!r}; choose one of {tuple(CARRIES)}")
+        if solver not in samplers(self.backbone):
+            raise ValueError(f"unknown sampler {solver!r} for {self.backbone}; choose one of {samplers(self.backbone)}")
+        if guidance and self.backbone == "irasim":
+            raise ValueError("IRASim has no text conditioning, so no text guidance: drop --guidance")
         B, K = actions.shape[:2]
-        chunk = self.dit.config.action_steps  # actions per chunk; chunk / 4 latent frames follow the held one
+        chunk = self.chunk  # actions per chunk; chunk / temporal latent frames follow the held one
         n_chunks = math.ceil(K / chunk)
         pad = np.broadcast_to(C.still_actions(n_chunks * chunk - K), (B, n_chunks * chunk - K, C.ACTION_DIM))
         self.check_actions(actions)
@@ -393,7 +434,7 @@ class WorldModel:
         shift = self.shift if shift is None else shift
         sigmas = M.shifted_sigmas(steps, shift) if schedule == "shifted" else M.karras_sigmas(steps)
         latents, cond, pieces = [z], z, []  # pieces: carry "reencode", each chunk's frames (B, T, H, W, 3) uint8
-        n_new = chunk // tok.TEMPORAL  # latent frames generated per chunk
+        n_new = chunk // self.tokenizer.temporal_compression  # latent frames generated per chunk
         frame_mask = torch.zeros(B, 1 + n_new, device=self.device)
         frame_mask[:, 0] = 1
         bar = tqdm(total=n_chunks * steps, desc=f"{n_chunks} chunk(s) x {steps} steps", disable=not progress)
@@ -407,10 +448,14 @@ class WorldModel:
             x_cond = torch.cat([cond, cond.new_zeros(B, cond.shape[1], n_new, *cond.shape[3:])], 2)  # (B, C, 1+n, h, w)
             noise = torch.stack([torch.randn(x_cond.shape[1:], generator=torch.Generator().manual_seed(
                 int(s) * 1_000_003 + c)) for s in seeds]).to(self.device, self.dtype)
-            v = self.velocity_fn(text, actions[:, c * chunk:(c + 1) * chunk], frame_mask, guidance=guidance,
-                                 feats=feats, bar=bar)
+            a = actions[:, c * chunk:(c + 1) * chunk]
             try:
-                x = M.sample(v, noise, sigmas, solver=solver, x_cond=x_cond, frame_mask=frame_mask)
+                if self.backbone == "irasim":
+                    x = self.irasim_denoise(cond, a, noise, steps, solver)
+                    bar.update(steps)
+                else:
+                    v = self.velocity_fn(text, a, frame_mask, guidance=guidance, feats=feats, bar=bar)
+                    x = M.sample(v, noise, sigmas, solver=solver, x_cond=x_cond, frame_mask=frame_mask)
                 check_finite(x, "after its last sampler step")
             except NonFiniteRollout as e:
                 raise NonFiniteRollout(f"the rollout turned non-finite (NaN/inf latents) in chunk {c + 1} of "
@@ -470,6 +515,8 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, help="the pretrained backbone for a checkpoint that holds only the DexAC "
                                                 "modules (train.py --trainable new): a local file or Hub spec "
                                                 "(model.load_dit); default: the one the checkpoint names")
+    p.add_argument("--merge", action="store_true", help="a LoRA run's export: fold the adapters into the base "
+                                                        "weights before sampling (then as fast as the base)")
     p.add_argument("--dino", default=None, help="DINOv3 weights for a model with the semantic branch (default: the "
                                                 "training run's)")
     p.add_argument("--actions", help=f"(K, {C.ACTION_DIM}) raw actions .npy, or a directory of them (one batch)")
@@ -481,7 +528,9 @@ def parse_args(argv=None):
                    help="actions taken from --episode when no --actions")
     p.add_argument("--prompt", default=None, help="task description (default: the episode's, else empty)")
     p.add_argument("--steps", type=positive_int, default=35, help="denoising steps per chunk")
-    p.add_argument("--sampler", default="unipc", help=f"ODE solver, one of {M.SOLVERS} (unipc: the official one)")
+    p.add_argument("--sampler", default=None, help="a Cosmos model's ODE solver, one of " + ", ".join(M.SOLVERS) +
+                   " (default unipc, the official one); an IRASim model's sampler, one of " +
+                   ", ".join(irasim.SAMPLERS) + " (default ddim)")
     p.add_argument("--schedule", default="shifted", choices=["shifted", "karras"], help="sigma schedule")
     p.add_argument("--shift", type=positive_float, default=None,
                    help="shift of the shifted schedule (default: training's)")
@@ -512,8 +561,6 @@ def main(argv=None):
     if not args.checkpoint:
         raise SystemExit("error: --checkpoint is required (an exported model; to time random weights: "
                          "python bench.py sample)")
-    if args.sampler not in M.SOLVERS:
-        raise SystemExit(f"error: unknown sampler {args.sampler!r}; choose one of {M.SOLVERS}")
     if (args.image is None) == (args.episode is None):
         raise SystemExit("error: give the first frame with exactly one of --image or --episode")
     if args.image and not args.actions:
@@ -523,9 +570,15 @@ def main(argv=None):
         meta = read_export_meta(args.checkpoint)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    tc = meta["train_config"]
+    tc, backbone = meta["train_config"], meta.get("backbone", "cosmos")
+    if args.sampler is not None and args.sampler not in samplers(backbone):
+        raise SystemExit(f"error: unknown sampler {args.sampler!r} for this {backbone} model; choose one of "
+                         f"{samplers(backbone)}")
     size = (args.height or tc["height"], args.width or tc["width"])
     unit = frame_unit(meta)  # tokenizer x DiT patch
+    if backbone == "irasim" and size != (tc["height"], tc["width"]):
+        raise SystemExit(f"error: an IRASim model samples at its training size {tc['height']}x{tc['width']} only "
+                         f"(its position embedding is fixed): drop --height/--width")
     if size[0] % unit or size[1] % unit:
         raise SystemExit(f"error: --height/--width must be multiples of {unit} for this model, got "
                          f"{size[0]}x{size[1]}")
@@ -555,7 +608,8 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
 
     wm = WorldModel(args.checkpoint, device=device, dtype=hub.DTYPES[args.dtype],
-                    tokenizer_weights=args.tokenizer_weights, base=args.init, dino=args.dino, compile=args.compile)
+                    tokenizer_weights=args.tokenizer_weights, base=args.init, dino=args.dino, compile=args.compile,
+                    merge=args.merge)
     names = [f"{name}_s{i}" if args.num_samples > 1 else name for name, _ in runs for i in range(args.num_samples)]
     K = max(len(a) for _, a in runs)
     actions = np.stack([np.concatenate([a, C.still_actions(K - len(a))]) for _, a in runs

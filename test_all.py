@@ -85,6 +85,7 @@ import data
 import evaluate as E
 import hub
 import irasim
+import lora
 import miniature
 import model as M
 import sample as S
@@ -373,7 +374,8 @@ def exported(train_synth, tmp_path_factory):
 # The repository's structure
 
 MODULE_LEVELS = {"hub": 0, "conditioning": 1, "semantic": 1, "tokenizer": 1, "data": 2, "synthetic": 3, "model": 4,
-                 "irasim": 4, "train": 5, "sample": 5, "evaluate": 6, "miniature": 7, "analysis": 7, "bench": 7}
+                 "irasim": 4, "lora": 5, "train": 6, "sample": 6, "evaluate": 7, "miniature": 8, "analysis": 8,
+                 "bench": 8}
 # ^ a module may import only modules of a lower level, so the README can be read top to bottom
 
 
@@ -2897,7 +2899,9 @@ class TestTokenizer:
             vae.encode(rand_video(1, 2, 20, 24))
         with pytest.raises(ValueError, match=r"expected latents \(B, 4"):
             vae.decode(torch.zeros(1, 16, 2, 3, 3))
-        assert "sdxl" not in tk.TOKENIZERS  # not a DiT tokenizer: the DiT pipeline assumes 4x temporal compression
+        # IRASim's tokenizer (train.py refuses it with the Cosmos backbone, whose DiT takes 4x temporal compression)
+        sdxl = tk.build_tokenizer("sdxl", config=SDXL_TINY)
+        assert isinstance(sdxl, tk.SDXLVAE) and sdxl.temporal_compression == 1
 
 
 # =====================================================================================================================
@@ -4884,6 +4888,486 @@ class TestIRASim:
             backbone(x, t, a)
 
 
+IRASIM_ARGS = ["--backbone", "irasim", "--model", "tiny", "--dim", "32", "--ckpt-every", "2", "--preview-every", "0"]
+
+
+class TestIRASimPath:
+    """The IRASim backbone through the one training, sampling and evaluation path (--backbone irasim): the
+    paper's IRASim and IRASim + DexAC rows. Cheap sizes: 2 blocks of width 32, 5 frames at 32x64 (4x8 latents).
+
+        python -m pytest -q test_all.py -k TestIRASimPath
+    """
+
+    def test_frame_ada_run_resumes_exactly_then_samples_and_evaluates(self, train_synth, tmp_path):
+        """--action-mode frame-ada (the released IRASim): 2 + 2 steps with a stop between give the uninterrupted
+        4 steps' weights exactly (the diffusion step, the noise and Frame-Ada's dropout all replay); the export
+        names its backbone and rolls out two chunks through sample.py; evaluate.py scores it."""
+        args = [*IRASIM_ARGS, "--action-mode", "frame-ada", "--data", train_synth, "--steps", 4, "--batch-size", 2,
+                "--micro-batch", 2]
+        whole = run_train([*args, "--out", tmp_path / "whole"])
+        part = run_train([*args, "--out", tmp_path / "part", "--exit-after", 2])
+        assert not (part / "model.safetensors").exists()
+        run_train([*args, "--out", tmp_path / "part", "--resume", part])
+        assert whole.name.startswith("000-irasim-tiny-frame-ada")
+        a, b = (load_file(str(r / "model.safetensors")) for r in (whole, part))
+        assert a.keys() == b.keys() and "embed_state.fc1.weight" in a
+        assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+        meta = S.read_export_meta(str(whole / "model.safetensors"))
+        assert meta["backbone"] == "irasim" and meta["tokenizer"]["temporal"] == 1
+        with pytest.raises(ValueError, match="export of the irasim backbone"):
+            M.load_exported(str(whole / "model.safetensors"))
+        ep = sorted((train_synth / "test").rglob("*.hdf5"))[0]
+        out = tmp_path / "samples"
+        assert S.main(["--checkpoint", str(whole / "model.safetensors"), "--episode", str(ep), "--num-actions",
+                            "8", "--steps", "3", "--out", str(out)]) == 0  # 8 actions: two chunks of 4
+        assert sorted(p.name for p in out.iterdir()) == [f"{ep.parent.name}_{ep.stem}{s}" for s in
+                                                         (".mp4", ".png", "_vs_gt.mp4")]
+        for bad, message in ((["--sampler", "unipc"], "choose one of \\('ddim', 'ddpm'\\)"),
+                             (["--height", "64"], "training size")):
+            with pytest.raises(SystemExit, match=message):
+                S.main(["--checkpoint", str(whole / "model.safetensors"), "--episode", str(ep), *bad])
+        # the export (bf16) as the pretrained IRASim of a LoRA run: fp32 master weights, adapters on IRASim's layers
+        lora_run = run_train([*IRASIM_ARGS, "--data", train_synth, "--steps", 1, "--batch-size", 2, "--micro-batch", 2,
+                              "--init", whole / "model.safetensors", "--trainable", "lora+new", "--lora-rank", 2,
+                              "--out", tmp_path / "lora"])
+        adapted = S.read_export_meta(str(lora_run / "model.safetensors"))["lora"]["target_modules"]
+        assert "blocks.0.attn.qkv" in adapted and "blocks.1.mlp.fc2" in adapted and len(adapted) == 8
+        E.main(["--checkpoint", str(whole / "model.safetensors"), "--data", str(train_synth), "--horizon", "9",
+                "--clips", "1", "--steps", "2", "--metrics", "psnr", "--out", str(tmp_path / "eval")])
+        report = json.loads((tmp_path / "eval" / "report.json").read_text())
+        assert math.isfinite(report["rows"][whole.name]["psnr"]), report["rows"]
+        assert json.loads((tmp_path / "eval" / whole.name / "settings.json").read_text())["sampler"] == "ddim"
+
+    def test_dexac_on_irasim_learns_every_new_parameter_and_reads_every_action(self, train_synth, tmp_path,
+                                                                               one_rank):
+        """IRASim + DexAC through train.py's step (FSDP, the diffusion loss, AdamW): the new modules start as
+        the identity (zero output); from IRASim's own adaLN-Zero init (output layer, then modulations, then the
+        new modules get gradients) every one of their parameters moves within 6 steps (no weight decay, so only
+        a gradient moves one), but the emb_3d head IRASim's blocks have no input for (documented in
+        irasim.IRASim) and the key bias of the global attention pooling, whose gradient is zero in exact
+        arithmetic (one query: the bias shifts every logit alike); then no action dimension of any predicted
+        frame is ignored."""
+        cfg, _ = train.parse_args([*TRAIN_ARGS, *IRASIM_ARGS, "--data", str(train_synth), "--batch-size", "2",
+                                   "--micro-batch", "2", "--lr", "1e-2", "--warmup", "0", "--weight-decay", "0",
+                                   "--out", str(tmp_path)])
+        t = train.build(cfg, torch.device("cpu"))
+        assert isinstance(t.model.action_cond, conditioning.DexAC) and t.diffusion is not None
+        before = {n: train.local(p).detach().clone() for n, p in t.model.named_parameters()
+                  if n.startswith("action_cond.")}
+        g = torch.Generator().manual_seed(0)
+        x0 = torch.randn(t.latent, generator=g)
+        actions = torch.randn(2, cfg.frames - 1, conditioning.ACTION_DIM, generator=g)
+        inputs = (x0, t.context[0]([""] * 2), actions, None)
+        with torch.no_grad():  # identity at init: the actions change nothing
+            steps = torch.tensor([10, 900])
+            assert torch.equal(t.model(x0, steps, actions), t.model(x0, steps, actions.flip(0)))
+        for step in range(6):
+            assert train.train_step(t, step, lambda: inputs).ok
+        moved = {n for n, p in t.model.named_parameters() if n in before
+                 and not torch.equal(train.local(p).detach(), before[n])}
+        assert len(before) > 20 and set(before) - moved <= {"action_cond.glob.to_3d.weight",
+                                                            "action_cond.glob.to_3d.bias",
+                                                            "action_cond.glob.attn.k.bias"}, sorted(set(before) - moved)
+        a = actions.clone().requires_grad_(True)
+        out = t.model(x0, torch.tensor([300, 700]), a)
+        (out * torch.randn(out.shape, generator=g)).sum().backward()
+        sensitivity = a.grad.abs().sum(0)  # (frames - 1, 57)
+        assert (sensitivity > 0).all(), f"ignored (frame, dimension): {torch.nonzero(sensitivity == 0).tolist()}"
+
+    def test_bf16_mixed_precision_step_is_finite(self, train_synth, tmp_path, one_rank, monkeypatch):
+        """FSDP's bf16 compute with fp32 master weights (what a GPU run gets), forced on the CPU: the timestep
+        sinusoid, Frame-Ada and DexAC's fp32 parts meet bf16 weights without a dtype error, and the step is
+        finite."""
+        cfg, _ = train.parse_args([*TRAIN_ARGS, *IRASIM_ARGS, "--data", str(train_synth), "--batch-size", "2",
+                                   "--micro-batch", "2", "--out", str(tmp_path)])
+        parallelize = train.parallelize
+        monkeypatch.setattr(train, "parallelize", lambda *a, **k: parallelize(*a, **{**k, "bf16": True}))
+        for mode in ("frame-ada", "dexac"):
+            c = replace(cfg, action_mode=mode)
+            t = train.build(c, torch.device("cpu"))
+            assert t.dtype == torch.bfloat16
+            g = torch.Generator().manual_seed(1)
+            inputs = (torch.randn(t.latent, generator=g), t.context[0]([""] * 2),
+                      torch.randn(2, c.frames - 1, conditioning.ACTION_DIM, generator=g), None)
+            r = train.train_step(t, 0, lambda: inputs)
+            assert r.ok and math.isfinite(r.loss) and r.norm > 0, (mode, r.loss, r.norm)
+
+    @pytest.mark.parametrize("flags,message", [
+        (["--action-mode", "frame-ada"], "belongs to IRASim"),
+        (["--tokenizer", "sdxl"], "belongs to IRASim"),
+        (["--backbone", "irasim", "--model", "cosmos2b"], "the IRASim sizes are"),
+        (["--backbone", "irasim", "--model", "tiny", "--semantic"], "no cross-attention"),
+        (["--backbone", "irasim", "--model", "tiny", "--tokenizer", "wan2.1"], "per-frame latents"),
+        (["--backbone", "irasim", "--model", "tiny", "--ac", "mlp"], "--ac full or none"),
+        (["--backbone", "irasim", "--model", "tiny", "--init", "base/pre-trained"], "starts from a checkpoint file"),
+        (["--model", "XL"], "is an IRASim size"),
+    ])
+    def test_backbone_mismatches_are_one_error(self, train_synth, tmp_path, flags, message):
+        assert message in main_error(["--data", train_synth, *flags], tmp_path)
+
+
+class TestLoRA:
+    """lora.py: adapters start as the identity and keep the base's parameter names; a saved adapter loads, changes
+    the output and merges into the same function; peft reads our files; only adapters and new modules train."""
+
+    def dit(self, seed=0, **kw):
+        """A random tiny DexAC DiT (2 blocks) and a function of it -> its output on fixed inputs."""
+        cfg = M.config_from_preset("tiny", action_mode="dexac", action_steps=8, actions_per_frame=4, n_blocks=2, **kw)
+        model = randomize(M.DiT(cfg), seed, std=0.05).eval()
+        model.action_cond.set_stats(torch.zeros(cfg.action_dim), torch.ones(cfg.action_dim))
+        g = torch.Generator().manual_seed(100)
+        B, T, H, W = 2, 3, 4, 4  # 8 actions: 4 per latent frame after the conditional one
+        x, text = torch.randn(B, 16, T, H, W, generator=g), torch.randn(B, 5, cfg.text_dim, generator=g)
+        sigma, actions = torch.rand(B, generator=g), torch.randn(B, 8, cfg.action_dim, generator=g)
+        frame_mask = torch.tensor([[1.0, 0, 0]]).expand(B, T)
+        return model, lambda net: net(x, sigma, text, frame_mask, actions=actions)
+
+    def ira(self, seed=0):
+        """A random tiny DexAC IRASim and a function of it -> its output on fixed inputs."""
+        cfg = irasim.config_from_preset("tiny", dim=32, n_blocks=4, n_heads=4, input_size=(4, 6), num_frames=4,
+                                        action_mode="dexac")
+        model = randomize(irasim.IRASim(cfg), seed, std=0.05).eval()
+        model.action_cond.set_stats(torch.zeros(7), torch.ones(7))
+        g = torch.Generator().manual_seed(100)
+        x, t, a = torch.randn(2, 4, 4, 4, 6, generator=g), torch.tensor([3, 700]), torch.randn(2, 3, 7, generator=g)
+        return model, lambda net: net(x, t, a)
+
+    @staticmethod
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    @staticmethod
+    def train_adapters(model, seed=1, std=0.1):
+        """Non-zero B (and new A) in every adapter, as after training."""
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, m in lora.lora_modules(model):
+                m.lora_A.weight.copy_(torch.randn(m.lora_A.weight.shape, generator=g) * std)
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
+
+    def test_target_groups_hit_block_linears_only(self):
+        """attn: Cosmos' q, k, v, o of both attentions, IRASim's qkv and proj; mlp: fc1, fc2 of each block. Never
+        a linear named like the blocks' outside them (DexAC's action_cond.local.attn.q, Frame-Ada's
+        embed_state.fc1), the semantic projector, AdaLN modulations, embedders or final layers."""
+        dit, _ = self.dit(semantic_dim=32)
+        ira, _ = self.ira()
+        frame_ada = irasim.IRASim(irasim.config_from_preset("tiny", n_blocks=2))
+        attns = ("cross_attn", "self_attn")
+        cosmos = {"attn": [f"blocks.{i}.{a}.{p}" for i in range(2) for a in attns for p in "koqv"],
+                  "mlp": [f"blocks.{i}.fc{j}" for i in range(2) for j in (1, 2)]}
+        ira_want = lambda n: {"attn": [f"blocks.{i}.attn.{p}" for i in range(n) for p in ("proj", "qkv")],
+                              "mlp": [f"blocks.{i}.mlp.fc{j}" for i in range(n) for j in (1, 2)]}
+        for model, want in ((dit, cosmos), (ira, ira_want(4)), (frame_ada, ira_want(2))):
+            assert lora.target_names(model, "attn") == want["attn"]
+            assert lora.target_names(model, "mlp") == want["mlp"]
+            assert lora.target_names(model) == sorted(want["attn"] + want["mlp"])
+            assert lora.target_names(model, ["mlp", "attn"]) == lora.target_names(model, "attn, mlp")
+        assert "action_cond.local.attn.q" in dict(dit.named_modules()) and dit.semantic is not None
+        assert "embed_state.fc1" in dict(frame_ada.named_modules())
+
+    def test_injection_is_the_identity_at_step_0(self):
+        """Both backbones: the injected model's output equals the base's exactly (B = 0), the base parameters are
+        the same Parameter objects under the same keys, A is non-zero (B's first gradient must not vanish), and the
+        adapters' dtype follows the base weight's."""
+        for build in (self.dit, self.ira):
+            model, run = build()
+            with torch.no_grad():
+                before = run(model)
+            params = dict(model.named_parameters())
+            names = lora.inject(model, rank=4, alpha=8)
+            sd = model.state_dict()
+            assert all(p is params[n] for n, p in model.named_parameters() if not lora.is_lora(n))
+            assert sorted(k for k in sd if lora.is_lora(k)) == sorted(f"{n}.{ab}.weight" for n in names
+                                                                     for ab in lora.LORA_KEYS)
+            for n in names:
+                m = model.get_submodule(n)
+                assert isinstance(m, lora.LoRALinear) and m.scaling == 2.0
+                assert m.lora_A.weight.shape == (4, m.in_features) and m.lora_B.weight.shape == (m.out_features, 4)
+                assert m.lora_A.weight.abs().min() > 0 and not m.lora_B.weight.any()
+            with torch.no_grad():
+                assert torch.equal(run(model), before)
+            bf16 = copy.deepcopy(model).to(torch.bfloat16)
+            assert bf16.get_submodule(names[0]).lora_A.weight.dtype == torch.bfloat16
+        base = nn.Linear(8, 6)  # dropout acts on the adapter's input only: in training, the base path is intact
+        x, adapted = torch.randn(5, 8), lora.LoRALinear(base, rank=2, alpha=2, dropout=0.5).train()
+        assert adapted.weight is base.weight and adapted.bias is base.bias
+        assert torch.equal(adapted(x), base(x))
+
+    def test_injected_keys_are_the_base_keys_plus_the_adapters(self):
+        """A base checkpoint loads strictly into the injected model's base keys: the keys outside the adapters
+        are the un-injected model's, in order."""
+        model, _ = self.dit()
+        base_keys = list(model.state_dict())
+        lora.inject(model, rank=2)
+        assert [k for k in model.state_dict() if not lora.is_lora(k)] == base_keys
+
+    def test_a_loaded_adapter_changes_the_output_and_merges_exactly(self, tmp_path):
+        """The failure users report (adapters that load and change nothing): an adapter saved from one model and
+        loaded into a fresh injected one gives that model's output, far from the base's; merge() gives the same
+        function to 1e-5 with plain nn.Linear modules and exactly the base model's state dict keys."""
+        for build in (self.dit, self.ira):
+            trained, run = build()
+            base = copy.deepcopy(trained)
+            names = lora.inject(trained, rank=4, alpha=8)
+            self.train_adapters(trained)
+            lora.save_adapters(tmp_path / "a", trained, lora.adapter_config(4, 8, names, base="tiny"))
+
+            model = copy.deepcopy(base)
+            lora.inject(model, rank=4, alpha=8)
+            sd, config = lora.read_adapters(tmp_path / "a")
+            assert config["r"] == 4 and config["target_modules"] == names
+            lora.load_adapter_state_dict(model, sd)
+            with torch.no_grad():
+                want, out, ref = run(trained), run(model), run(base)
+                assert torch.equal(out, want)
+                assert self.rel(out, ref) > 0.05, self.rel(out, ref)
+                assert lora.merge(model) == names
+                assert not lora.lora_modules(model) and type(model.get_submodule(names[0])) is nn.Linear
+                assert list(model.state_dict()) == list(base.state_dict())
+                assert self.rel(run(model), out) < 1e-5
+
+    def test_peft_loads_our_folder_and_gives_our_output(self, tmp_path):
+        """The user's path: peft.PeftModel.from_pretrained(backbone, folder) on save_adapters' folder gives our
+        output (1e-5); peft's get_peft_model_state_dict has exactly our keys and values; and the reverse: a folder
+        peft's save_pretrained writes is read back by read_adapters and loads into our injected model."""
+        import peft
+        for build in (self.dit, self.ira):
+            model, run = build()
+            base = copy.deepcopy(model)
+            names = lora.inject(model, rank=4, alpha=16)
+            self.train_adapters(model, seed=2)
+            lora.save_adapters(tmp_path / "ours", model, lora.adapter_config(4, 16, names))
+            config = peft.LoraConfig.from_pretrained(str(tmp_path / "ours"))
+            assert (config.r, config.lora_alpha, sorted(config.target_modules)) == (4, 16, names)
+            theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+            with torch.no_grad():
+                ours, ref = run(model), run(base)
+                assert self.rel(run(theirs), ours) < 1e-5 and self.rel(ours, ref) > 0.05
+            peft_sd = peft.get_peft_model_state_dict(theirs)
+            sd = lora.adapter_state_dict(model)
+            assert sorted(peft_sd) == sorted(sd) and all(torch.equal(peft_sd[k], sd[k]) for k in sd)
+
+            theirs.save_pretrained(str(tmp_path / "peft"))
+            back = copy.deepcopy(base)
+            lora.inject(back, rank=4, alpha=16)
+            lora.load_adapter_state_dict(back, lora.read_adapters(tmp_path / "peft")[0])
+            with torch.no_grad():
+                assert torch.equal(run(back), ours)
+
+    def test_only_adapters_and_new_modules_receive_gradients(self):
+        """After mark_trainable and a backward pass: no gradient (None) on any backbone parameter; a gradient on
+        every adapter A and B (A's is zero at init, since B = 0, but it exists) and every DexAC parameter."""
+        model, run = self.dit()
+        lora.inject(model, rank=4)
+        trainable = lora.mark_trainable(model)
+        run(model).square().mean().backward()
+        params = dict(model.named_parameters())
+        adapters = [n for n in params if lora.is_lora(n)]
+        new = [n for n in params if n.startswith("action_cond.")]
+        assert adapters and new and sorted(trainable) == sorted(adapters + new)
+        assert all(params[n].grad is not None for n in adapters + new), [n for n in adapters + new
+                                                                          if params[n].grad is None]
+        frozen = [n for n in params if n not in trainable]
+        assert frozen and all(params[n].grad is None and not params[n].requires_grad for n in frozen)
+        assert all(params[n].grad.abs().max() > 0 for n in adapters if ".lora_B." in n)
+        assert all(not params[n].grad.any() for n in adapters if ".lora_A." in n)  # B = 0: dL/dA = 0, not None
+
+    def test_compiled_and_checkpointed_blocks_equal_eager(self):
+        """An injected DiT with trained adapters, its blocks wrapped for activation checkpointing and their bodies
+        compiled with fullgraph=True (train.parallelize's order): the same output and gradients as eager, and the
+        same state dict keys."""
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+        eager, run = self.dit()
+        lora.inject(eager, rank=4)
+        self.train_adapters(eager)
+        lora.mark_trainable(eager)
+        fast = copy.deepcopy(eager)
+        for i, block in enumerate(fast.blocks):
+            fast.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+        torch._dynamo.reset()
+        M.compile_blocks(fast, backend="eager")  # dynamo capture, fullgraph: a graph break raises
+        outs = []
+        for net in (eager, fast):
+            out = run(net)
+            out.square().mean().backward()
+            outs.append(out.detach())
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # compiled, not run eagerly
+        assert self.rel(outs[1], outs[0]) < 1e-5
+        assert list(fast.state_dict()) == list(eager.state_dict())
+        for (name, p), q in zip(eager.named_parameters(), fast.parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            if p.grad is not None and p.grad.any():
+                assert self.rel(q.grad, p.grad) < 1e-4, name
+
+    def test_meta_build_then_to_empty_and_load(self):
+        """Built and injected on the meta device (no memory), materialized with to_empty, the base weights loaded
+        and the adapters reset: the output equals the base model's exactly."""
+        base, run = self.dit()
+        with torch.device("meta"):
+            model = M.DiT(base.config)
+        names = lora.inject(model, rank=4)
+        assert model.get_submodule(names[0]).lora_B.weight.is_meta
+        model.to_empty(device="cpu")
+        model.load_state_dict(base.state_dict(), strict=False, assign=True)
+        assert lora.reset_adapters(model) == len(names)
+        with torch.no_grad():
+            assert torch.equal(run(model.eval()), run(base))
+
+    def test_fully_shard_after_injection(self):
+        """FSDP2 fully_shard per block then the root, on one gloo rank, frozen base and trainable adapters in the
+        same groups: the same output as unsharded, gradients on the adapters only."""
+        from torch.distributed.fsdp import fully_shard
+        model, run = self.dit()
+        lora.inject(model, rank=4)
+        self.train_adapters(model)
+        lora.mark_trainable(model, extra_prefixes=())
+        with torch.no_grad():
+            want = run(model)
+        assert not dist.is_initialized(), "a test left a process group behind"
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
+            out = run(model)
+            assert self.rel(out.detach(), want) < 1e-6
+            out.square().mean().backward()
+            for name, p in model.named_parameters():
+                assert (p.grad is not None) == lora.is_lora(name), name
+        finally:
+            dist.destroy_process_group()
+
+    def test_bad_input_is_one_clear_error(self, tmp_path):
+        """Unknown group, no match, rank 0, double injection, loading into an un-injected model, a state dict with
+        a wrong key or shape, a config that does not describe the model, a missing or invalid folder."""
+        model, _ = self.dit()
+        with pytest.raises(ValueError, match=r"target group\(s\) \['ffn'\]: choose from \['attn', 'mlp'\]"):
+            lora.inject(model, targets="attn,ffn")
+        with pytest.raises(ValueError, match="no layer of this Sequential matches the LoRA targets"):
+            lora.inject(nn.Sequential(nn.Linear(4, 4)))
+        with pytest.raises(ValueError, match="rank must be an integer >= 1, got 0"):
+            lora.inject(model, rank=0)
+        with pytest.raises(ValueError, match="has no LoRA adapters to load"):
+            lora.load_adapter_state_dict(model, {})
+        names = lora.inject(model, rank=4)
+        with pytest.raises(ValueError, match="already has LoRA adapters"):
+            lora.inject(model, rank=4)
+        sd = lora.adapter_state_dict(model)
+        key = "base_model.model.blocks.0.self_attn.q.lora_A.weight"
+        renamed = {k.replace("blocks.0.", "blocks.9.") if k == key else k: v for k, v in sd.items()}
+        with pytest.raises(ValueError, match=rf"missing \(1\): {key}\n  unexpected \(1\): .*blocks\.9\."):
+            lora.load_adapter_state_dict(model, renamed)
+        with pytest.raises(ValueError, match=rf"wrong shape \(1\): {key}: checkpoint \(8, 256\) vs model \(4, 256\)"):
+            lora.load_adapter_state_dict(model, {**sd, key: torch.zeros(8, 256)})
+        with pytest.raises(ValueError, match="does not describe this model's 20 adapters"):
+            lora.save_adapters(tmp_path / "x", model, lora.adapter_config(8, 8, names))
+        with pytest.raises(FileNotFoundError, match="no LoRA adapter folder at .*nowhere"):
+            lora.read_adapters(tmp_path / "nowhere")
+        lora.save_adapters(tmp_path / "a", model, lora.adapter_config(4, 4, names))
+        (tmp_path / "a" / "adapter_model.safetensors").unlink()
+        with pytest.raises(FileNotFoundError, match="not a LoRA adapter folder: it lacks adapter_model"):
+            lora.read_adapters(tmp_path / "a")
+        lora.save_adapters(tmp_path / "a", model, lora.adapter_config(4, 4, names))
+        (tmp_path / "a" / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+        with pytest.raises(ValueError, match="is not a LoRA adapter config"):
+            lora.read_adapters(tmp_path / "a")
+
+
+LORA_ARGS = ["--trainable", "lora+new", "--lora-rank", "4", "--lora-alpha", "8", "--batch-size", "2",
+             "--micro-batch", "2", "--lr", "1e-2", "--export-dtype", "fp32", "--preview-every", "0"]
+
+
+def lora_base(path):
+    """A random backbone (every weight non-zero) in our export layout for TRAIN_ARGS' shapes -> the DiT; written
+    to path (a .safetensors whose metadata names its latent channels, as train.py's exports do)."""
+    cfg, _ = train.parse_args([*TRAIN_ARGS, "--action-mode", "none"])
+    c = train.model_config(cfg, tk.build_tokenizer("pixel", spatial_compression=8).latent_channels)
+    base = randomize(M.DiT(c), seed=3, std=0.05)
+    save_file(base.state_dict(), str(path), metadata={"model_config": json.dumps(asdict(c))})
+    return base.eval()
+
+
+def lora_inputs(net, seed=0):
+    """Inputs for a TRAIN_ARGS-shaped DiT: (x, sigma, text, frame mask, actions)."""
+    c, g = net.config, torch.Generator().manual_seed(seed)
+    x = torch.randn(2, c.in_channels, 2, 4, 8, generator=g)
+    mask = torch.zeros(2, 2)
+    mask[:, 0] = 1
+    return (x, torch.rand(2, 2, generator=g), torch.randn(2, 3, c.text_dim, generator=g), mask,
+            torch.randn(2, c.action_steps, c.action_dim, generator=g))
+
+
+class TestLoRATraining:
+    """--trainable lora+new through train.py, sample.py, evaluate.py and peft: the model is the base at step 0, only
+    adapters and new modules get gradients, a resumed run follows the uninterrupted one exactly, and the export (the
+    adapters and new modules in PEFT's keys, naming its base) loads unmerged, merged, merged into a full export, and
+    into peft, with one output.
+
+        python -m pytest -q test_all.py -k TestLoRATraining
+    """
+
+    def test_step_0_is_the_base_and_only_adapters_and_new_modules_get_gradients(self, train_synth, tmp_path,
+                                                                              one_rank):
+        base = lora_base(tmp_path / "base.safetensors")
+        cfg, _ = train.parse_args([*TRAIN_ARGS, *LORA_ARGS, "--data", str(train_synth), "--init",
+                                   str(tmp_path / "base.safetensors"), "--out", str(tmp_path)])
+        t = train.build(cfg, torch.device("cpu"))
+        x, sigma, text, mask, actions = lora_inputs(base)
+        with torch.no_grad():
+            assert torch.equal(t.model(x, sigma, text, mask, actions=actions), base(x, sigma, text, mask))
+        names = [n for n, _ in t.model.named_parameters()]
+        adapters = [n for n in names if lora.is_lora(n)]
+        assert len(adapters) == 2 * 2 * 10  # 2 blocks x (8 attention projections + 2 MLP linears) x (A, B)
+        train.micro_step(t, (x, text, actions, None), 0, 0)
+        got = {n for n, p in t.model.named_parameters() if p.grad is not None}
+        assert got == {n for n in names if lora.is_lora(n) or n.startswith("action_cond.")}, \
+            sorted(got ^ {n for n in names if lora.is_lora(n) or n.startswith("action_cond.")})[:5]
+
+    def test_resumed_run_follows_and_its_export_loads_merged_unmerged_and_in_peft(self, train_synth, tmp_path):
+        from peft import PeftModel
+        base = lora_base(tmp_path / "base.safetensors")
+        args = [*LORA_ARGS, "--data", train_synth, "--init", tmp_path / "base.safetensors", "--steps", 4,
+                "--ckpt-every", 2]
+        whole = run_train([*args, "--out", tmp_path / "whole"])
+        part = run_train([*args, "--out", tmp_path / "part", "--exit-after", 2])
+        run_train([*args, "--out", tmp_path / "part", "--resume", part])
+        path = whole / "model.safetensors"
+        a, b = load_file(str(path)), load_file(str(part / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert all(k.startswith(lora.PREFIX) for k in a) and f"{lora.PREFIX}blocks.0.fc1.weight" not in a
+        assert max(a[k].abs().max() for k in a if ".lora_B." in k) > 0  # the adapters learned
+        meta = S.read_export_meta(str(path))
+        assert meta["base"] == str(tmp_path / "base.safetensors") and meta["lora"]["r"] == 4
+        assert meta["lora"]["modules_to_save"] == ["action_cond"] and len(meta["lora"]["target_modules"]) == 20
+        x, sigma, text, mask, actions = lora_inputs(base, seed=1)
+        out = lambda net: net(x, sigma, text, mask, actions=actions)
+        unmerged, _ = lora.load_exported(str(path))
+        merged, _ = lora.load_exported(str(path), merged=True)
+        assert lora.main(["merge", "--checkpoint", str(path), "--out", str(tmp_path / "merged.safetensors")]) == 0
+        full, info = M.load_exported(str(tmp_path / "merged.safetensors"))
+        assert not lora.lora_modules(full) and "lora" not in info and not info["base"]
+        with torch.no_grad():
+            want, base_out = out(unmerged), base(x, sigma, text, mask)
+            assert (want - base_out).abs().max() > 1e-3 * base_out.abs().max()  # the adapter changes the output
+            for other in (merged, full):
+                assert (out(other) - want).abs().max() <= 1e-5 * want.abs().max()
+        # peft: the PEFT folder beside the export, on a copy of the backbone with (untrained) DexAC modules
+        copy = M.DiT(unmerged.config)
+        hub.load_strict(copy, {k: v.clone() for k, v in base.state_dict().items()}, allow_missing=("action_cond.",))
+        copy.action_cond.init_weights()
+        peft_model = PeftModel.from_pretrained(copy, str(whole / "model_peft")).eval()
+        with torch.no_grad():
+            assert (out(peft_model) - want).abs().max() <= 1e-5 * want.abs().max()
+        assert "give it with --init" in main_error(["--data", train_synth, "--trainable", "lora+new"], tmp_path / "e")
+        assert "--lora-rank 0 must be >= 1" in main_error(["--data", train_synth, *args[:-4], "--lora-rank", 0],
+                                                          tmp_path / "e")
+        for bad, message in ((["--checkpoint", str(path), "--out", str(path)], "give a new .safetensors"),
+                             (["--checkpoint", str(tmp_path / "merged.safetensors"), "--out",
+                               str(tmp_path / "m2.safetensors")], "not a LoRA export")):
+            with pytest.raises(ValueError, match=message):
+                lora.main(["merge", *bad])
+
+
 # =====================================================================================================================
 # train.py: one process and torchrun, exact resume, SIGTERM, export, bad input
 
@@ -5139,8 +5623,8 @@ class TestTrain:
         assert P.lr == 2 ** -14.5 < 32e-5
         # sampling as the official action model: UniPC, 35 steps, shift 5 (previews, evaluation, sample.py)
         assert (P.preview_steps, P.shift) == (35, 5.0)
-        assert (E.EvalConfig().sampler, E.EvalConfig().steps) == ("unipc", 35)
-        assert S.parse_args(["--checkpoint", "m"]).sampler == "unipc"
+        assert (E.EvalConfig().sampler or S.DEFAULT_SAMPLER["cosmos"], E.EvalConfig().steps) == ("unipc", 35)
+        assert (S.parse_args(["--checkpoint", "m"]).sampler or S.DEFAULT_SAMPLER["cosmos"]) == "unipc"
 
     def test_linear_schedule_by_hand(self):
         cfg = train.TrainConfig(lr=2.0, warmup=10, steps=110, schedule="linear", min_lr_ratio=0.4)
@@ -5229,7 +5713,7 @@ class TestTrain:
         def loss(rate, seed=3, step=7, micro=2):
             cfg = train.TrainConfig(seed=seed, text_dropout=rate)
             t = types.SimpleNamespace(cfg=cfg, device=torch.device("cpu"), dtype=torch.float32, frame_mask=mask, accum=1,
-                                model=Net())
+                                      model=Net(), diffusion=None)
             return train.micro_step(t, (x0, text, None, None), step, micro).loss
 
         l0, l2 = loss(0.0), loss(0.2)
@@ -6313,7 +6797,7 @@ def rewrite_export(src, dst, action_outputs):
             sd[k] = (torch.zeros_like(v) if action_outputs == "zero" else
                      (torch.randn(v.shape, generator=g) * 0.3).to(v.dtype))
     assert hit == 2 * len(ACTION_OUTPUTS), hit  # weight and bias of each: the layout this relies on
-    meta = {**meta, "sha256": json.dumps(M.tensors_sha256(sd))}
+    meta = {**meta, "sha256": json.dumps(hub.tensors_sha256(sd))}
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(dst), metadata=meta)
     return str(dst)
@@ -7817,7 +8301,7 @@ def as_mlp_flat_export(export, path):
                             np.array(info["action_stats"]["std"], np.float32), conditioning.action_layout())
     nn.init.normal_(m.action_cond.embed_d.fc2.weight, std=0.1)
     sd = {k: v.contiguous() for k, v in m.state_dict().items()}
-    meta = {**info, "model_config": json.loads(json.dumps(asdict(cfg))), "sha256": M.tensors_sha256(sd)}
+    meta = {**info, "model_config": json.loads(json.dumps(asdict(cfg))), "sha256": hub.tensors_sha256(sd)}
     save_file(sd, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
     return path
 

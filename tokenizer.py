@@ -701,56 +701,63 @@ def load_sdxl_vae(spec: str = "sdxl", config: SDXLVAEConfig | str = "sdxl", chun
 class PixelTokenizer(nn.Module):
     """Weightless, exactly invertible space-to-depth with the VAE's latent frame structure.
 
-    Latent frame 0 holds pixel frame 0; latent frame k >= 1 holds frames 4k - 3 .. 4k. Each latent frame is
-    4 time slots x s x s pixels x 3 colours = 12 s^2 channels, ordered (colour, slot, row, column). Frame 0
-    is copied into all 4 slots of latent frame 0, so that every latent frame looks alike; decode reads the
-    last slot. Latent values are (pixel - mean) / std for pixels in [-1, 1]: as the VAE normalizes its latents,
-    so that the data is not drowned in the unit-variance noise of the flow (mean 0, std 1: the pixels
-    themselves, and the round trip is exact)."""
+    temporal 4 (the Wan VAE's structure, the Cosmos backbone): latent frame 0 holds pixel frame 0; latent frame
+    k >= 1 holds frames 4k - 3 .. 4k. Each latent frame is 4 time slots x s x s pixels x 3 colours = 12 s^2
+    channels, ordered (colour, slot, row, column). Frame 0 is copied into all 4 slots of latent frame 0, so that
+    every latent frame looks alike; decode reads the last slot. temporal 1 (an image VAE's structure, the SDXL
+    VAE's for IRASim): one latent frame per frame, 3 s^2 channels. Latent values are (pixel - mean) / std for
+    pixels in [-1, 1]: as the VAE normalizes its latents, so that the data is not drowned in the unit-variance
+    noise of the flow (mean 0, std 1: the pixels themselves, and the round trip is exact)."""
 
-    def __init__(self, spatial_compression: int = 8, mean: float = 0.0, std: float = 1.0):
+    def __init__(self, spatial_compression: int = 8, mean: float = 0.0, std: float = 1.0, temporal: int = TEMPORAL):
         super().__init__()
         if spatial_compression < 1:
             raise ValueError(f"spatial_compression must be >= 1, got {spatial_compression}")
         if not std > 0:
             raise ValueError(f"std must be positive, got {std}")
-        self.spatial_compression, self.temporal_compression = spatial_compression, TEMPORAL
-        self.latent_channels = 3 * TEMPORAL * spatial_compression**2
+        if temporal not in (1, TEMPORAL):
+            raise ValueError(f"temporal must be 1 (per frame) or {TEMPORAL} (the video VAE's), got {temporal}")
+        self.spatial_compression, self.temporal_compression = spatial_compression, temporal
+        self.latent_channels = 3 * temporal * spatial_compression**2
         self.mean, self.std = float(mean), float(std)
 
-    def encode(self, video, *, pad=False) -> torch.Tensor:  # (B, 3, T, H, W) -> (B, 12 s^2, T', H/s, W/s)
-        s = self.spatial_compression
-        video = check_video(video, s, pad)
+    def encode(self, video, *, pad=False) -> torch.Tensor:  # (B, 3, T, H, W) -> (B, 3 n s^2, T', H/s, W/s)
+        s, n = self.spatial_compression, self.temporal_compression
+        video = check_video(video, s, pad, per_frame=n == 1)
         B, _, _, H, W = video.shape
-        first = video[:, :, :1].expand(-1, -1, TEMPORAL, -1, -1)  # frame 0 in all 4 slots
-        x = torch.cat([first, video[:, :, 1:]], 2)  # (B, 3, 4T', H, W)
-        x = x.reshape(B, 3, -1, TEMPORAL, H // s, s, W // s, s)  # (B, 3, T', 4, h, s, w, s)
-        x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)  # (B, 3, 4, s, s, T', h, w)
+        first = video[:, :, :1].expand(-1, -1, n, -1, -1)  # frame 0 in all n slots
+        x = torch.cat([first, video[:, :, 1:]], 2)  # (B, 3, n T', H, W)
+        x = x.reshape(B, 3, -1, n, H // s, s, W // s, s)  # (B, 3, T', n, h, s, w, s)
+        x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)  # (B, 3, n, s, s, T', h, w)
         x = x.reshape(B, self.latent_channels, -1, H // s, W // s)
         return x if (self.mean, self.std) == (0.0, 1.0) else (x - self.mean) / self.std
 
-    def decode(self, latents) -> torch.Tensor:  # (B, 12 s^2, T', h, w) -> (B, 3, 1 + 4 (T' - 1), sh, sw)
+    def decode(self, latents) -> torch.Tensor:  # (B, 3 n s^2, T', h, w) -> (B, 3, 1 + n (T' - 1), sh, sw)
         check_latents(latents, self.latent_channels)
-        s, (B, _, n, h, w) = self.spatial_compression, latents.shape
+        s, n, (B, _, T, h, w) = self.spatial_compression, self.temporal_compression, latents.shape
         latents = latents if (self.mean, self.std) == (0.0, 1.0) else latents * self.std + self.mean
-        x = latents.reshape(B, 3, TEMPORAL, s, s, n, h, w)  # (B, 3, 4, s, s, T', h, w)
-        x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, 3, T', 4, h, s, w, s)
-        x = x.reshape(B, 3, TEMPORAL * n, h * s, w * s)
-        return torch.cat([x[:, :, TEMPORAL - 1:TEMPORAL], x[:, :, TEMPORAL:]], 2).clamp(-1, 1)
+        x = latents.reshape(B, 3, n, s, s, T, h, w)  # (B, 3, n, s, s, T', h, w)
+        x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, 3, T', n, h, s, w, s)
+        x = x.reshape(B, 3, n * T, h * s, w * s)
+        return torch.cat([x[:, :, n - 1:n], x[:, :, n:]], 2).clamp(-1, 1)
 
 
-TOKENIZERS = ("wan2.1", "pixel")
+TOKENIZERS = ("wan2.1", "sdxl", "pixel")
 
 
 def build_tokenizer(name: str, **kwargs) -> nn.Module:
     """'wan2.1': WanVAE(config='full'|'tiny'|WanVAEConfig, tile_size=0, tile_overlap=64), loaded from
     `weights` (a path or Hub repo id, with filename, revision, token) when given, else random.
-    'pixel': PixelTokenizer(spatial_compression=8, mean=0.0, std=1.0)."""
+    'sdxl': SDXLVAE(config='sdxl'|'tiny'|SDXLVAEConfig, chunk_frames=8), the same way (IRASim's).
+    'pixel': PixelTokenizer(spatial_compression=8, mean=0.0, std=1.0, temporal=4)."""
     if name == "pixel":
         return PixelTokenizer(**kwargs)
-    if name != "wan2.1":
+    if name not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {name!r}; choose from {TOKENIZERS}")
     weights = kwargs.pop("weights", None)
     load = {k: kwargs.pop(k) for k in ("filename", "revision", "token") if k in kwargs}
+    if name == "sdxl":
+        vae = SDXLVAE(**kwargs)
+        return vae.load_weights(weights, **{k: v for k, v in load.items() if k != "filename"}) if weights else vae
     vae = WanVAE(**kwargs)
     return vae.load_weights(weights, **load) if weights else vae

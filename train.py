@@ -58,6 +58,8 @@ from tqdm import tqdm
 import conditioning
 import data
 import hub
+import irasim
+import lora
 import model as M
 import semantic as sem
 import synthetic
@@ -67,6 +69,9 @@ import tokenizer as tok
 # the configuration: one dataclass whose fields carry their help and choices, two presets, a flag per field
 
 
+BACKBONES = ("cosmos", "irasim")  # the paper's Table 1: Cosmos-Predict2.5-2B and IRASim, each +/- DexAC
+
+
 def opt(default, help, choices=None):
     """A config field with its command-line help and choices beside its default."""
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -74,23 +79,34 @@ def opt(default, help, choices=None):
 
 @dataclass
 class TrainConfig:
-    model: str = opt("tiny", f"DiT size preset, one of {sorted(M.PRESETS)}", sorted(M.PRESETS))
+    backbone: str = opt("cosmos", "the video DiT: 'cosmos' (Cosmos-Predict2.5, rectified flow, the paper's main "
+                        "rows) or 'irasim' (IRASim, Gaussian diffusion on per-frame latents, the paper's second "
+                        "backbone; README 'Two backbones')", list(BACKBONES))
+    model: str = opt("tiny", f"size preset of the backbone: cosmos {sorted(M.PRESETS)}, irasim "
+                     f"{sorted(irasim.PRESETS)}", sorted(set(M.PRESETS) | set(irasim.PRESETS)))
     dim: int = opt(0, "override the preset's DiT width (0: keep it); the heads stay, so keep dim / heads >= 12")
     blocks: int = opt(0, "override the preset's number of DiT blocks (0: keep it)")
-    action_mode: str = opt("dexac", "action conditioning: none or a conditioning.MODES entry (dexac, "
-                           "dexac-time, mlp, ...)", ["none", *conditioning.MODES])
+    action_mode: str = opt("dexac", "action conditioning: none, a conditioning.MODES entry (dexac, dexac-time, "
+                           "mlp, ...), or IRASim's own frame-ada", ["none", *conditioning.MODES, "frame-ada"])
     action_norm: str = opt("zscore", "action normalization before conditioning: 'zscore' per dimension (eq. 4), "
                            "or the paper's Table 4 ablations 'none' and 'scale' (x200)", list(conditioning.NORMS))
     semantic: bool = opt(False, "add DINOv3 features of the first frame to the cross-attention context "
                          "(semantic.py)")
-    init: str = opt("", "pretrained backbone: a local file or a Hub spec for model.load_dit ('' trains from "
-                    "scratch)")
-    trainable: str = opt("all", "'all' parameters or only the 'new' modules (action conditioning, semantic "
-                         "projector)", ["all", "new"])
+    init: str = opt("", "pretrained backbone: a local file or a Hub spec for model.load_dit, or a released IRASim "
+                    "checkpoint with --backbone irasim ('' trains from scratch)")
+    trainable: str = opt("all", "'all' parameters, only the 'new' modules (action conditioning, semantic "
+                         "projector), or 'lora+new': low-rank adapters on the backbone (lora.py) and the new modules "
+                         "in full", ["all", "new", "lora+new"])
+    lora_rank: int = opt(16, "--trainable lora+new: the adapters' rank r")
+    lora_alpha: float = opt(16.0, "--trainable lora+new: the adapters' alpha (their output is scaled by alpha / r)")
+    lora_targets: str = opt("attn,mlp", "--trainable lora+new: the layers adapted, comma-separated groups of "
+                            f"lora.TARGETS ({', '.join(lora.TARGETS)}: the blocks' attention projections, MLP "
+                            "linears)")
+    lora_dropout: float = opt(0.0, "--trainable lora+new: dropout on the adapters' input")
     tokenizer: str = opt("pixel", f"video tokenizer, one of {tok.TOKENIZERS} (pixel: weightless, for the CPU)",
                          list(tok.TOKENIZERS))
-    tokenizer_weights: str = opt("", "Wan2.1 VAE weights: a path or Hub repo id ('' = random, for tests and "
-                                 "timing)")
+    tokenizer_weights: str = opt("", "Wan2.1 or SDXL VAE weights: a path or Hub repo id ('' = random, for tests "
+                                 "and timing)")
     pixel_compression: int = opt(2, "spatial compression s of the pixel tokenizer (12 s^2 channels per "
                                  "latent pixel; keep 4 x 12 s^2 <= the DiT width, or a 2x2 patch cannot even "
                                  "carry the noise through)")
@@ -118,7 +134,8 @@ class TrainConfig:
     synthetic: bool = opt(True, "write the synthetic dataset and its statistics to DATA when they are absent")
     height: int = opt(64, "frame height in pixels (a multiple of 16)")
     width: int = opt(112, "frame width in pixels (a multiple of 16)")
-    frames: int = opt(9, "frames per clip, 4k + 1 (13 -> 4 latent frames, 12 actions)")
+    frames: int = opt(9, "frames per clip: 4k + 1 for cosmos (13 -> 4 latent frames, 12 actions); any >= 2 for "
+                      "irasim, whose latents are per frame (16: IRASim's own)")
     cond_frames: int = opt(1, "latent frames given clean as the condition (1: the first frame)")
     workers: int = opt(1, "data loader processes per rank")
     steps: int = opt(200, "optimizer steps in total")
@@ -196,6 +213,19 @@ PRESETS = {
         workers=8,  # [O] README's decoding benchmark: about 4 workers per GPU keep the paper's pace
         ckpt_every=500, keep=3, preview_every=1000,  # [O]
         preview_steps=35),  # [D] 2: the official 35 sampler steps
+    # the paper's second backbone (Table 1's IRASim rows; DESIGN.md section 12): [I] the official IRASim recipe
+    # (bytedance/IRASim configs), [O] ours. --action-mode frame-ada for the "IRASim" row, dexac (this preset) for
+    # "IRASim + DexAC"
+    "irasim": TrainConfig(
+        backbone="irasim", model="XL",  # [I] IRASim-XL/2
+        tokenizer="sdxl", tokenizer_weights="sdxl",  # [I] the SDXL VAE, per frame, posterior sampled
+        data="data/egodex", synthetic=False, frames=16, height=256, width=320,  # [I] 16 frames at 256x320
+        lr=1e-4, schedule="constant", grad_clip=0.1, ema=0.9999,  # [I] constant lr 1e-4, clip 0.1, an EMA
+        warmup=100,  # [O] main.py's "constant" diffusers schedule has no warm-up; 100 steps as the Cosmos rows
+        betas=(0.9, 0.999), weight_decay=0.0,  # [I] main.py: AdamW(lr, weight_decay=0), torch's default betas
+        batch_size=64, micro_batch=8, epochs=2,  # [O] the Cosmos rows' batch and epochs: equal budgets
+        ac="full", workers=8, ckpt_every=500, keep=3, preview_every=1000,  # [O]
+        preview_steps=50),  # [I] 50 sampler steps (PNDM there, DDIM here)
 }
 
 # how to make the paper preset's default input, which the message for a missing --data names
@@ -203,8 +233,9 @@ PAPER_CACHE = ("torchrun --nproc_per_node=8 data.py cache --data /path/to/egodex
                "--epochs 2 --dino facebook/dinov3-vitl16-pretrain-lvd1689m")
 
 # fields that define the model and its inputs: a checkpoint made with others cannot be resumed
-MUST_MATCH = ("model", "action_mode", "action_norm", "semantic", "trainable", "tokenizer", "pixel_compression",
-              "pixel_mean", "pixel_std", "text", "text_tokens", "height", "width", "frames", "cond_frames", "seed",
+MUST_MATCH = ("backbone", "model", "action_mode", "action_norm", "semantic", "trainable", "lora_rank", "lora_alpha",
+              "lora_targets", "tokenizer",
+              "pixel_compression", "pixel_mean", "pixel_std", "text", "text_tokens", "height", "width", "frames", "cond_frames", "seed",
               "batch_size")
 
 
@@ -304,6 +335,13 @@ def noise_seed(seed, step, micro, stream=0):
 
 
 def model_config(cfg, latent_channels):
+    if cfg.backbone == "irasim":  # one latent frame per frame and one action per predicted frame
+        s, T = cfg.pixel_compression if cfg.tokenizer == "pixel" else 8, cfg.frames
+        c = irasim.config_from_preset(cfg.model, in_channels=latent_channels, input_size=(cfg.height // s,
+                                      cfg.width // s), num_frames=T, mask_frames=cfg.cond_frames,
+                                      action_mode=cfg.action_mode, action_dim=conditioning.ACTION_DIM,
+                                      action_norm=cfg.action_norm)
+        return replace(c, dim=cfg.dim or c.dim, n_blocks=cfg.blocks or c.n_blocks)
     c = M.config_from_preset(cfg.model, action_mode=cfg.action_mode, action_steps=cfg.frames - 1,
                              actions_per_frame=tok.TEMPORAL, action_norm=cfg.action_norm)
     c = replace(c, dim=cfg.dim or c.dim, n_blocks=cfg.blocks or c.n_blocks)
@@ -336,6 +374,9 @@ def exported_channels(spec):
 def build_model(cfg, mcfg, device):
     """Meta-device construction, then either the pretrained backbone (new modules initialized by their own
     code) or `to_empty` + the explicit init of every part."""
+    if cfg.backbone == "irasim":  # a released checkpoint (irasim.load_irasim), or IRASim's own init
+        model = irasim.load_irasim(cfg.init, mcfg) if cfg.init else irasim.IRASim(mcfg)
+        return model.to(device, torch.float32)  # fp32 master weights, whatever the checkpoint's dtype
     if cfg.init:
         return M.load_dit(cfg.init, mcfg, device=device, dtype=torch.float32)  # fp32 master weights
     with torch.device("meta"):
@@ -348,12 +389,13 @@ def build_model(cfg, mcfg, device):
     return model
 
 
-NEW_MODULES = ("action_cond.", "semantic.")  # the paper's modules, on top of the Cosmos backbone
+NEW_MODULES = ("action_cond.", "semantic.", *irasim.FRAME_ADA)  # the action and DINOv3 modules on the backbone
 
 
 def set_trainable(model, trainable):
     for name, p in model.named_parameters():
-        p.requires_grad_(trainable == "all" or name.startswith(NEW_MODULES))
+        p.requires_grad_(trainable == "all" or name.startswith(NEW_MODULES) or
+                         (trainable == "lora+new" and lora.is_lora(name)))
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("--trainable new, but the model has no new modules: set --action-mode or --semantic")
 
@@ -392,19 +434,21 @@ def parallelize(model, device, ac="none", ac_every=1, compile=False, bf16=None):
 
 
 def build_tokenizer(cfg, device, load=True):
-    """The frozen video tokenizer (random Wan2.1 weights without `load`: enough for shapes and timing)."""
-    if cfg.tokenizer == "wan2.1":
-        vae = tok.build_tokenizer("wan2.1", weights=(cfg.tokenizer_weights or None) if load else None)
+    """The frozen video tokenizer (random VAE weights without `load`: enough for shapes and timing). The IRASim
+    backbone takes per-frame latents: the SDXL VAE's, or the pixel tokenizer's with temporal 1."""
+    if cfg.tokenizer in ("wan2.1", "sdxl"):
+        vae = tok.build_tokenizer(cfg.tokenizer, weights=(cfg.tokenizer_weights or None) if load else None)
         tokenizer = vae.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     else:
         tokenizer = tok.build_tokenizer(cfg.tokenizer, spatial_compression=cfg.pixel_compression,
-                                        mean=cfg.pixel_mean, std=cfg.pixel_std)
+                                        mean=cfg.pixel_mean, std=cfg.pixel_std,
+                                        temporal=1 if cfg.backbone == "irasim" else tok.TEMPORAL)
     return tokenizer.eval().requires_grad_(False)
 
 
 def build_context(cfg, mcfg, device):
     """The text embedder and DINOv3: inference mode only, never in the optimizer."""
-    text = sem.TextEmbedder(cfg.text, cache_dir=cfg.text_cache or None, text_dim=mcfg.text_dim,
+    text = sem.TextEmbedder(cfg.text, cache_dir=cfg.text_cache or None, text_dim=getattr(mcfg, "text_dim", 1024),
                             max_tokens=cfg.text_tokens, dtype=torch.float32 if device.type == "cpu" else
                             torch.bfloat16)
     dino = sem.load_dino(cfg.dino, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None) \
@@ -423,7 +467,9 @@ def encode_batch(batch, tokenizer, text, dino, device):
         feats = feats.to(device) if feats is not None else None
     else:
         video = batch["video"].to(device).float() / 127.5 - 1  # (B, 3, T, H, W) in [-1, 1]
-        x0 = tokenizer.encode(video).float()
+        # IRASim trains on draws from the SDXL VAE's posterior (its main.py), the Cosmos recipe on the Wan mean
+        x0 = (tokenizer.encode(video, sample=True) if isinstance(tokenizer, tok.SDXLVAE) else
+              tokenizer.encode(video)).float()
         feats = sem.conditioning_features(dino, video) if dino is not None else None
     return x0, text(batch["prompt"]).to(device), batch["actions"].to(device), feats
 
@@ -705,22 +751,33 @@ def export(path, *, model, ema, cfg, mcfg, stats_path, step, rank, dtype):
             full_ema[k] = v.cpu()
     if rank != 0:
         return None
-    base = cfg.init if cfg.trainable == "new" else ""  # a frozen pretrained backbone: not written again
+    base = cfg.init if cfg.trainable in ("new", "lora+new") else ""  # a frozen pretrained backbone: not written again
     out = {}
     for k, v in sd.items():
         if base and k not in full_ema and not k.startswith(NEW_MODULES):
             continue  # sample.py loads it from `base` (or --init)
         v = full_ema.get(k, v)
         out[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
+    adapters = None
+    if cfg.trainable == "lora+new":  # PEFT's keys and config; the new modules are its modules_to_save
+        adapters = lora.adapter_config(cfg.lora_rank, cfg.lora_alpha,
+                                       sorted({k.rpartition(".lora_")[0] for k in out if lora.is_lora(k)}),
+                                       cfg.lora_dropout, base or None,
+                                       sorted({k.split(".")[0] for k in out if not lora.is_lora(k)}))
+        out = {lora.PREFIX + k: v for k, v in out.items()}
     mean, std = data.load_stats(stats_path)
-    meta = {"model_config": asdict(mcfg), "train_config": asdict(cfg), "step": step, "base": base,
+    meta = {"backbone": cfg.backbone, "model_config": asdict(mcfg), "train_config": asdict(cfg), "step": step,
+            "base": base,
             "action_layout": conditioning.action_layout(),
             "action_stats": {"mean": mean.tolist(), "std": std.tolist()},
             "tokenizer": {"name": cfg.tokenizer, "weights": cfg.tokenizer_weights,
                           "pixel_compression": cfg.pixel_compression, "pixel_mean": cfg.pixel_mean,
-                          "pixel_std": cfg.pixel_std},
+                          "pixel_std": cfg.pixel_std, "temporal": 1 if cfg.backbone == "irasim" else tok.TEMPORAL},
             "text": {"mode": cfg.text, "tokens": cfg.text_tokens}}
-    meta["sha256"] = M.tensors_sha256(out)  # model.load_exported refuses a file whose bytes changed since
+    if adapters:
+        meta["lora"] = adapters
+        lora.write_folder(Path(path).with_name(Path(path).stem + "_peft"), out, adapters)  # for peft's users
+    meta["sha256"] = hub.tensors_sha256(out)  # model.load_exported refuses a file whose bytes changed since
     metadata = {k: json.dumps(v) for k, v in meta.items()}
     # atomic: a run counts as done once its export exists (miniature.py)
     return hub.atomic_save(path, lambda tmp: save_file(out, tmp, metadata=metadata))
@@ -781,9 +838,14 @@ def preview(t, path, clip):
     mask[:, :cfg.cond_frames] = 1
     g = torch.Generator(device).manual_seed(cfg.seed)
     noise = torch.randn(x0.shape, generator=g, device=device)
-    fn = lambda x, s: t.model(x.to(t.dtype), s, text, mask, actions=actions, image_features=feats).float()
-    x = M.sample(fn, noise, M.shifted_sigmas(cfg.preview_steps, cfg.shift), solver="unipc", x_cond=x0,
-                 frame_mask=mask)  # the official sampler, on the training shift
+    if t.diffusion is not None:  # IRASim: DDIM on preview_steps of its 1000 steps
+        fn = lambda x, s: t.model(x.to(t.dtype), s, actions).float()
+        x = irasim.GaussianDiffusion(use_steps=cfg.preview_steps).sample(fn, noise, x_cond=x0[:, :, :cfg.cond_frames],
+                                                                         method="ddim")
+    else:
+        fn = lambda x, s: t.model(x.to(t.dtype), s, text, mask, actions=actions, image_features=feats).float()
+        x = M.sample(fn, noise, M.shifted_sigmas(cfg.preview_steps, cfg.shift), solver="unipc", x_cond=x0,
+                     frame_mask=mask)  # the official sampler, on the training shift
     pred = t.tokenizer.decode(x).float()
     truth = clip["video"][0].float() / 127.5 - 1 if "video" in clip else t.tokenizer.decode(x0)[0].float()
     data.contact_sheet(path, [data.to_frames(truth), data.to_frames(pred[0])], ["ground truth", "predicted"])
@@ -792,6 +854,15 @@ def preview(t, path, clip):
 def flops_per_clip(mcfg, x_shape, text_tokens, n_patches):
     """Training FLOPs of one clip: 3x the forward's, counted on the meta device (no memory, no compute)."""
     from torch.utils.flop_counter import FlopCounterMode
+    if isinstance(mcfg, irasim.IRASimConfig):
+        with torch.device("meta"):  # (its fixed position tables are made from numpy: moved to meta too)
+            net = irasim.IRASim(replace(mcfg, action_norm="none")).to("meta").eval()
+            x, steps = torch.empty(1, *x_shape[1:]), torch.zeros(1, dtype=torch.long)
+            n = mcfg.num_frames - mcfg.mask_frames
+            actions = torch.empty(1, n, mcfg.action_dim) if mcfg.action_mode != "none" else None
+            with FlopCounterMode(display=False) as counter:
+                net(x, steps, actions)
+        return 3 * counter.get_total_flops()
     with torch.device("meta"):
         net = M.DiT(replace(mcfg, action_norm="none"))  # the statistics check would read a meta tensor
         x, sigma = torch.empty(1, *x_shape[1:]), torch.empty(1)
@@ -829,11 +900,13 @@ class Trainer:
     written: list = field(default_factory=list)  # the checkpoints this process wrote and kept, oldest first
     lock: Path | None = None  # the run's lock file, while this process holds it
     stream: "Stream | None" = None  # the training data, once open_run made it
+    diffusion: "irasim.GaussianDiffusion | None" = None  # the IRASim backbone's objective (Cosmos: None)
 
     @property
     def tokens_per_clip(self):
         _, _, T, H, W = self.latent
-        return T * (H // self.mcfg.patch_spatial) * (W // self.mcfg.patch_spatial)
+        patch = getattr(self.mcfg, "patch_spatial", None) or self.mcfg.patch  # Cosmos' name, IRASim's
+        return T * (H // patch) * (W // patch)
 
     @property
     def tokens_per_step(self):
@@ -854,7 +927,8 @@ def check_ranges(cfg):
     rules = [  # (field, holds, what it must be)
         ("height", cfg.height > 0 and cfg.height % 16 == 0, "> 0 (frame sizes are multiples of 16)"),
         ("width", cfg.width > 0 and cfg.width % 16 == 0, "> 0 (frame sizes are multiples of 16)"),
-        ("frames", cfg.frames >= 5 and (cfg.frames - 1) % tok.TEMPORAL == 0, "4k + 1 with k >= 1 (5, 9, 13...)"),
+        ("frames", cfg.frames >= 5 and (cfg.frames - 1) % tok.TEMPORAL == 0 if cfg.backbone == "cosmos" else
+         cfg.frames >= 2, "4k + 1 with k >= 1 (5, 9, 13...)" if cfg.backbone == "cosmos" else ">= 2"),
         ("dim", cfg.dim >= 0, ">= 0 (0 keeps the preset's)"),
         ("blocks", cfg.blocks >= 0, ">= 0 (0 keeps the preset's)"),
         ("pixel_compression", cfg.pixel_compression >= 1, ">= 1"),
@@ -867,6 +941,9 @@ def check_ranges(cfg):
         ("workers", cfg.workers >= 0, ">= 0"),
         ("warmup", cfg.warmup >= 0, ">= 0"),
         ("ac_every", cfg.ac_every >= 1, ">= 1 (1: every block)"),
+        ("lora_rank", cfg.lora_rank >= 1, ">= 1"),
+        ("lora_alpha", finite(cfg.lora_alpha) and cfg.lora_alpha > 0, "finite and > 0"),
+        ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
         ("decay_steps", cfg.decay_steps >= 0, ">= 0 (0: --steps)"),
         ("lr", finite(cfg.lr) and cfg.lr > 0, "finite and > 0"),
         ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
@@ -898,21 +975,49 @@ def check_output(out):
         raise ConfigError(f"--out {out} is not a writable directory: choose another")
 
 
+def check_backbone(cfg):
+    """What each backbone takes: its own size presets, tokenizers and action modes; IRASim has no text, DINOv3
+    branch or MLP-only activation checkpointing."""
+    irasim_only = {"frame-ada": cfg.action_mode == "frame-ada", "sdxl": cfg.tokenizer == "sdxl"}
+    if cfg.backbone == "cosmos":
+        for what, used in irasim_only.items():
+            if used:
+                raise ConfigError(f"{what} belongs to IRASim: add --backbone irasim, or choose a Cosmos "
+                                  f"{'--action-mode' if what == 'frame-ada' else '--tokenizer'}")
+        if cfg.model not in M.PRESETS:
+            raise ConfigError(f"--model {cfg.model} is an IRASim size: the Cosmos sizes are {sorted(M.PRESETS)}")
+        return
+    bad = [(cfg.model not in irasim.PRESETS, f"--model {cfg.model}: the IRASim sizes are {sorted(irasim.PRESETS)}"),
+           (cfg.tokenizer == "wan2.1", "--tokenizer wan2.1 compresses time 4x: IRASim takes per-frame latents "
+                                       "(--tokenizer sdxl, or pixel)"),
+           (cfg.semantic, "--semantic: IRASim has no cross-attention for the DINOv3 features (drop --semantic)"),
+           (cfg.text != "none", "--text reason1: IRASim has no text conditioning (use --text none)"),
+           (cfg.ac == "mlp", "--ac mlp splits a Cosmos block; IRASim's blocks take --ac full or none"),
+           (bool(cfg.init) and Path(cfg.init).suffix not in (".pt", ".pth", ".safetensors"),
+            f"--init {cfg.init}: IRASim starts from a checkpoint file (a released .pt, or an IRASim export)")]
+    for wrong, message in bad:
+        if wrong:
+            raise ConfigError(message)
+
+
 def check_config(cfg, world):
     """-> micro-batches per rank per step, after the checks of what the flags can get wrong."""
     check_ranges(cfg)
-    if cfg.height % 16 or cfg.width % 16 or (cfg.frames - 1) % tok.TEMPORAL:
-        raise ConfigError(f"frames {cfg.frames} must be 4k + 1 and {cfg.height}x{cfg.width} multiples of 16")
+    check_backbone(cfg)
     accum, rest = divmod(cfg.batch_size, cfg.micro_batch * world)
     if rest or not accum:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}"
                           f"x {world} ranks")
-    if not 0 < cfg.cond_frames <= (cfg.frames - 1) // 4:
-        raise ConfigError(f"--cond-frames {cfg.cond_frames} must lie in [1, latent frames {(cfg.frames - 1) // 4}]")
+    if cfg.trainable in ("new", "lora+new") and not cfg.init:
+        raise ConfigError(f"--trainable {cfg.trainable} trains on a pretrained backbone: give it with --init")
+    n = cfg.frames - 1 if cfg.backbone == "irasim" else (cfg.frames - 1) // tok.TEMPORAL  # latent frames after the first
+    if not 0 < cfg.cond_frames <= n:
+        raise ConfigError(f"--cond-frames {cfg.cond_frames} must lie in [1, {n}] (latent frames {n + 1} for "
+                          f"{cfg.frames} frames: at least one must be predicted)")
     if not 0 <= cfg.text_dropout <= 1 or not 0 <= cfg.epochs < math.inf:
         raise ConfigError(f"--text-dropout {cfg.text_dropout} must lie in [0, 1], --epochs {cfg.epochs} be >= 0")
     s = cfg.pixel_compression if cfg.tokenizer == "pixel" else 8
-    patch = M.config_from_preset(cfg.model).patch_spatial
+    patch = irasim.PRESETS[cfg.model].patch if cfg.backbone == "irasim" else M.PRESETS[cfg.model].patch_spatial
     if cfg.height % (s * patch) or cfg.width % (s * patch):
         raise ConfigError(f"--height {cfg.height} and --width {cfg.width} must be multiples of {s * patch} (the "
                           f"{cfg.tokenizer} tokenizer's compression {s} x the DiT's patch {patch}): change them "
@@ -933,6 +1038,8 @@ def build(cfg, device, *, load=True):
     tokenizer = build_tokenizer(cfg, device, load=load)
     mcfg = model_config(cfg, tokenizer.latent_channels)
     model = build_model(cfg, mcfg, device)
+    if cfg.trainable == "lora+new":  # on the loaded base, before checkpointing, compile and FSDP wrap its blocks
+        lora.inject(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
     if model.action_cond is not None and load:
         model.action_cond.set_stats(*data.load_stats(stats_path), conditioning.action_layout())
     elif model.action_cond is not None:  # unit statistics: enough for shapes and timing
@@ -942,13 +1049,14 @@ def build(cfg, device, *, load=True):
     optimizer = build_optimizer(model, cfg)
     ema = {clean(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     context = build_context(cfg, mcfg, device) if load else None
-    T, s = 1 + (cfg.frames - 1) // tok.TEMPORAL, tokenizer.spatial_compression
+    T, s = 1 + (cfg.frames - 1) // tokenizer.temporal_compression, tokenizer.spatial_compression
     frame_mask = torch.zeros(cfg.micro_batch, T, device=device)  # (B, T')
     frame_mask[:, :cfg.cond_frames] = 1
     return Trainer(cfg=cfg, mcfg=mcfg, rank=rank, world=world, device=device, dtype=dtype, accum=accum,
                    tokenizer=tokenizer, context=context, model=model, optimizer=optimizer, ema=ema,
                    stats_path=stats_path, frame_mask=frame_mask,
-                   latent=(cfg.micro_batch, mcfg.in_channels, T, cfg.height // s, cfg.width // s))
+                   latent=(cfg.micro_batch, mcfg.in_channels, T, cfg.height // s, cfg.width // s),
+                   diffusion=irasim.GaussianDiffusion() if cfg.backbone == "irasim" else None)
 
 
 def describe(t):
@@ -982,8 +1090,9 @@ def open_run(t, resume):
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
             # one past the highest number: a deleted run's number is not given again
             n = 1 + max((int(d[:3]) for d in os.listdir(cfg.out) if d[:3].isdigit()), default=-1)
+            name = cfg.model if cfg.backbone == "cosmos" else f"irasim-{cfg.model}"
             while True:
-                run[0] = Path(cfg.out) / f"{n:03d}-{cfg.model}-{cfg.action_mode}-{cfg.height}x{cfg.width}"
+                run[0] = Path(cfg.out) / f"{n:03d}-{name}-{cfg.action_mode}-{cfg.height}x{cfg.width}"
                 try:
                     run[0].mkdir()  # exclusive: two runs started at once get two numbers
                     break
@@ -1111,6 +1220,21 @@ def conditioned(t, actions):
     return actions if t.cfg.action_mode != "none" else None
 
 
+def irasim_loss(t, x0, actions, g, coins):
+    """IRASim's objective (irasim.GaussianDiffusion.training_losses: epsilon MSE, + the VLB with learn_sigma):
+    uniform steps of 1000, the first cond_frames latent frames clean. Frame-Ada's classifier-free dropout draws
+    from `coins`, so that a resumed run repeats it. -> per-clip losses (B,), step / 1000 (B,)."""
+    B, m = x0.shape[0], t.cfg.cond_frames
+    steps = torch.randint(0, t.diffusion.n_steps, (B,), generator=g, device=t.device)
+    noise = torch.randn(x0[:, :, m:].shape, generator=g, device=t.device)
+    drop = None
+    if t.cfg.action_mode == "frame-ada":
+        drop = torch.rand(B, generator=coins, device=t.device) < t.mcfg.action_dropout
+    fn = lambda x, s: t.model(x.to(t.dtype), s, actions, drop_actions=drop).float()
+    terms = t.diffusion.training_losses(fn, x0, steps, mask_frames=m, noise=noise)
+    return terms["loss"], steps.float() / t.diffusion.n_steps
+
+
 def micro_step(t, inputs, step, micro):
     """Forward and backward of one micro-batch, its loss scaled by 1 / accum so that the gradients add up to
     the step's. inputs: (x0, text, actions, DINOv3 features or None), as `encode_batch` returns them."""
@@ -1119,9 +1243,12 @@ def micro_step(t, inputs, step, micro):
     coins = torch.Generator(t.device).manual_seed(noise_seed(t.cfg.seed, step, micro, stream=1))
     text = drop_text(text, t.cfg.text_dropout, coins)
     actions = conditioned(t, actions)
-    fn = lambda x, sig: t.model(x.to(t.dtype), sig, text, t.frame_mask, actions=actions, image_features=feats)
-    # eq. 3: the rectified-flow loss (model.flow_loss)
-    losses, sigma = M.flow_loss(fn, x0, t.frame_mask, shift=t.cfg.shift, generator=g)
+    if t.diffusion is not None:  # IRASim: Gaussian mask diffusion, its sigma bins the step's fraction of 1000
+        losses, sigma = irasim_loss(t, x0, actions, g, coins)
+    else:
+        fn = lambda x, sig: t.model(x.to(t.dtype), sig, text, t.frame_mask, actions=actions, image_features=feats)
+        # eq. 3: the rectified-flow loss (model.flow_loss)
+        losses, sigma = M.flow_loss(fn, x0, t.frame_mask, shift=t.cfg.shift, generator=g)
     (losses.mean() / t.accum).backward()
     losses = losses.detach()
     bins = (sigma * SIGMA_BINS).long().clamp(max=SIGMA_BINS - 1)
