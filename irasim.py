@@ -493,7 +493,9 @@ def load_irasim(path, config, *, prefer="ema", trust_pickle=False, device="cpu")
 
     A config whose action conditioning is not Frame-Ada (IRASim + DexAC, or none) takes the released backbone
     and leaves its Frame-Ada weights out, said in one line; its own conditioning module keeps its
-    initialization (zero output: the released backbone's behaviour without actions, exactly)."""
+    initialization (zero output: the released backbone's behaviour without actions, exactly). A checkpoint
+    without action conditioning (an action-free base, e.g. miniature.py's) gives a Frame-Ada config IRASim's
+    own Frame-Ada initialization (not zero: its embedding moves the model from the first step, as released)."""
     model = IRASim(config)
     sd = read_checkpoint(path, prefer=prefer, trust_pickle=trust_pickle)
     if config.action_mode != "frame-ada" and any(k.startswith(FRAME_ADA) for k in sd):
@@ -502,7 +504,8 @@ def load_irasim(path, config, *, prefer="ema", trust_pickle=False, device="cpu")
               f"with {config.action_mode!r}")
     hint = (f" (config: {config.n_blocks} blocks, dim {config.dim}, learn_sigma {config.learn_sigma}, input_size "
             f"{config.input_size}, num_frames {config.num_frames}, action_mode {config.action_mode!r})")
-    return hub.load_strict(model, sd, source=str(path), hint=hint, allow_missing=("action_cond.",)).to(device)
+    fresh = ("action_cond.", *(FRAME_ADA if not any(k.startswith(FRAME_ADA) for k in sd) else ()))
+    return hub.load_strict(model, sd, source=str(path), hint=hint, allow_missing=fresh).to(device)
 
 
 def load_exported(path, device="cpu", dtype=None, base=None):

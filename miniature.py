@@ -12,9 +12,11 @@ The dataset is the synthetic one seen closer (synthetic.write_synthetic: zoom 2,
 keypoint markers stay visible at the 48x80 frames a CPU can train on, and a model must read finger actions to
 predict the finger tasks. A base `tiny` DiT
 on the pixel tokenizer is pretrained once without actions (--base-steps; it learns what the scene looks like),
-then every variant (VARIANTS: a conditioning mode, or a normalization ablation) fine-tunes all of it from that
-base with the same budget (steps, batch, data order, seed), a run per (variant, seed), `--jobs` runs at a time
-with one thread each; its new modules start at zero, so step 0 is the base exactly. Each fine-tuned model is
+then every variant (VARIANTS: a conditioning mode, a normalization ablation, new modules only or LoRA adapters)
+fine-tunes it from that base with the same budget (steps, batch, data order, seed), a run per (variant, seed),
+`--jobs` runs at a time with one thread each; its new modules start at zero, so step 0 is the base exactly. The
+IRASim rows (IRASim as released with Frame-Ada, whose embedding is not zero at step 0, and IRASim + DexAC) do the
+same from an IRASim `tiny` base pretrained the same way (base-irasim/). Each fine-tuned model is
 rolled out by the evaluation protocol (evaluate.py) on the test split, twice: with the true actions and with
 another clip's actions (the control: a model that ignores its actions scores the same on both), and so are
 the exports every --eval-every steps, which draw the gap along fine-tuning ("not yet" against "never"). The
@@ -23,7 +25,7 @@ paired clip by clip, and PCK per action family. Everything is resumable: finishe
 kept, interrupted runs resume; a run is reused only when the train.py flags it records (settings.json) are this
 call's, else it is refused with a message (deleting a trained model is left to the user).
 
-Outputs under --out: base/ (the pretrained backbone), seed<s>/<variant>/ (train.py runs), seed<s>/eval/ and
+Outputs under --out: base/ and base-irasim/ (the pretrained backbones), seed<s>/<variant>/ (train.py runs), seed<s>/eval/ and
 seed<s>/curves/ (reports), results.json, results.md, results.png (final gaps) and curves.png (gap along
 fine-tuning).
 """
@@ -59,7 +61,15 @@ VARIANTS = {
     "dexac-no-local": ["--action-mode", "dexac-no-local"], "dexac-no-global": ["--action-mode", "dexac-no-global"],
     "dexac-norm-none": ["--action-mode", "dexac", "--action-norm", "none"],  # the paper's Table 4 ablations
     "dexac-x200": ["--action-mode", "dexac", "--action-norm", "scale"],
-    "dexac-channel": ["--action-mode", "dexac-channel"], "dexac-time": ["--action-mode", "dexac-time"]}
+    "dexac-channel": ["--action-mode", "dexac-channel"], "dexac-time": ["--action-mode", "dexac-time"],
+    # lightweight adaptation of the same base (dexac above is the full fine-tune): the new modules only, and
+    # LoRA adapters of rank 16 on the frozen backbone with the new modules
+    "dexac-new-only": ["--action-mode", "dexac", "--trainable", "new"],
+    "dexac-lora16": ["--action-mode", "dexac", "--trainable", "lora+new", "--lora-rank", "16", "--lora-alpha", "16"],
+    # the paper's second backbone (its Table 1), from an IRASim base pretrained the same way: as released
+    # (Frame-Ada) and with DexAC
+    "irasim": ["--backbone", "irasim", "--action-mode", "frame-ada"],
+    "irasim-dexac": ["--backbone", "irasim", "--action-mode", "dexac"]}
 MODES = tuple(VARIANTS)  # the variants, by name
 HERE = Path(__file__).resolve().parent
 
@@ -70,17 +80,28 @@ def run_dir(out):
     return runs[-1] if runs else None
 
 
-def base_export(args):
-    """Where every fine-tuning run finds the base: a fixed name, linked to the base run's export once trained."""
-    return Path(args.out) / "base" / "model.safetensors"
+def backbone_of(mode):
+    """The backbone a variant fine-tunes: its --backbone flag's, else Cosmos."""
+    flags = VARIANTS[mode]
+    return flags[flags.index("--backbone") + 1] if "--backbone" in flags else "cosmos"
 
 
-def base_argv(args):
-    """The train.py flags of the base: the backbone without actions, pretrained once (seed 0) for every variant
+def base_dir(args, backbone="cosmos"):
+    return Path(args.out) / ("base" if backbone == "cosmos" else f"base-{backbone}")
+
+
+def base_export(args, backbone="cosmos"):
+    """Where every fine-tuning run finds its base: a fixed name, linked to the base run's export once trained."""
+    return base_dir(args, backbone) / "model.safetensors"
+
+
+def base_argv(args, backbone="cosmos"):
+    """The train.py flags of a base: the backbone without actions, pretrained once (seed 0) for every variant
     and seed, exported in fp32 so that fine-tuning starts from its exact weights."""
-    return ["--data", str(args.data), "--action-mode", "none", "--seed", "0", "--height", str(SIZE[0]),
-            "--width", str(SIZE[1]), "--steps", str(args.base_steps), "--out", str(Path(args.out) / "base"),
-            "--preview-every", "0", "--ckpt-every", "100", "--export-dtype", "fp32", *args.train_args]
+    return [*([] if backbone == "cosmos" else ["--backbone", backbone]), "--data", str(args.data), "--action-mode",
+            "none", "--seed", "0", "--height", str(SIZE[0]), "--width", str(SIZE[1]), "--steps",
+            str(args.base_steps), "--out", str(base_dir(args, backbone)), "--preview-every", "0", "--ckpt-every",
+            "100", "--export-dtype", "fp32", *args.train_args]
 
 
 def train_argv(mode, seed, args):
@@ -90,7 +111,7 @@ def train_argv(mode, seed, args):
     out = Path(args.out) / f"seed{seed}" / mode
     start = []
     if getattr(args, "base_steps", 0):
-        start = ["--init", str(base_export(args)), "--lr", str(args.finetune_lr)]
+        start = ["--init", str(base_export(args, backbone_of(mode))), "--lr", str(args.finetune_lr)]
     every = ["--export-every", str(args.eval_every)] if getattr(args, "eval_every", 0) else []
     return ["--data", str(args.data), *VARIANTS[mode], "--seed", str(seed), "--height", str(SIZE[0]),
             "--width", str(SIZE[1]), "--steps", str(args.steps), "--out", str(out), "--preview-every", "0",
@@ -395,7 +416,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=sample.nonnegative_int, nargs="+", default=[0],
                    help="seeds of the fine-tuning runs (the new modules' initialization, data order, noise)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, metavar="VARIANT",
-                   help="variants to compare: " + ", ".join(f"{k} ({' '.join(v[1:])})" for k, v in VARIANTS.items()))
+                   help="variants to compare: " + ", ".join(f"{k} ({' '.join(v)})" for k, v in VARIANTS.items()))
     p.add_argument("--base-steps", type=sample.nonnegative_int, default=1500,
                    help="steps of the base pretrained without actions, once, that every run fine-tunes (the "
                         "paper's regime); 0: every run trains from scratch")
@@ -427,8 +448,9 @@ def main(argv=None):
     if unknown:
         p.error(f"argument --metrics: unknown {sorted(unknown)}; choose from {E.METRICS}")
     sample.check_out_dir(args.out)
-    if args.base_steps:
-        check_cached("base", 0, args, Path(args.out) / "base", base_argv(args))
+    bases = sorted({backbone_of(mode) for mode in args.modes}) if args.base_steps else []
+    for backbone in bases:
+        check_cached(f"{backbone} base", 0, args, base_dir(args, backbone), base_argv(args, backbone))
     for seed in args.seeds:  # a cached model of other settings is refused now, not after hours of training
         for mode in args.modes:
             check_cached(mode, seed, args)
@@ -438,9 +460,11 @@ def main(argv=None):
                                   finger_width=FINGER_WIDTH, finger_tasks=FINGER_TASKS)
     if not (root / "stats.json").exists():
         (root / "stats.json").write_text(json.dumps(data.compute_stats(root), indent=1))
-    if args.base_steps and not base_export(args).is_file():
-        trained = train_run(Path(args.out) / "base", base_argv(args), "the base (no actions)", args.jobs * args.threads)
-        os.link(trained, base_export(args))  # the same file under the fixed name the runs' flags give
+    for backbone in bases:
+        if not base_export(args, backbone).is_file():
+            trained = train_run(base_dir(args, backbone), base_argv(args, backbone),
+                                f"the {backbone} base (no actions)", args.jobs * args.threads)
+            os.link(trained, base_export(args, backbone))  # the same file under the fixed name the runs' flags give
     jobs = [(mode, seed, args) for seed in args.seeds for mode in args.modes]
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on train.py processes
         checkpoints = list(pool.map(train_one, jobs))

@@ -8179,11 +8179,26 @@ class TestMiniature:
         assert E.short_labels(rows) == ["dexac-no-local", "dexac-no-global (s", "mlp"]
         assert E.short_labels(["001-tiny-dexac-64x112"]) == ["001-tiny-dexac-64x"]  # one row: only cut
 
+    def test_each_variant_fine_tunes_the_base_of_its_backbone(self):
+        """The IRASim rows start from an IRASim base, the others from the Cosmos one, whose flags are those of
+        earlier miniature.py versions (so that its cached base stays valid); every variant's flags parse."""
+        import miniature
+        args = types.SimpleNamespace(out="o", data="d", base_steps=5, steps=3, finetune_lr=1e-4, eval_every=0,
+                                     train_args=[])
+        for mode in miniature.VARIANTS:
+            argv = miniature.train_argv(mode, 0, args)
+            base = "base-irasim" if mode.startswith("irasim") else "base"
+            assert argv[argv.index("--init") + 1] == str(Path("o") / base / "model.safetensors"), mode
+            assert train.parse_args(argv)[0].backbone == miniature.backbone_of(mode)
+        assert miniature.base_argv(args)[:4] == ["--data", "d", "--action-mode", "none"]
+        assert miniature.base_argv(args, "irasim")[:2] == ["--backbone", "irasim"]
+
     def test_fine_tuning_from_a_trained_base_changes_nothing_at_step_0(self, train_synth, tmp_path):
         """The paper's regime (miniature.py): a base trained without actions, then every variant built on it as
         train.py builds it (--init, the variant's flags; all of miniature.VARIANTS, the normalization ablations
-        included). At step 0 each gives the base's output bit for bit, whatever the actions, though the base's
-        zero-initialized layers (adaLN-Zero, the output layer) have moved in training."""
+        included, on an IRASim base for the IRASim ones). At step 0 each gives the base's output bit for bit,
+        whatever the actions, though the base's zero-initialized layers (adaLN-Zero, the output layer) have moved
+        in training; all but IRASim as released, whose Frame-Ada embedding has no zero initialization."""
         import miniature
         run_train(["--data", train_synth, "--out", tmp_path / "runs", "--action-mode", "none", "--steps", 3,
                    "--batch-size", 2, "--micro-batch", 2, "--export-dtype", "fp32", "--ema", 0])
@@ -8198,13 +8213,34 @@ class TestMiniature:
         with torch.no_grad():
             want = base(x, sigma, text, mask)
         stats = [torch.as_tensor(v, dtype=torch.float32) for v in data.load_stats(train_synth / "stats.json")]
+        # the IRASim variants' base, trained the same way
+        ira_file = run_train([*IRASIM_ARGS, "--data", train_synth, "--out", tmp_path / "ira", "--action-mode", "none",
+                              "--steps", 3, "--batch-size", 2, "--micro-batch", 2, "--export-dtype", "fp32", "--ema",
+                              0]) / "model.safetensors"
+        ira_base, _ = irasim.load_exported(str(ira_file))
+        assert ira_base.final_layer.linear.weight.abs().max() > 0
+        xi, ti = torch.randn(2, ira_base.config.in_channels, 5, 4, 8, generator=g), torch.tensor([40, 800])
+        with torch.no_grad():
+            ira_want = ira_base(xi, ti)
         for name, flags in miniature.VARIANTS.items():
-            cfg, _ = train.parse_args(["--data", str(train_synth), *TRAIN_ARGS, *flags, "--init", str(base_file)])
-            model = train.build_model(cfg, train.model_config(cfg, c.in_channels), torch.device("cpu"))
-            model.action_cond.set_stats(*stats)
+            ira = miniature.backbone_of(name) == "irasim"
+            extra = IRASIM_ARGS if ira else []
+            cfg, _ = train.parse_args(["--data", str(train_synth), *TRAIN_ARGS, *extra, *flags, "--init",
+                                       str(ira_file if ira else base_file)])
+            channels = ira_base.config.in_channels if ira else c.in_channels
+            model = train.build_model(cfg, train.model_config(cfg, channels), torch.device("cpu")).eval()
+            if cfg.trainable == "lora+new":  # as train.build does
+                lora.inject(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+            if model.action_cond is not None:
+                model.action_cond.set_stats(*stats)
             actions = stats[0] + stats[1] * 3 * torch.randn(2, 4, conditioning.ACTION_DIM, generator=g)
             with torch.no_grad():
-                assert torch.equal(model(x, sigma, text, mask, actions=actions), want), name
+                if not ira:
+                    assert torch.equal(model(x, sigma, text, mask, actions=actions), want), name
+                elif cfg.action_mode != "frame-ada":
+                    assert torch.equal(model(xi, ti, actions), ira_want), name
+                else:  # IRASim as released: Frame-Ada's embedding has no zero init, so it moves the base at once
+                    assert not torch.equal(model(xi, ti, actions), ira_want), name
 
     @pytest.mark.slow
     def test_miniature_experiment_trains_evaluates_and_summarizes(self, train_synth, tmp_path):
