@@ -637,7 +637,8 @@ def train_point(cfg, device, steps, peak):
             train.train_step(t, 2 + step, inputs)
         _, peak_bytes = _memory(device)
         dt = (time.perf_counter() - t0) / steps
-        return {"first_step_s": first, "ms_per_step": dt * 1e3, "tokens_per_s": t.tokens_per_step / dt,
+        return {"trainable_m": sum(p.numel() for p in t.model.parameters() if p.requires_grad) / 1e6,
+                "first_step_s": first, "ms_per_step": dt * 1e3, "tokens_per_s": t.tokens_per_step / dt,
                 "clips_per_s": cfg.batch_size / dt, "tflop_per_step": flops / 1e12,
                 "mfu": flops / dt / (peak * 1e12) if peak else None, "peak_gib": peak_bytes / 2**30}
     except torch.OutOfMemoryError:
@@ -645,6 +646,63 @@ def train_point(cfg, device, steps, peak):
     finally:
         t = None
         free(device)
+
+
+ADAPTATIONS = {  # name -> the train.py settings that make it
+    "full": {"trainable": "all"}, "new only": {"trainable": "new"},
+    "LoRA r16": {"trainable": "lora+new", "lora_rank": 16, "lora_alpha": 16.0},
+    "LoRA r64": {"trainable": "lora+new", "lora_rank": 64, "lora_alpha": 64.0}}
+
+
+def bench_adapt(args):
+    """Fine-tuning a pretrained backbone at the paper's shapes three ways (random weights, train.py's step with
+    activation checkpointing): every parameter, the new modules only, LoRA adapters (rank 16 / 64) with the new
+    modules. Per way: trainable parameters, step time and peak memory at batch 1 (the process' peak RSS on the
+    CPU), and on a GPU the largest per-GPU batch that fits each of --caps GiB (the allocator capped with
+    torch.cuda.set_per_process_memory_fraction). Writes --out (JSON) and prints a Markdown table."""
+    device = torch.device(args.device)
+    H, W = args.height or (64 if args.preset == "tiny" else 288), args.width or (112 if args.preset == "tiny" else 512)
+    peak = peak_tflops(device)
+    report = {"device": hardware_name(device), "torch": torch.__version__, "preset": args.preset,
+              "blocks": args.blocks or None, "size": [H, W], "frames": 13, "ac": args.ac, "rows": []}
+    train.setup_distributed(args.device)
+    base = replace(train.PRESETS["paper"], model=args.preset, blocks=args.blocks, height=H, width=W, ac=args.ac,
+                   micro_batch=1, batch_size=1)
+    try:
+        for name in args.ways:
+            cfg = replace(base, **ADAPTATIONS[name])
+            row = {"way": name, **train_point(cfg, device, args.steps, peak)}
+            if device.type == "cuda":
+                total = torch.cuda.get_device_properties(device).total_memory
+                for cap in args.caps:
+                    torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total), device)
+                    fits = 0
+                    for b in args.batches:
+                        if train_point(replace(cfg, micro_batch=b, batch_size=b), device, 1, peak).get("oom"):
+                            break
+                        fits = b
+                    row[f"max_batch_{cap:g}gib"] = fits
+                torch.cuda.set_per_process_memory_fraction(1.0, device)
+            report["rows"].append(row)
+            print(f"{name}: {row}", flush=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    caps = [f"max_batch_{c:g}gib" for c in args.caps] if device.type == "cuda" else []
+    depth = f" with {args.blocks} blocks" if args.blocks else ""
+    lines = [f"{report['device']}, {args.preset}{depth} at {H}x{W}, 13 frames, batch 1, activation checkpointing "
+             f"{args.ac}",
+             "", "| way | trainable (M) | ms/step | peak memory (GiB) |" + "".join(f" largest batch in {c.split('_')[-1]} |"
+                                                                       for c in caps),
+             "|---|---|---|---|" + "---|" * len(caps)]
+    for r in report["rows"]:
+        cells = ["out of memory"] * 2 if r.get("oom") else [f"{r['ms_per_step']:.0f}", f"{r['peak_gib']:.2f}"]
+        lines.append(f"| {r['way']} | {r.get('trainable_m', 0):.2f} | {cells[0]} | {cells[1]} |" +
+                     "".join(f" {r.get(c, '-')} |" for c in caps))
+    print("\n".join(lines))
+    if args.out:
+        hub.atomic_write(args.out, json.dumps(report, indent=1))
+    return report
 
 
 def bench_gpu(args):
@@ -938,6 +996,23 @@ def main(argv=None):
     sub.add_parser("train", help="training steps on random latents: time, tokens/s, MFU, peak memory "
                                  "(every train.py flag; see python bench.py train -h)", add_help=False)
 
+    q = sub.add_parser("adapt", help="full fine-tuning, new modules only and LoRA r16/r64: step time, peak memory, "
+                                     "largest batch per memory cap (random weights)")
+    q.add_argument("--preset", default="cosmos2b", choices=sorted(M.PRESETS), help="DiT size (tiny: the CPU's)")
+    q.add_argument("--device", type=data.device_name, default=default_device, help="cpu or cuda")
+    q.add_argument("--height", type=data.int_multiple(16), default=None, help="frame height (default: the paper's "
+                                                                               "288; tiny: 64)")
+    q.add_argument("--width", type=data.int_multiple(16), default=None, help="frame width (512; tiny: 112)")
+    q.add_argument("--blocks", type=data.int_at_least(0), default=0,
+                   help="override the preset's depth (0: keep it; a few blocks of cosmos2b's width fit a CPU)")
+    q.add_argument("--ways", nargs="+", default=list(ADAPTATIONS), choices=list(ADAPTATIONS), metavar="WAY",
+                   help=f"what is trained, among {list(ADAPTATIONS)}")
+    q.add_argument("--ac", default="full", choices=["none", "full", "mlp"], help="activation checkpointing")
+    q.add_argument("--steps", type=count, default=3, help="timed steps per way (after 2 warmup)")
+    q.add_argument("--caps", type=float, nargs="+", default=[24, 48, 80], help="GPU memory caps in GiB")
+    q.add_argument("--batches", type=count, nargs="+", default=[1, 2, 4, 8, 16], help="batches tried per cap")
+    q.add_argument("--out", default="", help="write the figures as JSON here")
+
     q = sub.add_parser("gpu", help="every speed figure at once: training grid, rollout chunks against diffusers, "
                                    "VAE, DINOv3 (random weights; one JSON, one table)")
     q.add_argument("--preset", default="cosmos2b", choices=sorted(M.PRESETS), help="DiT size (tiny: the CPU smoke)")
@@ -1000,7 +1075,7 @@ def main(argv=None):
     if args.what == "eval" and (set(args.metrics) - set(E.METRICS) or "latent_l2" in args.metrics):
         p.error(f"--metrics: from {','.join(m for m in E.METRICS if m != 'latent_l2')}")
     run = {"dit": bench_dit, "vae": bench_vae, "dino": bench_dino, "decode": bench_decode, "sample": bench_sample,
-           "costs": print_costs, "eval": bench_eval, "gpu": bench_gpu}[args.what]
+           "costs": print_costs, "eval": bench_eval, "gpu": bench_gpu, "adapt": bench_adapt}[args.what]
     return run(args)
 
 

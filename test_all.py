@@ -5358,7 +5358,8 @@ class TestLoRATraining:
         peft_model = PeftModel.from_pretrained(copy, str(whole / "model_peft")).eval()
         with torch.no_grad():
             assert (out(peft_model) - want).abs().max() <= 1e-5 * want.abs().max()
-        assert "give it with --init" in main_error(["--data", train_synth, "--trainable", "lora+new"], tmp_path / "e")
+        assert "adapts a pretrained backbone: give it with --init" in main_error(
+            ["--data", train_synth, "--trainable", "lora+new"], tmp_path / "e")
         assert "--lora-rank 0 must be >= 1" in main_error(["--data", train_synth, *args[:-4], "--lora-rank", 0],
                                                           tmp_path / "e")
         for bad, message in ((["--checkpoint", str(path), "--out", str(path)], "give a new .safetensors"),
@@ -8574,6 +8575,21 @@ class TestBench:
         dt = bench.main(["train", "--dim", "64", "--blocks", "1", "--height", "32", "--width", "48", "--batch-size",
                          "1", "--micro-batch", "1", "--bench-steps", "1", "--device", "cpu"])
         assert dt > 0 and "benchmark:" in capsys.readouterr().out and not torch.distributed.is_initialized()
+
+    def test_adaptation_benchmark_counts_what_each_way_trains(self, tmp_path, capsys):
+        """bench.py adapt: a row per way, its trainable parameters those train.build leaves trainable (LoRA: the
+        adapters' r (in + out) per adapted layer on top of the new modules), one table and the JSON."""
+        r = bench.main(["adapt", "--preset", "tiny", "--blocks", "1", "--device", "cpu", "--height", "32", "--width",
+                        "48", "--steps", "1", "--ways", "new only", "LoRA r16", "--out", str(tmp_path / "adapt.json")])
+        rows = {row["way"]: row for row in r["rows"]}
+        assert list(rows) == ["new only", "LoRA r16"] and all(row["ms_per_step"] > 0 for row in rows.values())
+        c = M.PRESETS["tiny"]
+        d, ctx, hidden = c.dim, c.context_dim, int(c.dim * c.mlp_ratio)
+        per_rank = (4 * (d + d)) + (2 * (d + d) + 2 * (ctx + d)) + (d + hidden) + (hidden + d)  # 1 block
+        extra = rows["LoRA r16"]["trainable_m"] - rows["new only"]["trainable_m"]
+        assert extra * 1e6 == pytest.approx(16 * per_rank)
+        assert json.loads((tmp_path / "adapt.json").read_text())["rows"][0]["way"] == "new only"
+        assert "| LoRA r16 |" in capsys.readouterr().out
 
     def test_sample_benchmark_runs(self):
         """bench.py sample times one chunk of a DexAC model on random weights."""

@@ -1008,8 +1008,6 @@ def check_config(cfg, world):
     if rest or not accum:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}"
                           f"x {world} ranks")
-    if cfg.trainable in ("new", "lora+new") and not cfg.init:
-        raise ConfigError(f"--trainable {cfg.trainable} trains on a pretrained backbone: give it with --init")
     n = cfg.frames - 1 if cfg.backbone == "irasim" else (cfg.frames - 1) // tok.TEMPORAL  # latent frames after the first
     if not 0 < cfg.cond_frames <= n:
         raise ConfigError(f"--cond-frames {cfg.cond_frames} must lie in [1, {n}] (latent frames {n + 1} for "
@@ -1031,6 +1029,8 @@ def build(cfg, device, *, load=True):
     time the same as pretrained ones (`python bench.py train`)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     accum = check_config(cfg, world)
+    if load and cfg.trainable == "lora+new" and not cfg.init:  # (a benchmark times random weights)
+        raise ConfigError("--trainable lora+new adapts a pretrained backbone: give it with --init")
     torch.manual_seed(cfg.seed)
     cfg = cfg if load else replace(cfg, init="")
     stats_path = prepare_data(cfg, rank) if load else None
