@@ -23,7 +23,9 @@ import gc
 import json
 import math
 import os
+import re
 import resource
+import subprocess
 import sys
 import shutil
 import tempfile
@@ -789,6 +791,179 @@ def bench_gpu(args):
     return report
 
 
+# -----------------------------------------------------------------------------
+# path: the whole user path on one GPU (train, checkpoint, resume, export, sample, evaluate) as its commands
+
+
+def write_random_weights(out, preset, device):
+    """Random weights in the layouts the real files have (no Hub there): the DiT as an official .pt (`net.`
+    keys, bf16), the Wan2.1 VAE as Wan2.1_VAE.pth (its original keys), DINOv3 ViT-L/16 as a .safetensors
+    (this repository's names, which semantic.load_dino reads beside the Hub's; cosmos2b only: the smoke runs
+    without the semantic branch) -> {name: path}."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"dit": out / "dit.pt", "vae": out / "Wan2.1_VAE.pth"}
+    if preset == "cosmos2b":
+        paths["dino"] = out / "dinov3.safetensors"
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    torch.manual_seed(0)
+    with torch.device(device):
+        dit = M.DiT(M.config_from_preset(preset))
+    dit.init_weights()
+    official = M.state_dict_as(dit.state_dict(), "official", dit.config.n_blocks)
+    torch.save({f"net.{k}": v.to("cpu", torch.bfloat16) for k, v in official.items()}, paths["dit"])
+    del dit, official
+    free(device)
+    torch.save(tok.WanVAE().state_dict(), paths["vae"])
+    if "dino" in paths:
+        from safetensors.torch import save_file
+        dino = sem.DinoV3(sem.DINO_PRESETS["vitl16"])
+        save_file({k: v.contiguous() for k, v in dino.state_dict().items()}, str(paths["dino"]))
+    return paths
+
+
+def write_text_cache(root, cache, text_tokens):
+    """Random Cosmos-Reason1 embeddings (bf16, the released width) for every prompt of the dataset, in
+    semantic.TextEmbedder's cache layout: the paper preset's text path without the 7B encoder."""
+    text = sem.TextEmbedder("reason1", cache_dir=str(cache), max_tokens=text_tokens)
+    prompts = {data.read_track(e, e.start, e.start + 2).prompt for splits in (data.TRAIN_SPLITS, data.EVAL_SPLITS)
+               for e in data.load_index(root, splits)[0]} | {""}
+    g = torch.Generator().manual_seed(0)
+    from safetensors.torch import save_file
+    cache.mkdir(parents=True, exist_ok=True)
+    for p in sorted(prompts):
+        if not os.path.exists(text.cache_path(p)):
+            emb = (torch.randn(text.shape, generator=g) * 0.02).to(torch.bfloat16)
+            save_file({"embedding": emb}, text.cache_path(p), metadata={"prompt": p, "encoder": text.encoder_id})
+    return len(prompts)
+
+
+def run_logged(cmd, log, env):
+    """One command of the path, its output in `log` -> (seconds, the output)."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    text = Path(log).read_text()
+    if code:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed (exit {code}); its output: {log}\n{text[-2000:]}")
+    return time.perf_counter() - t0, text
+
+
+def checkpoint_room(out, need):
+    """Where checkpoints of `need` bytes fit twice (the resumed one and the last stay): --out's disk, else
+    /dev/shm (RAM) -> the folder runs go to, or None."""
+    for where in (out, Path("/dev/shm")):
+        if where.exists() and shutil.disk_usage(where).free > 2.2 * need:
+            return where
+    return None
+
+
+def bench_path(args):
+    """The whole path a user runs first, on one GPU from random weights in the official layouts (no Hub): the
+    paper preset (13 frames at 288x512, DexAC and DINOv3, Reason1 text from a cache, bf16, FSDP2 on one rank)
+    trains --steps on synthetic data at that size, checkpoints halfway and stops, resumes, finishes and exports;
+    sample.py rolls out two chunks from the export; evaluate.py scores a few clips. Every stage runs as its
+    command (train.py, sample.py, evaluate.py), its output in OUT/logs/. Prints and writes (OUT/path.json) the
+    step time, tokens/s, MFU, peak memory, checkpoint size, save and load times, sampling time per chunk and
+    evaluation time, with the GPU's name. On a GPU machine without PyAV, install its wheel first (the synthetic
+    data is MP4)."""
+    out, device = Path(args.out), torch.device(args.device)
+    gpu = device.type == "cuda"
+    H, W = (288, 512) if args.preset == "cosmos2b" else (64, 112)
+    logs, report, t_start = out / "logs", {"device": hardware_name(device), "torch": torch.__version__,
+                                           "preset": args.preset, "size": [H, W], "steps": args.steps}, time.perf_counter()
+    logs.mkdir(parents=True, exist_ok=True)
+    stage = lambda name, t0: report.setdefault("stage_seconds", {}).update({name: round(time.perf_counter() - t0, 1)})
+
+    t0 = time.perf_counter()
+    weights = write_random_weights(out / "weights", args.preset, device)
+    stage("weights", t0)
+    t0 = time.perf_counter()
+    root = out / "data"
+    if not (root / "stats.json").is_file():
+        synthetic.write_synthetic(root, tasks=2, episodes=2, test_episodes=1, frames=40, size=(H, W), workers=0,
+                                  overwrite=True)
+        (root / "stats.json").write_text(json.dumps(data.compute_stats(root)))
+    report["prompts"] = write_text_cache(root, out / "text_cache", train.PRESETS["paper"].text_tokens)
+    stage("data", t0)
+
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in M.DiT(M.config_from_preset(args.preset)).parameters())
+    ckpt_bytes = 4 * 4 * n_params  # fp32 weights, two Adam moments and the EMA
+    where = checkpoint_room(out, ckpt_bytes)
+    if where is None:
+        raise RuntimeError(f"no room for two {ckpt_bytes / 2**30:.0f} GiB checkpoints on {out} or /dev/shm")
+    runs = out / "runs"
+    if where != out and not runs.exists():
+        (where / "dexac-path-runs").mkdir(exist_ok=True)
+        runs.symlink_to(where / "dexac-path-runs")  # the run under OUT/runs, its bytes in RAM
+    report["checkpoints_in"] = str(where)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    here = Path(__file__).resolve().parent
+    flags = ["--preset", "paper", "--data", str(root), "--init", str(weights["dit"]), "--tokenizer-weights",
+             str(weights["vae"]), *(["--dino", str(weights["dino"])] if "dino" in weights else []),
+             "--text-cache", str(out / "text_cache"),
+             "--batch-size", str(args.batch), "--micro-batch", str(args.batch), "--steps", str(args.steps),
+             "--epochs", "0",  # --steps decides, not the preset's 2 epochs
+             "--ckpt-every", str(args.steps // 2), "--keep", "1", "--preview-every", "0", "--workers", "4",
+             "--out", str(runs), "--device", args.device]
+    if args.preset != "cosmos2b":  # the CPU smoke: the tiny DiT (its own text width), no DINOv3, small frames
+        flags += ["--model", args.preset, "--height", str(H), "--width", str(W), "--text", "none", "--no-semantic"]
+    t0 = time.perf_counter()
+    first, log1 = run_logged([sys.executable, str(here / "train.py"), *flags, "--exit-after", str(args.steps // 2)],
+                             logs / "train_1.log", env)
+    run = Path(next(line.split()[-1] for line in log1.splitlines() if "continue with:" in line))
+    second, log2 = run_logged([sys.executable, str(here / "train.py"), *flags, "--resume", str(run)],
+                              logs / "train_2.log", env)
+    stage("train", t0)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    timed = [x for x in lines if x["step"] > 2] or lines  # the first steps pay for allocation and warm-up
+    tflop = float(re.search(r"([\d.]+) TFLOP per step", log1).group(1))
+    step_time = float(np.median([x["step_time"] for x in timed]))
+    peak = peak_tflops(device)
+    ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
+    report["train"] = {
+        "ms_per_step": 1e3 * step_time, "tokens_per_s": float(np.median([x["tokens_per_s"] for x in timed])),
+        "tflop_per_step": tflop, "mfu": tflop / step_time / peak if peak else None,
+        "peak_gib": max((x.get("peak_gib", 0) for x in lines), default=None) if gpu else None,
+        "checkpoint_gib": sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 2**30,
+        "checkpoint_save_s": [float(v) for v in re.findall(r"saved in ([\d.]+) s", log1 + log2)],
+        "checkpoint_load_s": float(re.search(r"loaded in ([\d.]+) s", log2).group(1)),
+        "export_gib": (run / "model.safetensors").stat().st_size / 2**30, "first_call_s": first,
+        "resumed_call_s": second, "final_loss": lines[-1]["loss"]}
+    episode = sorted((root / "test").rglob("*.hdf5"))[0]
+    t0 = time.perf_counter()
+    _, log = run_logged([sys.executable, str(here / "sample.py"), "--checkpoint", str(run / "model.safetensors"),
+                         "--episode", str(episode), "--num-actions", "24", "--steps", str(args.sample_steps),
+                         "--dtype", "bf16" if gpu else "fp32", "--device", args.device, "--out",
+                         str(out / "samples")], logs / "sample.log", env)
+    stage("sample", t0)
+    rollout = float(re.search(r"actions in ([\d.]+) s", log).group(1))
+    report["sample"] = {"chunks": 2, "sampler_steps": args.sample_steps, "rollout_s": rollout,
+                        "s_per_chunk": rollout / 2, "call_s": report["stage_seconds"]["sample"]}
+    t0 = time.perf_counter()
+    run_logged([sys.executable, str(here / "evaluate.py"), "--checkpoint", str(run / "model.safetensors"), "--data",
+                str(root), "--horizon", "25", "--clips", "2", "--steps", str(args.sample_steps), "--metrics",
+                "psnr,ssim,latent_l2", "--dtype", "bf16" if gpu else "fp32", "--device", args.device, "--out",
+                str(out / "eval")], logs / "evaluate.log", env)
+    stage("evaluate", t0)
+    report["eval"] = json.loads((out / "eval" / "report.json").read_text())["rows"]
+    report["seconds"] = round(time.perf_counter() - t_start, 1)
+    hub.atomic_write(out / "path.json", json.dumps(report, indent=1))
+    tr = report["train"]
+    print(f"{report['device']}: {args.preset} at {H}x{W}, batch {args.batch}, {args.steps} steps")
+    print(f"  train: {tr['ms_per_step']:.0f} ms/step, {tr['tokens_per_s']:,.0f} tokens/s, "
+          f"{tr['tflop_per_step']:.1f} TFLOP/step, MFU {100 * tr['mfu']:.1f}%" if tr["mfu"] else
+          f"  train: {tr['ms_per_step']:.0f} ms/step, {tr['tokens_per_s']:,.0f} tokens/s")
+    memory = f"{tr['peak_gib']:.1f} GiB" if tr["peak_gib"] is not None else "n/a on the CPU"
+    print(f"  peak memory {memory}; checkpoint {tr['checkpoint_gib']:.1f} GiB, saved in "
+          f"{', '.join(f'{v:.1f}' for v in tr['checkpoint_save_s'])} s, loaded in {tr['checkpoint_load_s']:.1f} s; "
+          f"export {tr['export_gib']:.1f} GiB")
+    print(f"  sample: {report['sample']['s_per_chunk']:.1f} s per chunk ({args.sample_steps} steps); stages "
+          f"{report['stage_seconds']}; {report['seconds']:.0f} s in all -> {out / 'path.json'}")
+    return report
+
+
 def print_gpu_table(r):
     num = lambda v, f: "-" if v is None else format(v, f)
     print(f"\n{r['device']}, torch {r['torch']}, preset {r['preset']}, {r['dtype']}, {r['size'][0]}x{r['size'][1]}, "
@@ -996,6 +1171,15 @@ def main(argv=None):
     sub.add_parser("train", help="training steps on random latents: time, tokens/s, MFU, peak memory "
                                  "(every train.py flag; see python bench.py train -h)", add_help=False)
 
+    q = sub.add_parser("path", help="the whole user path on one GPU from random official-layout weights: train, "
+                                    "checkpoint, resume, export, sample, evaluate (issue 20)")
+    q.add_argument("--preset", default="cosmos2b", choices=sorted(M.PRESETS), help="DiT size (tiny: a CPU smoke)")
+    q.add_argument("--device", type=data.device_name, default=default_device, help="cuda (or cpu, the smoke)")
+    q.add_argument("--steps", type=data.int_at_least(2), default=20, help="training steps (a checkpoint halfway)")
+    q.add_argument("--batch", type=count, default=8, help="clips per step (the paper's per GPU: 8)")
+    q.add_argument("--sample-steps", type=count, default=35, help="sampler steps per chunk (official: 35)")
+    q.add_argument("--out", default="runs/gpu-path", help="everything goes under this folder")
+
     q = sub.add_parser("adapt", help="full fine-tuning, new modules only and LoRA r16/r64: step time, peak memory, "
                                      "largest batch per memory cap (random weights)")
     q.add_argument("--preset", default="cosmos2b", choices=sorted(M.PRESETS), help="DiT size (tiny: the CPU's)")
@@ -1075,7 +1259,8 @@ def main(argv=None):
     if args.what == "eval" and (set(args.metrics) - set(E.METRICS) or "latent_l2" in args.metrics):
         p.error(f"--metrics: from {','.join(m for m in E.METRICS if m != 'latent_l2')}")
     run = {"dit": bench_dit, "vae": bench_vae, "dino": bench_dino, "decode": bench_decode, "sample": bench_sample,
-           "costs": print_costs, "eval": bench_eval, "gpu": bench_gpu, "adapt": bench_adapt}[args.what]
+           "costs": print_costs, "eval": bench_eval, "gpu": bench_gpu, "adapt": bench_adapt,
+           "path": bench_path}[args.what]
     return run(args)
 
 

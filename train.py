@@ -1077,13 +1077,14 @@ def open_run(t, resume):
     cfg, step = t.cfg, 0
     stream = t.stream = Stream(cfg, t.rank, t.world)
     if resume:
+        t0 = time.perf_counter()
         ckpt, meta = load_newest_intact(t, resume)
         run = ckpt.parent.parent
         lock_run(t, run)
         step = meta["step"]
         stream.load(meta["data"])
         t.resumed_from = ckpt
-        t.log(f"resumed from {ckpt} at step {step}")
+        t.log(f"resumed from {ckpt} at step {step} (loaded in {time.perf_counter() - t0:.1f} s)")
     else:
         run = [None]
         if t.rank == 0:
@@ -1293,6 +1294,9 @@ def log_metrics(t, run, history, step, window, *, seconds):
             "losses": [r.loss for r in window], "grad_norm": window[-1].norm, "lr": lr_at(step - 1, t.cfg),
             "step_time": step_time, "tokens_per_s": t.tokens_per_step / step_time,
             "skipped": sum(not r.ok for r in window)}
+    if t.device.type == "cuda":  # this rank's peak since the last line: what the next bigger batch must fit beside
+        line["peak_gib"] = torch.cuda.max_memory_allocated(t.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(t.device)
     history.append(line)
     if t.rank == 0:
         with open(run / "metrics.jsonl", "a") as f:
@@ -1378,7 +1382,9 @@ def loop(t, args):
         signalled = r.stats.stop.item() > 0
         stop = signalled or (args.exit_after and step - first_step >= args.exit_after)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
-            say(f"checkpoint {checkpoint(t, run, step, stream)}")
+            t0 = time.perf_counter()
+            path = checkpoint(t, run, step, stream)
+            say(f"checkpoint {path} (saved in {time.perf_counter() - t0:.1f} s)")
         if stop:
             bar.close()
             why = f"signal {STOP['signal']}" if signalled else f"--exit-after {args.exit_after}"
