@@ -3,7 +3,15 @@
 Every package the tests compare against is a test dependency (pyproject's `test` extra), so a skip can only mean a
 broken install or a test that gave up; either way the suite must not come out green with an "s" in it. `-rs`
 (pyproject's addopts) prints each skip's reason in the summary.
+
+The suite runs in two processes (pytest-xdist, `-n 2 --dist loadscope`: a test class per process at a time), each
+with one thread: two torch processes with a thread per core each would oversubscribe 2 cores tenfold.
 """
+
+import os
+
+if "PYTEST_XDIST_WORKER" in os.environ:  # before torch is imported by the test module
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -39,7 +39,12 @@ Deliberate choices:
 - images: 16-bit ones are scaled from 0-65535, float ones from [0, 1], transparency is composited on black
   (what an empty scene looks like to the tokenizer, as a letterbox does) and the EXIF orientation is applied;
 - a model trained with `--trainable new` on a pretrained backbone is exported as its DexAC modules only; it is
-  rebuilt on the backbone the file names, or on `--init` (a local file or a Hub spec, model.load_dit);
+  rebuilt on the backbone the file names, or on `--init` (a local file or a Hub spec, model.load_dit); one
+  trained with `--trainable lora+new` likewise, with its LoRA adapters (lora.load_exported; `--merge` folds them
+  into the base weights first);
+- an IRASim export (train.py --backbone irasim) rolls out the same way on per-frame latents (a chunk: one clip's
+  frames, one action each), with its own sampler (DDIM, or `--sampler ddpm`), at its training size only (its
+  position embedding is fixed) and without guidance (it has no text);
 - with the semantic branch, DINOv3 sees each chunk's first frame, as in training: the given image, then the
   last generated frame: with carry "reencode" the quantized frame that is encoded (one decode for both), with
   carry "latent" the last latent frame decoded alone (exact for the pixel tokenizer, close for the VAE).

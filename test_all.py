@@ -337,9 +337,11 @@ def run_train(args, nproc=1, wait=True):
     argv = [*TRAIN_ARGS, *map(str, args)]
     if nproc == 1 and wait:
         return train.main(argv)
-    env = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1" if nproc > 1 else "2"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 \
-        else [sys.executable]
+    shared = nproc > 1 or "PYTEST_XDIST_WORKER" in os.environ  # cores shared with other processes: 1 thread each
+    env = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1" if shared else "2"}
+    # --standalone: a free port for the rendezvous, so that two test processes can each run torchrun
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
     cmd = launcher + [os.path.join(HERE, "train.py"), *argv]
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
