@@ -88,6 +88,7 @@ def samplers(backbone):
     """The samplers of a backbone's models: model.SOLVERS (Cosmos' ODE solvers) or irasim.SAMPLERS."""
     return irasim.SAMPLERS if backbone == "irasim" else M.SOLVERS
 
+
 OUTLIER_STDS = 20  # actions farther than this from the training mean (in its stds) get a warning
 
 
