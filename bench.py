@@ -694,8 +694,8 @@ def bench_adapt(args):
     depth = f" with {args.blocks} blocks" if args.blocks else ""
     lines = [f"{report['device']}, {args.preset}{depth} at {H}x{W}, 13 frames, batch 1, activation checkpointing "
              f"{args.ac}",
-             "", "| way | trainable (M) | ms/step | peak memory (GiB) |" + "".join(f" largest batch in {c.split('_')[-1]} |"
-                                                                       for c in caps),
+             "", "| way | trainable (M) | ms/step | peak memory (GiB) |" +
+             "".join(f" largest batch in {c.split('_')[-1]} |" for c in caps),
              "|---|---|---|---|" + "---|" * len(caps)]
     for r in report["rows"]:
         cells = ["out of memory"] * 2 if r.get("oom") else [f"{r['ms_per_step']:.0f}", f"{r['peak_gib']:.2f}"]
@@ -870,10 +870,11 @@ def bench_path(args):
     out, device = Path(args.out), torch.device(args.device)
     gpu = device.type == "cuda"
     H, W = (288, 512) if args.preset == "cosmos2b" else (64, 112)
-    logs, report, t_start = out / "logs", {"device": hardware_name(device), "torch": torch.__version__,
-                                           "preset": args.preset, "size": [H, W], "steps": args.steps}, time.perf_counter()
+    t_start, logs = time.perf_counter(), out / "logs"
+    report = {"device": hardware_name(device), "torch": torch.__version__, "preset": args.preset, "size": [H, W],
+              "steps": args.steps, "stage_seconds": {}}
     logs.mkdir(parents=True, exist_ok=True)
-    stage = lambda name, t0: report.setdefault("stage_seconds", {}).update({name: round(time.perf_counter() - t0, 1)})
+    stage = lambda name, t0: report["stage_seconds"].update({name: round(time.perf_counter() - t0, 1)})
 
     t0 = time.perf_counter()
     weights = write_random_weights(out / "weights", args.preset, device)

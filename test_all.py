@@ -5825,6 +5825,11 @@ class TestTrain:
                    "--keep", 5, "--exit-after", 2])
         run = only_run(tmp_path)
         capsys.readouterr()
+        newest = run / "checkpoints" / "step_0000002" / "meta.json"  # as a version before --backbone wrote it
+        meta = json.loads(newest.read_text())
+        for k in ("backbone", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout"):
+            del meta["train_config"][k]
+        newest.write_text(json.dumps(meta))
         train.main(["--resume", str(run)])  # no other flag: the run's steps, lr and cadence, not the preset's
         cfg = json.loads((run / "config.json").read_text())["train"]
         assert (cfg["steps"], cfg["lr"], cfg["ckpt_every"], cfg["keep"]) == (3, 3e-4, 1, 5)

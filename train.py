@@ -234,9 +234,8 @@ PAPER_CACHE = ("torchrun --nproc_per_node=8 data.py cache --data /path/to/egodex
 
 # fields that define the model and its inputs: a checkpoint made with others cannot be resumed
 MUST_MATCH = ("backbone", "model", "action_mode", "action_norm", "semantic", "trainable", "lora_rank", "lora_alpha",
-              "lora_targets", "tokenizer",
-              "pixel_compression", "pixel_mean", "pixel_std", "text", "text_tokens", "height", "width", "frames", "cond_frames", "seed",
-              "batch_size")
+              "lora_targets", "tokenizer", "pixel_compression", "pixel_mean", "pixel_std", "text", "text_tokens",
+              "height", "width", "frames", "cond_frames", "seed", "batch_size")
 
 
 class ConfigError(Exception):
@@ -719,7 +718,11 @@ def load_checkpoint(path, *, cfg, mcfg, model, optimizer, ema):
     from torch.distributed.checkpoint.state_dict import set_state_dict
     meta = json.loads((path / "meta.json").read_text())
     dit = json.loads(json.dumps(asdict(mcfg)))  # tuples as lists, as in the file
-    saved = {**meta["train_config"], **{f"dit.{k}": v for k, v in meta["model_config"].items()}}
+    # a setting newer than the checkpoint takes its default, which is what the runs made before it did
+    # (--backbone, the --lora-* flags: a run from an older version resumes)
+    defaults = json.loads(json.dumps(asdict(type(mcfg)())))
+    older = {**asdict(TrainConfig()), **{f"dit.{k}": v for k, v in defaults.items()}}
+    saved = {**older, **meta["train_config"], **{f"dit.{k}": v for k, v in meta["model_config"].items()}}
     now = {**asdict(cfg), **{f"dit.{k}": v for k, v in dit.items()}}
     keys = (*MUST_MATCH, *(f"dit.{k}" for k in dit))
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in keys if saved.get(k) != now[k]]
@@ -1008,7 +1011,7 @@ def check_config(cfg, world):
     if rest or not accum:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}"
                           f"x {world} ranks")
-    n = cfg.frames - 1 if cfg.backbone == "irasim" else (cfg.frames - 1) // tok.TEMPORAL  # latent frames after the first
+    n = cfg.frames - 1 if cfg.backbone == "irasim" else (cfg.frames - 1) // tok.TEMPORAL  # latent frames, less 1
     if not 0 < cfg.cond_frames <= n:
         raise ConfigError(f"--cond-frames {cfg.cond_frames} must lie in [1, {n}] (latent frames {n + 1} for "
                           f"{cfg.frames} frames: at least one must be predicted)")
