@@ -4984,10 +4984,10 @@ class TestIRASimPath:
                                    "--micro-batch", "2", "--out", str(tmp_path)])
         parallelize = train.parallelize
         monkeypatch.setattr(train, "parallelize", lambda *a, **k: parallelize(*a, **{**k, "bf16": True}))
-        for mode in ("frame-ada", "dexac"):
-            c = replace(cfg, action_mode=mode)
+        for mode, learn_sigma in (("frame-ada", False), ("dexac", True)):  # with the learned variance's VLB too
+            c = replace(cfg, action_mode=mode, learn_sigma=learn_sigma)
             t = train.build(c, torch.device("cpu"))
-            assert t.dtype == torch.bfloat16
+            assert t.dtype == torch.bfloat16 and t.model.out_channels == (2 if learn_sigma else 1) * t.latent[1]
             g = torch.Generator().manual_seed(1)
             inputs = (torch.randn(t.latent, generator=g), t.context[0]([""] * 2),
                       torch.randn(2, c.frames - 1, conditioning.ACTION_DIM, generator=g), None)
@@ -4997,6 +4997,7 @@ class TestIRASimPath:
     @pytest.mark.parametrize("flags,message", [
         (["--action-mode", "frame-ada"], "belongs to IRASim"),
         (["--tokenizer", "sdxl"], "belongs to IRASim"),
+        (["--learn-sigma"], "--learn-sigma belongs to IRASim"),
         (["--backbone", "irasim", "--model", "cosmos2b"], "the IRASim sizes are"),
         (["--backbone", "irasim", "--model", "tiny", "--semantic"], "no cross-attention"),
         (["--backbone", "irasim", "--model", "tiny", "--tokenizer", "wan2.1"], "per-frame latents"),

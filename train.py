@@ -82,6 +82,8 @@ class TrainConfig:
     backbone: str = opt("cosmos", "the video DiT: 'cosmos' (Cosmos-Predict2.5, rectified flow, the paper's main "
                         "rows) or 'irasim' (IRASim, Gaussian diffusion on per-frame latents, the paper's second "
                         "backbone; README 'Two backbones')", list(BACKBONES))
+    learn_sigma: bool = opt(False, "--backbone irasim: learn the variance too (improved DDPM's learned range: twice "
+                            "the output channels, the loss MSE + VLB); the released Frame-Ada configs leave it off")
     model: str = opt("tiny", f"size preset of the backbone: cosmos {sorted(M.PRESETS)}, irasim "
                      f"{sorted(irasim.PRESETS)}", sorted(set(M.PRESETS) | set(irasim.PRESETS)))
     dim: int = opt(0, "override the preset's DiT width (0: keep it); the heads stay, so keep dim / heads >= 12")
@@ -233,9 +235,9 @@ PAPER_CACHE = ("torchrun --nproc_per_node=8 data.py cache --data /path/to/egodex
                "--epochs 2 --dino facebook/dinov3-vitl16-pretrain-lvd1689m")
 
 # fields that define the model and its inputs: a checkpoint made with others cannot be resumed
-MUST_MATCH = ("backbone", "model", "action_mode", "action_norm", "semantic", "trainable", "lora_rank", "lora_alpha",
-              "lora_targets", "tokenizer", "pixel_compression", "pixel_mean", "pixel_std", "text", "text_tokens",
-              "height", "width", "frames", "cond_frames", "seed", "batch_size")
+MUST_MATCH = ("backbone", "learn_sigma", "model", "action_mode", "action_norm", "semantic", "trainable",
+              "lora_rank", "lora_alpha", "lora_targets", "tokenizer", "pixel_compression", "pixel_mean", "pixel_std",
+              "text", "text_tokens", "height", "width", "frames", "cond_frames", "seed", "batch_size")
 
 
 class ConfigError(Exception):
@@ -339,7 +341,7 @@ def model_config(cfg, latent_channels):
         c = irasim.config_from_preset(cfg.model, in_channels=latent_channels, input_size=(cfg.height // s,
                                       cfg.width // s), num_frames=T, mask_frames=cfg.cond_frames,
                                       action_mode=cfg.action_mode, action_dim=conditioning.ACTION_DIM,
-                                      action_norm=cfg.action_norm)
+                                      action_norm=cfg.action_norm, learn_sigma=cfg.learn_sigma)
         return replace(c, dim=cfg.dim or c.dim, n_blocks=cfg.blocks or c.n_blocks)
     c = M.config_from_preset(cfg.model, action_mode=cfg.action_mode, action_steps=cfg.frames - 1,
                              actions_per_frame=tok.TEMPORAL, action_norm=cfg.action_norm)
@@ -981,12 +983,14 @@ def check_output(out):
 def check_backbone(cfg):
     """What each backbone takes: its own size presets, tokenizers and action modes; IRASim has no text, DINOv3
     branch or MLP-only activation checkpointing."""
-    irasim_only = {"frame-ada": cfg.action_mode == "frame-ada", "sdxl": cfg.tokenizer == "sdxl"}
+    irasim_only = {  # what is IRASim's -> (set, what Cosmos has instead)
+        "--action-mode frame-ada": (cfg.action_mode == "frame-ada", "an --action-mode of its own"),
+        "--tokenizer sdxl": (cfg.tokenizer == "sdxl", "the wan2.1 or pixel --tokenizer"),
+        "--learn-sigma": (cfg.learn_sigma, "rectified flow")}
     if cfg.backbone == "cosmos":
-        for what, used in irasim_only.items():
+        for what, (used, instead) in irasim_only.items():
             if used:
-                raise ConfigError(f"{what} belongs to IRASim: add --backbone irasim, or choose a Cosmos "
-                                  f"{'--action-mode' if what == 'frame-ada' else '--tokenizer'}")
+                raise ConfigError(f"{what} belongs to IRASim: add --backbone irasim, or drop it (Cosmos: {instead})")
         if cfg.model not in M.PRESETS:
             raise ConfigError(f"--model {cfg.model} is an IRASim size: the Cosmos sizes are {sorted(M.PRESETS)}")
         return
