@@ -1289,14 +1289,18 @@ def main(argv=None):
     q.add_argument("--data", required=True, help="EgoDex or EgoVerse root")
     q.add_argument("--out", required=True, help="cache directory (an interrupted run resumes there)")
     _add_split_flags(q, None, f"{','.join(TRAIN_SPLITS)}, with --eval {','.join(EVAL_SPLITS)}")
-    q.add_argument("--tokenizer", default="wan2.1", choices=["wan2.1", "pixel"], help="video tokenizer")
-    q.add_argument("--vae-weights", default="nvidia/Cosmos-Predict2.5-2B",
-                   help="Wan2.1 VAE weights: a local file or a Hub repo id (see tokenizer.py)")
+    q.add_argument("--tokenizer", default="wan2.1", choices=["wan2.1", "sdxl", "pixel"],
+                   help="video tokenizer: wan2.1 (the Cosmos backbone's), sdxl (IRASim's, per frame: the posterior "
+                        "mean is cached), pixel")
+    q.add_argument("--vae-weights", default=None,
+                   help="the VAE's weights: a local file or a Hub repo id (see tokenizer.py; default: "
+                        "nvidia/Cosmos-Predict2.5-2B's Wan2.1 VAE, or sdxl's)")
     q.add_argument("--dino", default=None, help="also cache DINOv3 features of frame 0: a Hub repo id or file")
     q.add_argument("--eval", action="store_true", help="cache the evaluation clips instead of training clips")
     q.add_argument("--epochs", type=int_at_least(1), default=1, help="epochs of random clip starts to cache")
     q.add_argument("--seed", type=int, default=0, help="seed of the clip plan (as in training)")
-    q.add_argument("--clip-len", type=clip_length, default=13, help="frames per clip (4k + 1)")
+    q.add_argument("--clip-len", type=int_at_least(2), default=13,
+                   help="frames per clip: 4k + 1 for wan2.1 and pixel (13: the paper's), any for sdxl (IRASim: 16)")
     q.add_argument("--height", type=int_multiple(16), default=DEFAULT_SIZE[0],
                    help="frame height, a multiple of 16")
     q.add_argument("--width", type=int_multiple(16), default=DEFAULT_SIZE[1], help="frame width, a multiple of 16")
@@ -1326,6 +1330,9 @@ def _run(p, args):
         print(f"{args.out}: {stats['count']} actions from {stats['episodes']} episodes "
               f"({len(stats['skipped'])} skipped); mean std per family: {fam}")
     elif args.cmd == "cache":
+        if args.tokenizer != "sdxl" and (args.clip_len < 5 or (args.clip_len - 1) % 4):
+            p.error(f"argument --clip-len: {args.clip_len} is not 4k + 1 (5, 9, 13, ...), as the {args.tokenizer} "
+                    f"tokenizer's 4x temporal compression needs (any length >= 2 for sdxl)")
         _cache_command(args)
     else:
         p.print_help()
@@ -1335,7 +1342,8 @@ def _cache_command(args):
     check_writable(args.out, "--out", folder=True)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else args.device
-    vae = tok.build_tokenizer(args.tokenizer, **({"weights": args.vae_weights} if args.tokenizer == "wan2.1" else {}))
+    weights = args.vae_weights or {"wan2.1": "nvidia/Cosmos-Predict2.5-2B", "sdxl": "sdxl"}.get(args.tokenizer)
+    vae = tok.build_tokenizer(args.tokenizer, **({"weights": weights} if args.tokenizer != "pixel" else {}))
     vae = vae.to(device).eval()
     dino = None
     if args.dino:

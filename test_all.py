@@ -3430,6 +3430,8 @@ DATA_BAD_INPUTS = [
                                    "-32"], 2),
     ("data_cache_height_not_16k", ["data.py", "cache", "--data", "{root}/syn", "--out", "{root}/c", "--height",
                                    "40"], 2),
+    ("data_cache_clip_len_not_4k1_for_wan", ["data.py", "cache", "--data", "{root}/syn", "--out", "{root}/c",
+                                             "--clip-len", "12"], 2),
     ("data_cache_clip_len_1", ["data.py", "cache", "--data", "{root}/syn", "--out", "{root}/c", "--clip-len", "1"],
      2),
     ("data_cache_shard_size_0", ["data.py", "cache", "--data", "{root}/syn", "--out", "{root}/c", "--shard-size",
@@ -4993,6 +4995,20 @@ class TestIRASimPath:
                       torch.randn(2, c.frames - 1, conditioning.ACTION_DIM, generator=g), None)
             r = train.train_step(t, 0, lambda: inputs)
             assert r.ok and math.isfinite(r.loss) and r.norm > 0, (mode, r.loss, r.norm)
+
+    def test_an_sdxl_latent_cache_of_any_clip_length_trains_irasim(self, train_synth, tmp_path):
+        """data.cache_clips with IRASim's per-frame VAE (the tiny SDXL preset here): 6-frame clips, which no 4x
+        temporal VAE takes, become 6 latent frames, and train.py --backbone irasim --tokenizer sdxl trains on the
+        cache (its manifest matches the flags)."""
+        cache = tmp_path / "cache"
+        data.cache_clips(train_synth, cache, tk.SDXLVAE(SDXL_TINY), tokenizer_name="sdxl", clip_len=6, size=(32, 64),
+                         shard_size=4, batch=2, workers=0, dtype=torch.float32)
+        shard = load_file(str(sorted(cache.glob("*.safetensors"))[0]))
+        assert shard["latents"].shape[1:] == (4, 6, 4, 8)
+        run = run_train([*IRASIM_ARGS, "--data", cache, "--stats", train_synth / "stats.json", "--no-synthetic",
+                         "--tokenizer", "sdxl", "--frames", 6, "--steps", 1, "--batch-size", 2, "--micro-batch", 2,
+                         "--out", tmp_path / "runs"])
+        assert S.read_export_meta(str(run / "model.safetensors"))["model_config"]["num_frames"] == 6
 
     @pytest.mark.parametrize("flags,message", [
         (["--action-mode", "frame-ada"], "belongs to IRASim"),
