@@ -332,18 +332,29 @@ def config_from_json(cls, d):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def read_export(path):
-    """A model exported by train.py (one safetensors file, its metadata JSON values) -> (state dict, metadata
-    {key: parsed value}), with one clear error for a missing, damaged or foreign file, or weights whose bytes
-    changed since their checksum was written. The metadata's "backbone" says which network it is (Cosmos
-    when absent: exports older than the IRASim backbone)."""
+def export_metadata(path):
+    """A .safetensors file's metadata {key: parsed JSON value} ({} when it has none), without reading its tensors;
+    one error for a missing file, or one that is truncated, damaged or of another format."""
     from safetensors import safe_open
     if not os.path.isfile(path):
         raise FileNotFoundError(f"exported model {path} not found: `python train.py` writes it as "
                                 f"RUN/model.safetensors")
     try:
         with safe_open(str(path), "pt") as f:
-            info = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    except Exception as e:  # safetensors' own error type: a truncated file, another format, a bad header
+        raise ValueError(f"damaged export {path}: not a readable safetensors file (truncated, damaged or another "
+                         f"format: {str(e).splitlines()[0] if str(e) else type(e).__name__}); export it again with "
+                         f"train.py (python train.py --resume RUN)") from None
+
+
+def read_export(path):
+    """A model exported by train.py (one safetensors file, its metadata JSON values) -> (state dict, metadata
+    {key: parsed value}), with one clear error for a missing, damaged or foreign file, or weights whose bytes
+    changed since their checksum was written. The metadata's "backbone" says which network it is (Cosmos
+    when absent: exports older than the IRASim backbone)."""
+    info = export_metadata(path)
+    try:
         sd = load_file(str(path))
     except Exception as e:  # a truncated file, a damaged header, not a safetensors file at all
         raise ValueError(f"damaged export {path} (not a readable safetensors file: {type(e).__name__}): export "

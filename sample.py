@@ -53,9 +53,7 @@ the per-frame PSNR.
 """
 
 import argparse
-import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -166,17 +164,7 @@ def check_out_dir(path, flag="--out"):
 
 def read_export_meta(path):
     """An exported model's metadata {key: parsed JSON}, or one error for a missing, truncated or foreign file."""
-    from safetensors import safe_open
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found (train.py exports RUN/model.safetensors)")
-    try:
-        with safe_open(str(path), "pt") as f:
-            raw = f.metadata() or {}
-        meta = {k: json.loads(v) for k, v in raw.items()}
-    except Exception as e:  # safetensors' own error type: a truncated file, another format, a bad header
-        raise ValueError(f"{path} is not a readable safetensors export (truncated, damaged or another format: "
-                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}): export it again with "
-                         f"train.py") from None
+    meta = hub.export_metadata(path)
     missing = [k for k in ("action_stats", "train_config", "tokenizer", "model_config") if k not in meta]
     if missing:
         raise ValueError(f"{path} carries no action statistics/config ({', '.join(missing)} missing from its "

@@ -366,10 +366,7 @@ def exported_channels(spec):
         raise ConfigError(f"--init {spec} does not exist: give an exported model or a Hub spec (model.load_dit)")
     if path.suffix != ".safetensors":
         return None
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta["model_config"])["in_channels"] if "model_config" in meta else None
+    return hub.export_metadata(path).get("model_config", {}).get("in_channels")
 
 
 def build_model(cfg, mcfg, device):
