@@ -1173,7 +1173,7 @@ def main(argv=None):
                                  "(every train.py flag; see python bench.py train -h)", add_help=False)
 
     q = sub.add_parser("path", help="the whole user path on one GPU from random official-layout weights: train, "
-                                    "checkpoint, resume, export, sample, evaluate (issue 20)")
+                                    "checkpoint, resume, export, sample, evaluate")
     q.add_argument("--preset", default="cosmos2b", choices=sorted(M.PRESETS), help="DiT size (tiny: a CPU smoke)")
     q.add_argument("--device", type=data.device_name, default=default_device, help="cuda (or cpu, the smoke)")
     q.add_argument("--steps", type=data.int_at_least(2), default=20, help="training steps (a checkpoint halfway)")

@@ -325,7 +325,7 @@ class WorldModel:
         self.tokenizer = tok.build_tokenizer(t["name"], **kwargs).to(device, dtype).eval()  # latents in dtype
         c, text = self.dit.config, self.info["text"]
         tc = self.info["train_config"]
-        self.text = sem.TextEmbedder(text["mode"], cache_dir=tc.get("text_cache") or None,
+        self.text = sem.TextEmbedder(text["mode"], cache_dir=tc.get("text_cache") or None,  # IRASim: none, unused
                                      text_dim=getattr(c, "text_dim", 1024), max_tokens=text["tokens"], dtype=dtype)
         self.size, self.shift = (tc["height"], tc["width"]), tc.get("shift", 5.0)
         self.dino = None

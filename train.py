@@ -445,7 +445,8 @@ def build_tokenizer(cfg, device, load=True):
 
 
 def build_context(cfg, mcfg, device):
-    """The text embedder and DINOv3: inference mode only, never in the optimizer."""
+    """The text embedder and DINOv3: inference mode only, never in the optimizer. (IRASim takes no text: its
+    embedder is mode 'none', of any width.)"""
     text = sem.TextEmbedder(cfg.text, cache_dir=cfg.text_cache or None, text_dim=getattr(mcfg, "text_dim", 1024),
                             max_tokens=cfg.text_tokens, dtype=torch.float32 if device.type == "cpu" else
                             torch.bfloat16)
