@@ -4996,6 +4996,21 @@ class TestIRASimPath:
             r = train.train_step(t, 0, lambda: inputs)
             assert r.ok and math.isfinite(r.loss) and r.norm > 0, (mode, r.loss, r.norm)
 
+    def test_compiled_irasim_blocks_are_one_graph_each_and_equal_eager(self):
+        """train.py --compile on IRASim: model.compile_blocks compiles each block's body with fullgraph (a graph
+        break is an error), the DexAC module beside them; the output is the eager one."""
+        c = irasim.config_from_preset("tiny", dim=32, n_blocks=2, input_size=(4, 6), num_frames=4, action_mode="dexac",
+                                      action_dim=7)
+        model = randomize(irasim.IRASim(c), seed=5, std=0.05)
+        model.action_cond.set_stats(torch.zeros(7), torch.ones(7))
+        g = torch.Generator().manual_seed(0)
+        x, t, a = torch.randn(2, 4, 4, 4, 6, generator=g), torch.tensor([3, 500]), torch.randn(2, 3, 7, generator=g)
+        with torch.no_grad():
+            want = model(x, t, a)
+            M.compile_blocks(model, backend="eager")
+            assert torch.equal(model(x, t, a), want)
+        assert all(hasattr(b.body, "_torchdynamo_orig_callable") for b in model.blocks)
+
     def test_an_sdxl_latent_cache_of_any_clip_length_trains_irasim(self, train_synth, tmp_path):
         """data.cache_clips with IRASim's per-frame VAE (the tiny SDXL preset here): 6-frame clips, which no 4x
         temporal VAE takes, become 6 latent frames, and train.py --backbone irasim --tokenizer sdxl trains on the
