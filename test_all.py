@@ -4978,6 +4978,20 @@ class TestIRASimPath:
         sensitivity = a.grad.abs().sum(0)  # (frames - 1, 57)
         assert (sensitivity > 0).all(), f"ignored (frame, dimension): {torch.nonzero(sensitivity == 0).tolist()}"
 
+    def test_every_action_mode_trains_a_step_on_irasim(self, train_synth, tmp_path, one_rank):
+        """Frame-Ada and every conditioning.MODES entry through train.py's step on IRASim (FSDP2 with the fp32
+        groups of each mode): finite, with gradients. (The mlp mode's unused AdaLN-LoRA head, in an FSDP group
+        of its own, failed the backward on a freed parameter.)"""
+        cfg, _ = train.parse_args([*TRAIN_ARGS, *IRASIM_ARGS, "--data", str(train_synth), "--batch-size", "2",
+                                   "--micro-batch", "2", "--out", str(tmp_path)])
+        g = torch.Generator().manual_seed(2)
+        for mode in ("frame-ada", *conditioning.MODES):
+            t = train.build(replace(cfg, action_mode=mode), torch.device("cpu"))
+            inputs = (torch.randn(t.latent, generator=g), t.context[0]([""] * 2),
+                      torch.randn(2, cfg.frames - 1, conditioning.ACTION_DIM, generator=g), None)
+            r = train.train_step(t, 0, lambda: inputs)
+            assert r.ok and r.norm > 0, (mode, r)
+
     def test_bf16_mixed_precision_step_is_finite(self, train_synth, tmp_path, one_rank, monkeypatch):
         """FSDP's bf16 compute with fp32 master weights (what a GPU run gets), forced on the CPU: the timestep
         sinusoid, Frame-Ada and DexAC's fp32 parts meet bf16 weights without a dtype error, and the step is
