@@ -240,9 +240,9 @@ class IRASim(nn.Module):
     def fp32_modules(self):
         """[(name, module)] kept in fp32 under bf16 training (train.parallelize): the parts of a conditioning
         module that make the AdaLN input (its FP32_PARTS), as in the Cosmos DiT, but the `mlp` mode's embed_3d:
-        its output (the AdaLN-LoRA term) has no use here, and FSDP2 cannot reshard a group of modules one of
-        which never takes part in the backward (the step fails on a freed parameter). The backbone itself has no
-        fp32 path (the official IRASim trains in fp32 throughout)."""
+        its output (the AdaLN-LoRA term) has no use here, and in one FSDP2 group with embed_d (a module that
+        never takes part in the backward beside one that does) the backward failed on a freed parameter, so it
+        stays in the root group. The backbone itself has no fp32 path (the official IRASim trains in fp32)."""
         parts = tuple(f"action_cond.{n}" for n in getattr(self.action_cond, "FP32_PARTS", ()) if n != "embed_3d")
         return [(n, m) for n, m in self.named_modules() if n in parts]
 
