@@ -5356,9 +5356,11 @@ class TestLoRATraining:
 
     def test_step_0_is_the_base_and_only_adapters_and_new_modules_get_gradients(self, train_synth, tmp_path,
                                                                               one_rank):
+        """Under FSDP2 with the MLP sublayers recomputed in the backward (--ac mlp: the adapted fc1/fc2 inside
+        the checkpoint)."""
         base = lora_base(tmp_path / "base.safetensors")
         cfg, _ = train.parse_args([*TRAIN_ARGS, *LORA_ARGS, "--data", str(train_synth), "--init",
-                                   str(tmp_path / "base.safetensors"), "--out", str(tmp_path)])
+                                   str(tmp_path / "base.safetensors"), "--ac", "mlp", "--out", str(tmp_path)])
         t = train.build(cfg, torch.device("cpu"))
         x, sigma, text, mask, actions = lora_inputs(base)
         with torch.no_grad():
@@ -5374,8 +5376,8 @@ class TestLoRATraining:
     def test_resumed_run_follows_and_its_export_loads_merged_unmerged_and_in_peft(self, train_synth, tmp_path):
         from peft import PeftModel
         base = lora_base(tmp_path / "base.safetensors")
-        args = [*LORA_ARGS, "--data", train_synth, "--init", tmp_path / "base.safetensors", "--steps", 4,
-                "--ckpt-every", 2]
+        args = [*LORA_ARGS, "--data", train_synth, "--init", tmp_path / "base.safetensors", "--ac", "full", "--steps",
+                4, "--ckpt-every", 2]
         whole = run_train([*args, "--out", tmp_path / "whole"])
         part = run_train([*args, "--out", tmp_path / "part", "--exit-after", 2])
         run_train([*args, "--out", tmp_path / "part", "--resume", part])

@@ -770,8 +770,7 @@ def export(path, *, model, ema, cfg, mcfg, stats_path, step, rank, dtype):
         out = {lora.PREFIX + k: v for k, v in out.items()}
     mean, std = data.load_stats(stats_path)
     meta = {"backbone": cfg.backbone, "model_config": asdict(mcfg), "train_config": asdict(cfg), "step": step,
-            "base": base,
-            "action_layout": conditioning.action_layout(),
+            "base": base, "action_layout": conditioning.action_layout(),
             "action_stats": {"mean": mean.tolist(), "std": std.tolist()},
             "tokenizer": {"name": cfg.tokenizer, "weights": cfg.tokenizer_weights,
                           "pixel_compression": cfg.pixel_compression, "pixel_mean": cfg.pixel_mean,
