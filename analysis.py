@@ -47,7 +47,7 @@ from tqdm import tqdm
 import conditioning as C
 import data
 import hub
-import model as M
+import irasim
 import sample as S
 import tokenizer as tok
 
@@ -235,8 +235,9 @@ def probe(dit, info, n):
     """Latents (n, T', 1, 1, D) and the frame mask (n, T') of the checkpoint's clips. The conditioning's emb_d
     and tokens never read the latents: one token per latent frame keeps the shape checks and costs nothing."""
     tc, c = info["train_config"], dit.config
-    T = tok.latent_frames(tc["frames"]) // c.patch_temporal
-    device = dit.patch_embed.weight.device
+    per_frame = isinstance(dit, irasim.IRASim)  # IRASim: a latent frame per frame
+    T = tc["frames"] if per_frame else tok.latent_frames(tc["frames"]) // c.patch_temporal
+    device = next(dit.parameters()).device
     mask = torch.zeros(n, T, device=device)
     mask[:, :tc.get("cond_frames", 1)] = 1
     return torch.zeros(n, T, 1, 1, c.dim, device=device), mask
@@ -479,7 +480,7 @@ def diagnose(runs, root, clips=8, size=None):
         rows, probe = [], None
         for path in tqdm(exports, desc=f"diagnose {run.name}"):
             wm = S.WorldModel(path)
-            if wm.dit.action_cond is None:
+            if wm.dit.action_cond is None or wm.backbone != "cosmos":  # the probe reads a flow's velocity
                 break
             cfg = wm.info["train_config"]
             probe = probe or probe_batch(wm, root, clips, size or (cfg["height"], cfg["width"]))
@@ -531,7 +532,7 @@ def main(argv=None):
     runs, no_runs = default_runs(args.checkpoint, args.runs)
     curves = loss_curves(runs) if runs else None  # a bad run directory fails here, before the slow part
     out = S.check_out_dir(args.out)
-    dit, info = M.load_exported(args.checkpoint, device=device, dtype=torch.float32)
+    dit, info = S.load_model(args.checkpoint, device=device, dtype=torch.float32)  # either backbone, LoRA too
     mode = info["model_config"]["action_mode"]
     print(f"checkpoint {args.checkpoint}: action mode {mode}, step {info.get('step')}")
     clips = load_clips(args.data, info["train_config"]["frames"], args.clips)
@@ -580,7 +581,8 @@ def main(argv=None):
             written["fig_action_use.png"] = "action-family sensitivity and conditioning gradients along training"
             numbers["action_use"] = use
         else:
-            skipped["fig_action_use.png"] = "no --runs run has action conditioning"
+            skipped["fig_action_use.png"] = "no --runs run is a Cosmos run with action conditioning (the probe " \
+                                            "reads the rectified flow's velocity)"
 
     hub.atomic_write(out / "numbers.json", json.dumps(numbers, indent=1))
     written["numbers.json"] = "the numbers behind the figures (medians per dimension and family, ...)"

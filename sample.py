@@ -288,6 +288,16 @@ def check_finite(x, where):
 # the world model: an exported DiT, its tokenizer, its text context
 
 
+def load_model(checkpoint, *, device="cpu", dtype=torch.float32, base=None, merge=False):
+    """Any export of train.py -> (network in eval mode, its metadata): a Cosmos DiT (model.load_exported), an
+    IRASim (irasim.load_exported), or a LoRA run's adapters on its base (lora.load_exported; merge folds them)."""
+    meta = read_export_meta(checkpoint)
+    if meta.get("lora"):
+        return lora.load_exported(checkpoint, device=device, dtype=dtype, base=base, merged=merge)
+    load = irasim.load_exported if meta.get("backbone") == "irasim" else M.load_exported
+    return load(checkpoint, device=device, dtype=dtype, base=base)
+
+
 class WorldModel:
     """Everything a rollout needs, rebuilt from one exported file (train.py's export)."""
 
@@ -295,12 +305,7 @@ class WorldModel:
                  dino=None, compile=False, merge=False):
         """merge: a LoRA run's adapters folded into the base weights (a plain network, as fast as the base);
         without it they run beside the base layers."""
-        meta = read_export_meta(checkpoint)
-        if meta.get("lora"):  # adapters and new modules on the base it names (lora.load_exported)
-            dit, info = lora.load_exported(checkpoint, device=device, dtype=dtype, base=base, merged=merge)
-        else:
-            load = irasim.load_exported if meta.get("backbone") == "irasim" else M.load_exported
-            dit, info = load(checkpoint, device=device, dtype=dtype, base=base)
+        dit, info = load_model(checkpoint, device=device, dtype=dtype, base=base, merge=merge)
         self._build(dit, info, device=device, dtype=dtype, tokenizer_weights=tokenizer_weights, dino=dino,
                     compile=compile)
 

@@ -8423,6 +8423,21 @@ class TestAnalysis:
         index = (out / "figures.md").read_text()
         assert all(name in index for name in pngs + ["numbers.json"]) and "skipped" not in index
 
+    def test_analysis_reads_an_irasim_dexac_checkpoint(self, train_synth, tmp_path):
+        """Figures 7-9 for IRASim + DexAC (one action per frame, emb_d per latent frame); --along reads a rectified
+        flow's velocity, so an IRASim run is skipped with its reason in figures.md."""
+        run = run_train([*IRASIM_ARGS, "--data", train_synth, "--steps", 2, "--batch-size", 2, "--micro-batch", 2,
+                         "--lr", "1e-2", "--out", tmp_path / "runs"])
+        out = tmp_path / "figures"
+        analysis.main(["--checkpoint", str(run / "model.safetensors"), "--data", str(train_synth), "--out", str(out),
+                       "--clips", "4", "--along"])
+        for name in ("fig7_action_embedding.png", "fig8_sat_pca.png", "fig9_sat_tsne.png"):
+            with Image.open(out / name) as img:
+                assert img.format == "PNG" and min(img.size) >= 200, name
+        numbers = json.loads((out / "numbers.json").read_text())
+        assert numbers["mode"] == "dexac" and np.isfinite(numbers["pca_explained"]["tokens"]).all()
+        assert "skipped `fig_action_use.png`: no --runs run is a Cosmos run" in (out / "figures.md").read_text()
+
     def test_magnitudes_equal_a_direct_numpy_computation(self, small_synth):
         clips = analysis.load_clips(small_synth, 5, n_clips=5)
         assert len(clips.actions) == 5 and all(e.startswith("part1/") for e in clips.episodes)  # training clips
