@@ -264,7 +264,7 @@ def merged_export(path, out, base=None):
     """Write a LoRA run's export merged into its base as a full export (sample.py and evaluate.py read it like any
     other; no base needed) -> out. The weights keep the LoRA export's dtype."""
     model, info = load_exported(path, base=base, merged=True)
-    dtype = next(v.dtype for v in hub.read_export(path)[0].values() if v.is_floating_point())
+    dtype = hub.DTYPES[info["train_config"]["export_dtype"]]  # the dtype train.py exported the run in
     sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     meta = {k: v for k, v in info.items() if k not in ("lora", "sha256")} | {"base": "", "merged_from": str(path),
                                                                            "sha256": hub.tensors_sha256(sd)}
