@@ -849,13 +849,34 @@ def run_logged(cmd, log, env):
     return time.perf_counter() - t0, text
 
 
-def checkpoint_room(out, need):
-    """Where checkpoints of `need` bytes fit twice (the resumed one and the last stay): --out's disk, else
-    /dev/shm (RAM) -> the folder runs go to, or None."""
-    for where in (out, Path("/dev/shm")):
-        if where.exists() and shutil.disk_usage(where).free > 2.2 * need:
-            return where
+def file_system(path):
+    return os.stat(path).st_dev
+
+
+def checkpoint_room(out, need, ram=Path("/dev/shm")):
+    """Where two checkpoints of `need` bytes go (the resumed one and the last stay): --out's disk, else `ram`,
+    else one on each of them when they are two file systems that hold one each -> (the folder runs go to, the
+    folder the resumed checkpoint moves to or None), or None. A 2B run's checkpoint is about 31 GiB."""
+    places = [p for p in (out, ram) if p.exists()]
+    free = {p: shutil.disk_usage(p).free for p in places}
+    for p in places:
+        if free[p] > 2.2 * need:
+            return p, None
+    if len(places) == 2 and file_system(out) != file_system(ram) and min(free.values()) > 1.1 * need:
+        return out, ram
     return None
+
+
+def move_checkpoint(ckpt, to):
+    """Moves a checkpoint directory to another file system and leaves a link in its place (train.py reads the
+    checkpoints through the run's folder): two 2B checkpoints then fit where only one fits per file system."""
+    dest = Path(to) / "dexac-path-checkpoints" / ckpt.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.move(str(ckpt), str(dest))
+    ckpt.symlink_to(dest, target_is_directory=True)
+    return dest
 
 
 def bench_path(args):
@@ -874,7 +895,11 @@ def bench_path(args):
     report = {"device": hardware_name(device), "torch": torch.__version__, "preset": args.preset, "size": [H, W],
               "steps": args.steps, "stage_seconds": {}}
     logs.mkdir(parents=True, exist_ok=True)
-    stage = lambda name, t0: report["stage_seconds"].update({name: round(time.perf_counter() - t0, 1)})
+    save_report = lambda: hub.atomic_write(out / "path.json", json.dumps(report, indent=1))
+
+    def stage(name, t0):  # each stage's time, and what ran so far written: a later failure keeps it
+        report["stage_seconds"][name] = round(time.perf_counter() - t0, 1)
+        save_report()
 
     t0 = time.perf_counter()
     weights = write_random_weights(out / "weights", args.preset, device)
@@ -892,14 +917,15 @@ def bench_path(args):
     with torch.device("meta"):
         n_params = sum(p.numel() for p in M.DiT(M.config_from_preset(args.preset)).parameters())
     ckpt_bytes = 4 * 4 * n_params  # fp32 weights, two Adam moments and the EMA
-    where = checkpoint_room(out, ckpt_bytes)
-    if where is None:
-        raise RuntimeError(f"no room for two {ckpt_bytes / 2**30:.0f} GiB checkpoints on {out} or /dev/shm")
+    room = checkpoint_room(out, ckpt_bytes)
+    if room is None:
+        raise RuntimeError(f"no room for two {ckpt_bytes / 2**30:.0f} GiB checkpoints on {out} and /dev/shm")
+    where, spill = room
     runs = out / "runs"
     if where != out and not runs.exists():
         (where / "dexac-path-runs").mkdir(exist_ok=True)
         runs.symlink_to(where / "dexac-path-runs")  # the run under OUT/runs, its bytes in RAM
-    report["checkpoints_in"] = str(where)
+    report["checkpoints_in"] = [str(where)] + ([str(spill)] if spill else [])
     here = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONPATH": str(here)}
     flags = ["--preset", "paper", "--data", str(root), "--init", str(weights["dit"]), "--tokenizer-weights",
@@ -915,6 +941,10 @@ def bench_path(args):
     first, log1 = run_logged([sys.executable, str(here / "train.py"), *flags, "--exit-after", str(args.steps // 2)],
                              logs / "train_1.log", env)
     run = Path(next(line.split()[-1] for line in log1.splitlines() if "continue with:" in line))
+    if spill:  # the halfway checkpoint to the other file system: the last one is written beside it
+        t1 = time.perf_counter()
+        move_checkpoint(sorted((run / "checkpoints").glob("step_*"))[-1], spill)
+        report["checkpoint_move_s"] = round(time.perf_counter() - t1, 1)
     second, log2 = run_logged([sys.executable, str(here / "train.py"), *flags, "--resume", str(run)],
                               logs / "train_2.log", env)
     stage("train", t0)
@@ -933,6 +963,7 @@ def bench_path(args):
         "checkpoint_load_s": float(re.search(r"loaded in ([\d.]+) s", log2).group(1)),
         "export_gib": (run / "model.safetensors").stat().st_size / 2**30, "first_call_s": first,
         "resumed_call_s": second, "final_loss": lines[-1]["loss"]}
+    save_report()
     episode = sorted((root / "test").rglob("*.hdf5"))[0]
     t0 = time.perf_counter()
     _, log = run_logged([sys.executable, str(here / "sample.py"), "--checkpoint", str(run / "model.safetensors"),
@@ -951,7 +982,7 @@ def bench_path(args):
     stage("evaluate", t0)
     report["eval"] = json.loads((out / "eval" / "report.json").read_text())["rows"]
     report["seconds"] = round(time.perf_counter() - t_start, 1)
-    hub.atomic_write(out / "path.json", json.dumps(report, indent=1))
+    save_report()
     tr = report["train"]
     print(f"{report['device']}: {args.preset} at {H}x{W}, batch {args.batch}, {args.steps} steps")
     print(f"  train: {tr['ms_per_step']:.0f} ms/step, {tr['tokens_per_s']:,.0f} tokens/s, "

@@ -5533,12 +5533,17 @@ class TestTrain:
 
     @pytest.mark.slow
     def test_kill_and_resume_equals_an_uninterrupted_run(self, train_synth, tmp_path):
-        """4 steps in one go, and 2 steps, an exit and a resume: the same losses and the same exported weights."""
+        """4 steps in one go, and 2 steps, an exit and a resume: the same losses and the same exported weights.
+        The resumed checkpoint was moved to another folder and linked back (bench.py path does so when a file
+        system holds only one 2B checkpoint): the resume reads it through the link and leaves it there."""
         args = ["--data", train_synth, "--steps", 4, "--batch-size", 2, "--micro-batch", 1, "--ckpt-every", 100]
         run_train([*args, "--out", tmp_path / "a"])
         b = run_train([*args, "--out", tmp_path / "b", "--exit-after", 2])
         assert not (b / "model.safetensors").exists() and (b / "checkpoints" / "step_0000002").is_dir()
+        moved = bench.move_checkpoint(b / "checkpoints" / "step_0000002", tmp_path / "ram")
         run_train([*args, "--resume", b])
+        assert (b / "checkpoints" / "step_0000002").is_symlink() and (moved / "meta.json").is_file()
+        assert (b / "checkpoints" / "step_0000004").is_dir()
         a = only_run(tmp_path / "a")
         assert len(run_losses(a)) == 4 and run_losses(a) == run_losses(b)  # exact: model, optimizer, EMA, data, noise
         ta = M.load_exported(a / "model.safetensors")[0].state_dict()
@@ -8660,6 +8665,23 @@ class TestBench:
         assert extra * 1e6 == pytest.approx(16 * per_rank)
         assert json.loads((tmp_path / "adapt.json").read_text())["rows"][0]["way"] == "new only"
         assert "| LoRA r16 |" in capsys.readouterr().out
+
+    def test_path_benchmark_finds_room_for_two_checkpoints(self, tmp_path, monkeypatch):
+        """bench.py path keeps the resumed and the last checkpoint: on --out's disk, else in RAM (/dev/shm), else
+        one on each when they are two file systems, else it refuses before training."""
+        disk, ram = tmp_path / "disk", tmp_path / "ram"
+        disk.mkdir(), ram.mkdir()
+        free, fs = {}, {disk: 1, ram: 2}
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(0, 0, free[Path(p)]))
+        monkeypatch.setattr(bench, "file_system", lambda p: fs[Path(p)])
+        for gib_disk, gib_ram, where in [(30, 30, (disk, None)), (10, 30, (ram, None)), (12, 12, (disk, ram)),
+                                         (12, 10, None), (10, 12, None)]:
+            free.update({disk: gib_disk, ram: gib_ram})
+            assert bench.checkpoint_room(disk, 10, ram) == where, (gib_disk, gib_ram)
+        fs[ram] = 1  # one file system: its free space holds one checkpoint, not two
+        free.update({disk: 12, ram: 12})
+        assert bench.checkpoint_room(disk, 10, ram) is None
+        assert bench.checkpoint_room(disk, 10, tmp_path / "no-shm") is None  # no RAM folder: the disk alone
 
     def test_sample_benchmark_runs(self):
         """bench.py sample times one chunk of a DexAC model on random weights."""
