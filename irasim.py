@@ -352,6 +352,14 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 SAMPLERS = ("ddim", "ddpm")  # GaussianDiffusion.sample's methods; the first is the default
 
 
+def sample_steps_error(steps, n_steps=1000):
+    """Why a respaced process of `steps` of the n_steps cannot sample, or None: one step is step 0 alone, whose
+    noise level is nearly clean (and whose posterior variance is 0), so sampling starts from at least two."""
+    if not 2 <= steps <= n_steps:
+        return f"an IRASim model samples on 2 to {n_steps} of its diffusion steps, not {steps}"
+    return None
+
+
 class GaussianDiffusion:
     """Linear betas over n_steps, epsilon prediction. use_steps: a respaced process over that many of the
     steps (the model is still called with the original step numbers). Tensors are (B, C, T, ...): channel dim
@@ -359,6 +367,8 @@ class GaussianDiffusion:
     the first `mask_frames` frames clean."""
 
     def __init__(self, n_steps=1000, beta_start=1e-4, beta_end=0.02, use_steps=None):
+        if use_steps is not None and sample_steps_error(use_steps, n_steps):
+            raise ValueError(sample_steps_error(use_steps, n_steps))
         betas = np.linspace(beta_start, beta_end, n_steps, dtype=np.float64)
         abar = np.cumprod(1.0 - betas)
         self.timestep_map = list(range(n_steps)) if use_steps is None else space_timesteps(n_steps, use_steps)

@@ -46,6 +46,7 @@ from PIL import Image, ImageDraw
 import data
 import evaluate as E
 import hub
+import irasim
 import sample
 import synthetic
 import train
@@ -444,6 +445,9 @@ def main(argv=None):
             p.error(f"train.py flag: {lines[-1].split('error:', 1)[1].strip() if lines else e.code}")
     if args.horizon < 5 or (args.horizon - 1) % 4:
         p.error(f"argument --horizon: {args.horizon}: give 4k + 1 frames (5, 9, ..., 25)")
+    ira = [m for m in args.modes if backbone_of(m) == "irasim"]
+    if ira and irasim.sample_steps_error(args.sample_steps):
+        p.error(f"argument --sample-steps: {irasim.sample_steps_error(args.sample_steps)} (variants {ira})")
     unknown = set(args.metrics.split(",")) - set(E.METRICS) - {"auto", ""}
     if unknown:
         p.error(f"argument --metrics: unknown {sorted(unknown)}; choose from {E.METRICS}")

@@ -573,6 +573,8 @@ def main(argv=None):
     if args.sampler is not None and args.sampler not in samplers(backbone):
         raise SystemExit(f"error: unknown sampler {args.sampler!r} for this {backbone} model; choose one of "
                          f"{samplers(backbone)}")
+    if backbone == "irasim" and irasim.sample_steps_error(args.steps):
+        raise SystemExit(f"error: --steps: {irasim.sample_steps_error(args.steps)}")
     size = (args.height or tc["height"], args.width or tc["width"])
     unit = frame_unit(meta)  # tokenizer x DiT patch
     if backbone == "irasim" and size != (tc["height"], tc["width"]):

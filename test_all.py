@@ -4846,6 +4846,17 @@ class TestIRASim:
             x = d.sample(ira_gaussian_eps(d, mu, 2 * s), noise, method=method, generator=torch.Generator().manual_seed(12))
             assert abs(x.std().item() - s) > 0.2
 
+    def test_sampling_takes_two_steps_at_least(self):
+        """A respaced process samples on 2 to 1000 steps: one step would be step 0 alone (nearly clean, posterior
+        variance 0), so it is refused with the reason; two steps are the schedule's ends and sample."""
+        with pytest.raises(ValueError, match="2 to 1000 of its diffusion steps, not 1"):
+            irasim.GaussianDiffusion(use_steps=1)
+        d = irasim.GaussianDiffusion(use_steps=2)
+        assert d.timestep_map == [0, 999]
+        x = d.sample(lambda x, t: torch.zeros_like(x), torch.randn(4, 1, 1), method="ddpm",
+                     generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(x).all()
+
     def test_sampler_keeps_the_conditioning_frame(self):
         """Mask diffusion sampling: the model sees the clean first frame at every step and it comes back unchanged;
         the other frames follow the data (each frame N(mu, s^2) with the exact epsilon)."""
@@ -4927,7 +4938,7 @@ class TestIRASimPath:
         assert sorted(p.name for p in out.iterdir()) == [f"{ep.parent.name}_{ep.stem}{s}" for s in
                                                          (".mp4", ".png", "_vs_gt.mp4")]
         for bad, message in ((["--sampler", "unipc"], "choose one of \\('ddim', 'ddpm'\\)"),
-                             (["--height", "64"], "training size")):
+                             (["--height", "64"], "training size"), (["--steps", "1"], "2 to 1000 of its")):
             with pytest.raises(SystemExit, match=message):
                 S.main(["--checkpoint", str(whole / "model.safetensors"), "--episode", str(ep), *bad])
         # the export (bf16) as the pretrained IRASim of a LoRA run: fp32 master weights, adapters on IRASim's layers
@@ -4936,8 +4947,12 @@ class TestIRASimPath:
                               "--out", tmp_path / "lora"])
         adapted = S.read_export_meta(str(lora_run / "model.safetensors"))["lora"]["target_modules"]
         assert "blocks.0.attn.qkv" in adapted and "blocks.1.mlp.fc2" in adapted and len(adapted) == 8
-        E.main(["--checkpoint", str(whole / "model.safetensors"), "--data", str(train_synth), "--horizon", "9",
-                "--clips", "1", "--steps", "2", "--metrics", "psnr", "--out", str(tmp_path / "eval")])
+        evaluate_argv = ["--checkpoint", str(whole / "model.safetensors"), "--data", str(train_synth), "--horizon",
+                         "9", "--clips", "1", "--metrics", "psnr", "--out", str(tmp_path / "eval")]
+        with pytest.raises(ValueError, match="--steps 1 cannot sample the IRASim model"):  # before any work
+            E.main([*evaluate_argv, "--steps", "1"])
+        assert not (tmp_path / "eval").exists()
+        E.main([*evaluate_argv, "--steps", "2"])  # 2 steps: both ends of the 1000
         report = json.loads((tmp_path / "eval" / "report.json").read_text())
         assert math.isfinite(report["rows"][whole.name]["psnr"]), report["rows"]
         assert json.loads((tmp_path / "eval" / whole.name / "settings.json").read_text())["sampler"] == "ddim"
@@ -5048,6 +5063,7 @@ class TestIRASimPath:
         (["--backbone", "irasim", "--model", "tiny", "--tokenizer", "wan2.1"], "per-frame latents"),
         (["--backbone", "irasim", "--model", "tiny", "--ac", "mlp"], "--ac full or none"),
         (["--backbone", "irasim", "--model", "tiny", "--init", "base/pre-trained"], "starts from a checkpoint file"),
+        (["--backbone", "irasim", "--model", "tiny", "--preview-steps", "1"], "samples on 2 to 1000"),
         (["--model", "XL"], "is an IRASim size"),
     ])
     def test_backbone_mismatches_are_one_error(self, train_synth, tmp_path, flags, message):
@@ -6188,6 +6204,8 @@ MINIATURE_CASES = {
     "steps_0": (lambda f: miniature_argv(f, "--steps", "0"), "--steps"),
     "unknown_metric": (lambda f: miniature_argv(f, "--metrics", "psnr,fun"), "--metrics"),
     "bad_train_flag_value": (lambda f: miniature_argv(f, "--lr", "fast"), "train.py flag"),
+    "irasim_one_sample_step": (lambda f: miniature_argv(f, "--modes", "irasim", "--sample-steps", "1"),
+                               "--sample-steps: an IRASim model samples on 2 to 1000"),
     "out_is_a_file": (lambda f: miniature_argv(f)[2:] + ["--out", f["afile"]], "existing file"),
 }
 

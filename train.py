@@ -998,7 +998,9 @@ def check_backbone(cfg):
            (cfg.text != "none", "--text reason1: IRASim has no text conditioning (use --text none)"),
            (cfg.ac == "mlp", "--ac mlp splits a Cosmos block; IRASim's blocks take --ac full or none"),
            (bool(cfg.init) and Path(cfg.init).suffix not in (".pt", ".pth", ".safetensors"),
-            f"--init {cfg.init}: IRASim starts from a checkpoint file (a released .pt, or an IRASim export)")]
+            f"--init {cfg.init}: IRASim starts from a checkpoint file (a released .pt, or an IRASim export)"),
+           (bool(irasim.sample_steps_error(cfg.preview_steps)),
+            f"--preview-steps: {irasim.sample_steps_error(cfg.preview_steps)}")]
     for wrong, message in bad:
         if wrong:
             raise ConfigError(message)
