@@ -417,6 +417,8 @@ class WorldModel:
             raise ValueError(f"unknown sampler {solver!r} for {self.backbone}; choose one of {samplers(self.backbone)}")
         if guidance and self.backbone == "irasim":
             raise ValueError("IRASim has no text conditioning, so no text guidance: drop --guidance")
+        if self.backbone == "irasim" and irasim.sample_steps_error(steps):
+            raise ValueError(irasim.sample_steps_error(steps))
         B, K = actions.shape[:2]
         chunk = self.chunk  # actions per chunk; chunk / temporal latent frames follow the held one
         n_chunks = math.ceil(K / chunk)
