@@ -1275,9 +1275,8 @@ def check_config(cfg):
         need(cfg.sampler is None or cfg.sampler in sample.samplers(backbone), f"--sampler {cfg.sampler} does not "
              f"sample the {backbone} model {c}: choose one of {sample.samplers(backbone)}, or leave it out (each "
              f"backbone's default)")
-        need(backbone != "irasim" or not irasim.sample_steps_error(cfg.steps),
-             f"--steps {cfg.steps} cannot sample the IRASim model {c}: "
-             f"{irasim.sample_steps_error(cfg.steps) if backbone == 'irasim' else ''}")
+        steps_error = irasim.sample_steps_error(cfg.steps) if backbone == "irasim" else None
+        need(not steps_error, f"--steps {cfg.steps} cannot sample the IRASim model {c}: {steps_error}")
         need(backbone != "irasim" or size == (meta["train_config"]["height"], meta["train_config"]["width"]),
              f"{c} is an IRASim model: it samples at its training size only, "
              f"{meta['train_config']['height']}x{meta['train_config']['width']} (its position embedding is fixed)")

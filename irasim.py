@@ -367,8 +367,8 @@ class GaussianDiffusion:
     the first `mask_frames` frames clean."""
 
     def __init__(self, n_steps=1000, beta_start=1e-4, beta_end=0.02, use_steps=None):
-        if use_steps is not None and sample_steps_error(use_steps, n_steps):
-            raise ValueError(sample_steps_error(use_steps, n_steps))
+        if use_steps is not None and (error := sample_steps_error(use_steps, n_steps)):
+            raise ValueError(error)
         betas = np.linspace(beta_start, beta_end, n_steps, dtype=np.float64)
         abar = np.cumprod(1.0 - betas)
         self.timestep_map = list(range(n_steps)) if use_steps is None else space_timesteps(n_steps, use_steps)

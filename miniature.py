@@ -446,8 +446,8 @@ def main(argv=None):
     if args.horizon < 5 or (args.horizon - 1) % 4:
         p.error(f"argument --horizon: {args.horizon}: give 4k + 1 frames (5, 9, ..., 25)")
     ira = [m for m in args.modes if backbone_of(m) == "irasim"]
-    if ira and irasim.sample_steps_error(args.sample_steps):
-        p.error(f"argument --sample-steps: {irasim.sample_steps_error(args.sample_steps)} (variants {ira})")
+    if ira and (error := irasim.sample_steps_error(args.sample_steps)):
+        p.error(f"argument --sample-steps: {error} (variants {ira})")
     unknown = set(args.metrics.split(",")) - set(E.METRICS) - {"auto", ""}
     if unknown:
         p.error(f"argument --metrics: unknown {sorted(unknown)}; choose from {E.METRICS}")

@@ -381,9 +381,9 @@ class WorldModel:
         c = self.dit.config
         return c.num_frames - c.mask_frames if self.backbone == "irasim" else c.action_steps
 
-    def irasim_denoise(self, cond, actions, noise, steps, solver):
-        """IRASim's chunk: the reverse diffusion on `steps` of its 1000 steps, the first latent frame (cond) held
-        clean, as its pipeline does. -> latents (B, C, 1 + n, h, w)."""
+    def irasim_denoise(self, cond, actions, noise, process, solver):
+        """IRASim's chunk: the reverse diffusion of `process` (irasim.GaussianDiffusion respaced to the sampler's
+        steps), the first latent frame (cond) held clean, as its pipeline does. -> latents (B, C, 1 + n, h, w)."""
         step = [0]
 
         def eps(x, t):
@@ -391,7 +391,7 @@ class WorldModel:
             out = self.dit(x, t, actions if self.dit.config.action_mode != "none" else None)
             check_finite(out, f"at sampler step {step[0]}")
             return out
-        return irasim.GaussianDiffusion(use_steps=steps).sample(eps, noise, x_cond=cond, method=solver)
+        return process.sample(eps, noise, x_cond=cond, method=solver)
 
     def check_actions(self, actions):
         """Raw actions (..., 57) against the model's statistics: a warning for far outliers (zscore models)."""
@@ -417,8 +417,8 @@ class WorldModel:
             raise ValueError(f"unknown sampler {solver!r} for {self.backbone}; choose one of {samplers(self.backbone)}")
         if guidance and self.backbone == "irasim":
             raise ValueError("IRASim has no text conditioning, so no text guidance: drop --guidance")
-        if self.backbone == "irasim" and irasim.sample_steps_error(steps):
-            raise ValueError(irasim.sample_steps_error(steps))
+        # IRASim's respaced process, once for every chunk; it refuses a step count it cannot take, before any work
+        process = irasim.GaussianDiffusion(use_steps=steps) if self.backbone == "irasim" else None
         B, K = actions.shape[:2]
         chunk = self.chunk  # actions per chunk; chunk / temporal latent frames follow the held one
         n_chunks = math.ceil(K / chunk)
@@ -452,7 +452,7 @@ class WorldModel:
             a = actions[:, c * chunk:(c + 1) * chunk]
             try:
                 if self.backbone == "irasim":
-                    x = self.irasim_denoise(cond, a, noise, steps, solver)
+                    x = self.irasim_denoise(cond, a, noise, process, solver)
                     bar.update(steps)
                 else:
                     v = self.velocity_fn(text, a, frame_mask, guidance=guidance, feats=feats, bar=bar)
@@ -575,8 +575,8 @@ def main(argv=None):
     if args.sampler is not None and args.sampler not in samplers(backbone):
         raise SystemExit(f"error: unknown sampler {args.sampler!r} for this {backbone} model; choose one of "
                          f"{samplers(backbone)}")
-    if backbone == "irasim" and irasim.sample_steps_error(args.steps):
-        raise SystemExit(f"error: --steps: {irasim.sample_steps_error(args.steps)}")
+    if backbone == "irasim" and (error := irasim.sample_steps_error(args.steps)):
+        raise SystemExit(f"error: --steps: {error}")
     size = (args.height or tc["height"], args.width or tc["width"])
     unit = frame_unit(meta)  # tokenizer x DiT patch
     if backbone == "irasim" and size != (tc["height"], tc["width"]):
