@@ -446,26 +446,31 @@ class LocalRefinement(nn.Module):
 
 
 class GlobalModulation(nn.Module):
-    """Eq. 8-9: a learnable query (1, C) attends over tokens (B', N, C) -> g (B', C) -> (B', D), (B', 3D)."""
+    """Eq. 8-9: a learnable query (1, C) attends over tokens (B', N, C) -> g (B', C) -> (B', D), (B', 3D).
+    emb_3d=False: no 3D head, the second output is None (a backbone without AdaLN-LoRA, IRASim: a head that
+    never gets a gradient would only be dead weight, and an optimizer state that never appears)."""
 
-    def __init__(self, width, dim, n_heads=4):
+    def __init__(self, width, dim, n_heads=4, emb_3d=True):
         super().__init__()
         self.query = nn.Parameter(torch.empty(1, 1, width))
         self.attn = CrossAttention(width, n_heads)
-        self.to_d, self.to_3d = nn.Linear(width, dim), nn.Linear(width, 3 * dim)
+        self.to_d = nn.Linear(width, dim)
+        self.to_3d = nn.Linear(width, 3 * dim) if emb_3d else None
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):
         nn.init.normal_(self.query, std=1.0)
         self.attn.init_weights()
-        for t in (self.to_d.weight, self.to_d.bias, self.to_3d.weight, self.to_3d.bias):
-            nn.init.zeros_(t)  # the AdaLN inputs start unchanged
+        for head in (self.to_d, self.to_3d):
+            if head is not None:
+                nn.init.zeros_(head.weight)  # the AdaLN inputs start unchanged
+                nn.init.zeros_(head.bias)
 
     def forward(self, tokens):
         g = self.attn(self.query.expand(tokens.shape[0], -1, -1), tokens)[:, 0]  # eq. 8: global context (B', C)
         # eq. 9: g -> the DiT's two AdaLN inputs (model.DiT.forward adds them where Cosmos adds actions)
-        return self.to_d(g), self.to_3d(g)
+        return self.to_d(g), None if self.to_3d is None else self.to_3d(g)
 
 
 # -----------------------------------------------------------------------------
@@ -560,14 +565,14 @@ class DexAC(ActionConditioning):
     FP32_PARTS = ("tokenizer", "glob")  # the AdaLN path; local refinement keeps the activation dtype
 
     def __init__(self, mode, n_dims, steps, dim, n_heads, *, width=256, norm="zscore", scale=200.0,
-                 dim_embedding=True, per_frame=4, global_heads=4):
+                 dim_embedding=True, per_frame=4, global_heads=4, emb_3d=True):
         framewise = mode == "dexac-time"
         super().__init__(mode, n_dims, steps, norm=norm, scale=scale, per_frame=per_frame, framewise=framewise)
         self.tokenizer = (FrameActionTokenizer(n_dims, per_frame, width, dim_embedding) if framewise
                           else StructuredActionTokenizer(n_dims, steps, width, dim_embedding,
                                                          per_channel=mode == "dexac-channel"))
         self.local = None if mode == "dexac-no-local" else LocalRefinement(width, dim, n_heads)
-        self.glob = None if mode == "dexac-no-global" else GlobalModulation(width, dim, global_heads)
+        self.glob = None if mode == "dexac-no-global" else GlobalModulation(width, dim, global_heads, emb_3d)
 
     def init_weights(self):
         for m in (self.norm, self.tokenizer, self.local, self.glob):
@@ -592,17 +597,19 @@ class DexAC(ActionConditioning):
         if self.glob is not None:
             with no_autocast(tokens.device):
                 d, d3 = self.glob(tokens.reshape(B * S, N, C))  # (B S, D), (B S, 3D)
-            d, d3 = d.view(B, S, D), d3.view(B, S, 3 * D)
-            if self.framewise:
-                d, d3 = first_frame_zero(d), first_frame_zero(d3)
-            emb_d, emb_3d = d * keep[..., None], d3 * keep[..., None]  # (B, T, D), (B, T, 3D)
+            d = d.view(B, S, D)
+            emb_d = (first_frame_zero(d) if self.framewise else d) * keep[..., None]  # (B, T, D)
+            if d3 is not None:
+                d3 = d3.view(B, S, 3 * D)
+                emb_3d = (first_frame_zero(d3) if self.framewise else d3) * keep[..., None]  # (B, T, 3D)
         return x, emb_d, emb_3d
 
 
 def build_action_cond(mode, dim, n_heads, *, n_dims=57, steps=12, norm="zscore", scale=None, width=256,
-                      dim_embedding=True, per_frame=4):
+                      dim_embedding=True, per_frame=4, emb_3d=True):
     """The conditioning module for a mode name (None for "none"). dim, n_heads: the DiT's width and heads;
-    scale: the factor(s) of norm "scale" (None: default_action_scale)."""
+    scale: the factor(s) of norm "scale" (None: default_action_scale); emb_3d=False: DexAC's global modulation
+    has no AdaLN-LoRA head (a backbone without AdaLN-LoRA)."""
     if mode == "none":
         return None
     scale = default_action_scale(mode, n_dims, scale)
@@ -614,4 +621,4 @@ def build_action_cond(mode, dim, n_heads, *, n_dims=57, steps=12, norm="zscore",
     if mode == "mlp-flat":
         return FlatMLP(n_dims, steps, dim, norm=norm, scale=scale)
     return DexAC(mode, n_dims, steps, dim, n_heads, width=width, norm=norm, scale=scale, dim_embedding=dim_embedding,
-                 per_frame=per_frame)
+                 per_frame=per_frame, emb_3d=emb_3d)

@@ -185,9 +185,8 @@ class IRASim(nn.Module):
     temporal blocks get the timestep embedding alone; the final layer the timestep alone (final_frame_ada:
     c_s). The action embedding is Frame-Ada's (`embed_state` per action, the learned `mask_emb_fn` row for
     the conditioning frame) or, with an `action_cond` module (conditioning.py interface), its emb_d; such a
-    module may also update the tokens x (B, T, H', W', D) after patch and position embedding. Its emb_3d
-    (Cosmos' AdaLN-LoRA input) has no counterpart in IRASim's blocks and is ignored (DexAC's `glob.to_3d`
-    stays unused).
+    module may also update the tokens x (B, T, H', W', D) after patch and position embedding. Cosmos'
+    AdaLN-LoRA input emb_3d has no counterpart in IRASim's blocks: the DexAC built here has no head for it.
     """
 
     def __init__(self, config, action_cond=None):
@@ -208,7 +207,7 @@ class IRASim(nn.Module):
         elif action_cond is None:
             action_cond = conditioning.build_action_cond(
                 c.action_mode, c.dim, c.n_heads, n_dims=c.action_dim, steps=c.num_frames - c.mask_frames,
-                norm=c.action_norm, width=c.sat_dim, per_frame=1)
+                norm=c.action_norm, width=c.sat_dim, per_frame=1, emb_3d=False)
         self.action_cond = action_cond
         pos = sincos_2d(c.dim, *self.grid)
         self.register_buffer("pos_embed", torch.from_numpy(pos).float()[None])  # (1, L, D)
@@ -272,7 +271,7 @@ class IRASim(nn.Module):
                 raise ValueError(f"this IRASim is action-conditioned ({self.config.action_mode}): pass actions")
             frame_mask = torch.zeros(B, T, device=temb.device)
             frame_mask[:, : self.config.mask_frames] = 1
-            x, emb, _ = self.action_cond(actions, x_tokens.view(B, T, *self.grid, D), frame_mask)  # emb_3d unused
+            x, emb, _ = self.action_cond(actions, x_tokens.view(B, T, *self.grid, D), frame_mask)  # emb_3d: None
             x_tokens = x.reshape(B, T, L, D)
         elif actions is not None:
             raise ValueError("actions were given to an IRASim without action conditioning (action_mode 'none')")

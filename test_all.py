@@ -4873,8 +4873,9 @@ class TestIRASim:
     def test_every_parameter_trains_and_dexac_starts_as_identity(self):
         """Random weights, one loss (MSE + VLB, learn_sigma) backward: every Frame-Ada parameter gets a non-zero
         gradient. With build_action_cond("dexac") the model with a pretrained backbone's weights gives exactly the
-        backbone's output at init, and then every parameter trains but DexAC's emb_3d head (no counterpart in
-        IRASim's blocks: documented)."""
+        backbone's output at init, and then every parameter trains: IRASim's DexAC has no emb_3d head (no
+        counterpart in IRASim's blocks), so no dead weight and no optimizer state that never appears (a run
+        with one could not resume: DCP expects a state for every trainable parameter)."""
         g = torch.Generator().manual_seed(15)
         x, a = torch.randn(2, 4, 4, 4, 6, generator=g), torch.randn(2, 3, 7, generator=g)
         t = torch.tensor([0, 700])
@@ -4883,12 +4884,12 @@ class TestIRASim:
             model = ira_randomize(self.tiny(learn_sigma=True, action_mode=mode), seed=16)
             if mode == "dexac":
                 model.action_cond.set_stats(torch.zeros(7), torch.ones(7))
+                assert model.action_cond.glob.to_3d is None
             fn = lambda xt, tt: model(xt, tt, a, drop_actions=torch.zeros(2, dtype=torch.bool)) \
                 if mode == "frame-ada" else model(xt, tt, a)
             d.training_losses(fn, x, t).get("loss").sum().backward()
             dead = sorted(n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0)
-            assert dead == ([] if mode == "frame-ada" else ["action_cond.glob.to_3d.bias",
-                                                            "action_cond.glob.to_3d.weight"]), dead
+            assert dead == [], (mode, dead)
         backbone = ira_randomize(self.tiny(learn_sigma=True, action_mode="none"), seed=17)
         dexac = self.tiny(learn_sigma=True, action_mode="dexac")
         dexac.action_cond.set_stats(torch.zeros(7), torch.ones(7))
@@ -4984,9 +4985,7 @@ class TestIRASimPath:
             assert train.train_step(t, step, lambda: inputs).ok
         moved = {n for n, p in t.model.named_parameters() if n in before
                  and not torch.equal(train.local(p).detach(), before[n])}
-        assert len(before) > 20 and set(before) - moved <= {"action_cond.glob.to_3d.weight",
-                                                            "action_cond.glob.to_3d.bias",
-                                                            "action_cond.glob.attn.k.bias"}, sorted(set(before) - moved)
+        assert len(before) > 20 and set(before) - moved <= {"action_cond.glob.attn.k.bias"}, sorted(set(before) - moved)
         a = actions.clone().requires_grad_(True)
         out = t.model(x0, torch.tensor([300, 700]), a)
         (out * torch.randn(out.shape, generator=g)).sum().backward()
@@ -5931,6 +5930,7 @@ class TestTrain:
         train.main(["--resume", str(run)])
         out = capsys.readouterr().out
         assert "is damaged" in out and "falling back to" in out and "step_0000001" in out
+        assert "CheckpointException ranks" not in out  # the reason the shard failed, not DCP's wrapper
         assert "resumed from" in out and "at step 1" in out
         assert (run / "model.safetensors").is_file()
 

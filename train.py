@@ -1135,10 +1135,19 @@ def load_newest_intact(t, resume):
             raise
         # a truncated or half-copied DCP directory (DCP's error is a BaseException), a damaged meta.json
         except (Exception, dcp.api.CheckpointException) as e:
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            why = load_failure(e)
             if i + 1 == len(found):
                 raise ConfigError(f"no intact checkpoint in {resume}: the oldest, {ckpt}, is damaged too ({why})")
-            t.log(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {why}); falling back to {found[i + 1]}")
+            t.log(f"checkpoint {ckpt} is damaged ({why}); falling back to {found[i + 1]}")
+
+
+def load_failure(e):
+    """One line for why a checkpoint did not load: DCP's own exception names only the ranks that failed; the
+    first rank's error is the reason (a missing file, "Missing key in checkpoint state_dict: ...")."""
+    if isinstance(e, dcp.api.CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def lock_run(t, run):
