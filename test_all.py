@@ -2079,6 +2079,26 @@ class TestModel:
             compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
             assert torch.allclose(compiled(x, sigma, text, **args), eager, atol=1e-6)
 
+    def test_every_action_mode_gives_every_parameter_a_gradient(self):
+        """Each conditioning mode, random weights (no zero-initialized head hides anything), the semantic branch
+        on: one loss backward reaches every parameter. A parameter that never gets a gradient is dead weight,
+        and the optimizer never makes its state, so DCP cannot resume the run (it expects one per parameter)."""
+        B, T, H, W = ACTION_GRID
+        mean, std = random_action_stats()
+        for mode in ("none", *conditioning.MODES):
+            config = M.config_from_preset("tiny", action_mode=mode, semantic_dim=DINO_TINY.dim)
+            model = randomize(M.DiT(config), seed=6, std=0.05)
+            if model.action_cond is not None:
+                model.action_cond.set_stats(mean, std)
+            g = torch.Generator().manual_seed(1)
+            x, text = torch.randn(B, 16, T, H, W, generator=g), torch.randn(B, 5, config.text_dim, generator=g)
+            out = model(x, torch.rand(B, generator=g), text, frame_mask=torch.tensor([[1.0, 0, 0, 0]]).expand(B, T),
+                        image_features=torch.randn(B, 6, DINO_TINY.dim, generator=g),
+                        actions=None if mode == "none" else mean + std * torch.randn(B, T_ACT, N_ACT, generator=g))
+            out.square().mean().backward()
+            dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
+            assert dead == [], (mode, dead)
+
     def test_compiled_blocks_equal_the_eager_blocks(self):
         """model.compile_blocks at the tiny preset, DexAC and the semantic branch on: every block's body is
         compiled by inductor with fullgraph=True (a graph break or a host synchronization would raise); the
