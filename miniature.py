@@ -187,7 +187,7 @@ def evaluate_seed(seed, checkpoints, args):
         rows.update(E.protocol(E.EvalConfig(
             checkpoints=tuple(map(str, checkpoints)), data=args.data, horizon=args.horizon, clips=args.clips or None,
             metrics=args.metrics, out=str(out), steps=args.sample_steps, seed=seed, shuffle_actions=shuffled,
-            figure_clips=2)))
+            figure_clips=2, device=args.device or None)))
     result = {}
     for mode, c in zip(args.modes, checkpoints):
         names = {kind: E.row_name(c, kind == "shuffled") for kind in ("true", "shuffled")}
@@ -210,7 +210,7 @@ def evaluate_curve(seed, mode, export, args):
         E.protocol(E.EvalConfig(
             checkpoints=tuple(str(p) for _, p in points), data=args.data, horizon=args.horizon,
             clips=args.clips or None, metrics=args.metrics, out=str(out), steps=args.sample_steps, seed=seed,
-            shuffle_actions=shuffled, figure_clips=0))
+            shuffle_actions=shuffled, figure_clips=0, device=args.device or None))
     curve = []
     for step, path in points:
         clips = {kind: [json.loads(f.read_text()) for f in sorted(
@@ -433,7 +433,12 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=sample.positive_int, default=8,
                    help="denoising steps per chunk in evaluation")
     p.add_argument("--metrics", default="psnr,ssim,latent_l2,pck", help="evaluate.py --metrics")
+    p.add_argument("--device", default="", help="cpu or cuda, for training and evaluation alike (default: cuda "
+                                                "when available); on a GPU, a larger grid is e.g. --device cuda "
+                                                "--height 96 --width 160 --batch-size 16")
     args, args.train_args = p.parse_known_args(argv)  # anything else goes to train.py (--height, --lr, ...)
+    if args.device:
+        args.train_args += ["--device", args.device]
     # every setting is checked before any dataset is written or any run trained
     errors = io.StringIO()
     try:

@@ -8342,7 +8342,7 @@ class TestMiniature:
                     assert not torch.equal(model(xi, ti, actions), ira_want), name
 
     @pytest.mark.slow
-    def test_miniature_experiment_trains_evaluates_and_summarizes(self, train_synth, tmp_path):
+    def test_miniature_experiment_trains_evaluates_and_summarizes(self, train_synth, tmp_path, monkeypatch):
         """One toy experiment (a 2-step base, then 2 seeds x 2 variants fine-tuned 3 steps each, exported at step
         2 too) checked several ways: each row's mean over seeds and its gap to the shuffled control equal those of
         the per-clip files, with standard errors over seeds x clips; the gap along fine-tuning is the paired gap
@@ -8354,9 +8354,12 @@ class TestMiniature:
         shutil.copytree(train_synth, root)
         argv = ["--out", str(tmp_path / "mini"), "--data", str(root), "--seeds", "0", "1", "--modes", "mlp", "dexac",
                 "--base-steps", "2", "--steps", "3", "--eval-every", "2", "--horizon", "9", "--clips", "2",
-                "--sample-steps", "1", "--metrics", "psnr,latent_l2",
+                "--sample-steps", "1", "--metrics", "psnr,latent_l2", "--device", "cpu",
                 *TRAIN_ARGS, "--batch-size", "2", "--micro-batch", "2"]  # TRAIN_ARGS' 32x64 overrides miniature.SIZE
+        devices, protocol = [], E.protocol
+        monkeypatch.setattr(E, "protocol", lambda cfg: devices.append(cfg.device) or protocol(cfg))
         table = miniature.main(argv)
+        assert devices and set(devices) == {"cpu"}  # --device reaches the evaluation as well as every run
         out = tmp_path / "mini"
         results = json.loads((out / "results.json").read_text())
         assert set(results["per_seed"]) == {"0", "1"}
@@ -8394,6 +8397,7 @@ class TestMiniature:
             assert base[base.index("--action-mode") + 1] == "none"
             for s in (0, 1):
                 argv_s = json.loads((out / f"seed{s}" / mode / "settings.json").read_text())["train_argv"]
+                assert argv_s[argv_s.index("--device") + 1] == "cpu"
                 assert argv_s[argv_s.index("--init") + 1] == str(miniature.base_export(
                     type("A", (), {"out": str(out)})()))
         assert table["mlp"]["latent_l2"] != table["dexac"]["latent_l2"]
