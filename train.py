@@ -991,6 +991,7 @@ def check_backbone(cfg):
         if cfg.model not in M.PRESETS:
             raise ConfigError(f"--model {cfg.model} is an IRASim size: the Cosmos sizes are {sorted(M.PRESETS)}")
         return
+    steps_error = irasim.sample_steps_error(cfg.preview_steps)
     bad = [(cfg.model not in irasim.PRESETS, f"--model {cfg.model}: the IRASim sizes are {sorted(irasim.PRESETS)}"),
            (cfg.tokenizer == "wan2.1", "--tokenizer wan2.1 compresses time 4x: IRASim takes per-frame latents "
                                        "(--tokenizer sdxl, or pixel)"),
@@ -999,8 +1000,7 @@ def check_backbone(cfg):
            (cfg.ac == "mlp", "--ac mlp splits a Cosmos block; IRASim's blocks take --ac full or none"),
            (bool(cfg.init) and Path(cfg.init).suffix not in (".pt", ".pth", ".safetensors"),
             f"--init {cfg.init}: IRASim starts from a checkpoint file (a released .pt, or an IRASim export)"),
-           (bool(irasim.sample_steps_error(cfg.preview_steps)),
-            f"--preview-steps: {irasim.sample_steps_error(cfg.preview_steps)}")]
+           (bool(steps_error), f"--preview-steps: {steps_error}")]
     for wrong, message in bad:
         if wrong:
             raise ConfigError(message)
