@@ -264,7 +264,9 @@ def summarize(per_seed, metrics):
     """{seed: {mode: {"true", "shuffled": report, "clips": {"true", "shuffled": [clip records]}}}} ->
     {mode: {metric: (mean, se), metric + ' gap': (mean, se), "families": {family: (true, shuffled) PCK@10}}}.
     A metric's mean is the protocol's (the mean over seeds of each report); its standard error is over the
-    evaluated clips of every seed. The gap is true minus shuffled actions, paired clip by clip."""
+    evaluated clips of every seed. The gap is true minus shuffled actions, paired clip by clip. With two seeds or
+    more, metric + ' over seeds' and metric + ' gap over seeds' hold (mean, standard error over the seeds' reports):
+    the spread of training, which the clips' standard error leaves out."""
     table = {}
     for mode in next(iter(per_seed.values())):
         runs = [rows[mode] for rows in per_seed.values()]
@@ -280,6 +282,9 @@ def summarize(per_seed, metrics):
             gap_se = standard_error([t - c for t, c in pairs if t is not None and c is not None])
             table[mode][m] = (float(np.mean(values)), se) if values else None
             table[mode][m + " gap"] = (float(np.mean(gaps)), gap_se) if gaps else None
+            if len(per_seed) > 1:
+                for key, v in ((m + " over seeds", values), (m + " gap over seeds", gaps)):
+                    table[mode][key] = (float(np.mean(v)), standard_error(v)) if len(v) == len(runs) else None
         for f in E.FAMILIES:
             pcks = [[r[kind].get("families", {}).get(f, {}).get("pck@10") for r in runs]
                     for kind in ("true", "shuffled")]
@@ -309,6 +314,14 @@ def markdown(table, metrics, args, train_minutes):
               "", head, rule]
     lines += [f"| {mode} | " + " | ".join(fmt(e[m + " gap"], m, 1) for m in metrics) + " |"
               for mode, e in table.items()]
+    if len(args.seeds) > 1:
+        lines += ["", f"Over seeds: mean ± standard error over the {len(args.seeds)} seeds (each seed's number is its "
+                  "clips' mean, so this includes the spread of training). True actions, then the gap:", "", head, rule]
+        lines += [f"| {mode} | " + " | ".join(fmt(e[m + " over seeds"], m) for m in metrics) + " |"
+                  for mode, e in table.items()]
+        lines += ["", head, rule]
+        lines += [f"| {mode} | " + " | ".join(fmt(e[m + " gap over seeds"], m, 1) for m in metrics) + " |"
+                  for mode, e in table.items()]
     if any(v is not None for e in table.values() for pair in e["families"].values() for v in pair):
         pct = lambda v: "–" if v is None else f"{v:.1f}"
         lines += ["", "PCK@10 per action family (a clip's family: its largest actions), true / shuffled actions:", "",

@@ -8381,6 +8381,11 @@ class TestMiniature:
             diff = np.subtract(per_clip["true"], per_clip["shuffled"])  # standard errors over 2 seeds x 2 clips
             assert table[mode]["latent_l2 gap"][1] == pytest.approx(diff.std(ddof=1) / 2)
             assert table[mode]["latent_l2"][1] == pytest.approx(np.std(per_clip["true"], ddof=1) / 2)
+            seed_gaps = [m["latent_l2"] - c["latent_l2"] for m, c in zip(mine, ctrl)]  # the spread of training
+            assert table[mode]["latent_l2 gap over seeds"] == pytest.approx(
+                (np.mean(seed_gaps), np.std(seed_gaps, ddof=1) / np.sqrt(2)))
+            psnr = [m["psnr"] for m in mine]
+            assert table[mode]["psnr over seeds"] == pytest.approx((np.mean(psnr), np.std(psnr, ddof=1) / np.sqrt(2)))
             assert all(float((out / f"seed{s}" / mode / "train_seconds.txt").read_text()) > 0 for s in (0, 1))
             pooled = []  # the gap at step 2, pooled over seeds, from the step-2 exports' clip files
             for s in (0, 1):
@@ -8402,7 +8407,8 @@ class TestMiniature:
                     type("A", (), {"out": str(out)})()))
         assert table["mlp"]["latent_l2"] != table["dexac"]["latent_l2"]
         md = (out / "results.md").read_text()
-        assert md.count("| dexac |") == 4 and "Gap = true minus shuffled" in md and "along fine-tuning" in md
+        assert md.count("| dexac |") == 6 and "Gap = true minus shuffled" in md and "along fine-tuning" in md
+        assert "over the 2 seeds" in md
         assert Image.open(out / "results.png").size == (600, 284)  # a panel per metric
         assert Image.open(out / "curves.png").size == (800, 360)
         exports = {f: f.stat().st_mtime_ns for f in out.rglob("*.safetensors")}
