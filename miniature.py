@@ -34,8 +34,10 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -140,11 +142,28 @@ def check_cached(mode, seed, args, out=None, argv=None):
                          f"it, or choose another --out")
 
 
+RUNNING = set()  # the train.py processes now running
+STOPPING = threading.Event()  # set by a SIGTERM/SIGINT to miniature.py: no run starts after it
+
+
+def stop(signum, frame):
+    """SIGTERM/SIGINT: every running train.py finishes its step, checkpoints and exits (its time is counted), no
+    further run starts, and miniature.py stops; the same command resumes. SIGTERM is passed on to the runs;
+    a Ctrl-C's SIGINT already reached them (one process group), and a second one would stop them at once."""
+    STOPPING.set()
+    if signum == signal.SIGTERM:
+        for proc in list(RUNNING):
+            proc.send_signal(signum)
+    raise KeyboardInterrupt
+
+
 def train_run(out, argv, what, threads):
     """One train.py process in `out`; skipped when exported, resumed when interrupted -> its export."""
     run = run_dir(out)
     if run is not None and (run / "model.safetensors").is_file():
         return run / "model.safetensors"
+    if STOPPING.is_set():
+        raise KeyboardInterrupt
     cmd = [sys.executable, str(HERE / "train.py"), *argv]
     if run is not None and (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
         cmd += ["--resume", str(run)]
@@ -153,9 +172,17 @@ def train_run(out, argv, what, threads):
     t0 = time.time()
     with open(out / "train.log", "a") as log:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(HERE)}
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    seconds = out / "train_seconds.txt"  # wall clock, summed over resumed attempts
-    seconds.write_text(f"{float(seconds.read_text() if seconds.exists() else 0) + time.time() - t0:.0f}\n")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        RUNNING.add(proc)
+        try:
+            code = proc.wait()
+        finally:  # interrupted too: wait for its checkpoint, and count the time
+            code = proc.wait()
+            RUNNING.discard(proc)
+            seconds = out / "train_seconds.txt"  # wall clock, summed over resumed attempts
+            seconds.write_text(f"{float(seconds.read_text() if seconds.exists() else 0) + time.time() - t0:.0f}\n")
+    if STOPPING.is_set():
+        raise KeyboardInterrupt
     run = run_dir(out)
     if code or run is None or not (run / "model.safetensors").is_file():
         raise RuntimeError(f"training {what} failed; see {out / 'train.log'}")
@@ -522,8 +549,16 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """The command line: main's table is printed and written; exit code 0."""
-    main(argv)
+    """The command line: main's table is printed and written; exit code 0. A SIGTERM/SIGINT stops it cleanly
+    (`stop`): the same command resumes."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        print("stopped: the same command resumes (the runs from their checkpoints, the evaluation from its "
+              "finished clips)", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

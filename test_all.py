@@ -8342,6 +8342,33 @@ class TestMiniature:
                     assert not torch.equal(model(xi, ti, actions), ira_want), name
 
     @pytest.mark.slow
+    def test_sigterm_stops_the_runs_at_a_checkpoint_and_counts_their_time(self, train_synth, tmp_path):
+        """SIGTERM to miniature.py alone (not its process group): the running train.py gets it too, finishes its
+        step, checkpoints and exits; the attempt's wall clock is added to train_seconds.txt (it used to be lost,
+        so a resumed run reported only its last attempt's minutes); miniature.py exits 130 saying how to go on."""
+        root = tmp_path / "data"
+        shutil.copytree(train_synth, root)
+        cmd = [sys.executable, os.path.join(HERE, "miniature.py"), "--out", str(tmp_path / "mini"), "--data",
+               str(root), "--modes", "mlp", "--base-steps", "1000", "--steps", "3", *TRAIN_ARGS, "--batch-size", "2",
+               "--micro-batch", "2"]
+        env = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"}
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+        base = tmp_path / "mini" / "base"
+        deadline = time.time() + 120
+        while not list(base.glob("*/loss.png")) and time.time() < deadline and p.poll() is None:
+            time.sleep(0.2)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 130 and "the same command resumes" in err, (out[-2000:], err[-2000:])
+        log = (base / "train.log").read_text()
+        assert "signal SIGTERM" in log and "continue with" in log
+        (ckpt,) = only_run(base).joinpath("checkpoints").iterdir()
+        assert 1 <= json.loads((ckpt / "meta.json").read_text())["step"] < 1000
+        assert float((base / "train_seconds.txt").read_text()) > 0
+        assert not (tmp_path / "mini" / "seed0").exists()  # nothing started after the signal
+
+    @pytest.mark.slow
     def test_miniature_experiment_trains_evaluates_and_summarizes(self, train_synth, tmp_path, monkeypatch):
         """One toy experiment (a 2-step base, then 2 seeds x 2 variants fine-tuned 3 steps each, exported at step
         2 too) checked several ways: each row's mean over seeds and its gap to the shuffled control equal those of
