@@ -175,8 +175,8 @@ def train_run(out, argv, what, threads):
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         RUNNING.add(proc)
         try:
-            code = proc.wait()
-        finally:  # interrupted too: wait for its checkpoint, and count the time
+            proc.wait()
+        finally:  # interrupted too (`stop`): wait for its checkpoint, and count the time
             code = proc.wait()
             RUNNING.discard(proc)
             seconds = out / "train_seconds.txt"  # wall clock, summed over resumed attempts
