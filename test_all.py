@@ -5954,6 +5954,25 @@ class TestTrain:
         assert "resumed from" in out and "at step 1" in out
         assert (run / "model.safetensors").is_file()
 
+    def test_checkpoint_of_another_model_is_one_error_not_damage(self, small_synth, tmp_path, monkeypatch, capsys):
+        """A model with a tensor the checkpoints lack (code changed between attempts, or a parameter that never
+        had a gradient, so no optimizer state was saved): one error naming the tensor, no fallback through the
+        older checkpoints, which would all fail the same way (it used to call every one of them damaged)."""
+        run_train(["--data", small_synth, "--out", tmp_path, *T24_SMALL, "--steps", 3, "--ckpt-every", 1,
+                   "--exit-after", 2])
+        run = only_run(tmp_path)
+        build = train.build_model
+
+        def grown(*args, **kwargs):  # the model code gained a parameter since the checkpoints were written
+            model = build(*args, **kwargs)
+            model.register_parameter("added", torch.nn.Parameter(torch.zeros(3)))
+            return model
+        monkeypatch.setattr(train, "build_model", grown)
+        capsys.readouterr()
+        with pytest.raises(train.ConfigError, match=r"step_0000002 holds no .*added.*which this model has"):
+            train.main(["--resume", str(run)])
+        assert "falling back" not in capsys.readouterr().out
+
     def test_export_is_atomic_and_checksummed(self, small_synth, tmp_path, monkeypatch):
         import safetensors.torch
         run = run_train(["--data", small_synth, "--out", tmp_path, *T24_SMALL, "--steps", 1])

@@ -1136,9 +1136,18 @@ def load_newest_intact(t, resume):
         # a truncated or half-copied DCP directory (DCP's error is a BaseException), a damaged meta.json
         except (Exception, dcp.api.CheckpointException) as e:
             why = load_failure(e)
+            if MISSING in why:  # not damage (an older checkpoint would fail the same way): another model
+                raise ConfigError(
+                    f"{ckpt} holds no {why.split(MISSING, 1)[1].rstrip('.')}, which this model has: it was written "
+                    f"by another version of the model code (a parameter added since), or that parameter had never "
+                    f"received a gradient (no optimizer state was saved for it); resume with the code that wrote "
+                    f"it") from None
             if i + 1 == len(found):
                 raise ConfigError(f"no intact checkpoint in {resume}: the oldest, {ckpt}, is damaged too ({why})")
             t.log(f"checkpoint {ckpt} is damaged ({why}); falling back to {found[i + 1]}")
+
+
+MISSING = "Missing key in checkpoint state_dict: "  # DCP's words for a tensor the checkpoint does not hold
 
 
 def load_failure(e):
