@@ -6246,6 +6246,7 @@ MINIATURE_CASES = {
     "irasim_one_sample_step": (lambda f: miniature_argv(f, "--modes", "irasim", "--sample-steps", "1"),
                                "--sample-steps: an IRASim model samples on 2 to 1000"),
     "out_is_a_file": (lambda f: miniature_argv(f)[2:] + ["--out", f["afile"]], "existing file"),
+    "device_unknown": (lambda f: miniature_argv(f, "--device", "tpu"), "unknown device"),
 }
 
 
