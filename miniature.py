@@ -214,7 +214,7 @@ def evaluate_seed(seed, checkpoints, args):
         rows.update(E.protocol(E.EvalConfig(
             checkpoints=tuple(map(str, checkpoints)), data=args.data, horizon=args.horizon, clips=args.clips or None,
             metrics=args.metrics, out=str(out), steps=args.sample_steps, seed=seed, shuffle_actions=shuffled,
-            figure_clips=2, device=args.device or None)))
+            figure_clips=2, device=args.device)))
     result = {}
     for mode, c in zip(args.modes, checkpoints):
         names = {kind: E.row_name(c, kind == "shuffled") for kind in ("true", "shuffled")}
@@ -237,7 +237,7 @@ def evaluate_curve(seed, mode, export, args):
         E.protocol(E.EvalConfig(
             checkpoints=tuple(str(p) for _, p in points), data=args.data, horizon=args.horizon,
             clips=args.clips or None, metrics=args.metrics, out=str(out), steps=args.sample_steps, seed=seed,
-            shuffle_actions=shuffled, figure_clips=0, device=args.device or None))
+            shuffle_actions=shuffled, figure_clips=0, device=args.device))
     curve = []
     for step, path in points:
         clips = {kind: [json.loads(f.read_text()) for f in sorted(
