@@ -5,6 +5,7 @@ regime: every variant fine-tunes one pretrained backbone.
 
     python miniature.py                                   # the base, every variant, 1 seed, the evaluation
     python miniature.py --seeds 0 1 2 --modes mlp dexac   # more seeds for chosen variants (the rest is reused)
+    python miniature.py --curves mlp dexac                # the gap along fine-tuning of these two only
     python miniature.py --base-steps 20 --steps 20 --eval-every 10 --clips 4   # a smoke run of the whole pipeline
 
 The dataset is the synthetic one seen closer (synthetic.write_synthetic: zoom 2, markers twice as large, fingers
@@ -465,6 +466,9 @@ def main(argv=None):
     p.add_argument("--finetune-lr", type=sample.positive_float, default=3e-4, help="peak lr of the fine-tuning runs")
     p.add_argument("--eval-every", type=sample.nonnegative_int, default=150,
                    help="evaluate the gap every N fine-tuning steps too (0: only the final models)")
+    p.add_argument("--curves", nargs="*", choices=MODES, metavar="VARIANT",
+                   help="variants whose gap along fine-tuning is evaluated (default: every one of --modes; the flag "
+                        "alone: none). The exports are written either way; each costs two evaluations")
     p.add_argument("--jobs", type=sample.positive_int, default=2, help="runs trained at a time")
     p.add_argument("--threads", type=sample.positive_int, default=1, help="CPU threads per run")
     p.add_argument("--horizon", type=sample.positive_int, default=25, help="evaluation rollout length in frames")
@@ -496,6 +500,9 @@ def main(argv=None):
     unknown = set(args.metrics.split(",")) - set(E.METRICS) - {"auto", ""}
     if unknown:
         p.error(f"argument --metrics: unknown {sorted(unknown)}; choose from {E.METRICS}")
+    args.curves = args.modes if args.curves is None else args.curves
+    if stray := [m for m in args.curves if m not in args.modes]:
+        p.error(f"argument --curves: {' '.join(stray)} not among --modes")
     sample.check_out_dir(args.out)
     bases = sorted({backbone_of(mode) for mode in args.modes}) if args.base_steps else []
     for backbone in bases:
@@ -523,11 +530,12 @@ def main(argv=None):
         per_seed[seed] = evaluate_seed(seed, checkpoints[i * n:(i + 1) * n], args)
         for mode, export in zip(args.modes, checkpoints[i * n:(i + 1) * n]):
             per_seed[seed][mode]["step"] = along(export)[-1][0]
-            per_seed[seed][mode]["curve"] = evaluate_curve(seed, mode, export, args)
+            if mode in args.curves:
+                per_seed[seed][mode]["curve"] = evaluate_curve(seed, mode, export, args)
     metrics = [m for m in ("psnr", "ssim", "lpips", "latent_l2", "pck@5", "pck@10", "pck@20")
                if any(r["true"].get(m) is not None for rows in per_seed.values() for r in rows.values())]
     table = summarize(per_seed, metrics)
-    along_table = curves(per_seed, metrics)
+    along_table = {m: r for m, r in curves(per_seed, metrics).items() if m in args.curves}
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps({"config": {k: v for k, v in vars(args).items()},
                                                   "per_seed": per_seed, "summary": table,

@@ -6247,6 +6247,8 @@ MINIATURE_CASES = {
                                "--sample-steps: an IRASim model samples on 2 to 1000"),
     "out_is_a_file": (lambda f: miniature_argv(f)[2:] + ["--out", f["afile"]], "existing file"),
     "device_unknown": (lambda f: miniature_argv(f, "--device", "tpu"), "unknown device"),
+    "curve_of_a_variant_not_run": (lambda f: miniature_argv(f, "--curves", "mlp-flat"),
+                                   "--curves: mlp-flat not among --modes"),
 }
 
 
@@ -8459,7 +8461,8 @@ class TestMiniature:
         assert Image.open(out / "results.png").size == (600, 284)  # a panel per metric
         assert Image.open(out / "curves.png").size == (800, 360)
         exports = {f: f.stat().st_mtime_ns for f in out.rglob("*.safetensors")}
-        miniature.main(argv)  # everything done: nothing is trained again
+        miniature.main(argv + ["--curves", "mlp"])  # everything done: nothing is trained again
+        assert set(json.loads((out / "results.json").read_text())["curves"]) == {"mlp"}  # dexac's curve left out
         # the base (its run's export, and the same file as base/model.safetensors), 4 runs' final and step-2 exports
         assert len(exports) == 2 + 4 * 2 and {f: f.stat().st_mtime_ns for f in out.rglob("*.safetensors")} == exports
 
