@@ -443,7 +443,8 @@ def grad_norms(dit, x0, actions, text, mask, noise, sigma):
     for name, p in dit.action_cond.named_parameters():
         part = name.rsplit(".", 1)[0]
         g, w = parts.get(part, (0.0, 0.0))
-        parts[part] = (g + (p.grad.float().norm() ** 2 if p.grad is not None else 0.0), w + p.float().norm() ** 2)
+        grad = p.grad.float().norm() ** 2 if p.grad is not None else 0.0
+        parts[part] = (g + grad, w + p.detach().float().norm() ** 2)
     dit.requires_grad_(False)
     return {k: float(g ** 0.5) / max(float(w ** 0.5), 1e-12) for k, (g, w) in parts.items()}
 
@@ -460,10 +461,13 @@ def plot_action_use(result, path):
         for name in rows[0]["sensitivity"]:
             ax_s.plot(steps, [r["sensitivity"][name] for r in rows], marker="o", label=name,
                       color=FAMILY_COLORS.get(name, "black"))
-        for name in rows[0]["grad"]:
-            ax_g.plot(steps, [max(r["grad"][name], FLOOR) for r in rows], marker=".", label=name)
-        ax_s.set(title=f"{run}: |v(a) - v(a, family from another clip)| / |v(a)|", xlabel="step")
-        ax_g.set(title=f"{run}: |grad| / |weights| per conditioning part", xlabel="step", yscale="log")
+        for i, name in enumerate(rows[0]["grad"]):  # more parts than colours: the style tells them apart
+            ax_g.plot(steps, [max(r["grad"][name], FLOOR) for r in rows], marker=".", label=name,
+                      linestyle=("-", "--", ":")[i // 10 % 3])
+        ax_s.set_title(f"{run}\n|v(a) - v(a, family from another clip)| / |v(a)|", fontsize=9)
+        ax_g.set_title(f"{run}\n|grad| / |weights| per conditioning part", fontsize=9)
+        ax_s.set(xlabel="step")
+        ax_g.set(xlabel="step", yscale="log")
         ax_s.legend(fontsize=7)
         ax_g.legend(fontsize=6, ncol=2)
     fig.tight_layout()
