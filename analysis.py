@@ -199,14 +199,20 @@ def running_mean(y, k):
 
 
 def loss_curves(runs):
-    """Run directories -> {label: {run, mode, step, loss, smooth}}; a label is the run's action mode (plus the
-    run's name when two runs share a mode)."""
-    read = [(Path(r), *read_run(r)) for r in runs]
+    """Run directories -> {label: {run, mode, step, loss, smooth}}; a label is the run's action mode, plus,
+    when runs share a mode, the shortest end of their paths that tells them apart (a miniature grid's runs
+    share their folder names: "dexac (dexac-x200/000-tiny-dexac-48x80)")."""
+    read = [(Path(r).resolve(), *read_run(r)) for r in runs]
     modes = [m for _, m, _, _ in read]
     curves = {}
     for run, mode, steps, losses in read:
-        label = mode if modes.count(mode) == 1 else f"{mode} ({run.name})"
-        label = label if label not in curves else f"{label} [{len(curves) + 1}]"  # one run folder name, twice
+        label = mode
+        if modes.count(mode) > 1:
+            same = [r for r, m, _, _ in read if m == mode]
+            k = next((k for k in range(1, len(run.parts)) if sum(r.parts[-k:] == run.parts[-k:] for r in same) == 1),
+                     len(run.parts))
+            label = f"{mode} ({'/'.join(run.parts[-k:])})"
+        label = label if label not in curves else f"{label} [{len(curves) + 1}]"  # one run given twice
         smooth = running_mean(losses, max(1, len(losses) // 20))  # over ~5% of the curve, as train.py's loss.png
         curves[label] = {"run": str(run), "mode": mode, "step": steps.tolist(), "loss": losses.tolist(),
                          "smooth": smooth.tolist()}

@@ -8638,6 +8638,10 @@ class TestAnalysis:
         logged = [json.loads(line) for line in open(small_export.parent / "metrics.jsonl")]
         real = curves[f"dexac ({small_export.parent.name})"]
         assert real["step"] == [h["step"] for h in logged] and real["loss"] == [h["loss"] for h in logged]
+        grid = [fake_run(tmp_path / variant / "000-tiny-dexac-48x80", "dexac", losses["dexac"])
+                for variant in ("dexac", "dexac-x200")]  # a miniature grid: one run folder name per variant
+        assert set(analysis.loss_curves(grid)) == {"dexac (dexac/000-tiny-dexac-48x80)",
+                                                   "dexac (dexac-x200/000-tiny-dexac-48x80)"}
         analysis.plot_losses(curves, tmp_path / "loss.png")
         with Image.open(tmp_path / "loss.png") as img:
             assert img.format == "PNG"
