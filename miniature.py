@@ -477,9 +477,9 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=sample.positive_int, default=8,
                    help="denoising steps per chunk in evaluation")
     p.add_argument("--metrics", default="psnr,ssim,latent_l2,pck", help="evaluate.py --metrics")
-    p.add_argument("--device", type=data.device_name, help="cpu or cuda, for training and evaluation alike (default: cuda "
-                                                "when available); on a GPU, a larger grid is e.g. --device cuda "
-                                                "--height 96 --width 160 --batch-size 16")
+    p.add_argument("--device", type=data.device_name,
+                   help="cpu or cuda, for training and evaluation alike (default: cuda when available); on a GPU, a "
+                        "larger grid is e.g. --device cuda --height 96 --width 160 --batch-size 16")
     args, args.train_args = p.parse_known_args(argv)  # anything else goes to train.py (--height, --lr, ...)
     if args.device:
         args.train_args += ["--device", args.device]
