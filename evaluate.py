@@ -968,6 +968,7 @@ class EvalConfig:
     """The protocol's settings: main() builds one from the command line (its flags, same names and defaults);
     miniature.py builds its own."""
     checkpoints: tuple = ()  # exported models, a table row each
+    names: tuple = None  # a row name per checkpoint (its folder under out); None: each run's folder name
     splits: str = ",".join(data.EVAL_SPLITS)  # (above `data`, which shadows the module from here on)
     test_fraction: float = data.EGOVERSE_TEST_FRACTION
     data: str = None
@@ -1029,10 +1030,11 @@ def protocol_metrics(spec, weights, offline=None):
     return tuple(metrics), left_out
 
 
-def row_name(checkpoint, shuffled):
-    """runs/003-tiny-dexac-64x112/model.safetensors -> 003-tiny-dexac-64x112 (+ shuffled actions)."""
+def row_name(checkpoint, shuffled, name=None):
+    """runs/003-tiny-dexac-64x112/model.safetensors -> 003-tiny-dexac-64x112 (+ shuffled actions); name, when
+    given (--names), stands for the folder's."""
     path = Path(checkpoint)
-    name = path.parent.name if path.stem == "model" and path.parent.name else path.stem
+    name = name or (path.parent.name if path.stem == "model" and path.parent.name else path.stem)
     return name + (" (shuffled actions)" if shuffled else "")
 
 
@@ -1265,6 +1267,13 @@ def check_config(cfg):
         raise ValueError("--checkpoint: no model to evaluate (train.py exports RUN/model.safetensors)")
     if not cfg.data:
         raise ValueError("--data: the dataset root whose test split is evaluated")
+    if cfg.names is not None:
+        need(len(cfg.names) == len(cfg.checkpoints), f"--names: {len(cfg.names)} name(s) for "
+             f"{len(cfg.checkpoints)} checkpoint(s); give one per --checkpoint, in its order")
+        need(len(set(cfg.names)) == len(cfg.names), f"--names {list(cfg.names)}: give each row its own name")
+        bad = [n for n in cfg.names if not n or n != n.strip() or any(c in n for c in '/\\:*?"<>|')]
+        need(not bad, f"--names {bad}: a row name is a folder name under --out; leave out / \\ : * ? \" < > | and "
+                      f"outer spaces")
     if cfg.device is not None:
         sample.check_device(cfg.device)
     metas = {c: sample.read_export_meta(c) for c in cfg.checkpoints}
@@ -1315,10 +1324,11 @@ def protocol(cfg):
     tc = metas[cfg.checkpoints[0]]["train_config"]  # one frame size for every row: as given, else the first's
     size = (cfg.height or tc["height"], cfg.width or tc["width"])
     rows = {}
-    for c in cfg.checkpoints:
-        row = row_name(c, cfg.shuffle_actions)
+    for c, name in zip(cfg.checkpoints, cfg.names or [None] * len(cfg.checkpoints)):
+        row = row_name(c, cfg.shuffle_actions, name)
         if row in rows.values():
-            raise ValueError(f"two checkpoints give the row name {row!r}: put them in differently named folders")
+            raise ValueError(f"two checkpoints give the row name {row!r}: name the rows with --names, or put them "
+                             f"in differently named folders")
         rows[c] = row
     if rank == 0:
         print(f"{len(plan)} clips of {cfg.horizon} frames from {len(episodes)} test episode(s), metrics "
@@ -1636,6 +1646,9 @@ def main(argv=None):
         "RUN/model.safetensors [...] --data ROOT --horizon 25 (torchrun shards the clips over ranks).")
     p.add_argument("--checkpoint", dest="checkpoints", metavar="CHECKPOINT", nargs="+",
                    help="exported models (train.py), a table row each")
+    p.add_argument("--names", nargs="+", metavar="NAME",
+                   help="a row name per --checkpoint, in order (default: each run's folder name, e.g. "
+                        "003-tiny-dexac-64x112): needed when two runs share a folder name")
     p.add_argument("--data", help="dataset root; its test split is evaluated")
     p.add_argument("--splits", help="comma-separated splits to evaluate (default: test)")
     p.add_argument("--test-fraction", type=sample.fraction,

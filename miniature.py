@@ -207,18 +207,18 @@ def along(export):
 
 
 def evaluate_seed(seed, checkpoints, args):
-    """The protocol on this seed's models (in args.modes order), with true and with shuffled actions
-    -> {mode: {"true": report, "shuffled": report, "clips": {"true": [clip record], "shuffled": [...]}}}."""
+    """The protocol on this seed's models (in args.modes order; a row per variant, named after it: variants of
+    one action mode share a run folder name), with true and with shuffled actions -> {mode: {"true": report, "shuffled": report, "clips": {"true": [clip record], "shuffled": [...]}}}."""
     out = Path(args.out) / f"seed{seed}" / "eval"
     rows = {}
     for shuffled in (False, True):
         rows.update(E.protocol(E.EvalConfig(
-            checkpoints=tuple(map(str, checkpoints)), data=args.data, horizon=args.horizon, clips=args.clips or None,
-            metrics=args.metrics, out=str(out), steps=args.sample_steps, seed=seed, shuffle_actions=shuffled,
+            checkpoints=tuple(map(str, checkpoints)), names=tuple(args.modes), data=args.data, horizon=args.horizon,
+            clips=args.clips or None, metrics=args.metrics, out=str(out), steps=args.sample_steps, seed=seed, shuffle_actions=shuffled,
             figure_clips=2, device=args.device)))
     result = {}
     for mode, c in zip(args.modes, checkpoints):
-        names = {kind: E.row_name(c, kind == "shuffled") for kind in ("true", "shuffled")}
+        names = {kind: E.row_name(c, kind == "shuffled", mode) for kind in ("true", "shuffled")}
         result[mode] = {kind: rows[name] for kind, name in names.items()}
         result[mode]["clips"] = {kind: [json.loads(f.read_text())
                                         for f in sorted((out / name / "clips").glob("*.json"))]

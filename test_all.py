@@ -6229,6 +6229,8 @@ EVALUATE_CASES = {
     "guidance_without_text": (lambda f: evaluate_argv(f, "--guidance", "2"), "text mode none"),
     "garbage_checkpoint": (lambda f: evaluate_argv(f, ckpt=f["garbage"]), "not a readable safetensors"),
     "out_is_a_file": (lambda f: evaluate_argv(f)[:-1] + [f["afile"]], "existing file"),
+    "names_not_one_per_checkpoint": (lambda f: evaluate_argv(f, "--names", "a", "b"), "--names: 2 name(s) for 1"),
+    "name_is_a_path": (lambda f: evaluate_argv(f, "--names", "a/b"), "a row name is a folder name"),
     "compare_negative_cond_frames": (lambda f: ["compare", "--pred", f["acts"], "--gt", f["acts"],
                                                 "--cond-frames", "-1"], "--cond-frames"),
 }
@@ -6544,6 +6546,29 @@ class TestSample:
             assert f"carry {want}: {S.CARRIES[want]}" in (out / "table.md").read_text().splitlines()[0]
         with pytest.raises(ValueError, match="other settings"):
             E.main([*argv, "--out", str(tmp_path / "a"), "--carry", "latent"])
+
+    def test_runs_of_one_folder_name_are_told_apart_by_names(self, small_synth, small_export, tmp_path):
+        """Variants of one action mode train into same-named run folders (miniature.py's dexac, dexac-x200...):
+        as rows they collide unless --names names them; named, each row holds its own model's clips."""
+        runs = []
+        for variant in ("dexac", "dexac-x200"):
+            (tmp_path / variant / "000-tiny-dexac").mkdir(parents=True)
+            runs.append(tmp_path / variant / "000-tiny-dexac" / "model.safetensors")
+            shutil.copy(small_export, runs[-1])
+        argv = ["--checkpoint", *map(str, runs), "--data", str(small_synth), "--horizon", "5", "--steps", "1",
+                "--metrics", "psnr", "--clips", "2", "--batch", "2", "--figure-clips", "0", "--device", "cpu",
+                "--out", str(tmp_path / "evals")]
+        with pytest.raises(ValueError, match="two checkpoints give the row name '000-tiny-dexac'"):
+            E.main(argv)
+        with pytest.raises(ValueError, match="give each row its own name"):
+            E.main([*argv, "--names", "x", "x"])
+        assert E.main([*argv, "--names", "dexac", "dexac-x200", "--shuffle-actions"]) == 0
+        report = json.loads((tmp_path / "evals" / "report.json").read_text())
+        assert list(report["rows"]) == ["dexac (shuffled actions)", "dexac-x200 (shuffled actions)"]
+        for variant, run in zip(("dexac", "dexac-x200"), runs):
+            d = tmp_path / "evals" / f"{variant} (shuffled actions)"
+            assert json.loads((d / "settings.json").read_text())["checkpoint"] == str(run)
+            assert len(list((d / "clips").glob("*.json"))) == 2
 
     def test_evaluate_flags_carry_and_solvers_of_the_model(self, monkeypatch):
         """--carry defaults to reencode; --sampler offers model.SOLVERS, a solver added there included."""
@@ -8417,8 +8442,7 @@ class TestMiniature:
             ctrl = [results["per_seed"][s][mode]["shuffled"] for s in ("0", "1")]
             per_clip = {}
             for s, m, c in zip((0, 1), mine, ctrl):  # each mode's rows are that model's clips
-                for kind, report, row in (("true", m, f"000-tiny-{mode}-32x64"),
-                                          ("shuffled", c, f"000-tiny-{mode}-32x64 (shuffled actions)")):
+                for kind, report, row in (("true", m, mode), ("shuffled", c, f"{mode} (shuffled actions)")):
                     clips = sorted((out / f"seed{s}" / "eval" / row / "clips").glob("*.json"))
                     l2 = [json.loads(f.read_text())["latent_l2"] for f in clips]
                     per_clip.setdefault(kind, []).extend(l2)
