@@ -26,9 +26,10 @@ paired clip by clip, and PCK per action family. Everything is resumable: finishe
 kept, interrupted runs resume; a run is reused only when the train.py flags it records (settings.json) are this
 call's, else it is refused with a message (deleting a trained model is left to the user).
 
-Outputs under --out: base/ and base-irasim/ (the pretrained backbones), seed<s>/<variant>/ (train.py runs), seed<s>/eval/ and
-seed<s>/curves/ (reports), results.json, results.md, results.png (final gaps) and curves.png (gap along
-fine-tuning).
+Outputs under --out: base/ and base-irasim/ (the pretrained backbones), seed<s>/<variant>/ (train.py runs),
+seed<s>/eval-* and seed<s>/curves-* (reports, a folder per evaluation setting: eval-h25-n12-k8 is --horizon 25,
+--clips 12, --sample-steps 8), results.json, results.md, results.png (final gaps) and curves.png (gap along
+fine-tuning) of the last call.
 """
 
 import contextlib
@@ -206,10 +207,16 @@ def along(export):
     return [(int(p.stem[5:]), p) for p in steps] + [(sample.read_export_meta(str(export))["step"], export)]
 
 
+def eval_dir(args, seed, kind="eval"):
+    """seed<s>/<kind>-h<horizon>-n<clips>-k<sample steps>: the reports of one evaluation setting; another setting
+    (more clips, say) gets a folder of its own beside it, and the trained runs are reused."""
+    return Path(args.out) / f"seed{seed}" / f"{kind}-h{args.horizon}-n{args.clips or 'all'}-k{args.sample_steps}"
+
+
 def evaluate_seed(seed, checkpoints, args):
     """The protocol on this seed's models (in args.modes order; a row per variant, named after it: variants of
     one action mode share a run folder name), with true and with shuffled actions -> {mode: {"true": report, "shuffled": report, "clips": {"true": [clip record], "shuffled": [...]}}}."""
-    out = Path(args.out) / f"seed{seed}" / "eval"
+    out = eval_dir(args, seed)
     rows = {}
     for shuffled in (False, True):
         rows.update(E.protocol(E.EvalConfig(
@@ -233,7 +240,7 @@ def evaluate_curve(seed, mode, export, args):
     points = along(export)[:-1]
     if not points:
         return []
-    out = Path(args.out) / f"seed{seed}" / "curves" / mode
+    out = eval_dir(args, seed, "curves") / mode
     for shuffled in (False, True):
         E.protocol(E.EvalConfig(
             checkpoints=tuple(str(p) for _, p in points), data=args.data, horizon=args.horizon,

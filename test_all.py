@@ -8443,7 +8443,7 @@ class TestMiniature:
             per_clip = {}
             for s, m, c in zip((0, 1), mine, ctrl):  # each mode's rows are that model's clips
                 for kind, report, row in (("true", m, mode), ("shuffled", c, f"{mode} (shuffled actions)")):
-                    clips = sorted((out / f"seed{s}" / "eval" / row / "clips").glob("*.json"))
+                    clips = sorted((out / f"seed{s}" / "eval-h9-n2-k1" / row / "clips").glob("*.json"))
                     l2 = [json.loads(f.read_text())["latent_l2"] for f in clips]
                     per_clip.setdefault(kind, []).extend(l2)
                     assert report["latent_l2"] == pytest.approx(np.mean(l2)) and len(l2) == 2
@@ -8462,7 +8462,7 @@ class TestMiniature:
             assert all(float((out / f"seed{s}" / mode / "train_seconds.txt").read_text()) > 0 for s in (0, 1))
             pooled = []  # the gap at step 2, pooled over seeds, from the step-2 exports' clip files
             for s in (0, 1):
-                rows = out / f"seed{s}" / "curves" / mode
+                rows = out / f"seed{s}" / "curves-h9-n2-k1" / mode
                 t, c = ([json.loads(f.read_text())["latent_l2"] for f in sorted(
                     (rows / name / "clips").glob("*.json"))] for name in ("step_0000002",
                                                                           "step_0000002 (shuffled actions)"))
@@ -8487,6 +8487,10 @@ class TestMiniature:
         exports = {f: f.stat().st_mtime_ns for f in out.rglob("*.safetensors")}
         miniature.main(argv + ["--curves", "mlp"])  # everything done: nothing is trained again
         assert set(json.loads((out / "results.json").read_text())["curves"]) == {"mlp"}  # dexac's curve left out
+        more = miniature.main(argv + ["--clips", "3", "--curves"])  # another evaluation setting: its own folder
+        assert all(len(list((out / f"seed{s}" / "eval-h9-n3-k1" / m / "clips").glob("*.json"))) == 3
+                   for s in (0, 1) for m in ("mlp", "dexac (shuffled actions)"))
+        assert more["mlp"]["psnr"] != table["mlp"]["psnr"]  # 3 clips, not 2
         # the base (its run's export, and the same file as base/model.safetensors), 4 runs' final and step-2 exports
         assert len(exports) == 2 + 4 * 2 and {f: f.stat().st_mtime_ns for f in out.rglob("*.safetensors")} == exports
 
