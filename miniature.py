@@ -554,12 +554,17 @@ def main(argv=None):
         if all(f.exists() for f in files):
             train_minutes[mode] = round(np.mean([float(f.read_text()) for f in files]) / 60, 1)
     key = [m for m in ("psnr", "latent_l2", "pck@10") if m in metrics]
-    text = markdown(table, metrics, args, train_minutes) + curve_markdown(along_table, key)
+    text = markdown(table, metrics, args, train_minutes) + (curve_markdown(along_table, key) if along_table else "")
     (out / "results.md").write_text(text)
     plot(out / "results.png", table, key or metrics[:3])
-    plot_curves(out / "curves.png", along_table, key[0] if key else metrics[0])
+    written = [out / "results.md", out / "results.json", out / "results.png"]
+    if along_table:  # --curves with no variant: none drawn (an older curves.png is not this call's)
+        plot_curves(out / "curves.png", along_table, key[0] if key else metrics[0])
+        written.append(out / "curves.png")
+    elif (out / "curves.png").exists():
+        (out / "curves.png").unlink()
     print(text)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'} and {out / 'curves.png'}")
+    print(f"wrote {', '.join(map(str, written))}")
     return table
 
 

@@ -8491,6 +8491,7 @@ class TestMiniature:
         assert all(len(list((out / f"seed{s}" / "eval-h9-n3-k1" / m / "clips").glob("*.json"))) == 3
                    for s in (0, 1) for m in ("mlp", "dexac (shuffled actions)"))
         assert more["mlp"]["psnr"] != table["mlp"]["psnr"]  # 3 clips, not 2
+        assert "along fine-tuning" not in (out / "results.md").read_text() and not (out / "curves.png").exists()
         # the base (its run's export, and the same file as base/model.safetensors), 4 runs' final and step-2 exports
         assert len(exports) == 2 + 4 * 2 and {f: f.stat().st_mtime_ns for f in out.rglob("*.safetensors")} == exports
 
