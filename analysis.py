@@ -198,20 +198,30 @@ def running_mean(y, k):
     return (c[i + 1] - c[lo]) / (i + 1 - lo)
 
 
+def short_names(paths):
+    """Each path's shortest end that no other path in the list shares (a miniature grid's runs share their folder
+    names: dexac/000-tiny-dexac-48x80, dexac-x200/000-tiny-dexac-48x80); a path given twice keeps its whole."""
+    paths = [Path(p).resolve() for p in paths]
+    def end(path):
+        for k in range(1, len(path.parts)):
+            if sum(q.parts[-k:] == path.parts[-k:] for q in paths) == 1:
+                return "/".join(path.parts[-k:])
+        return str(path)
+    return [end(path) for path in paths]
+
+
 def loss_curves(runs):
     """Run directories -> {label: {run, mode, step, loss, smooth}}; a label is the run's action mode, plus,
     when runs share a mode, the shortest end of their paths that tells them apart (a miniature grid's runs
     share their folder names: "dexac (dexac-x200/000-tiny-dexac-48x80)")."""
-    read = [(Path(r).resolve(), *read_run(r)) for r in runs]
+    read = [(Path(r), *read_run(r)) for r in runs]
     modes = [m for _, m, _, _ in read]
     curves = {}
     for run, mode, steps, losses in read:
         label = mode
         if modes.count(mode) > 1:
             same = [r for r, m, _, _ in read if m == mode]
-            k = next((k for k in range(1, len(run.parts)) if sum(r.parts[-k:] == run.parts[-k:] for r in same) == 1),
-                     len(run.parts))
-            label = f"{mode} ({'/'.join(run.parts[-k:])})"
+            label = f"{mode} ({short_names(same)[same.index(run)]})"
         label = label if label not in curves else f"{label} [{len(curves) + 1}]"  # one run given twice
         smooth = running_mean(losses, max(1, len(losses) // 20))  # over ~5% of the curve, as train.py's loss.png
         curves[label] = {"run": str(run), "mode": mode, "step": steps.tolist(), "loss": losses.tolist(),
@@ -483,9 +493,9 @@ def plot_action_use(result, path):
 
 def diagnose(runs, root, clips=8, size=None):
     """For each run (a train.py run directory) and each of its exports along training: sensitivities and
-    grad_norms on the same probe batch -> {run: [{"step", "sensitivity": {...}, "grad": {...}}]}."""
+    grad_norms on the same probe batch -> {run (short_names): [{"step", "sensitivity": {...}, "grad": {...}}]}."""
     result = {}
-    for run in map(Path, runs):
+    for run, name in zip(map(Path, runs), short_names(runs)):
         exports = sorted((run / "exports").glob("step_*.safetensors")) + [run / "model.safetensors"]
         rows, probe = [], None
         for path in tqdm(exports, desc=f"diagnose {run.name}"):
@@ -497,7 +507,7 @@ def diagnose(runs, root, clips=8, size=None):
             step = wm.info["step"]
             rows.append({"step": step, "sensitivity": sensitivities(wm.dit, *probe),
                          "grad": grad_norms(wm.dit, *probe)})
-        result[run.name] = rows
+        result[name] = rows
     return result
 
 

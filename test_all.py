@@ -8671,6 +8671,8 @@ class TestAnalysis:
                 for variant in ("dexac", "dexac-x200")]  # a miniature grid: one run folder name per variant
         assert set(analysis.loss_curves(grid)) == {"dexac (dexac/000-tiny-dexac-48x80)",
                                                    "dexac (dexac-x200/000-tiny-dexac-48x80)"}
+        assert analysis.short_names([*grid, grid[0]]) == [str(grid[0].resolve()), "dexac-x200/000-tiny-dexac-48x80",
+                                                          str(grid[0].resolve())]  # given twice: kept whole
         analysis.plot_losses(curves, tmp_path / "loss.png")
         with Image.open(tmp_path / "loss.png") as img:
             assert img.format == "PNG"
