@@ -422,7 +422,7 @@ def plot(path, table, metrics):
     standard error over clips (on the grey bar: of the paired gap). Equal bars: the model ignores its actions."""
     modes = list(table)
     metrics = [m for m in metrics if any(table[mode][m] for mode in modes)]
-    W, H, pad = 300, 260, 36
+    W, H, pad = max(300, 56 * len(modes)), 260, 36  # labels on two rows: a long variant name spans two bars
     img = Image.new("RGB", (W * len(metrics), H + 24), "white")
     d = ImageDraw.Draw(img)
     d.text((6, 4), "true actions (blue) vs shuffled actions (grey); whiskers: +-1 standard error over clips "
