@@ -215,14 +215,15 @@ def eval_dir(args, seed, kind="eval"):
 
 def evaluate_seed(seed, checkpoints, args):
     """The protocol on this seed's models (in args.modes order; a row per variant, named after it: variants of
-    one action mode share a run folder name), with true and with shuffled actions -> {mode: {"true": report, "shuffled": report, "clips": {"true": [clip record], "shuffled": [...]}}}."""
+    one action mode share a run folder name), with true and with shuffled actions -> {mode: {"true": report,
+    "shuffled": report, "clips": {"true": [clip record], "shuffled": [...]}}}."""
     out = eval_dir(args, seed)
     rows = {}
     for shuffled in (False, True):
         rows.update(E.protocol(E.EvalConfig(
             checkpoints=tuple(map(str, checkpoints)), names=tuple(args.modes), data=args.data, horizon=args.horizon,
-            clips=args.clips or None, metrics=args.metrics, out=str(out), steps=args.sample_steps, seed=seed, shuffle_actions=shuffled,
-            figure_clips=2, device=args.device)))
+            clips=args.clips or None, metrics=args.metrics, out=str(out), steps=args.sample_steps, seed=seed,
+            shuffle_actions=shuffled, figure_clips=2, device=args.device)))
     result = {}
     for mode, c in zip(args.modes, checkpoints):
         names = {kind: E.row_name(c, kind == "shuffled", mode) for kind in ("true", "shuffled")}
