@@ -223,7 +223,7 @@ def evaluate_seed(seed, checkpoints, args):
         rows.update(E.protocol(E.EvalConfig(
             checkpoints=tuple(map(str, checkpoints)), names=tuple(args.modes), data=args.data, horizon=args.horizon,
             clips=args.clips or None, metrics=args.metrics, out=str(out), steps=args.sample_steps, seed=seed,
-            shuffle_actions=shuffled, figure_clips=2, device=args.device)))
+            shuffle_actions=shuffled, figure_clips=0 if shuffled else 2, device=args.device)))  # figure: true actions
     result = {}
     for mode, c in zip(args.modes, checkpoints):
         names = {kind: E.row_name(c, kind == "shuffled", mode) for kind in ("true", "shuffled")}
