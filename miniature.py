@@ -22,7 +22,8 @@ rolled out by the evaluation protocol (evaluate.py) on the test split, twice: wi
 another clip's actions (the control: a model that ignores its actions scores the same on both), and so are
 the exports every --eval-every steps, which draw the gap along fine-tuning ("not yet" against "never"). The
 summary gives each metric's mean with its standard error over the evaluated clips, the true-minus-shuffled gap
-paired clip by clip, and PCK per action family. Everything is resumable: finished runs and scored clips are
+paired clip by clip, PCK per action family, the mean and standard error over seeds (with several), and each
+variant minus --reference (dexac), paired clip by clip. Everything is resumable: finished runs and scored clips are
 kept, interrupted runs resume; a run is reused only when the train.py flags it records (settings.json) are this
 call's, else it is refused with a message (deleting a trained model is left to the user).
 
@@ -328,6 +329,33 @@ def summarize(per_seed, metrics):
     return table
 
 
+def versus(per_seed, reference, metrics):
+    """Each variant minus the reference, paired clip by clip (the same seed and test clip) -> {mode: {metric:
+    (mean, standard error), metric + ' gap': (mean, se)}} over the clips of every seed: the difference in score
+    with the true actions, and in the true-minus-shuffled gap. The clips differ far more from one another than the
+    models do, so this compares two variants much more finely than their two rows' standard errors can."""
+    table = {}
+    for mode in next(iter(per_seed.values())):
+        if mode == reference:
+            continue
+        diffs = {}
+        for rows in per_seed.values():
+            a, b = ({kind: {c["index"]: c for c in rows[m]["clips"][kind]} for kind in ("true", "shuffled")}
+                    for m in (mode, reference))
+            for i in a["true"].keys() & b["true"].keys():
+                for m in metrics:
+                    va, vb = clip_values(a["true"][i], m), clip_values(b["true"][i], m)
+                    if va is None or vb is None:
+                        continue
+                    diffs.setdefault(m, []).append(va - vb)
+                    sa, sb = (clip_values(x["shuffled"][i], m) if i in x["shuffled"] else None for x in (a, b))
+                    if sa is not None and sb is not None:
+                        diffs.setdefault(m + " gap", []).append((va - sa) - (vb - sb))
+        table[mode] = {k: (float(np.mean(diffs[k])), standard_error(diffs[k])) if k in diffs else None
+                       for m in metrics for k in (m, m + " gap")}
+    return table
+
+
 DECIMALS = {"psnr": 2, "ssim": 3, "lpips": 3, "latent_l2": 3}  # pck: 1 (percent)
 
 
@@ -364,6 +392,21 @@ def markdown(table, metrics, args, train_minutes):
                   "| mode | " + " | ".join(E.FAMILIES) + " |", "|---|" + "---|" * len(E.FAMILIES)]
         lines += ["| " + mode + " | " + " | ".join(f"{pct(t)} / {pct(c)}" for t, c in e["families"].values())
                   + " |" for mode, e in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def versus_markdown(table, reference, metrics):
+    """The paired comparison against the reference variant: a row per other variant, each metric's difference
+    with the true actions and in its gap."""
+    k = lambda m: DECIMALS.get(m, 1) + 1
+    fmt = lambda v, m: "–" if v is None else f"{v[0]:+.{k(m)}f} ± {v[1]:.{k(m)}f}"
+    cols = [c for m in metrics for c in (m, m + " gap")]
+    lines = ["", f"Each variant minus {reference}, paired clip by clip (the same seed and test clip; ± standard "
+             "error over those clips): the score with the true actions, and the gap (a positive psnr or pck gap "
+             f"difference: follows its actions more than {reference}):", "",
+             f"| variant - {reference} | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {mode} | " + " | ".join(fmt(row[c], c.split()[0]) for c in cols) + " |"
+              for mode, row in table.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -477,6 +520,9 @@ def main(argv=None):
     p.add_argument("--curves", nargs="*", choices=MODES, metavar="VARIANT",
                    help="variants whose gap along fine-tuning is evaluated (default: every one of --modes; the flag "
                         "alone: none). The exports are written either way; each costs two evaluations")
+    p.add_argument("--reference", choices=MODES, metavar="VARIANT",
+                   help="the variant every other one is compared with, paired clip by clip (default: dexac when "
+                        "among --modes, else the first of them)")
     p.add_argument("--jobs", type=sample.positive_int, default=2, help="runs trained at a time")
     p.add_argument("--threads", type=sample.positive_int, default=1, help="CPU threads per run")
     p.add_argument("--horizon", type=sample.positive_int, default=25, help="evaluation rollout length in frames")
@@ -511,6 +557,9 @@ def main(argv=None):
     args.curves = args.modes if args.curves is None else args.curves
     if stray := [m for m in args.curves if m not in args.modes]:
         p.error(f"argument --curves: {' '.join(stray)} not among --modes")
+    if args.reference and args.reference not in args.modes:
+        p.error(f"argument --reference: {args.reference} not among --modes")
+    args.reference = args.reference or ("dexac" if "dexac" in args.modes else args.modes[0])
     sample.check_out_dir(args.out)
     bases = sorted({backbone_of(mode) for mode in args.modes}) if args.base_steps else []
     for backbone in bases:
@@ -544,9 +593,11 @@ def main(argv=None):
                if any(r["true"].get(m) is not None for rows in per_seed.values() for r in rows.values())]
     table = summarize(per_seed, metrics)
     along_table = {m: r for m, r in curves(per_seed, metrics).items() if m in args.curves}
+    versus_table = versus(per_seed, args.reference, metrics)
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps({"config": {k: v for k, v in vars(args).items()},
                                                   "per_seed": per_seed, "summary": table,
+                                                  "versus": {"reference": args.reference, "table": versus_table},
                                                   "curves": {m: {str(k): v for k, v in r.items()}
                                                              for m, r in along_table.items()}}, indent=1))
     train_minutes = {}  # mean over seeds, when every run recorded its time
@@ -555,7 +606,9 @@ def main(argv=None):
         if all(f.exists() for f in files):
             train_minutes[mode] = round(np.mean([float(f.read_text()) for f in files]) / 60, 1)
     key = [m for m in ("psnr", "latent_l2", "pck@10") if m in metrics]
-    text = markdown(table, metrics, args, train_minutes) + (curve_markdown(along_table, key) if along_table else "")
+    text = (markdown(table, metrics, args, train_minutes)
+            + (versus_markdown(versus_table, args.reference, key) if versus_table else "")
+            + (curve_markdown(along_table, key) if along_table else ""))
     (out / "results.md").write_text(text)
     plot(out / "results.png", table, key or metrics[:3])
     written = [out / "results.md", out / "results.json", out / "results.png"]

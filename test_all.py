@@ -6249,6 +6249,7 @@ MINIATURE_CASES = {
                                "--sample-steps: an IRASim model samples on 2 to 1000"),
     "out_is_a_file": (lambda f: miniature_argv(f)[2:] + ["--out", f["afile"]], "existing file"),
     "device_unknown": (lambda f: miniature_argv(f, "--device", "tpu"), "unknown device"),
+    "reference_not_run": (lambda f: miniature_argv(f, "--reference", "mlp-flat"), "--reference"),
     "curve_of_a_variant_not_run": (lambda f: miniature_argv(f, "--curves", "mlp-flat"),
                                    "--curves: mlp-flat not among --modes"),
 }
@@ -8479,8 +8480,22 @@ class TestMiniature:
                 assert argv_s[argv_s.index("--init") + 1] == str(miniature.base_export(
                     type("A", (), {"out": str(out)})()))
         assert table["mlp"]["latent_l2"] != table["dexac"]["latent_l2"]
+        files = lambda s, row: {json.loads(f.read_text())["index"]: json.loads(f.read_text())["latent_l2"]
+                                for f in (out / f"seed{s}" / "eval-h9-n2-k1" / row / "clips").glob("*.json")}
+        diff, gap_diff = [], []  # mlp minus dexac (the default reference), matched by seed and clip
+        for s in (0, 1):
+            (m, ms), (d, ds) = ((files(s, v), files(s, f"{v} (shuffled actions)")) for v in ("mlp", "dexac"))
+            assert len(m) == 2 and m.keys() == d.keys() == ms.keys() == ds.keys()
+            diff += [m[i] - d[i] for i in m]
+            gap_diff += [(m[i] - ms[i]) - (d[i] - ds[i]) for i in m]
+        versus = results["versus"]
+        assert versus["reference"] == "dexac" and set(versus["table"]) == {"mlp"}
+        assert versus["table"]["mlp"]["latent_l2"] == pytest.approx([np.mean(diff), np.std(diff, ddof=1) / 2])
+        assert versus["table"]["mlp"]["latent_l2 gap"] == pytest.approx(
+            [np.mean(gap_diff), np.std(gap_diff, ddof=1) / 2])
+        assert versus["table"]["mlp"]["latent_l2 gap"][0] != 0
         md = (out / "results.md").read_text()
-        assert md.count("| dexac |") == 6 and "Gap = true minus shuffled" in md and "along fine-tuning" in md
+        assert md.count("| dexac |") == 6 and md.count("| mlp |") == 7 and "| variant - dexac |" in md and "Gap = true minus shuffled" in md and "along fine-tuning" in md
         assert "over the 2 seeds" in md
         assert Image.open(out / "results.png").size == (600, 284)  # a panel per metric
         assert Image.open(out / "curves.png").size == (800, 360)
