@@ -299,7 +299,8 @@ def standard_error(values):
 
 def summarize(per_seed, metrics):
     """{seed: {mode: {"true", "shuffled": report, "clips": {"true", "shuffled": [clip records]}}}} ->
-    {mode: {metric: (mean, se), metric + ' gap': (mean, se), "families": {family: (true, shuffled) PCK@10}}}.
+    {mode: {metric: (mean, se), metric + ' gap': (mean, se), "families": {family: (true, shuffled) PCK@10},
+    "family gaps": {family: {"clips": n, "psnr" and "pck@10": paired gap (mean, se) over its clips of every seed}}}.
     A metric's mean is the protocol's (the mean over seeds of each report); its standard error is over the
     evaluated clips of every seed. The gap is true minus shuffled actions, paired clip by clip. With two seeds or
     more, metric + ' over seeds' and metric + ' gap over seeds' hold (mean, standard error over the seeds' reports):
@@ -307,7 +308,7 @@ def summarize(per_seed, metrics):
     table = {}
     for mode in next(iter(per_seed.values())):
         runs = [rows[mode] for rows in per_seed.values()]
-        table[mode] = {"families": {}}
+        table[mode] = {"families": {}, "family gaps": {}}
         clips = [(t, c) for r in runs  # (true, shuffled) records of the same clip, matched by its index
                  for t in r["clips"]["true"] for c in r["clips"]["shuffled"] if c["index"] == t["index"]]
         for m in metrics:
@@ -326,6 +327,12 @@ def summarize(per_seed, metrics):
             pcks = [[r[kind].get("families", {}).get(f, {}).get("pck@10") for r in runs]
                     for kind in ("true", "shuffled")]
             table[mode]["families"][f] = tuple(float(np.mean(v)) if v and None not in v else None for v in pcks)
+            pairs = [(t, c) for t, c in clips if t.get("family") == f]  # this family's clips, over every seed
+            gaps = {m: [clip_values(t, m) - clip_values(c, m) for t, c in pairs
+                        if clip_values(t, m) is not None and clip_values(c, m) is not None]
+                    for m in ("psnr", "pck@10") if m in metrics}
+            table[mode]["family gaps"][f] = {"clips": len(pairs), **{
+                m: (float(np.mean(g)), standard_error(g)) if g else None for m, g in gaps.items()}}
     return table
 
 
@@ -386,12 +393,18 @@ def markdown(table, metrics, args, train_minutes):
         lines += ["", head, rule]
         lines += [f"| {mode} | " + " | ".join(fmt(e[m + " gap over seeds"], m, 1) for m in metrics) + " |"
                   for mode, e in table.items()]
-    if any(v is not None for e in table.values() for pair in e["families"].values() for v in pair):
+    fam = [m for m in ("pck@10", "psnr") if m in metrics]
+    if fam and any(g["clips"] for e in table.values() for g in e["family gaps"].values()):
         pct = lambda v: "–" if v is None else f"{v:.1f}"
-        lines += ["", "PCK@10 per action family (a clip's family: its largest actions), true / shuffled actions:", "",
-                  "| mode | " + " | ".join(E.FAMILIES) + " |", "|---|" + "---|" * len(E.FAMILIES)]
-        lines += ["| " + mode + " | " + " | ".join(f"{pct(t)} / {pct(c)}" for t, c in e["families"].values())
-                  + " |" for mode, e in table.items()]
+        k = lambda m: DECIMALS.get(m, 1) + 1
+        gap = lambda v, m: "–" if v is None else f"{v[0]:+.{k(m)}f} ± {v[1]:.{k(m)}f}"
+        lines += ["", "Per action family (a clip's family: its largest normalized actions; clips of every seed): "
+                  "PCK@10 with true / shuffled actions (the protocol's), and the gaps paired clip by clip:", "",
+                  "| mode | family (clips) | PCK@10 true / shuffled | " + " | ".join(f"{m} gap" for m in fam) + " |",
+                  "|---|---|---|" + "---|" * len(fam)]
+        lines += [f"| {mode} | {f} ({g['clips']}) | {pct(e['families'][f][0])} / {pct(e['families'][f][1])} | "
+                  + " | ".join(gap(g[m], m) for m in fam) + " |"
+                  for mode, e in table.items() for f, g in e["family gaps"].items() if g["clips"]]
     return "\n".join(lines) + "\n"
 
 

@@ -8494,8 +8494,22 @@ class TestMiniature:
         assert versus["table"]["mlp"]["latent_l2 gap"] == pytest.approx(
             [np.mean(gap_diff), np.std(gap_diff, ddof=1) / 2])
         assert versus["table"]["mlp"]["latent_l2 gap"][0] != 0
+        by_family = {}  # mlp's psnr gap per action family, clips of both seeds, from the clip files
+        for s in (0, 1):
+            t, c = ({json.loads(f.read_text())["index"]: json.loads(f.read_text()) for f in (
+                out / f"seed{s}" / "eval-h9-n2-k1" / row / "clips").glob("*.json")} for row in (
+                "mlp", "mlp (shuffled actions)"))
+            for i in t:
+                by_family.setdefault(t[i]["family"], []).append(t[i]["psnr"] - c[i]["psnr"])
+        gaps = table["mlp"]["family gaps"]
+        assert sum(g["clips"] for g in gaps.values()) == 4 and by_family
+        for f, g in by_family.items():
+            assert gaps[f]["clips"] == len(g) and gaps[f]["psnr"][0] == pytest.approx(np.mean(g))
         md = (out / "results.md").read_text()
-        assert md.count("| dexac |") == 6 and md.count("| mlp |") == 7 and "| variant - dexac |" in md and "Gap = true minus shuffled" in md and "along fine-tuning" in md
+        families = {mode: sum(g["clips"] > 0 for g in table[mode]["family gaps"].values()) for mode in table}
+        assert families["mlp"] == len(by_family) and f"| mlp | {f} ({len(g)}) |" in md  # a row per family seen
+        assert md.count("| dexac |") == 6 + families["dexac"] and md.count("| mlp |") == 7 + families["mlp"]
+        assert "| variant - dexac |" in md and "Gap = true minus shuffled" in md and "along fine-tuning" in md
         assert "over the 2 seeds" in md
         assert Image.open(out / "results.png").size == (600, 284)  # a panel per metric
         assert Image.open(out / "curves.png").size == (800, 360)
