@@ -256,12 +256,16 @@ def evaluate_curve(seed, mode, export, args):
     return curve
 
 
+def clip_gaps(pairs, metric):
+    """True minus shuffled score of each (true, shuffled) clip record pair that both are scored on."""
+    return [clip_values(t, metric) - clip_values(c, metric) for t, c in pairs
+            if clip_values(t, metric) is not None and clip_values(c, metric) is not None]
+
+
 def paired(clips, metric):
     """(mean, standard error) over clips of true minus shuffled, matched by clip index; None when unscored."""
     shuffled = {c["index"]: c for c in clips["shuffled"]}
-    gaps = [clip_values(t, metric) - clip_values(shuffled[t["index"]], metric) for t in clips["true"]
-            if t["index"] in shuffled and clip_values(t, metric) is not None
-            and clip_values(shuffled[t["index"]], metric) is not None]
+    gaps = clip_gaps([(t, shuffled[t["index"]]) for t in clips["true"] if t["index"] in shuffled], metric)
     return (float(np.mean(gaps)), standard_error(gaps)) if gaps else None
 
 
@@ -312,12 +316,11 @@ def summarize(per_seed, metrics):
         clips = [(t, c) for r in runs  # (true, shuffled) records of the same clip, matched by its index
                  for t in r["clips"]["true"] for c in r["clips"]["shuffled"] if c["index"] == t["index"]]
         for m in metrics:
-            pairs = [(clip_values(t, m), clip_values(c, m)) for t, c in clips]
             values = [r["true"].get(m) for r in runs if r["true"].get(m) is not None]
             gaps = [r["true"][m] - r["shuffled"][m] for r in runs
                     if r["true"].get(m) is not None and r["shuffled"].get(m) is not None]
-            se = standard_error([t for t, _ in pairs])
-            gap_se = standard_error([t - c for t, c in pairs if t is not None and c is not None])
+            se = standard_error([clip_values(t, m) for t, _ in clips])
+            gap_se = standard_error(clip_gaps(clips, m))
             table[mode][m] = (float(np.mean(values)), se) if values else None
             table[mode][m + " gap"] = (float(np.mean(gaps)), gap_se) if gaps else None
             if len(per_seed) > 1:
@@ -328,9 +331,7 @@ def summarize(per_seed, metrics):
                     for kind in ("true", "shuffled")]
             table[mode]["families"][f] = tuple(float(np.mean(v)) if v and None not in v else None for v in pcks)
             pairs = [(t, c) for t, c in clips if t.get("family") == f]  # this family's clips, over every seed
-            gaps = {m: [clip_values(t, m) - clip_values(c, m) for t, c in pairs
-                        if clip_values(t, m) is not None and clip_values(c, m) is not None]
-                    for m in ("psnr", "pck@10") if m in metrics}
+            gaps = {m: clip_gaps(pairs, m) for m in ("psnr", "pck@10") if m in metrics}
             table[mode]["family gaps"][f] = {"clips": len(pairs), **{
                 m: (float(np.mean(g)), standard_error(g)) if g else None for m, g in gaps.items()}}
     return table
@@ -366,6 +367,12 @@ def versus(per_seed, reference, metrics):
 DECIMALS = {"psnr": 2, "ssim": 3, "lpips": 3, "latent_l2": 3}  # pck: 1 (percent)
 
 
+def signed(v, metric):
+    """A difference (mean, standard error) as "+m ± e", one decimal more than the metric's own; "–" for None."""
+    k = DECIMALS.get(metric, 1) + 1
+    return "–" if v is None else f"{v[0]:+.{k}f} ± {v[1]:.{k}f}"
+
+
 def markdown(table, metrics, args, train_minutes):
     def fmt(v, m, extra=0):
         k = DECIMALS.get(m, 1) + extra
@@ -396,14 +403,12 @@ def markdown(table, metrics, args, train_minutes):
     fam = [m for m in ("pck@10", "psnr") if m in metrics]
     if fam and any(g["clips"] for e in table.values() for g in e["family gaps"].values()):
         pct = lambda v: "–" if v is None else f"{v:.1f}"
-        k = lambda m: DECIMALS.get(m, 1) + 1
-        gap = lambda v, m: "–" if v is None else f"{v[0]:+.{k(m)}f} ± {v[1]:.{k(m)}f}"
         lines += ["", "Per action family (a clip's family: its largest normalized actions; clips of every seed): "
                   "PCK@10 with true / shuffled actions (the protocol's), and the gaps paired clip by clip:", "",
                   "| mode | family (clips) | PCK@10 true / shuffled | " + " | ".join(f"{m} gap" for m in fam) + " |",
                   "|---|---|---|" + "---|" * len(fam)]
         lines += [f"| {mode} | {f} ({g['clips']}) | {pct(e['families'][f][0])} / {pct(e['families'][f][1])} | "
-                  + " | ".join(gap(g[m], m) for m in fam) + " |"
+                  + " | ".join(signed(g[m], m) for m in fam) + " |"
                   for mode, e in table.items() for f, g in e["family gaps"].items() if g["clips"]]
     return "\n".join(lines) + "\n"
 
@@ -411,14 +416,12 @@ def markdown(table, metrics, args, train_minutes):
 def versus_markdown(table, reference, metrics):
     """The paired comparison against the reference variant: a row per other variant, each metric's difference
     with the true actions and in its gap."""
-    k = lambda m: DECIMALS.get(m, 1) + 1
-    fmt = lambda v, m: "–" if v is None else f"{v[0]:+.{k(m)}f} ± {v[1]:.{k(m)}f}"
     cols = [c for m in metrics for c in (m, m + " gap")]
     lines = ["", f"Each variant minus {reference}, paired clip by clip (the same seed and test clip; ± standard "
              "error over those clips): the score with the true actions, and the gap (a positive psnr or pck gap "
              f"difference: follows its actions more than {reference}):", "",
              f"| variant - {reference} | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    lines += [f"| {mode} | " + " | ".join(fmt(row[c], c.split()[0]) for c in cols) + " |"
+    lines += [f"| {mode} | " + " | ".join(signed(row[c], c.split()[0]) for c in cols) + " |"
               for mode, row in table.items()]
     return "\n".join(lines) + "\n"
 
@@ -428,11 +431,9 @@ def curve_markdown(table, metrics):
     steps = sorted({step for rows in table.values() for step in rows})
     lines = []
     for m in metrics:
-        k = DECIMALS.get(m, 1) + 1
-        fmt = lambda v: "–" if v is None else f"{v[0]:+.{k}f} ± {v[1]:.{k}f}"
         lines += ["", f"{m} gap (true minus shuffled actions) along fine-tuning, by step:", "",
                   "| variant | " + " | ".join(map(str, steps)) + " |", "|---|" + "---|" * len(steps)]
-        lines += [f"| {mode} | " + " | ".join(fmt(rows.get(step, {}).get(m)) for step in steps) + " |"
+        lines += [f"| {mode} | " + " | ".join(signed(rows.get(step, {}).get(m), m) for step in steps) + " |"
                   for mode, rows in table.items()]
     return "\n".join(lines) + "\n"
 

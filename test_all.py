@@ -8480,8 +8480,10 @@ class TestMiniature:
                 assert argv_s[argv_s.index("--init") + 1] == str(miniature.base_export(
                     type("A", (), {"out": str(out)})()))
         assert table["mlp"]["latent_l2"] != table["dexac"]["latent_l2"]
-        files = lambda s, row: {json.loads(f.read_text())["index"]: json.loads(f.read_text())["latent_l2"]
-                                for f in (out / f"seed{s}" / "eval-h9-n2-k1" / row / "clips").glob("*.json")}
+        def records(s, row):  # {clip index: clip record} of one evaluated row
+            return {r["index"]: r for r in (json.loads(f.read_text()) for f in (
+                out / f"seed{s}" / "eval-h9-n2-k1" / row / "clips").glob("*.json"))}
+        files = lambda s, row: {i: r["latent_l2"] for i, r in records(s, row).items()}
         diff, gap_diff = [], []  # mlp minus dexac (the default reference), matched by seed and clip
         for s in (0, 1):
             (m, ms), (d, ds) = ((files(s, v), files(s, f"{v} (shuffled actions)")) for v in ("mlp", "dexac"))
@@ -8496,9 +8498,7 @@ class TestMiniature:
         assert versus["table"]["mlp"]["latent_l2 gap"][0] != 0
         by_family = {}  # mlp's psnr gap per action family, clips of both seeds, from the clip files
         for s in (0, 1):
-            t, c = ({json.loads(f.read_text())["index"]: json.loads(f.read_text()) for f in (
-                out / f"seed{s}" / "eval-h9-n2-k1" / row / "clips").glob("*.json")} for row in (
-                "mlp", "mlp (shuffled actions)"))
+            t, c = records(s, "mlp"), records(s, "mlp (shuffled actions)")
             for i in t:
                 by_family.setdefault(t[i]["family"], []).append(t[i]["psnr"] - c[i]["psnr"])
         gaps = table["mlp"]["family gaps"]
