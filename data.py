@@ -527,15 +527,30 @@ def decode_jpegs(path, start, count, size=None, episode=None):
 # ------------------------------------------------------------------------------------------------
 # Frames out: MP4 files, and the contact sheets of train.py's previews, sample.py and evaluate.py's figure
 
+# x264's AVX-512 kernels encoded the same frames to different bytes from one process to the next (PyAV 18.1,
+# 64x112 frames, a 2-core Xeon with AVX-512; wider frames and AVX2 machines did not), so a regenerated synthetic
+# dataset did not match its first copy. Where the CPU has AVX-512, x264 is told the sets up to AVX2 instead (every
+# AVX-512 CPU has them): the same bytes every time, at the same speed (288x512: 278-299 frames/s either way).
+# Elsewhere x264 detects its own: naming a set the CPU lacks would crash it.
+X264_SETS_BELOW_AVX512 = "MMX2,SSE2,SSE2Fast,SSSE3,SSE4.2,AVX,FMA3,BMI2,AVX2,LZCNT,Cache64"
+
+
+def h264_stream(container, height, width, *, fps=30, crf=12, gop=30, preset="veryfast"):
+    """An H.264 (yuv420p) stream of `container` whose bytes depend on its frames only."""
+    s = container.add_stream("libx264", rate=fps)
+    s.height, s.width, s.pix_fmt = height, width, "yuv420p"
+    s.options = {"crf": str(crf), "preset": preset, "g": str(gop)}
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        s.options = {**s.options, "x264-params": f"asm={X264_SETS_BELOW_AVX512}"}
+    return s
+
+
 def write_video(path, frames, *, fps=30, crf=12, gop=30, preset="veryfast"):
-    """Iterable of uint8 (H, W, 3) frames -> H.264 MP4 (yuv420p) with PyAV."""
+    """Iterable of uint8 (H, W, 3) frames -> H.264 MP4 (yuv420p) with PyAV, the same bytes for the same frames."""
     frames = iter(frames)
     first = next(frames)
     with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=fps)
-        s.height, s.width = first.shape[:2]
-        s.pix_fmt = "yuv420p"
-        s.options = {"crf": str(crf), "preset": preset, "g": str(gop)}
+        s = h264_stream(c, *first.shape[:2], fps=fps, crf=crf, gop=gop, preset=preset)
         for img in itertools.chain([first], frames):
             c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")))
         c.mux(s.encode())

@@ -471,10 +471,8 @@ def write_egoverse_zarr(path, joints, K, size, *, attrs, layout="mano", aria_key
 def _write_video_pts(path, frames, pts, *, fps=30, crf=12, gop=30):
     """data.write_video with explicit presentation timestamps (in frame periods): an unevenly timed MP4."""
     with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=fps)
-        s.height, s.width = frames[0].shape[:2]
-        s.pix_fmt, s.time_base = "yuv420p", Fraction(1, fps)
-        s.options = {"crf": str(crf), "preset": "veryfast", "g": str(gop)}
+        s = data.h264_stream(c, *frames[0].shape[:2], fps=fps, crf=crf, gop=gop)
+        s.time_base = Fraction(1, fps)
         for img, t in zip(frames, pts):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
             frame.pts, frame.time_base = int(t), Fraction(1, fps)
