@@ -528,7 +528,7 @@ def decode_jpegs(path, start, count, size=None, episode=None):
 # Frames out: MP4 files, and the contact sheets of train.py's previews, sample.py and evaluate.py's figure
 
 # x264's AVX-512 kernels encoded the same frames to different bytes from one process to the next (PyAV 18.1,
-# 64x112 frames, a 2-core Xeon with AVX-512; wider frames and AVX2 machines did not), so a regenerated synthetic
+# 64x112 frames, a 2-core Xeon with AVX-512; 64x128 and 288x512 frames did not), so a regenerated synthetic
 # dataset did not match its first copy. Where the CPU has AVX-512, x264 is told the sets up to AVX2 instead (every
 # AVX-512 CPU has them): the same bytes every time, at the same speed (288x512: 278-299 frames/s either way).
 # Elsewhere x264 detects its own: naming a set the CPU lacks would crash it.
